@@ -1,0 +1,71 @@
+"""Regenerate README.md's results section from benchmarks/results/lora_*.json.
+
+    python benchmarks/results_table.py            # rewrite the block between the README markers
+    python benchmarks/results_table.py --print    # print it only
+"""
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _shape(r):
+    return f"{r['M']}×{r['K']}→{r['N']}"
+
+
+def lora_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    env, results = data["env"], data["results"]
+    shapes = list(dict.fromkeys(_shape(r) for r in results))
+    cases = [c for c in dict.fromkeys(r["case"] for r in results) if c != "floor"]
+    by = {(_shape(r), r["case"]): r for r in results}
+    head = ["M×K→N", "floor ms"] + cases + ["peak extra MiB: floor / PEFT / ours p=0.05"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in shapes:
+        floor = by[(s, "floor")]
+        row = [s, f"{floor['ms']:.3f}"]
+        for c in cases:
+            r = by.get((s, c))
+            if r is None:
+                row.append("—")
+                continue
+            cell = f"{r['ratio']:.2f}×"
+            if r.get("graphed_ratio"):
+                cell += f" ({r['graphed_ratio']:.2f}×)"
+            row.append(cell)
+        mem = [by.get((s, c), {}).get("peak_extra_mib") for c in ("floor", "HF PEFT p=0.05", "peft_kernels p=0.05")]
+        row.append(" / ".join("—" if m is None else f"{m:.0f}" for m in mem))
+        lines.append("| " + " | ".join(row) + " |")
+    cfg = data["config"]
+    caption = (f"`{path.relative_to(ROOT)}`: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+               f"peft {env['peft']}; {cfg['dtype']}, r={cfg['r']}, alpha={cfg['alpha']:g}; {cfg['timing']}, "
+               f"{env['date']}. Each cell: time / frozen floor, then in parentheses the same step replayed "
+               f"from a CUDA graph (device time without host launch overhead).")
+    return caption + "\n\n" + "\n".join(lines)
+
+
+def block() -> str:
+    files = sorted((ROOT / "benchmarks" / "results").glob("lora_*.json"))
+    tables = [lora_table(p) for p in files if json.loads(p.read_text()).get("benchmark") == "lora_linear fwd+bwd"]
+    return "\n\n".join(tables) if tables else "No results committed yet."
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--print", action="store_true")
+    args = ap.parse_args()
+    text = block()
+    if args.print:
+        print(text)
+        return
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    pre, rest = content.split(START, 1)
+    _, post = rest.split(END, 1)
+    readme.write_text(f"{pre}{START}\n{text}\n{END}{post}")
+
+
+if __name__ == "__main__":
+    main()

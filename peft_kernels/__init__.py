@@ -1,0 +1,14 @@
+"""peft_kernels: fused kernels for parameter-efficient fine-tuning.
+
+Public API (importing never needs a GPU, triton or the compiled extension):
+    lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling, dropout_p, training, seed, backend)
+    nn.LoRALinear, apply_lora(model, target_modules, r, alpha, dropout)
+    info() -> dict of versions, devices and backend availability
+"""
+from . import backends, nn
+from .apply import apply_lora
+from .info import info
+from .ops.lora import lora_linear
+
+__version__ = "0.1.0"
+__all__ = ["lora_linear", "apply_lora", "info", "nn", "backends", "__version__"]

@@ -1,0 +1,41 @@
+"""apply_lora: put LoRA adapters on the nn.Linear modules of any model, PEFT-style."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .nn.lora import LoRALinear
+
+
+def _matches(name: str, target_modules) -> bool:
+    # PEFT's rule: a string is a full-match regex on the module's name; a list matches a name
+    # equal to an entry or ending in "." + entry.
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               use_rslora: bool = False, backend: str = "auto") -> nn.Module:
+    """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
+    (sharing their weights), freeze every other parameter, and return ``model`` (modified in
+    place). target_modules: a list of names/suffixes (e.g. ["q_proj", "v_proj"]), a regex
+    string, or "all-linear" (every nn.Linear except one named lm_head / the output layer).
+    Raises ValueError if nothing matches."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
+    if target_modules == "all-linear":
+        chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
+    else:
+        chosen = [n for n in names if _matches(n, target_modules)]
+    if not chosen:
+        raise ValueError(f"apply_lora: no nn.Linear matches target_modules={target_modules!r}; "
+                         f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout,
+                                                      use_rslora=use_rslora, backend=backend))
+    return model

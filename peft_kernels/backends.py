@@ -1,0 +1,98 @@
+"""Backend registry: which implementation runs an op, and why the others cannot.
+
+Each op file registers, per backend, the module that implements it (imported on first use, so
+a missing triton or extension never breaks ``import peft_kernels``). The
+custom op receives an already-resolved backend name, so a traced graph records the choice.
+``resolve`` is the single place that turns "auto" into a concrete backend; ``last_used`` makes
+the choice observable.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import cuda, env
+
+_IMPLS: dict[tuple[str, str], str] = {}
+_LAST_USED: dict[str, str] = {}
+
+
+def register(op: str, backend: str, module: str):
+    """Declare that ``module`` (a dotted path) implements ``op`` for ``backend``."""
+    if backend not in env.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    _IMPLS[(op, backend)] = module
+
+
+def implementation(op: str, backend: str):
+    """The module implementing ``op`` on ``backend``; records the choice for ``last_used``."""
+    try:
+        module = _IMPLS[(op, backend)]
+    except KeyError:
+        raise RuntimeError(f"peft_kernels.{op}: no {backend!r} implementation of this op") from None
+    _LAST_USED[op] = backend
+    return importlib.import_module(module)
+
+
+def registered(op: str) -> list[str]:
+    return [b for (o, b) in _IMPLS if o == op]
+
+
+def last_used(op: str) -> str | None:
+    """The backend that most recently ran ``op`` (None if it never ran)."""
+    return _LAST_USED.get(op)
+
+
+_TRITON_ERROR: list = []  # filled once; a plain cache (dynamo warns about lru_cache)
+
+
+def _triton_import_error() -> str | None:
+    if not _TRITON_ERROR:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_ERROR.append(None)
+        except Exception as exc:  # ImportError, or a broken install
+            _TRITON_ERROR.append(f"triton not importable ({exc})")
+    return _TRITON_ERROR[0]
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else a sentence saying why not."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and env.triton_interpret():
+            return None
+        return f"triton needs a CUDA tensor (got {device.type}; set TRITON_INTERPRET=1 to interpret on CPU)"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs a CUDA tensor (got {device.type})"
+        return cuda.reason()
+    raise ValueError(f"unknown backend {backend!r}: expected auto, {', '.join(env.BACKENDS)}")
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """Turn a user's backend choice into a concrete, runnable backend, or raise saying why."""
+    if backend == "auto":
+        backend = env.backend_override() or _auto_choice(op, device)
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"peft_kernels.{op}: backend {backend!r} unavailable: {reason}")
+    if (op, backend) not in _IMPLS:
+        raise RuntimeError(f"peft_kernels.{op}: no {backend!r} implementation of this op")
+    return backend
+
+
+def _auto_choice(op: str, device: torch.device) -> str:
+    # GPU: Triton (the CUDA extension has no kernels for this op yet). CPU: the reference;
+    # the interpreter is a test vehicle, far too slow to be picked automatically.
+    if device.type == "cuda" and unavailable_reason("triton", device) is None and (op, "triton") in _IMPLS:
+        return "triton"
+    return "torch"

@@ -1,0 +1,1 @@
+"""Benchmark harness shared by `peft-kernels bench` and benchmarks/bench_*.py."""

@@ -1,0 +1,132 @@
+"""Timing, memory and JSON for the benchmarks.
+
+GPU: CUDA events around each run, warm-up first, median of ``reps`` runs (ANCHORS.md's method).
+CPU: wall clock, fewer reps; results are labelled as CPU figures.
+Peak extra memory: the allocator's peak during one run minus what was allocated before it.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "device_type": device.type,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    for mod in ("triton", "peft", "transformers", "bitsandbytes", "torchao"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, warmup: int = 5, reps: int = 25) -> float:
+    """Median milliseconds of fn() over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_ms_graphed(fn, device: torch.device, reps: int = 25) -> float | None:
+    """Median ms of replaying fn() captured in a CUDA graph: the device time with the host's
+    launch overhead removed (what a graphed / reduce-overhead training step sees). None on CPU
+    or if fn cannot be captured."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # report, do not hide: the JSON records None and the reason
+        print(f"\n  (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
+        return None
+    ms = time_ms(graph.replay, device, warmup=3, reps=reps)
+    del graph
+    return ms
+
+
+def peak_extra_mib(fn, device: torch.device) -> float | None:
+    """Peak memory above the current allocation during one fn() (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, label: str = ""):
+        self.total, self.done, self.label = total, 0, label
+
+    def step(self, what: str):
+        self.done += 1
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {what:<40}")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def write_json(path: str | Path, payload: dict):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")

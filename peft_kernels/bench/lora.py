@@ -1,0 +1,151 @@
+"""LoRA fwd+bwd benchmark: the shapes of ANCHORS.md against the frozen-layer floor.
+
+Each case runs forward, then backward with a fixed random dY, producing dX (the input always
+needs a gradient) and the adapter gradients. Cases: the frozen floor F.linear(x, W); eager
+PyTorch LoRA (p=0 and p=0.05); torch.compile of the eager p=0.05 layer; HF PEFT's LoRA layer
+(bf16 adapters, p=0.05) when peft is installed; peft_kernels (p=0 and p=0.05).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .. import env
+from ..ops.lora import lora_linear
+from . import harness
+
+GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (1024, 4096, 4096)]
+CPU_SHAPES = [(256, 512, 512), (64, 512, 1024)]
+RANK, ALPHA, P = 16, 32.0, 0.05
+
+
+def _eager(x, w, a, b, s, p):
+    xd = F.dropout(x, p) if p > 0 else x
+    return F.linear(x, w) + s * F.linear(F.linear(xd, a), b)
+
+
+def _peft_layer(w, r, alpha, p):
+    """HF PEFT's LoRA Linear around a frozen bf16 nn.Linear, adapters kept in the base dtype."""
+    try:
+        import peft
+    except ImportError:
+        return None
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            self.proj.weight.data.copy_(w)
+
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
+    model = peft.get_peft_model(Holder(), cfg, autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)  # a trained adapter, not zeros
+    return layer.to(w.dtype)
+
+
+def cases(M, K, N, device, dtype, include_compile=True):
+    """{name: (fwd_bwd_fn, params)} for one shape; inputs drawn fresh at random."""
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+    a = (torch.randn(RANK, K, device=device, dtype=dtype) / K**0.5).requires_grad_()
+    b = (torch.randn(N, RANK, device=device, dtype=dtype) * 0.02).requires_grad_()
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    s = ALPHA / RANK
+
+    def step(forward, params):
+        def run():
+            for t in params:
+                t.grad = None
+            forward().backward(dy)
+        return run
+
+    out = {
+        "floor": step(lambda: F.linear(x, w), [x]),
+        "eager p=0": step(lambda: _eager(x, w, a, b, s, 0.0), [x, a, b]),
+        "eager p=0.05": step(lambda: _eager(x, w, a, b, s, P), [x, a, b]),
+    }
+    if include_compile:
+        compiled = torch.compile(_eager)
+        out["torch.compile p=0.05"] = step(lambda: compiled(x, w, a, b, s, P), [x, a, b])
+    layer = _peft_layer(w, RANK, ALPHA, P)
+    if layer is not None:
+        lp = [p for p in layer.parameters() if p.requires_grad]
+        out["HF PEFT p=0.05"] = step(lambda: layer(x), [x, *lp])
+    out["peft_kernels p=0"] = step(lambda: lora_linear(x, w, a, b, scaling=s), [x, a, b])
+    out["peft_kernels p=0.05"] = step(lambda: lora_linear(x, w, a, b, scaling=s, dropout_p=P), [x, a, b])
+    if device.type == "cpu" and env.triton_interpret():
+        out["peft_kernels p=0.05 (triton, interpreted)"] = step(
+            lambda: lora_linear(x, w, a, b, scaling=s, dropout_p=P, backend="triton"), [x, a, b])
+    return out
+
+
+def run(device: torch.device, shapes, reps: int, include_compile: bool = True) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = []
+    progress = harness.Progress(len(shapes), "lora")
+    for M, K, N in shapes:
+        progress.step(f"{M}x{K}->{N}")
+        named = cases(M, K, N, device, dtype, include_compile)
+        floor = floor_g = None
+        for name, fn in named.items():
+            ms = harness.time_ms(fn, device, warmup=5 if device.type == "cuda" else 1, reps=reps)
+            mem = harness.peak_extra_mib(fn, device)
+            graphed = harness.time_ms_graphed(fn, device, reps) if "compile" not in name else None
+            if name == "floor":
+                floor, floor_g = ms, graphed
+            results.append({"M": M, "K": K, "N": N, "case": name, "ms": ms, "ratio": ms / floor,
+                            "graphed_ms": graphed,
+                            "graphed_ratio": graphed / floor_g if graphed and floor_g else None,
+                            "peak_extra_mib": mem})
+        del named
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "benchmark": "lora_linear fwd+bwd",
+        "env": harness.environment(device),
+        "config": {"dtype": str(dtype), "r": RANK, "alpha": ALPHA, "dropout": P, "reps": reps,
+                   "timing": "median of reps, CUDA events" if device.type == "cuda" else "median wall clock (CPU)",
+                   "graphed": "the same step captured in one CUDA graph and replayed: device time without "
+                              "host launch overhead (torch.compile cases are not captured)"},
+        "results": results,
+    }
+
+
+def table(payload: dict) -> str:
+    rows = [[f"{r['M']}x{r['K']}->{r['N']}", r["case"], r["ms"], f"{r['ratio']:.2f}x",
+             r.get("graphed_ms"), None if r.get("graphed_ratio") is None else f"{r['graphed_ratio']:.2f}x",
+             None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"])] for r in payload["results"]]
+    return harness.markdown_table(
+        ["M x K -> N", "case", "ms", "/ floor", "graphed ms", "graphed / floor", "peak extra MiB"], rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="peft-kernels bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list, e.g. 8192x4096x4096")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--out", default=None, help="write the JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    else:
+        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    reps = args.reps or (25 if device.type == "cuda" else 3)
+    if device.type != "cuda":
+        print("No CUDA device: timing the CPU reference backend (and the Triton kernels under "
+              "TRITON_INTERPRET=1, when set) on small fp32 shapes. These are CPU figures, not the GPU "
+              "kernels' speed.", file=sys.stderr)
+    payload = run(device, shapes, reps, include_compile=not args.no_compile and device.type == "cuda")
+    print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}, triton {payload['env']['triton']}")
+    print(table(payload))
+    if args.out:
+        harness.write_json(args.out, payload)
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,49 @@
+"""The `peft-kernels` command.
+
+    peft-kernels info            versions, devices, which backends run here and why others do not
+    peft-kernels bench [...]     LoRA fwd+bwd benchmark (ratios to the frozen floor); --help for options
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(_args) -> int:
+    from .info import info
+
+    data = info()
+    print(f"peft_kernels {data['peft_kernels']}  python {data['python']}  torch {data['torch']} "
+          f"(cuda {data['torch_cuda']})  triton {data['triton']}")
+    if data["triton_interpret"]:
+        print("TRITON_INTERPRET=1: Triton kernels run interpreted on CPU tensors (slow; for tests)")
+    for dev, entry in data["devices"].items():
+        print(f"\n{dev}: {entry['name']}")
+        for backend, status in entry["backends"].items():
+            print(f"  {backend:<7} {status}")
+        print(f"  auto -> {json.dumps(entry['auto'])}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="peft-kernels", description="Fused kernels for parameter-efficient fine-tuning")
+    parser.add_argument("command", choices=["info", "bench"], help="info: what runs here; bench: LoRA benchmark")
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "info":
+        return _info(rest)
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # Run the Triton kernels interpreted too (must be chosen before triton is imported).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .bench import lora
+
+    return lora.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""info(): what this machine offers peft_kernels, and why a backend is unavailable."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import backends, env
+
+
+def info() -> dict:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    out = {
+        "peft_kernels": __import__("peft_kernels").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "triton_interpret": env.triton_interpret(),
+        "backend_override": env.backend_override(),
+        "devices": {},
+    }
+    for dev in devices:
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+        entry = {"name": name, "backends": {}}
+        for b in env.BACKENDS:
+            reason = backends.unavailable_reason(b, dev)
+            entry["backends"][b] = "available" if reason is None else f"unavailable: {reason}"
+        entry["auto"] = {"lora_linear": backends.resolve("lora_linear", "auto", dev)}
+        out["devices"][str(dev)] = entry
+    return out

@@ -1,0 +1,1 @@
+"""One op per file: input validation, backend dispatch and autograd wiring."""

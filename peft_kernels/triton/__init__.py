@@ -1,0 +1,1 @@
+"""@triton.jit kernels, grouped by op family. Importing this package needs triton, not a GPU."""

@@ -1,0 +1,342 @@
+"""Triton backend of the fused LoRA op.
+
+Design (measured on an H100; see benchmarks/results and README): the two big products run on
+cuBLAS, which Triton's own GEMM trails by 14-27 %; everything LoRA-specific runs in four
+memory-bound Triton kernels, each reading its large operand once:
+
+  forward   _lora_down_kernel  u  = dropout(x) @ A.T / (1-p)            reads x once      [M, r]
+            _lora_up_kernel    C  = bias + s * u @ B.T                  writes C once     [M, N]
+            cuBLAS             y  = C + x @ W.T     (addmm_, beta=1: C is the GEMM's epilogue input)
+  backward  _lora_dy_kernel    v  = dY @ B,  dB = s * dY.T @ u          reads dY once
+            _lora_dx_kernel    D  = s/(1-p) * mask * (v @ A),
+                               dA = s/(1-p) * v.T @ (mask * x)          reads x once, writes D
+            cuBLAS             dX = D + dY @ W      (addmm_, beta=1)
+
+The dropout mask is regenerated from (seed, row, col) by triton.rng in both passes: neither the
+mask nor dropout(x) is ever stored; only u (M x r, fp32) is saved for backward. Reductions that
+are split across programs for parallelism accumulate with fp32 atomics into zeroed buffers.
+The rank is padded to a power of two >= 16 (tl.dot's minimum) and masked.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import lora as reference
+from ..reference.rng import keep_threshold
+from .rng import keep_mask, row_keys
+
+MAX_RANK = 256
+
+
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    # fp32 operands take the exact (non-TF32) path so fp32 results match PyTorch's.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, a_ptr, u_ptr, seed_ptr,
+    M, K, R, k_per_split,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    ranks = tl.arange(0, BR)
+    rank_ok = ranks < R
+    if HAS_DROPOUT:
+        key = row_keys(seed_ptr, rows)[:, None]
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BK):
+        cols = k0 + tl.arange(0, BK)
+        col_ok = cols < k_hi
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(key, cols[None, :], threshold), x, 0.0)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                      mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = _mm(x, a_t, acc, IEEE)
+    acc = acc * inv_keep
+    u_ptrs = u_ptr + rows64[:, None] * R + ranks[None, :]
+    u_mask = row_ok[:, None] & rank_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(u_ptrs, acc, mask=u_mask, sem="relaxed")
+    else:
+        tl.store(u_ptrs, acc, mask=u_mask)
+
+
+@triton.jit
+def _lora_up_kernel(
+    u_ptr, b_ptr, bias_ptr, c_ptr,
+    M, N, R,
+    stride_bn, stride_br, stride_cm, stride_cn,
+    scaling,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    ranks = tl.arange(0, BR)
+    rank_ok = ranks < R
+    u = tl.load(u_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    b_t = tl.load(b_ptr + cols[None, :] * stride_bn + ranks[:, None] * stride_br,
+                  mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    c = _mm(u.to(b_t.dtype), b_t, tl.zeros((BM, BN), dtype=tl.float32), IEEE) * scaling
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cn, c.to(c_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _lora_dy_kernel(
+    dy_ptr, b_ptr, u_ptr, v_ptr, db_ptr,
+    M, N, R, n_per_split,
+    stride_dym, stride_dyn, stride_bn, stride_br,
+    scaling,
+    V_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    ranks = tl.arange(0, BR)
+    rank_ok = ranks < R
+    u = tl.load(u_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    u = u.to(dy_ptr.dtype.element_ty)
+    v = tl.zeros((BM, BR), dtype=tl.float32)
+    n_lo = pid_n * n_per_split
+    n_hi = tl.minimum(n_lo + n_per_split, N)
+    for n0 in range(n_lo, n_hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < n_hi
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        v = _mm(dy, b, v, IEEE)
+        db = _mm(tl.trans(dy), u, tl.zeros((BN, BR), dtype=tl.float32), IEEE) * scaling
+        tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db,
+                      mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
+    v_ptrs = v_ptr + rows64[:, None] * R + ranks[None, :]
+    v_mask = row_ok[:, None] & rank_ok[None, :]
+    if V_ATOMIC:
+        tl.atomic_add(v_ptrs, v, mask=v_mask, sem="relaxed")
+    else:
+        tl.store(v_ptrs, v, mask=v_mask)
+
+
+@triton.jit
+def _lora_dx_kernel(
+    x_ptr, v_ptr, a_ptr, d_ptr, da_ptr, seed_ptr,
+    M, K, R, m_per_split,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_dm, stride_dk,
+    threshold, coef,
+    HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, DA_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_k * BK + tl.arange(0, BK)
+    col_ok = cols < K
+    ranks = tl.arange(0, BR)
+    rank_ok = ranks < R
+    a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    da = tl.zeros((BR, BK), dtype=tl.float32)
+    m_lo = pid_m * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
+    for m0 in range(m_lo, m_hi, BM):
+        rows = m0 + tl.arange(0, BM)
+        row_ok = rows < m_hi
+        rows64 = rows.to(tl.int64)
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        v = tl.load(v_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        v = v.to(a.dtype)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk, mask=tile_ok, other=0.0)
+        if HAS_DROPOUT:
+            keep = keep_mask(row_keys(seed_ptr, rows)[:, None], cols[None, :], threshold)
+            x = tl.where(keep, x, 0.0)
+        da = _mm(tl.trans(v), x, da, IEEE)
+        if WRITE_DX:
+            d = _mm(v, a, tl.zeros((BM, BK), dtype=tl.float32), IEEE) * coef
+            if HAS_DROPOUT:
+                d = tl.where(keep, d, 0.0)
+            tl.store(d_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dk, d.to(d_ptr.dtype.element_ty),
+                     mask=tile_ok)
+    da = da * coef
+    da_ptrs = da_ptr + ranks[:, None] * K + cols[None, :]
+    da_mask = rank_ok[:, None] & col_ok[None, :]
+    if DA_ATOMIC:
+        tl.atomic_add(da_ptrs, da, mask=da_mask, sem="relaxed")
+    else:
+        tl.store(da_ptrs, da, mask=da_mask)
+
+
+# ----------------------------------------------------------------------------- launch policy
+
+_OVERRIDE: dict = {}
+
+
+@contextlib.contextmanager
+def launch_override(**settings):
+    """Force tile sizes / SM count (tests use it to reach every split and masking path on tiny
+    shapes). Keys: sms, down_bm, down_bk, up_bm, up_bn, dy_bm, dy_bn, dx_bm, dx_bk."""
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(settings)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if "sms" in _OVERRIDE:
+        return _OVERRIDE["sms"]
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: any small number; splits are exercised explicitly by the tests
+
+
+def _split(tiles: int, parallel: int, sms: int, waves: int = 2) -> tuple[int, int]:
+    """Split a reduction over ``tiles`` tiles into (splits, tiles per split) so that
+    parallel * splits programs fill ``waves`` waves of the GPU."""
+    want = max(1, triton.cdiv(waves * sms, max(parallel, 1)))
+    per = triton.cdiv(tiles, min(want, tiles))
+    return triton.cdiv(tiles, per), per
+
+
+def _tiles(kind: str, br: int, dropout: bool = False) -> tuple[int, int, int]:
+    """(rows per tile, cols per tile, num_warps) for kernel ``kind`` at padded rank ``br``;
+    larger ranks get smaller tiles to keep the rank-wide accumulators in registers. The dx
+    kernel with dropout hashes every element: wide 32x256 tiles on 8 warps measured 0.13-0.16 ms
+    faster per backward at M=8192 on an H100 than 64x128 on 4 (benchmarks/lora_host_profile.py)."""
+    small, mid = br <= 32, br <= 64
+    default = {
+        "down": (64 if mid else 32, 128 if small else 64, 4),
+        "up": (64, 128 if mid else 64, 4),
+        "dy": (128 if small else 64, 64, 8 if small else 4),
+        "dx": (32, 256, 8) if (dropout and small) else (64 if mid else 32, 128 if small else 64, 4),
+    }[kind]
+    col = "bk" if kind in ("down", "dx") else "bn"
+    return (_OVERRIDE.get(f"{kind}_bm", default[0]), _OVERRIDE.get(f"{kind}_{col}", default[1]),
+            _OVERRIDE.get(f"{kind}_warps", default[2]))
+
+
+def _padded_rank(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+# ----------------------------------------------------------------------------- host functions
+
+
+def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    """x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r] (all one dtype), bias [N] | None,
+    seed int64 tensor [1] | None. Returns (y [M, N] in x.dtype, u [M, r] fp32)."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    if M == 0 or K == 0 or N == 0:
+        return reference.lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, None)
+    BR = _padded_rank(R)
+    ieee = x.dtype == torch.float32
+    sms = _sm_count(x.device)
+
+    bm, bk, warps = _tiles("down", BR)
+    m_tiles = triton.cdiv(M, bm)
+    splits, per = _split(triton.cdiv(K, bk), m_tiles, sms)
+    u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
+    _lora_down_kernel[(m_tiles, splits)](
+        x, lora_A, u, seed if seed is not None else x,
+        M, K, R, per * bk,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1, IEEE=ieee, BM=bm, BK=bk, BR=BR, num_warps=warps,
+    )
+
+    bm, bn, warps = _tiles("up", BR)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _lora_up_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        u, lora_B, bias if bias is not None else y, y,
+        M, N, R,
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        scaling,
+        HAS_BIAS=bias is not None, IEEE=ieee, BM=bm, BN=bn, BR=BR, num_warps=warps,
+    )
+    y.addmm_(x, weight.t())
+    return y, u
+
+
+def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+    """Returns (dx [M, K] or an empty tensor, d lora_A [r, K], d lora_B [N, r])."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    if M == 0 or K == 0 or N == 0:
+        return reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, None, need_dx)
+    BR = _padded_rank(R)
+    ieee = x.dtype == torch.float32
+    sms = _sm_count(x.device)
+    dev = x.device
+
+    # One zeroed fp32 workspace holds every accumulator: v [M, r], dB [N, r], dA [r, K]
+    # (one memset instead of three; host time matters at small M).
+    ws = torch.zeros(M * R + N * R + R * K, dtype=torch.float32, device=dev)
+    v, grad_B, grad_A = ws[: M * R].view(M, R), ws[M * R: (M + N) * R].view(N, R), ws[(M + N) * R:].view(R, K)
+
+    bm, bn, warps = _tiles("dy", BR)
+    m_tiles = triton.cdiv(M, bm)
+    splits, per = _split(triton.cdiv(N, bn), m_tiles, sms)
+    _lora_dy_kernel[(m_tiles, splits)](
+        grad_y, lora_B, u, v, grad_B,
+        M, N, R, per * bn,
+        grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
+        scaling,
+        V_ATOMIC=splits > 1, IEEE=ieee, BM=bm, BN=bn, BR=BR, num_warps=warps,
+    )
+
+    bm, bk, warps = _tiles("dx", BR, dropout_p > 0.0)
+    k_tiles = triton.cdiv(K, bk)
+    splits, per = _split(triton.cdiv(M, bm), k_tiles, sms)
+    d = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else x.new_empty(0)
+    _lora_dx_kernel[(k_tiles, splits)](
+        x, v, lora_A, d, grad_A, seed if seed is not None else x,
+        M, K, R, per * bm,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        d.stride(0) if need_dx else 0, d.stride(1) if need_dx else 0,
+        keep_threshold(dropout_p), scaling / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, DA_ATOMIC=splits > 1, IEEE=ieee,
+        BM=bm, BK=bk, BR=BR, num_warps=warps,
+    )
+    if need_dx:
+        d.addmm_(grad_y, weight)
+    # copy=True: the outputs must not alias the workspace (or each other) even in fp32.
+    return d, grad_A.to(lora_A.dtype, copy=True), grad_B.to(lora_B.dtype, copy=True)

@@ -1,0 +1,69 @@
+"""Shared test helpers: fresh random inputs, an autograd float64 oracle, the error metric."""
+import torch
+
+from peft_kernels.reference.rng import dropout_keep_mask
+
+# Error floors per dtype: relative Frobenius error a correct kernel may always have, far below
+# what any indexing/masking bug produces (O(1)).
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(lead, k, n, r, dtype, device, bias=True, b_scale=1.0):
+    g = lambda *s: torch.randn(*s, dtype=torch.float32, device=device)  # noqa: E731
+    x = g(*lead, k).to(dtype)
+    w = (g(n, k) / k**0.5).to(dtype)
+    a = (g(r, k) / k**0.5).to(dtype)
+    b = (g(n, r) * b_scale / r**0.5).to(dtype)
+    bias_t = g(n).to(dtype) if bias else None
+    return x, w, a, b, bias_t
+
+
+def eager_lora(x, w, a, b, bias, scaling, p, seed):
+    """Plain autograd PyTorch LoRA with the kernels' dropout mask (the oracle's formula)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if p > 0:
+        keep = dropout_keep_mask(seed, p, x2.shape[0], k, device=x.device)
+        xd = torch.where(keep, x2, torch.zeros((), dtype=x.dtype, device=x.device)) / (1 - p)
+    else:
+        xd = x2
+    y = torch.nn.functional.linear(x2, w, bias) + scaling * ((xd @ a.T) @ b.T)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def run_with_grads(fn, tensors, grad_out=None):
+    """Run fn on leaf copies of tensors; return output and the grads of those requiring grad."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+    y = fn(*leaves)
+    g = grad_out if grad_out is not None else torch.ones_like(y)
+    y.backward(g.to(y.dtype))
+    return y.detach(), [t.grad if t is not None and t.requires_grad else None for t in leaves]
+
+
+def assert_close_to_oracle(fn, tensors, scaling, p, seed, grad_out):
+    """fn's output and grads vs a float64 oracle: error <= 2x plain PyTorch's in the same
+    dtype (or the dtype floor), the flash-attention idiom."""
+    dtype = tensors[0].dtype
+    oracle = lambda *t: eager_lora(*t, scaling, p, seed)  # noqa: E731
+    y64, g64 = run_with_grads(oracle, [_as64(t) for t in tensors], grad_out.double())
+    y_e, g_e = run_with_grads(oracle, tensors, grad_out)
+    y_k, g_k = run_with_grads(fn, tensors, grad_out)
+    pairs = [("y", y_k, y_e, y64)] + [(f"grad[{i}]", gk, ge, g6) for i, (gk, ge, g6) in
+                                     enumerate(zip(g_k, g_e, g64)) if g6 is not None]
+    for name, k, e, ref in pairs:
+        assert k is not None, f"{name} missing"
+        assert k.dtype == e.dtype and k.shape == e.shape, f"{name}: {k.dtype}{list(k.shape)} vs {e.dtype}{list(e.shape)}"
+        err_k, err_e = rel_err(k, ref), rel_err(e, ref)
+        assert err_k <= max(2 * err_e, FLOOR[dtype]), f"{name}: kernel err {err_k:.3e}, eager err {err_e:.3e}"
+
+
+def _as64(t):
+    if t is None:
+        return None
+    return t.detach().double().requires_grad_(t.requires_grad)

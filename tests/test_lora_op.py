@@ -1,0 +1,126 @@
+"""lora_linear on every backend of this tier against a float64 autograd oracle."""
+import pytest
+import torch
+
+import peft_kernels
+from peft_kernels import backends
+from peft_kernels.triton import lora as triton_lora
+
+from helpers import assert_close_to_oracle, make_inputs, rel_err
+
+BACKENDS = ["torch", "triton"]
+
+
+def _fn(backend, scaling, p, seed):
+    return lambda x, w, a, b, bias: peft_kernels.lora_linear(
+        x, w, a, b, bias, scaling=scaling, dropout_p=p, seed=seed, backend=backend)
+
+
+def _check(backend, device, dtype, lead, k, n, r, bias=True, p=0.0, scaling=0.7, train_base=False, seed=1234):
+    x, w, a, b, bias_t = make_inputs(lead, k, n, r, dtype, device, bias)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    if train_base:
+        w.requires_grad_(True)
+        if bias_t is not None:
+            bias_t.requires_grad_(True)
+    grad_out = torch.randn(*lead, n, device=device).to(dtype)
+    assert_close_to_oracle(_fn(backend, scaling, p, seed), [x, w, a, b, bias_t], scaling, p, seed, grad_out)
+    assert backends.last_used("lora_linear") == backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_oracle_odd_shape(backend, dtype, p, bias, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    _check(backend, device, dtype, (3, 7), 37, 53, 5, bias=bias, p=p)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_base_weight_and_bias_grads_when_trainable(backend, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    _check(backend, device, torch.float32, (2, 9), 21, 19, 3, p=0.2, train_base=True)
+
+
+def test_reference_in_float64_matches_oracle():
+    _check("torch", torch.device("cpu"), torch.float64, (4, 5), 13, 11, 2, p=0.25)
+
+
+@pytest.mark.parametrize("r", [1, 16, 17, 40, 129])
+def test_triton_ranks(r, kernel_device):
+    _check("triton", kernel_device, torch.float32, (9,), 33, 35, r, p=0.1)
+
+
+@pytest.mark.parametrize("sms", [1, 256])
+def test_triton_split_and_unsplit_reductions(sms, kernel_device):
+    """sms=1: every reduction in one program (plain stores); sms=256: every reduction split
+    across programs (fp32 atomics) — with tiles small enough that every loop runs several
+    iterations and ends on a partial tile."""
+    tiles = dict(down_bm=16, down_bk=16, up_bm=16, up_bn=16, dy_bm=16, dy_bn=16, dx_bm=16, dx_bk=16)
+    with triton_lora.launch_override(sms=sms, **tiles):
+        _check("triton", kernel_device, torch.float32, (45,), 71, 39, 6, p=0.3)
+        _check("triton", kernel_device, torch.float16, (45,), 71, 39, 6, p=0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs(backend, kernel_device):
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    k, n, r = 29, 23, 4
+    x = torch.randn(k, 2, 11, device=device).permute(1, 2, 0)  # [2, 11, k], not contiguous
+    w = torch.randn(k, n, device=device).t() / k**0.5  # [n, k], transposed storage
+    a = torch.randn(k, r, device=device).t()
+    b = torch.randn(r, n, device=device).t()
+    assert not (x.is_contiguous() or w.is_contiguous() or a.is_contiguous() or b.is_contiguous())
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    grad_out = torch.randn(2, 11, n, device=device)
+    assert_close_to_oracle(_fn(backend, 1.5, 0.2, 7), [x, w, a, b, None], 1.5, 0.2, 7, grad_out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grad_output(backend, kernel_device):
+    """y.sum().backward() hands backward a stride-0 gradient."""
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    x, w, a, b, bias = make_inputs((6,), 17, 9, 3, torch.float32, device)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    peft_kernels.lora_linear(x, w, a, b, bias, scaling=2.0, dropout_p=0.1, seed=5, backend=backend).sum().backward()
+    xs = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    from helpers import eager_lora
+    eager_lora(xs[0], w, xs[1], xs[2], bias, 2.0, 0.1, 5).sum().backward()
+    for got, want in zip((x.grad, a.grad, b.grad), (t.grad for t in xs)):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapter_dtype_differs_from_x(backend, kernel_device):
+    """fp32 adapters on an fp16 base (PEFT's default upcast): grads come back in fp32."""
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    x, w, a, b, _ = make_inputs((5,), 24, 20, 4, torch.float16, device)
+    a = a.float().requires_grad_()
+    b = b.float().requires_grad_()
+    y = peft_kernels.lora_linear(x, w, a, b, scaling=1.0, backend=backend)
+    y.float().sum().backward()
+    assert y.dtype == torch.float16 and a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+
+
+def test_empty_batch(kernel_device):
+    for backend in BACKENDS:
+        device = kernel_device if backend == "triton" else torch.device("cpu")
+        x, w, a, b, bias = make_inputs((0,), 8, 6, 2, torch.float32, device)
+        a.requires_grad_(True)
+        y = peft_kernels.lora_linear(x, w, a, b, bias, backend=backend)
+        y.sum().backward()
+        assert y.shape == (0, 6) and a.grad.shape == a.shape and (a.grad == 0).all()
+
+
+def test_eval_mode_disables_dropout(kernel_device):
+    x, w, a, b, bias = make_inputs((7,), 19, 13, 3, torch.float32, kernel_device)
+    y_eval = peft_kernels.lora_linear(x, w, a, b, bias, scaling=1.0, dropout_p=0.5, training=False, seed=1,
+                                      backend="triton")
+    y_nodrop = peft_kernels.lora_linear(x, w, a, b, bias, scaling=1.0, dropout_p=0.0, backend="triton")
+    assert torch.equal(y_eval, y_nodrop)

@@ -1,0 +1,120 @@
+"""LoRALinear, apply_lora and info()."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import peft_kernels
+from peft_kernels.nn import LoRALinear
+
+
+def test_from_linear_shares_and_freezes_base():
+    base = nn.Linear(20, 12)
+    layer = LoRALinear.from_linear(base, r=4, alpha=8, dropout=0.1)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (4, 20) and layer.lora_B.shape == (12, 4)
+    assert layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B) == 0  # PEFT init: B = 0, so a new adapter is a no-op
+    bound = 1 / math.sqrt(20)  # kaiming_uniform(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 4
+    layer.eval()
+    x = torch.randn(3, 20)
+    assert torch.allclose(layer(x), base(x), atol=1e-6)
+
+
+def test_rslora_scaling():
+    layer = LoRALinear(8, 8, r=16, alpha=32, use_rslora=True)
+    assert layer.scaling == 32 / 4
+
+
+def test_training_flag_controls_dropout():
+    layer = LoRALinear(16, 16, r=4, alpha=4, dropout=0.5)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(8, 16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(0)
+    y1 = layer(x)
+    torch.manual_seed(1)
+    assert not torch.equal(y1, layer(x))
+
+
+def test_merge_unmerge_roundtrip():
+    layer = LoRALinear(24, 10, r=3, alpha=6).eval()
+    nn.init.normal_(layer.lora_B)
+    w0 = layer.weight.clone()
+    x = torch.randn(4, 24)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and not torch.equal(layer.weight, w0)
+    assert torch.allclose(layer(x), y, atol=1e-5)
+    layer.unmerge()
+    assert not layer.merged and torch.allclose(layer.weight, w0, atol=1e-6)
+    assert torch.allclose(layer(x), y, atol=1e-5)
+
+
+def test_bad_module_arguments():
+    with pytest.raises(ValueError, match="r must be >= 1"):
+        LoRALinear(4, 4, r=0)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        LoRALinear.from_linear(nn.Linear(4, 4), r=2, dropout=1.5)
+    with pytest.raises(TypeError, match="expects nn.Linear"):
+        LoRALinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.q_proj(x) + self.k_proj(x) * self.v_proj(x))
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.lm_head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = blk(x)
+        return self.lm_head(x)
+
+
+def test_apply_lora_targets_and_freezes():
+    model = peft_kernels.apply_lora(Model(), ["q_proj", "v_proj"], r=2, alpha=4)
+    replaced = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert replaced == {f"layers.{i}.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.{w}" for m in replaced for w in ("lora_A", "lora_B")}
+    out = model(torch.randn(3, 16))
+    out.sum().backward()
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+
+
+def test_apply_lora_regex_and_all_linear():
+    model = peft_kernels.apply_lora(Model(), r"layers\.0\..*_proj", r=2)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 3
+    model = peft_kernels.apply_lora(Model(), "all-linear", r=2)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 6
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, LoRALinear)
+
+
+def test_apply_lora_no_match():
+    with pytest.raises(ValueError, match="no nn.Linear matches target_modules=\\['o_proj'\\]"):
+        peft_kernels.apply_lora(Model(), ["o_proj"])
+
+
+def test_info_reports_backends():
+    info = peft_kernels.info()
+    cpu = info["devices"]["cpu"]
+    assert cpu["backends"]["torch"] == "available"
+    assert cpu["backends"]["cuda"].startswith("unavailable: ")
+    assert cpu["auto"]["lora_linear"] == "torch"
+    assert info["torch"] == torch.__version__
