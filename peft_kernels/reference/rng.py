@@ -18,17 +18,28 @@ MUL1 = 0x7FEB352D
 MUL2 = 0x846CA68B
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    # (h * c) mod 2**32 for h in [0, 2**32) held in int64, without overflowing int64.
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+def _signed32(c: int) -> int:
+    return c - (1 << 32) if c >= 1 << 31 else c
 
 
 def mix32(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, MUL1)
-    h = h ^ (h >> 15)
-    h = _mul32(h, MUL2)
-    return h ^ (h >> 16)
+    """lowbias32 on an int32 tensor holding uint32 bit patterns, in place. int32 products wrap
+    modulo 2**32 (the uint32 product's bits); shifts are made logical by masking."""
+    h ^= (h >> 16) & 0xFFFF
+    h *= _signed32(MUL1)
+    h ^= (h >> 15) & 0x1FFFF
+    h *= _signed32(MUL2)
+    h ^= (h >> 16) & 0xFFFF
+    return h
+
+
+def _mix32_scalar(v: int) -> int:
+    v &= MASK32
+    v ^= v >> 16
+    v = (v * MUL1) & MASK32
+    v ^= v >> 15
+    v = (v * MUL2) & MASK32
+    return v ^ (v >> 16)
 
 
 def keep_threshold(p: float) -> int:
@@ -37,17 +48,16 @@ def keep_threshold(p: float) -> int:
 
 
 def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
-    lo = torch.tensor(seed & MASK32, dtype=torch.int64)
-    hi = torch.tensor((seed >> 32) & MASK32, dtype=torch.int64)
-    k0 = mix32(lo ^ SEED_C0)
-    k1 = mix32(hi ^ SEED_C1)
-    return mix32(mix32((rows + k0) & MASK32) ^ k1)
+    """int32 [rows] of uint32 bit patterns: key(m) for each row index m."""
+    k0 = _signed32(_mix32_scalar((seed & MASK32) ^ SEED_C0))
+    k1 = _signed32(_mix32_scalar(((seed >> 32) & MASK32) ^ SEED_C1))
+    h = mix32(rows.to(torch.int32) + k0)  # int32 addition wraps like uint32
+    h ^= k1
+    return mix32(h)
 
 
 def dropout_keep_mask(seed: int, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
     """Bool [rows, cols]: True where the element is kept."""
-    r = torch.arange(rows, dtype=torch.int64, device=device)
-    c = torch.arange(cols, dtype=torch.int64, device=device)
-    keys = row_keys(seed, r).to(device)
-    h = mix32((c[None, :] + keys[:, None]) & MASK32)
-    return (h >> 1) >= keep_threshold(p)
+    keys = row_keys(seed, torch.arange(rows, dtype=torch.int32, device=device))
+    h = mix32(torch.arange(cols, dtype=torch.int32, device=device)[None, :] + keys[:, None])
+    return ((h >> 1) & 0x7FFFFFFF) >= keep_threshold(p)
