@@ -1,0 +1,126 @@
+"""NF4/FP4 storage, byte for byte against bitsandbytes (which runs on CPU since 0.47)."""
+import json
+
+import pytest
+import torch
+
+from peft_kernels.quant import FP4Weight, NF4Weight
+from peft_kernels.quant.bnb4bit import dynamic_map_signed
+
+bnb = pytest.importorskip("bitsandbytes")
+F = pytest.importorskip("bitsandbytes.functional")
+
+CLASSES = {"nf4": NF4Weight, "fp4": FP4Weight}
+SHAPES = [(7, 37), (33, 129), (300, 257), (1, 5), (64, 64)]
+
+
+def test_dynamic_map_is_bnbs():
+    assert torch.equal(dynamic_map_signed(), F.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_single_quant_bytes_identical(quant_type, blocksize, shape):
+    w = torch.randn(*shape, dtype=torch.float32) * 0.05
+    q, st = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
+    ours = CLASSES[quant_type].from_float(w, blocksize=blocksize, double_quant=False)
+    assert ours.packed.dtype == torch.uint8 and ours.packed.shape == q.shape
+    assert torch.equal(ours.packed, q)
+    assert torch.equal(ours.absmax, st.absmax)
+    assert torch.equal(ours.dequantize(), F.dequantize_4bit(q, st))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize("shape", [(300, 257), (129, 1031)])
+def test_double_quant_matches_bnb_and_is_never_less_accurate(quant_type, blocksize, shape):
+    w = torch.randn(*shape, dtype=torch.float32) * 0.05
+    q, st = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=True)
+    ours = CLASSES[quant_type].from_float(w, blocksize=blocksize, double_quant=True)
+    assert torch.equal(ours.packed, q)
+    assert torch.equal(ours.offset, st.offset) and torch.equal(ours.absmax2, st.state2.absmax)
+    assert ours.absmax.dtype == torch.uint8 and ours.absmax.shape == st.absmax.shape
+    # The 8-bit codes of (absmax - offset): ours is the nearest map entry; bnb's CPU lookup is
+    # approximate. Where they differ, ours must be at least as close, and differences are rare.
+    true = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)[1].absmax
+    ours_err = (ours.absmax_fp32() - true).abs()
+    bnb_err = (F.dequantize_blockwise(st.absmax, st.state2) + st.offset - true).abs()
+    assert (ours_err <= bnb_err + 1e-12).all()
+    assert (ours.absmax != st.absmax).float().mean() < 0.02
+    # Dequantizing bnb's own bytes through our class gives bnb's values exactly.
+    theirs = CLASSES[quant_type](q, st.absmax, st.shape, st.dtype, blocksize, offset=st.offset,
+                                 absmax2=st.state2.absmax, code2=st.state2.code)
+    assert torch.equal(theirs.dequantize(), F.dequantize_4bit(q, st))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights(dtype):
+    w = (torch.randn(40, 72) * 0.05).to(dtype)
+    q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    ours = NF4Weight.from_float(w, blocksize=64, double_quant=False)
+    assert torch.equal(ours.packed, q) and torch.equal(ours.absmax, st.absmax)
+    deq = ours.dequantize()
+    assert deq.dtype == dtype and torch.equal(deq, F.dequantize_4bit(q, st))
+
+
+def test_all_zero_blocks_dequantize_to_zero():
+    w = torch.randn(4, 128) * 0.1
+    w[1] = 0.0  # two whole zero blocks at blocksize 64
+    assert torch.equal(NF4Weight.from_float(w, blocksize=64).dequantize()[1], torch.zeros(128))
+    ours = NF4Weight.from_float(w, blocksize=64, double_quant=False)
+    q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert torch.equal(ours.dequantize(), F.dequantize_4bit(q, st))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bnb_params_round_trip_without_requantizing(quant_type):
+    w = torch.randn(48, 80) * 0.05
+    ours = CLASSES[quant_type].from_float(w, blocksize=64)
+    param = ours.to_bnb()
+    assert isinstance(param, bnb.nn.Params4bit)
+    assert torch.equal(F.dequantize_4bit(param.data, param.quant_state), ours.dequantize())
+    back = CLASSES[quant_type].from_bnb(param)
+    assert back.packed.data_ptr() == param.data.data_ptr()  # shared, not copied
+    assert torch.equal(back.dequantize(), ours.dequantize())
+    with pytest.raises(ValueError, match="use"):
+        CLASSES["fp4" if quant_type == "nf4" else "nf4"].from_bnb(param)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_state_dict_matches_linear4bit(nested):
+    w = torch.randn(24, 40) * 0.05
+    ours = NF4Weight.from_float(w, blocksize=64, double_quant=nested)
+    layer = bnb.nn.Linear4bit(40, 24, bias=False, quant_type="nf4", compress_statistics=nested)
+    layer.weight = ours.to_bnb()
+    theirs = layer.state_dict()
+    mine = ours.state_dict("weight")
+    assert set(mine) == set(theirs)
+    for key, value in theirs.items():
+        if "quant_state" in key:
+            assert json.loads(bytes(mine[key].tolist())) == json.loads(bytes(value.tolist()))
+        else:
+            assert torch.equal(mine[key], value), key
+    loaded = NF4Weight.from_state_dict(theirs, "weight")
+    assert torch.equal(loaded.dequantize(), ours.dequantize())
+
+
+def test_bits_per_parameter():
+    w = torch.randn(512, 512)
+    assert NF4Weight.from_float(w, blocksize=64, double_quant=True).bits_per_parameter <= 4.13
+    assert NF4Weight.from_float(w, blocksize=64, double_quant=False).bits_per_parameter == 4.5
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        NF4Weight.from_float(torch.randn(4, 4), blocksize=48)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        NF4Weight.from_float(torch.randn(16))
+    with pytest.raises(TypeError, match="floating-point"):
+        NF4Weight.from_float(torch.ones(4, 4, dtype=torch.int32))
+    w = torch.randn(4, 4)
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        NF4Weight.from_float(w)
+    with pytest.raises(KeyError, match="bitsandbytes__nf4"):
+        NF4Weight.from_state_dict({"weight": torch.zeros(2, 1, dtype=torch.uint8)})
