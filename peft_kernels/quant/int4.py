@@ -1,0 +1,66 @@
+"""Int4Weight: group-wise asymmetric 4-bit weights with scales and zero points.
+
+For each output row and each group of ``group_size`` consecutive input columns, with
+lo = min(min, 0) and hi = max(max, 0) (the range always holds 0, so the integer zero point is
+never clamped and a group that does not straddle zero stays representable):
+    scale = (hi - lo) / 15              (1 for an all-zero group)
+    zero  = clamp(round(-lo / scale), 0, 15)
+    q     = clamp(round(w / scale) + zero, 0, 15)          w ≈ (q - zero) * scale
+Storage:
+    packed  uint8 [out, in // 2]   two codes per byte along the input dim, the even (first)
+                                   column in the HIGH nibble (bitsandbytes' nibble order)
+    scales  [out, in // group_size] in the weight's dtype
+    zeros   uint8 [out, in // group_size]
+"""
+from __future__ import annotations
+
+import torch
+
+from .bnb4bit import _check_float_matrix
+
+GROUP_SIZES = (32, 64, 128)
+
+
+class Int4Weight:
+    def __init__(self, packed, scales, zeros, group_size: int, dtype: torch.dtype):
+        self.packed, self.scales, self.zeros = packed, scales, zeros
+        self.group_size, self.dtype = group_size, dtype
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int = 64) -> "Int4Weight":
+        _check_float_matrix(w, "weight")
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+        out_f, in_f = w.shape
+        if in_f % group_size:
+            raise ValueError(f"in_features {in_f} is not divisible by group_size {group_size}")
+        g = w.detach().float().view(out_f, in_f // group_size, group_size)
+        lo, hi = g.amin(dim=2).clamp(max=0), g.amax(dim=2).clamp(min=0)
+        scale = (hi - lo) / 15
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
+        q = torch.clamp(torch.round(g / scale.unsqueeze(2)) + zero.unsqueeze(2), 0, 15).to(torch.uint8).view(out_f, in_f)
+        packed = (q[:, 0::2] << 4) | q[:, 1::2]
+        return cls(packed, scale.to(w.dtype), zero.to(torch.uint8), group_size, w.dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.packed.shape[0], self.packed.shape[1] * 2))
+
+    def codes(self) -> torch.Tensor:
+        """uint8 [out, in]: every 4-bit code, unpacked."""
+        return torch.stack([self.packed >> 4, self.packed & 0xF], dim=2).view(self.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        out_f, in_f = self.shape
+        q = self.codes().float().view(out_f, -1, self.group_size)
+        w = (q - self.zeros.float().unsqueeze(2)) * self.scales.float().unsqueeze(2)
+        return w.view(out_f, in_f).to(dtype or self.dtype)
+
+    @property
+    def bits_per_parameter(self) -> float:
+        return 4 + (self.scales.element_size() * 8 + 8) / self.group_size
+
+    def __repr__(self) -> str:
+        return (f"Int4Weight(shape={list(self.shape)}, group_size={self.group_size}, dtype={self.dtype}, "
+                f"bits/param={self.bits_per_parameter:.3f})")

@@ -1,0 +1,51 @@
+"""Int8Weight: per-output-channel symmetric absmax, in LLM.int8's CB / SCB layout.
+
+    CB   int8 [out, in]   round(W * (127 / SCB[:, None]))
+    SCB  fp32 [out]       max |W| of each row
+    W ≈ CB * SCB[:, None] * (1 / 127)     (bitsandbytes' int8_vectorwise_quant / _dequant rule)
+An all-zero row has SCB = 0 and CB = 0 (and dequantizes to 0).
+"""
+from __future__ import annotations
+
+import torch
+
+from .bnb4bit import _check_float_matrix
+
+INV127 = 7.874015718698502e-3  # fp32(1/127), the constant bitsandbytes multiplies by
+
+
+class Int8Weight:
+    """A frozen [out, in] weight as int8 codes with one fp32 scale per output row."""
+
+    def __init__(self, CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype):
+        if CB.dtype != torch.int8 or CB.dim() != 2:
+            raise ValueError(f"CB must be int8 [out, in], got {CB.dtype} {list(CB.shape)}")
+        if SCB.dtype != torch.float32 or tuple(SCB.shape) != (CB.shape[0],):
+            raise ValueError(f"SCB must be fp32 [{CB.shape[0]}], got {SCB.dtype} {list(SCB.shape)}")
+        self.CB, self.SCB, self.dtype = CB, SCB, dtype
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "Int8Weight":
+        _check_float_matrix(w, "weight")
+        w = w.detach()
+        scb = w.abs().amax(dim=1).float()
+        scale = 127.0 / scb.clamp(min=torch.finfo(torch.float32).tiny)
+        cb = torch.round(w * scale.unsqueeze(1)).to(torch.int8)
+        return cls(cb, scb, w.dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.CB.shape
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (self.CB * self.SCB.view(-1, 1) * INV127).to(dtype or self.dtype)
+
+    @property
+    def bits_per_parameter(self) -> float:
+        return 8 + 32 / self.CB.shape[1]
+
+    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        return {prefix: self.CB, f"{prefix}.SCB": self.SCB}
+
+    def __repr__(self) -> str:
+        return f"Int8Weight(shape={list(self.shape)}, dtype={self.dtype}, device={self.CB.device})"
