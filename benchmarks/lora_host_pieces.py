@@ -3,25 +3,14 @@ never limits: which layer of the launch path costs what.
 
     python benchmarks/lora_host_pieces.py
 """
-import time
-
 import torch
 
 from peft_kernels import lora_linear
 from peft_kernels.ops.lora import _LoRAFunction
+from peft_kernels.bench import harness
 from peft_kernels.triton import lora as tl_lora
 
 
-def host_us(fn, n=400):
-    for _ in range(30):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
 
 
 def main():
@@ -54,7 +43,7 @@ def main():
             torch.nn.functional.linear(torch.nn.functional.dropout(xg, 0.05), ag), bg)).backward(dy)),
     ]
     for name, fn in rows:
-        print(f"{host_us(fn):9.1f} us  {name}")
+        print(f"{harness.host_us(fn):9.1f} us  {name}")
 
 
 if __name__ == "__main__":

@@ -4,39 +4,64 @@ directly (no custom ops), an autograd.Function doing no work, and the host funct
 
     python benchmarks/lora_host_probe.py
 """
-import time, torch
+import torch
+
+from peft_kernels.bench.harness import host_us
 from peft_kernels.ops.lora import _LoRAFunction
 from peft_kernels.triton import lora as tl_lora
-d=torch.device("cuda"); bf=torch.bfloat16; M,K,N,r=16,4096,4096,16
-x=torch.randn(M,K,device=d,dtype=bf); w=torch.randn(N,K,device=d,dtype=bf)/64
-a=torch.randn(r,K,device=d,dtype=bf)/64; b=torch.randn(N,r,device=d,dtype=bf)*0.02; dy=torch.randn(M,N,device=d,dtype=bf)
-seed=torch.tensor([3],device=d); y,u=tl_lora.lora_forward(x,w,a,b,None,2.0,0.05,seed)
-xg,ag,bg=(t.clone().requires_grad_() for t in (x,a,b))
-def host_us(fn,n=300):
-    for _ in range(30): fn()
-    torch.cuda.synchronize(); t0=time.perf_counter()
-    for _ in range(n): fn()
-    t=(time.perf_counter()-t0)/n*1e6; torch.cuda.synchronize(); return t
-gx,ga,gb=torch.ones_like(x),torch.ones_like(a),torch.ones_like(b)
-class Direct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx,x,a,b):
-        ctx.save_for_backward(x,a,b); return tl_lora.lora_forward(x,w,a,b,None,2.0,0.05,seed)[0]
-    @staticmethod
-    def backward(ctx,g):
-        x,a,b=ctx.saved_tensors; dx,da,db=tl_lora.lora_backward(g,x,w,a,b,u,2.0,0.05,seed,True); return dx,da,db
-class Empty(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx,x,a,b): return y.clone()
-    @staticmethod
-    def backward(ctx,g): return gx,ga,gb
-def reset(): xg.grad=ag.grad=bg.grad=None
-rows=[("Function fwd+bwd (grads reset)", lambda:(reset(),_LoRAFunction.apply(xg,w,ag,bg,None,2.0,0.05,seed,"triton").backward(dy))),
-("Function fwd+bwd (grads accumulate)", lambda:_LoRAFunction.apply(xg,w,ag,bg,None,2.0,0.05,seed,"triton").backward(dy)),
-("Direct Function (no custom ops) fwd+bwd", lambda:(reset(),Direct.apply(xg,ag,bg).backward(dy))),
-("Empty Function fwd+bwd (autograd only)", lambda:(reset(),Empty.apply(xg,ag,bg).backward(dy))),
-("lora_forward direct", lambda: tl_lora.lora_forward(x,w,a,b,None,2.0,0.05,seed)),
-("lora_backward direct, plain tensors", lambda: tl_lora.lora_backward(dy,x,w,a,b,u,2.0,0.05,seed,True)),
-("lora_backward direct, requires_grad tensors, no_grad", lambda: torch.no_grad()(tl_lora.lora_backward)(dy,xg,w,ag,bg,u,2.0,0.05,seed,True)),
-]
-for n,f in rows: print(f"{host_us(f):8.1f} us  {n}")
+
+
+def main():
+    d, bf = torch.device("cuda"), torch.bfloat16
+    M, K, N, r = 16, 4096, 4096, 16
+    x = torch.randn(M, K, device=d, dtype=bf)
+    w = torch.randn(N, K, device=d, dtype=bf) / 64
+    a = torch.randn(r, K, device=d, dtype=bf) / 64
+    b = torch.randn(N, r, device=d, dtype=bf) * 0.02
+    dy = torch.randn(M, N, device=d, dtype=bf)
+    seed = torch.tensor([3], device=d)
+    y, u = tl_lora.lora_forward(x, w, a, b, None, 2.0, 0.05, seed)
+    xg, ag, bg = (t.clone().requires_grad_() for t in (x, a, b))
+    gx, ga, gb = torch.ones_like(x), torch.ones_like(a), torch.ones_like(b)
+
+    class Direct(torch.autograd.Function):  # the Triton host code without the custom ops
+        @staticmethod
+        def forward(ctx, x, a, b):
+            ctx.save_for_backward(x, a, b)
+            return tl_lora.lora_forward(x, w, a, b, None, 2.0, 0.05, seed)[0]
+
+        @staticmethod
+        def backward(ctx, g):
+            x, a, b = ctx.saved_tensors
+            return tl_lora.lora_backward(g, x, w, a, b, u, 2.0, 0.05, seed, True)
+
+    class Empty(torch.autograd.Function):  # autograd machinery alone
+        @staticmethod
+        def forward(ctx, x, a, b):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return gx, ga, gb
+
+    def reset():
+        xg.grad = ag.grad = bg.grad = None
+
+    rows = [
+        ("Function fwd+bwd (grads reset)",
+         lambda: (reset(), _LoRAFunction.apply(xg, w, ag, bg, None, 2.0, 0.05, seed, "triton").backward(dy))),
+        ("Function fwd+bwd (grads accumulate)",
+         lambda: _LoRAFunction.apply(xg, w, ag, bg, None, 2.0, 0.05, seed, "triton").backward(dy)),
+        ("Direct Function (no custom ops) fwd+bwd", lambda: (reset(), Direct.apply(xg, ag, bg).backward(dy))),
+        ("Empty Function fwd+bwd (autograd only)", lambda: (reset(), Empty.apply(xg, ag, bg).backward(dy))),
+        ("lora_forward direct", lambda: tl_lora.lora_forward(x, w, a, b, None, 2.0, 0.05, seed)),
+        ("lora_backward direct, plain tensors", lambda: tl_lora.lora_backward(dy, x, w, a, b, u, 2.0, 0.05, seed, True)),
+        ("lora_backward direct, requires_grad tensors, no_grad",
+         lambda: torch.no_grad()(tl_lora.lora_backward)(dy, xg, w, ag, bg, u, 2.0, 0.05, seed, True)),
+    ]
+    for name, fn in rows:
+        print(f"{host_us(fn):8.1f} us  {name}")
+
+
+if __name__ == "__main__":
+    main()

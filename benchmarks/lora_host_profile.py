@@ -6,7 +6,6 @@
 import cProfile
 import io
 import pstats
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +22,6 @@ def _noop(x_ptr, a, b, c, d, e, f, g, h, i, j, BLOCK: tl.constexpr):
     pass
 
 
-def host_us(fn, n=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return t
 
 
 def main():
@@ -56,11 +45,11 @@ def main():
         (F.linear(x, w) + 2.0 * F.linear(F.linear(F.dropout(x, 0.05), a), b)).backward(dy)
 
     print("host us per call:")
-    print(f"  empty triton launch (11 args)   {host_us(lambda: _noop[(1,)](small, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, BLOCK=16)):8.1f}")
-    print(f"  torch.empty_like                {host_us(lambda: torch.empty_like(small)):8.1f}")
-    print(f"  eager LoRA p=0.05 fwd+bwd       {host_us(eager):8.1f}")
-    print(f"  ours p=0 fwd+bwd                {host_us(ours(0.0)):8.1f}")
-    print(f"  ours p=0.05 fwd+bwd             {host_us(ours(0.05)):8.1f}")
+    print(f"  empty triton launch (11 args)   {harness.host_us(lambda: _noop[(1,)](small, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, BLOCK=16)):8.1f}")
+    print(f"  torch.empty_like                {harness.host_us(lambda: torch.empty_like(small)):8.1f}")
+    print(f"  eager LoRA p=0.05 fwd+bwd       {harness.host_us(eager):8.1f}")
+    print(f"  ours p=0 fwd+bwd                {harness.host_us(ours(0.0)):8.1f}")
+    print(f"  ours p=0.05 fwd+bwd             {harness.host_us(ours(0.05)):8.1f}")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200):

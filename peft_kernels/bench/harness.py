@@ -60,6 +60,20 @@ def time_ms(fn, device: torch.device, warmup: int = 5, reps: int = 25) -> float:
     return statistics.median(times)
 
 
+def host_us(fn, n: int = 300) -> float:
+    """Host (CPU) microseconds per fn() call, the device left to run asynchronously: the cost
+    of issuing the work, which bounds a step whose kernels are shorter than it."""
+    for _ in range(30):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return elapsed
+
+
 def time_ms_graphed(fn, device: torch.device, reps: int = 25) -> float | None:
     """Median ms of replaying fn() captured in a CUDA graph: the device time with the host's
     launch overhead removed (what a graphed / reduce-overhead training step sees). None on CPU

@@ -43,6 +43,15 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _store_or_add(ptrs, value, mask, ATOMIC: tl.constexpr):
+    # A reduction split across programs accumulates into a zeroed fp32 buffer.
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, u_ptr, seed_ptr,
     M, K, R, k_per_split,
@@ -73,13 +82,8 @@ def _lora_down_kernel(
         a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = _mm(x, a_t, acc, IEEE)
-    acc = acc * inv_keep
-    u_ptrs = u_ptr + rows64[:, None] * R + ranks[None, :]
-    u_mask = row_ok[:, None] & rank_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(u_ptrs, acc, mask=u_mask, sem="relaxed")
-    else:
-        tl.store(u_ptrs, acc, mask=u_mask)
+    _store_or_add(u_ptr + rows64[:, None] * R + ranks[None, :], acc * inv_keep,
+                  row_ok[:, None] & rank_ok[None, :], ATOMIC)
 
 
 @triton.jit
@@ -142,12 +146,7 @@ def _lora_dy_kernel(
         db = _mm(tl.trans(dy), u, tl.zeros((BN, BR), dtype=tl.float32), IEEE) * scaling
         tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db,
                       mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
-    v_ptrs = v_ptr + rows64[:, None] * R + ranks[None, :]
-    v_mask = row_ok[:, None] & rank_ok[None, :]
-    if V_ATOMIC:
-        tl.atomic_add(v_ptrs, v, mask=v_mask, sem="relaxed")
-    else:
-        tl.store(v_ptrs, v, mask=v_mask)
+    _store_or_add(v_ptr + rows64[:, None] * R + ranks[None, :], v, row_ok[:, None] & rank_ok[None, :], V_ATOMIC)
 
 
 @triton.jit
@@ -188,13 +187,8 @@ def _lora_dx_kernel(
                 d = tl.where(keep, d, 0.0)
             tl.store(d_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dk, d.to(d_ptr.dtype.element_ty),
                      mask=tile_ok)
-    da = da * coef
-    da_ptrs = da_ptr + ranks[:, None] * K + cols[None, :]
-    da_mask = rank_ok[:, None] & col_ok[None, :]
-    if DA_ATOMIC:
-        tl.atomic_add(da_ptrs, da, mask=da_mask, sem="relaxed")
-    else:
-        tl.store(da_ptrs, da, mask=da_mask)
+    _store_or_add(da_ptr + ranks[:, None] * K + cols[None, :], da * coef, rank_ok[:, None] & col_ok[None, :],
+                  DA_ATOMIC)
 
 
 # ----------------------------------------------------------------------------- launch policy
