@@ -35,10 +35,6 @@ def implementation(op: str, backend: str):
     return importlib.import_module(module)
 
 
-def registered(op: str) -> list[str]:
-    return [b for (o, b) in _IMPLS if o == op]
-
-
 def last_used(op: str) -> str | None:
     """The backend that most recently ran ``op`` (None if it never ran)."""
     return _LAST_USED.get(op)
@@ -51,7 +47,7 @@ def _triton_import_error() -> str | None:
     if not _TRITON_ERROR:
         try:
             import triton  # noqa: F401
-            import triton.language  # noqa: F401
+            import triton.language  # noqa: F401  (a broken install fails here)
             _TRITON_ERROR.append(None)
         except Exception as exc:  # ImportError, or a broken install
             _TRITON_ERROR.append(f"triton not importable ({exc})")

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import peft_kernels
 from peft_kernels.nn import LoRALinear
 
 

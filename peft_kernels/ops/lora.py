@@ -7,9 +7,10 @@ _ops.py; opaque single nodes to torch.compile) -> the backend module's ``lora_fo
 plain cuBLAS/torch ops here.
 
 Why an autograd.Function around two custom ops rather than torch.library.register_autograd on
-one: measured on the H100 machine, a fwd+bwd step at M=1024 is bound by host time, and the
-register_autograd wrapper cost about 160 us more per step than a Function (benchmarks/
-lora_host_profile.py). Dynamo traces the Function, so torch.compile still sees the two ops.
+one: on the development CPU (torch backend, tiny shapes) the register_autograd wrapper cost
+~140 us more per fwd+bwd than a Function. On the H100 machine the custom ops themselves are not
+the main host cost (benchmarks/results/lora_host_h100.txt: a Function calling the Triton host
+code directly is as slow). Dynamo traces the Function, so torch.compile still sees the two ops.
 """
 from __future__ import annotations
 

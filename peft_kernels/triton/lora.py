@@ -234,7 +234,8 @@ def _tiles(kind: str, br: int, dropout: bool = False) -> tuple[int, int, int]:
     """(rows per tile, cols per tile, num_warps) for kernel ``kind`` at padded rank ``br``;
     larger ranks get smaller tiles to keep the rank-wide accumulators in registers. The dx
     kernel with dropout hashes every element: wide 32x256 tiles on 8 warps measured 0.13-0.16 ms
-    faster per backward at M=8192 on an H100 than 64x128 on 4 (benchmarks/lora_host_profile.py)."""
+    faster per backward at M=8192 on an H100 than 64x128 on 4 (host-inclusive timings,
+    benchmarks/results/lora_host_profile_h100.txt); without dropout 64x128 on 4 was best."""
     small, mid = br <= 32, br <= 64
     default = {
         "down": (64 if mid else 32, 128 if small else 64, 4),
