@@ -33,3 +33,47 @@ def _lora_fwd_fake(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, ba
 def _lora_bwd_fake(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, backend):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+# Frozen 4-bit (bitsandbytes-format) base weights. ``qweight`` = [packed, absmax, code] or
+# [packed, absmax, code, absmax2, code2, offset] (double quantization); shape = [out, in].
+LIB.define(
+    "quant_linear_fwd(Tensor x, Tensor[] qweight, int blocksize, int[] shape, Tensor? bias, "
+    "str backend) -> Tensor"
+)
+LIB.define(
+    "quant_linear_bwd(Tensor grad_y, Tensor[] qweight, int blocksize, int[] shape, str backend) "
+    "-> Tensor"
+)
+LIB.define(
+    "qlora_fwd(Tensor x, Tensor[] qweight, int blocksize, int[] shape, Tensor lora_A, "
+    "Tensor lora_B, Tensor? bias, float scaling, float dropout_p, Tensor? seed, str backend) -> (Tensor, Tensor)"
+)
+LIB.define(
+    "qlora_bwd(Tensor grad_y, Tensor x, Tensor[] qweight, int blocksize, int[] shape, "
+    "Tensor lora_A, Tensor lora_B, Tensor u, float scaling, float dropout_p, Tensor? seed, bool need_dx, "
+    "str backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("peft_kernels::quant_linear_fwd")
+def _quant_linear_fwd_fake(x, qweight, blocksize, shape, bias, backend):
+    return x.new_empty((x.shape[0], shape[0]))
+
+
+@torch.library.register_fake("peft_kernels::quant_linear_bwd")
+def _quant_linear_bwd_fake(grad_y, qweight, blocksize, shape, backend):
+    return grad_y.new_empty((grad_y.shape[0], shape[1]))
+
+
+@torch.library.register_fake("peft_kernels::qlora_fwd")
+def _qlora_fwd_fake(x, qweight, blocksize, shape, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+    return (x.new_empty((x.shape[0], shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=accumulation_dtype(x.dtype)))
+
+
+@torch.library.register_fake("peft_kernels::qlora_bwd")
+def _qlora_bwd_fake(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, scaling, dropout_p, seed,
+                    need_dx, backend):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)

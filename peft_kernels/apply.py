@@ -6,6 +6,7 @@ import re
 from torch import nn
 
 from .nn.lora import LoRALinear
+from .nn.qlora import QLoRALinear
 
 
 def _matches(name: str, target_modules) -> bool:
@@ -17,13 +18,16 @@ def _matches(name: str, target_modules) -> bool:
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               use_rslora: bool = False, backend: str = "auto") -> nn.Module:
+               use_rslora: bool = False, backend: str = "auto", quantize: str | None = None) -> nn.Module:
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
     (sharing their weights), freeze every other parameter, and return ``model`` (modified in
     place). target_modules: a list of names/suffixes (e.g. ["q_proj", "v_proj"]), a regex
     string, or "all-linear" (every nn.Linear except one named lm_head / the output layer).
-    Raises ValueError if nothing matches."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)]
+    quantize="nf4" | "fp4" stores each targeted base weight in 4 bits (QLoRALinear; the
+    full-precision weight is released). Raises ValueError if nothing matches."""
+    if quantize not in (None, "nf4", "fp4"):
+        raise ValueError(f"apply_lora: quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules == "all-linear":
         chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
     else:
@@ -36,6 +40,12 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout,
-                                                      use_rslora=use_rslora, backend=backend))
+        linear = getattr(parent, child)
+        if quantize is None:
+            new = LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                         backend=backend)
+        else:
+            new = QLoRALinear.from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout,
+                                          use_rslora=use_rslora, backend=backend)
+        setattr(parent, child, new)
     return model

@@ -113,9 +113,11 @@ def test_empty_batch(kernel_device):
         device = kernel_device if backend == "triton" else torch.device("cpu")
         x, w, a, b, bias = make_inputs((0,), 8, 6, 2, torch.float32, device)
         a.requires_grad_(True)
-        y = peft_kernels.lora_linear(x, w, a, b, bias, backend=backend)
-        y.sum().backward()
-        assert y.shape == (0, 6) and a.grad.shape == a.shape and (a.grad == 0).all()
+        for p in (0.0, 0.5):
+            a.grad = None
+            y = peft_kernels.lora_linear(x, w, a, b, bias, dropout_p=p, backend=backend)
+            y.sum().backward()
+            assert y.shape == (0, 6) and a.grad.shape == a.shape and (a.grad == 0).all()
 
 
 def test_eval_mode_disables_dropout(kernel_device):

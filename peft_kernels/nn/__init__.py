@@ -1,4 +1,5 @@
 """Drop-in modules: they hold parameters and call one functional op each."""
 from .lora import LoRALinear
+from .qlora import QLoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "QLoRALinear"]

@@ -52,3 +52,53 @@ def seed_tensor(seed, device: torch.device, op: str) -> torch.Tensor:
     if not 0 <= seed < 2**63:
         fail(op, f"seed must be in [0, 2**63), got {seed}")
     return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def check_input(op: str, x, in_features: int, out_features: int, bias):
+    """x [..., in] floating point; bias [out] in x's dtype, or None."""
+    check_tensor(x, "x", op)
+    if x.dim() < 1:
+        fail(op, "x must have at least one dimension")
+    if x.shape[-1] != in_features:
+        fail(op, f"x's last dim must equal weight's in_features {in_features}, got x of shape {list(x.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", op, 1)
+        if bias.shape[0] != out_features:
+            fail(op, f"bias must be [{out_features}], got {list(bias.shape)}")
+        if bias.dtype != x.dtype:
+            fail(op, f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+
+
+def check_adapter(op: str, lora_A, lora_B, in_features: int, out_features: int, scaling, dropout_p) -> int:
+    """lora_A [r, in], lora_B [out, r] of one float dtype, r >= 1; finite scaling; p in [0, 1).
+    Returns r."""
+    check_tensor(lora_A, "lora_A", op, 2)
+    check_tensor(lora_B, "lora_B", op, 2)
+    r = lora_A.shape[0]
+    if r < 1:
+        fail(op, f"rank r must be >= 1, got lora_A of shape {list(lora_A.shape)}")
+    if lora_A.shape[1] != in_features:
+        fail(op, f"lora_A must be [r, in] = [r, {in_features}], got {list(lora_A.shape)}")
+    if lora_B.shape[0] != out_features or lora_B.shape[1] != r:
+        fail(op, f"lora_B must be [out, r] = [{out_features}, {r}], got {list(lora_B.shape)}")
+    if lora_A.dtype != lora_B.dtype:
+        fail(op, f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+    check_scalar(scaling, "scaling", op)
+    check_scalar(dropout_p, "dropout_p", op, low=0.0, high=1.0)
+    return r
+
+
+def check_triton(op: str, x, r: int | None = None, max_rank: int = 256):
+    if x.dtype not in KERNEL_DTYPES:
+        fail(op, f"the triton backend takes fp16/bf16/fp32, got {x.dtype}")
+    if r is not None and r > max_rank:
+        fail(op, f"the triton backend supports r <= {max_rank}, got r={r}")
+
+
+def adapter_call_args(op: str, x, lora_A, lora_B, dropout_p, training, seed):
+    """(effective dropout p, seed tensor | None, lora_A, lora_B cast to x's dtype)."""
+    p = float(dropout_p) if training else 0.0
+    seed_t = seed_tensor(seed, x.device, op) if p > 0.0 else None
+    if lora_A.dtype != x.dtype:
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return p, seed_t, lora_A, lora_B

@@ -50,41 +50,16 @@ def _lora_bwd(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, ne
 def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend) -> str:
     """Check every input (messages are formatted only on failure: this runs every step) and
     return the resolved backend."""
-    op, fail = OP, _checks.fail
-    for name, t, nd in (("x", x, None), ("weight", weight, 2), ("lora_A", lora_A, 2), ("lora_B", lora_B, 2)):
-        _checks.check_tensor(t, name, op, nd)
-    if x.dim() < 1:
-        fail(op, "x must have at least one dimension")
+    _checks.check_tensor(weight, "weight", OP, 2)
     out_features, in_features = weight.shape
-    r = lora_A.shape[0]
-    if r < 1:
-        fail(op, f"rank r must be >= 1, got lora_A of shape {list(lora_A.shape)}")
-    if x.shape[-1] != in_features:
-        fail(op, f"x's last dim must equal weight's in_features {in_features}, got x of shape {list(x.shape)}")
-    if lora_A.shape[1] != in_features:
-        fail(op, f"lora_A must be [r, in] = [r, {in_features}], got {list(lora_A.shape)}")
-    if lora_B.shape[0] != out_features or lora_B.shape[1] != r:
-        fail(op, f"lora_B must be [out, r] = [{out_features}, {r}], got {list(lora_B.shape)}")
-    if bias is not None:
-        _checks.check_tensor(bias, "bias", op, 1)
-        if bias.shape[0] != out_features:
-            fail(op, f"bias must be [{out_features}], got {list(bias.shape)}")
-        if bias.dtype != x.dtype:
-            fail(op, f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
+    _checks.check_input(OP, x, in_features, out_features, bias)
+    r = _checks.check_adapter(OP, lora_A, lora_B, in_features, out_features, scaling, dropout_p)
     if weight.dtype != x.dtype:
-        fail(op, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
-    if lora_A.dtype != lora_B.dtype:
-        fail(op, f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
-    _checks.check_same_device(op, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    _checks.check_scalar(scaling, "scaling", op)
-    _checks.check_scalar(dropout_p, "dropout_p", op, low=0.0, high=1.0)
-
-    backend = backends.resolve(op, backend, x.device)
+        _checks.fail(OP, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
+    _checks.check_same_device(OP, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    backend = backends.resolve(OP, backend, x.device)
     if backend == "triton":
-        if x.dtype not in _checks.KERNEL_DTYPES:
-            fail(op, f"the triton backend takes fp16/bf16/fp32, got {x.dtype}")
-        if r > _TRITON_MAX_RANK:
-            fail(op, f"the triton backend supports r <= {_TRITON_MAX_RANK}, got r={r}")
+        _checks.check_triton(OP, x, r, _TRITON_MAX_RANK)
     return backend
 
 
@@ -153,10 +128,7 @@ def lora_linear(
     "lora_linear")`` tells which one ran.
     """
     backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend)
-    p = float(dropout_p) if training else 0.0
-    seed_t = _checks.seed_tensor(seed, x.device, OP) if p > 0.0 else None
-    if lora_A.dtype != x.dtype:
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     x2 = x.reshape(-1, weight.shape[1])
     y = _LoRAFunction.apply(x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import torch
 
@@ -42,19 +43,15 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
 
-@functools.lru_cache(maxsize=None)
-def _code_cpu(quant_type: str) -> torch.Tensor:
-    if quant_type == "nf4":
-        return torch.tensor(NF4_CODE, dtype=torch.float32)
-    if quant_type == "fp4":
-        raw = torch.tensor(FP4_RAW, dtype=torch.float32)
-        return raw / raw.abs().max()
-    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+_FP4 = torch.tensor(FP4_RAW, dtype=torch.float32)
+_CODES = {"nf4": torch.tensor(NF4_CODE, dtype=torch.float32), "fp4": _FP4 / _FP4.abs().max()}
 
 
 def code_table(quant_type: str, device=None) -> torch.Tensor:
     """The 16 fp32 values a 4-bit index decodes to (bnb's ``quant_map``)."""
-    return _code_cpu(quant_type).to(device)
+    if quant_type not in _CODES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return _CODES[quant_type].to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,6 +99,16 @@ def _dequantize_blockwise(values: torch.Tensor, absmax: torch.Tensor, blocksize:
     n = values.numel()
     idx = torch.arange(n, device=values.device) // blocksize
     return values * absmax[idx]
+
+
+def dequantize_parts(packed, absmax, code, absmax2, code2, offset, blocksize, shape, dtype) -> torch.Tensor:
+    """Decode bitsandbytes 4-bit parts to a [out, in] tensor in ``dtype`` (bnb's exact rule)."""
+    n = math.prod(shape)
+    flat = packed.reshape(-1)
+    idx = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]
+    if absmax2 is not None:
+        absmax = _dequantize_blockwise(code2[absmax.long()], absmax2, NESTED_BLOCKSIZE) + offset
+    return _dequantize_blockwise(code[idx.long()], absmax, blocksize).view(*shape).to(dtype)
 
 
 def _check_float_matrix(w: torch.Tensor, name: str):
@@ -158,17 +165,21 @@ class Bnb4bitWeight:
             return self.absmax
         return _dequantize_blockwise(self.code2[self.absmax.long()], self.absmax2, NESTED_BLOCKSIZE) + self.offset
 
-    def codes(self) -> torch.Tensor:
-        """uint8 [n]: the 4-bit index of every element, unpacked."""
-        n = self.shape.numel()
-        flat = self.packed.reshape(-1)
-        return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]
+    @property
+    def code(self) -> torch.Tensor:
+        return code_table(self.quant_type, self.device)
+
+    def parts(self) -> tuple:
+        """(packed, absmax, code, absmax2, code2, offset, blocksize, shape): the plain values an op
+        or kernel needs (custom ops take tensors and scalars only). absmax2, code2 and offset (an
+        fp32 tensor [] or [1]) are None without double quantization."""
+        return (self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset, self.blocksize,
+                tuple(self.shape))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight in ``dtype`` (default: the original dtype)."""
-        values = code_table(self.quant_type, self.device)[self.codes().long()]
-        out = _dequantize_blockwise(values, self.absmax_fp32(), self.blocksize)
-        return out.view(self.shape).to(dtype or self.dtype)
+        return dequantize_parts(self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
+                                self.blocksize, self.shape, dtype or self.dtype)
 
     @property
     def bits_per_parameter(self) -> float:

@@ -255,13 +255,37 @@ def _padded_rank(r: int) -> int:
 # ----------------------------------------------------------------------------- host functions
 
 
+def degenerate(x, lora_B) -> bool:
+    """An empty dimension: nothing for a kernel to do. The reference handles it exactly, with
+    dropout off: with no rows, no columns, or no outputs (dY empty, so v = 0) no result depends
+    on the mask."""
+    return x.shape[0] == 0 or x.shape[1] == 0 or lora_B.shape[0] == 0
+
+
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     """x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r] (all one dtype), bias [N] | None,
     seed int64 tensor [1] | None. Returns (y [M, N] in x.dtype, u [M, r] fp32)."""
+    if degenerate(x, lora_B):
+        return reference.lora_forward(x, weight, lora_A, lora_B, bias, scaling, 0.0, None)
+    y, u = adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    return y.addmm_(x, weight.t()), u
+
+
+def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+    """Returns (dx [M, K] or an empty tensor, d lora_A [r, K], d lora_B [N, r])."""
+    if degenerate(x, lora_B):
+        return reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, 0.0, None, need_dx)
+    d, grad_A, grad_B = adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+    if need_dx:
+        d.addmm_(grad_y, weight)
+    return d, grad_A, grad_B
+
+
+def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    """The LoRA-specific forward work, for any base product added on top by the caller:
+    returns (C = bias + scaling * u @ lora_B.T  [M, N] in x.dtype,  u [M, r] fp32)."""
     M, K = x.shape
     N, R = lora_B.shape
-    if M == 0 or K == 0 or N == 0:
-        return reference.lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, None)
     BR = _padded_rank(R)
     ieee = x.dtype == torch.float32
     sms = _sm_count(x.device)
@@ -287,16 +311,14 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
         scaling,
         HAS_BIAS=bias is not None, IEEE=ieee, BM=bm, BN=bn, BR=BR, num_warps=warps,
     )
-    y.addmm_(x, weight.t())
     return y, u
 
 
-def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
-    """Returns (dx [M, K] or an empty tensor, d lora_A [r, K], d lora_B [N, r])."""
+def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+    """The LoRA-specific backward work: returns (D = the adapter's part of dx [M, K] (or an
+    empty tensor), d lora_A, d lora_B); the caller adds the base product's dx to D."""
     M, K = x.shape
     N, R = lora_B.shape
-    if M == 0 or K == 0 or N == 0:
-        return reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, None, need_dx)
     BR = _padded_rank(R)
     ieee = x.dtype == torch.float32
     sms = _sm_count(x.device)
@@ -331,7 +353,5 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed
         HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, DA_ATOMIC=splits > 1, IEEE=ieee,
         BM=bm, BK=bk, BR=BR, num_warps=warps,
     )
-    if need_dx:
-        d.addmm_(grad_y, weight)
     # copy=True: the outputs must not alias the workspace (or each other) even in fp32.
     return d, grad_A.to(lora_A.dtype, copy=True), grad_B.to(lora_B.dtype, copy=True)

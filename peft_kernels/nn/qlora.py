@@ -1,0 +1,87 @@
+"""QLoRALinear: a LoRA adapter over a frozen 4-bit (NF4/FP4, bitsandbytes format) base weight."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.qlora import qlora_linear
+from ..quant.bnb4bit import Bnb4bitWeight, FP4Weight, NF4Weight
+
+_FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
+
+
+class QLoRALinear(nn.Module):
+    """y = x deq(W)^T + b + (alpha / r) * dropout(x) A^T B^T with W stored in 4 bits.
+
+    The 4-bit parts are buffers (they follow .to(device) and appear in state_dict as
+    ``qweight_*``); lora_A [r, in] (Kaiming-uniform) and lora_B [out, r] (zeros) are the only
+    trainable parameters, in the base weight's original dtype.
+    """
+
+    def __init__(self, qweight: Bnb4bitWeight, bias: torch.Tensor | None = None, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(qweight, Bnb4bitWeight):
+            raise TypeError(f"QLoRALinear: qweight must be an NF4Weight or FP4Weight, got {type(qweight).__name__}")
+        if r < 1:
+            raise ValueError(f"QLoRALinear: r must be >= 1, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"QLoRALinear: dropout must be in [0, 1), got {dropout}")
+        self.out_features, self.in_features = qweight.shape
+        self.r, self.alpha, self.dropout, self.use_rslora, self.backend = r, alpha, dropout, use_rslora, backend
+        self._format, self._meta = type(qweight), (qweight.shape, qweight.dtype, qweight.blocksize)
+        self.register_buffer("qweight_packed", qweight.packed)
+        self.register_buffer("qweight_absmax", qweight.absmax)
+        for name in ("offset", "absmax2", "code2"):
+            self.register_buffer(f"qweight_{name}", getattr(qweight, name))
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        factory = {"device": qweight.device, "dtype": qweight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def qweight(self) -> Bnb4bitWeight:
+        shape, dtype, blocksize = self._meta
+        return self._format(self.qweight_packed, self.qweight_absmax, shape, dtype, blocksize,
+                            offset=self.qweight_offset, absmax2=self.qweight_absmax2, code2=self.qweight_code2)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant: str = "nf4", r: int = 8, alpha: float = 16.0,
+                    dropout: float = 0.0, blocksize: int = 64, double_quant: bool = True, use_rslora: bool = False,
+                    backend: str = "auto") -> "QLoRALinear":
+        """Quantize ``linear``'s weight (the module keeps no full-precision copy of it)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"QLoRALinear.from_linear expects nn.Linear, got {type(linear).__name__}")
+        if quant not in _FORMATS:
+            raise ValueError(f"QLoRALinear: quant={quant!r} has no fused op yet; supported: {sorted(_FORMATS)} "
+                             "(Int8Weight / Int4Weight are storage formats only so far)")
+        qweight = _FORMATS[quant].from_float(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        return cls(qweight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
+
+    @classmethod
+    def from_bnb(cls, linear4bit, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
+                 backend: str = "auto") -> "QLoRALinear":
+        """Wrap a bitsandbytes Linear4bit, reading its packed weight as is (no re-quantization)."""
+        qs = getattr(linear4bit.weight, "quant_state", None)
+        if qs is None or qs.quant_type not in _FORMATS:
+            raise ValueError("QLoRALinear.from_bnb: expected a quantized bitsandbytes Linear4bit (nf4 or fp4)")
+        qweight = _FORMATS[qs.quant_type].from_bnb(linear4bit.weight)
+        return cls(qweight, linear4bit.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                   backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
+                            dropout_p=self.dropout, training=self.training, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, format={self._format.__name__}, "
+                f"blocksize={self._meta[2]}, double_quant={self.qweight_absmax2 is not None}")

@@ -1,0 +1,89 @@
+"""qlora_linear: the fused LoRA op over a frozen 4-bit (bitsandbytes-format) base weight:
+y = x @ deq(W)^T + bias + scaling * dropout(x) @ lora_A^T @ lora_B^T.
+
+Same fusions as lora_linear (dropout mask regenerated from the seed, never stored; adapter
+up-projection folded into the base product's epilogue; dx in one pass) with the base product a
+4-bit matmul that decodes the weight tile by tile. Path: ``qlora_linear`` -> ``_QLoRAFunction`` ->
+custom ops ``peft_kernels::qlora_fwd`` / ``qlora_bwd`` -> backend module.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ops  # noqa: F401  (defines the schemas)
+from .. import backends
+from ..quant.bnb4bit import Bnb4bitWeight
+from . import _checks
+from .quant_linear import check_qweight, join_parts, split_parts
+
+OP = "qlora_linear"
+backends.register(OP, "torch", "peft_kernels.reference.quant")
+backends.register(OP, "triton", "peft_kernels.triton.quant_matmul")
+
+_TRITON_MAX_RANK = 256
+
+
+def _seed_value(seed):
+    return None if seed is None else int(seed.item())
+
+
+@torch.library.impl(_ops.LIB, "qlora_fwd", "CompositeExplicitAutograd")
+def _qlora_fwd(x, qweight, blocksize, shape, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
+    impl = backends.implementation(OP, backend)
+    if backend == "torch":
+        seed = _seed_value(seed)
+    return impl.qlora_forward(x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, bias,
+                              scaling, dropout_p, seed)
+
+
+@torch.library.impl(_ops.LIB, "qlora_bwd", "CompositeExplicitAutograd")
+def _qlora_bwd(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx,
+               backend):
+    impl = backends.implementation(OP, backend)
+    if backend == "torch":
+        seed = _seed_value(seed)
+    return impl.qlora_backward(grad_y, x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, u,
+                               scaling, dropout_p, seed, need_dx)
+
+
+class _QLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, tensors, blocksize, shape, scaling, dropout_p, seed, backend):
+        y, u = torch.ops.peft_kernels.qlora_fwd(x, tensors, blocksize, shape, lora_A, lora_B, bias,
+                                                scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x, lora_A, lora_B, u, seed)
+        ctx.rest = (tensors, blocksize, shape, scaling, dropout_p, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_A, lora_B, u, seed = ctx.saved_tensors
+        tensors, blocksize, shape, scaling, dropout_p, backend = ctx.rest
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+        dx, da, db = torch.ops.peft_kernels.qlora_bwd(grad_y, x, tensors, blocksize, shape, lora_A, lora_B,
+                                                      u, scaling, dropout_p, seed, need_x, backend)
+        return (dx if need_x else None, da if need_a else None, db if need_b else None,
+                grad_y.sum(0) if need_bias else None) + (None,) * 7
+
+
+def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 bias: torch.Tensor | None = None, *, scaling: float = 1.0, dropout_p: float = 0.0,
+                 training: bool = True, seed: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """LoRA over a frozen NF4/FP4 weight, fused.
+
+    Shapes: x [..., in] (fp16/bf16/fp32), qweight NF4Weight/FP4Weight [out, in], lora_A [r, in],
+    lora_B [out, r], bias [out] | None; returns [..., out] in x.dtype. Dropout, seed and backend
+    behave exactly as in ``lora_linear``. Gradients: x, lora_A, lora_B, bias.
+    """
+    out_features, in_features = check_qweight(OP, x, qweight)
+    _checks.check_input(OP, x, in_features, out_features, bias)
+    r = _checks.check_adapter(OP, lora_A, lora_B, in_features, out_features, scaling, dropout_p)
+    _checks.check_same_device(OP, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    backend = backends.resolve(OP, backend, x.device)
+    if backend == "triton":
+        _checks.check_triton(OP, x, r, _TRITON_MAX_RANK)
+    p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
+    tensors, blocksize, shape = split_parts(qweight)
+    y = _QLoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, bias, tensors, blocksize, shape,
+                             float(scaling), p, seed_t, backend)
+    return y.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,159 @@
+"""quant_linear / qlora_linear over NF4/FP4 weights: both backends against a float64 oracle on
+the dequantized weight; the 4-bit matmul kernel's tiling; modules; registration; errors."""
+import pytest
+import torch
+
+import peft_kernels
+from peft_kernels.nn import QLoRALinear
+from peft_kernels.quant import FP4Weight, NF4Weight
+from peft_kernels.triton.quant_matmul import matmul_4bit
+
+from helpers import FLOOR, assert_close_to_oracle, make_inputs, rel_err
+
+BACKENDS = ["torch", "triton"]
+FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
+
+
+def _device(backend, kernel_device):
+    return kernel_device if backend == "triton" else torch.device("cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_qlora_matches_oracle(backend, dtype, fmt, nested, p, kernel_device):
+    device = _device(backend, kernel_device)
+    x, w, a, b, bias = make_inputs((3, 7), 37, 53, 5, dtype, device)
+    q = FORMATS[fmt].from_float(w, blocksize=32, double_quant=nested)
+    w_deq = q.dequantize()  # the oracle's weight: exactly what the 4-bit weight decodes to
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    fn = lambda x, w, a, b, bias: peft_kernels.qlora_linear(  # noqa: E731
+        x, q, a, b, bias, scaling=0.7, dropout_p=p, seed=11, backend=backend)
+    grad_out = torch.randn(3, 7, 53, device=device).to(dtype)
+    assert_close_to_oracle(fn, [x, w_deq, a, b, bias], 0.7, p, 11, grad_out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quant_linear_matches_dequantized(backend, dtype, kernel_device):
+    device = _device(backend, kernel_device)
+    w = torch.randn(29, 50, device=device) * 0.1
+    q = NF4Weight.from_float(w.to(dtype), blocksize=64)
+    x = torch.randn(2, 9, 50, device=device).to(dtype).requires_grad_()
+    bias = torch.randn(29, device=device).to(dtype).requires_grad_()
+    y = peft_kernels.quant_linear(x, q, bias, backend=backend)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w64 = q.dequantize(torch.float64)
+    ref = x.double() @ w64.T + bias.double()
+    assert y.shape == (2, 9, 29) and y.dtype == dtype
+    assert rel_err(y, ref) <= FLOOR[dtype]
+    assert rel_err(x.grad, g.double() @ w64) <= FLOOR[dtype]
+    assert torch.allclose(bias.grad.double(), g.double().sum((0, 1)), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("nested", [False, True])
+def test_matmul_4bit_tiling(transpose, nested, kernel_device):
+    """Tiles smaller than the problem: several programs, several reduction steps, partial
+    edge tiles on every side, grouped program order, with and without an epilogue input."""
+    N, K, M = 45, 71, 37
+    q = NF4Weight.from_float(torch.randn(N, K, device=kernel_device) * 0.1, blocksize=64, double_quant=nested)
+    a = torch.randn(M, N if transpose else K, device=kernel_device)
+    c = torch.randn(M, K if transpose else N, device=kernel_device)
+    w64 = q.dequantize(torch.float64)
+    ref = a.double() @ (w64 if transpose else w64.T) + c.double()
+    out = matmul_4bit(a, *q.parts(), c=c.clone(), transpose=transpose, tiles=(16, 16, 16, 4))
+    assert rel_err(out, ref) <= FLOOR[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, kernel_device):
+    device = _device(backend, kernel_device)
+    q = NF4Weight.from_float(torch.randn(12, 20, device=device), blocksize=32)
+    from peft_kernels.ops.quant_linear import split_parts
+    tensors, blocksize, shape = split_parts(q)
+    x = torch.randn(6, 20, device=device)
+    a, b = torch.randn(3, 20, device=device), torch.randn(12, 3, device=device)
+    bias = torch.randn(12, device=device)
+    seed = torch.tensor([5], device=device)
+    ops = torch.ops.peft_kernels
+    torch.library.opcheck(ops.quant_linear_fwd.default, (x, tensors, blocksize, shape, bias, backend))
+    torch.library.opcheck(ops.quant_linear_bwd.default, (torch.randn(6, 12, device=device), tensors, blocksize,
+                                                         shape, backend))
+    args = (x, tensors, blocksize, shape, a, b, bias, 0.5, 0.2, seed, backend)
+    torch.library.opcheck(ops.qlora_fwd.default, args)
+    _, u = ops.qlora_fwd(*args)
+    torch.library.opcheck(ops.qlora_bwd.default, (torch.randn(6, 12, device=device), x, tensors, blocksize,
+                                                  shape, a, b, u, 0.5, 0.2, seed, True, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_compiles_without_graph_breaks(backend, kernel_device):
+    device = _device(backend, kernel_device)
+    torch._dynamo.reset()
+    layer = QLoRALinear.from_linear(torch.nn.Linear(32, 24).to(device), r=4, alpha=8, dropout=0.1, backend=backend)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 32, device=device)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(0)
+    y_c = compiled(x)
+    y_c.sum().backward()
+    g_c = layer.lora_A.grad.clone()
+    layer.lora_A.grad = None
+    torch.manual_seed(0)
+    y_e = layer(x)
+    y_e.sum().backward()
+    assert torch.allclose(y_c, y_e, atol=1e-6) and torch.allclose(g_c, layer.lora_A.grad, atol=1e-5)
+
+
+def test_module_from_linear_and_state():
+    base = torch.nn.Linear(64, 48)
+    layer = QLoRALinear.from_linear(base, quant="nf4", r=4, alpha=8)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert "weight" not in dict(layer.named_parameters())  # no full-precision copy kept
+    assert layer.qweight_packed.dtype == torch.uint8 and layer.qweight_packed.numel() == 64 * 48 // 2
+    x = torch.randn(3, 64)
+    expected = torch.nn.functional.linear(x, NF4Weight.from_float(base.weight.detach()).dequantize(), base.bias)
+    assert torch.allclose(layer.eval()(x), expected, atol=1e-5)  # B = 0: the adapter starts as a no-op
+    sd = layer.state_dict()
+    assert {"qweight_packed", "qweight_absmax", "qweight_absmax2", "qweight_code2", "qweight_offset"} <= set(sd)
+    with pytest.raises(ValueError, match="quant='int8' has no fused op yet"):
+        QLoRALinear.from_linear(base, quant="int8")
+
+
+def test_module_from_bnb_reads_bytes_as_is():
+    bnb = pytest.importorskip("bitsandbytes")
+    q = NF4Weight.from_float(torch.randn(40, 64) * 0.05)
+    lin = bnb.nn.Linear4bit(64, 40, bias=False, quant_type="nf4")
+    lin.weight = q.to_bnb()
+    layer = QLoRALinear.from_bnb(lin, r=2)
+    assert layer.qweight_packed.data_ptr() == lin.weight.data.data_ptr()
+    assert torch.equal(layer.qweight.dequantize(), q.dequantize())
+
+
+def test_apply_lora_quantize():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    peft_kernels.apply_lora(model, ["0"], r=2, quantize="nf4")
+    assert isinstance(model[0], QLoRALinear) and isinstance(model[2], torch.nn.Linear)
+    model(torch.randn(4, 32)).sum().backward()
+    assert model[0].lora_A.grad is not None and not model[2].weight.requires_grad
+    with pytest.raises(ValueError, match="quantize must be None, 'nf4' or 'fp4'"):
+        peft_kernels.apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], quantize="int3")
+
+
+def test_bad_inputs():
+    q = NF4Weight.from_float(torch.randn(8, 16))
+    a, b = torch.randn(2, 16), torch.randn(8, 2)
+    with pytest.raises(TypeError, match="qweight must be an NF4Weight or FP4Weight"):
+        peft_kernels.qlora_linear(torch.randn(3, 16), torch.randn(8, 16), a, b)
+    with pytest.raises(ValueError, match="last dim must equal weight's in_features 16"):
+        peft_kernels.qlora_linear(torch.randn(3, 15), q, a, b)
+    with pytest.raises(ValueError, match=r"lora_B must be \[out, r\] = \[8, 2\]"):
+        peft_kernels.qlora_linear(torch.randn(3, 16), q, a, torch.randn(9, 2))
+    with pytest.raises(ValueError, match="qweight is on cpu, x on meta"):
+        peft_kernels.quant_linear(torch.randn(3, 16, device="meta"), q)
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        peft_kernels.quant_linear(torch.randn(3, 16), q, torch.randn(7))
