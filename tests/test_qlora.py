@@ -157,3 +157,12 @@ def test_bad_inputs():
         peft_kernels.quant_linear(torch.randn(3, 16, device="meta"), q)
     with pytest.raises(ValueError, match=r"bias must be \[8\]"):
         peft_kernels.quant_linear(torch.randn(3, 16), q, torch.randn(7))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_kernel_decodes_exactly_what_dequantize_gives(nested, kernel_device):
+    """x = I in fp32 (exact products, one nonzero term per sum): the 4-bit matmul must return the
+    dequantized weight bit for bit, including the unfused nested-absmax rounding."""
+    q = FP4Weight.from_float(torch.randn(40, 64, device=kernel_device) * 0.1, blocksize=32, double_quant=nested)
+    eye = torch.eye(64, device=kernel_device)
+    assert torch.equal(peft_kernels.quant_linear(eye, q, backend="triton"), q.dequantize().T)

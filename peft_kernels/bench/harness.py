@@ -144,3 +144,43 @@ def write_json(path: str | Path, payload: dict):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def run_shapes(label: str, shapes, make_cases, device: torch.device, reps: int) -> dict:
+    """Time every case of every shape. make_cases(M, K, N) -> {name: fwd+bwd callable}, one named
+    "floor" first (the frozen-layer baseline every ratio is taken against)."""
+    results = []
+    progress = Progress(len(shapes), label)
+    for M, K, N in shapes:
+        progress.step(f"{M}x{K}->{N}")
+        named = make_cases(M, K, N)
+        floor = floor_g = None
+        for name, fn in named.items():
+            ms = time_ms(fn, device, warmup=5 if device.type == "cuda" else 1, reps=reps)
+            mem = peak_extra_mib(fn, device)
+            graphed = time_ms_graphed(fn, device, reps) if "compile" not in name else None
+            if name == "floor":
+                floor, floor_g = ms, graphed
+            results.append({"M": M, "K": K, "N": N, "case": name, "ms": ms, "ratio": ms / floor,
+                            "graphed_ms": graphed,
+                            "graphed_ratio": graphed / floor_g if graphed and floor_g else None,
+                            "peak_extra_mib": mem})
+        del named
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "env": environment(device),
+        "config": {"reps": reps,
+                   "timing": "median of reps, CUDA events" if device.type == "cuda" else "median wall clock (CPU)",
+                   "graphed": "the same step captured in one CUDA graph and replayed: device time without "
+                              "host launch overhead (torch.compile cases are not captured)"},
+        "results": results,
+    }
+
+
+def results_table(payload: dict) -> str:
+    rows = [[f"{r['M']}x{r['K']}->{r['N']}", r["case"], r["ms"], f"{r['ratio']:.2f}x",
+             r.get("graphed_ms"), None if r.get("graphed_ratio") is None else f"{r['graphed_ratio']:.2f}x",
+             None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"])] for r in payload["results"]]
+    return markdown_table(["M x K -> N", "case", "ms", "/ floor", "graphed ms", "graphed / floor",
+                           "peak extra MiB"], rows)

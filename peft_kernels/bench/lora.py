@@ -27,8 +27,9 @@ def _eager(x, w, a, b, s, p):
     return F.linear(x, w) + s * F.linear(F.linear(xd, a), b)
 
 
-def _peft_layer(w, r, alpha, p):
-    """HF PEFT's LoRA Linear around a frozen bf16 nn.Linear, adapters kept in the base dtype."""
+def _peft_layer(w, r, alpha, p, base=None):
+    """HF PEFT's LoRA Linear around a frozen layer, adapters kept in the base dtype: an nn.Linear
+    holding ``w``, or ``base`` (e.g. a bitsandbytes Linear4bit) when given."""
     try:
         import peft
     except ImportError:
@@ -37,14 +38,20 @@ def _peft_layer(w, r, alpha, p):
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-            self.proj.weight.data.copy_(w)
+            if base is not None:
+                self.proj = base
+            else:
+                self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+                self.proj.weight.data.copy_(w)
 
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
     model = peft.get_peft_model(Holder(), cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
     torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)  # a trained adapter, not zeros
-    return layer.to(w.dtype)
+    dtype = w.dtype if w is not None else torch.bfloat16
+    for module in (layer.lora_A["default"], layer.lora_B["default"]):
+        module.to(dtype)
+    return layer
 
 
 def cases(M, K, N, device, dtype, include_compile=True):
@@ -86,42 +93,11 @@ def cases(M, K, N, device, dtype, include_compile=True):
 
 def run(device: torch.device, shapes, reps: int, include_compile: bool = True) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results = []
-    progress = harness.Progress(len(shapes), "lora")
-    for M, K, N in shapes:
-        progress.step(f"{M}x{K}->{N}")
-        named = cases(M, K, N, device, dtype, include_compile)
-        floor = floor_g = None
-        for name, fn in named.items():
-            ms = harness.time_ms(fn, device, warmup=5 if device.type == "cuda" else 1, reps=reps)
-            mem = harness.peak_extra_mib(fn, device)
-            graphed = harness.time_ms_graphed(fn, device, reps) if "compile" not in name else None
-            if name == "floor":
-                floor, floor_g = ms, graphed
-            results.append({"M": M, "K": K, "N": N, "case": name, "ms": ms, "ratio": ms / floor,
-                            "graphed_ms": graphed,
-                            "graphed_ratio": graphed / floor_g if graphed and floor_g else None,
-                            "peak_extra_mib": mem})
-        del named
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {
-        "benchmark": "lora_linear fwd+bwd",
-        "env": harness.environment(device),
-        "config": {"dtype": str(dtype), "r": RANK, "alpha": ALPHA, "dropout": P, "reps": reps,
-                   "timing": "median of reps, CUDA events" if device.type == "cuda" else "median wall clock (CPU)",
-                   "graphed": "the same step captured in one CUDA graph and replayed: device time without "
-                              "host launch overhead (torch.compile cases are not captured)"},
-        "results": results,
-    }
-
-
-def table(payload: dict) -> str:
-    rows = [[f"{r['M']}x{r['K']}->{r['N']}", r["case"], r["ms"], f"{r['ratio']:.2f}x",
-             r.get("graphed_ms"), None if r.get("graphed_ratio") is None else f"{r['graphed_ratio']:.2f}x",
-             None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"])] for r in payload["results"]]
-    return harness.markdown_table(
-        ["M x K -> N", "case", "ms", "/ floor", "graphed ms", "graphed / floor", "peak extra MiB"], rows)
+    payload = harness.run_shapes("lora", shapes, lambda M, K, N: cases(M, K, N, device, dtype, include_compile),
+                                 device, reps)
+    payload["benchmark"] = "lora_linear fwd+bwd"
+    payload["config"].update(dtype=str(dtype), r=RANK, alpha=ALPHA, dropout=P)
+    return payload
 
 
 def main(argv=None) -> int:
@@ -144,7 +120,7 @@ def main(argv=None) -> int:
               "kernels' speed.", file=sys.stderr)
     payload = run(device, shapes, reps, include_compile=not args.no_compile and device.type == "cuda")
     print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}, triton {payload['env']['triton']}")
-    print(table(payload))
+    print(harness.results_table(payload))
     if args.out:
         harness.write_json(args.out, payload)
         print(f"wrote {args.out}")

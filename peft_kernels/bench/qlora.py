@@ -1,0 +1,102 @@
+"""QLoRA benchmark: LoRA over a frozen NF4 base, fwd+bwd, as a ratio to the bf16 frozen floor.
+
+Cases: the bf16 floor F.linear(x, W); eager "dequantize the whole weight, then cuBLAS" LoRA
+(what bitsandbytes and torchao do above small M); HF PEFT's LoRA over a bitsandbytes Linear4bit
+(bf16 adapters) when peft and a CUDA bitsandbytes are installed; peft_kernels qlora_linear; and
+peft_kernels quant_linear (the frozen NF4 layer alone). ``--forward-only`` times forwards only
+(the decode case: NF4 at M=16 against bf16 F.linear).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.qlora import qlora_linear
+from ..ops.quant_linear import quant_linear
+from ..quant import NF4Weight
+from . import harness
+from .lora import ALPHA, P, RANK, _eager, _peft_layer
+
+GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (1024, 4096, 4096)]
+DECODE_SHAPES = [(16, 4096, 4096), (16, 4096, 14336)]
+CPU_SHAPES = [(64, 256, 192)]
+
+
+def _peft_qlora_layer(q, device):
+    """PEFT's LoRA around a bitsandbytes Linear4bit holding the same NF4 bytes; None (with the
+    reason printed) where peft or a CUDA bitsandbytes is missing."""
+    if device.type != "cuda":
+        return None
+    try:
+        import bitsandbytes as bnb
+        lin = bnb.nn.Linear4bit(q.shape[1], q.shape[0], bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        lin.weight = q.to_bnb()
+        return _peft_layer(None, RANK, ALPHA, P, base=lin)
+    except Exception as exc:
+        print(f"\n  (HF PEFT QLoRA case skipped: {type(exc).__name__}: {str(exc)[:100]})", file=sys.stderr)
+        return None
+
+
+def cases(M, K, N, device, dtype, forward_only=False):
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=not forward_only)
+    w = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+    q = NF4Weight.from_float(w, blocksize=64, double_quant=True)
+    a = (torch.randn(RANK, K, device=device, dtype=dtype) / K**0.5).requires_grad_()
+    b = (torch.randn(N, RANK, device=device, dtype=dtype) * 0.02).requires_grad_()
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    s = ALPHA / RANK
+
+    def step(forward, params):
+        if forward_only:
+            return lambda: forward()
+
+        def run():
+            for t in params:
+                t.grad = None
+            forward().backward(dy)
+        return run
+
+    out = {
+        "floor": step(lambda: F.linear(x, w), [x]),
+        "eager dequantize+cuBLAS p=0.05": step(lambda: _eager(x, q.dequantize(), a, b, s, P), [x, a, b]),
+    }
+    layer = _peft_qlora_layer(q, device)
+    if layer is not None:
+        lp = [p for p in layer.parameters() if p.requires_grad]
+        out["HF PEFT QLoRA (bnb) p=0.05"] = step(lambda: layer(x), [x, *lp])
+    out["peft_kernels qlora p=0.05"] = step(lambda: qlora_linear(x, q, a, b, scaling=s, dropout_p=P), [x, a, b])
+    out["peft_kernels quant_linear (frozen NF4)"] = step(lambda: quant_linear(x, q), [x])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_qlora", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list")
+    ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    elif device.type == "cuda":
+        shapes = DECODE_SHAPES if args.forward_only else GPU_SHAPES
+    else:
+        shapes = CPU_SHAPES
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reps = args.reps or (25 if device.type == "cuda" else 3)
+    payload = harness.run_shapes("qlora", shapes, lambda M, K, N: cases(M, K, N, device, dtype, args.forward_only),
+                                 device, reps)
+    payload["benchmark"] = "qlora_linear " + ("forward" if args.forward_only else "fwd+bwd")
+    payload["config"].update(dtype=str(dtype), r=RANK, alpha=ALPHA, dropout=P, quant="nf4, blocksize 64, double")
+    print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}, triton {payload['env']['triton']}")
+    print(harness.results_table(payload))
+    if args.out:
+        harness.write_json(args.out, payload)
+        print(f"wrote {args.out}")
+    return 0
