@@ -44,3 +44,16 @@ def test_decoded_values_are_bitsandbytes_values():
     q = NF4Weight.from_float(torch.randn(96, 128, device="cuda") * 0.1, blocksize=64, double_quant=True)
     eye = torch.eye(128, device="cuda")
     assert torch.equal(peft_kernels.quant_linear(eye, q, backend="triton"), q.dequantize().T)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1031, 4095)])
+def test_cuda_quantize_matches_cpu_bytes(quant_type, shape):
+    """from_float on CUDA (one Triton pass) gives the CPU (torch) path's bytes exactly."""
+    cls = NF4Weight if quant_type == "nf4" else FP4Weight
+    w = (torch.randn(*shape) * 0.02).bfloat16()
+    # Single quantization: the nested absmax's mean() may round differently across devices.
+    cpu = cls.from_float(w, blocksize=64, double_quant=False)
+    gpu = cls.from_float(w.cuda(), blocksize=64, double_quant=False)
+    assert torch.equal(gpu.packed.cpu(), cpu.packed) and torch.equal(gpu.absmax.cpu(), cpu.absmax)
+    assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())

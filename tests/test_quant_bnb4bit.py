@@ -124,3 +124,17 @@ def test_bad_inputs():
         NF4Weight.from_float(w)
     with pytest.raises(KeyError, match="bitsandbytes__nf4"):
         NF4Weight.from_state_dict({"weight": torch.zeros(2, 1, dtype=torch.uint8)})
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 1024])
+@pytest.mark.parametrize("shape", [(7, 37), (33, 129), (1, 5), (64, 64)])
+def test_triton_quantize_is_byte_identical_to_torch_path(quant_type, blocksize, shape, kernel_device):
+    from peft_kernels.quant.bnb4bit import _quantize_4bit_torch, code_table
+    from peft_kernels.triton.quantize import quantize_4bit
+
+    w = torch.randn(*shape) * 0.05
+    w.view(-1)[:3] = 0.0  # zeros and (for small shapes) an all-zero or partial block
+    ref_packed, ref_absmax = _quantize_4bit_torch(w, code_table(quant_type), blocksize)
+    packed, absmax = quantize_4bit(w.to(kernel_device), code_table(quant_type, kernel_device), blocksize)
+    assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)

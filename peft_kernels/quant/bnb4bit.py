@@ -101,6 +101,15 @@ def _dequantize_blockwise(values: torch.Tensor, absmax: torch.Tensor, blocksize:
     return values * absmax[idx]
 
 
+def _quantize_4bit_torch(w: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """(packed uint8 [(n + 1) // 2, 1], absmax fp32 [n_blocks]), vectorized torch."""
+    scaled, absmax = _blockwise_scale(w.detach().reshape(-1).float(), blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    idx = _nearest_codes(scaled, code).to(torch.uint8)
+    return ((idx[0::2] << 4) | idx[1::2]).unsqueeze(1), absmax
+
+
 def dequantize_parts(packed, absmax, code, absmax2, code2, offset, blocksize, shape, dtype) -> torch.Tensor:
     """Decode bitsandbytes 4-bit parts to a [out, in] tensor in ``dtype`` (bnb's exact rule)."""
     n = math.prod(shape)
@@ -137,12 +146,11 @@ class Bnb4bitWeight:
         _check_float_matrix(w, "weight")
         if blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-        flat = w.detach().reshape(-1).float()
-        scaled, absmax = _blockwise_scale(flat, blocksize)
-        if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(scaled, (0, 1))
-        idx = _nearest_codes(scaled, code_table(cls.quant_type, w.device)).to(torch.uint8)
-        packed = ((idx[0::2] << 4) | idx[1::2]).unsqueeze(1)
+        if w.is_cuda:  # one Triton pass; byte-identical to the torch path below (tests)
+            from ..triton.quantize import quantize_4bit
+            packed, absmax = quantize_4bit(w.detach().contiguous(), code_table(cls.quant_type, w.device), blocksize)
+        else:
+            packed, absmax = _quantize_4bit_torch(w, code_table(cls.quant_type, w.device), blocksize)
         if not double_quant:
             return cls(packed, absmax, w.shape, w.dtype, blocksize)
         offset = absmax.mean()
