@@ -146,6 +146,19 @@ def write_json(path: str | Path, payload: dict):
     path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
+def fwd_bwd_step(forward, params, grad_out, forward_only: bool = False):
+    """A callable running forward() then backward(grad_out), clearing the grads of ``params``
+    first (so no accumulation kernel is timed); forward() only with ``forward_only``."""
+    if forward_only:
+        return forward
+
+    def run():
+        for t in params:
+            t.grad = None
+        forward().backward(grad_out)
+    return run
+
+
 def run_shapes(label: str, shapes, make_cases, device: torch.device, reps: int) -> dict:
     """Time every case of every shape. make_cases(M, K, N) -> {name: fwd+bwd callable}, one named
     "floor" first (the frozen-layer baseline every ratio is taken against)."""

@@ -65,11 +65,7 @@ def cases(M, K, N, device, dtype, include_compile=True):
     s = ALPHA / RANK
 
     def step(forward, params):
-        def run():
-            for t in params:
-                t.grad = None
-            forward().backward(dy)
-        return run
+        return harness.fwd_bwd_step(forward, params, dy)
 
     out = {
         "floor": step(lambda: F.linear(x, w), [x]),

@@ -51,14 +51,7 @@ def cases(M, K, N, device, dtype, forward_only=False):
     s = ALPHA / RANK
 
     def step(forward, params):
-        if forward_only:
-            return lambda: forward()
-
-        def run():
-            for t in params:
-                t.grad = None
-            forward().backward(dy)
-        return run
+        return harness.fwd_bwd_step(forward, params, dy, forward_only)
 
     out = {
         "floor": step(lambda: F.linear(x, w), [x]),

@@ -1,15 +1,14 @@
 """LoRALinear: an nn.Linear with a LoRA adapter, computed by peft_kernels.lora_linear."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..ops.lora import lora_linear
+from ._adapter import LoRAAdapter
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LoRAAdapter):
     """y = x W^T + b + (alpha / r) * dropout(x) A^T B^T, with W (and b) frozen.
 
     Parameters follow HF PEFT: ``weight`` [out, in], ``bias`` [out] | None, ``lora_A`` [r, in]
@@ -26,27 +25,11 @@ class LoRALinear(nn.Module):
 
     def _attach(self, weight, bias, r, alpha, dropout, use_rslora, backend):
         """Adopt (and freeze) the base parameters, then create the adapter beside them."""
-        if r < 1:
-            raise ValueError(f"LoRALinear: r must be >= 1, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout}")
-        self.out_features, self.in_features = weight.shape
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.use_rslora, self.backend, self.merged = use_rslora, backend, False
+        self._init_adapter(weight.shape[1], weight.shape[0], r, alpha, dropout, use_rslora, backend,
+                           weight.device, weight.dtype)
+        self.merged = False
         self.weight = weight.requires_grad_(False)
         self.bias = bias.requires_grad_(False) if bias is not None else None
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self.reset_lora_parameters()
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    def reset_lora_parameters(self):
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,

@@ -1,18 +1,17 @@
 """QLoRALinear: a LoRA adapter over a frozen 4-bit (NF4/FP4, bitsandbytes format) base weight."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..ops.qlora import qlora_linear
 from ..quant.bnb4bit import Bnb4bitWeight, FP4Weight, NF4Weight
+from ._adapter import LoRAAdapter
 
 _FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
 
 
-class QLoRALinear(nn.Module):
+class QLoRALinear(LoRAAdapter):
     """y = x deq(W)^T + b + (alpha / r) * dropout(x) A^T B^T with W stored in 4 bits.
 
     The 4-bit parts are buffers (they follow .to(device) and appear in state_dict as
@@ -25,27 +24,14 @@ class QLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(qweight, Bnb4bitWeight):
             raise TypeError(f"QLoRALinear: qweight must be an NF4Weight or FP4Weight, got {type(qweight).__name__}")
-        if r < 1:
-            raise ValueError(f"QLoRALinear: r must be >= 1, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"QLoRALinear: dropout must be in [0, 1), got {dropout}")
-        self.out_features, self.in_features = qweight.shape
-        self.r, self.alpha, self.dropout, self.use_rslora, self.backend = r, alpha, dropout, use_rslora, backend
+        self._init_adapter(qweight.shape[1], qweight.shape[0], r, alpha, dropout, use_rslora, backend,
+                           qweight.device, qweight.dtype)
         self._format, self._meta = type(qweight), (qweight.shape, qweight.dtype, qweight.blocksize)
         self.register_buffer("qweight_packed", qweight.packed)
         self.register_buffer("qweight_absmax", qweight.absmax)
         for name in ("offset", "absmax2", "code2"):
             self.register_buffer(f"qweight_{name}", getattr(qweight, name))
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
-        factory = {"device": qweight.device, "dtype": qweight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @property
     def qweight(self) -> Bnb4bitWeight:

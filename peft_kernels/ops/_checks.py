@@ -88,7 +88,15 @@ def check_adapter(op: str, lora_A, lora_B, in_features: int, out_features: int, 
     return r
 
 
-def check_triton(op: str, x, r: int | None = None, max_rank: int = 256):
+TRITON_MAX_RANK = 256
+
+
+def seed_value(seed) -> int | None:
+    """The int the torch backend takes, from the seed tensor the kernels take."""
+    return None if seed is None else int(seed.item())
+
+
+def check_triton(op: str, x, r: int | None = None, max_rank: int = TRITON_MAX_RANK):
     if x.dtype not in KERNEL_DTYPES:
         fail(op, f"the triton backend takes fp16/bf16/fp32, got {x.dtype}")
     if r is not None and r > max_rank:

@@ -24,18 +24,12 @@ OP = "lora_linear"
 backends.register(OP, "torch", "peft_kernels.reference.lora")
 backends.register(OP, "triton", "peft_kernels.triton.lora")
 
-_TRITON_MAX_RANK = 256
-
-
-def _seed_value(seed):
-    return None if seed is None else int(seed.item())
-
 
 @torch.library.impl(_ops.LIB, "lora_fwd", "CompositeExplicitAutograd")
 def _lora_fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     impl = backends.implementation(OP, backend)
     if backend == "torch":
-        seed = _seed_value(seed)
+        seed = _checks.seed_value(seed)
     return impl.lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
@@ -43,7 +37,7 @@ def _lora_fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend
 def _lora_bwd(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, backend):
     impl = backends.implementation(OP, backend)
     if backend == "torch":
-        seed = _seed_value(seed)
+        seed = _checks.seed_value(seed)
     return impl.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
 
 
@@ -59,7 +53,7 @@ def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend) -> s
     _checks.check_same_device(OP, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
     backend = backends.resolve(OP, backend, x.device)
     if backend == "triton":
-        _checks.check_triton(OP, x, r, _TRITON_MAX_RANK)
+        _checks.check_triton(OP, x, r)
     return backend
 
 

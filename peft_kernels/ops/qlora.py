@@ -20,18 +20,12 @@ OP = "qlora_linear"
 backends.register(OP, "torch", "peft_kernels.reference.quant")
 backends.register(OP, "triton", "peft_kernels.triton.quant_matmul")
 
-_TRITON_MAX_RANK = 256
-
-
-def _seed_value(seed):
-    return None if seed is None else int(seed.item())
-
 
 @torch.library.impl(_ops.LIB, "qlora_fwd", "CompositeExplicitAutograd")
 def _qlora_fwd(x, qweight, blocksize, shape, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
     impl = backends.implementation(OP, backend)
     if backend == "torch":
-        seed = _seed_value(seed)
+        seed = _checks.seed_value(seed)
     return impl.qlora_forward(x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, bias,
                               scaling, dropout_p, seed)
 
@@ -41,7 +35,7 @@ def _qlora_bwd(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, scaling,
                backend):
     impl = backends.implementation(OP, backend)
     if backend == "torch":
-        seed = _seed_value(seed)
+        seed = _checks.seed_value(seed)
     return impl.qlora_backward(grad_y, x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, u,
                                scaling, dropout_p, seed, need_dx)
 
@@ -81,7 +75,7 @@ def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, 
     _checks.check_same_device(OP, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
     backend = backends.resolve(OP, backend, x.device)
     if backend == "triton":
-        _checks.check_triton(OP, x, r, _TRITON_MAX_RANK)
+        _checks.check_triton(OP, x, r)
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     tensors, blocksize, shape = split_parts(qweight)
     y = _QLoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, bias, tensors, blocksize, shape,
