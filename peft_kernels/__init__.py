@@ -4,15 +4,33 @@ Public API (importing never needs a GPU, triton or the compiled extension):
     lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling, dropout_p, training, seed, backend)
     nn.LoRALinear, apply_lora(model, target_modules, r, alpha, dropout)
     info() -> dict of versions, devices and backend availability
+    patch_peft_model(peft_model) -> PatchReport, unpatch_peft_model(peft_model)
+    save_adapter(model, dir), load_adapter(model, dir): HF PEFT's adapter format
     quant_linear(x, qweight, bias), qlora_linear(x, qweight, lora_A, lora_B, bias, *, ...)
     quant.NF4Weight / FP4Weight (bitsandbytes-compatible 4-bit), quant.Int8Weight / Int4Weight
 """
 from . import backends, nn, quant
+from .adapters import load_adapter, save_adapter
 from .apply import apply_lora
 from .info import info
 from .ops.lora import lora_linear
 from .ops.qlora import qlora_linear
 from .ops.quant_linear import quant_linear
 
+
+def patch_peft_model(model):
+    """Route an HF PEFT model's LoRA Linear layers through the fused op, in place; returns a
+    PatchReport (see peft_kernels.integrations.peft)."""
+    from .integrations.peft import patch_peft_model as patch
+
+    return patch(model)
+
+
+def unpatch_peft_model(model):
+    """Undo patch_peft_model; returns the names of the layers restored."""
+    from .integrations.peft import unpatch_peft_model as unpatch
+
+    return unpatch(model)
+
 __version__ = "0.1.0"
-__all__ = ["lora_linear", "qlora_linear", "quant_linear", "apply_lora", "info", "nn", "quant", "backends", "__version__"]
+__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "qlora_linear", "quant_linear", "apply_lora", "info", "nn", "quant", "backends", "__version__"]

@@ -1,0 +1,121 @@
+"""Accelerate an HF PEFT model in place: route its LoRA Linear layers through lora_linear.
+
+Per instance, no class swap: a patched layer gets an instance-level ``forward`` that calls the
+fused op and keeps PEFT's own forward for the states it does not fuse (adapters disabled, merged,
+mixed-adapter batches, several active adapters) — those are PEFT semantics, not slow paths.
+Under torch.autocast the fused op runs in the autocast dtype, as F.linear would. An x whose dtype
+differs from the base weight's outside autocast runs PEFT's forward (which raises or handles it
+as PEFT does), with a warning once per layer so it is never silent.
+``unpatch_peft_model`` deletes the instance attribute and PEFT's class forward is back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import nn
+
+from ..ops.lora import lora_linear
+
+_ORIGINAL = "_peft_kernels_original_forward"
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``patch_peft_model`` did: patched layer names, and the layers left alone with why."""
+
+    patched: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"peft_kernels: patched {len(self.patched)} LoRA layer(s), left {len(self.skipped)} alone"]
+        lines += [f"  patched  {name}" for name in self.patched]
+        lines += [f"  skipped  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _static_reason(layer) -> str | None:
+    """Why this PEFT LoRA layer cannot be fused at all (None if it can)."""
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear (not supported yet)"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (Conv1D-style weights) is not supported yet"
+    for name in layer.lora_A:
+        if name in getattr(layer, "lora_variant", {}):
+            return f"adapter {name!r} uses a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA)"
+        if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
+            return f"adapter {name!r} has lora_bias=True"
+        if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+            return f"adapter {name!r} uses dropout {type(layer.lora_dropout[name]).__name__}"
+    return None
+
+
+def _fused_forward(layer, original):
+    warned = []
+
+    def forward(x, *args, **kwargs):
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1):
+            return original(x, *args, **kwargs)  # PEFT's semantics for these states
+        base = layer.get_base_layer()
+        weight, bias = base.weight, base.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if x.dtype != weight.dtype:
+            if not warned:
+                warnings.warn(f"peft_kernels: a patched LoRA layer got x in {x.dtype} but its base weight is "
+                              f"{base.weight.dtype}; running PEFT's unfused forward for it", stacklevel=2)
+                warned.append(True)
+            return original(x, *args, **kwargs)
+        name = active[0]
+        dropout = layer.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return lora_linear(x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight, bias,
+                           scaling=float(layer.scaling[name]), dropout_p=p, training=layer.training)
+
+    return forward
+
+
+def patch_peft_model(model: nn.Module) -> PatchReport:
+    """Route every HF PEFT LoRA Linear of ``model`` (a PeftModel or any module containing PEFT
+    LoRA layers) through peft_kernels' fused op, in place. Returns a PatchReport."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    report = PatchReport()
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not isinstance(module, PeftLoraLinear):
+            report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a LoRA Linear"
+            continue
+        if hasattr(module, _ORIGINAL):
+            report.patched.append(name)
+            continue
+        reason = _static_reason(module)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        original = module.forward
+        setattr(module, _ORIGINAL, original)
+        module.forward = _fused_forward(module, original)
+        report.patched.append(name)
+    return report
+
+
+def unpatch_peft_model(model: nn.Module) -> list[str]:
+    """Undo ``patch_peft_model``; returns the names restored."""
+    restored = []
+    for name, module in model.named_modules():
+        if hasattr(module, _ORIGINAL):
+            del module.forward
+            delattr(module, _ORIGINAL)
+            restored.append(name)
+    return restored
+
+
+__all__ = ["PatchReport", "patch_peft_model", "unpatch_peft_model"]

@@ -1,0 +1,162 @@
+"""HF PEFT interop on CPU: patched PEFT models match unpatched ones; adapters round-trip
+between peft_kernels and HF PEFT in PEFT's format."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import peft_kernels
+from peft_kernels import backends
+
+peft = pytest.importorskip("peft")
+
+
+class Block(nn.Module):
+    def __init__(self, d=24):
+        super().__init__()
+        self.q_proj, self.v_proj, self.o_proj = nn.Linear(d, d), nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        self.up = nn.Linear(d, 40)
+        self.down = nn.Linear(40, d)
+
+    def forward(self, x):
+        h = self.o_proj(torch.tanh(self.q_proj(x)) * self.v_proj(x))
+        return x + self.down(torch.relu(self.up(h)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = blk(x)
+        return self.head(x)
+
+
+def _peft_model(dropout=0.0, targets=("q_proj", "v_proj", "up"), **kw):
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets), **kw)
+    model = peft.get_peft_model(Net(), cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)  # a trained adapter, not PEFT's zero init
+    return model
+
+
+def _run(model, x):
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    y = model(xi)
+    y.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), xi.grad, grads
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_patched_matches_unpatched(train):
+    model = _peft_model(dropout=0.0 if train else 0.2)
+    model.train(train)
+    x = torch.randn(3, 7, 24)
+    y0, gx0, g0 = _run(model, x)
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 6 and not report.skipped
+    assert "layers.0.q_proj" in str(report)
+    y1, gx1, g1 = _run(model, x)
+    assert backends.last_used("lora_linear") == "torch"
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) == 12
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+    assert len(peft_kernels.unpatch_peft_model(model)) == 6
+    assert all("forward" not in vars(m) for m in model.modules())
+    y2, _, _ = _run(model, x)
+    assert torch.equal(y2, y0)
+
+
+def test_dropout_runs_fused_and_follows_manual_seed():
+    model = _peft_model(dropout=0.3).train()
+    peft_kernels.patch_peft_model(model)
+    x = torch.randn(4, 24)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    torch.manual_seed(2)
+    c = model(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_states_peft_keeps():
+    model = _peft_model().eval()
+    x = torch.randn(2, 24)
+    peft_kernels.patch_peft_model(model)
+    with model.disable_adapter():
+        plain = model(x)
+    model.merge_adapter()
+    merged = model(x)
+    model.unmerge_adapter()
+    assert torch.allclose(merged, model(x), atol=1e-5)
+    assert not torch.allclose(plain, merged, atol=1e-3)
+
+
+def test_unsupported_layers_are_reported():
+    model = _peft_model(targets=("q_proj", "o_proj"), use_dora=True)
+    report = peft_kernels.patch_peft_model(model)
+    assert not report.patched and len(report.skipped) == 4
+    assert all("DoRA" in why for why in report.skipped.values())
+
+
+def test_dtype_mismatch_warns_and_runs_peft_forward():
+    layer = _peft_model().eval().base_model.model.layers[0].q_proj
+    peft_kernels.patch_peft_model(layer)
+    with pytest.warns(UserWarning, match="running PEFT's unfused forward"):
+        with pytest.raises(RuntimeError):  # what PEFT itself does with this input
+            layer(torch.randn(2, 24, dtype=torch.float64))
+
+
+def test_autocast_runs_fused_in_the_autocast_dtype():
+    model = _peft_model().eval()
+    x = torch.randn(3, 24)
+    backends._LAST_USED.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0 = model(x)
+        peft_kernels.patch_peft_model(model)
+        y1 = model(x)
+    assert y1.dtype == y0.dtype
+    assert backends.last_used("lora_linear") == "torch"
+    assert torch.allclose(y1.float(), y0.float(), rtol=3e-2, atol=3e-2)  # both bf16 computations
+
+
+def test_adapter_saved_by_peft_kernels_loads_in_peft(tmp_path):
+    torch.manual_seed(0)
+    base = Net()
+    ours = peft_kernels.apply_lora(copy.deepcopy(base), ["q_proj", "up"], r=4, alpha=8)
+    for m in ours.modules():
+        if isinstance(m, peft_kernels.nn.LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.1)
+    peft_kernels.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    x = torch.randn(5, 24)
+    assert torch.allclose(theirs.eval()(x), ours.eval()(x), atol=1e-5)
+
+
+def test_adapter_saved_by_peft_loads_in_peft_kernels(tmp_path):
+    model = _peft_model()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    ours = peft_kernels.load_adapter(Net(), tmp_path)  # Net() under seed 0: the same base weights
+    x = torch.randn(5, 24)
+    assert torch.allclose(ours.eval()(x), model.eval()(x), atol=1e-5)
+    assert sum(isinstance(m, peft_kernels.nn.LoRALinear) for m in ours.modules()) == 6
+
+
+def test_save_errors(tmp_path):
+    with pytest.raises(ValueError, match="no LoRALinear"):
+        peft_kernels.save_adapter(Net(), tmp_path)
+    model = peft_kernels.apply_lora(Net(), ["q_proj"], r=2)
+    model.layers[0].q_proj.r = 3
+    with pytest.raises(ValueError, match="must share r/alpha"):
+        peft_kernels.save_adapter(model, tmp_path)
