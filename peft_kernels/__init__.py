@@ -13,6 +13,7 @@ from . import backends, nn, quant
 from .adapters import load_adapter, save_adapter
 from .apply import apply_lora
 from .info import info
+from .ops.dora import dora_linear
 from .ops.lora import lora_linear
 from .ops.qlora import qlora_linear
 from .ops.quant_linear import quant_linear
@@ -33,4 +34,4 @@ def unpatch_peft_model(model):
     return unpatch(model)
 
 __version__ = "0.1.0"
-__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "qlora_linear", "quant_linear", "apply_lora", "info", "nn", "quant", "backends", "__version__"]
+__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "dora_linear", "qlora_linear", "quant_linear", "apply_lora", "info", "nn", "quant", "backends", "__version__"]

@@ -5,6 +5,7 @@ import re
 
 from torch import nn
 
+from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import QLoRALinear
 
@@ -18,15 +19,19 @@ def _matches(name: str, target_modules) -> bool:
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               use_rslora: bool = False, backend: str = "auto", quantize: str | None = None) -> nn.Module:
+               use_rslora: bool = False, backend: str = "auto", quantize: str | None = None,
+               use_dora: bool = False) -> nn.Module:
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
     (sharing their weights), freeze every other parameter, and return ``model`` (modified in
     place). target_modules: a list of names/suffixes (e.g. ["q_proj", "v_proj"]), a regex
     string, or "all-linear" (every nn.Linear except one named lm_head / the output layer).
     quantize="nf4" | "fp4" stores each targeted base weight in 4 bits (QLoRALinear; the
-    full-precision weight is released). Raises ValueError if nothing matches."""
+    full-precision weight is released); use_dora=True makes DoRALinear layers (not with quantize
+    yet). Raises ValueError if nothing matches."""
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"apply_lora: quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
+    if use_dora and quantize is not None:
+        raise ValueError("apply_lora: use_dora with quantize is not supported yet")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules == "all-linear":
         chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
@@ -42,8 +47,8 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
         if quantize is None:
-            new = LoRALinear.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                         backend=backend)
+            cls = DoRALinear if use_dora else LoRALinear
+            new = cls.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
         else:
             new = QLoRALinear.from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout,
                                           use_rslora=use_rslora, backend=backend)

@@ -1,5 +1,6 @@
 """Drop-in modules: they hold parameters and call one functional op each."""
+from .dora import DoRALinear
 from .lora import LoRALinear
 from .qlora import QLoRALinear
 
-__all__ = ["LoRALinear", "QLoRALinear"]
+__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear"]

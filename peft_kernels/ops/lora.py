@@ -41,19 +41,19 @@ def _lora_bwd(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, ne
     return impl.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
 
 
-def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend) -> str:
+def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op: str = OP) -> str:
     """Check every input (messages are formatted only on failure: this runs every step) and
-    return the resolved backend."""
-    _checks.check_tensor(weight, "weight", OP, 2)
+    return the backend lora_linear resolves to. ``op`` names the caller in error messages."""
+    _checks.check_tensor(weight, "weight", op, 2)
     out_features, in_features = weight.shape
-    _checks.check_input(OP, x, in_features, out_features, bias)
-    r = _checks.check_adapter(OP, lora_A, lora_B, in_features, out_features, scaling, dropout_p)
+    _checks.check_input(op, x, in_features, out_features, bias)
+    r = _checks.check_adapter(op, lora_A, lora_B, in_features, out_features, scaling, dropout_p)
     if weight.dtype != x.dtype:
-        _checks.fail(OP, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
-    _checks.check_same_device(OP, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+        _checks.fail(op, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
+    _checks.check_same_device(op, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
     backend = backends.resolve(OP, backend, x.device)
     if backend == "triton":
-        _checks.check_triton(OP, x, r)
+        _checks.check_triton(op, x, r)
     return backend
 
 

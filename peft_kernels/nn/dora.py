@@ -1,0 +1,43 @@
+"""DoRALinear: LoRALinear plus a trainable per-output-row magnitude (HF PEFT's DoRA)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.dora import dora_linear, dora_weight_norm
+from .lora import LoRALinear
+
+
+class DoRALinear(LoRALinear):
+    """y = m / ‖W + s·B·A‖_row ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b (PEFT's exact form with
+    dropout; see peft_kernels.ops.dora). ``magnitude`` [out] starts at ‖W‖_row (B = 0), as PEFT's."""
+
+    def _attach(self, weight, bias, r, alpha, dropout, use_rslora, backend):
+        super()._attach(weight, bias, r, alpha, dropout, use_rslora, backend)
+        norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+        self.magnitude = nn.Parameter(norm.to(self.weight.dtype))
+        self._merge_scale = None
+
+    @torch.no_grad()
+    def merge(self):
+        """weight <- m / ‖W + s·BA‖ ⊙ (W + s·BA): forward then is a plain linear."""
+        if not self.merged:
+            w = self.weight.float() + self.delta_weight().float()
+            scale = (self.magnitude.float() / dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling))
+            self.weight.copy_((w * scale[:, None]).to(self.weight.dtype))
+            self._merge_scale = scale
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            w = self.weight.float() / self._merge_scale[:, None] - self.delta_weight().float()
+            self.weight.copy_(w.to(self.weight.dtype))
+            self._merge_scale = None
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return dora_linear(x, self.weight, self.lora_A, self.lora_B, self.magnitude, self.bias, scaling=self.scaling,
+                           dropout_p=self.dropout, training=self.training, backend=self.backend)

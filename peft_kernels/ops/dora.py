@@ -1,0 +1,66 @@
+"""dora_linear: weight-decomposed LoRA with HF PEFT's semantics (first version: a composite over
+the fused lora_linear op, not yet a fused op of its own).
+
+    mn = magnitude / ‖W + s·B·A‖_row            the norm detached (DoRA §4.3, as PEFT does)
+    no dropout (p = 0 or eval):  y = mn ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias          -> lora_linear, fused
+    dropout:   y = x Wᵀ + bias + (mn − 1) ⊙ (x_d Wᵀ) + mn ⊙ s·(x_d Aᵀ Bᵀ)    x_d = dropout(x)
+The dropout form is PEFT's exact formula (an extra base GEMM over the dropped x); it runs as
+plain PyTorch ops with the library's counter-based mask, so it is exact but not fast yet.
+
+The row norm never builds the out×in matrix W + s·B·A:
+    ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·Σ_j (W Aᵀ)_ij B_ij + s²·Σ_j (B (A Aᵀ))_ij B_ij
+needs only W·Aᵀ [out, r] and A·Aᵀ [r, r] (arXiv 2603.22276 / PEFT PR #3387).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference.lora import dropped
+from . import _checks
+from .lora import _validate, lora_linear
+
+OP = "dora_linear"
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖W + scaling·B·A‖ per output row, [out] in fp32 (fp64 for fp64 inputs), detached, via the
+    factorization above: O(out·in·r) reads of W, no out×in temporary."""
+    with torch.no_grad():
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        w, a, b = weight.to(acc), lora_A.to(acc), lora_B.to(acc)
+        w_sq = w.square().sum(1)
+        cross = ((w @ a.T) * b).sum(1)
+        quad = ((b @ (a @ a.T)) * b).sum(1)
+        return (w_sq + 2 * scaling * cross + scaling**2 * quad).clamp_min(0).sqrt()
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                magnitude: torch.Tensor, bias: torch.Tensor | None = None, *, scaling: float = 1.0,
+                dropout_p: float = 0.0, training: bool = True, seed: int | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """DoRA linear layer (HF PEFT semantics). Shapes as lora_linear, plus magnitude [out].
+
+    Gradients flow to x, lora_A, lora_B and magnitude (the row norm is detached, as in PEFT).
+    """
+    backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op=OP)
+    _checks.check_tensor(magnitude, "magnitude", OP, 1)
+    if magnitude.shape[0] != weight.shape[0]:
+        _checks.fail(OP, f"magnitude must be [{weight.shape[0]}], got {list(magnitude.shape)}")
+    _checks.check_same_device(OP, x=x, magnitude=magnitude)
+    norm = dora_weight_norm(weight, lora_A, lora_B, float(scaling))
+    mn = (magnitude / norm).to(x.dtype)
+    p = float(dropout_p) if training else 0.0
+    if p == 0.0:
+        y = lora_linear(x, weight, lora_A, lora_B, None, scaling=scaling, backend=backend) * mn
+        return y + bias if bias is not None else y
+    # PEFT's dropout form, exact: the dropped x goes through the base weight too. The seed is
+    # drawn on the host (torch's CPU generator: checkpoint replays it), so no device sync.
+    seed_v = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+    x2 = x.reshape(-1, weight.shape[1])
+    xd = dropped(x2, p, seed_v).reshape(x.shape)
+    lora_out = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+    return (torch.nn.functional.linear(x, weight, bias) + (mn - 1) * torch.nn.functional.linear(xd, weight)
+            + mn * lora_out * scaling)
+
+
+__all__ = ["dora_linear", "dora_weight_norm"]

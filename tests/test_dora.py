@@ -1,0 +1,116 @@
+"""DoRA: dora_linear / DoRALinear against HF PEFT's DoRA layer (CPU, float64), the norm
+factorization against the dense norm, merge/unmerge, errors."""
+import pytest
+import torch
+from torch import nn
+
+import peft_kernels
+from peft_kernels.nn import DoRALinear
+from peft_kernels.ops.dora import dora_weight_norm
+from peft_kernels.reference.lora import dropped
+
+peft = pytest.importorskip("peft")
+
+
+def test_norm_factorization_equals_dense_norm():
+    w, a, b = torch.randn(37, 53, dtype=torch.float64), torch.randn(5, 53, dtype=torch.float64), \
+        torch.randn(37, 5, dtype=torch.float64)
+    dense = torch.linalg.norm(w + 0.7 * b @ a, dim=1)
+    assert torch.allclose(dora_weight_norm(w, a, b, 0.7), dense, rtol=1e-12, atol=1e-12)
+
+
+class OurMask(nn.Module):
+    """Stand-in for PEFT's nn.Dropout that applies peft_kernels' counter-based mask, so both
+    sides drop exactly the same elements."""
+
+    def __init__(self, p, seed):
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x):
+        return dropped(x.reshape(-1, x.shape[-1]), self.p, self.seed).reshape(x.shape)
+
+
+def _peft_dora_layer(in_f, out_f, dropout, bias=True):
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(in_f, out_f, bias=bias)).double()
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout,
+                                                        target_modules=["0"], use_dora=True))
+    layer = model.base_model.model[0]
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.3)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.1 * torch.randn(out_f, dtype=torch.float64))
+    return layer
+
+
+@pytest.mark.parametrize("mode", ["train p=0", "eval p=0.3", "train p=0.3"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_peft_dora(mode, bias):
+    p = 0.3 if "0.3" in mode else 0.0
+    layer = _peft_dora_layer(21, 17, p, bias)
+    layer.train("train" in mode)
+    seed = 1234
+    if "train" in mode and p > 0:
+        layer.lora_dropout["default"] = OurMask(p, seed)
+    base = layer.get_base_layer()
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    x = torch.randn(2, 5, 21, dtype=torch.float64)
+
+    x1 = x.clone().requires_grad_()
+    y_peft = layer(x1)
+    g = torch.randn_like(y_peft)
+    y_peft.backward(g)
+    want = [x1.grad, A.grad.clone(), B.grad.clone(), m.grad.clone()]
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, m)]
+    y = peft_kernels.dora_linear(leaves[0], base.weight, leaves[1], leaves[2], leaves[3], base.bias,
+                                 scaling=layer.scaling["default"], dropout_p=p, training=layer.training,
+                                 seed=seed, backend="torch")
+    y.backward(g)
+    assert torch.allclose(y, y_peft, rtol=1e-10, atol=1e-10)
+    for got, exp in zip((t.grad for t in leaves), want):
+        assert torch.allclose(got, exp, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_module_matches_peft_without_dropout(backend, kernel_device):
+    layer = _peft_dora_layer(24, 20, 0.0).float().to(kernel_device)
+    ours = DoRALinear.from_linear(nn.Linear(24, 20).to(kernel_device), r=3, alpha=6, backend=backend)
+    with torch.no_grad():
+        ours.weight.copy_(layer.get_base_layer().weight)
+        ours.bias.copy_(layer.get_base_layer().bias)
+        ours.lora_A.copy_(layer.lora_A["default"].weight)
+        ours.lora_B.copy_(layer.lora_B["default"].weight)
+        ours.magnitude.copy_(layer.lora_magnitude_vector["default"].weight)
+    x = torch.randn(6, 24, device=kernel_device)
+    assert torch.allclose(ours(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert peft_kernels.backends.last_used("lora_linear") == backend
+
+
+def test_fresh_module_is_the_base_layer_and_merge_roundtrip():
+    base = nn.Linear(16, 12)
+    layer = DoRALinear.from_linear(base, r=4, alpha=8).eval()
+    x = torch.randn(5, 16)
+    assert torch.allclose(layer(x), base(x), atol=1e-6)  # m = ‖W‖ and B = 0
+    nn.init.normal_(layer.lora_B, std=0.2)
+    with torch.no_grad():
+        layer.magnitude.mul_(1.1)
+    y = layer(x)
+    w0 = layer.weight.clone()
+    layer.merge()
+    assert torch.allclose(layer(x), y, atol=1e-5)
+    layer.unmerge()
+    assert torch.allclose(layer.weight, w0, atol=1e-6) and torch.allclose(layer(x), y, atol=1e-5)
+
+
+def test_apply_lora_use_dora_and_errors():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    peft_kernels.apply_lora(model, ["0"], r=2, use_dora=True)
+    assert isinstance(model[0], DoRALinear)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "0.magnitude"}
+    with pytest.raises(ValueError, match="use_dora with quantize is not supported yet"):
+        peft_kernels.apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], use_dora=True, quantize="nf4")
+    with pytest.raises(ValueError, match=r"peft_kernels.dora_linear: magnitude must be \[4\]"):
+        peft_kernels.dora_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(1, 3), torch.randn(4, 1),
+                                 torch.randn(5))
