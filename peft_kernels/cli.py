@@ -2,6 +2,7 @@
 
     peft-kernels info            versions, devices, which backends run here and why others do not
     peft-kernels bench [...]     LoRA fwd+bwd benchmark (ratios to the frozen floor); --help for options
+    peft-kernels demo [...]      fine-tune a small LLaMA-shaped model: lora | qlora | dora, --compare-peft
 """
 from __future__ import annotations
 
@@ -29,10 +30,16 @@ def _info(_args) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="peft-kernels", description="Fused kernels for parameter-efficient fine-tuning")
-    parser.add_argument("command", choices=["info", "bench"], help="info: what runs here; bench: LoRA benchmark")
+    parser.add_argument("command", choices=["info", "bench", "demo"],
+                        help="info: what runs here; bench: LoRA benchmark; demo: a small fine-tune")
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "info":
         return _info(rest)
+    if args.command == "demo":
+        from .demo import main as demo
+
+        demo(argv[1:])
+        return 0
     import os
 
     import torch
