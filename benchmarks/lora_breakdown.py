@@ -60,7 +60,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--shapes", default=None)
     args = ap.parse_args()
-    shapes = lora.GPU_SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    shapes = harness.parse_shapes(args.shapes) if args.shapes else lora.GPU_SHAPES
     payload = {"benchmark": "lora breakdown", "env": harness.environment(torch.device("cuda")), "results": {}}
     for M, K, N in shapes:
         for p in (0.0, 0.05):

@@ -197,3 +197,18 @@ def results_table(payload: dict) -> str:
              None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"])] for r in payload["results"]]
     return markdown_table(["M x K -> N", "case", "ms", "/ floor", "graphed ms", "graphed / floor",
                            "peak extra MiB"], rows)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """"8192x4096x4096,1024x4096x4096" -> [(8192, 4096, 4096), (1024, 4096, 4096)] (M x K x N)."""
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
+def report(payload: dict, out: str | None):
+    """Print the device line and the results table; write the JSON when ``out`` is given."""
+    env = payload["env"]
+    print(f"\n{env['device']} — torch {env['torch']}, triton {env['triton']}")
+    print(results_table(payload))
+    if out:
+        write_json(out, payload)
+        print(f"wrote {out}")

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        shapes = harness.parse_shapes(args.shapes)
     else:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     reps = args.reps or (25 if device.type == "cuda" else 3)
@@ -115,9 +115,5 @@ def main(argv=None) -> int:
               "TRITON_INTERPRET=1, when set) on small fp32 shapes. These are CPU figures, not the GPU "
               "kernels' speed.", file=sys.stderr)
     payload = run(device, shapes, reps, include_compile=not args.no_compile and device.type == "cuda")
-    print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}, triton {payload['env']['triton']}")
-    print(harness.results_table(payload))
-    if args.out:
-        harness.write_json(args.out, payload)
-        print(f"wrote {args.out}")
+    harness.report(payload, args.out)
     return 0

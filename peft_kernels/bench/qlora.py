@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        shapes = harness.parse_shapes(args.shapes)
     elif device.type == "cuda":
         shapes = DECODE_SHAPES if args.forward_only else GPU_SHAPES
     else:
@@ -87,9 +87,5 @@ def main(argv=None) -> int:
                                  device, reps)
     payload["benchmark"] = "qlora_linear " + ("forward" if args.forward_only else "fwd+bwd")
     payload["config"].update(dtype=str(dtype), r=RANK, alpha=ALPHA, dropout=P, quant="nf4, blocksize 64, double")
-    print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}, triton {payload['env']['triton']}")
-    print(harness.results_table(payload))
-    if args.out:
-        harness.write_json(args.out, payload)
-        print(f"wrote {args.out}")
+    harness.report(payload, args.out)
     return 0
