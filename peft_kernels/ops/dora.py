@@ -17,7 +17,7 @@ import torch
 
 from ..reference.lora import dropped
 from . import _checks
-from .lora import _validate, lora_linear
+from .lora import _validate, apply_validated
 
 OP = "dora_linear"
 
@@ -51,7 +51,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     mn = (magnitude / norm).to(x.dtype)
     p = float(dropout_p) if training else 0.0
     if p == 0.0:
-        y = lora_linear(x, weight, lora_A, lora_B, None, scaling=scaling, backend=backend) * mn
+        y = apply_validated(x, weight, lora_A, lora_B, None, scaling, 0.0, False, None, backend) * mn
         return y + bias if bias is not None else y
     # PEFT's dropout form, exact: the dropped x goes through the base weight too. The seed is
     # drawn on the host (torch's CPU generator: checkpoint replays it), so no device sync.
