@@ -103,10 +103,29 @@ def test_states_peft_keeps():
 
 
 def test_unsupported_layers_are_reported():
-    model = _peft_model(targets=("q_proj", "o_proj"), use_dora=True)
+    model = _peft_model(targets=("q_proj", "o_proj"), lora_bias=True)
     report = peft_kernels.patch_peft_model(model)
     assert not report.patched and len(report.skipped) == 4
-    assert all("DoRA" in why for why in report.skipped.values())
+    assert all("lora_bias=True" in why for why in report.skipped.values())
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_patched_dora_matches_unpatched(train):
+    model = _peft_model(dropout=0.0 if train else 0.2, use_dora=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    model.train(train)
+    x = torch.randn(3, 7, 24)
+    y0, gx0, g0 = _run(model, x)
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 6 and not report.skipped
+    y1, gx1, g1 = _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) == 18  # lora_A, lora_B, magnitude x 6
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
 
 
 def test_dtype_mismatch_warns_and_runs_peft_forward():

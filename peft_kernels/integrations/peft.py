@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
 
 _ORIGINAL = "_peft_kernels_original_forward"
@@ -43,8 +44,9 @@ def _static_reason(layer) -> str | None:
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (Conv1D-style weights) is not supported yet"
     for name in layer.lora_A:
-        if name in getattr(layer, "lora_variant", {}):
-            return f"adapter {name!r} uses a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA)"
+        variant = getattr(layer, "lora_variant", {}).get(name)
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            return f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (only DoRA is supported)"
         if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
             return f"adapter {name!r} has lora_bias=True"
         if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
@@ -74,8 +76,11 @@ def _fused_forward(layer, original):
         name = active[0]
         dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return lora_linear(x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight, bias,
-                           scaling=float(layer.scaling[name]), dropout_p=p, training=layer.training)
+        args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
+        kwargs = {"scaling": float(layer.scaling[name]), "dropout_p": p, "training": layer.training}
+        if name in getattr(layer, "lora_variant", {}):  # DoRA (the only variant let through)
+            return dora_linear(*args, layer.lora_magnitude_vector[name].weight, bias, **kwargs)
+        return lora_linear(*args, bias, **kwargs)
 
     return forward
 
