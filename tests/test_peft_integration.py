@@ -179,3 +179,37 @@ def test_save_errors(tmp_path):
     model.layers[0].q_proj.r = 3
     with pytest.raises(ValueError, match="must share r/alpha"):
         peft_kernels.save_adapter(model, tmp_path)
+
+
+class Bnb4bitNet(nn.Module):
+    """A model whose projection is a bitsandbytes Linear4bit holding known NF4 bytes."""
+
+    def __init__(self, compute_dtype=torch.float32):
+        super().__init__()
+        bnb = pytest.importorskip("bitsandbytes")
+        from peft_kernels.quant import NF4Weight
+
+        self.q_proj = bnb.nn.Linear4bit(32, 24, bias=True, compute_dtype=compute_dtype, quant_type="nf4")
+        self.q_proj.weight = NF4Weight.from_float(torch.randn(24, 32) * 0.1).to_bnb()
+        self.q_proj.bias = nn.Parameter(torch.randn(24), requires_grad=False)
+        self.out = nn.Linear(24, 6)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.q_proj(x)))
+
+
+def test_patched_qlora_over_bnb_linear4bit_matches_unpatched():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Bnb4bitNet(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    nn.init.normal_(model.base_model.model.q_proj.lora_B["default"].weight, std=0.1)
+    model.train()
+    x = torch.randn(5, 32)
+    y0, gx0, g0 = _run(model, x)
+    report = peft_kernels.patch_peft_model(model)
+    assert report.patched == ["base_model.model.q_proj"], str(report)
+    backends._LAST_USED.clear()
+    y1, gx1, g1 = _run(model, x)
+    assert backends.last_used("qlora_linear") == "torch"
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n

@@ -1,4 +1,6 @@
-"""Accelerate an HF PEFT model in place: route its LoRA Linear layers through lora_linear.
+"""Accelerate an HF PEFT model in place: route its LoRA Linear layers through lora_linear
+(dora_linear for DoRA adapters, qlora_linear over a quantized bitsandbytes Linear4bit base,
+whose packed bytes are read as they are).
 
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` that calls the
 fused op and keeps PEFT's own forward for the states it does not fuse (adapters disabled, merged,
@@ -18,6 +20,18 @@ from torch import nn
 
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
+from ..ops.qlora import qlora_linear
+from ..quant.bnb4bit import FP4Weight, NF4Weight
+
+_BNB_FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
+
+
+def _bnb_4bit_format(base):
+    """NF4Weight/FP4Weight if ``base`` is a quantized bitsandbytes Linear4bit, else None."""
+    if type(base).__name__ != "Linear4bit":
+        return None
+    qs = getattr(base.weight, "quant_state", None)
+    return _BNB_FORMATS.get(qs.quant_type) if qs is not None else None
 
 _ORIGINAL = "_peft_kernels_original_forward"
 
@@ -39,14 +53,17 @@ class PatchReport:
 def _static_reason(layer) -> str | None:
     """Why this PEFT LoRA layer cannot be fused at all (None if it can)."""
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not a plain nn.Linear (not supported yet)"
+    four_bit = _bnb_4bit_format(base) is not None
+    if type(base) is not nn.Linear and not four_bit:
+        return f"base layer is {type(base).__name__}, not nn.Linear or a quantized bnb Linear4bit"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (Conv1D-style weights) is not supported yet"
     for name in layer.lora_A:
         variant = getattr(layer, "lora_variant", {}).get(name)
         if variant is not None and type(variant).__name__ != "DoraLinearVariant":
             return f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (only DoRA is supported)"
+        if variant is not None and four_bit:
+            return f"adapter {name!r} is DoRA over a 4-bit base (not supported yet)"
         if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
             return f"adapter {name!r} has lora_bias=True"
         if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
@@ -62,6 +79,17 @@ def _fused_forward(layer, original):
         if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1):
             return original(x, *args, **kwargs)  # PEFT's semantics for these states
         base = layer.get_base_layer()
+        name = active[0]
+        dropout = layer.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        op_kwargs = {"scaling": float(layer.scaling[name]), "dropout_p": p, "training": layer.training}
+        fmt = _bnb_4bit_format(base)
+        if fmt is not None:  # bnb computes in its compute_dtype and returns x's dtype
+            dtype = base.compute_dtype or x.dtype
+            bias = base.bias.to(dtype) if base.bias is not None else None
+            y = qlora_linear(x.to(dtype), fmt.from_bnb(base.weight), layer.lora_A[name].weight,
+                             layer.lora_B[name].weight, bias, **op_kwargs)
+            return y.to(x.dtype)
         weight, bias = base.weight, base.bias
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -73,14 +101,10 @@ def _fused_forward(layer, original):
                               f"{base.weight.dtype}; running PEFT's unfused forward for it", stacklevel=2)
                 warned.append(True)
             return original(x, *args, **kwargs)
-        name = active[0]
-        dropout = layer.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
-        kwargs = {"scaling": float(layer.scaling[name]), "dropout_p": p, "training": layer.training}
+        op_args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
         if name in getattr(layer, "lora_variant", {}):  # DoRA (the only variant let through)
-            return dora_linear(*args, layer.lora_magnitude_vector[name].weight, bias, **kwargs)
-        return lora_linear(*args, bias, **kwargs)
+            return dora_linear(*op_args, layer.lora_magnitude_vector[name].weight, bias, **op_kwargs)
+        return lora_linear(*op_args, bias, **op_kwargs)
 
     return forward
 
@@ -91,11 +115,18 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
+    lora_linear_types = [PeftLoraLinear]
+    try:  # PEFT's own class for LoRA over a bnb Linear4bit (present when bnb 4-bit is usable)
+        from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
+        lora_linear_types.append(PeftLoraLinear4bit)
+    except ImportError:
+        pass
+
     report = PatchReport()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        if not isinstance(module, PeftLoraLinear):
+        if not isinstance(module, tuple(lora_linear_types)):
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a LoRA Linear"
             continue
         if hasattr(module, _ORIGINAL):
