@@ -24,12 +24,14 @@ OP = "dora_linear"
 
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """‖W + scaling·B·A‖ per output row, [out] in fp32 (fp64 for fp64 inputs), detached, via the
-    factorization above: O(out·in·r) reads of W, no out×in temporary."""
+    factorization above. W is read in its own dtype (an fp32-accumulating row reduction and one
+    GEMM with Aᵀ): only [out, r] and [r, r] temporaries, no out×in one."""
     with torch.no_grad():
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        w, a, b = weight.to(acc), lora_A.to(acc), lora_B.to(acc)
-        w_sq = w.square().sum(1)
-        cross = ((w @ a.T) * b).sum(1)
+        w_sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+        wa = (weight @ lora_A.to(weight.dtype).T).to(acc)
+        a, b = lora_A.to(acc), lora_B.to(acc)
+        cross = (wa * b).sum(1)
         quad = ((b @ (a @ a.T)) * b).sum(1)
         return (w_sq + 2 * scaling * cross + scaling**2 * quad).clamp_min(0).sqrt()
 
