@@ -6,6 +6,7 @@ import torch
 import peft_kernels
 from peft_kernels.nn import QLoRALinear
 from peft_kernels.quant import FP4Weight, NF4Weight
+from peft_kernels.triton import quant_matmul as qm
 from peft_kernels.triton.quant_matmul import matmul_4bit
 
 from helpers import FLOOR, assert_close_to_oracle, make_inputs, rel_err
@@ -65,8 +66,46 @@ def test_matmul_4bit_tiling(transpose, nested, kernel_device):
     c = torch.randn(M, K if transpose else N, device=kernel_device)
     w64 = q.dequantize(torch.float64)
     ref = a.double() @ (w64 if transpose else w64.T) + c.double()
-    out = matmul_4bit(a, *q.parts(), c=c.clone(), transpose=transpose, tiles=(16, 16, 16, 4))
+    out = matmul_4bit(a, *q.parts(), c=c.clone(), transpose=transpose, tiles=(16, 16, 16, 4, 1))
     assert rel_err(out, ref) <= FLOOR[torch.float32]
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("epilogue", ["none", "c", "bias", "c+bias"])
+@pytest.mark.parametrize("K", [71, 192])
+def test_matmul_4bit_chunked(transpose, epilogue, K, kernel_device, monkeypatch):
+    """The large-M path: windows of the weight decoded into a workspace and multiplied by the
+    BLAS, several windows with a partial last one, writing column slices of the output. K=71
+    takes the any-shape decoder, K=192 the block-aligned one."""
+    monkeypatch.setattr(qm, "WINDOW_ALIGN", 16 if K == 71 else 64)
+    monkeypatch.setattr(qm, "CHUNK_ELEMENTS", 16 * 80 if K == 71 else 64 * 50)
+    N, M = 45, 37
+    q = NF4Weight.from_float(torch.randn(N, K, device=kernel_device) * 0.1, blocksize=64, double_quant=True)
+    a = torch.randn(M, N if transpose else K, device=kernel_device)
+    P = K if transpose else N
+    c = torch.randn(M, P, device=kernel_device) if "c" in epilogue else None
+    bias = torch.randn(P, device=kernel_device) if "bias" in epilogue else None
+    w64 = q.dequantize(torch.float64)
+    ref = a.double() @ (w64 if transpose else w64.T)
+    ref = ref + (c.double() if c is not None else 0) + (bias.double() if bias is not None else 0)
+    out = qm.matmul_4bit(a, *q.parts(), c=None if c is None else c.clone(), bias=bias, transpose=transpose,
+                         path="chunked")
+    assert rel_err(out, ref) <= FLOOR[torch.float32]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("case", ["any-shape", "block-aligned", "aligned-last-partial"])
+def test_dequantize_window_is_exact(nested, case, kernel_device):
+    """The workspace decoders (any shape; block-aligned, one scale per row and block) give
+    dequantize()'s values bit for bit, for interior windows."""
+    shape, window = {"any-shape": ((37, 83), (5, 20, 11, 50)),
+                     "block-aligned": ((37, 256), (5, 20, 64, 128)),
+                     "aligned-last-partial": ((37, 256), (3, 33, 128, 128))}[case]
+    q = NF4Weight.from_float(torch.randn(*shape, device=kernel_device), blocksize=64, double_quant=nested)
+    r0, rows, c0, cols = window
+    out = torch.empty(rows, cols, device=kernel_device)
+    qm.dequantize_window(*q.parts(), r0, rows, c0, cols, out)
+    assert torch.equal(out, q.dequantize(torch.float32)[r0:r0 + rows, c0:c0 + cols])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

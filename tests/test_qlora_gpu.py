@@ -57,3 +57,18 @@ def test_cuda_quantize_matches_cpu_bytes(quant_type, shape):
     gpu = cls.from_float(w.cuda(), blocksize=64, double_quant=False)
     assert torch.equal(gpu.packed.cpu(), cpu.packed) and torch.equal(gpu.absmax.cpu(), cpu.absmax)
     assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+
+
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matmul_4bit_paths_match_cublas_on_dequantized(path, transpose):
+    """Both 4-bit matmul paths against cuBLAS on the dequantized weight, at a real size."""
+    from peft_kernels.triton.quant_matmul import matmul_4bit
+    q = NF4Weight.from_float(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
+    w = q.dequantize().double()
+    a = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = a.double() @ (w if transpose else w.T)
+    eager = (a @ q.dequantize() if transpose else a @ q.dequantize().T).double()
+    out = matmul_4bit(a, *q.parts(), transpose=transpose, path=path).double()
+    err, eager_err = (out - ref).norm() / ref.norm(), (eager - ref).norm() / ref.norm()
+    assert err <= 2 * eager_err + 1e-6

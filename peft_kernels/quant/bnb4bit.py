@@ -73,7 +73,9 @@ def dynamic_map_signed() -> torch.Tensor:
 
 def _nearest_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest code entry (midpoint ties to the lower sorted index)."""
-    order = torch.argsort(code)
+    # Stable, on the CPU: FP4 holds both 0.0 and -0.0, and an unstable sort may order the tie
+    # differently per device, which would flip the sign nibble of exact zeros.
+    order = torch.argsort(code.cpu(), stable=True).to(code.device)
     sorted_code = code[order]
     bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
     return order[torch.bucketize(scaled, bounds, out_int32=True)]
@@ -186,6 +188,10 @@ class Bnb4bitWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight in ``dtype`` (default: the original dtype)."""
+        if self.packed.is_cuda:  # one Triton pass, bit-identical to the torch rule below (tests)
+            from ..triton.quant_matmul import dequantize_window
+            out = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.packed.device)
+            return dequantize_window(*self.parts(), 0, self.shape[0], 0, self.shape[1], out)
         return dequantize_parts(self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
                                 self.blocksize, self.shape, dtype or self.dtype)
 

@@ -23,12 +23,14 @@ from .lora import _mm
 
 
 @triton.jit
-def _decode_4bit(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, blocksize, flat, mask,
-                 NESTED: tl.constexpr):
-    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0)
-    nibble = tl.where((flat % 2) == 0, byte >> 4, byte & 0xF).to(tl.int32)
+def _decode_4bit(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, flat, mask,
+                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    # BLOCKSIZE is a constexpr power of two, so the divisions below are shifts: a runtime int64
+    # divide per element made the first version 25-100x slower than cuBLAS.
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0)
+    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF).to(tl.int32)
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = flat // blocksize
+    block = flat // BLOCKSIZE
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // 256, mask=mask,
@@ -40,11 +42,30 @@ def _decode_4bit(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offse
 
 
 @triton.jit
+def _dequantize_tile_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, out_ptr,
+                            R, C, row0, col0, K_w, stride_o,
+                            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, WIDE: tl.constexpr,
+                            BR: tl.constexpr, BC: tl.constexpr):
+    """out[r, c] = W[row0 + r, col0 + c] for an R x C window of the 4-bit weight W [N, K_w]."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    if WIDE:
+        flat = (row0 + rows).to(tl.int64)[:, None] * K_w + (col0 + cols)[None, :]
+    else:
+        flat = (row0 + rows)[:, None] * K_w + (col0 + cols)[None, :]
+    w = _decode_4bit(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, flat, mask,
+                     BLOCKSIZE, NESTED)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def _matmul_4bit_kernel(
     a_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, c_ptr, bias_ptr, out_ptr,
     M, P, Q, K_w,
     stride_am, stride_aq, stride_cm, stride_cp, stride_om, stride_op,
-    blocksize,
+    BLOCKSIZE: tl.constexpr, WIDE: tl.constexpr,
     TRANSPOSE: tl.constexpr, NESTED: tl.constexpr, HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, GROUP_M: tl.constexpr,
@@ -71,13 +92,14 @@ def _matmul_4bit_kernel(
         q_ok = qs < Q
         a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq,
                     mask=row_ok[:, None] & q_ok[None, :], other=0.0)
-        qs64 = qs.to(tl.int64)
+        qi = qs.to(tl.int64) if WIDE else qs
+        ci = cols64 if WIDE else cols
         if TRANSPOSE:
-            flat = qs64[:, None] * K_w + cols64[None, :]  # B[q, p] = W[q, p]
+            flat = qi[:, None] * K_w + ci[None, :]  # B[q, p] = W[q, p]
         else:
-            flat = cols64[None, :] * K_w + qs64[:, None]  # B[q, p] = W[p, q]
-        b = _decode_4bit(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, blocksize, flat,
-                         q_ok[:, None] & col_ok[None, :], NESTED)
+            flat = ci[None, :] * K_w + qi[:, None]  # B[q, p] = W[p, q]
+        b = _decode_4bit(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, flat,
+                         q_ok[:, None] & col_ok[None, :], BLOCKSIZE, NESTED)
         acc = _mm(a, b.to(a.dtype), acc, IEEE)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_C:
@@ -89,15 +111,119 @@ def _matmul_4bit_kernel(
              mask=tile_ok)
 
 
-DEFAULT_TILES = (128, 128, 64, 8)  # BM, BP, BQ, num_warps
+# Two paths, chosen by M (benchmarks/quant_matmul_tiles.py on an H100):
+# - fused: weight tiles decoded in registers inside a Triton GEMM (no weight bytes beyond the
+#   4-bit ones ever touch global memory). Its per-element gathers keep it far from tensor-core
+#   speed, so it only serves small M, where the product is bound by reading the weight.
+# - chunked: a window of at most CHUNK_ELEMENTS weights is decoded into a workspace and multiplied
+#   by cuBLAS, window after window, writing column slices of the output. The full-precision weight
+#   never exists at once; the workspace is the only extra memory.
+FUSED_MAX_M = 64
+CHUNK_ELEMENTS = 4 * 1024 * 1024  # 8 MiB of bf16 workspace
+WINDOW_ALIGN = 256  # windows are whole multiples of this many rows / columns (and of any blocksize)
+# Fused tiles (BM, BP, BQ, num_warps, num_stages): the fastest measured at M = 16..256
+# (benchmarks/results/quant_matmul_tiles_h100.json). A pipeline (stages > 1) stages the per-element
+# gathers in shared memory and is slower (or, at 128x128x64x3, over the 227 KiB an H100 has).
+FUSED_TILES = (128, 64, 64, 4, 1)
+
+
+def _default_tiles(M: int):
+    return FUSED_TILES
+
+
+@triton.jit
+def _dequantize_aligned_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, out_ptr,
+                               R, C, row0, col0, K_w, stride_o,
+                               BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, WIDE: tl.constexpr,
+                               BR: tl.constexpr):
+    """The fast window decoder, for K_w and col0 multiples of BLOCKSIZE: each program decodes BR
+    rows x one quantization block, so every row of the tile has one scale (BR loads, not BR*BS),
+    and each packed byte is loaded once for its two nibbles."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < R
+    if WIDE:
+        start = (row0 + rows).to(tl.int64) * K_w + col0 + tl.program_id(1) * BLOCKSIZE
+    else:
+        start = (row0 + rows) * K_w + col0 + tl.program_id(1) * BLOCKSIZE
+    pairs = tl.arange(0, BLOCKSIZE // 2)
+    byte = tl.load(packed_ptr + (start // 2)[:, None] + pairs[None, :], mask=row_ok[:, None], other=0)
+    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
+    lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32))
+    block = start // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=row_ok, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // 256, mask=row_ok, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=row_ok, other=0.0)
+    # Interleave (hi, lo) back into element order: the high nibble holds the even element.
+    w = tl.reshape(tl.join(hi * scale[:, None], lo * scale[:, None]), (BR, BLOCKSIZE))
+    cols = tl.program_id(1) * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < C)[None, :])
+
+
+def dequantize_window(packed, absmax, code, absmax2, code2, offset, blocksize, shape, row0, rows, col0, cols,
+                      out):
+    """Decode W[row0:row0+rows, col0:col0+cols] of the 4-bit weight W ``shape`` into ``out``
+    ([rows, cols], unit column stride) exactly as bitsandbytes' dequantize would."""
+    N, K = shape
+    nested = absmax2 is not None
+    if out.stride(1) != 1:
+        raise ValueError("dequantize_window: out needs unit column stride")
+    if K % blocksize == 0 and col0 % blocksize == 0 and (cols % blocksize == 0 or col0 + cols == K):
+        br = 16
+        _dequantize_aligned_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, blocksize))](
+            packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
+            offset if nested else code, out, rows, cols, row0, col0, K, out.stride(0),
+            BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= 2**31, BR=br, num_warps=4, enable_fp_fusion=False,
+        )
+        return out
+    br, bc = 32, 128  # any shape: per-element decode
+    _dequantize_tile_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, bc))](
+        packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code, offset if nested else code,
+        out, rows, cols, row0, col0, K, out.stride(0),
+        BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= 2**31, BR=br, BC=bc, num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def _chunked_matmul_4bit(a, parts, blocksize, shape, out, accumulate, bias, transpose):
+    N, K = shape
+    if transpose:  # out [M, K] = a [M, N] @ W: windows of whole columns of W
+        step = max(WINDOW_ALIGN, min(K, CHUNK_ELEMENTS // max(N, 1)) // WINDOW_ALIGN * WINDOW_ALIGN)
+        ws = torch.empty((N, min(step, K)), dtype=a.dtype, device=a.device)
+    else:  # out [M, N] = a [M, K] @ W^T: windows of whole rows of W
+        step = max(WINDOW_ALIGN, min(N, CHUNK_ELEMENTS // max(K, 1)) // WINDOW_ALIGN * WINDOW_ALIGN)
+        ws = torch.empty((min(step, N), K), dtype=a.dtype, device=a.device)
+    P = K if transpose else N
+    for p0 in range(0, P, step):
+        p1 = min(P, p0 + step)
+        if transpose:
+            w = dequantize_window(*parts, blocksize, shape, 0, N, p0, p1 - p0, ws[:, : p1 - p0])
+        else:
+            w = dequantize_window(*parts, blocksize, shape, p0, p1 - p0, 0, K, ws[: p1 - p0])
+            w = w.T
+        dst = out[:, p0:p1]
+        if accumulate:
+            dst.addmm_(a, w)
+        elif bias is not None:
+            torch.addmm(bias[p0:p1], a, w, out=dst)
+        else:
+            torch.mm(a, w, out=dst)
+    if accumulate and bias is not None:
+        out.add_(bias)
+    return out
 
 
 def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shape, c=None, bias=None,
-                transpose=False, tiles=None):
+                transpose=False, tiles=None, path=None):
     """a [M, K] @ W^T -> [M, N] (transpose=False) or a [M, N] @ W -> [M, K] (transpose=True), plus
     c (same shape as the result; the result is written into c when given) and bias (one value
     per result column). W [N, K] = ``shape`` is described by the bitsandbytes 4-bit parts
-    (peft_kernels.quant.bnb4bit)."""
+    (peft_kernels.quant.bnb4bit). ``path`` ("fused" | "chunked", default by M) and ``tiles``
+    are for tests and benchmarks."""
     N, K = shape
     M, Q = a.shape
     P = K if transpose else N
@@ -106,7 +232,11 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
     out = c if c is not None else torch.empty((M, P), dtype=a.dtype, device=a.device)
     if M == 0 or P == 0:
         return out
-    bm, bp, bq, warps = tiles or DEFAULT_TILES
+    path = path or ("fused" if M <= FUSED_MAX_M else "chunked")
+    if path == "chunked":
+        parts = (packed, absmax, code, absmax2, code2, offset)
+        return _chunked_matmul_4bit(a, parts, blocksize, shape, out, c is not None, bias, transpose)
+    bm, bp, bq, warps, stages = tiles or _default_tiles(M)
     nested = absmax2 is not None
     grid = (triton.cdiv(M, bm) * triton.cdiv(P, bp),)
     _matmul_4bit_kernel[grid](
@@ -114,10 +244,11 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
         offset if nested else code, out, bias if bias is not None else out, out,
         M, P, Q, K,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), out.stride(0), out.stride(1),
-        blocksize,
+        BLOCKSIZE=blocksize, WIDE=N * K >= 2**31,
         TRANSPOSE=transpose, NESTED=nested, HAS_C=c is not None, HAS_BIAS=bias is not None,
         IEEE=a.dtype == torch.float32,
-        BM=bm, BP=bp, BQ=bq, GROUP_M=8, num_warps=warps, enable_fp_fusion=False,
+        BM=bm, BP=bp, BQ=bq, GROUP_M=8, num_warps=warps, num_stages=stages,
+        enable_fp_fusion=False,
     )
     return out
 

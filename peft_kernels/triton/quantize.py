@@ -18,7 +18,8 @@ def _quantize_4bit_kernel(w_ptr, bounds_ptr, order_ptr, packed_ptr, absmax_ptr, 
     ok = flat < n
     w = tl.load(w_ptr + flat, mask=ok, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(w), axis=1)
-    safe = tl.maximum(amax, 1e-38)
+    # fp32 floor as a tensor: the literal 1e-38 alone is typed fp64 by triton 3.6.
+    safe = tl.maximum(amax, tl.full((NB,), 1e-38, tl.float32))
     # Full blocks multiply by the reciprocal; a partial last block divides (bnb's rule). div_rn:
     # IEEE round-to-nearest division (Triton's plain "/" may lower to an approximate one).
     partial = (blocks.to(tl.int64) + 1) * BS > n
@@ -40,7 +41,7 @@ def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[
     flat = w.reshape(-1)
     n = flat.numel()
     n_blocks = triton.cdiv(n, blocksize)
-    order = torch.argsort(code)
+    order = torch.argsort(code.cpu(), stable=True).to(w.device)  # same tie order as the torch path
     sorted_code = code[order]
     bounds = ((sorted_code[:-1] + sorted_code[1:]) / 2).contiguous()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)

@@ -1,0 +1,68 @@
+"""Tile sweep for the Triton 4-bit matmul (triton/quant_matmul.py) on the running GPU.
+
+For each shape and direction (forward x@W^T, backward dY@W) it times every tile configuration
+against cuBLAS on the already-dequantized bf16 weight (the speed of light for this product) and
+against bnb-style dequantize-then-matmul, and writes the table as JSON. The defaults in
+quant_matmul.py are taken from this output.
+
+    python benchmarks/quant_matmul_tiles.py --out benchmarks/results/quant_matmul_tiles_h100.json
+"""
+import argparse
+
+import torch
+
+from peft_kernels.bench.harness import Progress, environment, time_ms, write_json
+from peft_kernels.quant import NF4Weight
+from peft_kernels.triton import quant_matmul as qm
+
+FUSED = [  # BM, BP, BQ, warps, stages
+    (16, 64, 128, 4, 2), (16, 128, 128, 4, 1), (64, 64, 64, 4, 2), (128, 64, 64, 4, 1), (128, 128, 64, 8, 1),
+]
+CHUNKS = [1 << 20, 1 << 22, 1 << 24]  # weights decoded per window (chunked path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--ms", default="16,256,1024,8192")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    N, K = 4096, 4096
+    q = NF4Weight.from_float(torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02, double_quant=True)
+    w = q.dequantize()
+    rows = []
+    ms = [int(m) for m in args.ms.split(",")]
+    cases = [("fused", cfg) for cfg in FUSED] + [("chunked", ch) for ch in CHUNKS]
+    prog = Progress(len(ms) * 2 * len(cases), "tiles")
+    deq_out = torch.empty_like(w)
+    deq_ms = time_ms(lambda: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out), dev)
+    print({"dequantize_4096x4096_triton_ms": deq_ms}, flush=True)
+    for M in ms:
+        for transpose in (False, True):
+            a = torch.randn(M, N if transpose else K, device=dev, dtype=torch.bfloat16)
+            ref = a @ w if transpose else a @ w.T
+            cublas = time_ms(lambda: a @ w if transpose else a @ w.T, dev)
+            deq = time_ms(lambda: (a @ q.dequantize()) if transpose else a @ q.dequantize().T, dev)
+            for path, cfg in cases:
+                prog.step(f"M={M} T={transpose} {path} {cfg}")
+                if path == "fused" and M > 1024:
+                    continue
+                qm.CHUNK_ELEMENTS = cfg if path == "chunked" else qm.CHUNK_ELEMENTS
+                tiles = cfg if path == "fused" else None
+                run = lambda: qm.matmul_4bit(a, *q.parts(), transpose=transpose, tiles=tiles, path=path)  # noqa: E731
+                try:
+                    err = (run().float() - ref.float()).abs().max().item()
+                    t = time_ms(run, dev)
+                except Exception as e:  # out of shared memory etc.: recorded, not hidden
+                    t, err = None, repr(e)[:120]
+                rows.append(dict(M=M, N=N, K=K, transpose=transpose, path=path, config=cfg, ms=t, max_err=err,
+                                 cublas_bf16_ms=cublas, dequant_matmul_ms=deq,
+                                 ratio_to_cublas=(t / cublas) if t else None))
+                print(rows[-1], flush=True)
+    if args.out:
+        write_json(args.out, {"env": environment(dev), "dequantize_4096x4096_ms": deq_ms, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
