@@ -8,8 +8,10 @@ Public API (importing never needs a GPU, triton or the compiled extension):
     save_adapter(model, dir), load_adapter(model, dir): HF PEFT's adapter format
     quant_linear(x, qweight, bias), qlora_linear(x, qweight, lora_A, lora_B, bias, *, ...)
     quant.NF4Weight / FP4Weight (bitsandbytes-compatible 4-bit), quant.Int8Weight / Int4Weight
+    sparse_delta_linear(x, weight, delta_values, delta_index, bias, *, shape_or_block, merged)
+    nn.SparseDeltaLinear, sparse.SparseAdamW, mask_gradients_(model, masks)
 """
-from . import backends, nn, quant
+from . import backends, nn, quant, sparse
 from .adapters import load_adapter, save_adapter
 from .apply import apply_lora
 from .info import info
@@ -17,6 +19,8 @@ from .ops.dora import dora_linear
 from .ops.lora import lora_linear
 from .ops.qlora import qlora_linear
 from .ops.quant_linear import quant_linear
+from .ops.sparse_delta import sparse_delta_linear
+from .sparse import mask_gradients_
 
 
 def patch_peft_model(model):
@@ -34,4 +38,4 @@ def unpatch_peft_model(model):
     return unpatch(model)
 
 __version__ = "0.1.0"
-__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "dora_linear", "qlora_linear", "quant_linear", "apply_lora", "info", "nn", "quant", "backends", "__version__"]
+__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "mask_gradients_", "apply_lora", "info", "nn", "quant", "sparse", "backends", "__version__"]

@@ -77,3 +77,14 @@ def _qlora_bwd_fake(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, sca
                     need_dx, backend):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+# Sparse deltas: dW at the delta's positions (peft_kernels/ops/sparse_delta.py). index int32/64
+# [k]; block = [] (unstructured, result [k]) or [bh, bw] (result [k, bh, bw]); fp32 result.
+LIB.define("sparse_sddmm(Tensor grad_y, Tensor x, Tensor index, int[] shape, int[] block, str backend) -> Tensor")
+
+
+@torch.library.register_fake("peft_kernels::sparse_sddmm")
+def _sparse_sddmm_fake(grad_y, x, index, shape, block, backend):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((index.shape[0], *block), dtype=dtype)

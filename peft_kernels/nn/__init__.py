@@ -2,5 +2,6 @@
 from .dora import DoRALinear
 from .lora import LoRALinear
 from .qlora import QLoRALinear
+from .sparse import SparseDeltaLinear
 
-__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear"]
+__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "SparseDeltaLinear"]

@@ -1,0 +1,179 @@
+"""SparseDeltaLinear: a frozen nn.Linear plus a trainable delta on k chosen weight entries."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.sparse_delta import check_delta, sparse_delta_linear
+from ..sparse import layout
+
+
+class SparseDeltaLinear(nn.Module):
+    """y = x (W0 + Delta)^T + b, Delta non-zero at k positions, stored compactly.
+
+    State: ``weight`` [out, in] (frozen; holds W0 + Delta, kept in place at the k positions),
+    ``bias`` [out] | None (frozen), buffers ``delta_index`` (int32, sorted flat positions, or
+    block positions when ``block`` = (bh, bw)) and ``base_values`` (W0 at the k positions, in the
+    weight's dtype, so W0 is recoverable exactly), and the Parameter ``delta_values`` [k] or
+    [nb, bh, bw] (fp32 by default; starts at zero, so a fresh module equals the Linear).
+    Gradients reach delta_values only at the k positions (peft_kernels.sparse_delta_linear).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, delta_index: torch.Tensor, block=None,
+                 values_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+        super().__init__()
+        shape = tuple(weight.shape)
+        self.block = layout.normalize_block("SparseDeltaLinear", shape, block)
+        self.in_features, self.out_features = shape[1], shape[0]
+        self.backend = backend
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.weight.requires_grad_(False)
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        self.bias = bias.requires_grad_(False) if bias is not None else None
+        index = delta_index.to(device=weight.device, dtype=torch.int32)
+        k = index.numel()
+        self.register_buffer("delta_index", index)
+        self.delta_values = nn.Parameter(torch.zeros(layout.values_shape(k, self.block), dtype=values_dtype,
+                                                     device=weight.device))
+        check_delta("SparseDeltaLinear", self.weight, self.delta_values, self.delta_index, self.block)
+        with torch.no_grad():
+            self.register_buffer("base_values", self.weight.view(-1)[self._positions()].clone())
+        self._synced = self._version_key()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, density: float | None = 0.01, num_params: int | None = None,
+                    mask="random", block=None, seed: int = 0, scores: torch.Tensor | None = None,
+                    values_dtype: torch.dtype = torch.float32, backend: str = "auto") -> "SparseDeltaLinear":
+        """Wrap ``linear`` (its weight and bias are shared, frozen, not copied).
+
+        mask: "random" (uniform, ``seed``), "magnitude" (largest |W0|), "gradient" (largest
+        ``scores``, e.g. accumulated |dW| of a few steps), a bool tensor [out, in] (or the
+        (out/bh) x (in/bw) block grid), or a callable(weight) -> bool mask | score tensor.
+        density (fraction of positions) or num_params (how many); with ``block`` = (bh, bw) both
+        count blocks, scored by the block's L2 norm.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseDeltaLinear.from_linear expects nn.Linear, got {type(linear).__name__}")
+        index = layout.build_index("SparseDeltaLinear.from_linear", linear.weight, density=density,
+                                   num_params=num_params, mask=mask, block=block, seed=seed, scores=scores)
+        return cls(linear.weight, linear.bias, index, block=block, values_dtype=values_dtype, backend=backend)
+
+    # ------------------------------------------------------------------ merged-weight upkeep
+    def _positions(self) -> torch.Tensor:
+        return layout.element_positions(self.delta_index, self.weight.shape, self.block)
+
+    def _version_key(self):
+        v = self.delta_values
+        return (id(v), v.data_ptr(), v._version, self.delta_index._version)
+
+    def mark_synced(self):
+        """Called by SparseAdamW after it wrote the merged weight itself."""
+        self._synced = self._version_key()
+
+    @torch.no_grad()
+    def sync_(self):
+        """weight[pos] = base + delta (after delta_values changed by anything but SparseAdamW)."""
+        vals = self.delta_values.detach().reshape(-1)
+        self.weight.view(-1)[self._positions()] = (self.base_values.to(vals.dtype) + vals).to(self.weight.dtype)
+        self._synced = self._version_key()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._synced != self._version_key():
+            self.sync_()
+        return sparse_delta_linear(x, self.weight, self.delta_values, self.delta_index, self.bias,
+                                   shape_or_block=self.block, merged=True, backend=self.backend)
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def merge(self) -> torch.Tensor:
+        """The dense [out, in] weight W0 + Delta (a new tensor) for export."""
+        if self._synced != self._version_key():
+            self.sync_()
+        return self.weight.detach().clone()
+
+    @torch.no_grad()
+    def base_weight(self) -> torch.Tensor:
+        """W0 exactly (a new tensor)."""
+        w = self.weight.detach().clone()
+        w.view(-1)[self._positions()] = self.base_values
+        return w
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding W0 + Delta."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.merge())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    @property
+    def num_trainable(self) -> int:
+        return self.delta_values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.num_trainable / self.weight.numel()
+
+    # ------------------------------------------------------------------ index changes
+    @torch.no_grad()
+    def set_index_(self, new_index: torch.Tensor, new_values: torch.Tensor | None = None):
+        """Move the delta to ``new_index`` (any size): W0 is restored at the old positions, the
+        base is read at the new ones, values start at ``new_values`` (default zero)."""
+        new_index = new_index.to(device=self.weight.device, dtype=torch.int32)
+        layout.check_index("SparseDeltaLinear", new_index, tuple(self.weight.shape), self.block)
+        self.weight.view(-1)[self._positions()] = self.base_values
+        self.delta_index = new_index
+        self.base_values = self.weight.view(-1)[self._positions()].clone()
+        shape = layout.values_shape(new_index.numel(), self.block)
+        vals = torch.zeros(shape, dtype=self.delta_values.dtype, device=self.weight.device)
+        if new_values is not None:
+            vals.copy_(new_values.reshape(shape))
+        self.delta_values.data = vals
+        self.sync_()
+
+    @torch.no_grad()
+    def regrow_(self, fraction: float, scores: torch.Tensor, optimizer=None) -> int:
+        """SpIEL-style update of the mask, k kept constant: drop the ``fraction`` of entries with
+        the smallest |delta| (block L2 norm with blocks), regrow as many at the unmasked positions
+        with the largest ``scores`` ([out, in], e.g. accumulated |gradient|; block-pooled with
+        blocks). Dropped positions return to W0; regrown ones start at delta 0, and their optimizer
+        state (when ``optimizer`` is a SparseAdamW) is reset. Returns the number swapped."""
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"regrow_: fraction must be in [0, 1], got {fraction}")
+        shape = tuple(self.weight.shape)
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape:
+            raise ValueError(f"regrow_: scores must be a tensor of shape {list(shape)}")
+        k = self.delta_index.numel()
+        n = min(int(round(fraction * k)), layout.grid_size(shape, self.block) - k)
+        if n <= 0:
+            return 0
+        mag = self.delta_values.detach().float().reshape(k, -1).norm(dim=1)
+        keep = torch.ones(k, dtype=torch.bool, device=mag.device)
+        keep[torch.topk(mag, n, largest=False).indices] = False
+        if self.block is None:
+            cand = scores.detach().float().reshape(-1).abs().clone()
+        else:
+            bh, bw = self.block
+            cand = scores.detach().float().reshape(shape[0] // bh, bh, shape[1] // bw, bw).pow(2).sum((1, 3))
+            cand = cand.reshape(-1)
+        cand[self.delta_index.long()] = -float("inf")  # only unmasked positions can be regrown
+        new_pos = torch.topk(cand, n).indices.to(torch.int32)
+        combined = torch.cat([self.delta_index[keep], new_pos])
+        order = torch.argsort(combined)
+        old_vals = self.delta_values.detach().reshape(k, -1)
+        vals = torch.cat([old_vals[keep], torch.zeros(n, old_vals.shape[1], dtype=old_vals.dtype,
+                                                      device=old_vals.device)])[order]
+        is_new = torch.arange(k, device=keep.device)[order] >= k - n  # cat(kept, new): the last n are new
+        self.set_index_(combined[order], vals)
+        if optimizer is not None and hasattr(optimizer, "remap_"):
+            optimizer.remap_(self.delta_values, keep, order, is_new)
+        return n
+
+    def extra_repr(self) -> str:
+        what = "unstructured" if self.block is None else f"blocks {self.block}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {what}, "
+                f"trainable={self.num_trainable} ({100 * self.density:.3g}%)")

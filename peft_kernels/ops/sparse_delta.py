@@ -1,0 +1,132 @@
+"""sparse_delta_linear: y = x @ (W0 + Delta)^T + bias with Delta non-zero at k positions only.
+
+Path: ``sparse_delta_linear`` (validates, resolves the backend) -> ``_SparseDeltaFunction`` ->
+cuBLAS for y and dX, custom op ``peft_kernels::sparse_sddmm`` -> backend module for dDelta (the
+weight gradient at the k positions only: no [out, in] gradient is ever formed).
+
+Forward uses a weight that holds W0 + Delta:
+- merged=True (what SparseDeltaLinear does): ``weight`` already is W0 + Delta, kept so in place at
+  the k positions (SparseAdamW writes them; the module re-syncs after any other update).
+- merged=False: ``weight`` is W0. The k positions are set to W0 + Delta for the duration of each
+  product and restored bit-exactly afterwards (O(k) work; no dense clone). ``weight`` is therefore
+  written to (and restored) during the call: do not read it concurrently from another stream.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ops  # noqa: F401  (defines the schemas)
+from .. import backends
+from ..sparse import layout
+from . import _checks
+
+OP = "sparse_delta"
+backends.register(OP, "torch", "peft_kernels.reference.sparse")
+backends.register(OP, "triton", "peft_kernels.triton.sparse")
+
+
+@torch.library.impl(_ops.LIB, "sparse_sddmm", "CompositeExplicitAutograd")
+def _sparse_sddmm(grad_y, x, index, shape, block, backend):
+    impl = backends.implementation(OP, backend)
+    return impl.sddmm(grad_y, x, index, tuple(shape), tuple(block) if block else None)
+
+
+class _TemporarilyMerged:
+    """weight[pos] = W0[pos] + Delta inside the block; the saved W0 values put back after."""
+
+    def __init__(self, weight, values, positions):
+        self.weight, self.values, self.positions = weight, values, positions
+
+    def __enter__(self):
+        flat = self.weight.view(-1)
+        self.saved = flat[self.positions]
+        flat[self.positions] = (self.saved.to(self.values.dtype) + self.values.reshape(-1)).to(flat.dtype)
+        return self.weight
+
+    def __exit__(self, *exc):
+        self.weight.view(-1)[self.positions] = self.saved
+        return False
+
+
+class _SparseDeltaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, values, index, bias, shape, block, merged, backend):
+        positions = None if merged else layout.element_positions(index, shape, block)
+        with torch.no_grad():
+            if merged:
+                y = F.linear(x, weight, bias)
+            else:
+                with _TemporarilyMerged(weight, values.detach(), positions):
+                    y = F.linear(x, weight, bias)
+        # The weight is frozen and written at the k positions in place (the optimizer, or the
+        # temporary merge above), so it is held directly rather than version-checked.
+        ctx.save_for_backward(x, values, index)
+        ctx.weight = weight
+        ctx.meta = (shape, block, merged, backend, positions)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, values, index = ctx.saved_tensors
+        weight = ctx.weight
+        shape, block, merged, backend, positions = ctx.meta
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if merged:
+                grad_x = grad_y @ weight
+            else:
+                with torch.no_grad(), _TemporarilyMerged(weight, values.detach(), positions):
+                    grad_x = grad_y @ weight
+        if ctx.needs_input_grad[2]:
+            grad_values = torch.ops.peft_kernels.sparse_sddmm(grad_y, x, index, list(shape), list(block or ()),
+                                                              backend).to(values.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, None, grad_values, None, grad_bias, None, None, None, None
+
+
+def check_delta(op, weight, delta_values, delta_index, block):
+    """weight [out, in] frozen float; values [k] or [k, bh, bw] float; index valid for both."""
+    _checks.check_tensor(weight, "weight", op, ndim=2)
+    if weight.requires_grad:
+        _checks.fail(op, "weight must be frozen (requires_grad=False): the trainable part is delta_values")
+    _checks.check_tensor(delta_values, "delta_values", op)
+    shape = tuple(weight.shape)
+    block = layout.normalize_block(op, shape, block)
+    layout.check_index(op, delta_index, shape, block, device=weight.device)
+    want = layout.values_shape(delta_index.numel(), block)
+    if tuple(delta_values.shape) != want:
+        _checks.fail(op, f"delta_values must have shape {list(want)} for {delta_index.numel()} "
+                     f"{'entries' if block is None else 'blocks'}, got {list(delta_values.shape)}")
+    _checks.check_same_device(op, weight=weight, delta_values=delta_values, delta_index=delta_index)
+    return shape, block
+
+
+def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta_values: torch.Tensor,
+                        delta_index: torch.Tensor, bias: torch.Tensor | None = None, *, shape_or_block=None,
+                        merged: bool = False, backend: str = "auto") -> torch.Tensor:
+    """``x @ (W0 + Delta)^T + bias``, Delta given compactly; gradients for x, delta_values, bias.
+
+    Shapes: x [..., in]; weight [out, in] (frozen; W0, or W0 + Delta when ``merged``);
+    shape_or_block None or weight.shape (unstructured: delta_index int32 [k], sorted flat positions
+    row * in + col, delta_values [k]) or (bh, bw) (blocks: delta_index [nb], sorted positions in the
+    (out / bh) x (in / bw) block grid, delta_values [nb, bh, bw]); bias [out] or None.
+    Returns [..., out] in x's dtype. dDelta is computed at the k positions only (no [out, in]
+    gradient). backend: "auto" (triton on CUDA, torch on CPU), "triton", "torch".
+    """
+    block = shape_or_block
+    if block is not None and isinstance(weight, torch.Tensor) and tuple(block) == tuple(weight.shape):
+        block = None
+    shape, block = check_delta(OP, weight, delta_values, delta_index, block)
+    _checks.check_input(OP, x, shape[1], shape[0], bias)
+    _checks.check_same_device(OP, x=x, weight=weight, bias=bias)
+    if weight.dtype != x.dtype:
+        _checks.fail(OP, f"weight is {weight.dtype} but x is {x.dtype}")
+    backend = backends.resolve(OP, backend, x.device)
+    if backend == "triton":
+        _checks.check_triton(OP, x)
+    x2 = x.reshape(-1, shape[1])
+    y = _SparseDeltaFunction.apply(x2, weight, delta_values, delta_index, bias, shape, block, bool(merged),
+                                   backend)
+    return y.reshape(*x.shape[:-1], shape[0])

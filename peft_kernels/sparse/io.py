@@ -1,0 +1,57 @@
+"""Save and load sparse deltas (positions + values) with safetensors."""
+from __future__ import annotations
+
+import json
+
+from torch import nn
+
+
+def save_sparse_delta(model: nn.Module, path: str):
+    """Write every SparseDeltaLinear's ``<name>.delta_index`` (int32) and ``<name>.delta_values``
+    to one .safetensors file; shapes and blocks go to its metadata."""
+    from safetensors.torch import save_file
+
+    from ..nn.sparse import SparseDeltaLinear
+
+    tensors, meta = {}, {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseDeltaLinear):
+            tensors[f"{name}.delta_index"] = mod.delta_index.detach().cpu().contiguous()
+            tensors[f"{name}.delta_values"] = mod.delta_values.detach().cpu().contiguous()
+            meta[name] = {"shape": list(mod.weight.shape), "block": list(mod.block) if mod.block else None}
+    if not tensors:
+        raise ValueError("save_sparse_delta: the model has no SparseDeltaLinear")
+    save_file(tensors, path, metadata={"format": "peft_kernels.sparse_delta", "modules": json.dumps(meta)})
+
+
+def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> list[str]:
+    """Apply a saved delta: an nn.Linear named in the file becomes a SparseDeltaLinear, an existing
+    SparseDeltaLinear moves to the saved positions (W0 restored at its old ones). Returns the names."""
+    from safetensors import safe_open
+
+    from ..nn.sparse import SparseDeltaLinear
+    from .masking import _set_submodule
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("modules", "{}"))
+        loaded = []
+        for name, info in meta.items():
+            mod = model.get_submodule(name)
+            if tuple(mod.weight.shape) != tuple(info["shape"]):
+                raise ValueError(f"load_sparse_delta: {name} has weight {list(mod.weight.shape)}, the file "
+                                 f"{info['shape']}")
+            index = f.get_tensor(f"{name}.delta_index")
+            values = f.get_tensor(f"{name}.delta_values")
+            block = tuple(info["block"]) if info["block"] else None
+            if isinstance(mod, nn.Linear):
+                sd = SparseDeltaLinear(mod.weight, mod.bias, index.to(mod.weight.device), block=block,
+                                       values_dtype=values.dtype, backend=backend)
+                _set_submodule(model, name, sd)
+                mod = sd
+            elif not isinstance(mod, SparseDeltaLinear):
+                raise TypeError(f"load_sparse_delta: {name} is a {type(mod).__name__}, not a Linear")
+            elif mod.block != block:
+                raise ValueError(f"load_sparse_delta: {name} uses block {mod.block}, the file {block}")
+            mod.set_index_(index, values.to(mod.delta_values.dtype))
+            loaded.append(name)
+    return loaded

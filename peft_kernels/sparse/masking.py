@@ -1,0 +1,91 @@
+"""mask_gradients_: train a chosen subset of an existing model's parameters, with compact gradients."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MaskReport:
+    dense: list = field(default_factory=list)     # trained whole (e.g. biases, a head)
+    sparse: list = field(default_factory=list)    # nn.Linear weights now SparseDeltaLinear
+    frozen: int = 0                               # parameters frozen
+    trainable: int = 0                            # trainable scalars in total
+
+    def __str__(self):
+        return (f"{len(self.dense)} dense, {len(self.sparse)} sparse, {self.frozen} frozen parameters; "
+                f"{self.trainable} trainable values")
+
+
+def _rule(name: str, masks: dict):
+    for pattern, rule in masks.items():
+        if name == pattern or fnmatch.fnmatchcase(name, pattern):
+            return rule
+    return False
+
+
+def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=torch.float32,
+                    backend: str = "auto") -> MaskReport:
+    """Train only what ``masks`` selects, in place; everything else is frozen.
+
+    masks: {parameter name or fnmatch pattern: rule}, first match wins, e.g. BitFit
+    ``{"*.bias": True}``, head-only ``{"lm_head.*": True}``, chosen layers
+    ``{"layers.3.*": True}``. A rule is True (train the whole tensor), False (freeze), or a
+    bool tensor of the parameter's shape. A partial mask on an nn.Linear weight turns that Linear
+    into a SparseDeltaLinear (compact SDDMM gradient, no dense dW); partial masks on other
+    parameters are refused with an error rather than emulated by dense-gradient x mask.
+    """
+    from ..nn.sparse import SparseDeltaLinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mask_gradients_: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(masks, dict) or not masks:
+        raise ValueError("mask_gradients_: masks must be a non-empty dict {name pattern: True | False | bool tensor}")
+    report = MaskReport()
+    replace = []
+    named = dict(model.named_parameters())
+    for name, p in named.items():
+        rule = _rule(name, masks)
+        if isinstance(rule, torch.Tensor):
+            if rule.dtype != torch.bool or tuple(rule.shape) != tuple(p.shape):
+                raise ValueError(f"mask_gradients_: the mask for {name} must be a bool tensor of shape "
+                                 f"{list(p.shape)}, got {rule.dtype} {list(rule.shape)}")
+            if bool(rule.all()):
+                rule = True
+            elif not bool(rule.any()):
+                rule = False
+        if rule is True:
+            p.requires_grad_(True)
+            report.dense.append(name)
+            report.trainable += p.numel()
+        elif rule is False:
+            p.requires_grad_(False)
+            report.frozen += 1
+        elif isinstance(rule, torch.Tensor):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if not (isinstance(parent, nn.Linear) and leaf == "weight"):
+                raise ValueError(f"mask_gradients_: a partial mask is supported on nn.Linear weights (compact "
+                                 f"gradient via SparseDeltaLinear); {name} belongs to {type(parent).__name__}")
+            replace.append((parent_name, parent, rule))
+        else:
+            raise TypeError(f"mask_gradients_: the rule for {name} must be True, False or a bool tensor, "
+                            f"got {type(rule).__name__}")
+    for parent_name, linear, rule in replace:
+        sd = SparseDeltaLinear.from_linear(linear, mask=rule.to(linear.weight.device), block=block,
+                                           values_dtype=values_dtype, backend=backend)
+        if linear.bias is not None and linear.bias.requires_grad:
+            sd.bias.requires_grad_(True)  # keep a bias selected by another rule trainable
+        _set_submodule(model, parent_name, sd)
+        report.sparse.append(parent_name + ".weight")
+        report.trainable += sd.num_trainable
+    return report
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)

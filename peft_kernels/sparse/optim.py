@@ -1,0 +1,126 @@
+"""SparseAdamW: AdamW for sparse deltas (and any small dense parameters beside them), one fused
+kernel per parameter: values, fp32 moments and per-entry step counts (12 bytes of state per
+trainable entry), and the merged weight W[pos] = base + delta of a SparseDeltaLinear."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+
+def _impl(device: torch.device):
+    from ..backends import unavailable_reason
+
+    if device.type == "cuda" and unavailable_reason("triton", device) is None:
+        from ..triton import sparse
+    else:
+        from ..reference import sparse
+    return sparse
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW (torch.optim.AdamW's update, decoupled weight decay) over compact parameters.
+
+    params: a model (every SparseDeltaLinear's delta_values, plus every other parameter with
+    requires_grad), SparseDeltaLinear modules, or plain parameters / param groups. State per
+    parameter: exp_avg and exp_avg_sq (fp32, shaped like it) and ``steps`` (int32 per entry:
+    an entry regrown by SparseDeltaLinear.regrow_ restarts its own bias correction at step 1).
+    Backend: the Triton kernel on CUDA, the torch reference on CPU.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        if not 0.0 <= lr:
+            raise ValueError(f"SparseAdamW: lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"SparseAdamW: betas must be in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"SparseAdamW: eps must be > 0, got {eps}")
+        self._owners: dict[int, weakref.ref] = {}
+        params = self._collect(params)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def _collect(self, params):
+        from ..nn.sparse import SparseDeltaLinear
+
+        def owned(mod):
+            self._owners[id(mod.delta_values)] = weakref.ref(mod)
+            return mod.delta_values
+
+        if isinstance(params, SparseDeltaLinear):
+            params = [params]
+        if isinstance(params, nn.Module):
+            out = []
+            for mod in params.modules():
+                if isinstance(mod, SparseDeltaLinear):
+                    owned(mod)
+            for p in params.parameters():
+                if p.requires_grad:
+                    out.append(p)
+            if not out:
+                raise ValueError("SparseAdamW: the model has no trainable parameter")
+            return out
+        out = []
+        for item in params:
+            if isinstance(item, SparseDeltaLinear):
+                out.append(owned(item))
+            else:
+                out.append(item)
+        return out
+
+    def _state(self, p):
+        st = self.state[p]
+        if not st:
+            st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            st["steps"] = torch.zeros(p.shape, dtype=torch.int32, device=p.device)
+        return st
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SparseAdamW takes dense (compact) gradients, not torch.sparse ones")
+                if not p.is_contiguous() or not p.grad.is_contiguous():
+                    raise RuntimeError("SparseAdamW: parameters and gradients must be contiguous")
+                st = self._state(p)
+                ref = self._owners.get(id(p))
+                owner = ref() if ref is not None else None
+                merged = dict(merged=owner.weight.data, index=owner.delta_index, shape=tuple(owner.weight.shape),
+                              block=owner.block, base=owner.base_values) if owner is not None else {}
+                _impl(p.device).sparse_adamw_(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["steps"],
+                                              lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                              weight_decay=group["weight_decay"], **merged)
+                if owner is not None:
+                    owner.mark_synced()
+        return loss
+
+    @torch.no_grad()
+    def remap_(self, param, keep: torch.Tensor, order: torch.Tensor, is_new: torch.Tensor):
+        """Follow a SparseDeltaLinear index change: kept entries keep their state, regrown ones
+        start fresh (zero moments, step 0). keep: bool over the old entries; order: the sort that
+        produced the new index from cat(kept, new); is_new: bool over the new entries."""
+        st = self.state.get(param)
+        if not st:
+            return
+        n_new = int(is_new.sum())
+        for name in ("exp_avg", "exp_avg_sq", "steps"):
+            t = st[name]
+            flat = t.reshape(keep.numel(), -1)
+            fresh = torch.zeros(n_new, flat.shape[1], dtype=t.dtype, device=t.device)
+            st[name] = torch.cat([flat[keep], fresh])[order].reshape(param.shape)
+
+    def state_bytes_per_entry(self) -> float:
+        """Optimizer state bytes per trainable entry (12: two fp32 moments and an int32 step)."""
+        n = sum(p.numel() for p in self.state)
+        b = sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values())
+        return b / max(n, 1)

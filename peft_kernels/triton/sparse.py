@@ -1,0 +1,261 @@
+"""Triton kernels for sparse deltas (layout: peft_kernels.sparse.layout).
+
+sddmm (dW at the delta's positions only; never an [out, in] buffer), by mask kind and density:
+- block masks: one program per masked block, dY[:, rows]^T @ X[:, cols] on tensor cores over
+  all M tokens; unmasked blocks cost nothing.
+- unstructured, dense enough that every weight tile holds entries (>= GATHER_MAX_DENSITY):
+  "panel": dW for a panel of weight rows at a time on cuBLAS into a bounded fp32 workspace, and
+  only the panel's entries read out (a first in-kernel tile version ran at 1/8 of cuBLAS).
+- unstructured, very sparse: "gather_t": dY and X transposed once (a tiled Triton transpose), then
+  each program takes E entries and accumulates sum_m dY^T[row_e, m] * X^T[col_e, m] from
+  contiguous vectors on CUDA cores. "gather" does the same on the row-major operands (one 32-byte
+  sector per 2-byte element; kept as the measured baseline).
+sparse_adamw: one pass over the k entries: AdamW with per-entry step counts, the fp32 moments,
+the delta values, and the merged weight W[pos] = base + delta.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora import _mm
+
+FORCE_METHOD = None  # "panel" | "gather_t" | "gather": overrides the density rule (benchmarks)
+PANEL_ELEMENTS = 4 * 1024 * 1024  # fp32 workspace of the panel method (16 MiB)
+GATHER_T_CONFIG = dict(BT=256, E=32, num_warps=8)  # best of the H100 sweep
+MAX_BLOCK_SIDE = 128  # larger blocks go to batched cuBLAS (see sddmm)
+GATHER_MAX_DENSITY = 0.005  # below: gather_t, above: panel (benchmarks/results/sparse_sddmm_sweep_h100.json)
+
+
+@triton.jit
+def _sddmm_block_kernel(gy_ptr, x_ptr, block_r_ptr, block_c_ptr, out_ptr, M, stride_gm, stride_xm, BH, BW,
+                        IEEE: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, BT: tl.constexpr):
+    """Block b of the delta: dY[:, rows_b]^T @ X[:, cols_b] over all M tokens on tensor cores,
+    written whole ([BH, BW] row-major). Blocks not in the mask are never visited."""
+    b = tl.program_id(0)
+    r0 = tl.load(block_r_ptr + b)
+    c0 = tl.load(block_c_ptr + b)
+    rr = tl.arange(0, TR)
+    cc = tl.arange(0, TC)
+    r_ok = rr < BH
+    c_ok = cc < BW
+    acc = tl.zeros((TR, TC), dtype=tl.float32)
+    for m0 in range(0, M, BT):
+        ms = m0 + tl.arange(0, BT)
+        m_ok = ms < M
+        g = tl.load(gy_ptr + ms.to(tl.int64)[:, None] * stride_gm + (r0 + rr)[None, :],
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + ms.to(tl.int64)[:, None] * stride_xm + (c0 + cc)[None, :],
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = _mm(tl.trans(g), x, acc, IEEE)
+    tl.store(out_ptr + b.to(tl.int64) * BH * BW + rr[:, None] * BW + cc[None, :], acc,
+             mask=r_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _sddmm_gather_kernel(gy_ptr, x_ptr, index_ptr, out_ptr, M, k, in_f, stride_gm, stride_xm,
+                         BT: tl.constexpr, E: tl.constexpr):
+    es = tl.program_id(0) * E + tl.arange(0, E)
+    e_ok = es < k
+    flat = tl.load(index_ptr + es, mask=e_ok, other=0).to(tl.int64)
+    rows = flat // in_f
+    cols = flat % in_f
+    acc = tl.zeros((E,), dtype=tl.float32)
+    for m0 in range(0, M, BT):
+        ms = (m0 + tl.arange(0, BT)).to(tl.int64)
+        ok = (ms < M)[:, None] & e_ok[None, :]
+        g = tl.load(gy_ptr + ms[:, None] * stride_gm + rows[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += tl.sum(g * x, axis=0)
+    tl.store(out_ptr + es, acc, mask=e_ok)
+
+
+@triton.jit
+def _sddmm_gather_t_kernel(gt_ptr, xt_ptr, index_ptr, out_ptr, M, k, in_f,
+                           BT: tl.constexpr, E: tl.constexpr):
+    """Like _sddmm_gather_kernel but on transposed operands dY^T [out, M], X^T [in, M]: each
+    entry's two vectors are contiguous, so every load is coalesced (the row-major version reads
+    one 32-byte sector per 2-byte element of X)."""
+    es = tl.program_id(0) * E + tl.arange(0, E)
+    e_ok = es < k
+    flat = tl.load(index_ptr + es, mask=e_ok, other=0).to(tl.int64)
+    rows = flat // in_f
+    cols = flat % in_f
+    acc = tl.zeros((E,), dtype=tl.float32)
+    for m0 in range(0, M, BT):
+        ms = m0 + tl.arange(0, BT)
+        ok = e_ok[:, None] & (ms < M)[None, :]
+        g = tl.load(gt_ptr + rows[:, None] * M + ms[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(xt_ptr + cols[:, None] * M + ms[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += tl.sum(g * x, axis=1)
+    tl.store(out_ptr + es, acc, mask=e_ok)
+
+
+@triton.jit
+def _transpose_kernel(src_ptr, dst_ptr, R, C, stride_s, BR: tl.constexpr, BC: tl.constexpr):
+    """dst [C, R] = src [R, C]^T, tile by tile: both the load and the store are coalesced
+    (PyTorch's .t().contiguous() runs at about a fifth of the bandwidth for 16-bit types)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    tile = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_s + cols[None, :], mask=mask)
+    tl.store(dst_ptr + cols.to(tl.int64)[None, :] * R + rows[:, None], tile, mask=mask)
+
+
+def transpose(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous t^T of a 2-D tensor with unit column stride."""
+    R, C = t.shape
+    out = torch.empty((C, R), dtype=t.dtype, device=t.device)
+    if t.numel():
+        _transpose_kernel[(triton.cdiv(R, 64), triton.cdiv(C, 64))](t, out, R, C, t.stride(0), BR=64, BC=64,
+                                                                     num_warps=4)
+    return out
+
+
+_PANELS: dict = {}
+
+
+def _panel_bounds(index: torch.Tensor, shape, rows_per_panel: int) -> list[int]:
+    """Entry offsets where each panel of rows_per_panel weight rows starts (one host read per
+    index version, cached)."""
+    key = (index.data_ptr(), index._version, index.numel(), tuple(shape), rows_per_panel)
+    bounds = _PANELS.get(key)
+    if bounds is None:
+        starts = torch.arange(0, shape[0] + rows_per_panel, rows_per_panel, device=index.device,
+                              dtype=torch.int64).clamp_max(shape[0]) * shape[1]
+        bounds = torch.searchsorted(index.long(), starts).tolist()
+        if len(_PANELS) > 256:
+            _PANELS.clear()
+        _PANELS[key] = bounds
+    return bounds
+
+
+def _mm_fp32(a, b):
+    # fp32 output from 16-bit operands on the tensor cores (aten::mm.dtype is CUDA-only).
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _panel_sddmm(grad_y, x, index, shape, out):
+    """dW one panel of weight rows at a time on cuBLAS (fp32 out), then only the panel's entries
+    are read out of it: full GEMM speed, a bounded workspace, and panels without entries skipped."""
+    N, K = shape
+    rows = max(1, PANEL_ELEMENTS // max(K, 1))
+    bounds = _panel_bounds(index, shape, rows)
+    flat = index.long()
+    for p, r0 in enumerate(range(0, N, rows)):
+        e0, e1 = bounds[p], bounds[p + 1]
+        if e0 == e1:
+            continue
+        r1 = min(N, r0 + rows)
+        panel = _mm_fp32(grad_y[:, r0:r1].t(), x)
+        out[e0:e1] = panel.view(-1)[flat[e0:e1] - r0 * K]
+    return out
+
+
+def _tile_side(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, block, method=None) -> torch.Tensor:
+    """Same contract as peft_kernels.reference.sparse.sddmm (fp32 result). ``method``:
+    "tile" | "gather" | "gather_t" | None (by density) — for tests and benchmarks."""
+    M = x.shape[0]
+    k = index.numel()
+    ieee = x.dtype == torch.float32
+    if grad_y.stride(1) != 1:
+        grad_y = grad_y.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if block is not None and max(block) > MAX_BLOCK_SIDE:
+        # One block's accumulator would not fit in registers; batched cuBLAS is efficient here.
+        from ..reference.sparse import sddmm as batched
+        return batched(grad_y, x, index, shape, block).float()
+    if block is not None:
+        bh, bw = block
+        out = torch.empty(k, bh, bw, dtype=torch.float32, device=x.device)
+        if k == 0:
+            return out
+        n_bc = shape[1] // bw
+        b = index.long()
+        tile_r = (b // n_bc * bh).to(torch.int32)
+        tile_c = (b % n_bc * bw).to(torch.int32)
+        _sddmm_block_kernel[(k,)](grad_y, x, tile_r, tile_c, out, M, grad_y.stride(0), x.stride(0), bh, bw,
+                                  IEEE=ieee, TR=_tile_side(bh), TC=_tile_side(bw), BT=32, num_warps=4)
+        return out
+    out = torch.empty(k, dtype=torch.float32, device=x.device)
+    if k == 0:
+        return out
+    if method is None:
+        method = FORCE_METHOD or ("gather_t" if k / (shape[0] * shape[1]) < GATHER_MAX_DENSITY else "panel")
+    if method == "panel":
+        return _panel_sddmm(grad_y, x, index, shape, out)
+    if method == "gather_t":
+        cfg = GATHER_T_CONFIG
+        gt, xt = transpose(grad_y), transpose(x)
+        _sddmm_gather_t_kernel[(triton.cdiv(k, cfg["E"]),)](gt, xt, index, out, M, k, shape[1], BT=cfg["BT"],
+                                                            E=cfg["E"], num_warps=cfg["num_warps"])
+        return out
+    if method != "gather":
+        raise ValueError(f"sddmm: method must be 'panel', 'gather_t' or 'gather', got {method!r}")
+    E = 64
+    _sddmm_gather_kernel[(triton.cdiv(k, E),)](grad_y, x, index, out, M, k, shape[1], grad_y.stride(0),
+                                               x.stride(0), BT=32, E=E, num_warps=4)
+    return out
+
+
+@triton.jit
+def _sparse_adamw_kernel(values_ptr, grad_ptr, m_ptr, v_ptr, steps_ptr, index_ptr, base_ptr, merged_ptr,
+                         n, lr, beta1, beta2, eps, weight_decay, log2_b1, log2_b2, in_f, n_bc,
+                         HAS_MERGED: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr):
+    es = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = es < n
+    p = tl.load(values_ptr + es, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + es, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + es, mask=ok, other=0.0)
+    v = tl.load(v_ptr + es, mask=ok, other=0.0)
+    step = tl.load(steps_ptr + es, mask=ok, other=0) + 1
+    p = p * (1.0 - lr * weight_decay)
+    m = m + (g - m) * (1.0 - beta1)  # lerp, as torch's AdamW
+    v = v * beta2 + (1.0 - beta2) * g * g
+    s = step.to(tl.float32)
+    bc1 = 1.0 - tl.exp2(s * log2_b1)
+    bc2 = 1.0 - tl.exp2(s * log2_b2)
+    denom = tl.sqrt(v) / tl.sqrt(bc2) + eps
+    p = p - (lr / bc1) * m / denom
+    tl.store(values_ptr + es, p.to(values_ptr.dtype.element_ty), mask=ok)
+    tl.store(m_ptr + es, m, mask=ok)
+    tl.store(v_ptr + es, v, mask=ok)
+    tl.store(steps_ptr + es, step, mask=ok)
+    if HAS_MERGED:
+        if BH * BW == 1:
+            pos = tl.load(index_ptr + es, mask=ok, other=0).to(tl.int64)
+        else:
+            b = tl.load(index_ptr + es // (BH * BW), mask=ok, other=0).to(tl.int64)
+            within = es % (BH * BW)
+            pos = ((b // n_bc) * BH + within // BW) * in_f + (b % n_bc) * BW + within % BW
+        base = tl.load(base_ptr + es, mask=ok, other=0.0).to(tl.float32)
+        tl.store(merged_ptr + pos, (base + p).to(merged_ptr.dtype.element_ty), mask=ok)
+
+
+def sparse_adamw_(values, grad, exp_avg, exp_avg_sq, steps, *, lr, beta1, beta2, eps, weight_decay,
+                  merged=None, index=None, shape=None, block=None, base=None):
+    """One fused pass; same contract as peft_kernels.reference.sparse.sparse_adamw_ (the merged
+    weight's positions are computed in the kernel from the compact index)."""
+    import math
+
+    n = values.numel()
+    if n == 0:
+        return
+    bh, bw = block if block is not None else (1, 1)
+    in_f = shape[1] if shape is not None else 1
+    BLOCK = 1024
+    _sparse_adamw_kernel[(triton.cdiv(n, BLOCK),)](
+        values, grad, exp_avg, exp_avg_sq, steps, index if merged is not None else steps,
+        base if merged is not None else values, merged if merged is not None else values,
+        n, lr, beta1, beta2, eps, weight_decay, math.log2(beta1) if beta1 > 0 else -1e30,
+        math.log2(beta2) if beta2 > 0 else -1e30, in_f, max(1, in_f // bw),
+        HAS_MERGED=merged is not None, BH=bh, BW=bw, BLOCK=BLOCK, num_warps=4,
+    )

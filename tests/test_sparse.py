@@ -1,0 +1,387 @@
+"""Sparse deltas (issue: sparse gradient masking): SDDMM kernels, the op, the module, SparseAdamW,
+regrowth, mask_gradients_, save/load, and bad input. Oracles: float64 dense gradients, masked."""
+import pytest
+import torch
+from torch import nn
+
+import peft_kernels
+from peft_kernels.nn import SparseDeltaLinear
+from peft_kernels.reference import sparse as ref_sparse
+from peft_kernels.sparse import SparseAdamW, layout, load_sparse_delta, mask_gradients_, save_sparse_delta
+from peft_kernels.triton import sparse as tri_sparse
+
+from helpers import FLOOR, rel_err
+
+BACKENDS = ["torch", "triton"]
+
+
+def _device(backend, kernel_device):
+    return kernel_device if backend == "triton" else torch.device("cpu")
+
+
+def _random_index(shape, k, block=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(layout.grid_size(shape, block), generator=g)[:k]).values.to(torch.int32)
+
+
+def _dense_at(dense, index, shape, block):
+    """dense [out, in] read at the delta's positions, in values' layout."""
+    pos = layout.element_positions(index, shape, block)
+    return dense.reshape(-1)[pos.to(dense.device)].reshape(layout.values_shape(index.numel(), block))
+
+
+def _check_sddmm(fn, gy, x, index, shape, block):
+    """fn's dDelta vs the float64 dense gradient at the positions: error <= 2x an eager dense
+    gradient in the inputs' dtype (the tolerance idiom), or the dtype floor."""
+    ref = _dense_at(gy.double().T @ x.double(), index, shape, block)
+    eager = _dense_at((gy.T @ x).float(), index, shape, block)
+    out = fn(gy, x, index.to(x.device), shape, block)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert rel_err(out, ref) <= max(2 * rel_err(eager, ref), FLOOR[x.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("method", ["panel", "gather", "gather_t"])
+@pytest.mark.parametrize("density", [0.003, 0.1, 1.0])
+def test_triton_sddmm_unstructured(dtype, method, density, kernel_device, monkeypatch):
+    """Odd shapes, M not a multiple of the token step; panels of 4 rows, so many panels, a
+    partial last one, and (at low density) panels without entries that are skipped."""
+    monkeypatch.setattr(tri_sparse, "PANEL_ELEMENTS", 4 * 70)
+    shape, M = (53, 70), 37
+    k = max(1, round(density * shape[0] * shape[1]))
+    index = _random_index(shape, k)
+    gy = torch.randn(M, shape[0], device=kernel_device).to(dtype)
+    x = torch.randn(M, shape[1], device=kernel_device).to(dtype)
+    _check_sddmm(lambda *a: tri_sparse.sddmm(*a, method=method), gy, x, index, shape, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block", [(16, 16), (3, 5), (8, 32)])
+def test_triton_sddmm_blocks(dtype, block, kernel_device):
+    shape, M = (48, 160), 37
+    grid = layout.grid_size(shape, block)
+    index = _random_index(shape, max(1, grid // 3), block)
+    gy = torch.randn(M, shape[0], device=kernel_device).to(dtype)
+    x = torch.randn(M, shape[1], device=kernel_device).to(dtype)
+    _check_sddmm(tri_sparse.sddmm, gy, x, index, shape, block)
+
+
+def test_triton_transpose(kernel_device):
+    t = torch.randn(70, 131, device=kernel_device).half()[:, 3:100]
+    assert torch.equal(tri_sparse.transpose(t), t.t())
+
+
+@pytest.mark.parametrize("block", [None, (4, 5)])
+def test_reference_sddmm_chunks(block, monkeypatch):
+    """The reference in small chunks equals one pass (no [out, in] buffer, any chunking)."""
+    shape, M = (40, 55), 23
+    index = _random_index(shape, 97 if block is None else 30, block)
+    gy, x = torch.randn(M, shape[0]), torch.randn(M, shape[1])
+    _check_sddmm(ref_sparse.sddmm, gy, x, index, shape, block)
+    whole = ref_sparse.sddmm(gy, x, index, shape, block)
+    monkeypatch.setattr(ref_sparse, "CHUNK_ELEMENTS", 50)
+    assert torch.allclose(ref_sparse.sddmm(gy, x, index, shape, block), whole, rtol=1e-6, atol=1e-6)
+
+
+def _oracle_linear(x, w0, values, index, bias, block):
+    """Dense autograd formula: W = W0 + scatter(values)."""
+    shape = tuple(w0.shape)
+    pos = layout.element_positions(index, shape, block).to(w0.device)
+    delta = torch.zeros(w0.numel(), dtype=values.dtype, device=w0.device).index_put((pos,), values.reshape(-1))
+    w = w0 + delta.view(shape).to(w0.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block", [None, (3, 5)])
+@pytest.mark.parametrize("merged", [False, True])
+def test_sparse_delta_linear_matches_oracle(backend, dtype, block, merged, kernel_device):
+    device = _device(backend, kernel_device)
+    shape = (51, 70)
+    index = _random_index(shape, 120 if block is None else 40, block).to(device)
+    w0 = (torch.randn(shape, device=device) / 8).to(dtype)
+    values = (torch.randn(layout.values_shape(index.numel(), block), device=device) / 8).to(dtype)
+    bias = torch.randn(shape[0], device=device).to(dtype)
+    x = torch.randn(3, 7, shape[1], device=device).to(dtype)
+    gout = torch.randn(3, 7, shape[0], device=device).to(dtype)
+
+    def grads(fn, dt):
+        xs, vs, bs = (t.detach().to(dt).requires_grad_() for t in (x, values, bias))
+        y = fn(xs, vs, bs)
+        y.backward(gout.to(dt))
+        return [y.detach(), xs.grad, vs.grad, bs.grad]
+
+    w_in = w0.clone()
+    if merged:
+        w_in.view(-1)[layout.element_positions(index, shape, block)] += values.reshape(-1)
+    w_before = w_in.clone()
+    ours = grads(lambda a, v, b: peft_kernels.sparse_delta_linear(a, w_in, v, index, b, shape_or_block=block,
+                                                                  merged=merged, backend=backend), dtype)
+    assert torch.equal(w_in, w_before), "the weight must be left bit-exact"
+    eager = grads(lambda a, v, b: _oracle_linear(a, w0, v, index, b, block), dtype)
+    exact = grads(lambda a, v, b: _oracle_linear(a, w0.double(), v, index, b, block), torch.float64)
+    for name, o, e, r in zip(["y", "dx", "dvalues", "dbias"], ours, eager, exact):
+        assert o.dtype == e.dtype and o.shape == e.shape, name
+        assert rel_err(o, r) <= max(2 * rel_err(e, r), FLOOR[dtype]), name
+
+
+def test_no_dense_weight_gradient(kernel_device):
+    """The frozen weight never receives a gradient; the values get exactly k numbers."""
+    lin = nn.Linear(40, 30).to(kernel_device)
+    sd = SparseDeltaLinear.from_linear(lin, density=0.05)
+    sd(torch.randn(5, 40, device=kernel_device)).sum().backward()
+    assert sd.weight.grad is None and sd.delta_values.grad.shape == (60,)
+
+
+def test_extremes_one_entry_and_full(kernel_device):
+    lin = nn.Linear(9, 7, dtype=torch.float64)
+    x = torch.randn(4, 9, dtype=torch.float64)
+    for n in (1, 63):
+        sd = SparseDeltaLinear.from_linear(lin, num_params=n, values_dtype=torch.float64, backend="torch")
+        with torch.no_grad():
+            sd.delta_values.copy_(torch.randn(n, dtype=torch.float64))
+        gy = torch.randn(4, 7, dtype=torch.float64)
+        sd(x).backward(gy)
+        dense = (gy.T @ x).reshape(-1)[sd.delta_index.long()]
+        assert torch.allclose(sd.delta_values.grad, dense, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(sd(x), x @ sd.merge().T + lin.bias, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", ["random", "magnitude", "gradient", "bool", "callable"])
+def test_masks(mask):
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 20)
+    w = lin.weight.detach()
+    scores = torch.randn(20, 30).abs()
+    kw = {"random": dict(mask="random", seed=3), "magnitude": dict(mask="magnitude"),
+          "gradient": dict(mask="gradient", scores=scores), "bool": dict(mask=scores > 1.5),
+          "callable": dict(mask=lambda weight: weight.abs() * 0 + scores)}[mask]
+    sd = SparseDeltaLinear.from_linear(lin, density=0.1, **kw)
+    idx = sd.delta_index.long()
+    if mask == "magnitude":
+        assert w.abs().reshape(-1)[idx].min() >= torch.topk(w.abs().reshape(-1), 60).values.min()
+    elif mask in ("gradient", "callable"):
+        assert torch.equal(idx, torch.sort(torch.topk(scores.reshape(-1), 60).indices).values)
+    elif mask == "bool":
+        assert torch.equal(idx, (scores > 1.5).reshape(-1).nonzero().reshape(-1))
+    else:
+        assert idx.numel() == 60 and torch.equal(
+            idx, SparseDeltaLinear.from_linear(lin, density=0.1, seed=3).delta_index.long())
+    assert bool((idx[1:] > idx[:-1]).all())
+    assert torch.equal(sd(torch.ones(2, 30)), lin(torch.ones(2, 30)))  # a fresh delta is zero
+
+
+def test_block_masks():
+    lin = nn.Linear(64, 32)
+    sd = SparseDeltaLinear.from_linear(lin, density=0.25, block=(8, 16), mask="magnitude")
+    assert sd.delta_values.shape == (4, 8, 16)
+    norms = lin.weight.detach().reshape(4, 8, 4, 16).pow(2).sum((1, 3)).reshape(-1)
+    assert torch.equal(sd.delta_index.long(), torch.sort(torch.topk(norms, 4).indices).values)
+    full = torch.zeros(32, 64, dtype=torch.bool)
+    full[8:16, 16:32] = True
+    sd2 = SparseDeltaLinear.from_linear(lin, mask=full, block=(8, 16))
+    assert sd2.delta_index.tolist() == [1 * 4 + 1]
+    half = full.clone()
+    half[8, 16] = False
+    with pytest.raises(ValueError, match="whole"):
+        SparseDeltaLinear.from_linear(lin, mask=half, block=(8, 16))
+
+
+def _dense_adamw_then_mask(w_shape, pos, values, grads, lr, wd, betas, eps):
+    """torch.optim.AdamW on a dense delta whose gradient is zero off the mask, read at the mask."""
+    dense = torch.zeros(w_shape, dtype=torch.float64).reshape(-1)
+    dense[pos] = values.double()
+    p = nn.Parameter(dense.clone())
+    opt = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    for g in grads:
+        gd = torch.zeros_like(dense)
+        gd[pos] = g.double()
+        p.grad = gd
+        opt.step()
+    return p.detach()[pos]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block", [None, (2, 3)])
+def test_sparse_adamw_equals_dense_adamw_masked(backend, block, kernel_device):
+    """Three steps of SparseAdamW vs torch.optim.AdamW applied densely then masked (float64
+    oracle; the fp32 kernels are held to 2x torch's own fp32 AdamW error, or 1e-6), and the
+    merged weight equals base + values after every step."""
+    device = _device(backend, kernel_device)
+    lin = nn.Linear(30, 20).to(device)
+    sd = SparseDeltaLinear.from_linear(lin, density=0.2, block=block, backend=backend)
+    k = sd.delta_values.numel()
+    with torch.no_grad():
+        sd.delta_values.copy_(torch.randn_like(sd.delta_values) * 0.1)
+    init = sd.delta_values.detach().clone().reshape(-1).cpu()
+    grads = [torch.randn(k) for _ in range(3)]
+    hp = dict(lr=0.01, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8)
+    opt = SparseAdamW(sd, **hp)
+    base_w0 = sd.base_weight()
+    for g in grads:
+        sd.delta_values.grad = g.to(device).reshape(sd.delta_values.shape)
+        if backend == "triton" and device.type == "cpu":  # run the Triton kernel under the interpreter
+            st = opt._state(sd.delta_values)
+            tri_sparse.sparse_adamw_(sd.delta_values.data, sd.delta_values.grad, st["exp_avg"], st["exp_avg_sq"],
+                                     st["steps"], lr=hp["lr"], beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1,
+                                     merged=sd.weight.data, index=sd.delta_index, shape=tuple(sd.weight.shape),
+                                     block=sd.block, base=sd.base_values)
+            sd.mark_synced()
+        else:
+            opt.step()
+        pos = layout.element_positions(sd.delta_index, tuple(sd.weight.shape), block)
+        expect = (base_w0.reshape(-1)[pos] + sd.delta_values.detach().reshape(-1)).to(sd.weight.dtype)
+        assert torch.equal(sd.weight.detach().reshape(-1)[pos], expect)
+    pos = layout.element_positions(sd.delta_index.cpu(), tuple(sd.weight.shape), block)
+    ref = _dense_adamw_then_mask(tuple(sd.weight.shape), pos, init, grads, hp["lr"], hp["weight_decay"],
+                                 hp["betas"], hp["eps"])
+    p32 = nn.Parameter(init.clone())
+    o32 = torch.optim.AdamW([p32], **hp)
+    for g in grads:
+        p32.grad = g.clone()
+        o32.step()
+    err_torch = rel_err(p32.detach(), ref)
+    assert rel_err(sd.delta_values.detach().reshape(-1), ref) <= max(2 * err_torch, 1e-6)
+    assert opt.state_bytes_per_entry() == 12
+
+
+def test_per_entry_steps_and_regrowth():
+    """regrow_: k constant; the smallest |delta| dropped (weight back to W0 there); the best-scored
+    unmasked positions added at delta 0 with fresh optimizer state (step 0)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 10)
+    w0 = lin.weight.detach().clone()
+    sd = SparseDeltaLinear.from_linear(lin, num_params=20)
+    opt = SparseAdamW(sd, lr=0.05)
+    for _ in range(2):
+        sd(torch.randn(4, 12)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    old_idx = sd.delta_index.clone()
+    old_vals = sd.delta_values.detach().clone()
+    dropped = old_idx[torch.topk(old_vals.abs(), 5, largest=False).indices].long()
+    scores = torch.rand(10, 12)
+    masked_scores = scores.reshape(-1).clone()
+    masked_scores[old_idx.long()] = -1
+    grown = torch.topk(masked_scores, 5).indices
+    assert sd.regrow_(0.25, scores, optimizer=opt) == 5
+    idx = sd.delta_index.long()
+    assert idx.numel() == 20 and bool((idx[1:] > idx[:-1]).all())
+    assert set(idx.tolist()) == (set(old_idx.tolist()) - set(dropped.tolist())) | set(grown.tolist())
+    assert torch.equal(sd.weight.detach().reshape(-1)[dropped], w0.reshape(-1)[dropped])
+    steps = opt.state[sd.delta_values]["steps"]
+    is_new = torch.isin(idx, grown)
+    assert bool((steps[is_new] == 0).all()) and bool((steps[~is_new] == 2).all())
+    assert bool((sd.delta_values.detach()[is_new] == 0).all())
+    kept = ~is_new
+    assert torch.equal(sd.delta_values.detach()[kept], old_vals[torch.isin(old_idx.long(), idx)])
+    sd(torch.randn(4, 12)).pow(2).sum().backward()
+    opt.step()
+    assert bool((opt.state[sd.delta_values]["steps"][is_new] == 1).all())
+
+
+def test_module_training_matches_dense_masked_training():
+    """A few steps of a SparseDeltaLinear + SparseAdamW model equal dense-gradient masking with
+    torch.optim.AdamW (float64, so exact up to rounding)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8, dtype=torch.float64)
+    sd = SparseDeltaLinear.from_linear(lin, density=0.25, values_dtype=torch.float64, backend="torch")
+    pos = sd.delta_index.long()
+    mask = torch.zeros(8 * 16, dtype=torch.bool)
+    mask[pos] = True
+    dense_w = nn.Parameter(lin.weight.detach().clone())
+    opt_d = torch.optim.AdamW([dense_w], lr=0.01)
+    opt_s = SparseAdamW(sd, lr=0.01)
+    xs = [torch.randn(5, 16, dtype=torch.float64) for _ in range(3)]
+    for x in xs:
+        sd(x).pow(2).sum().backward()
+        opt_s.step()
+        opt_s.zero_grad()
+        torch.nn.functional.linear(x, dense_w, lin.bias).pow(2).sum().backward()
+        dense_w.grad.view(-1)[~mask] = 0
+        opt_d.step()
+        opt_d.zero_grad()
+    # weight decay touches only the delta in SparseAdamW, the whole W in the dense run: compare Deltas
+    assert torch.allclose(sd.merge().reshape(-1)[~mask], lin.weight.detach().reshape(-1)[~mask])
+    assert rel_err(sd.merge().reshape(-1)[mask] - sd.base_values, sd.delta_values.detach()) < 1e-12
+    assert sd.merge().shape == (8, 16) and torch.equal(sd.base_weight().reshape(-1)[pos], sd.base_values)
+
+
+def test_mask_gradients_bitfit_head_and_partial():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.LayerNorm(12), nn.Linear(12, 4))
+    partial = torch.rand(12, 10) < 0.2
+    rep = mask_gradients_(model, {"*.bias": True, "0.weight": partial})
+    assert isinstance(model[0], SparseDeltaLinear) and rep.sparse == ["0.weight"]
+    assert set(rep.dense) == {"0.bias", "1.bias", "2.bias"}
+    assert not model[2].weight.requires_grad and not model[1].weight.requires_grad
+    model(torch.randn(3, 10)).sum().backward()
+    assert model[0].delta_values.grad.numel() == int(partial.sum()) and model[0].weight.grad is None
+    assert model[2].bias.grad is not None and model[2].weight.grad is None
+    assert rep.trainable == int(partial.sum()) + 12 + 12 + 4
+    with pytest.raises(ValueError, match="nn.Linear weights"):
+        mask_gradients_(nn.Sequential(nn.LayerNorm(5)), {"0.weight": torch.tensor([True, False] * 2 + [True])})
+    with pytest.raises(ValueError, match="shape"):
+        mask_gradients_(nn.Sequential(nn.Linear(3, 2)), {"0.weight": torch.ones(3, 2, dtype=torch.bool)})
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 4))
+    fresh = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 4))
+    fresh.load_state_dict(model.state_dict())
+    model[0] = SparseDeltaLinear.from_linear(model[0], density=0.1)
+    model[1] = SparseDeltaLinear.from_linear(model[1], density=0.25, block=(2, 3))
+    with torch.no_grad():
+        for m in (model[0], model[1]):
+            m.delta_values.copy_(torch.randn_like(m.delta_values))
+    x = torch.randn(3, 10)
+    y = model(x)
+    save_sparse_delta(model, str(tmp_path / "delta.safetensors"))
+    assert load_sparse_delta(fresh, str(tmp_path / "delta.safetensors")) == ["0", "1"]
+    assert isinstance(fresh[1], SparseDeltaLinear) and fresh[1].block == (2, 3)
+    assert torch.equal(fresh(x), y)
+
+
+def test_bad_inputs():
+    w = torch.randn(6, 8)
+    x = torch.randn(2, 8)
+    idx = torch.tensor([1, 5, 9], dtype=torch.int32)
+    v = torch.randn(3)
+    f = peft_kernels.sparse_delta_linear
+    with pytest.raises(ValueError, match="out of range"):
+        f(x, w, v, torch.tensor([1, 5, 48], dtype=torch.int32))
+    with pytest.raises(ValueError, match="duplicate"):
+        f(x, w, v, torch.tensor([1, 5, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="sorted"):
+        f(x, w, v, torch.tensor([5, 1, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="delta_values must have shape"):
+        f(x, w, torch.randn(4), idx)
+    with pytest.raises(ValueError, match="int32/int64"):
+        f(x, w, v, idx.float())
+    with pytest.raises(ValueError, match="frozen"):
+        f(x, w.requires_grad_(), v, idx)
+    w.requires_grad_(False)
+    with pytest.raises(ValueError, match="divide"):
+        f(x, w, torch.randn(1, 4, 3), torch.tensor([0], dtype=torch.int32), shape_or_block=(4, 3))
+    with pytest.raises(ValueError, match="in_features|last dimension|features"):
+        f(torch.randn(2, 7), w, v, idx)
+    with pytest.raises(ValueError, match="bool mask must have shape"):
+        SparseDeltaLinear.from_linear(nn.Linear(8, 6), mask=torch.ones(8, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="density"):
+        SparseDeltaLinear.from_linear(nn.Linear(8, 6), density=1.5)
+    with pytest.raises(ValueError, match="scores"):
+        SparseDeltaLinear.from_linear(nn.Linear(8, 6), mask="gradient")
+    assert torch.equal(w, w.clone())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_sddmm(backend, kernel_device):
+    device = _device(backend, kernel_device)
+    gy, x = torch.randn(6, 12, device=device), torch.randn(6, 20, device=device)
+    idx = _random_index((12, 20), 30).to(device)
+    torch.library.opcheck(torch.ops.peft_kernels.sparse_sddmm.default, (gy, x, idx, [12, 20], [], backend))
+    bidx = _random_index((12, 20), 4, (4, 5)).to(device)
+    torch.library.opcheck(torch.ops.peft_kernels.sparse_sddmm.default, (gy, x, bidx, [12, 20], [4, 5], backend))
+
