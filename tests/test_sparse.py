@@ -71,6 +71,17 @@ def test_triton_transpose(kernel_device):
     assert torch.equal(tri_sparse.transpose(t), t.t())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_sddmm_blocks_split_over_tokens(dtype, kernel_device):
+    """Few blocks and many tokens: the token range is split across programs that add into a
+    zeroed output (the fill-the-GPU path), including a short last slice."""
+    shape, M = (48, 160), 700
+    index = torch.tensor([3, 17], dtype=torch.int32)
+    gy = torch.randn(M, shape[0], device=kernel_device).to(dtype)
+    x = torch.randn(M, shape[1], device=kernel_device).to(dtype)
+    _check_sddmm(tri_sparse.sddmm, gy, x, index, shape, (16, 16))
+
+
 @pytest.mark.parametrize("block", [None, (4, 5)])
 def test_reference_sddmm_chunks(block, monkeypatch):
     """The reference in small chunks equals one pass (no [out, in] buffer, any chunking)."""

@@ -29,11 +29,16 @@ GATHER_MAX_DENSITY = 0.005  # below: gather_t, above: panel (benchmarks/results/
 
 
 @triton.jit
-def _sddmm_block_kernel(gy_ptr, x_ptr, block_r_ptr, block_c_ptr, out_ptr, M, stride_gm, stride_xm, BH, BW,
-                        IEEE: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, BT: tl.constexpr):
-    """Block b of the delta: dY[:, rows_b]^T @ X[:, cols_b] over all M tokens on tensor cores,
-    written whole ([BH, BW] row-major). Blocks not in the mask are never visited."""
+def _sddmm_block_kernel(gy_ptr, x_ptr, block_r_ptr, block_c_ptr, out_ptr, M, m_per_split, stride_gm,
+                        stride_xm, BH, BW, IEEE: tl.constexpr, SPLIT: tl.constexpr, TR: tl.constexpr,
+                        TC: tl.constexpr, BT: tl.constexpr):
+    """Block b of the delta: dY[:, rows_b]^T @ X[:, cols_b] on tensor cores, written whole
+    ([BH, BW] row-major). Blocks not in the mask are never visited. With SPLIT, program (b, s)
+    takes tokens [s * m_per_split, (s + 1) * m_per_split) and adds into a zeroed output: a few
+    hundred small blocks alone would leave most SMs idle through M sequential steps."""
     b = tl.program_id(0)
+    m_lo = tl.program_id(1) * m_per_split
+    m_hi = tl.minimum(M, m_lo + m_per_split)
     r0 = tl.load(block_r_ptr + b)
     c0 = tl.load(block_c_ptr + b)
     rr = tl.arange(0, TR)
@@ -41,16 +46,19 @@ def _sddmm_block_kernel(gy_ptr, x_ptr, block_r_ptr, block_c_ptr, out_ptr, M, str
     r_ok = rr < BH
     c_ok = cc < BW
     acc = tl.zeros((TR, TC), dtype=tl.float32)
-    for m0 in range(0, M, BT):
+    for m0 in range(m_lo, m_hi, BT):
         ms = m0 + tl.arange(0, BT)
-        m_ok = ms < M
+        m_ok = ms < m_hi
         g = tl.load(gy_ptr + ms.to(tl.int64)[:, None] * stride_gm + (r0 + rr)[None, :],
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         x = tl.load(x_ptr + ms.to(tl.int64)[:, None] * stride_xm + (c0 + cc)[None, :],
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _mm(tl.trans(g), x, acc, IEEE)
-    tl.store(out_ptr + b.to(tl.int64) * BH * BW + rr[:, None] * BW + cc[None, :], acc,
-             mask=r_ok[:, None] & c_ok[None, :])
+    ptrs = out_ptr + b.to(tl.int64) * BH * BW + rr[:, None] * BW + cc[None, :]
+    if SPLIT:
+        tl.atomic_add(ptrs, acc, mask=r_ok[:, None] & c_ok[None, :], sem="relaxed")
+    else:
+        tl.store(ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -155,6 +163,12 @@ def _panel_sddmm(grad_y, x, index, shape, out):
     return out
 
 
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: still exercise the split path on tiny problems
+
+
 def _tile_side(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -182,8 +196,16 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
         b = index.long()
         tile_r = (b // n_bc * bh).to(torch.int32)
         tile_c = (b % n_bc * bw).to(torch.int32)
-        _sddmm_block_kernel[(k,)](grad_y, x, tile_r, tile_c, out, M, grad_y.stride(0), x.stride(0), bh, bw,
-                                  IEEE=ieee, TR=_tile_side(bh), TC=_tile_side(bw), BT=32, num_warps=4)
+        bt = 64
+        # Enough programs to fill the GPU (about 4 per SM), never a token slice under 4 steps.
+        split = max(1, min(triton.cdiv(4 * _num_sms(x.device), k), triton.cdiv(M, 4 * bt)))
+        m_per = triton.cdiv(triton.cdiv(M, split), bt) * bt
+        split = triton.cdiv(M, m_per)
+        if split > 1:
+            out.zero_()
+        _sddmm_block_kernel[(k, split)](grad_y, x, tile_r, tile_c, out, M, m_per, grad_y.stride(0), x.stride(0),
+                                        bh, bw, IEEE=ieee, SPLIT=split > 1, TR=_tile_side(bh), TC=_tile_side(bw),
+                                        BT=bt, num_warps=4)
         return out
     out = torch.empty(k, dtype=torch.float32, device=x.device)
     if k == 0:
