@@ -1,21 +1,91 @@
-"""Loads the compiled extension peft_kernels._C; never raises at import, remembers why not."""
+"""The compiled CUDA C++ extension (csrc/): loaded on first use, never at import; remembers why not.
+
+Two ways to get it: built by setup.py at install (``peft_kernels._C``: needs a CUDA build of torch
+and nvcc, or PEFT_KERNELS_BUILD_CUDA=1), or, when the install skipped it, a JIT build of the same
+sources with torch.utils.cpp_extension.load (ninja + nvcc) on first use when PEFT_KERNELS_JIT=1
+(or ``load(jit=True)``). Its ops register under torch.ops.peft_kernels_cuda.
+"""
+from __future__ import annotations
+
+import glob
 import importlib
+import os
+import shutil
 
-_module = None
-_reason = None
+_state: dict = {}
 
 
-def load():
-    """Return the extension module, or None (then ``reason()`` says why)."""
-    global _module, _reason
-    if _module is None and _reason is None:
+def sources() -> list[str]:
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    return sorted(glob.glob(os.path.join(root, "*.cu")) + glob.glob(os.path.join(root, "*.cpp")))
+
+
+def jit_unavailable_reason() -> str | None:
+    """None when a JIT build could run here, else why not."""
+    import torch
+
+    if torch.version.cuda is None:
+        return "torch is a CPU build"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return "nvcc / CUDA_HOME not found"
+    if shutil.which("ninja") is None:
+        return "ninja not installed"
+    if not sources():
+        return "csrc/ sources not found (installed without them)"
+    return None
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load as cpp_load
+
+    _state["archs"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or "this GPU"
+    return cpp_load(name="peft_kernels_C", sources=sources(), extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3"],
+                    verbose=os.environ.get("PEFT_KERNELS_JIT_VERBOSE") == "1")
+
+
+def load(jit: bool | None = None):
+    """The extension module, or None (then ``reason()`` says why). ``jit``: build it now if the
+    install has none (default: PEFT_KERNELS_JIT=1)."""
+    if "module" in _state:
+        return _state["module"]
+    try:
+        _state["module"], _state["how"] = importlib.import_module("peft_kernels._C"), "built at install"
         try:
-            _module = importlib.import_module("peft_kernels._C")
-        except ImportError as exc:
-            _reason = f"extension peft_kernels._C not built ({exc})"
-    return _module
+            from . import _cuda_build
+
+            _state["archs"] = _cuda_build.ARCHS
+        except ImportError:
+            _state["archs"] = "?"
+        return _state["module"]
+    except (ImportError, OSError) as exc:  # not built, or built against another torch
+        _state["reason"] = f"extension peft_kernels._C not built or not loadable ({exc})"
+    if jit is None:
+        jit = os.environ.get("PEFT_KERNELS_JIT") == "1"
+    if jit:
+        why = jit_unavailable_reason()
+        if why is not None:
+            _state["reason"] += f"; JIT build impossible: {why}"
+        else:
+            _state["module"], _state["how"] = _jit_build(), "JIT-built"
+            _state.pop("reason", None)
+            return _state["module"]
+    _state["module"] = None
+    return None
 
 
 def reason() -> str | None:
     load()
-    return _reason
+    return _state.get("reason")
+
+
+def describe() -> str:
+    """One line for info(): how the extension is available, or why not and whether JIT could help."""
+    mod = load()
+    if mod is not None:
+        return f"{_state['how']} (archs {_state.get('archs', '?')}, ops {', '.join(getattr(mod, 'ops', ()))})"
+    jit = jit_unavailable_reason()
+    return f"{reason()}; " + ("a JIT build is available: PEFT_KERNELS_JIT=1" if jit is None
+                              else f"no JIT build: {jit}")

@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from . import backends, env
+from . import backends, cuda, env
 
 
 def info() -> dict:
@@ -25,6 +25,7 @@ def info() -> dict:
         "triton": triton_version,
         "triton_interpret": env.triton_interpret(),
         "backend_override": env.backend_override(),
+        "cuda_extension": cuda.describe(),
         "devices": {},
     }
     for dev in devices:

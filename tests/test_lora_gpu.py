@@ -37,10 +37,13 @@ def test_fp32_uses_exact_products():
     assert_close_to_oracle(fn, [x, w, a, b, bias], 0.5, 0.1, 1, torch.randn(300, 700, device="cuda"))
 
 
-def test_auto_picks_triton_on_cuda():
-    x, w, a, b, _ = make_inputs((4,), 64, 32, 4, torch.bfloat16, "cuda")
-    peft_kernels.lora_linear(x, w, a, b)
-    assert peft_kernels.backends.last_used("lora_linear") == "triton"
+def test_auto_rule_on_cuda():
+    """Small M goes to the CUDA extension when it is built (else Triton); large M to Triton."""
+    small = "cuda" if peft_kernels.cuda.load() is not None else "triton"
+    for M, want in ((4, small), (2048, "triton")):
+        x, w, a, b, _ = make_inputs((M,), 64, 32, 4, torch.bfloat16, "cuda")
+        peft_kernels.lora_linear(x, w, a, b)
+        assert peft_kernels.backends.last_used("lora_linear") == want
 
 
 def test_inductor_compile_fullgraph():

@@ -103,6 +103,11 @@ def check_triton(op: str, x, r: int | None = None, max_rank: int = TRITON_MAX_RA
         fail(op, f"the triton backend supports r <= {max_rank}, got r={r}")
 
 
+def check_cuda(op: str, x):
+    if x.dtype not in KERNEL_DTYPES:
+        fail(op, f"the cuda backend takes fp16/bf16/fp32, got {x.dtype}")
+
+
 def adapter_call_args(op: str, x, lora_A, lora_B, dropout_p, training, seed):
     """(effective dropout p, seed tensor | None, lora_A, lora_B cast to x's dtype)."""
     p = float(dropout_p) if training else 0.0

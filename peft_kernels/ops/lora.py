@@ -23,6 +23,7 @@ from . import _checks
 OP = "lora_linear"
 backends.register(OP, "torch", "peft_kernels.reference.lora")
 backends.register(OP, "triton", "peft_kernels.triton.lora")
+backends.register(OP, "cuda", "peft_kernels.cuda_backend.lora")
 
 
 @torch.library.impl(_ops.LIB, "lora_fwd", "CompositeExplicitAutograd")
@@ -51,9 +52,11 @@ def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op: 
     if weight.dtype != x.dtype:
         _checks.fail(op, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
     _checks.check_same_device(op, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    backend = backends.resolve(OP, backend, x.device)
+    backend = backends.resolve(OP, backend, x.device, rows=x.numel() // max(in_features, 1))
     if backend == "triton":
         _checks.check_triton(op, x, r)
+    elif backend == "cuda":
+        _checks.check_cuda(op, x)
     return backend
 
 

@@ -1,0 +1,58 @@
+"""The LoRA op's backends side by side (triton vs cuda vs the frozen floor), fwd+bwd and forward
+only, bf16, r=16, p=0.05, over M; the JSON backs backend="auto"'s rule (backends.py).
+
+    python benchmarks/bench_lora_backends.py --out benchmarks/results/lora_backends_h100.json
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import peft_kernels
+from peft_kernels.bench.harness import Progress, environment, fwd_bwd_step, markdown_table, time_ms, \
+    time_ms_graphed, write_json
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--ms", default="16,256,1024,8192")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    K = N = 4096
+    r, p, s = 16, 0.05, 2.0
+    rows = []
+    ms = [int(m) for m in args.ms.split(",")]
+    prog = Progress(len(ms), "backends")
+    for M in ms:
+        prog.step(f"M={M}")
+        torch.manual_seed(0)
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K**0.5
+        a = (torch.randn(r, K, device=dev, dtype=torch.bfloat16) / K**0.5).requires_grad_()
+        b = (torch.randn(N, r, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
+        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        for mode in ("fwd+bwd", "forward"):
+            fo = mode == "forward"
+            cases = {"floor": fwd_bwd_step(lambda: F.linear(x, w), [x], dy, fo)}
+            for be in ("triton", "cuda"):
+                cases[be] = fwd_bwd_step(lambda be=be: peft_kernels.lora_linear(
+                    x, w, a, b, scaling=s, dropout_p=p, seed=3, backend=be), [x, a, b], dy, fo)
+            times = {k: time_ms(f, dev) for k, f in cases.items()}
+            graphed = {k: time_ms_graphed(f, dev) for k, f in cases.items()}
+            for k in cases:
+                rows.append(dict(M=M, K=K, N=N, mode=mode, case=k, ms=times[k], ratio=times[k] / times["floor"],
+                                 graphed_ms=graphed[k],
+                                 graphed_ratio=(graphed[k] / graphed["floor"]) if graphed[k] and graphed["floor"]
+                                 else None))
+    print(markdown_table(["M", "mode", "case", "ms", "/ floor", "graphed / floor"],
+                         [[r_["M"], r_["mode"], r_["case"], r_["ms"], f"{r_['ratio']:.2f}x",
+                           None if r_["graphed_ratio"] is None else f"{r_['graphed_ratio']:.2f}x"] for r_ in rows]))
+    if args.out:
+        write_json(args.out, {"env": environment(dev), "config": dict(dtype="bf16", r=r, dropout=p,
+                                                                       ext=peft_kernels.info()["cuda_extension"]),
+                              "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+// The CUDA C++ LoRA backend: op registration and host code. The two big products run on cuBLAS
+// (at::addmm_ with the LoRA term as the C input, beta = 1); the LoRA-specific work runs in the
+// kernels of lora_kernels.cu. Ops live in the namespace peft_kernels_cuda under the same names as
+// the Python-defined peft_kernels::lora_fwd / lora_bwd (minus the backend argument); the Python
+// backend module peft_kernels/cuda_ext/lora.py routes backend="cuda" to them.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "lora_kernels.h"
+
+namespace peft_kernels {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, "peft_kernels cuda backend: fp32/fp16/bf16 only, got ", t.scalar_type());
+  }
+  return DType::F32;
+}
+
+void check(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), "peft_kernels cuda backend: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == x.device(), "peft_kernels cuda backend: ", name, " is on ", t.device(), ", x on ",
+              x.device());
+  TORCH_CHECK(t.dim() == dim, "peft_kernels cuda backend: ", name, " must be ", dim, "-D, got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "peft_kernels cuda backend: ", name, " must be contiguous");
+}
+
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "peft_kernels cuda backend: ", name, " is ", t.scalar_type(),
+              ", x is ", x.scalar_type());
+}
+
+const int64_t* seed_ptr(const std::optional<at::Tensor>& seed, double p, const at::Tensor& x) {
+  if (p == 0.0) return nullptr;
+  TORCH_CHECK(seed.has_value(), "peft_kernels cuda backend: dropout_p > 0 needs a seed tensor");
+  check(*seed, "seed", x, 1);
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "peft_kernels cuda backend: seed must be an int64 tensor [1]");
+  return seed->data_ptr<int64_t>();
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+                  double p) {
+  check(x, "x", x, 2);
+  dtype_of(x);
+  check(weight, "weight", x, 2);
+  check(A, "lora_A", x, 2);
+  check(B, "lora_B", x, 2);
+  check_same_dtype(weight, "weight", x);
+  check_same_dtype(A, "lora_A", x);
+  check_same_dtype(B, "lora_B", x);
+  const int64_t K = x.size(1), N = weight.size(0), r = A.size(0);
+  TORCH_CHECK(weight.size(1) == K, "peft_kernels cuda backend: weight is ", weight.sizes(), ", x has ", K,
+              " features");
+  TORCH_CHECK(A.size(1) == K && r >= 1, "peft_kernels cuda backend: lora_A must be [r >= 1, ", K, "], got ",
+              A.sizes());
+  TORCH_CHECK(B.size(0) == N && B.size(1) == r, "peft_kernels cuda backend: lora_B must be [", N, ", ", r,
+              "], got ", B.sizes());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "peft_kernels cuda backend: dropout_p must be in [0, 1), got ", p);
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
+                                            const at::Tensor& B, const std::optional<at::Tensor>& bias,
+                                            double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
+  check_common(x, weight, A, B, dropout_p);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  if (bias.has_value()) {
+    check(*bias, "bias", x, 1);
+    check_same_dtype(*bias, "bias", x);
+    TORCH_CHECK(bias->size(0) == N, "peft_kernels cuda backend: bias must be [", N, "], got ", bias->sizes());
+  }
+  const int64_t* sp = seed_ptr(seed, dropout_p, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto u = at::empty({M, r}, x.options().dtype(at::kFloat));
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return {y, u.zero_()};
+  if (K == 0) {
+    u.zero_();
+  } else {
+    launch_lora_down(x.data_ptr(), A.data_ptr(), sp, u.data_ptr<float>(), M, K, r, dropout_p, dtype_of(x), stream);
+  }
+  launch_lora_up(u.data_ptr<float>(), B.data_ptr(), bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), M,
+                 N, r, static_cast<float>(scaling), dtype_of(x), stream);
+  y.addmm_(x, weight.t());  // cuBLAS; y (bias + LoRA term) is its C input
+  return {y, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                        const at::Tensor& weight, const at::Tensor& A,
+                                                        const at::Tensor& B, const at::Tensor& u, double scaling,
+                                                        double dropout_p, const std::optional<at::Tensor>& seed,
+                                                        bool need_dx) {
+  check_common(x, weight, A, B, dropout_p);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  check(grad_y, "grad_y", x, 2);
+  check_same_dtype(grad_y, "grad_y", x);
+  TORCH_CHECK(grad_y.size(0) == M && grad_y.size(1) == N, "peft_kernels cuda backend: grad_y must be [", M, ", ",
+              N, "], got ", grad_y.sizes());
+  check(u, "u", x, 2);
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.size(0) == M && u.size(1) == r,
+              "peft_kernels cuda backend: u must be fp32 [", M, ", ", r, "]");
+  const int64_t* sp = seed_ptr(seed, dropout_p, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const float s = static_cast<float>(scaling);
+  auto v = at::zeros({M, r}, x.options().dtype(at::kFloat));
+  auto gB = at::zeros({N, r}, x.options().dtype(at::kFloat));
+  auto gA_t = at::zeros({K, r}, x.options().dtype(at::kFloat));  // dA^T: threads run along K
+  if (M > 0 && N > 0) {
+    launch_lora_dy(grad_y.data_ptr(), B.data_ptr(), v.data_ptr<float>(), M, N, r, dtype_of(x), stream);
+    launch_lora_weight_grad(grad_y.data_ptr(), u.data_ptr<float>(), nullptr, gB.data_ptr<float>(), M, N, r, s, 0.0,
+                            dtype_of(x), stream);
+  }
+  if (M > 0 && K > 0)
+    launch_lora_weight_grad(x.data_ptr(), v.data_ptr<float>(), sp, gA_t.data_ptr<float>(), M, K, r, s, dropout_p,
+                            dtype_of(x), stream);
+  at::Tensor dx = at::empty({0}, x.options());
+  if (need_dx) {
+    dx = at::empty({M, K}, x.options());
+    if (M > 0 && K > 0) {
+      launch_lora_dx(v.data_ptr<float>(), A.data_ptr(), sp, dx.data_ptr(), M, K, r, s, dropout_p, dtype_of(x), stream);
+      dx.addmm_(grad_y, weight);  // cuBLAS: dY @ W on top of the LoRA part
+    }
+  }
+  return {dx, gA_t.t().to(A.scalar_type()), gB.to(B.scalar_type())};
+}
+
+}  // namespace
+}  // namespace peft_kernels
+
+TORCH_LIBRARY(peft_kernels_cuda, m) {
+  m.def("lora_fwd(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling, "
+        "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def("lora_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
+        "float dropout_p, Tensor? seed, bool need_dx) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(peft_kernels_cuda, CUDA, m) {
+  m.impl("lora_fwd", &peft_kernels::lora_fwd);
+  m.impl("lora_bwd", &peft_kernels::lora_bwd);
+}

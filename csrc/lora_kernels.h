@@ -1,0 +1,29 @@
+// Launchers for the LoRA CUDA kernels (lora_kernels.cu). Plain C++ types only, so the kernel
+// translation unit needs no torch headers (it compiles in seconds) and the registration unit
+// (lora.cpp) needs no CUDA device code.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace peft_kernels {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+// u [M, r] fp32 = dropout(x) [M, K] @ A^T, A [r, K]; seed: device int64 [1] or null (p = 0).
+void launch_lora_down(const void* x, const void* A, const int64_t* seed, float* u, int64_t M, int64_t K,
+                      int64_t r, double p, DType dt, cudaStream_t stream);
+// C [M, N] (x's dtype) = bias + s * u @ B^T, B [N, r]; bias may be null.
+void launch_lora_up(const float* u, const void* B, const void* bias, void* C, int64_t M, int64_t N, int64_t r,
+                    float s, DType dt, cudaStream_t stream);
+// v [M, r] fp32 = dY [M, N] @ B.
+void launch_lora_dy(const void* dy, const void* B, float* v, int64_t M, int64_t N, int64_t r, DType dt,
+                    cudaStream_t stream);
+// acc [cols, r] fp32 += s * src^T @ w over rows, src [M, cols] (dropout applied when seed is
+// given: the dA case, src = x), w [M, r] fp32. acc must be zeroed (the M range is split).
+void launch_lora_weight_grad(const void* src, const float* w, const int64_t* seed, float* acc, int64_t M,
+                             int64_t cols, int64_t r, float s, double p, DType dt, cudaStream_t stream);
+// D [M, K] (x's dtype) = s * dropout'(v @ A): the LoRA part of dX, A [r, K].
+void launch_lora_dx(const float* v, const void* A, const int64_t* seed, void* D, int64_t M, int64_t K,
+                    int64_t r, float s, double p, DType dt, cudaStream_t stream);
+
+}  // namespace peft_kernels

@@ -1,0 +1,43 @@
+"""The CUDA C++ extension on the CPU tier: it must build, link and import (CI builds it against
+torch's CUDA wheel and sets PEFT_KERNELS_EXPECT_EXTENSION=1, so a silently skipped build fails
+here); without it, the cuda backend must say why, clearly. Kernels run only in the GPU tier."""
+import os
+
+import pytest
+import torch
+
+import peft_kernels
+from peft_kernels import backends, cuda
+
+EXPECT = os.environ.get("PEFT_KERNELS_EXPECT_EXTENSION") == "1"
+
+
+def test_extension_state_is_reported():
+    text = peft_kernels.info()["cuda_extension"]
+    if cuda.load() is not None:
+        assert text.startswith(("built at install", "JIT-built")) and "lora_fwd" in text
+    else:
+        assert not EXPECT, f"PEFT_KERNELS_EXPECT_EXTENSION=1 but: {text}"
+        assert "not built" in text and "JIT" in text
+
+
+@pytest.mark.skipif(not EXPECT and cuda.load() is None, reason="extension not built in this environment")
+def test_extension_registers_the_lora_ops():
+    """The compiled ops exist with the Python-defined schemas (minus the backend argument)."""
+    mod = cuda.load()
+    assert mod is not None, cuda.reason()
+    assert set(mod.ops) == {"lora_fwd", "lora_bwd"}
+    for name in mod.ops:
+        compiled = getattr(torch.ops.peft_kernels_cuda, name).default._schema
+        python = getattr(torch.ops.peft_kernels, name).default._schema
+        want = [(a.name, str(a.type)) for a in python.arguments if a.name != "backend"]
+        assert [(a.name, str(a.type)) for a in compiled.arguments] == want
+        assert [str(r.type) for r in compiled.returns] == [str(r.type) for r in python.returns]
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    a, b = torch.randn(2, 8), torch.randn(5, 2)
+    with pytest.raises(RuntimeError, match="backend 'cuda' unavailable: the cuda backend needs a CUDA tensor"):
+        peft_kernels.lora_linear(x, w, a, b, backend="cuda")
+    assert backends.unavailable_reason("cuda", torch.device("cpu")) is not None
