@@ -33,7 +33,7 @@ def main():
     print({"cublas_dense_dW_ms": dense, "two_transposes_ms": transposes, "two_triton_transposes_ms":
            triton_transposes}, flush=True)
     dens = [float(d) for d in args.densities.split(",")]
-    cases = [("panel", c) for c in PANEL] + [("gather_t", c) for c in GATHER_T] + [("gather", {})]
+    cases = [("panel", c) for c in PANEL] + [("gather_t", c) for c in GATHER_T]
     prog = Progress(len(dens) * len(cases), "sddmm")
     rows = []
     for d in dens:

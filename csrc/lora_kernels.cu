@@ -72,26 +72,29 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return total;  // valid in thread 0
 }
 
-// u[m, j0..j0+kJ) = sum_k drop(x[m, k]) * A[j, k]   (grid: M x ceil(r / kJ))
+// out[m, j0..j0+kJ) = sum_k drop(src[m, k]) * w[j * stride_j + k * stride_k]   (grid: M x ceil(r / kJ))
+// down: src = x, w = A [r, K] (stride_j = K, stride_k = 1), dropout on;
+// dY pass: src = dY, w = B [N, r] read as B^T (stride_j = 1, stride_k = r), no dropout.
 template <typename T>
-__global__ void down_kernel(const T* __restrict__ x, const T* __restrict__ A, const int64_t* __restrict__ seed,
-                            float* __restrict__ u, int64_t K, int64_t r, float inv_keep, uint32_t threshold) {
+__global__ void row_reduce_kernel(const T* __restrict__ src, const T* __restrict__ w, const int64_t* __restrict__ seed,
+                                  float* __restrict__ out, int64_t K, int64_t r, int64_t stride_j, int64_t stride_k,
+                                  float inv_keep, uint32_t threshold) {
   __shared__ float smem[32];
   const int64_t m = blockIdx.x;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kJ;
   const uint32_t key = seed ? row_key(*seed, static_cast<uint32_t>(m)) : 0u;
   float acc[kJ] = {0.f};
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    float xv = to_f(x[m * K + k]);
+    float xv = to_f(src[m * K + k]);
     if (seed) xv = keep(key, static_cast<uint32_t>(k), threshold) ? xv * inv_keep : 0.f;
 #pragma unroll
     for (int j = 0; j < kJ; ++j)
-      if (j0 + j < r) acc[j] += xv * to_f(A[(j0 + j) * K + k]);
+      if (j0 + j < r) acc[j] += xv * to_f(w[(j0 + j) * stride_j + k * stride_k]);
   }
 #pragma unroll
   for (int j = 0; j < kJ; ++j) {
     const float t = block_sum(acc[j], smem);
-    if (threadIdx.x == 0 && j0 + j < r) u[m * r + j0 + j] = t;
+    if (threadIdx.x == 0 && j0 + j < r) out[m * r + j0 + j] = t;
   }
 }
 
@@ -109,27 +112,6 @@ __global__ void up_kernel(const float* __restrict__ u, const T* __restrict__ B, 
   for (int64_t j = 0; j < r; ++j) acc += urow[j] * to_f(B[n * r + j]);
   const float b = bias ? to_f(bias[n]) : 0.f;
   C[m * N + n] = from_f<T>(b + s * acc);
-}
-
-// v[m, j0..] = sum_n dY[m, n] * B[n, j]   (grid: M x ceil(r / kJ))
-template <typename T>
-__global__ void dy_kernel(const T* __restrict__ dy, const T* __restrict__ B, float* __restrict__ v, int64_t N,
-                          int64_t r) {
-  __shared__ float smem[32];
-  const int64_t m = blockIdx.x;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kJ;
-  float acc[kJ] = {0.f};
-  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-    const float g = to_f(dy[m * N + n]);
-#pragma unroll
-    for (int j = 0; j < kJ; ++j)
-      if (j0 + j < r) acc[j] += g * to_f(B[n * r + j0 + j]);
-  }
-#pragma unroll
-  for (int j = 0; j < kJ; ++j) {
-    const float t = block_sum(acc[j], smem);
-    if (threadIdx.x == 0 && j0 + j < r) v[m * r + j0 + j] = t;
-  }
 }
 
 // acc[c, j] += s * sum_{m in this block's slice} drop(src[m, c]) * w[m, j]
@@ -191,8 +173,9 @@ void launch_lora_down(const void* x, const void* A, const int64_t* seed, float* 
                       int64_t r, double p, DType dt, cudaStream_t stream) {
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    down_kernel<T><<<dim3(static_cast<unsigned>(M), blocks(r, kJ)), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(A), seed, u, K, r, static_cast<float>(1.0 / (1.0 - p)), keep_threshold(p));
+    row_reduce_kernel<T><<<dim3(static_cast<unsigned>(M), blocks(r, kJ)), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(A), seed, u, K, r, K, 1, static_cast<float>(1.0 / (1.0 - p)),
+        keep_threshold(p));
   });
 }
 
@@ -209,8 +192,8 @@ void launch_lora_dy(const void* dy, const void* B, float* v, int64_t M, int64_t 
                     cudaStream_t stream) {
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
-    dy_kernel<T><<<dim3(static_cast<unsigned>(M), blocks(r, kJ)), kThreads, 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(B), v, N, r);
+    row_reduce_kernel<T><<<dim3(static_cast<unsigned>(M), blocks(r, kJ)), kThreads, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(B), nullptr, v, N, r, 1, r, 1.f, 0u);
   });
 }
 

@@ -9,11 +9,12 @@ Public API (importing never needs a GPU, triton or the compiled extension):
     quant_linear(x, qweight, bias), qlora_linear(x, qweight, lora_A, lora_B, bias, *, ...)
     quant.NF4Weight / FP4Weight (bitsandbytes-compatible 4-bit), quant.Int8Weight / Int4Weight
     sparse_delta_linear(x, weight, delta_values, delta_index, bias, *, shape_or_block, merged)
-    nn.SparseDeltaLinear, sparse.SparseAdamW, mask_gradients_(model, masks)
+    nn.SparseDeltaLinear, apply_sparse(model, target_modules, density), sparse.SparseAdamW,
+    mask_gradients_(model, masks)
 """
 from . import backends, nn, quant, sparse
 from .adapters import load_adapter, save_adapter
-from .apply import apply_lora
+from .apply import apply_lora, apply_sparse
 from .info import info
 from .ops.dora import dora_linear
 from .ops.lora import lora_linear
@@ -38,4 +39,4 @@ def unpatch_peft_model(model):
     return unpatch(model)
 
 __version__ = "0.1.0"
-__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "mask_gradients_", "apply_lora", "info", "nn", "quant", "sparse", "backends", "__version__"]
+__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "mask_gradients_", "apply_lora", "apply_sparse", "info", "nn", "quant", "sparse", "backends", "__version__"]

@@ -1,4 +1,5 @@
-"""apply_lora: put LoRA adapters on the nn.Linear modules of any model, PEFT-style."""
+"""apply_lora / apply_sparse: put adapters (LoRA, QLoRA, DoRA) or sparse deltas on the nn.Linear
+modules of any model, PEFT-style."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,7 @@ from torch import nn
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import QLoRALinear
+from .nn.sparse import SparseDeltaLinear
 
 
 def _matches(name: str, target_modules) -> bool:
@@ -16,6 +18,38 @@ def _matches(name: str, target_modules) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _targets(op: str, model: nn.Module, target_modules):
+    """(parent, attribute, nn.Linear) of every targeted Linear; freezes all of ``model`` first."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if target_modules == "all-linear":
+        chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
+    else:
+        chosen = [n for n in names if _matches(n, target_modules)]
+    if not chosen:
+        raise ValueError(f"{op}: no nn.Linear matches target_modules={target_modules!r}; "
+                         f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = []
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        out.append((parent, child, getattr(parent, child)))
+    return out
+
+
+def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01, num_params: int | None = None,
+                 mask="random", block=None, seed: int = 0, backend: str = "auto") -> nn.Module:
+    """Replace the targeted nn.Linear modules (as in apply_lora) with SparseDeltaLinear: each
+    trains ``density`` of its weight entries (or ``num_params``; ``mask`` and ``block`` as in
+    SparseDeltaLinear.from_linear; layer i's random mask uses seed + i). Everything else is
+    frozen. Returns ``model``, modified in place; train it with peft_kernels.sparse.SparseAdamW."""
+    for i, (parent, child, linear) in enumerate(_targets("apply_sparse", model, target_modules)):
+        setattr(parent, child, SparseDeltaLinear.from_linear(linear, density=density, num_params=num_params,
+                                                             mask=mask, block=block, seed=seed + i, backend=backend))
+    return model
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -32,20 +66,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
         raise ValueError(f"apply_lora: quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
     if use_dora and quantize is not None:
         raise ValueError("apply_lora: use_dora with quantize is not supported yet")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if target_modules == "all-linear":
-        chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
-    else:
-        chosen = [n for n in names if _matches(n, target_modules)]
-    if not chosen:
-        raise ValueError(f"apply_lora: no nn.Linear matches target_modules={target_modules!r}; "
-                         f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+    for parent, child, linear in _targets("apply_lora", model, target_modules):
         if quantize is None:
             cls = DoRALinear if use_dora else LoRALinear
             new = cls.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)

@@ -16,10 +16,12 @@ from importlib import resources
 
 import torch
 
-from . import apply_lora
+from . import apply_lora, apply_sparse
 from .bench import harness
+from .sparse import SparseAdamW
 
-METHODS = ("lora", "qlora", "dora")
+METHODS = ("lora", "qlora", "dora", "sparse")
+SPARSE_DENSITY = 0.01
 
 
 def _text_tokens(device) -> torch.Tensor:
@@ -45,6 +47,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def _with_adapters(base, method, engine, r, alpha, dropout):
     model = copy.deepcopy(base)
+    if method == "sparse":
+        apply_sparse(model, TARGETS, density=SPARSE_DENSITY)
+        if engine != "peft_kernels":  # the usual way: dense trainable weights, gradient x mask
+            _to_dense_grad_masking(model)
+        return model
     if engine == "peft_kernels":
         kwargs = {"quantize": "nf4"} if method == "qlora" else {"use_dora": method == "dora"}
         return apply_lora(model, TARGETS, r=r, alpha=alpha, dropout=dropout, **kwargs)
@@ -57,15 +64,36 @@ def _with_adapters(base, method, engine, r, alpha, dropout):
     return peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
 
 
+def _to_dense_grad_masking(model):
+    """Put the same masks back as dense-gradient masking: each SparseDeltaLinear becomes an
+    nn.Linear with a trainable weight whose full gradient is multiplied by the mask."""
+    from .nn.sparse import SparseDeltaLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, SparseDeltaLinear):
+            lin = mod.to_linear()
+            mask = torch.zeros(lin.weight.numel(), dtype=lin.weight.dtype, device=lin.weight.device)
+            mask[mod.delta_index.long()] = 1
+            lin.weight.requires_grad_(True)
+            lin.weight.register_hook(lambda g, m=mask.view_as(lin.weight): g * m)
+            lin.weight.masked_entries = mod.num_trainable
+            if lin.bias is not None:
+                lin.bias.requires_grad_(False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+
+
 def _peak_mib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, MiB
 
 
-def train(model, tokens, steps, batch, seq, lr, device, label, log_every):
+def train(model, tokens, steps, batch, seq, lr, device, label, log_every, sparse_optimizer=False):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    # weight_decay 0: dense-grad masking would otherwise decay every entry of its weights
+    opt = SparseAdamW(model, lr=lr, weight_decay=0.0) if sparse_optimizer else torch.optim.AdamW(
+        params, lr=lr, weight_decay=0.0)
     gen = torch.Generator(device="cpu").manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -90,14 +118,20 @@ def train(model, tokens, steps, batch, seq, lr, device, label, log_every):
     elapsed = time.perf_counter() - t0 if t0 else float("nan")
     return {"label": label, "first_loss": losses[0], "last_loss": losses[-1],
             "tokens_per_s": n_tok / elapsed if n_tok else None, "peak_mib": _peak_mib(device),
-            "trainable_params": sum(p.numel() for p in params)}
+            "trainable_params": _trainable(model)}
+
+
+def _trainable(model) -> int:
+    """Trained values: a dense-grad-masked weight counts only its masked entries."""
+    return sum(getattr(p, "masked_entries", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="peft-kernels demo", description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=METHODS, default="lora")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--compare-peft", action="store_true", help="also run the same with HF PEFT")
+    ap.add_argument("--compare-peft", action="store_true",
+                    help="also run the same with HF PEFT (sparse: with dense-gradient masking)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -107,7 +141,8 @@ def main(argv=None) -> list[dict]:
     hidden, layers, batch, seq = (1024, 4, 8, 512) if gpu else (128, 2, 4, 64)
     steps = args.steps or (60 if gpu else 30)
     dtype = torch.bfloat16 if gpu else torch.float32
-    print(f"demo: {args.method} r={args.r} on a LLaMA-shaped model (hidden {hidden}, {layers} layers, byte vocab) "
+    what = f"sparse {100 * SPARSE_DENSITY:g}%" if args.method == "sparse" else f"{args.method} r={args.r}"
+    print(f"demo: {what} on a LLaMA-shaped model (hidden {hidden}, {layers} layers, byte vocab) "
           f"— {device} {dtype}, batch {batch}x{seq}, {steps} steps"
           + ("" if gpu else " (CPU: small sizes; figures are CPU ones)"), flush=True)
     tokens = _text_tokens(device)
@@ -115,10 +150,12 @@ def main(argv=None) -> list[dict]:
     for p in base.parameters():
         p.requires_grad_(False)
     runs = []
-    engines = ["peft_kernels"] + (["HF PEFT"] if args.compare_peft else [])
+    other = "dense-grad masking" if args.method == "sparse" else "HF PEFT"
+    engines = ["peft_kernels"] + ([other] if args.compare_peft else [])
     for engine in engines:
         model = _with_adapters(base, args.method, engine, args.r, 2 * args.r, 0.05)
-        runs.append(train(model, tokens, steps, batch, seq, args.lr, device, engine, max(1, steps // 6)))
+        runs.append(train(model, tokens, steps, batch, seq, args.lr, device, engine, max(1, steps // 6),
+                          sparse_optimizer=args.method == "sparse" and engine == "peft_kernels"))
         del model
     rows = [[r["label"], r["trainable_params"], r["first_loss"], r["last_loss"], r["tokens_per_s"], r["peak_mib"]]
             for r in runs]

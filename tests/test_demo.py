@@ -6,7 +6,7 @@ pytest.importorskip("transformers")
 from peft_kernels.demo import main  # noqa: E402
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "sparse"])
 def test_demo_runs_and_loss_falls(method):
     runs = main(["--method", method, "--steps", "8", "--device", "cpu", "--lr", "1e-2"])
     assert len(runs) == 1 and runs[0]["trainable_params"] > 0
@@ -18,3 +18,14 @@ def test_demo_compare_peft():
     runs = main(["--method", "lora", "--steps", "3", "--device", "cpu", "--compare-peft"])
     assert [r["label"] for r in runs] == ["peft_kernels", "HF PEFT"]
     assert runs[0]["trainable_params"] == runs[1]["trainable_params"]
+
+
+def test_demo_sparse_compares_with_dense_grad_masking():
+    """Same masks, same optimizer math: SparseAdamW on compact deltas and torch AdamW on dense
+    weights with masked gradients train the same number of values to nearly the same loss."""
+    runs = main(["--method", "sparse", "--steps", "3", "--device", "cpu", "--compare-peft"])
+    assert [r["label"] for r in runs] == ["peft_kernels", "dense-grad masking"]
+    assert runs[0]["trainable_params"] == runs[1]["trainable_params"]
+    moved = runs[1]["first_loss"] - runs[1]["last_loss"]
+    assert moved > 1e-3 * runs[1]["first_loss"]  # training moved the loss far more than the tolerance
+    assert abs(runs[0]["last_loss"] - runs[1]["last_loss"]) < 1e-5 * runs[1]["last_loss"]

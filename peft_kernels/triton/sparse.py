@@ -1,15 +1,15 @@
 """Triton kernels for sparse deltas (layout: peft_kernels.sparse.layout).
 
 sddmm (dW at the delta's positions only; never an [out, in] buffer), by mask kind and density:
-- block masks: one program per masked block, dY[:, rows]^T @ X[:, cols] on tensor cores over
-  all M tokens; unmasked blocks cost nothing.
+- block masks: one program per masked block and token slice, dY[:, rows]^T @ X[:, cols] on
+  tensor cores; unmasked blocks cost nothing.
 - unstructured, dense enough that every weight tile holds entries (>= GATHER_MAX_DENSITY):
   "panel": dW for a panel of weight rows at a time on cuBLAS into a bounded fp32 workspace, and
   only the panel's entries read out (a first in-kernel tile version ran at 1/8 of cuBLAS).
 - unstructured, very sparse: "gather_t": dY and X transposed once (a tiled Triton transpose), then
   each program takes E entries and accumulates sum_m dY^T[row_e, m] * X^T[col_e, m] from
-  contiguous vectors on CUDA cores. "gather" does the same on the row-major operands (one 32-byte
-  sector per 2-byte element; kept as the measured baseline).
+  contiguous vectors on CUDA cores (on the row-major operands every element cost a 32-byte sector:
+  3.5-30x slower, measured).
 sparse_adamw: one pass over the k entries: AdamW with per-entry step counts, the fp32 moments,
 the delta values, and the merged weight W[pos] = base + delta.
 """
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .lora import _mm
 
-FORCE_METHOD = None  # "panel" | "gather_t" | "gather": overrides the density rule (benchmarks)
+FORCE_METHOD = None  # "panel" | "gather_t": overrides the density rule (benchmarks)
 PANEL_ELEMENTS = 4 * 1024 * 1024  # fp32 workspace of the panel method (16 MiB)
 GATHER_T_CONFIG = dict(BT=256, E=32, num_warps=8)  # best of the H100 sweep
 MAX_BLOCK_SIDE = 128  # larger blocks go to batched cuBLAS (see sddmm)
@@ -62,29 +62,11 @@ def _sddmm_block_kernel(gy_ptr, x_ptr, block_r_ptr, block_c_ptr, out_ptr, M, m_p
 
 
 @triton.jit
-def _sddmm_gather_kernel(gy_ptr, x_ptr, index_ptr, out_ptr, M, k, in_f, stride_gm, stride_xm,
-                         BT: tl.constexpr, E: tl.constexpr):
-    es = tl.program_id(0) * E + tl.arange(0, E)
-    e_ok = es < k
-    flat = tl.load(index_ptr + es, mask=e_ok, other=0).to(tl.int64)
-    rows = flat // in_f
-    cols = flat % in_f
-    acc = tl.zeros((E,), dtype=tl.float32)
-    for m0 in range(0, M, BT):
-        ms = (m0 + tl.arange(0, BT)).to(tl.int64)
-        ok = (ms < M)[:, None] & e_ok[None, :]
-        g = tl.load(gy_ptr + ms[:, None] * stride_gm + rows[None, :], mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        acc += tl.sum(g * x, axis=0)
-    tl.store(out_ptr + es, acc, mask=e_ok)
-
-
-@triton.jit
 def _sddmm_gather_t_kernel(gt_ptr, xt_ptr, index_ptr, out_ptr, M, k, in_f,
                            BT: tl.constexpr, E: tl.constexpr):
-    """Like _sddmm_gather_kernel but on transposed operands dY^T [out, M], X^T [in, M]: each
-    entry's two vectors are contiguous, so every load is coalesced (the row-major version reads
-    one 32-byte sector per 2-byte element of X)."""
+    """Each program takes E entries and accumulates sum_m dY^T[row_e, m] * X^T[col_e, m] on CUDA
+    cores. The operands are transposed first so each entry's two vectors are contiguous: on the
+    row-major ones every element costs a 32-byte sector (measured 3.5-30x slower, see NOTES)."""
     es = tl.program_id(0) * E + tl.arange(0, E)
     e_ok = es < k
     flat = tl.load(index_ptr + es, mask=e_ok, other=0).to(tl.int64)
@@ -175,7 +157,7 @@ def _tile_side(n: int) -> int:
 
 def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, block, method=None) -> torch.Tensor:
     """Same contract as peft_kernels.reference.sparse.sddmm (fp32 result). ``method``:
-    "tile" | "gather" | "gather_t" | None (by density) — for tests and benchmarks."""
+    "panel" | "gather_t" | None (by density) — for tests and benchmarks."""
     M = x.shape[0]
     k = index.numel()
     ieee = x.dtype == torch.float32
@@ -220,12 +202,7 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
         _sddmm_gather_t_kernel[(triton.cdiv(k, cfg["E"]),)](gt, xt, index, out, M, k, shape[1], BT=cfg["BT"],
                                                             E=cfg["E"], num_warps=cfg["num_warps"])
         return out
-    if method != "gather":
-        raise ValueError(f"sddmm: method must be 'panel', 'gather_t' or 'gather', got {method!r}")
-    E = 64
-    _sddmm_gather_kernel[(triton.cdiv(k, E),)](grad_y, x, index, out, M, k, shape[1], grad_y.stride(0),
-                                               x.stride(0), BT=32, E=E, num_warps=4)
-    return out
+    raise ValueError(f"sddmm: method must be 'panel' or 'gather_t', got {method!r}")
 
 
 @triton.jit

