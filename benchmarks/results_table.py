@@ -1,4 +1,5 @@
-"""Regenerate README.md's results section from benchmarks/results/lora_*.json.
+"""Regenerate README.md's results section from benchmarks/results/*.json (the LoRA, QLoRA and
+sparse fwd+bwd benchmarks, and the LoRA backends side by side).
 
     python benchmarks/results_table.py            # rewrite the block between the README markers
     python benchmarks/results_table.py --print    # print it only
@@ -46,9 +47,45 @@ def lora_table(path: Path) -> str:
     return caption + "\n\n" + "\n".join(lines)
 
 
+def case_rows_table(path: Path) -> str:
+    """One row per (shape, case): for benchmarks whose cases differ per op (QLoRA, sparse)."""
+    data = json.loads(path.read_text())
+    env, cfg = data["env"], data["config"]
+    lines = ["| M×K→N | case | ms | / floor | graphed / floor | peak extra MiB |", "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        g = f"{r['graphed_ratio']:.2f}×" if r.get("graphed_ratio") else "—"
+        mem = "—" if r.get("peak_extra_mib") is None else f"{r['peak_extra_mib']:.0f}"
+        lines.append(f"| {_shape(r)} | {r['case']} | {r['ms']:.3f} | {r['ratio']:.2f}× | {g} | {mem} |")
+    caption = (f"`{path.relative_to(ROOT)}` ({data['benchmark']}): {env['device']}, torch {env['torch']}, "
+               f"triton {env['triton']}; {cfg['dtype']}; {cfg['timing']}, {env['date']}.")
+    return caption + "\n\n" + "\n".join(lines)
+
+
+def backends_table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    env = data["env"]
+    by = {(r["M"], r["mode"], r["case"]): r for r in data["rows"]}
+    keys = list(dict.fromkeys((r["M"], r["mode"]) for r in data["rows"]))
+    lines = ["| M (4096→4096) | mode | floor ms | triton | cuda |", "|---|---|---|---|---|"]
+    for M, mode in keys:
+        cells = [f"{by[(M, mode, c)]['ratio']:.2f}×" for c in ("triton", "cuda")]
+        lines.append(f"| {M} | {mode} | {by[(M, mode, 'floor')]['ms']:.3f} | {cells[0]} | {cells[1]} |")
+    caption = (f"`{path.relative_to(ROOT)}` (lora_linear, backend by backend): {env['device']}, torch "
+               f"{env['torch']}; bf16, r=16, p=0.05, eager launch, {env['date']}.")
+    return caption + "\n\n" + "\n".join(lines)
+
+
 def block() -> str:
-    files = sorted((ROOT / "benchmarks" / "results").glob("lora_*.json"))
-    tables = [lora_table(p) for p in files if json.loads(p.read_text()).get("benchmark") == "lora_linear fwd+bwd"]
+    tables = []
+    for p in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        data = json.loads(p.read_text())
+        kind = data.get("benchmark")
+        if kind == "lora_linear fwd+bwd":
+            tables.append(lora_table(p))
+        elif kind in ("qlora_linear fwd+bwd", "sparse_delta_linear fwd+bwd"):
+            tables.append(case_rows_table(p))
+        elif p.name.startswith("lora_backends"):
+            tables.append(backends_table(p))
     return "\n\n".join(tables) if tables else "No results committed yet."
 
 
