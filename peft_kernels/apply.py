@@ -8,7 +8,7 @@ from torch import nn
 
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
-from .nn.qlora import QLoRALinear
+from .nn.qlora import QDoRALinear, QLoRALinear
 from .nn.sparse import SparseDeltaLinear
 
 
@@ -60,18 +60,16 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     place). target_modules: a list of names/suffixes (e.g. ["q_proj", "v_proj"]), a regex
     string, or "all-linear" (every nn.Linear except one named lm_head / the output layer).
     quantize="nf4" | "fp4" stores each targeted base weight in 4 bits (QLoRALinear; the
-    full-precision weight is released); use_dora=True makes DoRALinear layers (not with quantize
-    yet). Raises ValueError if nothing matches."""
+    full-precision weight is released); use_dora=True makes DoRALinear layers (QDoRALinear with
+    quantize). Raises ValueError if nothing matches."""
     if quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"apply_lora: quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
-    if use_dora and quantize is not None:
-        raise ValueError("apply_lora: use_dora with quantize is not supported yet")
     for parent, child, linear in _targets("apply_lora", model, target_modules):
         if quantize is None:
             cls = DoRALinear if use_dora else LoRALinear
             new = cls.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
         else:
-            new = QLoRALinear.from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout,
+            new = (QDoRALinear if use_dora else QLoRALinear).from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout,
                                           use_rslora=use_rslora, backend=backend)
         setattr(parent, child, new)
     return model

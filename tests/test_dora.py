@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 import peft_kernels
-from peft_kernels.nn import DoRALinear
-from peft_kernels.ops.dora import dora_weight_norm
+from peft_kernels.nn import DoRALinear, QDoRALinear
+from peft_kernels.ops.dora import dora_weight_norm, weight_row_sq
+from peft_kernels.quant import NF4Weight
 from peft_kernels.reference.lora import dropped
 
 peft = pytest.importorskip("peft")
@@ -109,8 +110,53 @@ def test_apply_lora_use_dora_and_errors():
     peft_kernels.apply_lora(model, ["0"], r=2, use_dora=True)
     assert isinstance(model[0], DoRALinear)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "0.magnitude"}
-    with pytest.raises(ValueError, match="use_dora with quantize is not supported yet"):
-        peft_kernels.apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], use_dora=True, quantize="nf4")
+    qmodel = peft_kernels.apply_lora(nn.Sequential(nn.Linear(64, 8)), ["0"], r=2, use_dora=True, quantize="nf4")
+    assert isinstance(qmodel[0], QDoRALinear)
+    assert {n for n, p in qmodel.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "0.magnitude"}
+    q = qmodel[0].qweight
+    assert torch.allclose(qmodel[0].magnitude, q.dequantize(torch.float32).norm(dim=1), rtol=1e-6)
+    x = torch.randn(3, 64)
+    assert torch.allclose(qmodel(x), peft_kernels.quant_linear(x, q, qmodel[0].bias), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"peft_kernels.dora_linear: magnitude must be \[4\]"):
         peft_kernels.dora_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(1, 3), torch.randn(4, 1),
                                  torch.randn(5))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_row_sq_of_a_4bit_weight_is_the_dequantized_one(nested, monkeypatch):
+    """‖W_i‖² decoded window by window (several windows, odd in: bytes straddle rows) equals
+    the norm of the whole dequantized weight."""
+    import peft_kernels.ops.dora as dora_ops
+
+    monkeypatch.setattr(dora_ops, "ROW_WINDOW", 4)
+    q = NF4Weight.from_float(torch.randn(13, 37), blocksize=64, double_quant=nested)
+    ref = torch.linalg.vector_norm(q.dequantize(torch.float32), dim=1).square()
+    assert torch.equal(weight_row_sq(q), ref)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_over_4bit_equals_dora_over_the_dequantized_weight(p, bias):
+    """QDoRA (the 4-bit base products) against the PEFT-verified dense form on deq(W), same seed:
+    outputs and gradients of x, A, B and magnitude, float64 oracle, the tolerance idiom."""
+    from helpers import FLOOR, rel_err
+
+    torch.manual_seed(0)
+    q = NF4Weight.from_float(torch.randn(29, 40) * 0.2, blocksize=64)
+    w = q.dequantize(torch.float32)
+    x, a, b = torch.randn(3, 5, 40), torch.randn(4, 40) * 0.2, torch.randn(29, 4) * 0.2
+    mag, bias_t = torch.rand(29) + 0.5, (torch.randn(29) if bias else None)
+    gy = torch.randn(3, 5, 29)
+
+    def run(weight, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, a, b, mag)]
+        y = peft_kernels.dora_linear(leaves[0], weight, *leaves[1:3], leaves[3], None if bias_t is None else
+                                     bias_t.to(dt), scaling=1.5, dropout_p=p, seed=11)
+        y.backward(gy.to(dt))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    ours = run(q, torch.float32)
+    dense = run(w, torch.float32)
+    exact = run(w.double(), torch.float64)
+    for name, o, d, e in zip(["y", "dx", "dA", "dB", "dmag"], ours, dense, exact):
+        assert rel_err(o, e) <= max(2 * rel_err(d, e), FLOOR[torch.float32]), name

@@ -213,3 +213,28 @@ def test_patched_qlora_over_bnb_linear4bit_matches_unpatched():
     assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
     for n in g0:
         assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_patched_qdora_over_bnb_linear4bit_matches_unpatched(dropout):
+    """DoRA over a bnb 4-bit base: bnb's bytes read as they are, the magnitude and every adapter
+    gradient equal to PEFT's own DoRA forward (which dequantizes the whole weight)."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Bnb4bitNet(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                              use_dora=True, lora_dropout=dropout))
+    nn.init.normal_(model.base_model.model.q_proj.lora_B["default"].weight, std=0.1)
+    model.train()
+    x = torch.randn(5, 32)
+    torch.manual_seed(1)
+    y0, gx0, g0 = _run(model, x) if dropout == 0 else (None, None, None)
+    report = peft_kernels.patch_peft_model(model)
+    assert report.patched == ["base_model.model.q_proj"], str(report)
+    if dropout:  # the masks differ between PEFT's nn.Dropout and ours: check ours runs and trains
+        y1, gx1, g1 = _run(model, x)
+        assert torch.isfinite(y1).all() and any(k.endswith("lora_magnitude_vector.default.weight") for k in g1)
+        return
+    y1, gx1, g1 = _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    assert g0.keys() == g1.keys() and any("magnitude" in k for k in g0)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n

@@ -72,3 +72,21 @@ def test_matmul_4bit_paths_match_cublas_on_dequantized(path, transpose):
     out = matmul_4bit(a, *q.parts(), transpose=transpose, path=path).double()
     err, eager_err = (out - ref).norm() / ref.norm(), (eager - ref).norm() / ref.norm()
     assert err <= 2 * eager_err + 1e-6
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_qdora_matches_dora_on_the_dequantized_weight(p):
+    """DoRA over an NF4 base on the GPU kernels against the dense DoRA on deq(W), bf16."""
+    from helpers import rel_err
+
+    q = NF4Weight.from_float(torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16) * 0.02)
+    w = q.dequantize()
+    x = torch.randn(512, 2048, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(1024, 16, device="cuda", dtype=torch.bfloat16) * 0.02
+    mag = torch.rand(1024, device="cuda", dtype=torch.bfloat16) + 0.5
+    kw = dict(scaling=2.0, dropout_p=p, seed=5)
+    ref = peft_kernels.dora_linear(x.double(), w.double(), a.double(), b.double(), mag.double(), **kw)
+    ours = peft_kernels.dora_linear(x, q, a, b, mag, **kw)
+    dense = peft_kernels.dora_linear(x, w, a, b, mag, **kw)
+    assert rel_err(ours, ref) <= max(2 * rel_err(dense, ref), 1.6e-2)

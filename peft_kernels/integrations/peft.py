@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..ops.dora import dora_linear
+from ..ops.dora import dora_linear, weight_row_sq
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
 from ..quant.bnb4bit import FP4Weight, NF4Weight
@@ -62,8 +62,6 @@ def _static_reason(layer) -> str | None:
         variant = getattr(layer, "lora_variant", {}).get(name)
         if variant is not None and type(variant).__name__ != "DoraLinearVariant":
             return f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (only DoRA is supported)"
-        if variant is not None and four_bit:
-            return f"adapter {name!r} is DoRA over a 4-bit base (not supported yet)"
         if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
             return f"adapter {name!r} has lora_bias=True"
         if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
@@ -73,6 +71,7 @@ def _static_reason(layer) -> str | None:
 
 def _fused_forward(layer, original):
     warned = []
+    row_sq = {}  # ‖W_i‖² of a frozen 4-bit base, computed once (QDoRA)
 
     def forward(x, *args, **kwargs):
         active = [a for a in layer.active_adapters if a in layer.lora_A]
@@ -87,8 +86,17 @@ def _fused_forward(layer, original):
         if fmt is not None:  # bnb computes in its compute_dtype and returns x's dtype
             dtype = base.compute_dtype or x.dtype
             bias = base.bias.to(dtype) if base.bias is not None else None
-            y = qlora_linear(x.to(dtype), fmt.from_bnb(base.weight), layer.lora_A[name].weight,
-                             layer.lora_B[name].weight, bias, **op_kwargs)
+            q = fmt.from_bnb(base.weight)
+            args4 = (x.to(dtype), q, layer.lora_A[name].weight, layer.lora_B[name].weight)
+            if name in getattr(layer, "lora_variant", {}):  # DoRA over the 4-bit base (QDoRA)
+                key = base.weight.data_ptr()
+                if key not in row_sq:
+                    row_sq.clear()
+                    row_sq[key] = weight_row_sq(q)
+                y = dora_linear(*args4, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=row_sq[key],
+                                **op_kwargs)
+            else:
+                y = qlora_linear(*args4, bias, **op_kwargs)
             return y.to(x.dtype)
         weight, bias = base.weight, base.bias
         if torch.is_autocast_enabled(x.device.type):

@@ -1,9 +1,11 @@
-"""QLoRALinear: a LoRA adapter over a frozen 4-bit (NF4/FP4, bitsandbytes format) base weight."""
+"""QLoRALinear / QDoRALinear: a LoRA (or DoRA) adapter over a frozen 4-bit (NF4/FP4, bitsandbytes
+format) base weight."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..ops.dora import dora_linear, dora_weight_norm, weight_row_sq
 from ..ops.qlora import qlora_linear
 from ..quant.bnb4bit import Bnb4bitWeight, FP4Weight, NF4Weight
 from ._adapter import LoRAAdapter
@@ -71,3 +73,21 @@ class QLoRALinear(LoRAAdapter):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, format={self._format.__name__}, "
                 f"blocksize={self._meta[2]}, double_quant={self.qweight_absmax2 is not None}")
+
+
+class QDoRALinear(QLoRALinear):
+    """DoRA over a 4-bit base (QDoRA): y = m / ‖W + s·B·A‖_row ⊙ (x Wᵀ + s·dropout(x) Aᵀ Bᵀ) + b
+    with W in NF4/FP4 (peft_kernels.dora_linear's 4-bit form). ``magnitude`` [out] starts at
+    ‖W‖_row; ‖W_i‖² of the frozen base is computed once (buffer ``weight_row_sq``)."""
+
+    def __init__(self, qweight: Bnb4bitWeight, bias: torch.Tensor | None = None, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto"):
+        super().__init__(qweight, bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
+        self.register_buffer("weight_row_sq", weight_row_sq(qweight))
+        norm = dora_weight_norm(qweight, self.lora_A, self.lora_B, self.scaling, self.weight_row_sq)
+        self.magnitude = nn.Parameter(norm.to(qweight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dora_linear(x, self.qweight, self.lora_A, self.lora_B, self.magnitude, self.bias,
+                           scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
+                           weight_row_sq=self.weight_row_sq)

@@ -10,46 +10,95 @@ plain PyTorch ops with the library's counter-based mask, so it is exact but not 
 The row norm never builds the out×in matrix W + s·B·A:
     ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·Σ_j (W Aᵀ)_ij B_ij + s²·Σ_j (B (A Aᵀ))_ij B_ij
 needs only W·Aᵀ [out, r] and A·Aᵀ [r, r] (arXiv 2603.22276 / PEFT PR #3387).
+
+Over a 4-bit base (``weight`` an NF4Weight/FP4Weight, QDoRA): the base products run on
+quant_linear / qlora_linear, W·Aᵀ is quant_linear(A, W)ᵀ (M = r rows), and ‖W_i‖², constant for a
+frozen W, is computed once by row windows (``weight_row_sq``, cached by QDoRALinear).
 """
 from __future__ import annotations
 
 import torch
 
+from ..quant.bnb4bit import Bnb4bitWeight
 from ..reference.lora import dropped
 from . import _checks
 from .lora import _validate, apply_validated
+from .qlora import qlora_linear
+from .quant_linear import quant_linear
 
 OP = "dora_linear"
+ROW_WINDOW = 256  # rows of a 4-bit weight dequantized at a time for ‖W_i‖²
 
 
-def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def weight_row_sq(weight, acc: torch.dtype = torch.float32) -> torch.Tensor:
+    """‖W_i‖² per output row in ``acc``, for a dense weight or a 4-bit one (decoded ROW_WINDOW
+    rows at a time, bitsandbytes' exact values: never the whole full-precision weight)."""
+    with torch.no_grad():
+        if not isinstance(weight, Bnb4bitWeight):
+            return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+        out_f = weight.shape[0]
+        return torch.cat([torch.linalg.vector_norm(_dequantize_rows(weight, r0, min(ROW_WINDOW, out_f - r0), acc),
+                                                   dim=1, dtype=acc).square()
+                          for r0 in range(0, out_f, ROW_WINDOW)])
+
+
+def _dequantize_rows(q: Bnb4bitWeight, r0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """W[r0:r0+rows] of a 4-bit weight, [rows, in] in ``dtype``."""
+    in_f = q.shape[1]
+    if q.packed.is_cuda:
+        from ..triton.quant_matmul import dequantize_window
+
+        out = torch.empty((rows, in_f), dtype=dtype, device=q.packed.device)
+        return dequantize_window(*q.parts(), r0, rows, 0, in_f, out)
+    # CPU: bnb's rule on the flat range of these rows (a byte may straddle two rows when in is odd)
+    start, stop = r0 * in_f, (r0 + rows) * in_f
+    idx = torch.arange(start, stop)
+    block = idx // q.blocksize
+    absmax = q.absmax[block].float() if q.absmax2 is None else (
+        q.code2[q.absmax[block].long()] * q.absmax2[block // 256] + q.offset)
+    byte = q.packed.reshape(-1)[idx // 2].long()
+    nibble = torch.where(idx % 2 == 0, byte >> 4, byte & 0xF)
+    return (q.code[nibble] * absmax).to(dtype).view(rows, in_f)
+
+
+def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     row_sq: torch.Tensor | None = None) -> torch.Tensor:
     """‖W + scaling·B·A‖ per output row, [out] in fp32 (fp64 for fp64 inputs), detached, via the
-    factorization above. W is read in its own dtype (an fp32-accumulating row reduction and one
-    GEMM with Aᵀ): only [out, r] and [r, r] temporaries, no out×in one."""
+    factorization above. W (dense, or an NF4Weight/FP4Weight) is read in its own dtype: only
+    [out, r] and [r, r] temporaries, no out×in one. ``row_sq``: ‖W_i‖² if already known."""
     with torch.no_grad():
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        w_sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
-        wa = (weight @ lora_A.to(weight.dtype).T).to(acc)
+        w_sq = weight_row_sq(weight, acc) if row_sq is None else row_sq.to(acc)
+        if isinstance(weight, Bnb4bitWeight):
+            wa = quant_linear(lora_A.to(weight.dtype), weight).T.to(acc)
+        else:
+            wa = (weight @ lora_A.to(weight.dtype).T).to(acc)
         a, b = lora_A.to(acc), lora_B.to(acc)
         cross = (wa * b).sum(1)
         quad = ((b @ (a @ a.T)) * b).sum(1)
         return (w_sq + 2 * scaling * cross + scaling**2 * quad).clamp_min(0).sqrt()
 
 
-def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
                 magnitude: torch.Tensor, bias: torch.Tensor | None = None, *, scaling: float = 1.0,
                 dropout_p: float = 0.0, training: bool = True, seed: int | None = None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", weight_row_sq: torch.Tensor | None = None) -> torch.Tensor:
     """DoRA linear layer (HF PEFT semantics). Shapes as lora_linear, plus magnitude [out].
 
-    Gradients flow to x, lora_A, lora_B and magnitude (the row norm is detached, as in PEFT).
+    ``weight``: the frozen [out, in] tensor, or an NF4Weight/FP4Weight (QDoRA: the base products
+    run on the 4-bit kernels; pass ``weight_row_sq`` = ‖W_i‖², e.g. from weight_row_sq(), to skip
+    recomputing it every call). Gradients flow to x, lora_A, lora_B and magnitude (the row norm
+    is detached, as in PEFT).
     """
+    if isinstance(weight, Bnb4bitWeight):
+        return _qdora_linear(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed,
+                             backend, weight_row_sq)
     backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op=OP)
     _checks.check_tensor(magnitude, "magnitude", OP, 1)
     if magnitude.shape[0] != weight.shape[0]:
         _checks.fail(OP, f"magnitude must be [{weight.shape[0]}], got {list(magnitude.shape)}")
     _checks.check_same_device(OP, x=x, magnitude=magnitude)
-    norm = dora_weight_norm(weight, lora_A, lora_B, float(scaling))
+    norm = dora_weight_norm(weight, lora_A, lora_B, float(scaling), weight_row_sq)
     mn = (magnitude / norm).to(x.dtype)
     p = float(dropout_p) if training else 0.0
     if p == 0.0:
@@ -65,4 +114,29 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
             + mn * lora_out * scaling)
 
 
-__all__ = ["dora_linear", "dora_weight_norm"]
+def _check_magnitude(magnitude, out_features, x):
+    _checks.check_tensor(magnitude, "magnitude", OP, 1)
+    if magnitude.shape[0] != out_features:
+        _checks.fail(OP, f"magnitude must be [{out_features}], got {list(magnitude.shape)}")
+    _checks.check_same_device(OP, x=x, magnitude=magnitude)
+
+
+def _qdora_linear(x, q, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed, backend, row_sq):
+    """DoRA over a 4-bit base: the same two forms as dora_linear, base products on the 4-bit ops
+    (which validate x, the adapter and bias)."""
+    _check_magnitude(magnitude, q.shape[0], x)
+    _checks.check_scalar(scaling, "scaling", OP)
+    norm = dora_weight_norm(q, lora_A, lora_B, float(scaling), row_sq)
+    mn = (magnitude / norm).to(x.dtype)
+    p = float(dropout_p) if training else 0.0
+    if p == 0.0:
+        y = qlora_linear(x, q, lora_A, lora_B, None, scaling=scaling, dropout_p=0.0, backend=backend) * mn
+        return y + bias if bias is not None else y
+    seed_v = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+    xd = dropped(x.reshape(-1, q.shape[1]), p, seed_v).reshape(x.shape)
+    lora_out = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A.to(x.dtype)), lora_B.to(x.dtype))
+    return (quant_linear(x, q, bias, backend=backend) + (mn - 1) * quant_linear(xd, q, backend=backend)
+            + mn * lora_out * scaling)
+
+
+__all__ = ["dora_linear", "dora_weight_norm", "weight_row_sq"]
