@@ -1,8 +1,11 @@
 """The `peft-kernels` command.
 
     peft-kernels info            versions, devices, which backends run here and why others do not
-    peft-kernels bench [...]     LoRA fwd+bwd benchmark (ratios to the frozen floor); --help for options
-    peft-kernels demo [...]      fine-tune a small LLaMA-shaped model: lora | qlora | dora, --compare-peft
+    peft-kernels bench [--op lora|qlora|sparse|model] [...]
+                                 fwd+bwd benchmarks as ratios to the frozen floor (default: LoRA);
+                                 --op model: the whole-model step; --help for each one's options
+    peft-kernels demo [...]      fine-tune a small LLaMA-shaped model: lora | qlora | dora | sparse,
+                                 --compare-peft
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="peft-kernels", description="Fused kernels for parameter-efficient fine-tuning")
     parser.add_argument("command", choices=["info", "bench", "demo"],
-                        help="info: what runs here; bench: LoRA benchmark; demo: a small fine-tune")
+                        help="info: what runs here; bench: benchmarks (--op); demo: a small fine-tune")
     args, rest = parser.parse_known_args(argv[:1])
     if args.command == "info":
         return _info(rest)
@@ -47,9 +50,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         # Run the Triton kernels interpreted too (must be chosen before triton is imported).
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .bench import lora
+    ops = argparse.ArgumentParser(add_help=False)
+    ops.add_argument("--op", choices=["lora", "qlora", "sparse", "model"], default="lora")
+    chosen, rest = ops.parse_known_args(argv[1:])
+    if "-h" in rest or "--help" in rest:
+        print(f"peft-kernels bench --op {{lora,qlora,sparse,model}} (this is --op {chosen.op}):\n")
+    import importlib
 
-    return lora.main(argv[1:])
+    return importlib.import_module(f".bench.{chosen.op}", __package__).main(rest)
 
 
 if __name__ == "__main__":

@@ -204,11 +204,49 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
-def report(payload: dict, out: str | None):
-    """Print the device line and the results table; write the JSON when ``out`` is given."""
+def plot(payload: dict, path: str):
+    """A PNG bar chart of every case's time / floor (hatched: CUDA-graphed), one group per shape."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'peft_kernels[bench]'") from None
+    results = payload["results"]
+    shapes = list(dict.fromkeys(f"{r['M']}x{r['K']}->{r['N']}" for r in results)) if "M" in results[0] else [""]
+    cases = list(dict.fromkeys(r["case"] for r in results))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes) * max(1, len(cases)) / 3), 4.5))
+    width = 0.8 / len(cases)
+    for i, case in enumerate(cases):
+        for j, shape in enumerate(shapes):
+            r = next((r for r in results if r["case"] == case and (not shape or
+                      f"{r['M']}x{r['K']}->{r['N']}" == shape)), None)
+            if r is None:
+                continue
+            x = j + i * width
+            ax.bar(x, r["ratio"], width, color=f"C{i}", label=case if j == 0 else None)
+            if r.get("graphed_ratio"):
+                ax.bar(x, r["graphed_ratio"], width, color="none", edgecolor="k", hatch="//")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
+    ax.set_ylabel("time / frozen floor")
+    env = payload["env"]
+    ax.set_title(f"{payload.get('benchmark', '')} — {env['device']}, torch {env['torch']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(payload: dict, out: str | None, plot_path: str | None = None):
+    """Print the device line and the results table; write the JSON when ``out`` is given and a PNG
+    chart when ``plot_path`` is."""
     env = payload["env"]
     print(f"\n{env['device']} — torch {env['torch']}, triton {env['triton']}")
     print(results_table(payload))
     if out:
         write_json(out, payload)
         print(f"wrote {out}")
+    if plot_path:
+        plot(payload, plot_path)
+        print(f"wrote {plot_path}")

@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list, e.g. 8192x4096x4096")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     ap.add_argument("--out", default=None, help="write the JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -115,5 +116,5 @@ def main(argv=None) -> int:
               "TRITON_INTERPRET=1, when set) on small fp32 shapes. These are CPU figures, not the GPU "
               "kernels' speed.", file=sys.stderr)
     payload = run(device, shapes, reps, include_compile=not args.no_compile and device.type == "cuda")
-    harness.report(payload, args.out)
+    harness.report(payload, args.out, args.plot)
     return 0

@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list")
     ap.add_argument("--forward-only", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -87,5 +88,5 @@ def main(argv=None) -> int:
                                  device, reps)
     payload["benchmark"] = "qlora_linear " + ("forward" if args.forward_only else "fwd+bwd")
     payload["config"].update(dtype=str(dtype), r=RANK, alpha=ALPHA, dropout=P, quant="nf4, blocksize 64, double")
-    harness.report(payload, args.out)
+    harness.report(payload, args.out, args.plot)
     return 0

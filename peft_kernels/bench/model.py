@@ -1,0 +1,143 @@
+"""Whole-model step (ANCHORS.md): a LLaMA-3-8B-shaped decoder, 4 layers, batch 2 x 2048 tokens,
+adapters r=16 on q, k, v, o, gate, up, down; sdpa attention; loss + backward. Cases: every weight
+frozen (the floor), HF PEFT LoRA (p = 0 and 0.05), DoRA (p = 0.05) and QLoRA over bitsandbytes NF4
+(when bnb runs here), each unpatched and patched by peft_kernels.patch_peft_model. The input
+embeddings require grad in every case, so backward runs through all layers even in the floor.
+
+    python benchmarks/bench_model.py --out benchmarks/results/model_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+
+from . import harness
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPU_CFG = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+               num_attention_heads=32, num_key_value_heads=8, batch=2, seq=2048)
+CPU_CFG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, batch=2, seq=32)
+
+
+def _base(cfg, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model_cfg = {k: v for k, v in cfg.items() if k not in ("batch", "seq")}
+    model = LlamaForCausalLM(LlamaConfig(**model_cfg, max_position_embeddings=max(4096, cfg["seq"]),
+                                         attn_implementation="sdpa")).to(device=device, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _to_bnb_nf4(model, dtype):
+    """Replace the targeted Linears by bitsandbytes NF4 Linear4bit (quantized on the GPU)."""
+    import bitsandbytes as bnb
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in TARGETS:
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None, compute_dtype=dtype,
+                                  quant_type="nf4", device="cpu")
+            q.weight = bnb.nn.Params4bit(mod.weight.detach().cpu(), requires_grad=False, quant_type="nf4")
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, q.to(mod.weight.device))
+    return model
+
+
+def _adapted(base, method, p, patched, dtype):
+    import peft
+
+    model = copy.deepcopy(base)
+    if method == "qlora":
+        model = _to_bnb_nf4(model, dtype)
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=TARGETS, use_dora=method == "dora")
+    model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
+    for n, prm in model.named_parameters():
+        if prm.requires_grad:
+            prm.data = prm.data.to(dtype)
+            if "lora_B" in n:
+                torch.nn.init.normal_(prm, std=0.02)  # a trained adapter, not zeros
+    if patched:
+        report = __import__("peft_kernels").patch_peft_model(model)
+        if report.skipped:
+            print(f"\n  ({len(report.skipped)} layers left unpatched: {next(iter(report.skipped.values()))})",
+                  file=sys.stderr)
+    return model
+
+
+def run(cfg, device, dtype, reps, methods):
+    ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    base = _base(cfg, device, dtype)
+    with torch.no_grad():
+        embeds = base.get_input_embeddings()(ids)
+    plan = [("all weights frozen (floor)", None, 0.0, False)]
+    for method, p in methods:
+        for patched in (False, True):
+            who = "peft_kernels (patched PEFT)" if patched else "HF PEFT"
+            plan.append((f"{who} {method} p={p:g}", method, p, patched))
+    rows, floor = [], None
+    prog = harness.Progress(len(plan), "model")
+    for label, method, p, patched in plan:
+        prog.step(label)
+        try:
+            model = base if method is None else _adapted(base, method, p, patched, dtype)
+        except Exception as exc:  # e.g. bitsandbytes without a GPU: recorded, not hidden
+            print(f"\n  ({label} skipped: {type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
+            continue
+        model.train()
+        x = embeds.detach().clone().requires_grad_()
+
+        def step():
+            x.grad = None
+            model.zero_grad(set_to_none=True)
+            model(inputs_embeds=x, labels=ids).loss.backward()
+
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        ms = harness.time_ms(step, device, warmup=3 if device.type == "cuda" else 1, reps=reps)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        floor = ms if method is None else floor
+        rows.append({"case": label, "ms": ms, "ratio": ms / floor, "peak_gib": peak})
+        if model is not base:
+            del model
+    return {"env": harness.environment(device), "benchmark": "whole-model step",
+            "config": {**cfg, "dtype": str(dtype), "r": 16, "alpha": 32, "targets": TARGETS, "reps": reps,
+                       "timing": "median of reps, CUDA events" if device.type == "cuda" else "median wall clock (CPU)",
+                       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+            "results": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_model", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--no-qlora", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    cfg = dict(GPU_CFG if gpu else CPU_CFG)
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    if not gpu:
+        print("No CUDA device: a tiny LLaMA-shaped model on CPU (fp32); these are CPU figures.", file=sys.stderr)
+    methods = [("lora", 0.0), ("lora", 0.05), ("dora", 0.05)] + ([] if args.no_qlora or not gpu else [("qlora", 0.05)])
+    payload = run(cfg, device, torch.bfloat16 if gpu else torch.float32, args.reps or (10 if gpu else 2), methods)
+    print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}")
+    print(harness.markdown_table(["case", "step ms", "/ floor", "peak GiB"],
+                                 [[r["case"], r["ms"], f"{r['ratio']:.2f}x",
+                                   None if r["peak_gib"] is None else round(r["peak_gib"], 2)]
+                                  for r in payload["results"]]))
+    if args.out:
+        harness.write_json(args.out, payload)
+        print(f"wrote {args.out}")
+    return 0
