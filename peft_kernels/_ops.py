@@ -79,6 +79,27 @@ def _qlora_bwd_fake(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, sca
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+# Frozen INT8 / INT4 bases (peft_kernels/ops/quant_linear.py): qweight = [CB, SCB] (int8) or
+# [packed, scales, zeros] (int4, group_size); shape = [out, in].
+LIB.define(
+    "intq_linear_fwd(Tensor x, Tensor[] qweight, str fmt, int group_size, int[] shape, Tensor? bias, "
+    "str backend) -> Tensor"
+)
+LIB.define(
+    "intq_linear_bwd(Tensor grad_y, Tensor[] qweight, str fmt, int group_size, int[] shape, str backend) -> Tensor"
+)
+
+
+@torch.library.register_fake("peft_kernels::intq_linear_fwd")
+def _intq_linear_fwd_fake(x, qweight, fmt, group_size, shape, bias, backend):
+    return x.new_empty((x.shape[0], shape[0]))
+
+
+@torch.library.register_fake("peft_kernels::intq_linear_bwd")
+def _intq_linear_bwd_fake(grad_y, qweight, fmt, group_size, shape, backend):
+    return grad_y.new_empty((grad_y.shape[0], shape[1]))
+
+
 # Sparse deltas: dW at the delta's positions (peft_kernels/ops/sparse_delta.py). index int32/64
 # [k]; block = [] (unstructured, result [k]) or [bh, bw] (result [k, bh, bw]); fp32 result.
 LIB.define("sparse_sddmm(Tensor grad_y, Tensor x, Tensor index, int[] shape, int[] block, str backend) -> Tensor")

@@ -62,8 +62,10 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     quantize="nf4" | "fp4" stores each targeted base weight in 4 bits (QLoRALinear; the
     full-precision weight is released); use_dora=True makes DoRALinear layers (QDoRALinear with
     quantize). Raises ValueError if nothing matches."""
-    if quantize not in (None, "nf4", "fp4"):
-        raise ValueError(f"apply_lora: quantize must be None, 'nf4' or 'fp4', got {quantize!r}")
+    if quantize not in (None, "nf4", "fp4", "int8", "int4"):
+        raise ValueError(f"apply_lora: quantize must be None, 'nf4', 'fp4', 'int8' or 'int4', got {quantize!r}")
+    if use_dora and quantize in ("int8", "int4"):
+        raise ValueError("apply_lora: use_dora is supported over nf4/fp4 bases, not int8/int4 yet")
     for parent, child, linear in _targets("apply_lora", model, target_modules):
         if quantize is None:
             cls = DoRALinear if use_dora else LoRALinear

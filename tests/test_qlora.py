@@ -6,6 +6,7 @@ import torch
 import peft_kernels
 from peft_kernels.nn import QLoRALinear
 from peft_kernels.quant import FP4Weight, NF4Weight
+from peft_kernels.reference.lora import dropped
 from peft_kernels.triton import quant_matmul as qm
 from peft_kernels.triton.quant_matmul import matmul_4bit
 
@@ -159,8 +160,42 @@ def test_module_from_linear_and_state():
     assert torch.allclose(layer.eval()(x), expected, atol=1e-5)  # B = 0: the adapter starts as a no-op
     sd = layer.state_dict()
     assert {"qweight_packed", "qweight_absmax", "qweight_absmax2", "qweight_code2", "qweight_offset"} <= set(sd)
-    with pytest.raises(ValueError, match="quant='int8' has no fused op yet"):
-        QLoRALinear.from_linear(base, quant="int8")
+    with pytest.raises(ValueError, match="quant must be one of nf4, fp4, int8, int4"):
+        QLoRALinear.from_linear(base, quant="int3")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_int_qlora_module_matches_the_dequantized_lora(quant, p, monkeypatch):
+    """QLoRALinear over INT8/INT4: the windowed base product (windows forced small: several, a
+    partial last one) plus the adapter equal LoRA on the dequantized weight with the same dropout
+    seed — output and the x, lora_A, lora_B gradients against a float64 oracle."""
+    from peft_kernels.nn import IntQLoRALinear
+    from peft_kernels.reference import intq
+
+    monkeypatch.setattr(intq, "WINDOW_ELEMENTS", 64 * 20)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 45)
+    layer = QLoRALinear.from_linear(base, quant=quant, r=3, alpha=6, dropout=p, group_size=32).train()
+    assert isinstance(layer, IntQLoRALinear)
+    assert [n for n, q in layer.named_parameters() if q.requires_grad] == ["lora_A", "lora_B"]
+    torch.nn.init.normal_(layer.lora_B, std=0.2)
+    x, gy = torch.randn(2, 7, 64, requires_grad=True), torch.randn(2, 7, 45)
+    torch.manual_seed(3)
+    y = layer(x)
+    y.backward(gy)
+    ours = [y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+    w64 = layer.qweight.dequantize(torch.float32).double()
+    leaves = [t.detach().double().requires_grad_() for t in (x, layer.lora_A, layer.lora_B)]
+    torch.manual_seed(3)  # the same seed draw as the module's
+    seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else None
+    xd = dropped(leaves[0].reshape(-1, 64), p, seed).reshape(leaves[0].shape)
+    y64 = (torch.nn.functional.linear(leaves[0], w64, base.bias.detach().double())
+           + 2.0 * torch.nn.functional.linear(torch.nn.functional.linear(xd, leaves[1]), leaves[2]))
+    y64.backward(gy.double())
+    for name, o, e in zip(["y", "dx", "dA", "dB"], ours, [y64.detach()] + [t.grad for t in leaves]):
+        assert rel_err(o, e) <= FLOOR[torch.float32], name
 
 
 def test_module_from_bnb_reads_bytes_as_is():
@@ -179,8 +214,12 @@ def test_apply_lora_quantize():
     assert isinstance(model[0], QLoRALinear) and isinstance(model[2], torch.nn.Linear)
     model(torch.randn(4, 32)).sum().backward()
     assert model[0].lora_A.grad is not None and not model[2].weight.requires_grad
-    with pytest.raises(ValueError, match="quantize must be None, 'nf4' or 'fp4'"):
+    with pytest.raises(ValueError, match="quantize must be None, 'nf4', 'fp4', 'int8' or 'int4'"):
         peft_kernels.apply_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], quantize="int3")
+    int_model = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    peft_kernels.apply_lora(int_model, ["0"], r=2, quantize="int4")
+    int_model(torch.randn(4, 64)).sum().backward()
+    assert int_model[0].lora_A.grad is not None and int_model[0].qweight.bits_per_parameter < 5
 
 
 def test_bad_inputs():

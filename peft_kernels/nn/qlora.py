@@ -7,7 +7,11 @@ from torch import nn
 
 from ..ops.dora import dora_linear, dora_weight_norm, weight_row_sq
 from ..ops.qlora import qlora_linear
+from ..ops.quant_linear import quant_linear
 from ..quant.bnb4bit import Bnb4bitWeight, FP4Weight, NF4Weight
+from ..quant.int4 import Int4Weight
+from ..quant.int8 import Int8Weight
+from ..reference.lora import dropped
 from ._adapter import LoRAAdapter
 
 _FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
@@ -44,13 +48,19 @@ class QLoRALinear(LoRAAdapter):
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant: str = "nf4", r: int = 8, alpha: float = 16.0,
                     dropout: float = 0.0, blocksize: int = 64, double_quant: bool = True, use_rslora: bool = False,
-                    backend: str = "auto") -> "QLoRALinear":
-        """Quantize ``linear``'s weight (the module keeps no full-precision copy of it)."""
+                    backend: str = "auto", group_size: int = 64) -> "QLoRALinear":
+        """Quantize ``linear``'s weight (the module keeps no full-precision copy of it): "nf4" /
+        "fp4" (bitsandbytes format, ``blocksize``, ``double_quant``; fused kernels), "int8"
+        (LLM.int8 CB/SCB) or "int4" (``group_size``) — the INT formats return an IntQLoRALinear."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QLoRALinear.from_linear expects nn.Linear, got {type(linear).__name__}")
+        if quant in ("int8", "int4"):
+            qweight = (Int8Weight.from_float(linear.weight.detach()) if quant == "int8" else
+                       Int4Weight.from_float(linear.weight.detach(), group_size=group_size))
+            return IntQLoRALinear(qweight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                  backend=backend)
         if quant not in _FORMATS:
-            raise ValueError(f"QLoRALinear: quant={quant!r} has no fused op yet; supported: {sorted(_FORMATS)} "
-                             "(Int8Weight / Int4Weight are storage formats only so far)")
+            raise ValueError(f"QLoRALinear: quant must be one of nf4, fp4, int8, int4; got {quant!r}")
         qweight = _FORMATS[quant].from_float(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(qweight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
 
@@ -91,3 +101,41 @@ class QDoRALinear(QLoRALinear):
         return dora_linear(x, self.qweight, self.lora_A, self.lora_B, self.magnitude, self.bias,
                            scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
                            weight_row_sq=self.weight_row_sq)
+
+
+class IntQLoRALinear(QLoRALinear):
+    """LoRA over a frozen INT8 (Int8Weight) or INT4 (Int4Weight) base: the base product is
+    peft_kernels.quant_linear (windowed decode + BLAS); the adapter term runs as plain PyTorch ops
+    with the library's dropout mask — correct, not fused (there is no INT8/INT4 kernel yet)."""
+
+    def __init__(self, qweight, bias: torch.Tensor | None = None, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto"):
+        nn.Module.__init__(self)
+        if not isinstance(qweight, (Int8Weight, Int4Weight)):
+            raise TypeError(f"IntQLoRALinear: qweight must be an Int8Weight or Int4Weight, got {type(qweight).__name__}")
+        self._init_adapter(qweight.shape[1], qweight.shape[0], r, alpha, dropout, use_rslora, backend,
+                           qweight.device, qweight.dtype)
+        self._format = type(qweight)
+        self._meta = (qweight.dtype, getattr(qweight, "group_size", None))
+        for i, t in enumerate(qweight.tensors()):
+            self.register_buffer(f"qweight_{i}", t)
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @property
+    def qweight(self):
+        dtype, group = self._meta
+        if self._format is Int8Weight:
+            return Int8Weight(self.qweight_0, self.qweight_1, dtype)
+        return Int4Weight(self.qweight_0, self.qweight_1, self.qweight_2, group, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant_linear(x, self.qweight, self.bias, backend=self.backend)
+        p = self.dropout if self.training else 0.0
+        x2 = x.reshape(-1, self.in_features)
+        xd = dropped(x2, p, int(torch.randint(0, 2**62, ()).item()) if p > 0 else None)
+        lora = nn.functional.linear(nn.functional.linear(xd, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + self.scaling * lora.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, format={self._format.__name__}")

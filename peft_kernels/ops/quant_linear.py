@@ -1,8 +1,9 @@
-"""quant_linear: y = x @ deq(W)^T + bias over a frozen bitsandbytes-format 4-bit weight.
+"""quant_linear: y = x @ deq(W)^T + bias over a frozen quantized weight.
 
 Path: ``quant_linear`` (validates, resolves the backend) -> ``_QuantLinearFunction`` -> custom ops
-``peft_kernels::quant_linear_fwd`` / ``quant_linear_bwd`` -> backend module. Backward gives dx =
-dY @ deq(W) (and the bias gradient); the frozen weight never gets one.
+``peft_kernels::quant_linear_fwd`` / ``quant_linear_bwd`` (NF4/FP4) or ``intq_linear_fwd`` /
+``intq_linear_bwd`` (INT8/INT4) -> backend module. Backward gives dx = dY @ deq(W) (and the bias
+gradient); the frozen weight never gets one.
 """
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ import torch
 from .. import _ops  # noqa: F401  (defines the schemas)
 from .. import backends
 from ..quant.bnb4bit import Bnb4bitWeight
+from ..quant.int4 import Int4Weight
+from ..quant.int8 import Int8Weight
 from . import _checks
 
 OP = "quant_linear"
 backends.register(OP, "torch", "peft_kernels.reference.quant")
 backends.register(OP, "triton", "peft_kernels.triton.quant_matmul")
+# INT8 / INT4: windowed decode + BLAS (peft_kernels/reference/intq.py) is the only backend so far.
+OP_INT = "quant_linear_int"
+backends.register(OP_INT, "torch", "peft_kernels.reference.intq")
+INT_FORMATS = {Int8Weight: "int8", Int4Weight: "int4"}
 
 
 def split_parts(qweight: Bnb4bitWeight):
@@ -30,10 +37,13 @@ def join_parts(tensors):
     return tuple(tensors) if len(tensors) == 6 else (*tensors, None, None, None)
 
 
-def check_qweight(op: str, x, qweight) -> tuple[int, int]:
-    """qweight is an NF4Weight/FP4Weight on x's device; returns (out_features, in_features)."""
-    if not isinstance(qweight, Bnb4bitWeight):
-        raise TypeError(f"peft_kernels.{op}: qweight must be an NF4Weight or FP4Weight, got {type(qweight).__name__}")
+def check_qweight(op: str, x, qweight, allow_int: bool = False) -> tuple[int, int]:
+    """qweight is an NF4Weight/FP4Weight (or, with allow_int, an Int8Weight/Int4Weight) on x's
+    device; returns (out_features, in_features)."""
+    kinds = (Bnb4bitWeight, *INT_FORMATS) if allow_int else (Bnb4bitWeight,)
+    if not isinstance(qweight, kinds):
+        names = "NF4Weight, FP4Weight, Int8Weight or Int4Weight" if allow_int else "NF4Weight or FP4Weight"
+        raise TypeError(f"peft_kernels.{op}: qweight must be an {names}, got {type(qweight).__name__}")
     if isinstance(x, torch.Tensor) and qweight.device != x.device:
         _checks.fail(op, f"qweight is on {qweight.device}, x on {x.device}")
     return tuple(qweight.shape)
@@ -49,6 +59,33 @@ def _quant_linear_fwd(x, qweight, blocksize, shape, bias, backend):
 def _quant_linear_bwd(grad_y, qweight, blocksize, shape, backend):
     impl = backends.implementation(OP, backend)
     return impl.quant_linear_backward(grad_y, join_parts(qweight), blocksize, tuple(shape))
+
+
+@torch.library.impl(_ops.LIB, "intq_linear_fwd", "CompositeExplicitAutograd")
+def _intq_linear_fwd(x, qweight, fmt, group_size, shape, bias, backend):
+    return backends.implementation(OP_INT, backend).forward(x, qweight, fmt, group_size, tuple(shape), bias)
+
+
+@torch.library.impl(_ops.LIB, "intq_linear_bwd", "CompositeExplicitAutograd")
+def _intq_linear_bwd(grad_y, qweight, fmt, group_size, shape, backend):
+    return backends.implementation(OP_INT, backend).backward(grad_y, qweight, fmt, group_size, tuple(shape))
+
+
+class _IntQuantLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, tensors, fmt, group_size, shape, backend):
+        ctx.quant = (tensors, fmt, group_size, shape, backend)
+        return torch.ops.peft_kernels.intq_linear_fwd(x, tensors, fmt, group_size, shape, bias, backend)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        tensors, fmt, group_size, shape, backend = ctx.quant
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.peft_kernels.intq_linear_bwd(grad_y, tensors, fmt, group_size, shape, backend)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_bias, None, None, None, None, None
 
 
 class _QuantLinearFunction(torch.autograd.Function):
@@ -72,12 +109,20 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
                  backend: str = "auto") -> torch.Tensor:
     """``x @ qweight.dequantize().T + bias`` without materializing the dequantized weight.
 
-    Shapes: x [..., in] (fp16/bf16/fp32), qweight an NF4Weight/FP4Weight of shape [out, in],
-    bias [out] or None; returns [..., out] in x.dtype. Gradients: x and bias (the 4-bit weight is
-    frozen). backend: "auto" (triton on CUDA, torch on CPU), "triton" or "torch".
+    Shapes: x [..., in] (fp16/bf16/fp32), qweight an NF4Weight/FP4Weight/Int8Weight/Int4Weight of
+    shape [out, in], bias [out] or None; returns [..., out] in x.dtype. Gradients: x and bias
+    (the quantized weight is frozen). backend: "auto" (triton on CUDA, torch on CPU), "triton" or
+    "torch"; INT8/INT4 have the torch backend only (windowed decode + BLAS, cuBLAS on a GPU).
     """
-    out_features, in_features = check_qweight(OP, x, qweight)
+    out_features, in_features = check_qweight(OP, x, qweight, allow_int=True)
     _checks.check_input(OP, x, in_features, out_features, bias)
+    fmt = INT_FORMATS.get(type(qweight))
+    if fmt is not None:
+        backend = backends.resolve(OP_INT, backend, x.device)
+        group = qweight.group_size if fmt == "int4" else 0
+        y = _IntQuantLinearFunction.apply(x.reshape(-1, in_features), bias, qweight.tensors(), fmt, group,
+                                          [out_features, in_features], backend)
+        return y.reshape(*x.shape[:-1], out_features)
     backend = backends.resolve(OP, backend, x.device)
     if backend == "triton":
         _checks.check_triton(OP, x)

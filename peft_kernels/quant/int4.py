@@ -57,6 +57,25 @@ class Int4Weight:
         w = (q - self.zeros.float().unsqueeze(2)) * self.scales.float().unsqueeze(2)
         return w.view(out_f, in_f).to(dtype or self.dtype)
 
+    def decode_window(self, r0: int, rows: int, c0: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """W[r0:r0+rows, c0:c0+cols] exactly as dequantize() gives it; c0 and cols are multiples
+        of group_size (or the window ends at in)."""
+        g = self.group_size
+        if c0 % g or (cols % g and c0 + cols != self.shape[1]):
+            raise ValueError(f"Int4Weight.decode_window: columns [{c0}, {c0 + cols}) are not whole groups of {g}")
+        packed = self.packed[r0:r0 + rows, c0 // 2:(c0 + cols) // 2]
+        q = torch.stack([packed >> 4, packed & 0xF], dim=2).view(rows, -1, g).float()
+        gs = slice(c0 // g, (c0 + cols) // g)
+        w = (q - self.zeros[r0:r0 + rows, gs].float().unsqueeze(2)) * self.scales[r0:r0 + rows, gs].float().unsqueeze(2)
+        return w.view(rows, cols).to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales, self.zeros]
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
     @property
     def bits_per_parameter(self) -> float:
         return 4 + (self.scales.element_size() * 8 + 8) / self.group_size

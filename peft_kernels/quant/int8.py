@@ -40,6 +40,17 @@ class Int8Weight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.CB * self.SCB.view(-1, 1) * INV127).to(dtype or self.dtype)
 
+    def decode_window(self, r0: int, rows: int, c0: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """W[r0:r0+rows, c0:c0+cols] exactly as dequantize() gives it."""
+        return (self.CB[r0:r0 + rows, c0:c0 + cols] * self.SCB[r0:r0 + rows].view(-1, 1) * INV127).to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.CB, self.SCB]
+
+    @property
+    def device(self) -> torch.device:
+        return self.CB.device
+
     @property
     def bits_per_parameter(self) -> float:
         return 8 + 32 / self.CB.shape[1]
