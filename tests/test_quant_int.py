@@ -82,3 +82,21 @@ def test_bad_inputs():
         Int8Weight.from_float(torch.randn(4))
     with pytest.raises(ValueError, match="CB must be int8"):
         Int8Weight(torch.zeros(2, 2), torch.zeros(2), torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int_ops_opcheck_and_errors(fmt):
+    import peft_kernels
+
+    w = torch.randn(24, 64)
+    q = Int8Weight.from_float(w) if fmt == "int8" else Int4Weight.from_float(w, group_size=32)
+    group = 0 if fmt == "int8" else 32
+    x, gy, bias = torch.randn(5, 64), torch.randn(5, 24), torch.randn(24)
+    torch.library.opcheck(torch.ops.peft_kernels.intq_linear_fwd.default, (x, q.tensors(), fmt, group, [24, 64],
+                                                                          bias, "torch"))
+    torch.library.opcheck(torch.ops.peft_kernels.intq_linear_bwd.default, (gy, q.tensors(), fmt, group, [24, 64],
+                                                                          "torch"))
+    with pytest.raises(ValueError, match="in_features|features"):
+        peft_kernels.quant_linear(torch.randn(5, 63), q)
+    with pytest.raises(RuntimeError, match="no 'triton' implementation|unavailable"):
+        peft_kernels.quant_linear(x, q, backend="triton")
