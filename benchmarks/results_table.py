@@ -82,7 +82,7 @@ def block() -> str:
         kind = data.get("benchmark")
         if kind == "lora_linear fwd+bwd":
             tables.append(lora_table(p))
-        elif kind in ("qlora_linear fwd+bwd", "sparse_delta_linear fwd+bwd"):
+        elif kind in ("qlora_linear fwd+bwd", "dora_linear fwd+bwd", "sparse_delta_linear fwd+bwd"):
             tables.append(case_rows_table(p))
         elif p.name.startswith("lora_backends"):
             tables.append(backends_table(p))

@@ -9,6 +9,7 @@ from peft_kernels.cli import main
 
 @pytest.mark.parametrize("op,extra", [("lora", ["--shapes", "48x64x40", "--no-compile"]),
                                       ("qlora", ["--shapes", "48x64x40"]),
+                                      ("dora", ["--shapes", "48x64x40"]),
                                       ("sparse", ["--shapes", "48x64x40"])])
 def test_bench_ops_write_json_and_plot(op, extra, tmp_path, capsys):
     pytest.importorskip("matplotlib")
