@@ -7,7 +7,6 @@ formula: an extra base GEMM over the dropped x); peft_kernels lora_linear p=0.05
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -15,27 +14,7 @@ import torch.nn.functional as F
 from ..ops.dora import dora_linear, dora_weight_norm
 from ..ops.lora import lora_linear
 from . import harness
-from .lora import ALPHA, CPU_SHAPES, GPU_SHAPES, P, RANK
-
-
-def _peft_dora_layer(w):
-    try:
-        import peft
-    except ImportError:
-        return None
-
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-            self.proj.weight.data.copy_(w)
-
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=P, target_modules=["proj"], use_dora=True)
-    layer = peft.get_peft_model(Holder(), cfg, autocast_adapter_dtype=False).base_model.model.proj
-    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
-    for mod in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]):
-        mod.to(w.dtype)
-    return layer
+from .lora import ALPHA, CPU_SHAPES, GPU_SHAPES, P, RANK, _peft_layer
 
 
 def cases(M, K, N, device, dtype):
@@ -52,7 +31,7 @@ def cases(M, K, N, device, dtype):
         return harness.fwd_bwd_step(forward, params, dy)
 
     out = {"floor": step(lambda: F.linear(x, w), [x])}
-    layer = _peft_dora_layer(w)
+    layer = _peft_layer(w, RANK, ALPHA, P, use_dora=True)
     if layer is not None:
         lp = [p for p in layer.parameters() if p.requires_grad]
         out["HF PEFT DoRA p=0.05"] = step(lambda: layer(x), [x, *lp])
@@ -64,18 +43,8 @@ def cases(M, K, N, device, dtype):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench_dora", description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    shapes = harness.parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    if device.type != "cuda":
-        print("No CUDA device: CPU figures (reference backend, fp32, small shapes).", file=sys.stderr)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reps = args.reps or (25 if device.type == "cuda" else 3)
+    args = harness.add_bench_args(ap).parse_args(argv)
+    device, shapes, dtype, reps = harness.bench_setup(args, GPU_SHAPES, CPU_SHAPES)
     payload = harness.run_shapes("dora", shapes, lambda M, K, N: cases(M, K, N, device, dtype), device, reps)
     payload["benchmark"] = "dora_linear fwd+bwd"
     payload["config"].update(dtype=str(dtype), r=RANK, alpha=ALPHA, dropout=P)

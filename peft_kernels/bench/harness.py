@@ -199,6 +199,28 @@ def results_table(payload: dict) -> str:
                            "peak extra MiB"], rows)
 
 
+def add_bench_args(ap):
+    """The options every shape benchmark takes: --device, --shapes, --reps, --plot, --out."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list, e.g. 8192x4096x4096")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
+    ap.add_argument("--out", default=None, help="write the JSON here")
+    return ap
+
+
+def bench_setup(args, gpu_shapes, cpu_shapes):
+    """(device, shapes, dtype, reps) from add_bench_args' options: bf16 on a GPU, fp32 small
+    shapes on CPU (said on stderr: those are CPU figures)."""
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    shapes = parse_shapes(args.shapes) if args.shapes else (gpu_shapes if gpu else cpu_shapes)
+    if not gpu:
+        print("No CUDA device: CPU figures (reference backend, fp32, small shapes), not the GPU kernels' speed.",
+              file=sys.stderr)
+    return device, shapes, torch.bfloat16 if gpu else torch.float32, args.reps or (25 if gpu else 3)
+
+
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
     """"8192x4096x4096,1024x4096x4096" -> [(8192, 4096, 4096), (1024, 4096, 4096)] (M x K x N)."""
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]

@@ -27,9 +27,9 @@ def _eager(x, w, a, b, s, p):
     return F.linear(x, w) + s * F.linear(F.linear(xd, a), b)
 
 
-def _peft_layer(w, r, alpha, p, base=None):
-    """HF PEFT's LoRA Linear around a frozen layer, adapters kept in the base dtype: an nn.Linear
-    holding ``w``, or ``base`` (e.g. a bitsandbytes Linear4bit) when given."""
+def _peft_layer(w, r, alpha, p, base=None, use_dora=False):
+    """HF PEFT's LoRA (or DoRA) Linear around a frozen layer, adapters kept in the base dtype: an
+    nn.Linear holding ``w``, or ``base`` (e.g. a bitsandbytes Linear4bit) when given."""
     try:
         import peft
     except ImportError:
@@ -44,13 +44,15 @@ def _peft_layer(w, r, alpha, p, base=None):
                 self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
                 self.proj.weight.data.copy_(w)
 
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"])
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], use_dora=use_dora)
     model = peft.get_peft_model(Holder(), cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
     torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)  # a trained adapter, not zeros
     dtype = w.dtype if w is not None else torch.bfloat16
     for module in (layer.lora_A["default"], layer.lora_B["default"]):
         module.to(dtype)
+    if use_dora:
+        layer.lora_magnitude_vector["default"].to(dtype)
     return layer
 
 

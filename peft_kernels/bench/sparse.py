@@ -72,16 +72,8 @@ def cases(M, K, N, device, dtype):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench_sparse", description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    shapes = harness.parse_shapes(args.shapes) if args.shapes else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reps = args.reps or (25 if device.type == "cuda" else 3)
+    args = harness.add_bench_args(ap).parse_args(argv)
+    device, shapes, dtype, reps = harness.bench_setup(args, GPU_SHAPES, CPU_SHAPES)
     payload = harness.run_shapes("sparse", shapes, lambda M, K, N: cases(M, K, N, device, dtype), device, reps)
     payload["benchmark"] = "sparse_delta_linear fwd+bwd"
     payload["config"].update(dtype=str(dtype), values_dtype="float32")
