@@ -22,6 +22,8 @@ def _info(_args) -> int:
           f"(cuda {data['torch_cuda']})  triton {data['triton']}")
     if data["triton_interpret"]:
         print("TRITON_INTERPRET=1: Triton kernels run interpreted on CPU tensors (slow; for tests)")
+    print(f"CUDA extension: {data['cuda_extension']}")
+    print(f"auto rules on a GPU (backend, max M): {json.dumps(data['auto_rules'])}")
     for dev, entry in data["devices"].items():
         print(f"\n{dev}: {entry['name']}")
         for backend, status in entry["backends"].items():

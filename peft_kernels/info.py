@@ -26,6 +26,7 @@ def info() -> dict:
         "triton_interpret": env.triton_interpret(),
         "backend_override": env.backend_override(),
         "cuda_extension": cuda.describe(),
+        "auto_rules": {op: [list(rule) for rule in rules] for op, rules in backends.AUTO_RULES.items()},
         "devices": {},
     }
     for dev in devices:
@@ -34,6 +35,10 @@ def info() -> dict:
         for b in env.BACKENDS:
             reason = backends.unavailable_reason(b, dev)
             entry["backends"][b] = "available" if reason is None else f"unavailable: {reason}"
-        entry["auto"] = {"lora_linear": backends.resolve("lora_linear", "auto", dev)}
+        # What backend="auto" picks here, per op and (for rules that depend on it) token count M.
+        entry["auto"] = {"lora_linear M=16": backends.resolve("lora_linear", "auto", dev, rows=16),
+                         "lora_linear M=8192": backends.resolve("lora_linear", "auto", dev, rows=8192),
+                         "qlora_linear": backends.resolve("qlora_linear", "auto", dev),
+                         "sparse_delta": backends.resolve("sparse_delta", "auto", dev)}
         out["devices"][str(dev)] = entry
     return out

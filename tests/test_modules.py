@@ -116,5 +116,7 @@ def test_info_reports_backends():
     cpu = info["devices"]["cpu"]
     assert cpu["backends"]["torch"] == "available"
     assert cpu["backends"]["cuda"].startswith("unavailable: ")
-    assert cpu["auto"]["lora_linear"] == "torch"
+    assert cpu["auto"]["lora_linear M=16"] == "torch" and cpu["auto"]["sparse_delta"] == "torch"
+    assert info["auto_rules"]["lora_linear"] == [["cuda", 1024], ["triton", None]]
+    assert "cuda_extension" in info
     assert info["torch"] == torch.__version__
