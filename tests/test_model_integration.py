@@ -155,3 +155,33 @@ def test_real_pretrained_minilm_patched_matches_unpatched():
     assert g0.keys() == g1.keys() and len(g0) == 72  # the pooler is not on this output's path
     for n in g0:
         assert torch.allclose(g1[n], g0[n], rtol=1e-3, atol=1e-6), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_patched_llama_matches_unpatched(dtype, use_dora):
+    """A LlamaConfig model with LoRA (or DoRA) on all seven projections: the patched model's loss,
+    logits and every adapter gradient equal unpatched PEFT's."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_llama().to(dtype), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, use_dora=use_dora,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = _ids()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), _lora_grads(model)
+
+    y0, g0 = run()
+    assert len(peft_kernels.patch_peft_model(model).patched) == 14
+    y1, g1 = run()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert torch.allclose(y1, y0, **tol)
+    assert g0.keys() == g1.keys() and len(g0) == (42 if use_dora else 28)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], **tol), n
