@@ -18,6 +18,7 @@ from peft_kernels.triton import quant_matmul as qm
 FUSED = [  # BM, BP, BQ, warps, stages
     (16, 64, 128, 4, 2), (16, 128, 128, 4, 1), (64, 64, 64, 4, 2), (128, 64, 64, 4, 1), (128, 128, 64, 8, 1),
 ]
+ALIGNED = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8)]  # BM, BN, warps
 CHUNKS = [1 << 20, 1 << 22, 1 << 24]  # weights decoded per window (chunked path)
 
 
@@ -33,7 +34,8 @@ def main():
     w = q.dequantize()
     rows = []
     ms = [int(m) for m in args.ms.split(",")]
-    cases = [("fused", cfg) for cfg in FUSED] + [("chunked", ch) for ch in CHUNKS]
+    cases = ([("fused", cfg) for cfg in FUSED] + [("fused_aligned", cfg) for cfg in ALIGNED]
+             + [("chunked", ch) for ch in CHUNKS])
     prog = Progress(len(ms) * 2 * len(cases), "tiles")
     deq_out = torch.empty_like(w)
     deq_ms = time_ms(lambda: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out), dev)
@@ -46,10 +48,10 @@ def main():
             deq = time_ms(lambda: (a @ q.dequantize()) if transpose else a @ q.dequantize().T, dev)
             for path, cfg in cases:
                 prog.step(f"M={M} T={transpose} {path} {cfg}")
-                if path == "fused" and M > 1024:
+                if path.startswith("fused") and M > 1024:
                     continue
                 qm.CHUNK_ELEMENTS = cfg if path == "chunked" else qm.CHUNK_ELEMENTS
-                tiles = cfg if path == "fused" else None
+                tiles = cfg if path.startswith("fused") else None
                 run = lambda: qm.matmul_4bit(a, *q.parts(), transpose=transpose, tiles=tiles, path=path)  # noqa: E731
                 try:
                     err = (run().float() - ref.float()).abs().max().item()

@@ -94,6 +94,29 @@ def test_matmul_4bit_chunked(transpose, epilogue, K, kernel_device, monkeypatch)
     assert rel_err(out, ref) <= FLOOR[torch.float32]
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("epilogue", ["none", "c+bias"])
+def test_matmul_4bit_fused_aligned(transpose, nested, epilogue, kernel_device):
+    """The block-aligned fused candidate: partial tiles on every side (M=37, N=45 rows of W, and
+    for the backward reduction a partial last step), blocksize 64 with in = 192."""
+    N, K, M = 45, 192, 37
+    q = NF4Weight.from_float(torch.randn(N, K, device=kernel_device) * 0.1, blocksize=64, double_quant=nested)
+    a = torch.randn(M, N if transpose else K, device=kernel_device)
+    P = K if transpose else N
+    c = torch.randn(M, P, device=kernel_device) if epilogue != "none" else None
+    bias = torch.randn(P, device=kernel_device) if epilogue != "none" else None
+    w64 = q.dequantize(torch.float64)
+    ref = a.double() @ (w64 if transpose else w64.T)
+    ref = ref + (c.double() + bias.double() if c is not None else 0)
+    out = qm.matmul_4bit(a, *q.parts(), c=None if c is None else c.clone(), bias=bias, transpose=transpose,
+                         path="fused_aligned", tiles=(16, 16, 4))
+    assert rel_err(out, ref) <= FLOOR[torch.float32]
+    with pytest.raises(ValueError, match="fused_aligned"):
+        q2 = NF4Weight.from_float(torch.randn(8, 40, device=kernel_device), blocksize=64)
+        qm.matmul_4bit(torch.randn(3, 40, device=kernel_device), *q2.parts(), path="fused_aligned")
+
+
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("case", ["any-shape", "block-aligned", "aligned-last-partial"])
 def test_dequantize_window_is_exact(nested, case, kernel_device):

@@ -127,6 +127,81 @@ WINDOW_ALIGN = 256  # windows are whole multiples of this many rows / columns (a
 FUSED_TILES = (128, 64, 64, 4, 1)
 
 
+@triton.jit
+def _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, start, ok,
+                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+    """[R, BLOCKSIZE] decoded weights: row i holds the quantization block that starts at flat
+    position start[i] (a multiple of BLOCKSIZE). One contiguous byte load per row for both
+    nibbles and one scale per row, instead of per-element gathers."""
+    pairs = tl.arange(0, BLOCKSIZE // 2)
+    byte = tl.load(packed_ptr + (start // 2)[:, None] + pairs[None, :], mask=ok[:, None], other=0)
+    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
+    lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32))
+    block = start // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // 256, mask=ok, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    return tl.reshape(tl.join(hi * scale[:, None], lo * scale[:, None]), (start.shape[0], BLOCKSIZE))
+
+
+@triton.jit
+def _matmul_4bit_aligned_kernel(
+    a_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, c_ptr, bias_ptr, out_ptr,
+    M, P, Q, K_w, stride_am, stride_aq, stride_cm, stride_cp, stride_om, stride_op,
+    BLOCKSIZE: tl.constexpr, WIDE: tl.constexpr, TRANSPOSE: tl.constexpr, NESTED: tl.constexpr,
+    HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """The fused product for K_w % BLOCKSIZE == 0, decoding whole quantization blocks
+    (_decode_block_rows). Forward (B = W^T): the reduction step is one block of W's row, BQ =
+    BLOCKSIZE, and the program's BN output columns are BN rows of W. Backward (B = W): the
+    reduction runs over BN rows of W at a time and the program's output columns are one block
+    of W's row, BP = BLOCKSIZE."""
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    if TRANSPOSE:
+        cols = pid_p * BLOCKSIZE + tl.arange(0, BLOCKSIZE)  # output columns: one block of W's row
+        acc = tl.zeros((BM, BLOCKSIZE), dtype=tl.float32)
+        for q0 in range(0, Q, BN):
+            wr = q0 + tl.arange(0, BN)  # rows of W = reduction index
+            w_ok = wr < Q
+            wr_i = wr.to(tl.int64) if WIDE else wr
+            w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
+                                   wr_i * K_w + pid_p * BLOCKSIZE, w_ok, BLOCKSIZE, NESTED)  # [BN, BLOCKSIZE]
+            a = tl.load(a_ptr + rows64[:, None] * stride_am + wr[None, :] * stride_aq,
+                        mask=row_ok[:, None] & w_ok[None, :], other=0.0)
+            acc = _mm(a, w.to(a.dtype), acc, IEEE)
+    else:
+        cols = pid_p * BN + tl.arange(0, BN)  # output columns = rows of W
+        c_ok_w = cols < P
+        ci = cols.to(tl.int64) if WIDE else cols
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for q0 in range(0, Q, BLOCKSIZE):
+            w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
+                                   ci * K_w + q0, c_ok_w, BLOCKSIZE, NESTED)  # [BN, BLOCKSIZE]
+            qs = q0 + tl.arange(0, BLOCKSIZE)
+            a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq, mask=row_ok[:, None],
+                        other=0.0)
+            acc = _mm(a, tl.trans(w.to(a.dtype)), acc, IEEE)
+    col_ok = cols < P
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_C:
+        acc += tl.load(c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cp, mask=tile_ok,
+                       other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_op, acc.to(out_ptr.dtype.element_ty),
+             mask=tile_ok)
+
+
+ALIGNED_TILES = (16, 64, 4)  # BM, BN, num_warps: a candidate for small M, to be measured
+
+
 def _default_tiles(M: int):
     return FUSED_TILES
 
@@ -222,8 +297,9 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
     """a [M, K] @ W^T -> [M, N] (transpose=False) or a [M, N] @ W -> [M, K] (transpose=True), plus
     c (same shape as the result; the result is written into c when given) and bias (one value
     per result column). W [N, K] = ``shape`` is described by the bitsandbytes 4-bit parts
-    (peft_kernels.quant.bnb4bit). ``path`` ("fused" | "chunked", default by M) and ``tiles``
-    are for tests and benchmarks."""
+    (peft_kernels.quant.bnb4bit). ``path`` ("fused" | "chunked", default by M; "fused_aligned", a
+    block-aligned fused candidate not yet measured on a GPU) and ``tiles`` are for tests and
+    benchmarks."""
     N, K = shape
     M, Q = a.shape
     P = K if transpose else N
@@ -233,6 +309,21 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
     if M == 0 or P == 0:
         return out
     path = path or ("fused" if M <= FUSED_MAX_M else "chunked")
+    if path == "fused_aligned":
+        if K % blocksize:
+            raise ValueError(f"matmul_4bit: path 'fused_aligned' needs in_features % blocksize == 0 ({K} % {blocksize})")
+        bm, bn, warps = tiles or ALIGNED_TILES
+        nested = absmax2 is not None
+        grid = (triton.cdiv(M, bm), triton.cdiv(P, blocksize if transpose else bn))
+        _matmul_4bit_aligned_kernel[grid](
+            a, packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
+            offset if nested else code, out, bias if bias is not None else out, out,
+            M, P, Q, K, a.stride(0), a.stride(1), out.stride(0), out.stride(1), out.stride(0), out.stride(1),
+            BLOCKSIZE=blocksize, WIDE=N * K >= 2**31, TRANSPOSE=transpose, NESTED=nested, HAS_C=c is not None,
+            HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, BM=bm, BN=bn, num_warps=warps,
+            enable_fp_fusion=False,
+        )
+        return out
     if path == "chunked":
         parts = (packed, absmax, code, absmax2, code2, offset)
         return _chunked_matmul_4bit(a, parts, blocksize, shape, out, c is not None, bias, transpose)
