@@ -42,16 +42,27 @@ def check_scalar(value, name: str, op: str, low=None, high=None):
         fail(op, f"{name} must be < {high}, got {value}")
 
 
+_SEEDS: dict = {}
+
+
 def seed_tensor(seed, device: torch.device, op: str) -> torch.Tensor:
     """An int64 [1] tensor on ``device``; a fresh draw from torch's generator when seed is None
-    (so torch.manual_seed and checkpoint's RNG-state replay make it reproducible)."""
+    (so torch.manual_seed and checkpoint's RNG-state replay make it reproducible). An explicit
+    seed's tensor is cached (never written to): a host-to-device copy per call would synchronize
+    the stream and break CUDA-graph capture."""
     if seed is None:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"peft_kernels.{op}: seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         fail(op, f"seed must be in [0, 2**63), got {seed}")
-    return torch.tensor([seed], dtype=torch.int64, device=device)
+    key = (seed, str(device))
+    t = _SEEDS.get(key)
+    if t is None:
+        if len(_SEEDS) > 1024:
+            _SEEDS.clear()
+        t = _SEEDS[key] = torch.tensor([seed], dtype=torch.int64, device=device)
+    return t
 
 
 def check_input(op: str, x, in_features: int, out_features: int, bias):

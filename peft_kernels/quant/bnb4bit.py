@@ -47,11 +47,20 @@ _FP4 = torch.tensor(FP4_RAW, dtype=torch.float32)
 _CODES = {"nf4": torch.tensor(NF4_CODE, dtype=torch.float32), "fp4": _FP4 / _FP4.abs().max()}
 
 
+_CODES_ON: dict = {}
+
+
 def code_table(quant_type: str, device=None) -> torch.Tensor:
-    """The 16 fp32 values a 4-bit index decodes to (bnb's ``quant_map``)."""
+    """The 16 fp32 values a 4-bit index decodes to (bnb's ``quant_map``), one cached copy per
+    device: a fresh host-to-device copy on every op call would synchronize the stream and break
+    CUDA-graph capture (it did: the QLoRA steps could not be graphed)."""
     if quant_type not in _CODES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    return _CODES[quant_type].to(device)
+    key = (quant_type, str(torch.device(device) if device is not None else "cpu"))
+    table = _CODES_ON.get(key)
+    if table is None:
+        table = _CODES_ON[key] = _CODES[quant_type].to(device)
+    return table
 
 
 @functools.lru_cache(maxsize=None)
