@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _mm
+from .lora import _cuda_sm_count, _mm
 
 FORCE_METHOD = None  # "panel" | "gather_t": overrides the density rule (benchmarks)
 PANEL_ELEMENTS = 4 * 1024 * 1024  # fp32 workspace of the panel method (16 MiB)
@@ -147,7 +147,7 @@ def _panel_sddmm(grad_y, x, index, shape, out):
 
 def _num_sms(device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 2  # the interpreter: still exercise the split path on tiny problems
 
 
