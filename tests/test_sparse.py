@@ -396,3 +396,37 @@ def test_opcheck_sddmm(backend, kernel_device):
     bidx = _random_index((12, 20), 4, (4, 5)).to(device)
     torch.library.opcheck(torch.ops.peft_kernels.sparse_sddmm.default, (gy, x, bidx, [12, 20], [4, 5], backend))
 
+
+
+@pytest.mark.parametrize("block", [None, (2, 3)])
+def test_candidate_tracking_and_regrowth_without_dense_gradients(block):
+    """track_candidates_ accumulates |dW| (block norm) at unmasked candidates through the SDDMM
+    op; it equals the dense gradient read there, summed over steps; regrow_() without scores
+    regrows the best candidates and draws fresh ones outside the new mask."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 10, dtype=torch.float64)
+    sd = SparseDeltaLinear.from_linear(lin, num_params=6 if block else 20, block=block,
+                                       values_dtype=torch.float64, backend="torch")
+    with pytest.raises(ValueError, match="track_candidates_"):
+        sd.regrow_(0.5)
+    sd.track_candidates_(num=8)
+    cand = sd.candidate_index.long()
+    assert not bool(torch.isin(cand, sd.delta_index.long()).any())
+    dense_sum = torch.zeros(10, 12, dtype=torch.float64)
+    for step in range(3):
+        x = torch.randn(5, 12, dtype=torch.float64)
+        gy = torch.randn(5, 10, dtype=torch.float64)
+        sd(x).backward(gy)
+        dense = gy.T @ x
+        if block is None:
+            dense_sum.view(-1)[cand] += dense.reshape(-1)[cand].abs()
+        else:
+            norms = dense.reshape(5, 2, 4, 3).pow(2).sum((1, 3)).sqrt().reshape(-1)
+            dense_sum.view(-1)[cand] += norms[cand]
+    assert torch.allclose(sd.candidate_scores.double(), dense_sum.view(-1)[cand], rtol=1e-5)
+    best = cand[torch.topk(sd.candidate_scores, 3).indices]
+    opt = SparseAdamW(sd, lr=0.01)
+    assert sd.regrow_(0.5 if block else 0.15, optimizer=opt) == 3
+    assert set(best.tolist()) <= set(sd.delta_index.long().tolist())
+    assert sd.candidate_index is not None and float(sd.candidate_scores.abs().sum()) == 0.0
+    assert not bool(torch.isin(sd.candidate_index.long(), sd.delta_index.long()).any())

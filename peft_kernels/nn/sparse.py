@@ -40,6 +40,7 @@ class SparseDeltaLinear(nn.Module):
         with torch.no_grad():
             self.register_buffer("base_values", self.weight.view(-1)[self._positions()].clone())
         self._synced = self._version_key()
+        self.candidate_index = self.candidate_scores = None  # see track_candidates_
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -82,8 +83,40 @@ class SparseDeltaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._synced != self._version_key():
             self.sync_()
-        return sparse_delta_linear(x, self.weight, self.delta_values, self.delta_index, self.bias,
-                                   shape_or_block=self.block, merged=True, backend=self.backend)
+        y = sparse_delta_linear(x, self.weight, self.delta_values, self.delta_index, self.bias,
+                                shape_or_block=self.block, merged=True, backend=self.backend)
+        if getattr(self, "candidate_index", None) is not None and self.training and y.requires_grad:
+            x2 = x.detach().reshape(-1, self.in_features)  # already held by autograd for dDelta
+            y.register_hook(lambda gy: self._accumulate_candidates(gy, x2))
+        return y
+
+    # ------------------------------------------------------------------ regrowth candidates
+    @torch.no_grad()
+    def track_candidates_(self, num: int | None = None, seed: int = 0):
+        """Start accumulating the gradient magnitude |dL/dW| (block L2 norm with blocks) at
+        ``num`` (default: k) random positions outside the mask, with the same SDDMM kernels as
+        dDelta — no dense gradient. ``regrow_(fraction)`` without ``scores`` then regrows among
+        these candidates (SpIEL's candidate set), and draws new ones."""
+        shape = tuple(self.weight.shape)
+        grid = layout.grid_size(shape, self.block)
+        free = grid - self.delta_index.numel()
+        num = min(self.delta_index.numel() if num is None else int(num), free)
+        if num < 1:
+            raise ValueError("track_candidates_: no position outside the mask to track")
+        g = torch.Generator().manual_seed(seed)
+        pool = torch.randperm(grid, generator=g)
+        pool = pool[~torch.isin(pool, self.delta_index.long().cpu())][:num]
+        self.candidate_index = torch.sort(pool).values.to(torch.int32).to(self.weight.device)
+        self.candidate_scores = torch.zeros(num, dtype=torch.float32, device=self.weight.device)
+
+    @torch.no_grad()
+    def _accumulate_candidates(self, grad_y, x2):
+        from .. import backends
+
+        backend = backends.resolve("sparse_delta", self.backend, x2.device)
+        g = torch.ops.peft_kernels.sparse_sddmm(grad_y.reshape(-1, self.out_features), x2, self.candidate_index,
+                                                list(self.weight.shape), list(self.block or ()), backend)
+        self.candidate_scores += g.reshape(self.candidate_index.numel(), -1).float().norm(dim=1)
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
@@ -136,16 +169,22 @@ class SparseDeltaLinear(nn.Module):
         self.sync_()
 
     @torch.no_grad()
-    def regrow_(self, fraction: float, scores: torch.Tensor, optimizer=None) -> int:
+    def regrow_(self, fraction: float, scores: torch.Tensor | None = None, optimizer=None) -> int:
         """SpIEL-style update of the mask, k kept constant: drop the ``fraction`` of entries with
         the smallest |delta| (block L2 norm with blocks), regrow as many at the unmasked positions
         with the largest ``scores`` ([out, in], e.g. accumulated |gradient|; block-pooled with
-        blocks). Dropped positions return to W0; regrown ones start at delta 0, and their optimizer
-        state (when ``optimizer`` is a SparseAdamW) is reset. Returns the number swapped."""
+        blocks) — or, without ``scores``, among the candidates of track_candidates_ by their
+        accumulated gradient magnitude (then new candidates are drawn). Dropped positions return to
+        W0; regrown ones start at delta 0, and their optimizer state (when ``optimizer`` is a
+        SparseAdamW) is reset. Returns the number swapped."""
         if not 0 <= fraction <= 1:
             raise ValueError(f"regrow_: fraction must be in [0, 1], got {fraction}")
         shape = tuple(self.weight.shape)
-        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape:
+        tracked = scores is None
+        if tracked:
+            if getattr(self, "candidate_index", None) is None:
+                raise ValueError("regrow_: give scores, or call track_candidates_() and train a few steps first")
+        elif not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape:
             raise ValueError(f"regrow_: scores must be a tensor of shape {list(shape)}")
         k = self.delta_index.numel()
         n = min(int(round(fraction * k)), layout.grid_size(shape, self.block) - k)
@@ -154,7 +193,13 @@ class SparseDeltaLinear(nn.Module):
         mag = self.delta_values.detach().float().reshape(k, -1).norm(dim=1)
         keep = torch.ones(k, dtype=torch.bool, device=mag.device)
         keep[torch.topk(mag, n, largest=False).indices] = False
-        if self.block is None:
+        if tracked:
+            cand = torch.full((layout.grid_size(shape, self.block),), -float("inf"), device=mag.device)
+            cand[self.candidate_index.long()] = self.candidate_scores
+            n = min(n, self.candidate_index.numel())
+            keep = torch.ones(k, dtype=torch.bool, device=mag.device)
+            keep[torch.topk(mag, n, largest=False).indices] = False
+        elif self.block is None:
             cand = scores.detach().float().reshape(-1).abs().clone()
         else:
             bh, bw = self.block
@@ -171,6 +216,8 @@ class SparseDeltaLinear(nn.Module):
         self.set_index_(combined[order], vals)
         if optimizer is not None and hasattr(optimizer, "remap_"):
             optimizer.remap_(self.delta_values, keep, order, is_new)
+        if tracked:
+            self.track_candidates_(self.candidate_index.numel(), seed=int(torch.randint(0, 2**31, ()).item()))
         return n
 
     def extra_repr(self) -> str:
