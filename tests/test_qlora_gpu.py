@@ -90,3 +90,20 @@ def test_qdora_matches_dora_on_the_dequantized_weight(p):
     ours = peft_kernels.dora_linear(x, q, a, b, mag, **kw)
     dense = peft_kernels.dora_linear(x, w, a, b, mag, **kw)
     assert rel_err(ours, ref) <= max(2 * rel_err(dense, ref), 1.6e-2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int_quant_linear_on_cuda(fmt):
+    """INT8/INT4 bases on the GPU (windowed decode + cuBLAS) against cuBLAS on deq(W), bf16."""
+    from helpers import rel_err
+    from peft_kernels.quant import Int4Weight, Int8Weight
+
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    q = Int8Weight.from_float(w) if fmt == "int8" else Int4Weight.from_float(w, group_size=64)
+    x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = peft_kernels.quant_linear(x, q)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w64 = q.dequantize(torch.float32).double()
+    assert rel_err(y, x.double() @ w64.T) <= max(2 * rel_err(x @ q.dequantize().T, x.double() @ w64.T), 1e-6)
+    assert rel_err(x.grad, gy.double() @ w64) <= max(2 * rel_err(gy @ q.dequantize(), gy.double() @ w64), 1e-6)
