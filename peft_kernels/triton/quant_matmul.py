@@ -129,7 +129,7 @@ FUSED_TILES = (128, 64, 64, 4, 1)
 
 @triton.jit
 def _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, start, ok,
-                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
+                       R: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
     """[R, BLOCKSIZE] decoded weights: row i holds the quantization block that starts at flat
     position start[i] (a multiple of BLOCKSIZE). One contiguous byte load per row for both
     nibbles and one scale per row, instead of per-element gathers."""
@@ -144,7 +144,8 @@ def _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr,
         scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
-    return tl.reshape(tl.join(hi * scale[:, None], lo * scale[:, None]), (start.shape[0], BLOCKSIZE))
+    # Interleave (hi, lo) back into element order: the high nibble holds the even element.
+    return tl.reshape(tl.join(hi * scale[:, None], lo * scale[:, None]), (R, BLOCKSIZE))
 
 
 @triton.jit
@@ -172,7 +173,7 @@ def _matmul_4bit_aligned_kernel(
             w_ok = wr < Q
             wr_i = wr.to(tl.int64) if WIDE else wr
             w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
-                                   wr_i * K_w + pid_p * BLOCKSIZE, w_ok, BLOCKSIZE, NESTED)  # [BN, BLOCKSIZE]
+                                   wr_i * K_w + pid_p * BLOCKSIZE, w_ok, BN, BLOCKSIZE, NESTED)  # [BN, BLOCKSIZE]
             a = tl.load(a_ptr + rows64[:, None] * stride_am + wr[None, :] * stride_aq,
                         mask=row_ok[:, None] & w_ok[None, :], other=0.0)
             acc = _mm(a, w.to(a.dtype), acc, IEEE)
@@ -183,7 +184,7 @@ def _matmul_4bit_aligned_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for q0 in range(0, Q, BLOCKSIZE):
             w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
-                                   ci * K_w + q0, c_ok_w, BLOCKSIZE, NESTED)  # [BN, BLOCKSIZE]
+                                   ci * K_w + q0, c_ok_w, BN, BLOCKSIZE, NESTED)  # [BN, BLOCKSIZE]
             qs = q0 + tl.arange(0, BLOCKSIZE)
             a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq, mask=row_ok[:, None],
                         other=0.0)
@@ -220,19 +221,8 @@ def _dequantize_aligned_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, co
         start = (row0 + rows).to(tl.int64) * K_w + col0 + tl.program_id(1) * BLOCKSIZE
     else:
         start = (row0 + rows) * K_w + col0 + tl.program_id(1) * BLOCKSIZE
-    pairs = tl.arange(0, BLOCKSIZE // 2)
-    byte = tl.load(packed_ptr + (start // 2)[:, None] + pairs[None, :], mask=row_ok[:, None], other=0)
-    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
-    lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32))
-    block = start // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=row_ok, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // 256, mask=row_ok, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=row_ok, other=0.0)
-    # Interleave (hi, lo) back into element order: the high nibble holds the even element.
-    w = tl.reshape(tl.join(hi * scale[:, None], lo * scale[:, None]), (BR, BLOCKSIZE))
+    w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, start, row_ok,
+                           BR, BLOCKSIZE, NESTED)
     cols = tl.program_id(1) * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], w.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols < C)[None, :])
