@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..reference import quant as reference
+from ..reference.windowed import windowed_matmul
 from . import lora
 from .lora import _mm
 
@@ -262,24 +263,11 @@ def _chunked_matmul_4bit(a, parts, blocksize, shape, out, accumulate, bias, tran
     else:  # out [M, N] = a [M, K] @ W^T: windows of whole rows of W
         step = max(WINDOW_ALIGN, min(N, CHUNK_ELEMENTS // max(K, 1)) // WINDOW_ALIGN * WINDOW_ALIGN)
         ws = torch.empty((min(step, N), K), dtype=a.dtype, device=a.device)
-    P = K if transpose else N
-    for p0 in range(0, P, step):
-        p1 = min(P, p0 + step)
-        if transpose:
-            w = dequantize_window(*parts, blocksize, shape, 0, N, p0, p1 - p0, ws[:, : p1 - p0])
-        else:
-            w = dequantize_window(*parts, blocksize, shape, p0, p1 - p0, 0, K, ws[: p1 - p0])
-            w = w.T
-        dst = out[:, p0:p1]
-        if accumulate:
-            dst.addmm_(a, w)
-        elif bias is not None:
-            torch.addmm(bias[p0:p1], a, w, out=dst)
-        else:
-            torch.mm(a, w, out=dst)
-    if accumulate and bias is not None:
-        out.add_(bias)
-    return out
+
+    def decode(r0, rows, c0, cols):  # into the reused workspace
+        return dequantize_window(*parts, blocksize, shape, r0, rows, c0, cols, ws[:rows, :cols])
+
+    return windowed_matmul(a, decode, shape, step, out, transpose, accumulate, bias)
 
 
 def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shape, c=None, bias=None,

@@ -1,0 +1,32 @@
+"""The product with a frozen quantized weight W [N, K] by windows of W, in plain PyTorch: each
+window is decoded (by the format's own decoder) and multiplied by the BLAS, writing column slices
+of the output, so the full-precision weight never exists at once. Serves the 4-bit chunked path
+(peft_kernels/triton/quant_matmul.py) and the INT8/INT4 bases (peft_kernels/reference/intq.py).
+
+    transpose=False:  out [M, N] (+)= a [M, K] @ W^T   windows of ``step`` whole rows of W
+    transpose=True:   out [M, K] (+)= a [M, N] @ W     windows of ``step`` whole columns of W
+"""
+from __future__ import annotations
+
+import torch
+
+
+def windowed_matmul(a, decode, shape, step, out, transpose=False, accumulate=False, bias=None):
+    """decode(r0, rows, c0, cols) -> the [rows, cols] window of W in a's dtype. ``accumulate``
+    adds into ``out`` (it holds an epilogue input); ``bias`` (one value per output column) is
+    added once. Returns ``out``."""
+    N, K = shape
+    P = K if transpose else N
+    for p0 in range(0, P, step):
+        p1 = min(P, p0 + step)
+        w = decode(0, N, p0, p1 - p0) if transpose else decode(p0, p1 - p0, 0, K).T
+        dst = out[:, p0:p1]
+        if accumulate:
+            dst.addmm_(a, w)
+        elif bias is not None:
+            torch.addmm(bias[p0:p1], a, w, out=dst)
+        else:
+            torch.mm(a, w, out=dst)
+    if accumulate and bias is not None:
+        out.add_(bias)
+    return out
