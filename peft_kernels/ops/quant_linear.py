@@ -71,35 +71,21 @@ def _intq_linear_bwd(grad_y, qweight, fmt, group_size, shape, backend):
     return backends.implementation(OP_INT, backend).backward(grad_y, qweight, fmt, group_size, tuple(shape))
 
 
-class _IntQuantLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias, tensors, fmt, group_size, shape, backend):
-        ctx.quant = (tensors, fmt, group_size, shape, backend)
-        return torch.ops.peft_kernels.intq_linear_fwd(x, tensors, fmt, group_size, shape, bias, backend)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        tensors, fmt, group_size, shape, backend = ctx.quant
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.peft_kernels.intq_linear_bwd(grad_y, tensors, fmt, group_size, shape, backend)
-        if ctx.needs_input_grad[1]:
-            grad_bias = grad_y.sum(0)
-        return grad_x, grad_bias, None, None, None, None, None
-
-
 class _QuantLinearFunction(torch.autograd.Function):
+    """y = fwd(x, *meta, bias, backend); dx = bwd(dY, *meta, backend): the NF4/FP4 ops
+    (meta = tensors, blocksize, shape) and the INT8/INT4 ops (meta = tensors, fmt, group, shape)."""
+
     @staticmethod
-    def forward(ctx, x, bias, tensors, blocksize, shape, backend):
-        ctx.quant = (tensors, blocksize, shape, backend)
-        return torch.ops.peft_kernels.quant_linear_fwd(x, tensors, blocksize, shape, bias, backend)
+    def forward(ctx, x, bias, fwd, bwd, meta, backend):
+        ctx.quant = (bwd, meta, backend)
+        return fwd(x, *meta, bias, backend)
 
     @staticmethod
     def backward(ctx, grad_y):
-        tensors, blocksize, shape, backend = ctx.quant
+        bwd, meta, backend = ctx.quant
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.peft_kernels.quant_linear_bwd(grad_y, tensors, blocksize, shape, backend)
+            grad_x = bwd(grad_y, *meta, backend)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_y.sum(0)
         return grad_x, grad_bias, None, None, None, None
@@ -116,16 +102,17 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
     """
     out_features, in_features = check_qweight(OP, x, qweight, allow_int=True)
     _checks.check_input(OP, x, in_features, out_features, bias)
+    ops = torch.ops.peft_kernels
     fmt = INT_FORMATS.get(type(qweight))
     if fmt is not None:
         backend = backends.resolve(OP_INT, backend, x.device)
         group = qweight.group_size if fmt == "int4" else 0
-        y = _IntQuantLinearFunction.apply(x.reshape(-1, in_features), bias, qweight.tensors(), fmt, group,
-                                          [out_features, in_features], backend)
-        return y.reshape(*x.shape[:-1], out_features)
-    backend = backends.resolve(OP, backend, x.device)
-    if backend == "triton":
-        _checks.check_triton(OP, x)
-    tensors, blocksize, shape = split_parts(qweight)
-    y = _QuantLinearFunction.apply(x.reshape(-1, in_features), bias, tensors, blocksize, shape, backend)
+        fwd, bwd, meta = ops.intq_linear_fwd, ops.intq_linear_bwd, (qweight.tensors(), fmt, group,
+                                                                    [out_features, in_features])
+    else:
+        backend = backends.resolve(OP, backend, x.device)
+        if backend == "triton":
+            _checks.check_triton(OP, x)
+        fwd, bwd, meta = ops.quant_linear_fwd, ops.quant_linear_bwd, split_parts(qweight)
+    y = _QuantLinearFunction.apply(x.reshape(-1, in_features), bias, fwd, bwd, meta, backend)
     return y.reshape(*x.shape[:-1], out_features)
