@@ -37,28 +37,9 @@ def weight_row_sq(weight, acc: torch.dtype = torch.float32) -> torch.Tensor:
         if not isinstance(weight, Bnb4bitWeight):
             return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
         out_f = weight.shape[0]
-        return torch.cat([torch.linalg.vector_norm(_dequantize_rows(weight, r0, min(ROW_WINDOW, out_f - r0), acc),
+        return torch.cat([torch.linalg.vector_norm(weight.dequantize_rows(r0, min(ROW_WINDOW, out_f - r0), acc),
                                                    dim=1, dtype=acc).square()
                           for r0 in range(0, out_f, ROW_WINDOW)])
-
-
-def _dequantize_rows(q: Bnb4bitWeight, r0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """W[r0:r0+rows] of a 4-bit weight, [rows, in] in ``dtype``."""
-    in_f = q.shape[1]
-    if q.packed.is_cuda:
-        from ..triton.quant_matmul import dequantize_window
-
-        out = torch.empty((rows, in_f), dtype=dtype, device=q.packed.device)
-        return dequantize_window(*q.parts(), r0, rows, 0, in_f, out)
-    # CPU: bnb's rule on the flat range of these rows (a byte may straddle two rows when in is odd)
-    start, stop = r0 * in_f, (r0 + rows) * in_f
-    idx = torch.arange(start, stop)
-    block = idx // q.blocksize
-    absmax = q.absmax[block].float() if q.absmax2 is None else (
-        q.code2[q.absmax[block].long()] * q.absmax2[block // 256] + q.offset)
-    byte = q.packed.reshape(-1)[idx // 2].long()
-    nibble = torch.where(idx % 2 == 0, byte >> 4, byte & 0xF)
-    return (q.code[nibble] * absmax).to(dtype).view(rows, in_f)
 
 
 def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,

@@ -198,11 +198,28 @@ class Bnb4bitWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight in ``dtype`` (default: the original dtype)."""
         if self.packed.is_cuda:  # one Triton pass, bit-identical to the torch rule below (tests)
-            from ..triton.quant_matmul import dequantize_window
-            out = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.packed.device)
-            return dequantize_window(*self.parts(), 0, self.shape[0], 0, self.shape[1], out)
+            return self.dequantize_rows(0, self.shape[0], dtype)
         return dequantize_parts(self.packed, self.absmax, self.code, self.absmax2, self.code2, self.offset,
                                 self.blocksize, self.shape, dtype or self.dtype)
+
+    def dequantize_rows(self, r0: int, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W[r0:r0+rows], [rows, in] in ``dtype``, with dequantize()'s exact values: a Triton pass on
+        CUDA, bnb's rule on the flat range of these rows on CPU (a byte may straddle two rows when
+        in is odd)."""
+        dtype = dtype or self.dtype
+        in_f = self.shape[1]
+        if self.packed.is_cuda:
+            from ..triton.quant_matmul import dequantize_window
+
+            out = torch.empty((rows, in_f), dtype=dtype, device=self.packed.device)
+            return dequantize_window(*self.parts(), r0, rows, 0, in_f, out)
+        idx = torch.arange(r0 * in_f, (r0 + rows) * in_f)
+        block = idx // self.blocksize
+        absmax = self.absmax[block].float() if self.absmax2 is None else (
+            self.code2[self.absmax[block].long()] * self.absmax2[block // NESTED_BLOCKSIZE] + self.offset)
+        byte = self.packed.reshape(-1)[idx // 2].long()
+        nibble = torch.where(idx % 2 == 0, byte >> 4, byte & 0xF)
+        return (self.code[nibble] * absmax).to(dtype).view(rows, in_f)
 
     @property
     def bits_per_parameter(self) -> float:
