@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.dora import dora_linear, dora_weight_norm, weight_row_sq
+from ..ops._checks import host_seed
 from ..ops.qlora import qlora_linear
 from ..ops.quant_linear import quant_linear
 from ..quant.bnb4bit import Bnb4bitWeight, FP4Weight, NF4Weight
@@ -132,7 +133,7 @@ class IntQLoRALinear(QLoRALinear):
         y = quant_linear(x, self.qweight, self.bias, backend=self.backend)
         p = self.dropout if self.training else 0.0
         x2 = x.reshape(-1, self.in_features)
-        xd = dropped(x2, p, int(torch.randint(0, 2**62, ()).item()) if p > 0 else None)
+        xd = dropped(x2, p, host_seed(None) if p > 0 else None)
         lora = nn.functional.linear(nn.functional.linear(xd, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return y + self.scaling * lora.reshape(*x.shape[:-1], self.out_features)
 

@@ -102,6 +102,12 @@ def check_adapter(op: str, lora_A, lora_B, in_features: int, out_features: int, 
 TRITON_MAX_RANK = 256
 
 
+def host_seed(seed: int | None) -> int:
+    """``seed``, or a fresh draw from torch's CPU generator: no device sync, and
+    torch.manual_seed and checkpoint's RNG-state replay reproduce it."""
+    return seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+
+
 def seed_value(seed) -> int | None:
     """The int the torch backend takes, from the seed tensor the kernels take."""
     return None if seed is None else int(seed.item())

@@ -71,28 +71,35 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
     recomputing it every call). Gradients flow to x, lora_A, lora_B and magnitude (the row norm
     is detached, as in PEFT).
     """
-    if isinstance(weight, Bnb4bitWeight):
-        return _qdora_linear(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed,
-                             backend, weight_row_sq)
-    backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op=OP)
-    _checks.check_tensor(magnitude, "magnitude", OP, 1)
-    if magnitude.shape[0] != weight.shape[0]:
-        _checks.fail(OP, f"magnitude must be [{weight.shape[0]}], got {list(magnitude.shape)}")
-    _checks.check_same_device(OP, x=x, magnitude=magnitude)
+    if isinstance(weight, Bnb4bitWeight):  # the 4-bit ops validate x, the adapter and bias
+        _check_magnitude(magnitude, weight.shape[0], x)
+        _checks.check_scalar(scaling, "scaling", OP)
+
+        def fused():
+            return qlora_linear(x, weight, lora_A, lora_B, None, scaling=scaling, dropout_p=0.0, backend=backend)
+
+        def base(inp, b=None):
+            return quant_linear(inp, weight, b, backend=backend)
+    else:
+        backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op=OP)
+        _check_magnitude(magnitude, weight.shape[0], x)
+
+        def fused():
+            return apply_validated(x, weight, lora_A, lora_B, None, scaling, 0.0, False, None, backend)
+
+        def base(inp, b=None):
+            return torch.nn.functional.linear(inp, weight, b)
     norm = dora_weight_norm(weight, lora_A, lora_B, float(scaling), weight_row_sq)
     mn = (magnitude / norm).to(x.dtype)
     p = float(dropout_p) if training else 0.0
     if p == 0.0:
-        y = apply_validated(x, weight, lora_A, lora_B, None, scaling, 0.0, False, None, backend) * mn
+        y = fused() * mn
         return y + bias if bias is not None else y
     # PEFT's dropout form, exact: the dropped x goes through the base weight too. The seed is
     # drawn on the host (torch's CPU generator: checkpoint replays it), so no device sync.
-    seed_v = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
-    x2 = x.reshape(-1, weight.shape[1])
-    xd = dropped(x2, p, seed_v).reshape(x.shape)
+    xd = dropped(x.reshape(-1, weight.shape[1]), p, _checks.host_seed(seed)).reshape(x.shape)
     lora_out = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A.to(x.dtype)), lora_B.to(x.dtype))
-    return (torch.nn.functional.linear(x, weight, bias) + (mn - 1) * torch.nn.functional.linear(xd, weight)
-            + mn * lora_out * scaling)
+    return base(x, bias) + (mn - 1) * base(xd) + mn * lora_out * scaling
 
 
 def _check_magnitude(magnitude, out_features, x):
@@ -100,24 +107,6 @@ def _check_magnitude(magnitude, out_features, x):
     if magnitude.shape[0] != out_features:
         _checks.fail(OP, f"magnitude must be [{out_features}], got {list(magnitude.shape)}")
     _checks.check_same_device(OP, x=x, magnitude=magnitude)
-
-
-def _qdora_linear(x, q, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed, backend, row_sq):
-    """DoRA over a 4-bit base: the same two forms as dora_linear, base products on the 4-bit ops
-    (which validate x, the adapter and bias)."""
-    _check_magnitude(magnitude, q.shape[0], x)
-    _checks.check_scalar(scaling, "scaling", OP)
-    norm = dora_weight_norm(q, lora_A, lora_B, float(scaling), row_sq)
-    mn = (magnitude / norm).to(x.dtype)
-    p = float(dropout_p) if training else 0.0
-    if p == 0.0:
-        y = qlora_linear(x, q, lora_A, lora_B, None, scaling=scaling, dropout_p=0.0, backend=backend) * mn
-        return y + bias if bias is not None else y
-    seed_v = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
-    xd = dropped(x.reshape(-1, q.shape[1]), p, seed_v).reshape(x.shape)
-    lora_out = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A.to(x.dtype)), lora_B.to(x.dtype))
-    return (quant_linear(x, q, bias, backend=backend) + (mn - 1) * quant_linear(xd, q, backend=backend)
-            + mn * lora_out * scaling)
 
 
 __all__ = ["dora_linear", "dora_weight_norm", "weight_row_sq"]
