@@ -62,6 +62,20 @@ def _dequantize_tile_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2
 
 
 @triton.jit
+def _store_tile(acc, c_ptr, bias_ptr, out_ptr, rows64, cols, row_ok, col_ok, stride_cm, stride_cp, stride_om,
+                stride_op, HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out[rows, cols] = acc (+ the epilogue input c) (+ bias), cast to out's dtype."""
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_C:
+        acc += tl.load(c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cp, mask=tile_ok,
+                       other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_op, acc.to(out_ptr.dtype.element_ty),
+             mask=tile_ok)
+
+
+@triton.jit
 def _matmul_4bit_kernel(
     a_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, c_ptr, bias_ptr, out_ptr,
     M, P, Q, K_w,
@@ -102,14 +116,8 @@ def _matmul_4bit_kernel(
         b = _decode_4bit(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, flat,
                          q_ok[:, None] & col_ok[None, :], BLOCKSIZE, NESTED)
         acc = _mm(a, b.to(a.dtype), acc, IEEE)
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    if HAS_C:
-        acc += tl.load(c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cp, mask=tile_ok,
-                       other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_op, acc.to(out_ptr.dtype.element_ty),
-             mask=tile_ok)
+    _store_tile(acc, c_ptr, bias_ptr, out_ptr, rows64, cols, row_ok, col_ok, stride_cm, stride_cp, stride_om,
+                stride_op, HAS_C, HAS_BIAS)
 
 
 # Two paths, chosen by M (benchmarks/quant_matmul_tiles.py on an H100):
@@ -191,14 +199,8 @@ def _matmul_4bit_aligned_kernel(
                         other=0.0)
             acc = _mm(a, tl.trans(w.to(a.dtype)), acc, IEEE)
     col_ok = cols < P
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    if HAS_C:
-        acc += tl.load(c_ptr + rows64[:, None] * stride_cm + cols[None, :] * stride_cp, mask=tile_ok,
-                       other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_op, acc.to(out_ptr.dtype.element_ty),
-             mask=tile_ok)
+    _store_tile(acc, c_ptr, bias_ptr, out_ptr, rows64, cols, row_ok, col_ok, stride_cm, stride_cp, stride_om,
+                stride_op, HAS_C, HAS_BIAS)
 
 
 ALIGNED_TILES = (16, 64, 4)  # BM, BN, num_warps: a candidate for small M, to be measured
