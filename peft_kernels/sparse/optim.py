@@ -8,15 +8,17 @@ import weakref
 import torch
 from torch import nn
 
+from .. import backends
+
+
+OP = "sparse_adamw"
+backends.register(OP, "torch", "peft_kernels.reference.sparse")
+backends.register(OP, "triton", "peft_kernels.triton.sparse")
+
 
 def _impl(device: torch.device):
-    from ..backends import unavailable_reason
-
-    if device.type == "cuda" and unavailable_reason("triton", device) is None:
-        from ..triton import sparse
-    else:
-        from ..reference import sparse
-    return sparse
+    """The module doing the update, by the registry's "auto" rule (Triton on CUDA, torch else)."""
+    return backends.implementation(OP, backends.resolve(OP, "auto", device))
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -26,7 +28,8 @@ class SparseAdamW(torch.optim.Optimizer):
     requires_grad), SparseDeltaLinear modules, or plain parameters / param groups. State per
     parameter: exp_avg and exp_avg_sq (fp32, shaped like it) and ``steps`` (int32 per entry:
     an entry regrown by SparseDeltaLinear.regrow_ restarts its own bias correction at step 1).
-    Backend: the Triton kernel on CUDA, the torch reference on CPU.
+    Backend: backend="auto"'s rule for op "sparse_adamw" (the Triton kernel on CUDA, the torch
+    reference on CPU; PEFT_KERNELS_BACKEND overrides it).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
