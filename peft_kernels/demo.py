@@ -68,12 +68,13 @@ def _to_dense_grad_masking(model):
     """Put the same masks back as dense-gradient masking: each SparseDeltaLinear becomes an
     nn.Linear with a trainable weight whose full gradient is multiplied by the mask."""
     from .nn.sparse import SparseDeltaLinear
+    from .sparse import layout
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, SparseDeltaLinear):
             lin = mod.to_linear()
             mask = torch.zeros(lin.weight.numel(), dtype=lin.weight.dtype, device=lin.weight.device)
-            mask[mod.delta_index.long()] = 1
+            mask[layout.element_positions(mod.delta_index, tuple(lin.weight.shape), mod.block)] = 1
             lin.weight.requires_grad_(True)
             lin.weight.register_hook(lambda g, m=mask.view_as(lin.weight): g * m)
             lin.weight.masked_entries = mod.num_trainable

@@ -188,6 +188,8 @@ class SparseDeltaLinear(nn.Module):
             raise ValueError(f"regrow_: scores must be a tensor of shape {list(shape)}")
         k = self.delta_index.numel()
         n = min(int(round(fraction * k)), layout.grid_size(shape, self.block) - k)
+        if tracked:
+            n = min(n, self.candidate_index.numel())
         if n <= 0:
             return 0
         mag = self.delta_values.detach().float().reshape(k, -1).norm(dim=1)
@@ -196,9 +198,6 @@ class SparseDeltaLinear(nn.Module):
         if tracked:
             cand = torch.full((layout.grid_size(shape, self.block),), -float("inf"), device=mag.device)
             cand[self.candidate_index.long()] = self.candidate_scores
-            n = min(n, self.candidate_index.numel())
-            keep = torch.ones(k, dtype=torch.bool, device=mag.device)
-            keep[torch.topk(mag, n, largest=False).indices] = False
         elif self.block is None:
             cand = scores.detach().float().reshape(-1).abs().clone()
         else:
