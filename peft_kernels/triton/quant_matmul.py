@@ -206,10 +206,6 @@ def _matmul_4bit_aligned_kernel(
 ALIGNED_TILES = (16, 64, 4)  # BM, BN, num_warps: a candidate for small M, to be measured
 
 
-def _default_tiles(M: int):
-    return FUSED_TILES
-
-
 @triton.jit
 def _dequantize_aligned_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, out_ptr,
                                R, C, row0, col0, K_w, stride_o,
@@ -307,7 +303,7 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
     if path == "chunked":
         parts = (packed, absmax, code, absmax2, code2, offset)
         return _chunked_matmul_4bit(a, parts, blocksize, shape, out, c is not None, bias, transpose)
-    bm, bp, bq, warps, stages = tiles or _default_tiles(M)
+    bm, bp, bq, warps, stages = tiles or FUSED_TILES
     nested = absmax2 is not None
     grid = (triton.cdiv(M, bm) * triton.cdiv(P, bp),)
     _matmul_4bit_kernel[grid](
