@@ -64,7 +64,9 @@ def _adapted(base, method, p, patched, dtype):
             if "lora_B" in n:
                 torch.nn.init.normal_(prm, std=0.02)  # a trained adapter, not zeros
     if patched:
-        report = __import__("peft_kernels").patch_peft_model(model)
+        from .. import patch_peft_model
+
+        report = patch_peft_model(model)
         if report.skipped:
             print(f"\n  ({len(report.skipped)} layers left unpatched: {next(iter(report.skipped.values()))})",
                   file=sys.stderr)
