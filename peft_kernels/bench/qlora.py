@@ -2,7 +2,9 @@
 
 Cases: the bf16 floor F.linear(x, W); eager "dequantize the whole weight, then cuBLAS" LoRA
 (what bitsandbytes and torchao do above small M); HF PEFT's LoRA over a bitsandbytes Linear4bit
-(bf16 adapters) when peft and a CUDA bitsandbytes are installed; peft_kernels qlora_linear; and
+(bf16 adapters) when peft and a CUDA bitsandbytes are installed; torchao's NF4Tensor (linear_nf4)
+with the same eager LoRA beside it, as torchtune runs QLoRA, when torchao is installed;
+peft_kernels qlora_linear; and
 peft_kernels quant_linear (the frozen NF4 layer alone). ``--forward-only`` times forwards only
 (the decode case: NF4 at M=16 against bf16 F.linear).
 """
@@ -40,6 +42,20 @@ def _peft_qlora_layer(q, device):
         return None
 
 
+def _torchao_nf4(w):
+    """torchao's NF4 copy of ``w`` (blocksize 64, scaler blocks of 256, its defaults) and its
+    linear_nf4; None (with the reason printed) where torchao is missing or cannot quantize."""
+    try:
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+        except ImportError:  # torchao < 0.15 kept NF4 under dtypes
+            from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
+        return to_nf4(w, 64, 256), linear_nf4
+    except Exception as exc:
+        print(f"\n  (torchao NF4 case skipped: {type(exc).__name__}: {str(exc)[:100]})", file=sys.stderr)
+        return None
+
+
 def cases(M, K, N, device, dtype, forward_only=False):
     torch.manual_seed(0)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=not forward_only)
@@ -61,6 +77,11 @@ def cases(M, K, N, device, dtype, forward_only=False):
     if layer is not None:
         lp = [p for p in layer.parameters() if p.requires_grad]
         out["HF PEFT QLoRA (bnb) p=0.05"] = step(lambda: layer(x), [x, *lp])
+    ao = _torchao_nf4(w)
+    if ao is not None:
+        ao_w, linear_nf4 = ao
+        out["torchao NF4 + eager LoRA p=0.05"] = step(
+            lambda: linear_nf4(x, ao_w) + s * F.linear(F.linear(F.dropout(x, P), a), b), [x, a, b])
     out["peft_kernels qlora p=0.05"] = step(lambda: qlora_linear(x, q, a, b, scaling=s, dropout_p=P), [x, a, b])
     out["peft_kernels quant_linear (frozen NF4)"] = step(lambda: quant_linear(x, q), [x])
     return out
