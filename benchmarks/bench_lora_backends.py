@@ -1,5 +1,7 @@
 """The LoRA op's backends side by side (triton vs cuda vs the frozen floor), fwd+bwd and forward
-only, bf16, r=16, p=0.05, over M; the JSON backs backend="auto"'s rule (backends.py).
+only, bf16, r=16, p=0.05, over M; the JSON backs backend="auto"'s rule (backends.py). For
+M <= 64 it adds "triton fused-fwd": the Triton backend with its single-launch forward turned on
+(triton/lora.py, FUSED_FWD_MAX_M, off by default until these rows say it wins).
 
     python benchmarks/bench_lora_backends.py --out benchmarks/results/lora_backends_h100.json
 """
@@ -9,14 +11,20 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels
+from peft_kernels.triton import lora as triton_lora
 from peft_kernels.bench.harness import Progress, environment, fwd_bwd_step, markdown_table, time_ms, \
     time_ms_graphed, write_json
+
+
+def _fused_on(x, w, a, b, s, p):
+    with triton_lora.launch_override(fused_max_m=triton_lora.FUSED_FWD_LIMIT):
+        return peft_kernels.lora_linear(x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="triton")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--ms", default="16,256,1024,8192")
+    ap.add_argument("--ms", default="16,64,256,1024,8192")
     args = ap.parse_args()
     dev = torch.device("cuda")
     K = N = 4096
@@ -38,6 +46,8 @@ def main():
             for be in ("triton", "cuda"):
                 cases[be] = fwd_bwd_step(lambda be=be: peft_kernels.lora_linear(
                     x, w, a, b, scaling=s, dropout_p=p, seed=3, backend=be), [x, a, b], dy, fo)
+            if M <= triton_lora.FUSED_FWD_LIMIT:
+                cases["triton fused-fwd"] = fwd_bwd_step(lambda: _fused_on(x, w, a, b, s, p), [x, a, b], dy, fo)
             times = {k: time_ms(f, dev) for k, f in cases.items()}
             graphed = {k: time_ms_graphed(f, dev) for k, f in cases.items()}
             for k in cases:

@@ -65,6 +65,28 @@ def test_triton_split_and_unsplit_reductions(sms, kernel_device):
         _check("triton", kernel_device, torch.float16, (45,), 71, 39, 6, p=0.0)
 
 
+@pytest.mark.parametrize("lead,k,n,r,p,bias", [((1,), 37, 53, 5, 0.3, True),   # one row (decode)
+                                               ((3, 7), 37, 53, 5, 0.0, False),
+                                               ((64,), 71, 39, 17, 0.2, True),  # BM = 64, r padded to 32
+                                               ((9,), 16, 16, 1, 0.5, False)])  # K, N exactly one tile
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_single_launch_forward(lead, k, n, r, p, bias, dtype, kernel_device):
+    """The small-M forward in one launch (x@W^T, u and the up-projection in one kernel), with
+    16-wide tiles so N spans several programs (only the first writes u) and K several partial
+    iterations; its u feeds the usual backward kernels."""
+    from unittest import mock
+    with triton_lora.launch_override(fused_max_m=64, fused_bn=16, fused_bk=16), \
+            mock.patch.object(triton_lora, "fused_forward", wraps=triton_lora.fused_forward) as fused:
+        _check("triton", kernel_device, dtype, lead, k, n, r, bias=bias, p=p)
+    assert fused.call_count >= 1
+
+
+def test_triton_single_launch_forward_off_above_its_limit():
+    with triton_lora.launch_override(fused_max_m=10**6):
+        assert triton_lora.use_fused_forward(64) and not triton_lora.use_fused_forward(65)
+    assert not triton_lora.use_fused_forward(0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_noncontiguous_inputs(backend, kernel_device):
     device = kernel_device if backend == "triton" else torch.device("cpu")
@@ -78,6 +100,9 @@ def test_noncontiguous_inputs(backend, kernel_device):
         t.requires_grad_(True)
     grad_out = torch.randn(2, 11, n, device=device)
     assert_close_to_oracle(_fn(backend, 1.5, 0.2, 7), [x, w, a, b, None], 1.5, 0.2, 7, grad_out)
+    if backend == "triton":  # the single-launch forward reads the same strides
+        with triton_lora.launch_override(fused_max_m=64, fused_bn=16, fused_bk=16):
+            assert_close_to_oracle(_fn(backend, 1.5, 0.2, 7), [x, w, a, b, None], 1.5, 0.2, 7, grad_out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,6 +6,7 @@ Peak extra memory: the allocator's peak during one run minus what was allocated 
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -25,11 +26,11 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    for mod in ("triton", "peft", "transformers", "bitsandbytes", "torchao"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
-            env[mod] = None
+    for dist in ("triton", "peft", "transformers", "bitsandbytes", "torchao"):
+        try:  # metadata, not an import: importing torchao alone prints a screen of warnings
+            env[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env[dist] = None
     return env
 
 

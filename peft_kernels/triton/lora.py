@@ -12,6 +12,12 @@ memory-bound Triton kernels, each reading its large operand once:
                                dA = s/(1-p) * v.T @ (mask * x)          reads x once, writes D
             cuBLAS             dX = D + dY @ W      (addmm_, beta=1)
 
+Small M (decode, short sequences; opt-in until timed on a GPU, see FUSED_FWD_MAX_M): the whole
+forward in one launch, _lora_fused_fwd_kernel, a GEMV-like kernel that streams W once and carries
+the LoRA terms in its main loop: y = x @ W.T + bias + s * (dropout(x) @ A.T) @ B.T. Every program
+recomputes u from the same x tiles (A is r/BN the size of its W slice and stays in L2), so no
+second launch or workspace is needed; program 0 along N writes u for backward.
+
 The dropout mask is regenerated from (seed, row, col) by triton.rng in both passes: neither the
 mask nor dropout(x) is ever stored; only u (M x r, fp32) is saved for backward. Reductions that
 are split across programs for parallelism accumulate with fp32 atomics into zeroed buffers.
@@ -115,6 +121,56 @@ def _lora_up_kernel(
 
 
 @triton.jit
+def _lora_fused_fwd_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, seed_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    scaling, threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    cols64 = cols.to(tl.int64)
+    ranks = tl.arange(0, BR)
+    rank_ok = ranks < R
+    if HAS_DROPOUT:
+        key = row_keys(seed_ptr, rows)[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    u = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(w_ptr + cols64[None, :] * stride_wn + ks[:, None] * stride_wk,
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mm(x, w_t, acc, IEEE)
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(key, ks[None, :], threshold), x, 0.0)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + ks[:, None] * stride_ak,
+                      mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+        u = _mm(x, a_t, u, IEEE)
+    u = u * inv_keep
+    if pid_n == 0:
+        tl.store(u_ptr + rows64[:, None] * R + ranks[None, :], u, mask=row_ok[:, None] & rank_ok[None, :])
+    b_t = tl.load(b_ptr + cols64[None, :] * stride_bn + ranks[:, None] * stride_br,
+                  mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    # u is rounded to the adapter dtype before the up-projection, as in _lora_up_kernel.
+    acc += _mm(u.to(b_t.dtype), b_t, tl.zeros((BM, BN), dtype=tl.float32), IEEE) * scaling
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _lora_dy_kernel(
     dy_ptr, b_ptr, u_ptr, v_ptr, db_ptr,
     M, N, R, n_per_split,
@@ -199,7 +255,8 @@ _OVERRIDE: dict = {}
 @contextlib.contextmanager
 def launch_override(**settings):
     """Force tile sizes / SM count (tests use it to reach every split and masking path on tiny
-    shapes). Keys: sms, down_bm, down_bk, up_bm, up_bn, dy_bm, dy_bn, dx_bm, dx_bk."""
+    shapes). Keys: sms, down_bm, down_bk, up_bm, up_bn, dy_bm, dy_bn, dx_bm, dx_bk, <kind>_warps,
+    fused_max_m, fused_bn, fused_bk, fused_stages."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(settings)
     try:
@@ -248,6 +305,28 @@ def _tiles(kind: str, br: int, dropout: bool = False) -> tuple[int, int, int]:
             _OVERRIDE.get(f"{kind}_warps", default[2]))
 
 
+# The single-launch forward runs for M <= FUSED_FWD_MAX_M. 0 (off) until it has been timed against
+# the three-launch path on a GPU (benchmarks/bench_lora_backends.py, "triton fused-fwd" rows):
+# it is interpreter-tested, never measured. launch_override(fused_max_m=...) turns it on.
+FUSED_FWD_MAX_M = 0
+FUSED_FWD_LIMIT = 64  # BM = M padded to a power of two >= 16; larger M belongs to the tiled path
+
+
+def _fused_fwd_tiles(M: int, N: int, sms: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, num_stages) of the single-launch forward: one row tile covering M, and
+    BN chosen so that the N/BN programs fill about two waves (the kernel is bound by reading W)."""
+    bm = max(16, triton.next_power_of_2(M))
+    bn = 16
+    while bn < 64 and triton.cdiv(N, bn * 2) >= 2 * sms:
+        bn *= 2
+    return (bm, _OVERRIDE.get("fused_bn", bn), _OVERRIDE.get("fused_bk", 128), _OVERRIDE.get("fused_stages", 3))
+
+
+def use_fused_forward(M: int) -> bool:
+    """Whether lora_forward takes the single-launch path for M rows."""
+    return 0 < M <= min(_OVERRIDE.get("fused_max_m", FUSED_FWD_MAX_M), FUSED_FWD_LIMIT)
+
+
 def _padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -267,6 +346,8 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     seed int64 tensor [1] | None. Returns (y [M, N] in x.dtype, u [M, r] fp32)."""
     if degenerate(x, lora_B):
         return reference.lora_forward(x, weight, lora_A, lora_B, bias, scaling, 0.0, None)
+    if use_fused_forward(x.shape[0]):
+        return fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     y, u = adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed)
     return y.addmm_(x, weight.t()), u
 
@@ -279,6 +360,27 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed
     if need_dx:
         d.addmm_(grad_y, weight)
     return d, grad_A, grad_B
+
+
+def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    """lora_forward in one launch for small M (<= FUSED_FWD_LIMIT rows): same contract,
+    (y [M, N] in x.dtype, u [M, r] fp32)."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    BR = _padded_rank(R)
+    bm, bn, bk, stages = _fused_fwd_tiles(M, N, _sm_count(x.device))
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    u = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    _lora_fused_fwd_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+        x, weight, lora_A, lora_B, bias if bias is not None else y, y, u, seed if seed is not None else x,
+        M, N, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        scaling, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BM=bm, BN=bn, BK=bk, BR=BR, num_warps=4, num_stages=stages,
+    )
+    return y, u
 
 
 def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
