@@ -2,8 +2,10 @@
 
 For each shape and direction (forward x@W^T, backward dY@W) it times every tile configuration
 against cuBLAS on the already-dequantized bf16 weight (the speed of light for this product) and
-against bnb-style dequantize-then-matmul, and writes the table as JSON. The defaults in
-quant_matmul.py are taken from this output.
+against bnb-style dequantize-then-matmul, and writes the table as JSON. It first times the
+block-aligned window decoder alone (the chunked path's cost above cuBLAS) for each DECODES
+configuration, with the bandwidth it reaches. The defaults in quant_matmul.py are taken from this
+output.
 
     python benchmarks/quant_matmul_tiles.py --out benchmarks/results/quant_matmul_tiles_h100.json
 """
@@ -20,6 +22,7 @@ FUSED = [  # BM, BP, BQ, warps, stages
 ]
 ALIGNED = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8)]  # BM, BN, warps
 CHUNKS = [1 << 20, 1 << 22, 1 << 24]  # weights decoded per window (chunked path)
+DECODES = [(16, 1, 4), (16, 4, 4), (32, 2, 4), (32, 4, 8), (64, 1, 4), (64, 2, 8)]  # BR, NB, warps
 
 
 def main():
@@ -38,6 +41,14 @@ def main():
              + [("chunked", ch) for ch in CHUNKS])
     prog = Progress(len(ms) * 2 * len(cases), "tiles")
     deq_out = torch.empty_like(w)
+    decoders = []
+    for cfg in DECODES:  # bytes moved: the packed weight and absmax in, bf16 out
+        qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out, tiles=cfg)
+        exact = torch.equal(deq_out, w)
+        t = time_ms(lambda cfg=cfg: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out, tiles=cfg), dev)
+        gbs = (N * K // 2 + N * K // 64 + N * K * 2) / t / 1e6
+        decoders.append(dict(config=cfg, ms=t, exact=exact, gb_per_s=gbs))
+        print(decoders[-1], flush=True)
     deq_ms = time_ms(lambda: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out), dev)
     print({"dequantize_4096x4096_triton_ms": deq_ms}, flush=True)
     for M in ms:
@@ -63,7 +74,8 @@ def main():
                                  ratio_to_cublas=(t / cublas) if t else None))
                 print(rows[-1], flush=True)
     if args.out:
-        write_json(args.out, {"env": environment(dev), "dequantize_4096x4096_ms": deq_ms, "rows": rows})
+        write_json(args.out, {"env": environment(dev), "dequantize_4096x4096_ms": deq_ms, "decoders": decoders,
+                              "rows": rows})
 
 
 if __name__ == "__main__":

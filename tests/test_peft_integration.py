@@ -181,16 +181,21 @@ def test_save_errors(tmp_path):
         peft_kernels.save_adapter(model, tmp_path)
 
 
+IN_4BIT = 128
+
+
 class Bnb4bitNet(nn.Module):
-    """A model whose projection is a bitsandbytes Linear4bit holding known NF4 bytes."""
+    """A model whose projection is a bitsandbytes Linear4bit holding known NF4 bytes. in_features
+    is a multiple of the blocksize (64): bnb 0.50's native CPU dequantize, which the unpatched
+    model runs, mis-scales blocks that span two rows of the weight (tests/test_quant_bnb4bit.py)."""
 
     def __init__(self, compute_dtype=torch.float32):
         super().__init__()
         bnb = pytest.importorskip("bitsandbytes")
         from peft_kernels.quant import NF4Weight
 
-        self.q_proj = bnb.nn.Linear4bit(32, 24, bias=True, compute_dtype=compute_dtype, quant_type="nf4")
-        self.q_proj.weight = NF4Weight.from_float(torch.randn(24, 32) * 0.1).to_bnb()
+        self.q_proj = bnb.nn.Linear4bit(IN_4BIT, 24, bias=True, compute_dtype=compute_dtype, quant_type="nf4")
+        self.q_proj.weight = NF4Weight.from_float(torch.randn(24, IN_4BIT) * 0.1).to_bnb()
         self.q_proj.bias = nn.Parameter(torch.randn(24), requires_grad=False)
         self.out = nn.Linear(24, 6)
 
@@ -203,7 +208,7 @@ def test_patched_qlora_over_bnb_linear4bit_matches_unpatched():
     model = peft.get_peft_model(Bnb4bitNet(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     nn.init.normal_(model.base_model.model.q_proj.lora_B["default"].weight, std=0.1)
     model.train()
-    x = torch.randn(5, 32)
+    x = torch.randn(5, IN_4BIT)
     y0, gx0, g0 = _run(model, x)
     report = peft_kernels.patch_peft_model(model)
     assert report.patched == ["base_model.model.q_proj"], str(report)
@@ -224,7 +229,7 @@ def test_patched_qdora_over_bnb_linear4bit_matches_unpatched(dropout):
                                                               use_dora=True, lora_dropout=dropout))
     nn.init.normal_(model.base_model.model.q_proj.lora_B["default"].weight, std=0.1)
     model.train()
-    x = torch.randn(5, 32)
+    x = torch.randn(5, IN_4BIT)
     torch.manual_seed(1)
     y0, gx0, g0 = _run(model, x) if dropout == 0 else (None, None, None)
     report = peft_kernels.patch_peft_model(model)

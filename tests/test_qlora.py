@@ -119,7 +119,8 @@ def test_matmul_4bit_fused_aligned(transpose, nested, epilogue, kernel_device):
 
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("case", ["any-shape", "block-aligned", "aligned-last-partial"])
-def test_dequantize_window_is_exact(nested, case, kernel_device):
+@pytest.mark.parametrize("tiles", [None, (16, 3, 4)])  # 3 blocks per program: a partly empty last group
+def test_dequantize_window_is_exact(nested, case, tiles, kernel_device):
     """The workspace decoders (any shape; block-aligned, one scale per row and block) give
     dequantize()'s values bit for bit, for interior windows."""
     shape, window = {"any-shape": ((37, 83), (5, 20, 11, 50)),
@@ -128,7 +129,7 @@ def test_dequantize_window_is_exact(nested, case, kernel_device):
     q = NF4Weight.from_float(torch.randn(*shape, device=kernel_device), blocksize=64, double_quant=nested)
     r0, rows, c0, cols = window
     out = torch.empty(rows, cols, device=kernel_device)
-    qm.dequantize_window(*q.parts(), r0, rows, c0, cols, out)
+    qm.dequantize_window(*q.parts(), r0, rows, c0, cols, out, tiles=tiles)
     assert torch.equal(out, q.dequantize(torch.float32)[r0:r0 + rows, c0:c0 + cols])
 
 

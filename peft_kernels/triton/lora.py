@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..reference import lora as reference
 from ..reference.rng import keep_threshold
+from .launch import launch
 from .rng import keep_mask, row_keys
 
 MAX_RANK = 256
@@ -58,6 +59,26 @@ def _store_or_add(ptrs, value, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _row_keys_or_none(seed_ptr, rows, HAS_DROPOUT: tl.constexpr):
+    # [BM, 1] dropout keys of the rows; a placeholder without dropout (never read then).
+    if HAS_DROPOUT:
+        return row_keys(seed_ptr, rows)[:, None]
+    else:
+        return None
+
+
+@triton.jit
+def _down_tile(x, u, a_ptr, ks, k_ok, ranks, rank_ok, stride_ar, stride_ak, key, threshold,
+               HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+    # u += dropout(x) @ A[:, ks].T for one [BM, BK] tile of x (mask from the row keys).
+    if HAS_DROPOUT:
+        x = tl.where(keep_mask(key, ks[None, :], threshold), x, 0.0)
+    a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + ks[:, None] * stride_ak,
+                  mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+    return _mm(x, a_t, u, IEEE)
+
+
+@triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, u_ptr, seed_ptr,
     M, K, R, k_per_split,
@@ -73,8 +94,7 @@ def _lora_down_kernel(
     rows64 = rows.to(tl.int64)
     ranks = tl.arange(0, BR)
     rank_ok = ranks < R
-    if HAS_DROPOUT:
-        key = row_keys(seed_ptr, rows)[:, None]
+    key = _row_keys_or_none(seed_ptr, rows, HAS_DROPOUT)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -83,11 +103,8 @@ def _lora_down_kernel(
         col_ok = cols < k_hi
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(keep_mask(key, cols[None, :], threshold), x, 0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
-                      mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = _mm(x, a_t, acc, IEEE)
+        acc = _down_tile(x, acc, a_ptr, cols, col_ok, ranks, rank_ok, stride_ar, stride_ak, key, threshold,
+                         HAS_DROPOUT, IEEE)
     _store_or_add(u_ptr + rows64[:, None] * R + ranks[None, :], acc * inv_keep,
                   row_ok[:, None] & rank_ok[None, :], ATOMIC)
 
@@ -140,8 +157,7 @@ def _lora_fused_fwd_kernel(
     cols64 = cols.to(tl.int64)
     ranks = tl.arange(0, BR)
     rank_ok = ranks < R
-    if HAS_DROPOUT:
-        key = row_keys(seed_ptr, rows)[:, None]
+    key = _row_keys_or_none(seed_ptr, rows, HAS_DROPOUT)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     u = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -152,11 +168,7 @@ def _lora_fused_fwd_kernel(
         w_t = tl.load(w_ptr + cols64[None, :] * stride_wn + ks[:, None] * stride_wk,
                       mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _mm(x, w_t, acc, IEEE)
-        if HAS_DROPOUT:
-            x = tl.where(keep_mask(key, ks[None, :], threshold), x, 0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + ks[:, None] * stride_ak,
-                      mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
-        u = _mm(x, a_t, u, IEEE)
+        u = _down_tile(x, u, a_ptr, ks, k_ok, ranks, rank_ok, stride_ar, stride_ak, key, threshold, HAS_DROPOUT, IEEE)
     u = u * inv_keep
     if pid_n == 0:
         tl.store(u_ptr + rows64[:, None] * R + ranks[None, :], u, mask=row_ok[:, None] & rank_ok[None, :])
@@ -312,14 +324,16 @@ FUSED_FWD_MAX_M = 0
 FUSED_FWD_LIMIT = 64  # BM = M padded to a power of two >= 16; larger M belongs to the tiled path
 
 
-def _fused_fwd_tiles(M: int, N: int, sms: int) -> tuple[int, int, int, int]:
+def _fused_fwd_tiles(M: int, N: int, br: int, sms: int) -> tuple[int, int, int, int]:
     """(BM, BN, BK, num_stages) of the single-launch forward: one row tile covering M, and
-    BN chosen so that the N/BN programs fill about two waves (the kernel is bound by reading W)."""
+    BN chosen so that the N/BN programs fill about two waves (the kernel is bound by reading W).
+    Ranks above 64 halve BK: the A tile [BK, rank] dominates shared memory there."""
     bm = max(16, triton.next_power_of_2(M))
     bn = 16
     while bn < 64 and triton.cdiv(N, bn * 2) >= 2 * sms:
         bn *= 2
-    return (bm, _OVERRIDE.get("fused_bn", bn), _OVERRIDE.get("fused_bk", 128), _OVERRIDE.get("fused_stages", 3))
+    bk = 128 if br <= 64 else 64
+    return (bm, _OVERRIDE.get("fused_bn", bn), _OVERRIDE.get("fused_bk", bk), _OVERRIDE.get("fused_stages", 3))
 
 
 def use_fused_forward(M: int) -> bool:
@@ -368,10 +382,11 @@ def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     M, K = x.shape
     N, R = lora_B.shape
     BR = _padded_rank(R)
-    bm, bn, bk, stages = _fused_fwd_tiles(M, N, _sm_count(x.device))
+    bm, bn, bk, stages = _fused_fwd_tiles(M, N, BR, _sm_count(x.device))
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
-    _lora_fused_fwd_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+    launch(
+        _lora_fused_fwd_kernel, (triton.cdiv(N, bn), triton.cdiv(M, bm)),
         x, weight, lora_A, lora_B, bias if bias is not None else y, y, u, seed if seed is not None else x,
         M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -396,7 +411,8 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
     m_tiles = triton.cdiv(M, bm)
     splits, per = _split(triton.cdiv(K, bk), m_tiles, sms)
     u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
-    _lora_down_kernel[(m_tiles, splits)](
+    launch(
+        _lora_down_kernel, (m_tiles, splits),
         x, lora_A, u, seed if seed is not None else x,
         M, K, R, per * bk,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -406,7 +422,8 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
 
     bm, bn, warps = _tiles("up", BR)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _lora_up_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    launch(
+        _lora_up_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
         u, lora_B, bias if bias is not None else y, y,
         M, N, R,
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
@@ -434,7 +451,8 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     bm, bn, warps = _tiles("dy", BR)
     m_tiles = triton.cdiv(M, bm)
     splits, per = _split(triton.cdiv(N, bn), m_tiles, sms)
-    _lora_dy_kernel[(m_tiles, splits)](
+    launch(
+        _lora_dy_kernel, (m_tiles, splits),
         grad_y, lora_B, u, v, grad_B,
         M, N, R, per * bn,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -446,7 +464,8 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     k_tiles = triton.cdiv(K, bk)
     splits, per = _split(triton.cdiv(M, bm), k_tiles, sms)
     d = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else x.new_empty(0)
-    _lora_dx_kernel[(k_tiles, splits)](
+    launch(
+        _lora_dx_kernel, (k_tiles, splits),
         x, v, lora_A, d, grad_A, seed if seed is not None else x,
         M, K, R, per * bm,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),

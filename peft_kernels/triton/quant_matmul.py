@@ -20,6 +20,7 @@ import triton.language as tl
 from ..reference import quant as reference
 from ..reference.windowed import windowed_matmul
 from . import lora
+from .launch import launch
 from .lora import _mm
 
 
@@ -210,41 +211,54 @@ ALIGNED_TILES = (16, 64, 4)  # BM, BN, num_warps: a candidate for small M, to be
 def _dequantize_aligned_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, out_ptr,
                                R, C, row0, col0, K_w, stride_o,
                                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, WIDE: tl.constexpr,
-                               BR: tl.constexpr):
+                               BR: tl.constexpr, NB: tl.constexpr):
     """The fast window decoder, for K_w and col0 multiples of BLOCKSIZE: each program decodes BR
-    rows x one quantization block, so every row of the tile has one scale (BR loads, not BR*BS),
-    and each packed byte is loaded once for its two nibbles."""
+    rows x NB consecutive quantization blocks, so every row of a block has one scale (BR loads,
+    not BR*BS), and each packed byte is loaded once for its two nibbles."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < R
     if WIDE:
-        start = (row0 + rows).to(tl.int64) * K_w + col0 + tl.program_id(1) * BLOCKSIZE
+        start = (row0 + rows).to(tl.int64) * K_w + col0
     else:
-        start = (row0 + rows) * K_w + col0 + tl.program_id(1) * BLOCKSIZE
-    w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, start, row_ok,
-                           BR, BLOCKSIZE, NESTED)
-    cols = tl.program_id(1) * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols < C)[None, :])
+        start = (row0 + rows) * K_w + col0
+    for j in tl.static_range(NB):
+        c0 = (tl.program_id(1) * NB + j) * BLOCKSIZE
+        ok = row_ok & ((rows * 0 + c0) < C)  # the last group's blocks may lie past the window
+        w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, start + c0,
+                               ok, BR, BLOCKSIZE, NESTED)
+        cols = c0 + tl.arange(0, BLOCKSIZE)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols < C)[None, :])
+
+
+# (BR rows, NB blocks per program, num_warps) of the aligned window decoder. (16, 1, 4) is the
+# configuration measured in quant_matmul_tiles_h100.json (68 us per 16.7 M weights, about 5x its
+# bandwidth bound); benchmarks/quant_matmul_tiles.py sweeps larger programs beside it.
+DECODE_TILES = (16, 1, 4)
 
 
 def dequantize_window(packed, absmax, code, absmax2, code2, offset, blocksize, shape, row0, rows, col0, cols,
-                      out):
+                      out, tiles=None):
     """Decode W[row0:row0+rows, col0:col0+cols] of the 4-bit weight W ``shape`` into ``out``
-    ([rows, cols], unit column stride) exactly as bitsandbytes' dequantize would."""
+    ([rows, cols], unit column stride) exactly as bitsandbytes' dequantize would. ``tiles``
+    overrides DECODE_TILES (tests, benchmarks)."""
     N, K = shape
     nested = absmax2 is not None
     if out.stride(1) != 1:
         raise ValueError("dequantize_window: out needs unit column stride")
     if K % blocksize == 0 and col0 % blocksize == 0 and (cols % blocksize == 0 or col0 + cols == K):
-        br = 16
-        _dequantize_aligned_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, blocksize))](
+        br, nb, warps = tiles or DECODE_TILES
+        launch(
+            _dequantize_aligned_kernel, (triton.cdiv(rows, br), triton.cdiv(cols, blocksize * nb)),
             packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
             offset if nested else code, out, rows, cols, row0, col0, K, out.stride(0),
-            BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= 2**31, BR=br, num_warps=4, enable_fp_fusion=False,
+            BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= 2**31, BR=br, NB=nb, num_warps=warps,
+            enable_fp_fusion=False,
         )
         return out
     br, bc = 32, 128  # any shape: per-element decode
-    _dequantize_tile_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, bc))](
+    launch(
+        _dequantize_tile_kernel, (triton.cdiv(rows, br), triton.cdiv(cols, bc)),
         packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code, offset if nested else code,
         out, rows, cols, row0, col0, K, out.stride(0),
         BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= 2**31, BR=br, BC=bc, num_warps=4,
@@ -291,7 +305,8 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
         bm, bn, warps = tiles or ALIGNED_TILES
         nested = absmax2 is not None
         grid = (triton.cdiv(M, bm), triton.cdiv(P, blocksize if transpose else bn))
-        _matmul_4bit_aligned_kernel[grid](
+        launch(
+            _matmul_4bit_aligned_kernel, grid,
             a, packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
             offset if nested else code, out, bias if bias is not None else out, out,
             M, P, Q, K, a.stride(0), a.stride(1), out.stride(0), out.stride(1), out.stride(0), out.stride(1),
@@ -306,7 +321,8 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
     bm, bp, bq, warps, stages = tiles or FUSED_TILES
     nested = absmax2 is not None
     grid = (triton.cdiv(M, bm) * triton.cdiv(P, bp),)
-    _matmul_4bit_kernel[grid](
+    launch(
+        _matmul_4bit_kernel, grid,
         a, packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
         offset if nested else code, out, bias if bias is not None else out, out,
         M, P, Q, K,

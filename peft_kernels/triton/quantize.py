@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _quantize_4bit_kernel(w_ptr, bounds_ptr, order_ptr, packed_ptr, absmax_ptr, n, n_blocks,
@@ -47,7 +49,8 @@ def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
     nb = max(1, min(16, 4096 // blocksize))
-    _quantize_4bit_kernel[(triton.cdiv(n_blocks, nb),)](
+    launch(
+        _quantize_4bit_kernel, (triton.cdiv(n_blocks, nb),),
         flat, bounds, order.to(torch.int32).contiguous(), packed, absmax, n, n_blocks, BS=blocksize, NB=nb,
         num_warps=4,
     )

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .lora import _cuda_sm_count, _mm
 
 FORCE_METHOD = None  # "panel" | "gather_t": overrides the density rule (benchmarks)
@@ -98,8 +99,8 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
     R, C = t.shape
     out = torch.empty((C, R), dtype=t.dtype, device=t.device)
     if t.numel():
-        _transpose_kernel[(triton.cdiv(R, 64), triton.cdiv(C, 64))](t, out, R, C, t.stride(0), BR=64, BC=64,
-                                                                     num_warps=4)
+        launch(_transpose_kernel, (triton.cdiv(R, 64), triton.cdiv(C, 64)), t, out, R, C, t.stride(0),
+               BR=64, BC=64, num_warps=4)
     return out
 
 
@@ -185,9 +186,9 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
         split = triton.cdiv(M, m_per)
         if split > 1:
             out.zero_()
-        _sddmm_block_kernel[(k, split)](grad_y, x, tile_r, tile_c, out, M, m_per, grad_y.stride(0), x.stride(0),
-                                        bh, bw, IEEE=ieee, SPLIT=split > 1, TR=_tile_side(bh), TC=_tile_side(bw),
-                                        BT=bt, num_warps=4)
+        launch(_sddmm_block_kernel, (k, split), grad_y, x, tile_r, tile_c, out, M, m_per, grad_y.stride(0),
+               x.stride(0), bh, bw, IEEE=ieee, SPLIT=split > 1, TR=_tile_side(bh), TC=_tile_side(bw), BT=bt,
+               num_warps=4)
         return out
     out = torch.empty(k, dtype=torch.float32, device=x.device)
     if k == 0:
@@ -199,8 +200,8 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
     if method == "gather_t":
         cfg = GATHER_T_CONFIG
         gt, xt = transpose(grad_y), transpose(x)
-        _sddmm_gather_t_kernel[(triton.cdiv(k, cfg["E"]),)](gt, xt, index, out, M, k, shape[1], BT=cfg["BT"],
-                                                            E=cfg["E"], num_warps=cfg["num_warps"])
+        launch(_sddmm_gather_t_kernel, (triton.cdiv(k, cfg["E"]),), gt, xt, index, out, M, k, shape[1],
+               BT=cfg["BT"], E=cfg["E"], num_warps=cfg["num_warps"])
         return out
     raise ValueError(f"sddmm: method must be 'panel' or 'gather_t', got {method!r}")
 
@@ -251,7 +252,8 @@ def sparse_adamw_(values, grad, exp_avg, exp_avg_sq, steps, *, lr, beta1, beta2,
     bh, bw = block if block is not None else (1, 1)
     in_f = shape[1] if shape is not None else 1
     BLOCK = 1024
-    _sparse_adamw_kernel[(triton.cdiv(n, BLOCK),)](
+    launch(
+        _sparse_adamw_kernel, (triton.cdiv(n, BLOCK),),
         values, grad, exp_avg, exp_avg_sq, steps, index if merged is not None else steps,
         base if merged is not None else values, merged if merged is not None else values,
         n, lr, beta1, beta2, eps, weight_decay, math.log2(beta1) if beta1 > 0 else -1e30,

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU work of a session, in parts that each fit one device call (10 minutes; the GPU machine
+# starts bare, so each part builds what it needs). Run from the repository root on the GPU machine:
+#
+#     bash benchmarks/gpu_session.sh check     # build the extension, GPU tests, compute-sanitizer
+#     bash benchmarks/gpu_session.sh lora      # LoRA: vs HF PEFT, backends side by side, fused-forward sweep
+#     bash benchmarks/gpu_session.sh quant     # QLoRA fwd+bwd and decode, 4-bit matmul tiles, NF4 vs bnb
+#     bash benchmarks/gpu_session.sh rest      # DoRA, sparse, whole model
+#
+# Everything lands in $OUT (at most 8 files come back from the device tool): JSON named
+# <bench>_<gpu>.json for benchmarks/results/, and a log per part. bitsandbytes / torchao wheels in
+# .whl/ (carried) are installed first when present; the benchmarks skip their rows otherwise.
+set -uo pipefail
+part=${1:?usage: gpu_session.sh check|lora|quant|rest}
+OUT=${OUT:-/tmp/peft_kernels_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
+log="$OUT/${part}.log"
+
+build() {  # the CUDA extension in place (~30 s on 16 cores), then insist that it loads
+  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PEFT_KERNELS_BUILD_CUDA=1 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 \
+    || { echo "extension build failed (build.log)"; return 1; }
+  export PEFT_KERNELS_EXPECT_EXTENSION=1
+}
+
+step() {  # step SECONDS CMD...: one bounded step; a hang or crash is logged, the part goes on
+  local limit=$1; shift
+  echo "== $* (limit ${limit}s)" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "== exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+case "$part" in
+  check)
+    build
+    step 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+    if command -v compute-sanitizer >/dev/null; then
+      step 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_lora_cuda_gpu.py -k "oracle and 37"
+    else
+      echo "compute-sanitizer not found" | tee -a "$log"
+    fi
+    ;;
+  lora)
+    build
+    step 200 python3 benchmarks/bench_lora.py --out "$OUT/lora_$gpu.json"
+    step 150 python3 benchmarks/bench_lora_backends.py --out "$OUT/lora_backends_$gpu.json"
+    step 150 python3 benchmarks/lora_fused_fwd_sweep.py --out "$OUT/lora_fused_fwd_$gpu.json"
+    ;;
+  quant)
+    step 200 python3 benchmarks/bench_qlora.py --out "$OUT/qlora_$gpu.json"
+    step 60 python3 benchmarks/bench_qlora.py --forward-only --out "$OUT/qlora_decode_$gpu.json"
+    step 200 python3 benchmarks/quant_matmul_tiles.py --out "$OUT/quant_matmul_tiles_$gpu.json"
+    step 60 python3 benchmarks/quant_bnb_check.py --out "$OUT/quant_bnb_$gpu.json"
+    ;;
+  rest)
+    step 150 python3 benchmarks/bench_dora.py --out "$OUT/dora_$gpu.json"
+    step 150 python3 benchmarks/bench_sparse.py --out "$OUT/sparse_$gpu.json"
+    step 250 python3 benchmarks/bench_model.py --out "$OUT/model_$gpu.json"
+    ;;
+  *)
+    echo "unknown part $part: expected check, lora, quant or rest" >&2
+    exit 2
+    ;;
+esac
