@@ -66,12 +66,19 @@ def backends_table(path: Path) -> str:
     env = data["env"]
     by = {(r["M"], r["mode"], r["case"]): r for r in data["rows"]}
     keys = list(dict.fromkeys((r["M"], r["mode"]) for r in data["rows"]))
-    lines = ["| M (4096→4096) | mode | floor ms | triton | cuda |", "|---|---|---|---|---|"]
+    cases = [c for c in dict.fromkeys(r["case"] for r in data["rows"]) if c != "floor"]
+    lines = ["| M (4096→4096) | mode | floor ms | " + " | ".join(cases) + " |", "|---|---|---|" + "---|" * len(cases)]
     for M, mode in keys:
-        cells = [f"{by[(M, mode, c)]['ratio']:.2f}×" for c in ("triton", "cuda")]
-        lines.append(f"| {M} | {mode} | {by[(M, mode, 'floor')]['ms']:.3f} | {cells[0]} | {cells[1]} |")
+        cells = []
+        for c in cases:
+            r = by.get((M, mode, c))
+            cell = "—" if r is None else f"{r['ratio']:.2f}×"
+            if r is not None and r.get("graphed_ratio"):
+                cell += f" ({r['graphed_ratio']:.2f}×)"
+            cells.append(cell)
+        lines.append(f"| {M} | {mode} | {by[(M, mode, 'floor')]['ms']:.3f} | " + " | ".join(cells) + " |")
     caption = (f"`{path.relative_to(ROOT)}` (lora_linear, backend by backend): {env['device']}, torch "
-               f"{env['torch']}; bf16, r=16, p=0.05, eager launch, {env['date']}.")
+               f"{env['torch']}; bf16, r=16, p=0.05, eager launch (CUDA-graphed in parentheses), {env['date']}.")
     return caption + "\n\n" + "\n".join(lines)
 
 

@@ -100,6 +100,32 @@ def _intq_linear_bwd_fake(grad_y, qweight, fmt, group_size, shape, backend):
     return grad_y.new_empty((grad_y.shape[0], shape[1]))
 
 
+# LoRA over a frozen INT8 / INT4 base (qlora_linear with an Int8Weight / Int4Weight): qlora_fwd /
+# qlora_bwd with the integer weight's (qweight, fmt, group_size) in place of the 4-bit one's.
+LIB.define(
+    "intq_lora_fwd(Tensor x, Tensor[] qweight, str fmt, int group_size, int[] shape, Tensor lora_A, "
+    "Tensor lora_B, Tensor? bias, float scaling, float dropout_p, Tensor? seed, str backend) -> (Tensor, Tensor)"
+)
+LIB.define(
+    "intq_lora_bwd(Tensor grad_y, Tensor x, Tensor[] qweight, str fmt, int group_size, int[] shape, "
+    "Tensor lora_A, Tensor lora_B, Tensor u, float scaling, float dropout_p, Tensor? seed, bool need_dx, "
+    "str backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("peft_kernels::intq_lora_fwd")
+def _intq_lora_fwd_fake(x, qweight, fmt, group_size, shape, lora_A, lora_B, bias, scaling, dropout_p, seed,
+                        backend):
+    return _qlora_fwd_fake(x, qweight, 0, shape, lora_A, lora_B, bias, scaling, dropout_p, seed, backend)
+
+
+@torch.library.register_fake("peft_kernels::intq_lora_bwd")
+def _intq_lora_bwd_fake(grad_y, x, qweight, fmt, group_size, shape, lora_A, lora_B, u, scaling, dropout_p, seed,
+                        need_dx, backend):
+    return _qlora_bwd_fake(grad_y, x, qweight, 0, shape, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx,
+                           backend)
+
+
 # Sparse deltas: dW at the delta's positions (peft_kernels/ops/sparse_delta.py). index int32/64
 # [k]; block = [] (unstructured, result [k]) or [bh, bw] (result [k, bh, bw]); fp32 result.
 LIB.define("sparse_sddmm(Tensor grad_y, Tensor x, Tensor index, int[] shape, int[] block, str backend) -> Tensor")

@@ -20,8 +20,12 @@ def test_bench_ops_write_json_and_plot(op, extra, tmp_path, capsys):
     cases = {r["case"] for r in data["results"]}
     assert "floor" in cases and len(cases) >= 3
     assert all(r["ms"] > 0 for r in data["results"])
-    if op == "qlora" and importlib.util.find_spec("torchao") is not None:
-        assert "torchao NF4 + eager LoRA p=0.05" in cases
+    if op == "qlora":
+        assert {"peft_kernels INT8 QLoRALinear p=0.05", "peft_kernels INT4 QLoRALinear p=0.05"} <= cases
+        if importlib.util.find_spec("torchao") is not None:
+            assert "torchao NF4 + eager LoRA p=0.05" in cases
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            assert {"bitsandbytes Linear4bit (frozen NF4)", "HF PEFT QLoRA (bnb), fp32 adapters p=0.05"} <= cases
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "floor" in capsys.readouterr().out
 

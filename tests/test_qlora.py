@@ -1,11 +1,12 @@
-"""quant_linear / qlora_linear over NF4/FP4 weights: both backends against a float64 oracle on
-the dequantized weight; the 4-bit matmul kernel's tiling; modules; registration; errors."""
+"""quant_linear / qlora_linear over NF4/FP4 (and INT8/INT4) weights: both backends against a
+float64 oracle on the dequantized weight; the 4-bit matmul kernel's tiling; modules; registration;
+errors."""
 import pytest
 import torch
 
 import peft_kernels
 from peft_kernels.nn import QLoRALinear
-from peft_kernels.quant import FP4Weight, NF4Weight
+from peft_kernels.quant import FP4Weight, Int4Weight, Int8Weight, NF4Weight
 from peft_kernels.reference.lora import dropped
 from peft_kernels.triton import quant_matmul as qm
 from peft_kernels.triton.quant_matmul import matmul_4bit
@@ -35,6 +36,45 @@ def test_qlora_matches_oracle(backend, dtype, fmt, nested, p, kernel_device):
         x, q, a, b, bias, scaling=0.7, dropout_p=p, seed=11, backend=backend)
     grad_out = torch.randn(3, 7, 53, device=device).to(dtype)
     assert_close_to_oracle(fn, [x, w_deq, a, b, bias], 0.7, p, 11, grad_out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_qlora_over_int_bases_matches_oracle(backend, dtype, fmt, p, kernel_device, monkeypatch):
+    """INT8/INT4 bases: the adapter kernels (triton) or the reference (torch) with the base by
+    windows of decoded weight — several windows, a partial last one — into the epilogue input."""
+    from peft_kernels.reference import intq
+    monkeypatch.setattr(intq, "WINDOW_ELEMENTS", 20 * 32)  # 20 rows / 32 columns of W per window
+    device = _device(backend, kernel_device)
+    x, w, a, b, bias = make_inputs((3, 7), 64, 53, 5, dtype, device)
+    q = Int8Weight.from_float(w) if fmt == "int8" else Int4Weight.from_float(w, group_size=32)
+    w_deq = q.dequantize(dtype)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    fn = lambda x, w, a, b, bias: peft_kernels.qlora_linear(  # noqa: E731
+        x, q, a, b, bias, scaling=0.7, dropout_p=p, seed=11, backend=backend)
+    grad_out = torch.randn(3, 7, 53, device=device).to(dtype)
+    assert_close_to_oracle(fn, [x, w_deq, a, b, bias], 0.7, p, 11, grad_out)
+    assert peft_kernels.backends.last_used("qlora_linear_int") == backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int_qlora_opcheck(backend, fmt, kernel_device):
+    device = _device(backend, kernel_device)
+    w = torch.randn(12, 32, device=device)
+    q = Int8Weight.from_float(w) if fmt == "int8" else Int4Weight.from_float(w, group_size=32)
+    group = 32 if fmt == "int4" else 0
+    x, a, b = torch.randn(6, 32, device=device), torch.randn(3, 32, device=device), torch.randn(12, 3, device=device)
+    seed = torch.tensor([5], device=device)
+    ops = torch.ops.peft_kernels
+    args = (x, q.tensors(), fmt, group, [12, 32], a, b, torch.randn(12, device=device), 0.5, 0.2, seed, backend)
+    torch.library.opcheck(ops.intq_lora_fwd.default, args)
+    _, u = ops.intq_lora_fwd(*args)
+    torch.library.opcheck(ops.intq_lora_bwd.default, (torch.randn(6, 12, device=device), x, q.tensors(), fmt, group,
+                                                      [12, 32], a, b, u, 0.5, 0.2, seed, True, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -249,7 +289,7 @@ def test_apply_lora_quantize():
 def test_bad_inputs():
     q = NF4Weight.from_float(torch.randn(8, 16))
     a, b = torch.randn(2, 16), torch.randn(8, 2)
-    with pytest.raises(TypeError, match="qweight must be an NF4Weight or FP4Weight"):
+    with pytest.raises(TypeError, match="qweight must be an NF4Weight, FP4Weight, Int8Weight or Int4Weight"):
         peft_kernels.qlora_linear(torch.randn(3, 16), torch.randn(8, 16), a, b)
     with pytest.raises(ValueError, match="last dim must equal weight's in_features 16"):
         peft_kernels.qlora_linear(torch.randn(3, 15), q, a, b)

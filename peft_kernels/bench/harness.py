@@ -170,7 +170,7 @@ def run_shapes(label: str, shapes, make_cases, device: torch.device, reps: int) 
         named = make_cases(M, K, N)
         floor = floor_g = None
         for name, fn in named.items():
-            ms = time_ms(fn, device, warmup=5 if device.type == "cuda" else 1, reps=reps)
+            ms = time_ms(fn, device, warmup=5 if device.type == "cuda" else 2, reps=reps)
             mem = peak_extra_mib(fn, device)
             graphed = time_ms_graphed(fn, device, reps) if "compile" not in name else None
             if name == "floor":

@@ -27,9 +27,10 @@ def _eager(x, w, a, b, s, p):
     return F.linear(x, w) + s * F.linear(F.linear(xd, a), b)
 
 
-def _peft_layer(w, r, alpha, p, base=None, use_dora=False):
-    """HF PEFT's LoRA (or DoRA) Linear around a frozen layer, adapters kept in the base dtype: an
-    nn.Linear holding ``w``, or ``base`` (e.g. a bitsandbytes Linear4bit) when given."""
+def _peft_layer(w, r, alpha, p, base=None, use_dora=False, adapter_dtype=None):
+    """HF PEFT's LoRA (or DoRA) Linear around a frozen layer: an nn.Linear holding ``w``, or
+    ``base`` (e.g. a bitsandbytes Linear4bit) when given. Adapters in ``adapter_dtype`` (default:
+    the base dtype; torch.float32 is what get_peft_model's autocast_adapter_dtype gives)."""
     try:
         import peft
     except ImportError:
@@ -48,7 +49,7 @@ def _peft_layer(w, r, alpha, p, base=None, use_dora=False):
     model = peft.get_peft_model(Holder(), cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
     torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)  # a trained adapter, not zeros
-    dtype = w.dtype if w is not None else torch.bfloat16
+    dtype = adapter_dtype or (w.dtype if w is not None else torch.bfloat16)
     for module in (layer.lora_A["default"], layer.lora_B["default"]):
         module.to(dtype)
     if use_dora:

@@ -1,12 +1,13 @@
 """QLoRA benchmark: LoRA over a frozen NF4 base, fwd+bwd, as a ratio to the bf16 frozen floor.
 
 Cases: the bf16 floor F.linear(x, W); eager "dequantize the whole weight, then cuBLAS" LoRA
-(what bitsandbytes and torchao do above small M); HF PEFT's LoRA over a bitsandbytes Linear4bit
-(bf16 adapters) when peft and a CUDA bitsandbytes are installed; torchao's NF4Tensor (linear_nf4)
-with the same eager LoRA beside it, as torchtune runs QLoRA, when torchao is installed;
-peft_kernels qlora_linear; and
-peft_kernels quant_linear (the frozen NF4 layer alone). ``--forward-only`` times forwards only
-(the decode case: NF4 at M=16 against bf16 F.linear).
+(what bitsandbytes and torchao do above small M); with bitsandbytes, its frozen Linear4bit and HF
+PEFT's LoRA over it (fp32 adapters, PEFT's default, and adapters in x's dtype); with torchao, its
+NF4Tensor (linear_nf4) plus the same eager LoRA, as torchtune runs QLoRA; peft_kernels
+qlora_linear; peft_kernels quant_linear (the frozen NF4 layer alone); and QLoRALinear over INT8
+(LLM.int8 layout) and INT4 (groups of 64) bases — qlora_linear's adapter kernels, the base by
+windows of decoded weight on cuBLAS. ``--forward-only`` times forwards only (the decode case: NF4 at M=16
+against bf16 F.linear).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.qlora import qlora_linear
+from ..nn.qlora import QLoRALinear
 from ..ops.quant_linear import quant_linear
 from ..quant import NF4Weight
 from . import harness
@@ -27,16 +29,27 @@ DECODE_SHAPES = [(16, 4096, 4096), (16, 4096, 14336)]
 CPU_SHAPES = [(64, 256, 192)]
 
 
-def _peft_qlora_layer(q, device):
-    """PEFT's LoRA around a bitsandbytes Linear4bit holding the same NF4 bytes; None (with the
-    reason printed) where peft or a CUDA bitsandbytes is missing."""
-    if device.type != "cuda":
-        return None
+def _bnb_linear4bit(q, dtype):
+    """A bitsandbytes Linear4bit holding q's NF4 bytes (shared, not re-quantized); None (with the
+    reason printed) where bitsandbytes is missing or cannot run on q's device."""
     try:
         import bitsandbytes as bnb
-        lin = bnb.nn.Linear4bit(q.shape[1], q.shape[0], bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        lin = bnb.nn.Linear4bit(q.shape[1], q.shape[0], bias=False, compute_dtype=dtype, quant_type="nf4")
         lin.weight = q.to_bnb()
-        return _peft_layer(None, RANK, ALPHA, P, base=lin)
+        return lin
+    except Exception as exc:
+        print(f"\n  (bitsandbytes cases skipped: {type(exc).__name__}: {str(exc)[:100]})", file=sys.stderr)
+        return None
+
+
+def _short(dtype):
+    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+
+
+def _peft_qlora_layer(lin, adapter_dtype):
+    """PEFT's LoRA around the bitsandbytes Linear4bit ``lin``; None where peft is missing."""
+    try:
+        return _peft_layer(None, RANK, ALPHA, P, base=lin, adapter_dtype=adapter_dtype)
     except Exception as exc:
         print(f"\n  (HF PEFT QLoRA case skipped: {type(exc).__name__}: {str(exc)[:100]})", file=sys.stderr)
         return None
@@ -73,10 +86,16 @@ def cases(M, K, N, device, dtype, forward_only=False):
         "floor": step(lambda: F.linear(x, w), [x]),
         "eager dequantize+cuBLAS p=0.05": step(lambda: _eager(x, q.dequantize(), a, b, s, P), [x, a, b]),
     }
-    layer = _peft_qlora_layer(q, device)
-    if layer is not None:
-        lp = [p for p in layer.parameters() if p.requires_grad]
-        out["HF PEFT QLoRA (bnb) p=0.05"] = step(lambda: layer(x), [x, *lp])
+    lin = _bnb_linear4bit(q, dtype)
+    if lin is not None:
+        out["bitsandbytes Linear4bit (frozen NF4)"] = step(lambda: lin(x), [x])
+        # PEFT's default (get_peft_model autocasts adapters to fp32), then adapters in x's dtype.
+        for adapter_dtype in dict.fromkeys([torch.float32, dtype]):
+            layer = _peft_qlora_layer(_bnb_linear4bit(q, dtype), adapter_dtype)
+            label = f"{_short(adapter_dtype)} adapters"
+            if layer is not None:
+                lp = [p for p in layer.parameters() if p.requires_grad]
+                out[f"HF PEFT QLoRA (bnb), {label} p=0.05"] = step(lambda layer=layer: layer(x), [x, *lp])
     ao = _torchao_nf4(w)
     if ao is not None:
         ao_w, linear_nf4 = ao
@@ -84,7 +103,23 @@ def cases(M, K, N, device, dtype, forward_only=False):
             lambda: linear_nf4(x, ao_w) + s * F.linear(F.linear(F.dropout(x, P), a), b), [x, a, b])
     out["peft_kernels qlora p=0.05"] = step(lambda: qlora_linear(x, q, a, b, scaling=s, dropout_p=P), [x, a, b])
     out["peft_kernels quant_linear (frozen NF4)"] = step(lambda: quant_linear(x, q), [x])
+    for quant in ("int8", "int4"):
+        layer = _int_layer(w, a, b, quant)
+        out[f"peft_kernels {quant.upper()} QLoRALinear p=0.05"] = step(lambda layer=layer: layer(x),
+                                                                       [x, layer.lora_A, layer.lora_B])
     return out
+
+
+def _int_layer(w, a, b, quant):
+    """QLoRALinear.from_linear(quant="int8" | "int4") over ``w``, holding the adapters a, b."""
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    layer = QLoRALinear.from_linear(linear, quant=quant, r=RANK, alpha=ALPHA, dropout=P).to(w.device)
+    with torch.no_grad():
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    return layer.train()
 
 
 def main(argv=None) -> int:

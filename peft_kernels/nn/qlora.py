@@ -1,18 +1,15 @@
-"""QLoRALinear / QDoRALinear: a LoRA (or DoRA) adapter over a frozen 4-bit (NF4/FP4, bitsandbytes
-format) base weight."""
+"""QLoRALinear / QDoRALinear / IntQLoRALinear: a LoRA (or DoRA) adapter over a frozen quantized
+base weight — 4-bit NF4/FP4 in bitsandbytes' format, or INT8 / INT4."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..ops.dora import dora_linear, dora_weight_norm, weight_row_sq
-from ..ops._checks import host_seed
 from ..ops.qlora import qlora_linear
-from ..ops.quant_linear import quant_linear
 from ..quant.bnb4bit import Bnb4bitWeight, FP4Weight, NF4Weight
 from ..quant.int4 import Int4Weight
 from ..quant.int8 import Int8Weight
-from ..reference.lora import dropped
 from ._adapter import LoRAAdapter
 
 _FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
@@ -105,9 +102,9 @@ class QDoRALinear(QLoRALinear):
 
 
 class IntQLoRALinear(QLoRALinear):
-    """LoRA over a frozen INT8 (Int8Weight) or INT4 (Int4Weight) base: the base product is
-    peft_kernels.quant_linear (windowed decode + BLAS); the adapter term runs as plain PyTorch ops
-    with the library's dropout mask — correct, not fused (there is no INT8/INT4 kernel yet)."""
+    """LoRA over a frozen INT8 (Int8Weight) or INT4 (Int4Weight) base, through qlora_linear: the
+    adapter work fused as over any base (dropout mask from the seed, never stored); the base
+    product by windows of decoded weight on the BLAS (there is no fused integer-decode GEMM yet)."""
 
     def __init__(self, qweight, bias: torch.Tensor | None = None, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto"):
@@ -130,12 +127,8 @@ class IntQLoRALinear(QLoRALinear):
         return Int4Weight(self.qweight_0, self.qweight_1, self.qweight_2, group, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_linear(x, self.qweight, self.bias, backend=self.backend)
-        p = self.dropout if self.training else 0.0
-        x2 = x.reshape(-1, self.in_features)
-        xd = dropped(x2, p, host_seed(None) if p > 0 else None)
-        lora = nn.functional.linear(nn.functional.linear(xd, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + self.scaling * lora.reshape(*x.shape[:-1], self.out_features)
+        return qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
+                            dropout_p=self.dropout, training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -1,11 +1,15 @@
 """Frozen INT8 / INT4 base weights (peft_kernels.quant.Int8Weight / Int4Weight) times activations,
 by windows (peft_kernels.reference.windowed): a window of at most WINDOW_ELEMENTS weights is
 decoded (the exact dequantize() values) and multiplied by the BLAS, so the full-precision weight
-never exists at once; on a GPU the products run on cuBLAS. This is the op's
-only backend so far (there is no fused INT8/INT4 kernel yet): "auto" resolves to it everywhere.
+never exists at once; on a GPU the products run on cuBLAS. This is quant_linear's
+only backend for these formats (there is no fused INT8/INT4 decode kernel yet): "auto" resolves to it
+everywhere; the Triton LoRA path (peft_kernels/triton/intq_lora.py) adds its adapter kernels on top.
 
-    forward   y  [M, N] = x  [M, K] @ W^T   windows of whole rows of W
-    backward  dx [M, K] = dY [M, N] @ W     windows of whole columns (multiples of the group)
+    forward   y  [M, N] (+)= x  [M, K] @ W^T   windows of whole rows of W
+    backward  dx [M, K] (+)= dY [M, N] @ W     windows of whole columns (multiples of the group)
+
+qlora_forward / qlora_backward: the LoRA op over these bases, plain PyTorch (the reference and CPU
+path of qlora_linear with an Int8Weight / Int4Weight).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 
 from ..quant.int4 import Int4Weight
 from ..quant.int8 import Int8Weight
+from . import lora
 from .windowed import windowed_matmul
 
 WINDOW_ELEMENTS = 4 * 1024 * 1024
@@ -31,18 +36,35 @@ def _step(total: int, other: int, align: int) -> int:
     return min(step, total) if total else 1
 
 
-def forward(x, tensors, fmt, group_size, shape, bias):
+def forward(x, tensors, fmt, group_size, shape, bias, out=None):
+    """x @ W^T + bias; with ``out`` given, added into it (it holds an epilogue input)."""
     N, K = shape
     w = weight_of(fmt, tensors, group_size, x.dtype)
-    out = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
     decode = lambda r0, rows, c0, cols: w.decode_window(r0, rows, c0, cols, x.dtype)  # noqa: E731
-    return windowed_matmul(x, decode, shape, _step(N, K, 1), out, bias=bias)
+    return windowed_matmul(x, decode, shape, _step(N, K, 1), out, accumulate=accumulate, bias=bias)
 
 
-def backward(grad_y, tensors, fmt, group_size, shape):
+def backward(grad_y, tensors, fmt, group_size, shape, out=None):
+    """dY @ W; with ``out`` given, added into it."""
     N, K = shape
     w = weight_of(fmt, tensors, group_size, grad_y.dtype)
-    out = torch.empty((grad_y.shape[0], K), dtype=grad_y.dtype, device=grad_y.device)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty((grad_y.shape[0], K), dtype=grad_y.dtype, device=grad_y.device)
     decode = lambda r0, rows, c0, cols: w.decode_window(r0, rows, c0, cols, grad_y.dtype)  # noqa: E731
     return windowed_matmul(grad_y, decode, shape, _step(K, N, group_size if fmt == "int4" else 1), out,
-                           transpose=True)
+                           transpose=True, accumulate=accumulate)
+
+
+def qlora_forward(x, tensors, fmt, group_size, shape, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    w = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype)
+    return lora.lora_forward(x, w, lora_A, lora_B, bias, scaling, dropout_p, seed)
+
+
+def qlora_backward(grad_y, x, tensors, fmt, group_size, shape, lora_A, lora_B, u, scaling, dropout_p, seed,
+                   need_dx):
+    w = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype) if need_dx else None
+    return lora.lora_backward(grad_y, x, w, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
