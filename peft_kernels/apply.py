@@ -59,19 +59,19 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     (sharing their weights), freeze every other parameter, and return ``model`` (modified in
     place). target_modules: a list of names/suffixes (e.g. ["q_proj", "v_proj"]), a regex
     string, or "all-linear" (every nn.Linear except one named lm_head / the output layer).
-    quantize="nf4" | "fp4" stores each targeted base weight in 4 bits (QLoRALinear; the
-    full-precision weight is released); use_dora=True makes DoRALinear layers (QDoRALinear with
-    quantize). Raises ValueError if nothing matches."""
+    quantize="nf4" | "fp4" | "int8" | "int4" stores each targeted base weight quantized
+    (QLoRALinear / IntQLoRALinear; the full-precision weight is released); use_dora=True makes
+    DoRALinear layers (QDoRALinear / IntQDoRALinear with quantize). Raises ValueError if nothing
+    matches."""
     if quantize not in (None, "nf4", "fp4", "int8", "int4"):
         raise ValueError(f"apply_lora: quantize must be None, 'nf4', 'fp4', 'int8' or 'int4', got {quantize!r}")
-    if use_dora and quantize in ("int8", "int4"):
-        raise ValueError("apply_lora: use_dora is supported over nf4/fp4 bases, not int8/int4 yet")
     for parent, child, linear in _targets("apply_lora", model, target_modules):
         if quantize is None:
             cls = DoRALinear if use_dora else LoRALinear
             new = cls.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
         else:
-            new = (QDoRALinear if use_dora else QLoRALinear).from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout,
-                                          use_rslora=use_rslora, backend=backend)
+            cls = QDoRALinear if use_dora else QLoRALinear
+            new = cls.from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                  backend=backend)
         setattr(parent, child, new)
     return model

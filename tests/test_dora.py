@@ -110,6 +110,12 @@ def test_apply_lora_use_dora_and_errors():
     peft_kernels.apply_lora(model, ["0"], r=2, use_dora=True)
     assert isinstance(model[0], DoRALinear)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "0.magnitude"}
+    imodel = peft_kernels.apply_lora(nn.Sequential(nn.Linear(64, 8)), ["0"], r=2, use_dora=True, quantize="int4")
+    assert type(imodel[0]).__name__ == "IntQDoRALinear"
+    assert {n for n, p in imodel.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "0.magnitude"}
+    assert torch.allclose(imodel[0].magnitude, imodel[0].qweight.dequantize(torch.float32).norm(dim=1), rtol=1e-6)
+    imodel(torch.randn(3, 64)).sum().backward()
+    assert imodel[0].magnitude.grad is not None and imodel[0].lora_A.grad is not None
     qmodel = peft_kernels.apply_lora(nn.Sequential(nn.Linear(64, 8)), ["0"], r=2, use_dora=True, quantize="nf4")
     assert isinstance(qmodel[0], QDoRALinear)
     assert {n for n, p in qmodel.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "0.magnitude"}
@@ -134,17 +140,34 @@ def test_row_sq_of_a_4bit_weight_is_the_dequantized_one(nested, monkeypatch):
     assert torch.equal(weight_row_sq(q), ref)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_row_sq_of_an_int_weight_is_the_dequantized_one(fmt, monkeypatch):
+    import peft_kernels.ops.dora as dora_ops
+    from peft_kernels.quant import Int4Weight, Int8Weight
+
+    monkeypatch.setattr(dora_ops, "ROW_WINDOW", 4)
+    w = torch.randn(13, 64)
+    q = Int8Weight.from_float(w) if fmt == "int8" else Int4Weight.from_float(w, group_size=32)
+    ref = torch.linalg.vector_norm(q.dequantize(torch.float32), dim=1).square()
+    assert torch.allclose(weight_row_sq(q), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "int4"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_dora_over_4bit_equals_dora_over_the_dequantized_weight(p, bias):
-    """QDoRA (the 4-bit base products) against the PEFT-verified dense form on deq(W), same seed:
-    outputs and gradients of x, A, B and magnitude, float64 oracle, the tolerance idiom."""
+def test_dora_over_quantized_equals_dora_over_the_dequantized_weight(fmt, p, bias):
+    """QDoRA (the quantized base products) against the PEFT-verified dense form on deq(W), same
+    seed: outputs and gradients of x, A, B and magnitude, float64 oracle, the tolerance idiom."""
     from helpers import FLOOR, rel_err
+    from peft_kernels.quant import Int4Weight, Int8Weight
 
     torch.manual_seed(0)
-    q = NF4Weight.from_float(torch.randn(29, 40) * 0.2, blocksize=64)
+    K = 40 if fmt == "nf4" else 64  # NF4: 64-blocks straddle rows; INT4: groups of 32 divide K
+    w0 = torch.randn(29, K) * 0.2
+    q = {"nf4": lambda: NF4Weight.from_float(w0, blocksize=64), "int8": lambda: Int8Weight.from_float(w0),
+         "int4": lambda: Int4Weight.from_float(w0, group_size=32)}[fmt]()
     w = q.dequantize(torch.float32)
-    x, a, b = torch.randn(3, 5, 40), torch.randn(4, 40) * 0.2, torch.randn(29, 4) * 0.2
+    x, a, b = torch.randn(3, 5, K), torch.randn(4, K) * 0.2, torch.randn(29, 4) * 0.2
     mag, bias_t = torch.rand(29) + 0.5, (torch.randn(29) if bias else None)
     gy = torch.randn(3, 5, 29)
 

@@ -1,7 +1,8 @@
 """Drop-in modules: they hold parameters and call one functional op each."""
 from .dora import DoRALinear
 from .lora import LoRALinear
-from .qlora import IntQLoRALinear, QDoRALinear, QLoRALinear
+from .qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .sparse import SparseDeltaLinear
 
-__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QDoRALinear", "IntQLoRALinear", "SparseDeltaLinear"]
+__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QDoRALinear", "IntQLoRALinear", "IntQDoRALinear",
+           "SparseDeltaLinear"]

@@ -49,14 +49,16 @@ class QLoRALinear(LoRAAdapter):
                     backend: str = "auto", group_size: int = 64) -> "QLoRALinear":
         """Quantize ``linear``'s weight (the module keeps no full-precision copy of it): "nf4" /
         "fp4" (bitsandbytes format, ``blocksize``, ``double_quant``; fused kernels), "int8"
-        (LLM.int8 CB/SCB) or "int4" (``group_size``) — the INT formats return an IntQLoRALinear."""
+        (LLM.int8 CB/SCB) or "int4" (``group_size``) — the INT formats return an IntQLoRALinear
+        (an IntQDoRALinear when called on QDoRALinear)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QLoRALinear.from_linear expects nn.Linear, got {type(linear).__name__}")
         if quant in ("int8", "int4"):
             qweight = (Int8Weight.from_float(linear.weight.detach()) if quant == "int8" else
                        Int4Weight.from_float(linear.weight.detach(), group_size=group_size))
-            return IntQLoRALinear(qweight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                  backend=backend)
+            int_cls = IntQDoRALinear if issubclass(cls, QDoRALinear) else IntQLoRALinear
+            return int_cls(qweight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                           backend=backend)
         if quant not in _FORMATS:
             raise ValueError(f"QLoRALinear: quant must be one of nf4, fp4, int8, int4; got {quant!r}")
         qweight = _FORMATS[quant].from_float(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
@@ -133,3 +135,17 @@ class IntQLoRALinear(QLoRALinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, format={self._format.__name__}")
+
+
+class IntQDoRALinear(IntQLoRALinear):
+    """DoRA over a frozen INT8 / INT4 base: QDoRALinear's computation (dora_linear over the
+    quantized weight, ‖W_i‖² cached in ``weight_row_sq``) with IntQLoRALinear's storage."""
+
+    def __init__(self, qweight, bias: torch.Tensor | None = None, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto"):
+        super().__init__(qweight, bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
+        self.register_buffer("weight_row_sq", weight_row_sq(qweight))
+        norm = dora_weight_norm(qweight, self.lora_A, self.lora_B, self.scaling, self.weight_row_sq)
+        self.magnitude = nn.Parameter(norm.to(qweight.dtype))
+
+    forward = QDoRALinear.forward  # the same dora_linear call; only the storage differs

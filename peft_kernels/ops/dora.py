@@ -11,15 +11,18 @@ The row norm never builds the out×in matrix W + s·B·A:
     ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·Σ_j (W Aᵀ)_ij B_ij + s²·Σ_j (B (A Aᵀ))_ij B_ij
 needs only W·Aᵀ [out, r] and A·Aᵀ [r, r] (arXiv 2603.22276 / PEFT PR #3387).
 
-Over a 4-bit base (``weight`` an NF4Weight/FP4Weight, QDoRA): the base products run on
-quant_linear / qlora_linear, W·Aᵀ is quant_linear(A, W)ᵀ (M = r rows), and ‖W_i‖², constant for a
-frozen W, is computed once by row windows (``weight_row_sq``, cached by QDoRALinear).
+Over a quantized base (``weight`` an NF4Weight/FP4Weight/Int8Weight/Int4Weight, QDoRA): the base
+products run on quant_linear / qlora_linear, W·Aᵀ is quant_linear(A, W)ᵀ (M = r rows), and ‖W_i‖²,
+constant for a frozen W, is computed once by row windows (``weight_row_sq``, cached by the
+QDoRA modules).
 """
 from __future__ import annotations
 
 import torch
 
 from ..quant.bnb4bit import Bnb4bitWeight
+from ..quant.int4 import Int4Weight
+from ..quant.int8 import Int8Weight
 from ..reference.lora import dropped
 from . import _checks
 from .lora import _validate, apply_validated
@@ -27,17 +30,24 @@ from .qlora import qlora_linear
 from .quant_linear import quant_linear
 
 OP = "dora_linear"
-ROW_WINDOW = 256  # rows of a 4-bit weight dequantized at a time for ‖W_i‖²
+ROW_WINDOW = 256  # rows of a quantized weight decoded at a time for ‖W_i‖²
+QUANTIZED = (Bnb4bitWeight, Int8Weight, Int4Weight)
+
+
+def _decode_rows(weight, r0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(weight, Bnb4bitWeight):
+        return weight.dequantize_rows(r0, rows, dtype)
+    return weight.decode_window(r0, rows, 0, weight.shape[1], dtype)
 
 
 def weight_row_sq(weight, acc: torch.dtype = torch.float32) -> torch.Tensor:
-    """‖W_i‖² per output row in ``acc``, for a dense weight or a 4-bit one (decoded ROW_WINDOW
-    rows at a time, bitsandbytes' exact values: never the whole full-precision weight)."""
+    """‖W_i‖² per output row in ``acc``, for a dense weight or a quantized one (decoded ROW_WINDOW
+    rows at a time, the format's exact values: never the whole full-precision weight)."""
     with torch.no_grad():
-        if not isinstance(weight, Bnb4bitWeight):
+        if not isinstance(weight, QUANTIZED):
             return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
         out_f = weight.shape[0]
-        return torch.cat([torch.linalg.vector_norm(weight.dequantize_rows(r0, min(ROW_WINDOW, out_f - r0), acc),
+        return torch.cat([torch.linalg.vector_norm(_decode_rows(weight, r0, min(ROW_WINDOW, out_f - r0), acc),
                                                    dim=1, dtype=acc).square()
                           for r0 in range(0, out_f, ROW_WINDOW)])
 
@@ -45,12 +55,12 @@ def weight_row_sq(weight, acc: torch.dtype = torch.float32) -> torch.Tensor:
 def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                      row_sq: torch.Tensor | None = None) -> torch.Tensor:
     """‖W + scaling·B·A‖ per output row, [out] in fp32 (fp64 for fp64 inputs), detached, via the
-    factorization above. W (dense, or an NF4Weight/FP4Weight) is read in its own dtype: only
+    factorization above. W (dense or quantized) is read in its own dtype: only
     [out, r] and [r, r] temporaries, no out×in one. ``row_sq``: ‖W_i‖² if already known."""
     with torch.no_grad():
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         w_sq = weight_row_sq(weight, acc) if row_sq is None else row_sq.to(acc)
-        if isinstance(weight, Bnb4bitWeight):
+        if isinstance(weight, QUANTIZED):
             wa = quant_linear(lora_A.to(weight.dtype), weight).T.to(acc)
         else:
             wa = (weight @ lora_A.to(weight.dtype).T).to(acc)
@@ -66,12 +76,12 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
                 backend: str = "auto", weight_row_sq: torch.Tensor | None = None) -> torch.Tensor:
     """DoRA linear layer (HF PEFT semantics). Shapes as lora_linear, plus magnitude [out].
 
-    ``weight``: the frozen [out, in] tensor, or an NF4Weight/FP4Weight (QDoRA: the base products
-    run on the 4-bit kernels; pass ``weight_row_sq`` = ‖W_i‖², e.g. from weight_row_sq(), to skip
-    recomputing it every call). Gradients flow to x, lora_A, lora_B and magnitude (the row norm
+    ``weight``: the frozen [out, in] tensor, or an NF4Weight/FP4Weight/Int8Weight/Int4Weight (QDoRA:
+    the base products run on quant_linear / qlora_linear; pass ``weight_row_sq`` = ‖W_i‖², e.g.
+    from weight_row_sq(), to skip recomputing it every call). Gradients flow to x, lora_A, lora_B and magnitude (the row norm
     is detached, as in PEFT).
     """
-    if isinstance(weight, Bnb4bitWeight):  # the 4-bit ops validate x, the adapter and bias
+    if isinstance(weight, QUANTIZED):  # the quantized ops validate x, the adapter and bias
         _check_magnitude(magnitude, weight.shape[0], x)
         _checks.check_scalar(scaling, "scaling", OP)
 
