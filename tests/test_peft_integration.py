@@ -1,6 +1,7 @@
 """HF PEFT interop on CPU: patched PEFT models match unpatched ones; adapters round-trip
 between peft_kernels and HF PEFT in PEFT's format."""
 import copy
+import json
 
 import pytest
 import torch
@@ -172,8 +173,57 @@ def test_adapter_saved_by_peft_loads_in_peft_kernels(tmp_path):
     assert sum(isinstance(m, peft_kernels.nn.LoRALinear) for m in ours.modules()) == 6
 
 
+def test_dora_adapter_round_trips_with_peft(tmp_path):
+    """DoRA: ours saved (magnitude as PEFT's lora_magnitude_vector) loads in HF PEFT with equal
+    outputs, and PEFT's loads in ours."""
+    torch.manual_seed(0)
+    base = Net()
+    ours = peft_kernels.apply_lora(copy.deepcopy(base), ["q_proj", "up"], r=4, alpha=8, use_dora=True)
+    for m in ours.modules():
+        if isinstance(m, peft_kernels.nn.DoRALinear):
+            nn.init.normal_(m.lora_B, std=0.1)
+            m.magnitude.data.mul_(torch.rand_like(m.magnitude) + 0.5)  # trained, not the initial ‖W‖
+    peft_kernels.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    x = torch.randn(5, 24)
+    assert torch.allclose(theirs.eval()(x), ours.eval()(x), atol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert sum(isinstance(m, peft_kernels.nn.DoRALinear) for m in back.modules()) == 4
+    assert torch.allclose(back.eval()(x), theirs(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize,use_dora", [("nf4", False), ("int8", False), ("int4", True)])
+def test_adapters_over_quantized_bases_save_and_load(quantize, use_dora, tmp_path):
+    """Adapters trained over a quantized base save in PEFT's format and load back onto a base
+    quantized the same way (load_adapter(quantize=...)) with equal outputs."""
+    torch.manual_seed(0)
+    base = QuantNet()
+    ours = peft_kernels.apply_lora(copy.deepcopy(base), ["proj"], r=4, alpha=8, quantize=quantize, use_dora=use_dora)
+    layer = ours.proj
+    nn.init.normal_(layer.lora_B, std=0.1)
+    if use_dora:
+        layer.magnitude.data.mul_(1.5)
+    peft_kernels.save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] is use_dora and config["target_modules"] == ["proj"]
+    back = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path, quantize=quantize)
+    assert type(back.proj) is type(layer)
+    x = torch.randn(3, 64)
+    assert torch.equal(back.eval()(x), ours.eval()(x))
+
+
+class QuantNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def test_save_errors(tmp_path):
-    with pytest.raises(ValueError, match="no LoRALinear"):
+    with pytest.raises(ValueError, match="no LoRA adapter modules"):
         peft_kernels.save_adapter(Net(), tmp_path)
     model = peft_kernels.apply_lora(Net(), ["q_proj"], r=2)
     model.layers[0].q_proj.r = 3
