@@ -16,7 +16,7 @@ from .. import _ops  # noqa: F401  (defines the schemas)
 from .. import backends
 from ..quant.bnb4bit import Bnb4bitWeight
 from . import _checks
-from .quant_linear import INT_FORMATS, check_qweight, join_parts, split_parts
+from .quant_linear import INT_FORMATS, check_qweight, int_meta, join_parts, split_parts
 
 OP = "qlora_linear"
 backends.register(OP, "torch", "peft_kernels.reference.quant")
@@ -105,9 +105,7 @@ def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, 
     fmt = INT_FORMATS.get(type(qweight))
     if fmt is not None:
         backend = backends.resolve(OP_INT, backend, x.device)
-        group = qweight.group_size if fmt == "int4" else 0
-        fwd, bwd, meta = ops.intq_lora_fwd, ops.intq_lora_bwd, (qweight.tensors(), fmt, group,
-                                                                  [out_features, in_features])
+        fwd, bwd, meta = ops.intq_lora_fwd, ops.intq_lora_bwd, int_meta(qweight, fmt)
     else:
         backend = backends.resolve(OP, backend, x.device)
         fwd, bwd, meta = ops.qlora_fwd, ops.qlora_bwd, split_parts(qweight)

@@ -32,6 +32,11 @@ def split_parts(qweight: Bnb4bitWeight):
     return tensors, blocksize, list(shape)
 
 
+def int_meta(qweight, fmt: str):
+    """(tensor list, fmt, group_size, [out, in]): what the INT8/INT4 ops take of an integer weight."""
+    return qweight.tensors(), fmt, qweight.group_size if fmt == "int4" else 0, list(qweight.shape)
+
+
 def join_parts(tensors):
     """Inverse of the tensor list: (packed, absmax, code, absmax2, code2, offset), None-padded."""
     return tuple(tensors) if len(tensors) == 6 else (*tensors, None, None, None)
@@ -106,9 +111,7 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
     fmt = INT_FORMATS.get(type(qweight))
     if fmt is not None:
         backend = backends.resolve(OP_INT, backend, x.device)
-        group = qweight.group_size if fmt == "int4" else 0
-        fwd, bwd, meta = ops.intq_linear_fwd, ops.intq_linear_bwd, (qweight.tensors(), fmt, group,
-                                                                    [out_features, in_features])
+        fwd, bwd, meta = ops.intq_linear_fwd, ops.intq_linear_bwd, int_meta(qweight, fmt)
     else:
         backend = backends.resolve(OP, backend, x.device)
         if backend == "triton":
