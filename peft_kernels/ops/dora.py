@@ -34,12 +34,6 @@ ROW_WINDOW = 256  # rows of a quantized weight decoded at a time for ‖W_i‖²
 QUANTIZED = (Bnb4bitWeight, Int8Weight, Int4Weight)
 
 
-def _decode_rows(weight, r0: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(weight, Bnb4bitWeight):
-        return weight.dequantize_rows(r0, rows, dtype)
-    return weight.decode_window(r0, rows, 0, weight.shape[1], dtype)
-
-
 def weight_row_sq(weight, acc: torch.dtype = torch.float32) -> torch.Tensor:
     """‖W_i‖² per output row in ``acc``, for a dense weight or a quantized one (decoded ROW_WINDOW
     rows at a time, the format's exact values: never the whole full-precision weight)."""
@@ -47,7 +41,7 @@ def weight_row_sq(weight, acc: torch.dtype = torch.float32) -> torch.Tensor:
         if not isinstance(weight, QUANTIZED):
             return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
         out_f = weight.shape[0]
-        return torch.cat([torch.linalg.vector_norm(_decode_rows(weight, r0, min(ROW_WINDOW, out_f - r0), acc),
+        return torch.cat([torch.linalg.vector_norm(weight.dequantize_rows(r0, min(ROW_WINDOW, out_f - r0), acc),
                                                    dim=1, dtype=acc).square()
                           for r0 in range(0, out_f, ROW_WINDOW)])
 
@@ -78,8 +72,8 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
 
     ``weight``: the frozen [out, in] tensor, or an NF4Weight/FP4Weight/Int8Weight/Int4Weight (QDoRA:
     the base products run on quant_linear / qlora_linear; pass ``weight_row_sq`` = ‖W_i‖², e.g.
-    from weight_row_sq(), to skip recomputing it every call). Gradients flow to x, lora_A, lora_B and magnitude (the row norm
-    is detached, as in PEFT).
+    from weight_row_sq(), to skip recomputing it every call). Gradients flow to x, lora_A, lora_B
+    and magnitude (the row norm is detached, as in PEFT).
     """
     if isinstance(weight, QUANTIZED):  # the quantized ops validate x, the adapter and bias
         _check_magnitude(magnitude, weight.shape[0], x)

@@ -16,7 +16,7 @@ from .. import _ops  # noqa: F401  (defines the schemas)
 from .. import backends
 from ..quant.bnb4bit import Bnb4bitWeight
 from . import _checks
-from .quant_linear import INT_FORMATS, check_qweight, int_meta, join_parts, split_parts
+from .quant_linear import check_qweight, join_parts, route
 
 OP = "qlora_linear"
 backends.register(OP, "torch", "peft_kernels.reference.quant")
@@ -102,13 +102,8 @@ def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, 
     r = _checks.check_adapter(OP, lora_A, lora_B, in_features, out_features, scaling, dropout_p)
     _checks.check_same_device(OP, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
     ops = torch.ops.peft_kernels
-    fmt = INT_FORMATS.get(type(qweight))
-    if fmt is not None:
-        backend = backends.resolve(OP_INT, backend, x.device)
-        fwd, bwd, meta = ops.intq_lora_fwd, ops.intq_lora_bwd, int_meta(qweight, fmt)
-    else:
-        backend = backends.resolve(OP, backend, x.device)
-        fwd, bwd, meta = ops.qlora_fwd, ops.qlora_bwd, split_parts(qweight)
+    backend, fwd, bwd, meta = route(qweight, backend, x.device, (OP, ops.qlora_fwd, ops.qlora_bwd),
+                                    (OP_INT, ops.intq_lora_fwd, ops.intq_lora_bwd))
     if backend == "triton":
         _checks.check_triton(OP, x, r)
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)

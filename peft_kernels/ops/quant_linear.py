@@ -32,9 +32,17 @@ def split_parts(qweight: Bnb4bitWeight):
     return tensors, blocksize, list(shape)
 
 
-def int_meta(qweight, fmt: str):
-    """(tensor list, fmt, group_size, [out, in]): what the INT8/INT4 ops take of an integer weight."""
-    return qweight.tensors(), fmt, qweight.group_size if fmt == "int4" else 0, list(qweight.shape)
+def route(qweight, backend: str, device, ops_4bit: tuple, ops_int: tuple) -> tuple:
+    """(backend, fwd op, bwd op, the ops' weight arguments) for qweight's family. ops_4bit /
+    ops_int: (registry op name, fwd op, bwd op) for NF4/FP4 (arguments: tensors, blocksize,
+    shape) and INT8/INT4 (arguments: tensors, fmt, group_size, shape)."""
+    fmt = INT_FORMATS.get(type(qweight))
+    op, fwd, bwd = ops_int if fmt is not None else ops_4bit
+    if fmt is not None:
+        meta = (qweight.tensors(), fmt, qweight.group_size if fmt == "int4" else 0, list(qweight.shape))
+    else:
+        meta = split_parts(qweight)
+    return backends.resolve(op, backend, device), fwd, bwd, meta
 
 
 def join_parts(tensors):
@@ -108,14 +116,9 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
     out_features, in_features = check_qweight(OP, x, qweight, allow_int=True)
     _checks.check_input(OP, x, in_features, out_features, bias)
     ops = torch.ops.peft_kernels
-    fmt = INT_FORMATS.get(type(qweight))
-    if fmt is not None:
-        backend = backends.resolve(OP_INT, backend, x.device)
-        fwd, bwd, meta = ops.intq_linear_fwd, ops.intq_linear_bwd, int_meta(qweight, fmt)
-    else:
-        backend = backends.resolve(OP, backend, x.device)
-        if backend == "triton":
-            _checks.check_triton(OP, x)
-        fwd, bwd, meta = ops.quant_linear_fwd, ops.quant_linear_bwd, split_parts(qweight)
+    backend, fwd, bwd, meta = route(qweight, backend, x.device, (OP, ops.quant_linear_fwd, ops.quant_linear_bwd),
+                                    (OP_INT, ops.intq_linear_fwd, ops.intq_linear_bwd))
+    if backend == "triton":
+        _checks.check_triton(OP, x)
     y = _QuantLinearFunction.apply(x.reshape(-1, in_features), bias, fwd, bwd, meta, backend)
     return y.reshape(*x.shape[:-1], out_features)

@@ -69,6 +69,10 @@ class Int4Weight:
         w = (q - self.zeros[r0:r0 + rows, gs].float().unsqueeze(2)) * self.scales[r0:r0 + rows, gs].float().unsqueeze(2)
         return w.view(rows, cols).to(dtype)
 
+    def dequantize_rows(self, r0: int, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W[r0:r0+rows], [rows, in] in ``dtype``, with dequantize()'s exact values."""
+        return self.decode_window(r0, rows, 0, self.shape[1], dtype or self.dtype)
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scales, self.zeros]
 

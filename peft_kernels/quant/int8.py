@@ -44,6 +44,10 @@ class Int8Weight:
         """W[r0:r0+rows, c0:c0+cols] exactly as dequantize() gives it."""
         return (self.CB[r0:r0 + rows, c0:c0 + cols] * self.SCB[r0:r0 + rows].view(-1, 1) * INV127).to(dtype)
 
+    def dequantize_rows(self, r0: int, rows: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W[r0:r0+rows], [rows, in] in ``dtype``, with dequantize()'s exact values."""
+        return self.decode_window(r0, rows, 0, self.shape[1], dtype or self.dtype)
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.CB, self.SCB]
 

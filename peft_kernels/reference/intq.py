@@ -36,27 +36,25 @@ def _step(total: int, other: int, align: int) -> int:
     return min(step, total) if total else 1
 
 
-def forward(x, tensors, fmt, group_size, shape, bias, out=None):
-    """x @ W^T + bias; with ``out`` given, added into it (it holds an epilogue input)."""
+def _product(a, tensors, fmt, group_size, shape, transpose, out, bias=None):
     N, K = shape
-    w = weight_of(fmt, tensors, group_size, x.dtype)
+    w = weight_of(fmt, tensors, group_size, a.dtype)
     accumulate = out is not None
     if out is None:
-        out = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
-    decode = lambda r0, rows, c0, cols: w.decode_window(r0, rows, c0, cols, x.dtype)  # noqa: E731
-    return windowed_matmul(x, decode, shape, _step(N, K, 1), out, accumulate=accumulate, bias=bias)
+        out = torch.empty((a.shape[0], K if transpose else N), dtype=a.dtype, device=a.device)
+    step = _step(K, N, group_size if fmt == "int4" else 1) if transpose else _step(N, K, 1)
+    decode = lambda r0, rows, c0, cols: w.decode_window(r0, rows, c0, cols, a.dtype)  # noqa: E731
+    return windowed_matmul(a, decode, shape, step, out, transpose=transpose, accumulate=accumulate, bias=bias)
+
+
+def forward(x, tensors, fmt, group_size, shape, bias, out=None):
+    """x @ W^T + bias; with ``out`` given, added into it (it holds an epilogue input)."""
+    return _product(x, tensors, fmt, group_size, shape, False, out, bias)
 
 
 def backward(grad_y, tensors, fmt, group_size, shape, out=None):
     """dY @ W; with ``out`` given, added into it."""
-    N, K = shape
-    w = weight_of(fmt, tensors, group_size, grad_y.dtype)
-    accumulate = out is not None
-    if out is None:
-        out = torch.empty((grad_y.shape[0], K), dtype=grad_y.dtype, device=grad_y.device)
-    decode = lambda r0, rows, c0, cols: w.decode_window(r0, rows, c0, cols, grad_y.dtype)  # noqa: E731
-    return windowed_matmul(grad_y, decode, shape, _step(K, N, group_size if fmt == "int4" else 1), out,
-                           transpose=True, accumulate=accumulate)
+    return _product(grad_y, tensors, fmt, group_size, shape, True, out)
 
 
 def qlora_forward(x, tensors, fmt, group_size, shape, lora_A, lora_B, bias, scaling, dropout_p, seed):
