@@ -56,7 +56,7 @@ _USAGE: dict = {}
 def _resource_usage(kernel) -> tuple[int | None, int | None]:
     """(registers, local bytes) per thread of a compiled kernel, read from its cubin with the
     cuobjdump Triton ships; (None, None) if that tool is unavailable."""
-    key = id(kernel)
+    key = kernel.asm["cubin"]  # not id(kernel): kernels are dropped per target and ids get reused
     if key not in _USAGE:
         try:
             from triton import knobs
