@@ -3,7 +3,8 @@
 # starts bare, so each part builds what it needs). Run from the repository root on the GPU machine:
 #
 #     bash benchmarks/gpu_session.sh check     # build the extension, GPU tests, compute-sanitizer
-#     bash benchmarks/gpu_session.sh lora      # LoRA: vs HF PEFT, backends side by side, fused-forward sweep
+#     bash benchmarks/gpu_session.sh lora      # LoRA: vs HF PEFT, backends side by side, fused-forward sweep,
+#                                              # host time per piece
 #     bash benchmarks/gpu_session.sh quant     # QLoRA fwd+bwd and decode, 4-bit matmul tiles, NF4 vs bnb
 #     bash benchmarks/gpu_session.sh rest      # DoRA, sparse, whole model
 #
@@ -51,6 +52,9 @@ case "$part" in
     step 200 python3 benchmarks/bench_lora.py --out "$OUT/lora_$gpu.json"
     step 150 python3 benchmarks/bench_lora_backends.py --out "$OUT/lora_backends_$gpu.json"
     step 150 python3 benchmarks/lora_fused_fwd_sweep.py --out "$OUT/lora_fused_fwd_$gpu.json"
+    # host issue time vs back-to-back time per piece: which of host and device limits small M
+    { step 60 python3 benchmarks/lora_host_pieces.py; step 60 python3 benchmarks/lora_host_probe.py; } \
+      >"$OUT/lora_host_$gpu.txt"
     ;;
   quant)
     step 200 python3 benchmarks/bench_qlora.py --out "$OUT/qlora_$gpu.json"

@@ -11,8 +11,6 @@ from peft_kernels.bench import harness
 from peft_kernels.triton import lora as tl_lora
 
 
-
-
 def main():
     d = torch.device("cuda")
     M, K, N, r = 16, 4096, 4096, 16
@@ -42,8 +40,11 @@ def main():
         ("eager LoRA fwd+bwd", lambda: (torch.nn.functional.linear(xg, w) + 2.0 * torch.nn.functional.linear(
             torch.nn.functional.linear(torch.nn.functional.dropout(xg, 0.05), ag), bg)).backward(dy)),
     ]
+    print(f"# {torch.cuda.get_device_name()}; host = issue time with the device idle, loop = back-to-back "
+          "calls (about max(host, device))")
+    print(f"{'host us':>9} {'loop us':>9}  piece")
     for name, fn in rows:
-        print(f"{harness.host_us(fn):9.1f} us  {name}")
+        print(f"{harness.host_us(fn):9.1f} {harness.loop_us(fn):9.1f}  {name}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ def _noop(x_ptr, a, b, c, d, e, f, g, h, i, j, BLOCK: tl.constexpr):
     pass
 
 
-
-
 def main():
     d = torch.device("cuda")
     M, K, N, r = 1024, 4096, 4096, 16
@@ -44,12 +42,16 @@ def main():
         x.grad = a.grad = b.grad = None
         (F.linear(x, w) + 2.0 * F.linear(F.linear(F.dropout(x, 0.05), a), b)).backward(dy)
 
-    print("host us per call:")
-    print(f"  empty triton launch (11 args)   {harness.host_us(lambda: _noop[(1,)](small, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, BLOCK=16)):8.1f}")
-    print(f"  torch.empty_like                {harness.host_us(lambda: torch.empty_like(small)):8.1f}")
-    print(f"  eager LoRA p=0.05 fwd+bwd       {harness.host_us(eager):8.1f}")
-    print(f"  ours p=0 fwd+bwd                {harness.host_us(ours(0.0)):8.1f}")
-    print(f"  ours p=0.05 fwd+bwd             {harness.host_us(ours(0.05)):8.1f}")
+    rows = [
+        ("empty triton launch (11 args)", lambda: _noop[(1,)](small, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, BLOCK=16)),
+        ("torch.empty_like", lambda: torch.empty_like(small)),
+        ("eager LoRA p=0.05 fwd+bwd", eager),
+        ("ours p=0 fwd+bwd", ours(0.0)),
+        ("ours p=0.05 fwd+bwd", ours(0.05)),
+    ]
+    print("us per call: host = issue time with the device idle; loop = back-to-back calls (about max(host, device))")
+    for name, fn in rows:
+        print(f"  {name:<32} host {harness.host_us(fn):8.1f}   loop {harness.loop_us(fn):8.1f}")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200):

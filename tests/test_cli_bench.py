@@ -37,3 +37,14 @@ def test_bench_model_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert rows[0]["case"] == "all weights frozen (floor)" and rows[0]["ratio"] == 1.0
     assert {"HF PEFT dora p=0.05", "peft_kernels (patched PEFT) dora p=0.05"} <= {r["case"] for r in rows}
+
+
+def test_host_timers_measure_the_call_in_microseconds():
+    # host_us: one call's issue time; loop_us: back-to-back calls. A 2 ms call must read as
+    # about 2000 us in both (the units and the per-call division are what this guards).
+    import time
+
+    from peft_kernels.bench.harness import host_us, loop_us
+    for timer in (host_us, loop_us):
+        us = timer(lambda: time.sleep(0.002), n=5)
+        assert 2000 <= us < 20000, (timer.__name__, us)

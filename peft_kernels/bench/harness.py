@@ -62,17 +62,39 @@ def time_ms(fn, device: torch.device, warmup: int = 5, reps: int = 25) -> float:
 
 
 def host_us(fn, n: int = 300) -> float:
-    """Host (CPU) microseconds per fn() call, the device left to run asynchronously: the cost
-    of issuing the work, which bounds a step whose kernels are shorter than it."""
+    """Host (CPU) microseconds to issue one fn() call, median over ``n`` calls, each started with
+    the device idle: the launch queue never fills, so the figure never includes waiting on the
+    device. (A loop of calls without syncs, ``loop_us``, measures max(host, device) once the
+    device is the slower one: queued launches block the host.)"""
     for _ in range(30):
         fn()
-    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        _sync_all()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    _sync_all()
+    return statistics.median(times) * 1e6
+
+
+def loop_us(fn, n: int = 300) -> float:
+    """Microseconds per call of ``n`` back-to-back fn() calls, the device left to run
+    asynchronously: the step time when host and device overlap, i.e. about max(host_us, device
+    time). Above host_us, the device is what limits."""
+    for _ in range(30):
+        fn()
+    _sync_all()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    elapsed = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return elapsed
+    _sync_all()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def _sync_all():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def time_ms_graphed(fn, device: torch.device, reps: int = 25) -> float | None:

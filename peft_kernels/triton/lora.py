@@ -59,12 +59,15 @@ def _store_or_add(ptrs, value, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _row_keys_or_none(seed_ptr, rows, HAS_DROPOUT: tl.constexpr):
-    # [BM, 1] dropout keys of the rows; a placeholder without dropout (never read then).
+def _dropout_row_keys(seed_ptr, rows, HAS_DROPOUT: tl.constexpr):
+    # [BM, 1] dropout keys of the rows; without dropout a placeholder of the same type that is
+    # never read. (Returning None from one constexpr branch compiles on triton 3.9 but not on
+    # 3.6, the GPU machine's version: .ci/run compile-checks both.)
     if HAS_DROPOUT:
-        return row_keys(seed_ptr, rows)[:, None]
+        keys = row_keys(seed_ptr, rows)[:, None]
     else:
-        return None
+        keys = rows[:, None].to(tl.uint32)
+    return keys
 
 
 @triton.jit
@@ -94,7 +97,7 @@ def _lora_down_kernel(
     rows64 = rows.to(tl.int64)
     ranks = tl.arange(0, BR)
     rank_ok = ranks < R
-    key = _row_keys_or_none(seed_ptr, rows, HAS_DROPOUT)
+    key = _dropout_row_keys(seed_ptr, rows, HAS_DROPOUT)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -157,7 +160,7 @@ def _lora_fused_fwd_kernel(
     cols64 = cols.to(tl.int64)
     ranks = tl.arange(0, BR)
     rank_ok = ranks < R
-    key = _row_keys_or_none(seed_ptr, rows, HAS_DROPOUT)
+    key = _dropout_row_keys(seed_ptr, rows, HAS_DROPOUT)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     u = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, K, BK):
