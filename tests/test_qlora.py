@@ -21,6 +21,17 @@ def _device(backend, kernel_device):
     return kernel_device if backend == "triton" else torch.device("cpu")
 
 
+def _assert_qlora_matches_dequantized(q, w_deq, x, a, b, bias, p, backend):
+    """qlora_linear over ``q`` against the float64 oracle on ``w_deq``, exactly what the quantized
+    weight decodes to: outputs and gradients of x, A and B."""
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    fn = lambda x, w, a, b, bias: peft_kernels.qlora_linear(  # noqa: E731
+        x, q, a, b, bias, scaling=0.7, dropout_p=p, seed=11, backend=backend)
+    grad_out = torch.randn(*x.shape[:-1], w_deq.shape[0], device=x.device).to(x.dtype)
+    assert_close_to_oracle(fn, [x, w_deq, a, b, bias], 0.7, p, 11, grad_out)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
@@ -29,13 +40,7 @@ def test_qlora_matches_oracle(backend, dtype, fmt, nested, p, kernel_device):
     device = _device(backend, kernel_device)
     x, w, a, b, bias = make_inputs((3, 7), 37, 53, 5, dtype, device)
     q = FORMATS[fmt].from_float(w, blocksize=32, double_quant=nested)
-    w_deq = q.dequantize()  # the oracle's weight: exactly what the 4-bit weight decodes to
-    for t in (x, a, b):
-        t.requires_grad_(True)
-    fn = lambda x, w, a, b, bias: peft_kernels.qlora_linear(  # noqa: E731
-        x, q, a, b, bias, scaling=0.7, dropout_p=p, seed=11, backend=backend)
-    grad_out = torch.randn(3, 7, 53, device=device).to(dtype)
-    assert_close_to_oracle(fn, [x, w_deq, a, b, bias], 0.7, p, 11, grad_out)
+    _assert_qlora_matches_dequantized(q, q.dequantize(), x, a, b, bias, p, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,13 +55,7 @@ def test_qlora_over_int_bases_matches_oracle(backend, dtype, fmt, p, kernel_devi
     device = _device(backend, kernel_device)
     x, w, a, b, bias = make_inputs((3, 7), 64, 53, 5, dtype, device)
     q = Int8Weight.from_float(w) if fmt == "int8" else Int4Weight.from_float(w, group_size=32)
-    w_deq = q.dequantize(dtype)
-    for t in (x, a, b):
-        t.requires_grad_(True)
-    fn = lambda x, w, a, b, bias: peft_kernels.qlora_linear(  # noqa: E731
-        x, q, a, b, bias, scaling=0.7, dropout_p=p, seed=11, backend=backend)
-    grad_out = torch.randn(3, 7, 53, device=device).to(dtype)
-    assert_close_to_oracle(fn, [x, w_deq, a, b, bias], 0.7, p, 11, grad_out)
+    _assert_qlora_matches_dequantized(q, q.dequantize(dtype), x, a, b, bias, p, backend)
     assert peft_kernels.backends.last_used("qlora_linear_int") == backend
 
 
