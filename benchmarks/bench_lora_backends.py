@@ -4,6 +4,7 @@ M <= 64 it adds "triton fused-fwd": the Triton backend with its single-launch fo
 (triton/lora.py, FUSED_FWD_MAX_M, off by default until these rows say it wins).
 
     python benchmarks/bench_lora_backends.py --out benchmarks/results/lora_backends_h100.json
+    TRITON_INTERPRET=1 python benchmarks/bench_lora_backends.py --device cpu --kn 64x48 --ms 5  # smoke run, fp32
 """
 import argparse
 
@@ -25,9 +26,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--ms", default="16,64,256,1024,8192")
+    ap.add_argument("--kn", default="4096x4096", help="in x out features")
+    ap.add_argument("--device", default="cuda", help="cpu runs the triton backend interpreted "
+                    "(TRITON_INTERPRET=1): a smoke test of this script, not a measurement")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    K = N = 4096
+    dev = torch.device(args.device)
+    K, N = (int(v) for v in args.kn.split("x"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the interpreter mishandles bf16
+    skipped = {be: peft_kernels.backends.unavailable_reason(be, dev) for be in ("triton", "cuda")}
+    for be, why in skipped.items():
+        if why:
+            print(f"backend {be} skipped: {why}")
     r, p, s = 16, 0.05, 2.0
     rows = []
     ms = [int(m) for m in args.ms.split(",")]
@@ -35,18 +44,18 @@ def main():
     for M in ms:
         prog.step(f"M={M}")
         torch.manual_seed(0)
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K**0.5
-        a = (torch.randn(r, K, device=dev, dtype=torch.bfloat16) / K**0.5).requires_grad_()
-        b = (torch.randn(N, r, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
-        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(M, K, device=dev, dtype=dtype, requires_grad=True)
+        w = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
+        a = (torch.randn(r, K, device=dev, dtype=dtype) / K**0.5).requires_grad_()
+        b = (torch.randn(N, r, device=dev, dtype=dtype) * 0.02).requires_grad_()
+        dy = torch.randn(M, N, device=dev, dtype=dtype)
         for mode in ("fwd+bwd", "forward"):
             fo = mode == "forward"
             cases = {"floor": fwd_bwd_step(lambda: F.linear(x, w), [x], dy, fo)}
-            for be in ("triton", "cuda"):
+            for be in (be for be, why in skipped.items() if not why):
                 cases[be] = fwd_bwd_step(lambda be=be: peft_kernels.lora_linear(
                     x, w, a, b, scaling=s, dropout_p=p, seed=3, backend=be), [x, a, b], dy, fo)
-            if M <= triton_lora.FUSED_FWD_LIMIT:
+            if M <= triton_lora.FUSED_FWD_LIMIT and "triton" in cases:
                 cases["triton fused-fwd"] = fwd_bwd_step(lambda: _fused_on(x, w, a, b, s, p), [x, a, b], dy, fo)
             times = {k: time_ms(f, dev) for k, f in cases.items()}
             graphed = {k: time_ms_graphed(f, dev) for k, f in cases.items()}
@@ -59,9 +68,8 @@ def main():
                          [[r_["M"], r_["mode"], r_["case"], r_["ms"], f"{r_['ratio']:.2f}x",
                            None if r_["graphed_ratio"] is None else f"{r_['graphed_ratio']:.2f}x"] for r_ in rows]))
     if args.out:
-        write_json(args.out, {"env": environment(dev), "config": dict(dtype="bf16", r=r, dropout=p,
-                                                                       ext=peft_kernels.info()["cuda_extension"]),
-                              "rows": rows})
+        config = dict(dtype=str(dtype).replace("torch.", ""), r=r, dropout=p, ext=peft_kernels.info()["cuda_extension"])
+        write_json(args.out, {"env": environment(dev), "config": config, "rows": rows})
 
 
 if __name__ == "__main__":

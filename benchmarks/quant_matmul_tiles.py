@@ -8,6 +8,7 @@ configuration, with the bandwidth it reaches. The defaults in quant_matmul.py ar
 output.
 
     python benchmarks/quant_matmul_tiles.py --out benchmarks/results/quant_matmul_tiles_h100.json
+    TRITON_INTERPRET=1 python benchmarks/quant_matmul_tiles.py --device cpu --nk 96x128 --ms 5  # smoke run, fp32
 """
 import argparse
 
@@ -29,11 +30,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--ms", default="16,256,1024,8192")
+    ap.add_argument("--nk", default="4096x4096", help="the weight's out x in")
+    ap.add_argument("--device", default="cuda", help="cpu runs the kernels interpreted (TRITON_INTERPRET=1): "
+                    "a smoke test of this script, not a measurement")
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the interpreter mishandles bf16
     torch.manual_seed(0)
-    N, K = 4096, 4096
-    q = NF4Weight.from_float(torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02, double_quant=True)
+    N, K = (int(v) for v in args.nk.split("x"))
+    q = NF4Weight.from_float(torch.randn(N, K, device=dev, dtype=dtype) * 0.02, double_quant=True)
     w = q.dequantize()
     rows = []
     ms = [int(m) for m in args.ms.split(",")]
@@ -50,10 +55,10 @@ def main():
         decoders.append(dict(config=cfg, ms=t, exact=exact, gb_per_s=gbs))
         print(decoders[-1], flush=True)
     deq_ms = time_ms(lambda: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out), dev)
-    print({"dequantize_4096x4096_triton_ms": deq_ms}, flush=True)
+    print({f"dequantize_{N}x{K}_triton_ms": deq_ms}, flush=True)
     for M in ms:
         for transpose in (False, True):
-            a = torch.randn(M, N if transpose else K, device=dev, dtype=torch.bfloat16)
+            a = torch.randn(M, N if transpose else K, device=dev, dtype=dtype)
             ref = a @ w if transpose else a @ w.T
             cublas = time_ms(lambda: a @ w if transpose else a @ w.T, dev)
             deq = time_ms(lambda: (a @ q.dequantize()) if transpose else a @ q.dequantize().T, dev)
@@ -74,7 +79,7 @@ def main():
                                  ratio_to_cublas=(t / cublas) if t else None))
                 print(rows[-1], flush=True)
     if args.out:
-        write_json(args.out, {"env": environment(dev), "dequantize_4096x4096_ms": deq_ms, "decoders": decoders,
+        write_json(args.out, {"env": environment(dev), f"dequantize_{N}x{K}_ms": deq_ms, "decoders": decoders,
                               "rows": rows})
 
 
