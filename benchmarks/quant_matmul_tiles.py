@@ -21,7 +21,10 @@ from peft_kernels.triton import quant_matmul as qm
 FUSED = [  # BM, BP, BQ, warps, stages
     (16, 64, 128, 4, 2), (16, 128, 128, 4, 1), (64, 64, 64, 4, 2), (128, 64, 64, 4, 1), (128, 128, 64, 8, 1),
 ]
-ALIGNED = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 8)]  # BM, BN, warps
+ALIGNED = [  # BM, BN, NB (forward: quantization blocks per step), warps; small BN and larger NB for decode
+    (16, 16, 1, 4), (16, 16, 4, 4), (16, 32, 2, 4), (16, 32, 4, 4), (16, 64, 1, 4), (16, 64, 4, 4),
+    (16, 128, 1, 4), (32, 64, 2, 4), (64, 64, 1, 4), (64, 128, 1, 8),
+]
 CHUNKS = [1 << 20, 1 << 22, 1 << 24]  # weights decoded per window (chunked path)
 DECODES = [(16, 1, 4), (16, 4, 4), (32, 2, 4), (32, 4, 8), (64, 1, 4), (64, 2, 8)]  # BR, NB, warps
 

@@ -136,9 +136,11 @@ def test_matmul_4bit_chunked(transpose, epilogue, K, kernel_device, monkeypatch)
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("epilogue", ["none", "c+bias"])
-def test_matmul_4bit_fused_aligned(transpose, nested, epilogue, kernel_device):
+@pytest.mark.parametrize("nb", [1, 2, 4])
+def test_matmul_4bit_fused_aligned(transpose, nested, epilogue, nb, kernel_device):
     """The block-aligned fused candidate: partial tiles on every side (M=37, N=45 rows of W, and
-    for the backward reduction a partial last step), blocksize 64 with in = 192."""
+    for the backward reduction a partial last step), blocksize 64 with in = 192; forward with 2
+    blocks per reduction step leaves a partial last step (3 blocks a row)."""
     N, K, M = 45, 192, 37
     q = NF4Weight.from_float(torch.randn(N, K, device=kernel_device) * 0.1, blocksize=64, double_quant=nested)
     a = torch.randn(M, N if transpose else K, device=kernel_device)
@@ -149,7 +151,7 @@ def test_matmul_4bit_fused_aligned(transpose, nested, epilogue, kernel_device):
     ref = a.double() @ (w64 if transpose else w64.T)
     ref = ref + (c.double() + bias.double() if c is not None else 0)
     out = qm.matmul_4bit(a, *q.parts(), c=None if c is None else c.clone(), bias=bias, transpose=transpose,
-                         path="fused_aligned", tiles=(16, 16, 4))
+                         path="fused_aligned", tiles=(16, 16, nb, 4))
     assert rel_err(out, ref) <= FLOOR[torch.float32]
     with pytest.raises(ValueError, match="fused_aligned"):
         q2 = NF4Weight.from_float(torch.randn(8, 40, device=kernel_device), blocksize=64)

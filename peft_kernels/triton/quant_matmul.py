@@ -164,12 +164,14 @@ def _matmul_4bit_aligned_kernel(
     M, P, Q, K_w, stride_am, stride_aq, stride_cm, stride_cp, stride_om, stride_op,
     BLOCKSIZE: tl.constexpr, WIDE: tl.constexpr, TRANSPOSE: tl.constexpr, NESTED: tl.constexpr,
     HAS_C: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    NB: tl.constexpr,
 ):
     """The fused product for K_w % BLOCKSIZE == 0, decoding whole quantization blocks
-    (_decode_block_rows). Forward (B = W^T): the reduction step is one block of W's row, BQ =
-    BLOCKSIZE, and the program's BN output columns are BN rows of W. Backward (B = W): the
-    reduction runs over BN rows of W at a time and the program's output columns are one block
-    of W's row, BP = BLOCKSIZE."""
+    (_decode_block_rows). Forward (B = W^T): the reduction step is NB consecutive blocks of W's
+    rows, BQ = NB * BLOCKSIZE (more bytes in flight per program: at decode sizes the grid has
+    few programs), and the program's BN output columns are BN rows of W. Backward (B = W, NB = 1):
+    the reduction runs over BN rows of W at a time and the program's output columns are one
+    block of W's row, BP = BLOCKSIZE."""
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -192,19 +194,27 @@ def _matmul_4bit_aligned_kernel(
         c_ok_w = cols < P
         ci = cols.to(tl.int64) if WIDE else cols
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for q0 in range(0, Q, BLOCKSIZE):
+        blocks = tl.arange(0, NB) * BLOCKSIZE
+        for q0 in range(0, Q, BLOCKSIZE * NB):
+            # BN * NB block rows: row i of W's NB blocks at q0, in order (blocks past Q are
+            # masked: their a columns are zero too)
+            start = tl.reshape(ci[:, None] * K_w + (q0 + blocks)[None, :], (BN * NB,))
+            ok = tl.reshape(c_ok_w[:, None] & ((q0 + blocks) < Q)[None, :], (BN * NB,))
             w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
-                                   ci * K_w + q0, c_ok_w, BN, BLOCKSIZE, NESTED)  # [BN, BLOCKSIZE]
-            qs = q0 + tl.arange(0, BLOCKSIZE)
-            a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq, mask=row_ok[:, None],
-                        other=0.0)
+                                   start, ok, BN * NB, BLOCKSIZE, NESTED)
+            w = tl.reshape(w, (BN, NB * BLOCKSIZE))
+            qs = q0 + tl.arange(0, NB * BLOCKSIZE)
+            a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq,
+                        mask=row_ok[:, None] & (qs < Q)[None, :], other=0.0)
             acc = _mm(a, tl.trans(w.to(a.dtype)), acc, IEEE)
     col_ok = cols < P
     _store_tile(acc, c_ptr, bias_ptr, out_ptr, rows64, cols, row_ok, col_ok, stride_cm, stride_cp, stride_om,
                 stride_op, HAS_C, HAS_BIAS)
 
 
-ALIGNED_TILES = (16, 64, 4)  # BM, BN, num_warps: a candidate for small M, to be measured
+# BM, BN, NB (forward: quantization blocks per reduction step), num_warps: a candidate for small M,
+# to be measured (benchmarks/quant_matmul_tiles.py sweeps BN and NB).
+ALIGNED_TILES = (16, 64, 1, 4)
 
 
 @triton.jit
@@ -302,7 +312,8 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
     if path == "fused_aligned":
         if K % blocksize:
             raise ValueError(f"matmul_4bit: path 'fused_aligned' needs in_features % blocksize == 0 ({K} % {blocksize})")
-        bm, bn, warps = tiles or ALIGNED_TILES
+        bm, bn, nb, warps = tiles or ALIGNED_TILES
+        nb = 1 if transpose else nb
         nested = absmax2 is not None
         grid = (triton.cdiv(M, bm), triton.cdiv(P, blocksize if transpose else bn))
         launch(
@@ -311,7 +322,7 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
             offset if nested else code, out, bias if bias is not None else out, out,
             M, P, Q, K, a.stride(0), a.stride(1), out.stride(0), out.stride(1), out.stride(0), out.stride(1),
             BLOCKSIZE=blocksize, WIDE=N * K >= 2**31, TRANSPOSE=transpose, NESTED=nested, HAS_C=c is not None,
-            HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, BM=bm, BN=bn, num_warps=warps,
+            HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, BM=bm, BN=bn, NB=nb, num_warps=warps,
             enable_fp_fusion=False,
         )
         return out
