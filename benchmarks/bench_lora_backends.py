@@ -1,7 +1,8 @@
 """The LoRA op's backends side by side (triton vs cuda vs the frozen floor), fwd+bwd and forward
 only, bf16, r=16, p=0.05, over M; the JSON backs backend="auto"'s rule (backends.py). For
-M <= 64 it adds "triton fused-fwd": the Triton backend with its single-launch forward turned on
-(triton/lora.py, FUSED_FWD_MAX_M, off by default until these rows say it wins).
+M <= 64 it adds "triton fused-fwd" and "triton fused fwd+bwd": the Triton backend with its
+single-launch forward (and backward) turned on (triton/lora.py, FUSED_FWD_MAX_M / FUSED_BWD_MAX_M,
+off by default until these rows say they win).
 
     python benchmarks/bench_lora_backends.py --out benchmarks/results/lora_backends_h100.json
     TRITON_INTERPRET=1 python benchmarks/bench_lora_backends.py --device cpu --kn 64x48 --ms 5  # smoke run, fp32
@@ -17,9 +18,13 @@ from peft_kernels.bench.harness import Progress, environment, fwd_bwd_step, mark
     time_ms_graphed, write_json
 
 
-def _fused_on(x, w, a, b, s, p):
-    with triton_lora.launch_override(fused_max_m=triton_lora.FUSED_FWD_LIMIT):
-        return peft_kernels.lora_linear(x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="triton")
+def _under(override, step):
+    """step() with the launch override active throughout: backward included (the override is a
+    module-level setting, so autograd's device thread sees it too)."""
+    def run():
+        with triton_lora.launch_override(**override):
+            return step()
+    return run
 
 
 def main():
@@ -56,7 +61,11 @@ def main():
                 cases[be] = fwd_bwd_step(lambda be=be: peft_kernels.lora_linear(
                     x, w, a, b, scaling=s, dropout_p=p, seed=3, backend=be), [x, a, b], dy, fo)
             if M <= triton_lora.FUSED_FWD_LIMIT and "triton" in cases:
-                cases["triton fused-fwd"] = fwd_bwd_step(lambda: _fused_on(x, w, a, b, s, p), [x, a, b], dy, fo)
+                fused_fwd = dict(fused_max_m=triton_lora.FUSED_FWD_LIMIT)
+                fused_both = dict(fused_fwd, fused_bwd_max_m=triton_lora.FUSED_FWD_LIMIT)
+                for name, override in (("triton fused-fwd", fused_fwd), ("triton fused fwd+bwd", fused_both)):
+                    cases[name] = _under(override, fwd_bwd_step(lambda: peft_kernels.lora_linear(
+                        x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="triton"), [x, a, b], dy, fo))
             times = {k: time_ms(f, dev) for k, f in cases.items()}
             graphed = {k: time_ms_graphed(f, dev) for k, f in cases.items()}
             for k in cases:

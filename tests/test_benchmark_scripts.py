@@ -38,7 +38,7 @@ def test_bench_lora_backends_runs(tmp_path):
     assert "backend cuda skipped" in stdout  # said, not silently dropped
     cases = {(r["mode"], r["case"]) for r in data["rows"]}
     for mode in ("fwd+bwd", "forward"):
-        assert {(mode, c) for c in ("floor", "triton", "triton fused-fwd")} <= cases
+        assert {(mode, c) for c in ("floor", "triton", "triton fused-fwd", "triton fused fwd+bwd")} <= cases
     assert data["env"]["device_type"] == "cpu" and data["config"]["dtype"] == "float32"
 
 
@@ -51,9 +51,12 @@ def test_quant_matmul_tiles_runs_and_every_path_is_right(tmp_path):
         assert row["ms"] is not None and row["max_err"] < 1e-4, row
 
 
-def test_lora_fused_fwd_sweep_runs(tmp_path):
-    data, _ = _run("lora_fused_fwd_sweep.py", "--shapes", "48x40", "--ms", "3", "--bn", "16,32", "--bk", "16",
-                   "--stages", "2", tmp_path=tmp_path)
-    cases = {r["case"] for r in data["rows"]}
-    assert {"fused bn=16 bk=16 stages=2", "fused bn=32 bk=16 stages=2"} <= cases, cases
-    assert all(r["ms"] is not None for r in data["rows"])
+def test_lora_fused_sweep_runs(tmp_path):
+    # the script itself asserts that every fused configuration matches the unfused path
+    data, _ = _run("lora_fused_sweep.py", "--shapes", "48x40", "--ms", "3", "--bn", "16,32", "--bk", "16",
+                   "--stages", "2", "--bwd-bn", "16", "--bwd-bk", "16,32", tmp_path=tmp_path)
+    cases = {(r["direction"], r["case"]) for r in data["rows"]}
+    assert {("fwd", "fused bn=16 bk=16 stages=2"), ("fwd", "fused bn=32 bk=16 stages=2"),
+            ("bwd", "fused bn=16 bk=16 stages=2"), ("bwd", "fused bn=16 bk=32 stages=2"),
+            ("bwd", "dy/dx kernels + cuBLAS")} <= cases, cases
+    assert all(r.get("ms") is not None for r in data["rows"]), [r for r in data["rows"] if "error" in r]

@@ -81,6 +81,31 @@ def test_triton_single_launch_forward(lead, k, n, r, p, bias, dtype, kernel_devi
     assert fused.call_count >= 1
 
 
+@pytest.mark.parametrize("lead,k,n,r,p,bias", [((1,), 37, 53, 5, 0.3, True),   # 3 programs, 4 dB chunks (wraps)
+                                               ((3, 7), 71, 39, 5, 0.0, False),  # 5 programs, 3 dB chunks
+                                               ((64,), 71, 39, 17, 0.2, True),  # BM = 64, r padded to 32
+                                               ((9,), 16, 16, 1, 0.5, False)])  # K, N exactly one tile
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fused_forward", [False, True])
+def test_triton_single_launch_backward(lead, k, n, r, p, bias, dtype, fused_forward, kernel_device):
+    """The small-M backward in one launch (dY@W, v, dB, dA and the masked adapter part of dX in one
+    kernel), 16-wide tiles so several programs split dX's columns and share out dB's row chunks,
+    after either forward; every gradient against the float64 oracle."""
+    from unittest import mock
+    forward = dict(fused_max_m=64, fused_bn=16, fused_bk=16) if fused_forward else {}
+    with triton_lora.launch_override(fused_bwd_max_m=64, fused_bwd_bn=16, fused_bwd_bk=16, **forward), \
+            mock.patch.object(triton_lora, "fused_backward", wraps=triton_lora.fused_backward) as fused:
+        _check("triton", kernel_device, dtype, lead, k, n, r, bias=bias, p=p)
+    assert fused.call_count >= 1
+
+
+def test_triton_single_launch_backward_only_with_dx_and_small_m():
+    with triton_lora.launch_override(fused_bwd_max_m=10**6):
+        assert triton_lora.use_fused_backward(64, True) and not triton_lora.use_fused_backward(65, True)
+        assert not triton_lora.use_fused_backward(16, False)  # no dx wanted: W need not be read
+    assert not triton_lora.use_fused_backward(16, True)  # off by default until timed
+
+
 def test_triton_single_launch_forward_off_above_its_limit():
     with triton_lora.launch_override(fused_max_m=10**6):
         assert triton_lora.use_fused_forward(64) and not triton_lora.use_fused_forward(65)
@@ -100,8 +125,9 @@ def test_noncontiguous_inputs(backend, kernel_device):
         t.requires_grad_(True)
     grad_out = torch.randn(2, 11, n, device=device)
     assert_close_to_oracle(_fn(backend, 1.5, 0.2, 7), [x, w, a, b, None], 1.5, 0.2, 7, grad_out)
-    if backend == "triton":  # the single-launch forward reads the same strides
-        with triton_lora.launch_override(fused_max_m=64, fused_bn=16, fused_bk=16):
+    if backend == "triton":  # the single-launch forward and backward read the same strides
+        with triton_lora.launch_override(fused_max_m=64, fused_bn=16, fused_bk=16, fused_bwd_max_m=64,
+                                         fused_bwd_bn=16, fused_bwd_bk=16):
             assert_close_to_oracle(_fn(backend, 1.5, 0.2, 7), [x, w, a, b, None], 1.5, 0.2, 7, grad_out)
 
 

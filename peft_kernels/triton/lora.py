@@ -262,6 +262,65 @@ def _lora_dx_kernel(
                   DA_ATOMIC)
 
 
+@triton.jit
+def _lora_fused_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, u_ptr, dx_ptr, da_ptr, db_ptr, seed_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_bn, stride_br, stride_dxm, stride_dxk,
+    scaling, threshold, coef,
+    HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    # Program pid owns columns ks of dX and dA, and dB's chunks c of BN rows with c % programs ==
+    # pid; it streams W[:, ks] once, and v = dY @ B comes from the same dY tiles:
+    #   dX[:, ks] = dY @ W[:, ks] + coef * mask * (v @ A[:, ks]),  dA[:, ks] = coef * v.T @ (mask * x[:, ks])
+    #   dB[c] = scaling * dY[:, c].T @ u
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    rows = tl.arange(0, BM)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    ks = pid * BK + tl.arange(0, BK)
+    k_ok = ks < K
+    ranks = tl.arange(0, BR)
+    rank_ok = ranks < R
+    u = tl.load(u_ptr + rows64[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    u = u.to(dy_ptr.dtype.element_ty)
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    v = tl.zeros((BM, BR), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        ns = n0 + tl.arange(0, BN)
+        n_ok = ns < N
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + ks[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _mm(dy, w, acc, IEEE)
+        b = tl.load(b_ptr + ns[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=n_ok[:, None] & rank_ok[None, :], other=0.0)
+        v = _mm(dy, b, v, IEEE)
+        if (n0 // BN) % programs == pid:
+            db = _mm(tl.trans(dy), u, tl.zeros((BN, BR), dtype=tl.float32), IEEE) * scaling
+            tl.store(db_ptr + ns[:, None] * R + ranks[None, :], db.to(db_ptr.dtype.element_ty),
+                     mask=n_ok[:, None] & rank_ok[None, :])
+    a = tl.load(a_ptr + ranks[:, None] * stride_ar + ks[None, :] * stride_ak,
+                mask=rank_ok[:, None] & k_ok[None, :], other=0.0)
+    v = v.to(a.dtype)  # rounded to the adapter dtype before its products, as in _lora_dx_kernel
+    d = _mm(v, a, tl.zeros((BM, BK), dtype=tl.float32), IEEE) * coef
+    tile_ok = row_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk, mask=tile_ok, other=0.0)
+    if HAS_DROPOUT:
+        keep = keep_mask(row_keys(seed_ptr, rows)[:, None], ks[None, :], threshold)
+        x = tl.where(keep, x, 0.0)
+        d = tl.where(keep, d, 0.0)
+    tl.store(dx_ptr + rows64[:, None] * stride_dxm + ks[None, :] * stride_dxk,
+             (acc + d).to(dx_ptr.dtype.element_ty), mask=tile_ok)
+    da = _mm(tl.trans(v), x, tl.zeros((BR, BK), dtype=tl.float32), IEEE) * coef
+    tl.store(da_ptr + ranks[:, None] * K + ks[None, :], da.to(da_ptr.dtype.element_ty),
+             mask=rank_ok[:, None] & k_ok[None, :])
+
+
 # ----------------------------------------------------------------------------- launch policy
 
 _OVERRIDE: dict = {}
@@ -271,7 +330,8 @@ _OVERRIDE: dict = {}
 def launch_override(**settings):
     """Force tile sizes / SM count (tests use it to reach every split and masking path on tiny
     shapes). Keys: sms, down_bm, down_bk, up_bm, up_bn, dy_bm, dy_bn, dx_bm, dx_bk, <kind>_warps,
-    fused_max_m, fused_bn, fused_bk, fused_stages."""
+    fused_max_m, fused_bn, fused_bk, fused_stages, fused_bwd_max_m, fused_bwd_bn, fused_bwd_bk,
+    fused_bwd_stages."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(settings)
     try:
@@ -344,6 +404,31 @@ def use_fused_forward(M: int) -> bool:
     return 0 < M <= min(_OVERRIDE.get("fused_max_m", FUSED_FWD_MAX_M), FUSED_FWD_LIMIT)
 
 
+# The single-launch backward runs for M <= FUSED_BWD_MAX_M (and when dx is wanted). 0 (off) until
+# timed against the dy / dx / cuBLAS path on a GPU (benchmarks/lora_fused_sweep.py,
+# bench_lora_backends.py "triton fused" rows); launch_override(fused_bwd_max_m=...) turns it on.
+FUSED_BWD_MAX_M = 0
+
+
+def _fused_bwd_tiles(M: int, K: int, br: int, sms: int) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, num_stages) of the single-launch backward: one row tile covering M; BK (the
+    dX columns a program owns) halved down to 16 until the K/BK programs fill about two waves
+    (the kernel is bound by reading W); the reduction step BN shrinks with the rank, whose
+    [BN, rank] tile of B is staged beside W's."""
+    bm = max(16, triton.next_power_of_2(M))
+    bk = 64
+    while bk > 16 and triton.cdiv(K, bk) < 2 * sms:
+        bk //= 2
+    bn = 128 if br <= 32 else 64 if br <= 64 else 32
+    return (bm, _OVERRIDE.get("fused_bwd_bn", bn), _OVERRIDE.get("fused_bwd_bk", bk),
+            _OVERRIDE.get("fused_bwd_stages", 3))
+
+
+def use_fused_backward(M: int, need_dx: bool) -> bool:
+    """Whether lora_backward takes the single-launch path for M rows."""
+    return need_dx and 0 < M <= min(_OVERRIDE.get("fused_bwd_max_m", FUSED_BWD_MAX_M), FUSED_FWD_LIMIT)
+
+
 def _padded_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -373,6 +458,8 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed
     """Returns (dx [M, K] or an empty tensor, d lora_A [r, K], d lora_B [N, r])."""
     if degenerate(x, lora_B):
         return reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, 0.0, None, need_dx)
+    if use_fused_backward(x.shape[0], need_dx):
+        return fused_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed)
     d, grad_A, grad_B = adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
     if need_dx:
         d.addmm_(grad_y, weight)
@@ -399,6 +486,30 @@ def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
         BM=bm, BN=bn, BK=bk, BR=BR, num_warps=4, num_stages=stages,
     )
     return y, u
+
+
+def fused_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed):
+    """lora_backward (with dx) in one launch for small M (<= FUSED_FWD_LIMIT rows): same
+    contract, (dx [M, K], d lora_A [r, K], d lora_B [N, r]); no workspace to zero, no atomics,
+    the adapter gradients written in their dtype."""
+    M, K = x.shape
+    N, R = lora_B.shape
+    BR = _padded_rank(R)
+    bm, bn, bk, stages = _fused_bwd_tiles(M, K, BR, _sm_count(x.device))
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+    grad_A = torch.empty((R, K), dtype=lora_A.dtype, device=x.device)
+    grad_B = torch.empty((N, R), dtype=lora_B.dtype, device=x.device)
+    launch(
+        _lora_fused_bwd_kernel, (triton.cdiv(K, bk),),
+        grad_y, x, weight, lora_A, lora_B, u, dx, grad_A, grad_B, seed if seed is not None else x,
+        M, N, K, R,
+        grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1),
+        scaling, keep_threshold(dropout_p), scaling / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0.0, IEEE=x.dtype == torch.float32,
+        BM=bm, BN=bn, BK=bk, BR=BR, num_warps=4, num_stages=stages,
+    )
+    return dx, grad_A, grad_B
 
 
 def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
