@@ -51,9 +51,9 @@ case "$part" in
     build
     step 200 python3 benchmarks/bench_lora.py --out "$OUT/lora_$gpu.json"
     step 150 python3 benchmarks/bench_lora_backends.py --out "$OUT/lora_backends_$gpu.json"
-    step 180 python3 benchmarks/lora_fused_sweep.py --out "$OUT/lora_fused_$gpu.json"
+    step 150 python3 benchmarks/lora_fused_sweep.py --out "$OUT/lora_fused_$gpu.json"
     # host issue time vs back-to-back time per piece: which of host and device limits small M
-    step 60 python3 benchmarks/lora_host_pieces.py \
+    step 45 python3 benchmarks/lora_host_pieces.py \
       >"$OUT/lora_host_$gpu.txt"
     ;;
   quant)

@@ -59,7 +59,8 @@ def main():
     ap.add_argument("--passes", default="fwd,bwd")
     ap.add_argument("--bn", default="16,32,64", help="forward: W rows per program")
     ap.add_argument("--bk", default="64,128,256", help="forward: reduction step")
-    ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--stages", default="3",
+                    help="pipeline stages (the launch policy lowers them where shared memory is short)")
     ap.add_argument("--bwd-bn", default="32,64,128", help="backward: reduction step over N")
     ap.add_argument("--bwd-bk", default="16,32,64", help="backward: dX columns per program")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN list")
