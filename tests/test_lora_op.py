@@ -139,12 +139,18 @@ def test_expanded_grad_output(backend, kernel_device):
     x.requires_grad_(True)
     a.requires_grad_(True)
     b.requires_grad_(True)
-    peft_kernels.lora_linear(x, w, a, b, bias, scaling=2.0, dropout_p=0.1, seed=5, backend=backend).sum().backward()
     xs = [t.detach().clone().requires_grad_() for t in (x, a, b)]
     from helpers import eager_lora
     eager_lora(xs[0], w, xs[1], xs[2], bias, 2.0, 0.1, 5).sum().backward()
-    for got, want in zip((x.grad, a.grad, b.grad), (t.grad for t in xs)):
-        assert rel_err(got, want) < 1e-5
+    fused = [{}] if backend == "torch" else [{}, dict(fused_max_m=64, fused_bwd_max_m=64, fused_bwd_bn=16,
+                                                         fused_bwd_bk=16)]
+    for override in fused:  # triton: the tiled and the single-launch kernels
+        x.grad = a.grad = b.grad = None
+        with triton_lora.launch_override(**override):
+            y = peft_kernels.lora_linear(x, w, a, b, bias, scaling=2.0, dropout_p=0.1, seed=5, backend=backend)
+            y.sum().backward()
+        for got, want in zip((x.grad, a.grad, b.grad), (t.grad for t in xs)):
+            assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
