@@ -59,17 +59,20 @@ def test_cuda_quantize_matches_cpu_bytes(quant_type, shape):
     assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
 
 
-@pytest.mark.parametrize("path", ["fused", "chunked"])
+@pytest.mark.parametrize("path,tiles", [("fused", None), ("chunked", None), ("fused_aligned", None),
+                                        ("fused_aligned", (16, 16, 4, 4)), ("fused_aligned", (16, 32, 2, 4))])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_matmul_4bit_paths_match_cublas_on_dequantized(path, transpose):
-    """Both 4-bit matmul paths against cuBLAS on the dequantized weight, at a real size."""
+@pytest.mark.parametrize("M", [16, 512])
+def test_matmul_4bit_paths_match_cublas_on_dequantized(path, tiles, transpose, M):
+    """Every 4-bit matmul path (the aligned one with several blocks per step too) against cuBLAS
+    on the dequantized weight, at a real size."""
     from peft_kernels.triton.quant_matmul import matmul_4bit
     q = NF4Weight.from_float(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
     w = q.dequantize().double()
-    a = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
     ref = a.double() @ (w if transpose else w.T)
     eager = (a @ q.dequantize() if transpose else a @ q.dequantize().T).double()
-    out = matmul_4bit(a, *q.parts(), transpose=transpose, path=path).double()
+    out = matmul_4bit(a, *q.parts(), transpose=transpose, path=path, tiles=tiles).double()
     err, eager_err = (out - ref).norm() / ref.norm(), (eager - ref).norm() / ref.norm()
     assert err <= 2 * eager_err + 1e-6
 
