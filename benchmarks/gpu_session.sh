@@ -39,9 +39,9 @@ step() {  # step SECONDS CMD...: one bounded step; a hang or crash is logged, th
 case "$part" in
   check)
     build
-    step 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+    step 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests
     if command -v compute-sanitizer >/dev/null; then
-      step 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
+      step 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
         tests/test_lora_cuda_gpu.py -k "oracle and 37"
     else
       echo "compute-sanitizer not found" | tee -a "$log"
