@@ -24,6 +24,9 @@ def _info(_args) -> int:
         print("TRITON_INTERPRET=1: Triton kernels run interpreted on CPU tensors (slow; for tests)")
     print(f"CUDA extension: {data['cuda_extension']}")
     print(f"auto rules on a GPU (backend, max M): {json.dumps(data['auto_rules'])}")
+    if data["triton_paths"]:
+        print("triton size rules (0 = off until timed): "
+              + ", ".join(f"{k} {v}" for k, v in data["triton_paths"].items()))
     for dev, entry in data["devices"].items():
         print(f"\n{dev}: {entry['name']}")
         for backend, status in entry["backends"].items():

@@ -27,6 +27,7 @@ def info() -> dict:
         "backend_override": env.backend_override(),
         "cuda_extension": cuda.describe(),
         "auto_rules": {op: [list(rule) for rule in rules] for op, rules in backends.AUTO_RULES.items()},
+        "triton_paths": triton_paths(),
         "devices": {},
     }
     for dev in devices:
@@ -42,3 +43,19 @@ def info() -> dict:
                          "sparse_delta": backends.resolve("sparse_delta", "auto", dev)}
         out["devices"][str(dev)] = entry
     return out
+
+
+def triton_paths() -> dict:
+    """The size rules inside the Triton backend (each set from a committed benchmark; 0 = off until
+    timed), so which kernels run for a given M is inspectable. Empty without triton."""
+    try:
+        from .triton import lora, quant_matmul, sparse
+    except Exception:
+        return {}
+    return {
+        "lora single-launch forward: M <=": lora.FUSED_FWD_MAX_M,
+        "lora single-launch backward: M <=": lora.FUSED_BWD_MAX_M,
+        "4-bit matmul fused in registers: M <=": quant_matmul.FUSED_MAX_M,
+        "4-bit matmul chunked window (weights)": quant_matmul.CHUNK_ELEMENTS,
+        "sparse dDelta gather_t below density": sparse.GATHER_MAX_DENSITY,
+    }

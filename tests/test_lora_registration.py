@@ -15,17 +15,23 @@ def _op_args(device, backend, p):
     return x, w, a, b, bias, 0.5, p, seed, backend
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton single-launch"])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_opcheck(backend, p, kernel_device):
+    from peft_kernels.triton import lora as triton_lora
+    fused = backend.endswith("single-launch")  # the small-M kernels must honour the same fake impls
+    backend = backend.split()[0]
     device = kernel_device if backend == "triton" else torch.device("cpu")
     args = _op_args(device, backend, p)
-    torch.library.opcheck(torch.ops.peft_kernels.lora_fwd.default, args)
-    x, w, a, b, bias, s, p, seed, backend = args
-    y, u = torch.ops.peft_kernels.lora_fwd(*args)
-    dy = torch.randn_like(y)
-    for need_dx in (True, False):
-        torch.library.opcheck(torch.ops.peft_kernels.lora_bwd.default, (dy, x, w, a, b, u, s, p, seed, need_dx, backend))
+    override = dict(fused_max_m=64, fused_bwd_max_m=64) if fused else {}
+    with triton_lora.launch_override(**override):
+        torch.library.opcheck(torch.ops.peft_kernels.lora_fwd.default, args)
+        x, w, a, b, bias, s, p, seed, backend = args
+        y, u = torch.ops.peft_kernels.lora_fwd(*args)
+        dy = torch.randn_like(y)
+        for need_dx in (True, False):
+            torch.library.opcheck(torch.ops.peft_kernels.lora_bwd.default,
+                                  (dy, x, w, a, b, u, s, p, seed, need_dx, backend))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

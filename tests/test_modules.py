@@ -118,5 +118,7 @@ def test_info_reports_backends():
     assert cpu["backends"]["cuda"].startswith("unavailable: ")
     assert cpu["auto"]["lora_linear M=16"] == "torch" and cpu["auto"]["sparse_delta"] == "torch"
     assert info["auto_rules"]["lora_linear"] == [["cuda", 1024], ["triton", None]]
+    from peft_kernels.triton import lora as triton_lora
+    assert info["triton_paths"]["lora single-launch backward: M <="] == triton_lora.FUSED_BWD_MAX_M
     assert "cuda_extension" in info
     assert info["torch"] == torch.__version__
