@@ -30,6 +30,20 @@ def test_bench_ops_write_json_and_plot(op, extra, tmp_path, capsys):
     assert "floor" in capsys.readouterr().out
 
 
+def test_bench_qlora_decode_has_the_aligned_candidates(tmp_path, monkeypatch):
+    # the decode run (--forward-only) carries the 4-bit decode candidates beside the default path
+    from peft_kernels.bench import qlora
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(qlora, "DECODE_CANDIDATES", qlora.DECODE_CANDIDATES[:2])  # interpreted: slow
+    out = tmp_path / "decode.json"
+    assert main(["bench", "--op", "qlora", "--forward-only", "--reps", "1", "--shapes", "16x128x128",
+                 "--out", str(out)]) == 0
+    cases = {r["case"] for r in json.loads(out.read_text())["results"]}
+    assert {"peft_kernels matmul_4bit fused_aligned 16x16x4x4 (frozen NF4)",
+            "peft_kernels matmul_4bit fused_aligned 16x32x2x4 (frozen NF4)",
+            "peft_kernels quant_linear (frozen NF4)", "floor"} <= cases
+
+
 def test_bench_model_on_cpu(tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "model.json"

@@ -7,7 +7,7 @@ NF4Tensor (linear_nf4) plus the same eager LoRA, as torchtune runs QLoRA; peft_k
 qlora_linear; peft_kernels quant_linear (the frozen NF4 layer alone); and QLoRALinear over INT8
 (LLM.int8 layout) and INT4 (groups of 64) bases — qlora_linear's adapter kernels, the base by
 windows of decoded weight on cuBLAS. ``--forward-only`` times forwards only (the decode case: NF4 at M=16
-against bf16 F.linear).
+against bf16 F.linear), with the block-aligned 4-bit matmul's decode candidates beside the default path.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .. import backends
 from ..ops.qlora import qlora_linear
 from ..nn.qlora import QLoRALinear
 from ..ops.quant_linear import quant_linear
@@ -27,6 +28,7 @@ from .lora import ALPHA, P, RANK, _eager, _peft_layer
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (1024, 4096, 4096)]
 DECODE_SHAPES = [(16, 4096, 4096), (16, 4096, 14336)]
 CPU_SHAPES = [(64, 256, 192)]
+DECODE_CANDIDATES = [(16, 16, 4, 4), (16, 32, 2, 4), (16, 32, 4, 4), (16, 64, 4, 4)]  # BM, BN, NB, warps
 
 
 def _bnb_linear4bit(q, dtype):
@@ -103,6 +105,13 @@ def cases(M, K, N, device, dtype, forward_only=False):
             lambda: linear_nf4(x, ao_w) + s * F.linear(F.linear(F.dropout(x, P), a), b), [x, a, b])
     out["peft_kernels qlora p=0.05"] = step(lambda: qlora_linear(x, q, a, b, scaling=s, dropout_p=P), [x, a, b])
     out["peft_kernels quant_linear (frozen NF4)"] = step(lambda: quant_linear(x, q), [x])
+    if forward_only and backends.unavailable_reason("triton", x.device) is None:
+        # The decode candidates of the 4-bit matmul beside the default path (kernel level), so one
+        # run shows which one meets the decode goal (triton/quant_matmul.py, ALIGNED_TILES).
+        from ..triton.quant_matmul import matmul_4bit
+        for tiles in DECODE_CANDIDATES:
+            label = "peft_kernels matmul_4bit fused_aligned " + "x".join(map(str, tiles)) + " (frozen NF4)"
+            out[label] = lambda tiles=tiles: matmul_4bit(x, *q.parts(), path="fused_aligned", tiles=tiles)
     for quant in ("int8", "int4"):
         layer = _int_layer(w, a, b, quant)
         out[f"peft_kernels {quant.upper()} QLoRALinear p=0.05"] = step(lambda layer=layer: layer(x),
