@@ -60,9 +60,9 @@ def main():
             for be in (be for be, why in skipped.items() if not why):
                 cases[be] = fwd_bwd_step(lambda be=be: peft_kernels.lora_linear(
                     x, w, a, b, scaling=s, dropout_p=p, seed=3, backend=be), [x, a, b], dy, fo)
-            if M <= triton_lora.FUSED_FWD_LIMIT and "triton" in cases:
-                fused_fwd = dict(fused_max_m=triton_lora.FUSED_FWD_LIMIT)
-                fused_both = dict(fused_fwd, fused_bwd_max_m=triton_lora.FUSED_FWD_LIMIT)
+            if M <= triton_lora.FUSED_LIMIT and "triton" in cases:
+                fused_fwd = dict(fused_max_m=triton_lora.FUSED_LIMIT)
+                fused_both = dict(fused_fwd, fused_bwd_max_m=triton_lora.FUSED_LIMIT)
                 for name, override in (("triton fused-fwd", fused_fwd), ("triton fused fwd+bwd", fused_both)):
                     cases[name] = _under(override, fwd_bwd_step(lambda: peft_kernels.lora_linear(
                         x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="triton"), [x, a, b], dy, fo))

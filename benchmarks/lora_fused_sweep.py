@@ -55,7 +55,7 @@ def _sweep(rows, meta, cases, reference, fused, configs, override_keys, dev):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--ms", default="1,16,64")
+    ap.add_argument("--ms", default="1,16,64,256")
     ap.add_argument("--passes", default="fwd,bwd")
     ap.add_argument("--bn", default="16,32,64", help="forward: W rows per program")
     ap.add_argument("--bk", default="64,128,256", help="forward: reduction step")

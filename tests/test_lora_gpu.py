@@ -31,7 +31,8 @@ def test_triton_matches_oracle_at_real_sizes(M, K, N, r, dtype, p):
 
 @pytest.mark.parametrize("M,K,N,r,dtype", [(16, 4096, 4096, 16, torch.bfloat16), (37, 4095, 4097, 13, torch.bfloat16),
                                            (64, 2048, 3000, 64, torch.float16), (16, 1024, 1024, 256, torch.bfloat16),
-                                           (1, 4096, 14336, 16, torch.bfloat16)])
+                                           (1, 4096, 14336, 16, torch.bfloat16), (256, 4096, 4096, 16, torch.bfloat16),
+                                           (200, 4095, 4097, 13, torch.float16)])
 @pytest.mark.parametrize("p", [0.0, 0.05])
 def test_single_launch_kernels_match_oracle(M, K, N, r, dtype, p):
     """The small-M single-launch forward and backward (off by default until timed) compiled at
@@ -42,7 +43,7 @@ def test_single_launch_kernels_match_oracle(M, K, N, r, dtype, p):
         t.requires_grad_(True)
     grad_out = torch.randn(M, N, device="cuda").to(dtype)
     fn = lambda *t: peft_kernels.lora_linear(*t, scaling=2.0, dropout_p=p, seed=42, backend="triton")  # noqa: E731
-    with triton_lora.launch_override(fused_max_m=64, fused_bwd_max_m=64):
+    with triton_lora.launch_override(fused_max_m=256, fused_bwd_max_m=256):
         assert_close_to_oracle(fn, [x, w, a, b, bias], 2.0, p, 42, grad_out)
 
 

@@ -68,6 +68,7 @@ def test_triton_split_and_unsplit_reductions(sms, kernel_device):
 @pytest.mark.parametrize("lead,k,n,r,p,bias", [((1,), 37, 53, 5, 0.3, True),   # one row (decode)
                                                ((3, 7), 37, 53, 5, 0.0, False),
                                                ((64,), 71, 39, 17, 0.2, True),  # BM = 64, r padded to 32
+                                               ((5, 40), 37, 23, 5, 0.1, True),  # 200 rows: BM = 256, 8 warps
                                                ((9,), 16, 16, 1, 0.5, False)])  # K, N exactly one tile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_single_launch_forward(lead, k, n, r, p, bias, dtype, kernel_device):
@@ -75,7 +76,7 @@ def test_triton_single_launch_forward(lead, k, n, r, p, bias, dtype, kernel_devi
     16-wide tiles so N spans several programs (only the first writes u) and K several partial
     iterations; its u feeds the usual backward kernels."""
     from unittest import mock
-    with triton_lora.launch_override(fused_max_m=64, fused_bn=16, fused_bk=16), \
+    with triton_lora.launch_override(fused_max_m=256, fused_bn=16, fused_bk=16), \
             mock.patch.object(triton_lora, "fused_forward", wraps=triton_lora.fused_forward) as fused:
         _check("triton", kernel_device, dtype, lead, k, n, r, bias=bias, p=p)
     assert fused.call_count >= 1
@@ -84,6 +85,7 @@ def test_triton_single_launch_forward(lead, k, n, r, p, bias, dtype, kernel_devi
 @pytest.mark.parametrize("lead,k,n,r,p,bias", [((1,), 37, 53, 5, 0.3, True),   # 3 programs, 4 dB chunks (wraps)
                                                ((3, 7), 71, 39, 5, 0.0, False),  # 5 programs, 3 dB chunks
                                                ((64,), 71, 39, 17, 0.2, True),  # BM = 64, r padded to 32
+                                               ((5, 40), 37, 23, 5, 0.1, True),  # 200 rows: BM = 256, 8 warps
                                                ((9,), 16, 16, 1, 0.5, False)])  # K, N exactly one tile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fused_forward", [False, True])
@@ -92,24 +94,31 @@ def test_triton_single_launch_backward(lead, k, n, r, p, bias, dtype, fused_forw
     kernel), 16-wide tiles so several programs split dX's columns and share out dB's row chunks,
     after either forward; every gradient against the float64 oracle."""
     from unittest import mock
-    forward = dict(fused_max_m=64, fused_bn=16, fused_bk=16) if fused_forward else {}
-    with triton_lora.launch_override(fused_bwd_max_m=64, fused_bwd_bn=16, fused_bwd_bk=16, **forward), \
+    forward = dict(fused_max_m=256, fused_bn=16, fused_bk=16) if fused_forward else {}
+    with triton_lora.launch_override(fused_bwd_max_m=256, fused_bwd_bn=16, fused_bwd_bk=16, **forward), \
             mock.patch.object(triton_lora, "fused_backward", wraps=triton_lora.fused_backward) as fused:
         _check("triton", kernel_device, dtype, lead, k, n, r, bias=bias, p=p)
     assert fused.call_count >= 1
 
 
 def test_triton_single_launch_backward_only_with_dx_and_small_m():
+    limit = triton_lora.FUSED_LIMIT
     with triton_lora.launch_override(fused_bwd_max_m=10**6):
-        assert triton_lora.use_fused_backward(64, True) and not triton_lora.use_fused_backward(65, True)
-        assert not triton_lora.use_fused_backward(16, False)  # no dx wanted: W need not be read
-    assert not triton_lora.use_fused_backward(16, True)  # off by default until timed
+        assert triton_lora.use_fused_backward(limit, 16, True)
+        assert not triton_lora.use_fused_backward(limit + 1, 16, True)
+        assert not triton_lora.use_fused_backward(16, 16, False)  # no dx wanted: W need not be read
+        # the [rows, rank] accumulators bound rows x rank: r=256 only up to 64 rows
+        assert triton_lora.use_fused_backward(64, 256, True) and not triton_lora.use_fused_backward(65, 256, True)
+    assert not triton_lora.use_fused_backward(16, 16, True)  # off by default until timed
 
 
 def test_triton_single_launch_forward_off_above_its_limit():
+    limit = triton_lora.FUSED_LIMIT
     with triton_lora.launch_override(fused_max_m=10**6):
-        assert triton_lora.use_fused_forward(64) and not triton_lora.use_fused_forward(65)
-    assert not triton_lora.use_fused_forward(0)
+        assert triton_lora.use_fused_forward(limit, 64) and not triton_lora.use_fused_forward(limit + 1, 64)
+        assert not triton_lora.use_fused_forward(limit, 65)  # padded to 128: rows x rank too large
+        assert not triton_lora.use_fused_forward(0, 16)
+    assert not triton_lora.use_fused_forward(16, 16)  # off by default until timed
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +135,7 @@ def test_noncontiguous_inputs(backend, kernel_device):
     grad_out = torch.randn(2, 11, n, device=device)
     assert_close_to_oracle(_fn(backend, 1.5, 0.2, 7), [x, w, a, b, None], 1.5, 0.2, 7, grad_out)
     if backend == "triton":  # the single-launch forward and backward read the same strides
-        with triton_lora.launch_override(fused_max_m=64, fused_bn=16, fused_bk=16, fused_bwd_max_m=64,
+        with triton_lora.launch_override(fused_max_m=256, fused_bn=16, fused_bk=16, fused_bwd_max_m=256,
                                          fused_bwd_bn=16, fused_bwd_bk=16):
             assert_close_to_oracle(_fn(backend, 1.5, 0.2, 7), [x, w, a, b, None], 1.5, 0.2, 7, grad_out)
 
@@ -142,7 +151,7 @@ def test_expanded_grad_output(backend, kernel_device):
     xs = [t.detach().clone().requires_grad_() for t in (x, a, b)]
     from helpers import eager_lora
     eager_lora(xs[0], w, xs[1], xs[2], bias, 2.0, 0.1, 5).sum().backward()
-    fused = [{}] if backend == "torch" else [{}, dict(fused_max_m=64, fused_bwd_max_m=64, fused_bwd_bn=16,
+    fused = [{}] if backend == "torch" else [{}, dict(fused_max_m=256, fused_bwd_max_m=256, fused_bwd_bn=16,
                                                          fused_bwd_bk=16)]
     for override in fused:  # triton: the tiled and the single-launch kernels
         x.grad = a.grad = b.grad = None

@@ -23,7 +23,7 @@ def test_opcheck(backend, p, kernel_device):
     backend = backend.split()[0]
     device = kernel_device if backend == "triton" else torch.device("cpu")
     args = _op_args(device, backend, p)
-    override = dict(fused_max_m=64, fused_bwd_max_m=64) if fused else {}
+    override = dict(fused_max_m=256, fused_bwd_max_m=256) if fused else {}
     with triton_lora.launch_override(**override):
         torch.library.opcheck(torch.ops.peft_kernels.lora_fwd.default, args)
         x, w, a, b, bias, s, p, seed, backend = args

@@ -172,10 +172,10 @@ def _lora_scenarios(dtype, quick):
                 y, u = L.lora_forward(x, w, a, b, bias, 2.0, p, seed)
                 L.lora_backward(y, x, w, a, b, u, 2.0, p, seed, True)
                 L.lora_backward(y, x, w, a, b, u, 2.0, p, seed, False)
-                if x.shape[0] <= L.FUSED_FWD_LIMIT:
-                    for m in (1, 16, L.FUSED_FWD_LIMIT):
+                if x.shape[0] <= L.FUSED_LIMIT:
+                    for m in (1, 16, 64, L.FUSED_LIMIT):
                         xm, ym = x[:1].expand(m, -1).contiguous(), y[:1].expand(m, -1).contiguous()
-                        with L.launch_override(fused_max_m=L.FUSED_FWD_LIMIT, fused_bwd_max_m=L.FUSED_FWD_LIMIT):
+                        with L.launch_override(fused_max_m=L.FUSED_LIMIT, fused_bwd_max_m=L.FUSED_LIMIT):
                             L.lora_forward(xm, w, a, b, bias, 2.0, p, seed)
                             L.lora_forward(xm, w, a, b, None, 2.0, p, seed)
                             L.lora_backward(ym, xm, w, a, b, u[:1].expand(m, -1).contiguous(), 2.0, p, seed, True)

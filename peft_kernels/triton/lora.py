@@ -380,53 +380,69 @@ def _tiles(kind: str, br: int, dropout: bool = False) -> tuple[int, int, int]:
             _OVERRIDE.get(f"{kind}_warps", default[2]))
 
 
-# The single-launch forward runs for M <= FUSED_FWD_MAX_M. 0 (off) until it has been timed against
-# the three-launch path on a GPU (benchmarks/bench_lora_backends.py, "triton fused-fwd" rows):
-# it is interpreter-tested, never measured. launch_override(fused_max_m=...) turns it on.
+# The single-launch kernels run for M <= FUSED_FWD_MAX_M / FUSED_BWD_MAX_M. 0 (off) until timed
+# against the tiled paths on a GPU (benchmarks/lora_fused_sweep.py; bench_lora_backends.py, "triton
+# fused" rows): they are interpreter-tested and compiled, never measured.
+# launch_override(fused_max_m=..., fused_bwd_max_m=...) turns them on.
 FUSED_FWD_MAX_M = 0
-FUSED_FWD_LIMIT = 64  # BM = M padded to a power of two >= 16; larger M belongs to the tiled path
+FUSED_BWD_MAX_M = 0
+# One row tile covers M (BM = M padded to a power of two >= 16), so M is bounded; up to 256 (the
+# short-sequence case of #3), beyond which the tiled kernels and cuBLAS take over. The [BM, rank]
+# accumulators (u, v) bound BM x padded rank as well: at 256 x 256 no GPU's shared memory holds
+# the kernels' tiles even at one pipeline stage (compile_check found it), so larger products
+# take the tiled path.
+FUSED_LIMIT = 256
+FUSED_ROWS_X_RANK = 64 * 256
 
 
-def _fused_fwd_tiles(M: int, N: int, br: int, sms: int) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_stages) of the single-launch forward: one row tile covering M, and
-    BN chosen so that the N/BN programs fill about two waves (the kernel is bound by reading W).
-    Ranks above 64 halve BK: the A tile [BK, rank] dominates shared memory there."""
+def _fused_rows(M: int) -> tuple[int, int]:
+    """(BM, num_warps) of the single-launch kernels: BM covers M; 8 warps from 128 rows on, so
+    the [BM, BN] accumulator stays near 64 fp32 registers a thread."""
     bm = max(16, triton.next_power_of_2(M))
+    return bm, 4 if bm <= 64 else 8
+
+
+def _fused_fwd_tiles(M: int, N: int, br: int, sms: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_stages, num_warps) of the single-launch forward: one row tile covering M,
+    and BN chosen so that the N/BN programs fill about two waves (the kernel is bound by reading
+    W). Ranks above 64, or 128 rows and more, halve BK: the A tile [BK, rank] or the x tile
+    [BM, BK] dominates shared memory there."""
+    bm, warps = _fused_rows(M)
     bn = 16
     while bn < 64 and triton.cdiv(N, bn * 2) >= 2 * sms:
         bn *= 2
-    bk = 128 if br <= 64 else 64
-    return (bm, _OVERRIDE.get("fused_bn", bn), _OVERRIDE.get("fused_bk", bk), _OVERRIDE.get("fused_stages", 3))
+    bk = 128 if br <= 64 and bm <= 64 else 64
+    return (bm, _OVERRIDE.get("fused_bn", bn), _OVERRIDE.get("fused_bk", bk), _OVERRIDE.get("fused_stages", 3),
+            warps)
 
 
-def use_fused_forward(M: int) -> bool:
-    """Whether lora_forward takes the single-launch path for M rows."""
-    return 0 < M <= min(_OVERRIDE.get("fused_max_m", FUSED_FWD_MAX_M), FUSED_FWD_LIMIT)
+def _fused_fits(M: int, r: int, limit: int) -> bool:
+    return 0 < M <= min(limit, FUSED_LIMIT) and _fused_rows(M)[0] * _padded_rank(r) <= FUSED_ROWS_X_RANK
 
 
-# The single-launch backward runs for M <= FUSED_BWD_MAX_M (and when dx is wanted). 0 (off) until
-# timed against the dy / dx / cuBLAS path on a GPU (benchmarks/lora_fused_sweep.py,
-# bench_lora_backends.py "triton fused" rows); launch_override(fused_bwd_max_m=...) turns it on.
-FUSED_BWD_MAX_M = 0
+def use_fused_forward(M: int, r: int) -> bool:
+    """Whether lora_forward takes the single-launch path for M rows at rank r."""
+    return _fused_fits(M, r, _OVERRIDE.get("fused_max_m", FUSED_FWD_MAX_M))
 
 
-def _fused_bwd_tiles(M: int, K: int, br: int, sms: int) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, num_stages) of the single-launch backward: one row tile covering M; BK (the
-    dX columns a program owns) halved down to 16 until the K/BK programs fill about two waves
-    (the kernel is bound by reading W); the reduction step BN shrinks with the rank, whose
-    [BN, rank] tile of B is staged beside W's."""
-    bm = max(16, triton.next_power_of_2(M))
+def _fused_bwd_tiles(M: int, K: int, br: int, sms: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_stages, num_warps) of the single-launch backward: one row tile covering
+    M; BK (the dX columns a program owns) halved down to 16 until the K/BK programs fill about
+    two waves (the kernel is bound by reading W); the reduction step BN shrinks with the rank,
+    whose [BN, rank] tile of B is staged beside W's, and with 128 rows and more (the dY tile)."""
+    bm, warps = _fused_rows(M)
     bk = 64
     while bk > 16 and triton.cdiv(K, bk) < 2 * sms:
         bk //= 2
     bn = 128 if br <= 32 else 64 if br <= 64 else 32
+    bn = min(bn, 64) if bm >= 128 else bn
     return (bm, _OVERRIDE.get("fused_bwd_bn", bn), _OVERRIDE.get("fused_bwd_bk", bk),
-            _OVERRIDE.get("fused_bwd_stages", 3))
+            _OVERRIDE.get("fused_bwd_stages", 3), warps)
 
 
-def use_fused_backward(M: int, need_dx: bool) -> bool:
-    """Whether lora_backward takes the single-launch path for M rows."""
-    return need_dx and 0 < M <= min(_OVERRIDE.get("fused_bwd_max_m", FUSED_BWD_MAX_M), FUSED_FWD_LIMIT)
+def use_fused_backward(M: int, r: int, need_dx: bool) -> bool:
+    """Whether lora_backward takes the single-launch path for M rows at rank r."""
+    return need_dx and _fused_fits(M, r, _OVERRIDE.get("fused_bwd_max_m", FUSED_BWD_MAX_M))
 
 
 def _padded_rank(r: int) -> int:
@@ -448,7 +464,7 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     seed int64 tensor [1] | None. Returns (y [M, N] in x.dtype, u [M, r] fp32)."""
     if degenerate(x, lora_B):
         return reference.lora_forward(x, weight, lora_A, lora_B, bias, scaling, 0.0, None)
-    if use_fused_forward(x.shape[0]):
+    if use_fused_forward(x.shape[0], lora_A.shape[0]):
         return fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
     y, u = adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed)
     return y.addmm_(x, weight.t()), u
@@ -458,7 +474,7 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed
     """Returns (dx [M, K] or an empty tensor, d lora_A [r, K], d lora_B [N, r])."""
     if degenerate(x, lora_B):
         return reference.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, 0.0, None, need_dx)
-    if use_fused_backward(x.shape[0], need_dx):
+    if use_fused_backward(x.shape[0], lora_A.shape[0], need_dx):
         return fused_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed)
     d, grad_A, grad_B = adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
     if need_dx:
@@ -467,12 +483,12 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed
 
 
 def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    """lora_forward in one launch for small M (<= FUSED_FWD_LIMIT rows): same contract,
+    """lora_forward in one launch for small M (<= FUSED_LIMIT rows): same contract,
     (y [M, N] in x.dtype, u [M, r] fp32)."""
     M, K = x.shape
     N, R = lora_B.shape
     BR = _padded_rank(R)
-    bm, bn, bk, stages = _fused_fwd_tiles(M, N, BR, _sm_count(x.device))
+    bm, bn, bk, stages, warps = _fused_fwd_tiles(M, N, BR, _sm_count(x.device))
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
     launch(
@@ -483,19 +499,19 @@ def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         scaling, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         HAS_DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BM=bm, BN=bn, BK=bk, BR=BR, num_warps=4, num_stages=stages,
+        BM=bm, BN=bn, BK=bk, BR=BR, num_warps=warps, num_stages=stages,
     )
     return y, u
 
 
 def fused_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed):
-    """lora_backward (with dx) in one launch for small M (<= FUSED_FWD_LIMIT rows): same
+    """lora_backward (with dx) in one launch for small M (<= FUSED_LIMIT rows): same
     contract, (dx [M, K], d lora_A [r, K], d lora_B [N, r]); no workspace to zero, no atomics,
     the adapter gradients written in their dtype."""
     M, K = x.shape
     N, R = lora_B.shape
     BR = _padded_rank(R)
-    bm, bn, bk, stages = _fused_bwd_tiles(M, K, BR, _sm_count(x.device))
+    bm, bn, bk, stages, warps = _fused_bwd_tiles(M, K, BR, _sm_count(x.device))
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
     grad_A = torch.empty((R, K), dtype=lora_A.dtype, device=x.device)
     grad_B = torch.empty((N, R), dtype=lora_B.dtype, device=x.device)
@@ -507,7 +523,7 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, see
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), dx.stride(0), dx.stride(1),
         scaling, keep_threshold(dropout_p), scaling / (1.0 - dropout_p),
         HAS_DROPOUT=dropout_p > 0.0, IEEE=x.dtype == torch.float32,
-        BM=bm, BN=bn, BK=bk, BR=BR, num_warps=4, num_stages=stages,
+        BM=bm, BN=bn, BK=bk, BR=BR, num_warps=warps, num_stages=stages,
     )
     return dx, grad_A, grad_B
 
