@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import peft_kernels
 from peft_kernels.triton import lora as triton_lora
-from peft_kernels.bench.harness import Progress, environment, fwd_bwd_step, markdown_table, time_ms, \
-    time_ms_graphed, write_json
+from peft_kernels.bench.harness import Progress, add_device_argument, device_and_dtype, environment, fwd_bwd_step, \
+    markdown_table, time_ms, time_ms_graphed, write_json
 
 
 def _under(override, step):
@@ -32,12 +32,10 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--ms", default="16,64,256,1024,8192")
     ap.add_argument("--kn", default="4096x4096", help="in x out features")
-    ap.add_argument("--device", default="cuda", help="cpu runs the triton backend interpreted "
-                    "(TRITON_INTERPRET=1): a smoke test of this script, not a measurement")
+    add_device_argument(ap)
     args = ap.parse_args()
-    dev = torch.device(args.device)
+    dev, dtype = device_and_dtype(args.device)
     K, N = (int(v) for v in args.kn.split("x"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the interpreter mishandles bf16
     skipped = {be: peft_kernels.backends.unavailable_reason(be, dev) for be in ("triton", "cuda")}
     for be, why in skipped.items():
         if why:

@@ -17,7 +17,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from peft_kernels.bench.harness import Progress, environment, markdown_table, time_ms, time_ms_graphed, write_json
+from peft_kernels.bench.harness import Progress, add_device_argument, device_and_dtype, environment, markdown_table, \
+    time_ms, time_ms_graphed, write_json
 from peft_kernels.triton import lora as tl_lora
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -64,10 +65,9 @@ def main():
     ap.add_argument("--bwd-bn", default="32,64,128", help="backward: reduction step over N")
     ap.add_argument("--bwd-bk", default="16,32,64", help="backward: dX columns per program")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN list")
-    ap.add_argument("--device", default="cuda")
+    add_device_argument(ap)
     args = ap.parse_args()
-    dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dev, dtype = device_and_dtype(args.device)
     shapes = [tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")] if args.shapes else SHAPES
     passes = args.passes.split(",")
     r, p, s = 16, 0.05, 2.0

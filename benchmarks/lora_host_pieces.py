@@ -72,7 +72,8 @@ def main():
          lambda: (reset(), _LoRAFunction.apply(xg, w, ag, bg, None, 2.0, 0.05, seed, "triton").backward(dy))),
         ("Function fwd+bwd (grads accumulate)",
          lambda: _LoRAFunction.apply(xg, w, ag, bg, None, 2.0, 0.05, seed, "triton").backward(dy)),
-        ("lora_linear fwd+bwd", lambda: (reset(), lora_linear(xg, w, ag, bg, scaling=2.0, dropout_p=0.05).backward(dy))),
+        ("lora_linear fwd+bwd",
+         lambda: (reset(), lora_linear(xg, w, ag, bg, scaling=2.0, dropout_p=0.05).backward(dy))),
         ("eager LoRA fwd+bwd", lambda: (reset(), (F.linear(xg, w) + 2.0 * F.linear(
             F.linear(F.dropout(xg, 0.05), ag), bg)).backward(dy))),
         ("frozen F.linear fwd+bwd", lambda: (reset(), F.linear(xg, w).backward(dy))),

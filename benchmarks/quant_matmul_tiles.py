@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from peft_kernels.bench.harness import Progress, environment, time_ms, write_json
+from peft_kernels.bench.harness import Progress, add_device_argument, device_and_dtype, environment, time_ms, write_json
 from peft_kernels.quant import NF4Weight
 from peft_kernels.triton import quant_matmul as qm
 
@@ -34,11 +34,9 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--ms", default="16,256,1024,8192")
     ap.add_argument("--nk", default="4096x4096", help="the weight's out x in")
-    ap.add_argument("--device", default="cuda", help="cpu runs the kernels interpreted (TRITON_INTERPRET=1): "
-                    "a smoke test of this script, not a measurement")
+    add_device_argument(ap)
     args = ap.parse_args()
-    dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the interpreter mishandles bf16
+    dev, dtype = device_and_dtype(args.device)
     torch.manual_seed(0)
     N, K = (int(v) for v in args.nk.split("x"))
     q = NF4Weight.from_float(torch.randn(N, K, device=dev, dtype=dtype) * 0.02, double_quant=True)

@@ -61,6 +61,19 @@ def time_ms(fn, device: torch.device, warmup: int = 5, reps: int = 25) -> float:
     return statistics.median(times)
 
 
+def add_device_argument(parser) -> None:
+    """--device for the GPU sweep scripts; cpu is their smoke run (tests/test_benchmark_scripts.py)."""
+    parser.add_argument("--device", default="cuda", help="cpu runs the Triton kernels interpreted "
+                        "(TRITON_INTERPRET=1): a smoke run of the script, not a measurement")
+
+
+def device_and_dtype(name: str) -> tuple[torch.device, torch.dtype]:
+    """A sweep script's device and dtype: bf16 on a GPU; fp32 elsewhere, since the Triton
+    interpreter mishandles bf16 (its tl.dot returns garbage and its casts to bf16 truncate)."""
+    device = torch.device(name)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def host_us(fn, n: int = 300) -> float:
     """Host (CPU) microseconds to issue one fn() call, median over ``n`` calls, each started with
     the device idle: the launch queue never fills, so the figure never includes waiting on the
