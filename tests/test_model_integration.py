@@ -200,3 +200,41 @@ def test_patched_llama_matches_unpatched(dtype, use_dora):
     assert g0.keys() == g1.keys() and len(g0) == (42 if use_dora else 28)
     for n in g0:
         assert torch.allclose(g1[n], g0[n], **tol), n
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_gpt2_conv1d_layers_patched_match_unpatched(use_dora):
+    """GPT-2 keeps its projections in transformers' Conv1D ([in, out] weights; PEFT sets
+    fan_in_fan_out): patched, they run the fused op on a transposed view of the weight, with
+    outputs and every gradient equal to PEFT's own forward (LoRA and DoRA)."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+        use_dora=use_dora))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = _ids(2, 9)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), _lora_grads(model)
+
+    logits0, grads0 = run()
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 8 and not report.skipped, str(report)  # c_attn, attn c_proj, c_fc, mlp c_proj
+    from unittest import mock
+
+    from peft_kernels.integrations import peft as integration
+    op = "dora_linear" if use_dora else "lora_linear"
+    with mock.patch.object(integration, op, wraps=getattr(integration, op)) as fused:
+        logits1, grads1 = run()
+    assert fused.call_count == 8  # every adapted layer ran the fused op, none fell back to PEFT's
+    assert torch.allclose(logits1, logits0, atol=1e-5)
+    assert grads1.keys() == grads0.keys() and len(grads0) == 8 * (3 if use_dora else 2)
+    for n in grads0:
+        assert torch.allclose(grads1[n], grads0[n], rtol=1e-4, atol=1e-6), n

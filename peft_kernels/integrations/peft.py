@@ -1,6 +1,7 @@
 """Accelerate an HF PEFT model in place: route its LoRA Linear layers through lora_linear
 (dora_linear for DoRA adapters, qlora_linear over a quantized bitsandbytes Linear4bit base,
-whose packed bytes are read as they are).
+whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
+their [in, out] weight).
 
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` that calls the
 fused op and keeps PEFT's own forward for the states it does not fuse (adapters disabled, merged,
@@ -33,6 +34,14 @@ def _bnb_4bit_format(base):
     qs = getattr(base.weight, "quant_state", None)
     return _BNB_FORMATS.get(qs.quant_type) if qs is not None else None
 
+
+
+def _is_conv1d(base) -> bool:
+    """transformers' Conv1D (GPT-2 family): y = x @ W + b with W stored [in, out]; its W.T is the
+    [out, in] weight the fused ops take (a transposed view, no copy)."""
+    return type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers")
+
+
 _ORIGINAL = "_peft_kernels_original_forward"
 
 
@@ -54,10 +63,12 @@ def _static_reason(layer) -> str | None:
     """Why this PEFT LoRA layer cannot be fused at all (None if it can)."""
     base = layer.get_base_layer()
     four_bit = _bnb_4bit_format(base) is not None
-    if type(base) is not nn.Linear and not four_bit:
-        return f"base layer is {type(base).__name__}, not nn.Linear or a quantized bnb Linear4bit"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (Conv1D-style weights) is not supported yet"
+    conv1d = _is_conv1d(base)
+    if type(base) is not nn.Linear and not four_bit and not conv1d:
+        return f"base layer is {type(base).__name__}, not nn.Linear, transformers' Conv1D or a quantized bnb Linear4bit"
+    if bool(getattr(layer, "fan_in_fan_out", False)) != conv1d:  # PEFT sets it from the base type
+        return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} does not match the base layer "
+                f"{type(base).__name__}'s weight layout")
     for name in layer.lora_A:
         variant = getattr(layer, "lora_variant", {}).get(name)
         if variant is not None and type(variant).__name__ != "DoraLinearVariant":
@@ -98,7 +109,7 @@ def _fused_forward(layer, original):
             else:
                 y = qlora_linear(*args4, bias, **op_kwargs)
             return y.to(x.dtype)
-        weight, bias = base.weight, base.bias
+        weight, bias = (base.weight.t() if _is_conv1d(base) else base.weight), base.bias
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight = x.to(dtype), weight.to(dtype)
