@@ -28,8 +28,12 @@ def _targets(op: str, model: nn.Module, target_modules):
     else:
         chosen = [n for n in names if _matches(n, target_modules)]
     if not chosen:
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"
+                  and target_modules != "all-linear" and _matches(n, target_modules)]
+        hint = (f"; {conv1d[:3]} are transformers Conv1D layers (GPT-2 style), which apply_lora does not "
+                "replace: put HF PEFT's LoRA on them and call peft_kernels.patch_peft_model") if conv1d else ""
         raise ValueError(f"{op}: no nn.Linear matches target_modules={target_modules!r}; "
-                         f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}")
+                         f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}{hint}")
     for p in model.parameters():
         p.requires_grad_(False)
     out = []

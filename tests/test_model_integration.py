@@ -238,3 +238,9 @@ def test_gpt2_conv1d_layers_patched_match_unpatched(use_dora):
     assert grads1.keys() == grads0.keys() and len(grads0) == 8 * (3 if use_dora else 2)
     for n in grads0:
         assert torch.allclose(grads1[n], grads0[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_apply_lora_on_gpt2_conv1d_says_what_to_do():
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=1, n_head=4)
+    with pytest.raises(ValueError, match="Conv1D layers.*patch_peft_model"):
+        peft_kernels.apply_lora(transformers.GPT2LMHeadModel(cfg), ["c_attn"])
