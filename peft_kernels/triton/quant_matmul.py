@@ -212,8 +212,9 @@ def _matmul_4bit_aligned_kernel(
                 stride_op, HAS_C, HAS_BIAS)
 
 
-# BM, BN, NB (forward: quantization blocks per reduction step), num_warps: a candidate for small M,
-# to be measured (benchmarks/quant_matmul_tiles.py sweeps BN and NB).
+# BM, BN, NB (forward: quantization blocks per reduction step, capped at 256 weights a step),
+# num_warps: a candidate for small M, to be measured (benchmarks/quant_matmul_tiles.py sweeps BN
+# and NB).
 ALIGNED_TILES = (16, 64, 1, 4)
 
 
@@ -313,7 +314,9 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
         if K % blocksize:
             raise ValueError(f"matmul_4bit: path 'fused_aligned' needs in_features % blocksize == 0 ({K} % {blocksize})")
         bm, bn, nb, warps = tiles or ALIGNED_TILES
-        nb = 1 if transpose else nb
+        # NB blocks a step, at most 256 weights: larger blocksizes fill a step alone (NB = 4 at
+        # blocksize 256 in fp32 needs more shared memory than any GPU has, even at one stage)
+        nb = 1 if transpose else max(1, min(nb, 256 // blocksize))
         nested = absmax2 is not None
         grid = (triton.cdiv(M, bm), triton.cdiv(P, blocksize if transpose else bn))
         launch(
