@@ -22,14 +22,27 @@ def _peft_llama(dropout=0.1, seed=0):
     model = peft.get_peft_model(_llama(seed), peft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    return _trained_adapters(model)
+
+
+def _trained_adapters(model, std=0.05):
+    """lora_B drawn at random: a trained adapter, not PEFT's zero init (which hides B's grads)."""
     for n, p in model.named_parameters():
         if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+            torch.nn.init.normal_(p, std=std)
     return model
 
 
 def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _lm_step(model, ids):
+    """(logits, adapter grads) of one causal-LM loss backward from zeroed grads."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), _lora_grads(model)
 
 
 def _ids(batch=2, seq=11, seed=1):
@@ -150,9 +163,7 @@ def test_real_pretrained_minilm_patched_matches_unpatched():
     model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                       target_modules=["query", "key", "value", "dense"]))
     torch.manual_seed(0)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
+    _trained_adapters(model, std=0.02)
     batch = tok(["Sparse deltas and low-rank adapters.", "A frozen base, a small trained delta."],
                 return_tensors="pt", padding=True)
 
@@ -181,20 +192,11 @@ def test_patched_llama_matches_unpatched(dtype, use_dora):
     model = peft.get_peft_model(_llama().to(dtype), peft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, use_dora=use_dora,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    _trained_adapters(model)
     ids = _ids()
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        return out.logits.detach(), _lora_grads(model)
-
-    y0, g0 = run()
+    y0, g0 = _lm_step(model, ids)
     assert len(peft_kernels.patch_peft_model(model).patched) == 14
-    y1, g1 = run()
+    y1, g1 = _lm_step(model, ids)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     assert torch.allclose(y1, y0, **tol)
     assert g0.keys() == g1.keys() and len(g0) == (42 if use_dora else 28)
@@ -213,18 +215,9 @@ def test_gpt2_conv1d_layers_patched_match_unpatched(use_dora):
     model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
         use_dora=use_dora))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    _trained_adapters(model)
     ids = _ids(2, 9)
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        return out.logits.detach(), _lora_grads(model)
-
-    logits0, grads0 = run()
+    logits0, grads0 = _lm_step(model, ids)
     report = peft_kernels.patch_peft_model(model)
     assert len(report.patched) == 8 and not report.skipped, str(report)  # c_attn, attn c_proj, c_fc, mlp c_proj
     from unittest import mock
@@ -232,7 +225,7 @@ def test_gpt2_conv1d_layers_patched_match_unpatched(use_dora):
     from peft_kernels.integrations import peft as integration
     op = "dora_linear" if use_dora else "lora_linear"
     with mock.patch.object(integration, op, wraps=getattr(integration, op)) as fused:
-        logits1, grads1 = run()
+        logits1, grads1 = _lm_step(model, ids)
     assert fused.call_count == 8  # every adapted layer ran the fused op, none fell back to PEFT's
     assert torch.allclose(logits1, logits0, atol=1e-5)
     assert grads1.keys() == grads0.keys() and len(grads0) == 8 * (3 if use_dora else 2)
