@@ -32,9 +32,9 @@ def test_bench_ops_write_json_and_plot(op, extra, tmp_path, capsys):
 
 def test_bench_qlora_decode_has_the_aligned_candidates(tmp_path, monkeypatch):
     # the decode run (--forward-only) carries the 4-bit decode candidates beside the default path
-    from peft_kernels.bench import qlora
+    from peft_kernels.triton import quant_matmul
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(qlora, "DECODE_CANDIDATES", qlora.DECODE_CANDIDATES[:2])  # interpreted: slow
+    monkeypatch.setattr(quant_matmul, "DECODE_CANDIDATES", quant_matmul.DECODE_CANDIDATES[:2])  # interpreted: slow
     out = tmp_path / "decode.json"
     assert main(["bench", "--op", "qlora", "--forward-only", "--reps", "1", "--shapes", "16x128x128",
                  "--out", str(out)]) == 0

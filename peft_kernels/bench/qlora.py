@@ -28,7 +28,6 @@ from .lora import ALPHA, P, RANK, _eager, _peft_layer
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (1024, 4096, 4096)]
 DECODE_SHAPES = [(16, 4096, 4096), (16, 4096, 14336)]
 CPU_SHAPES = [(64, 256, 192)]
-DECODE_CANDIDATES = [(16, 16, 4, 4), (16, 32, 2, 4), (16, 32, 4, 4), (16, 64, 4, 4)]  # BM, BN, NB, warps
 
 
 def _bnb_linear4bit(q, dtype):
@@ -108,7 +107,7 @@ def cases(M, K, N, device, dtype, forward_only=False):
     if forward_only and backends.unavailable_reason("triton", x.device) is None:
         # The decode candidates of the 4-bit matmul beside the default path (kernel level), so one
         # run shows which one meets the decode goal (triton/quant_matmul.py, ALIGNED_TILES).
-        from ..triton.quant_matmul import matmul_4bit
+        from ..triton.quant_matmul import DECODE_CANDIDATES, matmul_4bit
         for tiles in DECODE_CANDIDATES:
             label = "peft_kernels matmul_4bit fused_aligned " + "x".join(map(str, tiles)) + " (frozen NF4)"
             out[label] = lambda tiles=tiles: matmul_4bit(x, *q.parts(), path="fused_aligned", tiles=tiles)

@@ -35,7 +35,6 @@ def _bnb_4bit_format(base):
     return _BNB_FORMATS.get(qs.quant_type) if qs is not None else None
 
 
-
 def _is_conv1d(base) -> bool:
     """transformers' Conv1D (GPT-2 family): y = x @ W + b with W stored [in, out]; its W.T is the
     [out, in] weight the fused ops take (a transposed view, no copy)."""

@@ -204,7 +204,7 @@ def _quant_scenarios(dtype, quick):
                 bias = _meta(N, dtype=dtype)
                 Q.matmul_4bit(x, *parts, bs, (N, K), path=path)
                 if path == "fused_aligned" and M == 16:  # the decode candidates swept on a GPU
-                    for tiles in ((16, 16, 4, 4), (16, 32, 4, 4), (16, 64, 4, 4)):
+                    for tiles in Q.DECODE_CANDIDATES:
                         Q.matmul_4bit(x, *parts, bs, (N, K), path=path, tiles=tiles)
                 Q.matmul_4bit(x, *parts, bs, (N, K), bias=bias, c=_meta(M, N, dtype=dtype), path=path)
                 Q.matmul_4bit(dy, *parts, bs, (N, K), transpose=True, c=_meta(M, K, dtype=dtype), path=path)

@@ -216,6 +216,9 @@ def _matmul_4bit_aligned_kernel(
 # num_warps: a candidate for small M, to be measured (benchmarks/quant_matmul_tiles.py sweeps BN
 # and NB).
 ALIGNED_TILES = (16, 64, 1, 4)
+# The decode-sized (M = 16) candidates timed beside the default by `bench --op qlora --forward-only`
+# and compiled by compile_check: more programs (BN 16/32) and more bytes in flight (NB 2/4).
+DECODE_CANDIDATES = [(16, 16, 4, 4), (16, 32, 2, 4), (16, 32, 4, 4), (16, 64, 4, 4)]
 
 
 @triton.jit
