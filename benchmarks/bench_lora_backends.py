@@ -1,6 +1,6 @@
 """The LoRA op's backends side by side (triton vs cuda vs the frozen floor), fwd+bwd and forward
 only, bf16, r=16, p=0.05, over M; the JSON backs backend="auto"'s rule (backends.py). For
-M <= 64 it adds "triton fused-fwd" and "triton fused fwd+bwd": the Triton backend with its
+M <= FUSED_LIMIT (256) it adds "triton fused-fwd" and "triton fused fwd+bwd": the Triton backend with its
 single-launch forward (and backward) turned on (triton/lora.py, FUSED_FWD_MAX_M / FUSED_BWD_MAX_M,
 off by default until these rows say they win).
 
