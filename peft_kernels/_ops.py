@@ -35,6 +35,85 @@ def _lora_bwd_fake(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, see
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+# DoRA (dense base): mn = magnitude / ‖W + s·BA‖_row in the accumulation dtype; w [M, N] is saved
+# for the magnitude's gradient (peft_kernels/reference/dora.py).
+LIB.define(
+    "dora_fwd(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor mn, Tensor? bias, float scaling, "
+    "float dropout_p, Tensor? seed, str backend) -> (Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "dora_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, Tensor w, "
+    "Tensor mn, float scaling, float dropout_p, Tensor? seed, bool need_dx, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("peft_kernels::dora_fwd")
+def _dora_fwd_fake(x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend):
+    return _dora_fwd_outputs(x, weight.shape, lora_A)
+
+
+@torch.library.register_fake("peft_kernels::dora_bwd")
+def _dora_bwd_fake(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx, backend):
+    return _dora_bwd_outputs(x, lora_A, lora_B, mn, need_dx)
+
+
+# DoRA over a quantized base: the 4-bit weight as in qlora_fwd, INT8/INT4 as in intq_lora_fwd.
+LIB.define(
+    "qdora_fwd(Tensor x, Tensor[] qweight, int blocksize, int[] shape, Tensor lora_A, Tensor lora_B, Tensor mn, "
+    "Tensor? bias, float scaling, float dropout_p, Tensor? seed, str backend) -> (Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "qdora_bwd(Tensor grad_y, Tensor x, Tensor[] qweight, int blocksize, int[] shape, Tensor lora_A, "
+    "Tensor lora_B, Tensor u, Tensor w, Tensor mn, float scaling, float dropout_p, Tensor? seed, bool need_dx, "
+    "str backend) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "intq_dora_fwd(Tensor x, Tensor[] qweight, str fmt, int group_size, int[] shape, Tensor lora_A, "
+    "Tensor lora_B, Tensor mn, Tensor? bias, float scaling, float dropout_p, Tensor? seed, str backend) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "intq_dora_bwd(Tensor grad_y, Tensor x, Tensor[] qweight, str fmt, int group_size, int[] shape, "
+    "Tensor lora_A, Tensor lora_B, Tensor u, Tensor w, Tensor mn, float scaling, float dropout_p, Tensor? seed, "
+    "bool need_dx, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _dora_fwd_outputs(x, shape, lora_A):
+    M, N = x.shape[0], shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=accumulation_dtype(x.dtype)),
+            x.new_empty((M, N)))
+
+
+def _dora_bwd_outputs(x, lora_A, lora_B, mn, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), mn.new_empty(mn.shape)
+
+
+@torch.library.register_fake("peft_kernels::qdora_fwd")
+def _qdora_fwd_fake(x, qweight, blocksize, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend):
+    return _dora_fwd_outputs(x, shape, lora_A)
+
+
+@torch.library.register_fake("peft_kernels::qdora_bwd")
+def _qdora_bwd_fake(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed,
+                    need_dx, backend):
+    return _dora_bwd_outputs(x, lora_A, lora_B, mn, need_dx)
+
+
+@torch.library.register_fake("peft_kernels::intq_dora_fwd")
+def _intq_dora_fwd_fake(x, qweight, fmt, group_size, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed,
+                        backend):
+    return _dora_fwd_outputs(x, shape, lora_A)
+
+
+@torch.library.register_fake("peft_kernels::intq_dora_bwd")
+def _intq_dora_bwd_fake(grad_y, x, qweight, fmt, group_size, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p,
+                        seed, need_dx, backend):
+    return _dora_bwd_outputs(x, lora_A, lora_B, mn, need_dx)
+
+
 # Frozen 4-bit (bitsandbytes-format) base weights. ``qweight`` = [packed, absmax, code] or
 # [packed, absmax, code, absmax2, code2, offset] (double quantization); shape = [out, in].
 LIB.define(

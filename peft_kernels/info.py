@@ -40,6 +40,7 @@ def info() -> dict:
         entry["auto"] = {"lora_linear M=16": backends.resolve("lora_linear", "auto", dev, rows=16),
                          "lora_linear M=8192": backends.resolve("lora_linear", "auto", dev, rows=8192),
                          "qlora_linear": backends.resolve("qlora_linear", "auto", dev),
+                         "dora_linear": backends.resolve("dora_linear", "auto", dev),
                          "sparse_delta": backends.resolve("sparse_delta", "auto", dev)}
         out["devices"][str(dev)] = entry
     return out

@@ -62,3 +62,19 @@ def test_host_timers_measure_the_call_in_microseconds():
     for timer in (host_us, loop_us):
         us = timer(lambda: time.sleep(0.002), n=5)
         assert 2000 <= us < 20000, (timer.__name__, us)
+
+
+def test_saved_mib_counts_new_saved_storage_once():
+    """The harness's saved-for-backward metric: inputs are not counted, a new saved tensor is,
+    once however many views of it are saved, and only while the graph still holds it. (torchao's NF4 wrapper subclass: the qlora bench.)"""
+    import torch
+
+    from peft_kernels.bench.harness import saved_mib
+    x = torch.randn(256, 1024, requires_grad=True)  # 1 MiB
+    w = torch.randn(1024, 1024)
+    assert saved_mib(lambda: x * w[:256]) == 0.0  # mul saves its two inputs: nothing new
+    assert saved_mib(lambda: (x * 2).exp()) == 1.0  # exp saves its (new) output
+    assert saved_mib(lambda: (x * 2).exp().t().tanh() + 0) == 2.0  # exp's and tanh's outputs
+    y = x * 2
+    assert saved_mib(lambda: y * y.t().t()) == 0.0  # y existed before the call
+    assert saved_mib(lambda: (x * 2).exp().detach() + x) == 0.0  # exp's node is gone with the detach

@@ -86,7 +86,7 @@ def test_module_matches_peft_without_dropout(backend, kernel_device):
         ours.magnitude.copy_(layer.lora_magnitude_vector["default"].weight)
     x = torch.randn(6, 24, device=kernel_device)
     assert torch.allclose(ours(x), layer(x), rtol=1e-5, atol=1e-5)
-    assert peft_kernels.backends.last_used("lora_linear") == backend
+    assert peft_kernels.backends.last_used("dora_linear") == backend
 
 
 def test_fresh_module_is_the_base_layer_and_merge_roundtrip():
@@ -152,14 +152,18 @@ def test_row_sq_of_an_int_weight_is_the_dequantized_one(fmt, monkeypatch):
     assert torch.allclose(weight_row_sq(q), ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("fmt", ["nf4", "int8", "int4"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_dora_over_quantized_equals_dora_over_the_dequantized_weight(fmt, p, bias):
-    """QDoRA (the quantized base products) against the PEFT-verified dense form on deq(W), same
-    seed: outputs and gradients of x, A, B and magnitude, float64 oracle, the tolerance idiom."""
+def test_dora_over_quantized_equals_dora_over_the_dequantized_weight(backend, fmt, p, bias, kernel_device):
+    """QDoRA (the qdora / intq_dora ops: the quantized base products) against the PEFT-verified
+    dense form on deq(W) (the reference), same seed: outputs and gradients of x, A, B and
+    magnitude, float64 oracle, the tolerance idiom; on the triton backend with small elementwise
+    tiles, so partial tiles and split reductions run."""
     from helpers import FLOOR, rel_err
     from peft_kernels.quant import Int4Weight, Int8Weight
+    from peft_kernels.triton import lora as triton_lora
 
     torch.manual_seed(0)
     K = 40 if fmt == "nf4" else 64  # NF4: 64-blocks straddle rows; INT4: groups of 32 divide K
@@ -171,14 +175,17 @@ def test_dora_over_quantized_equals_dora_over_the_dequantized_weight(fmt, p, bia
     mag, bias_t = torch.rand(29) + 0.5, (torch.randn(29) if bias else None)
     gy = torch.randn(3, 5, 29)
 
-    def run(weight, dt):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (x, a, b, mag)]
+    def run(weight, dt, backend="torch", device="cpu"):
+        leaves = [t.detach().to(device, dt).requires_grad_() for t in (x, a, b, mag)]
         y = peft_kernels.dora_linear(leaves[0], weight, *leaves[1:3], leaves[3], None if bias_t is None else
-                                     bias_t.to(dt), scaling=1.5, dropout_p=p, seed=11)
-        y.backward(gy.to(dt))
-        return [y.detach()] + [t.grad for t in leaves]
+                                     bias_t.to(device, dt), scaling=1.5, dropout_p=p, seed=11, backend=backend)
+        y.backward(gy.to(device, dt))
+        return [t.cpu() for t in [y.detach()] + [t.grad for t in leaves]]
 
-    ours = run(q, torch.float32)
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    with triton_lora.launch_override(dora_bm=16, dora_bn=16, sms=8):
+        ours = run(q.to(device), torch.float32, backend, device)
+    assert peft_kernels.backends.last_used("qdora_linear" if fmt == "nf4" else "qdora_linear_int") == backend
     dense = run(w, torch.float32)
     exact = run(w.double(), torch.float64)
     for name, o, d, e in zip(["y", "dx", "dA", "dB", "dmag"], ours, dense, exact):

@@ -1,8 +1,9 @@
-"""The custom ops behave as torch.library ops: opcheck, and torch.compile without graph breaks."""
+"""The custom ops behave as torch.library ops: opcheck, and torch.compile without graph breaks
+(the LoRA and the DoRA ops; DoRA's opcheck is in test_dora_op.py)."""
 import pytest
 import torch
 
-from peft_kernels.nn import LoRALinear
+from peft_kernels.nn import DoRALinear, LoRALinear
 
 
 def _op_args(device, backend, p):
@@ -35,10 +36,11 @@ def test_opcheck(backend, p, kernel_device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compile_fullgraph_no_graph_breaks(backend, kernel_device):
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear], ids=["lora", "dora"])
+def test_compile_fullgraph_no_graph_breaks(backend, cls, kernel_device):
     device = kernel_device if backend == "triton" else torch.device("cpu")
     torch._dynamo.reset()
-    layer = LoRALinear(24, 16, r=4, alpha=8, dropout=0.2, backend=backend).to(device)
+    layer = cls(24, 16, r=4, alpha=8, dropout=0.2, backend=backend).to(device)
     torch.nn.init.normal_(layer.lora_B)
     model = torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Linear(16, 8).to(device))
     x = torch.randn(5, 24, device=device, requires_grad=True)
@@ -51,7 +53,7 @@ def test_compile_fullgraph_no_graph_breaks(backend, kernel_device):
         torch.manual_seed(4)
         y = m(x)
         y.square().sum().backward()
-        return y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+        return [y.detach()] + [p.grad.clone() for p in layer.parameters() if p.requires_grad]
 
     for got, want in zip(run(compiled), run(model)):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

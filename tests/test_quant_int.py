@@ -100,3 +100,11 @@ def test_int_ops_opcheck_and_errors(fmt):
         peft_kernels.quant_linear(torch.randn(5, 63), q)
     with pytest.raises(RuntimeError, match="no 'triton' implementation|unavailable"):
         peft_kernels.quant_linear(x, q, backend="triton")
+
+
+def test_int_weights_move_between_devices():
+    w = torch.randn(6, 64)
+    for q in (Int8Weight.from_float(w), Int4Weight.from_float(w, group_size=32)):
+        moved = q.to("meta")
+        assert moved.device.type == "meta" and moved.shape == q.shape and type(moved) is type(q)
+        assert torch.equal(q.to("cpu").dequantize(), q.dequantize())

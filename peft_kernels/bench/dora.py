@@ -1,8 +1,10 @@
 """DoRA fwd+bwd benchmark: the shapes of ANCHORS.md against the frozen-layer floor.
 
 Cases: the floor F.linear(x, W); HF PEFT's DoRA layer (bf16 adapters, p=0.05) when peft is
-installed; peft_kernels dora_linear at p=0 (on the fused LoRA op) and p=0.05 (PEFT's dropout
-formula: an extra base GEMM over the dropped x); peft_kernels lora_linear p=0.05 for reference.
+installed; peft_kernels dora_linear (the fused dora_fwd / dora_bwd ops) at p=0 and p=0.05 (PEFT's
+dropout formula: a second base GEMM over the dropped x forward and a second dX GEMM backward);
+peft_kernels lora_linear p=0.05 for reference. "saved for bwd" (any device) is what each keeps
+between forward and backward; the DoRA goal's memory is "peak extra" (CUDA).
 """
 from __future__ import annotations
 

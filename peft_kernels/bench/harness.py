@@ -2,16 +2,21 @@
 
 GPU: CUDA events around each run, warm-up first, median of ``reps`` runs (ANCHORS.md's method).
 CPU: wall clock, fewer reps; results are labelled as CPU figures.
-Peak extra memory: the allocator's peak during one run minus what was allocated before it.
+Peak extra memory: the allocator's peak during one run minus what was allocated before it (CUDA).
+Saved for backward (any device): the bytes autograd keeps between forward and backward that are
+not storage of tensors alive before the step (inputs, weights), each storage counted once.
 """
 from __future__ import annotations
 
+import gc
 import importlib.metadata
 import json
 import platform
 import statistics
 import sys
 import time
+import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -146,6 +151,56 @@ def peak_extra_mib(fn, device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _storages(t: torch.Tensor) -> list[tuple[int, int]]:
+    """(data pointer, bytes) of the storages behind ``t``: its own, or for a wrapper subclass
+    (torchao's NF4Tensor) its inner tensors'; none for fake / functional tensors."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return [s for name in names for s in _storages(getattr(t, name))]
+    try:
+        st = t.untyped_storage()
+        return [(st.data_ptr(), st.nbytes())]
+    except (RuntimeError, NotImplementedError):  # no real storage (torch.compile's fake tensors)
+        return []
+
+
+def _live_storages() -> set[int]:
+    """Data pointers of the storages of every tensor Python holds now."""
+    known = set()
+    with warnings.catch_warnings():  # isinstance on every live object trips deprecation properties
+        warnings.simplefilter("ignore")
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor):
+                known.update(ptr for ptr, _ in _storages(o))
+    return known
+
+
+def saved_mib(forward) -> float:
+    """MiB that autograd keeps for backward after one forward(): the tensors its ops saved
+    (saved_tensors_hooks) that the graph still holds when forward returns — not those of nodes
+    already freed, e.g. behind a .detach() — and whose storage did not exist before the call,
+    each storage once. A device-independent part of a training step's memory (activations held
+    until backward); the output itself counts only where an op saves it."""
+    known = _live_storages()
+    packed: list[weakref.ref] = []
+
+    def pack(t):
+        alias = t.detach()  # held by the graph instead of t: no t -> grad_fn -> t cycle keeps it alive
+        packed.append(weakref.ref(alias))
+        return alias
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    kept: dict[int, int] = {}
+    for ref in packed:
+        t = ref()
+        if t is not None:
+            kept.update((ptr, n) for ptr, n in _storages(t) if ptr not in known)
+    del out
+    return sum(kept.values()) / 2**20
+
+
 class Progress:
     """A one-line progress bar on stderr (no dependency)."""
 
@@ -192,6 +247,7 @@ def fwd_bwd_step(forward, params, grad_out, forward_only: bool = False):
         for t in params:
             t.grad = None
         forward().backward(grad_out)
+    run.forward = forward  # for saved_mib
     return run
 
 
@@ -207,13 +263,16 @@ def run_shapes(label: str, shapes, make_cases, device: torch.device, reps: int) 
         for name, fn in named.items():
             ms = time_ms(fn, device, warmup=5 if device.type == "cuda" else 2, reps=reps)
             mem = peak_extra_mib(fn, device)
-            graphed = time_ms_graphed(fn, device, reps) if "compile" not in name else None
+            # torch.compile cases: not graphed, and saved-tensor hooks would change what they compile
+            compiled = "compile" in name
+            saved = saved_mib(fn.forward) if hasattr(fn, "forward") and not compiled else None
+            graphed = time_ms_graphed(fn, device, reps) if not compiled else None
             if name == "floor":
                 floor, floor_g = ms, graphed
             results.append({"M": M, "K": K, "N": N, "case": name, "ms": ms, "ratio": ms / floor,
                             "graphed_ms": graphed,
                             "graphed_ratio": graphed / floor_g if graphed and floor_g else None,
-                            "peak_extra_mib": mem})
+                            "peak_extra_mib": mem, "saved_mib": saved})
         del named
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -230,9 +289,10 @@ def run_shapes(label: str, shapes, make_cases, device: torch.device, reps: int) 
 def results_table(payload: dict) -> str:
     rows = [[f"{r['M']}x{r['K']}->{r['N']}", r["case"], r["ms"], f"{r['ratio']:.2f}x",
              r.get("graphed_ms"), None if r.get("graphed_ratio") is None else f"{r['graphed_ratio']:.2f}x",
-             None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"])] for r in payload["results"]]
+             None if r["peak_extra_mib"] is None else round(r["peak_extra_mib"]),
+             r.get("saved_mib")] for r in payload["results"]]
     return markdown_table(["M x K -> N", "case", "ms", "/ floor", "graphed ms", "graphed / floor",
-                           "peak extra MiB"], rows)
+                           "peak extra MiB", "saved for bwd MiB"], rows)
 
 
 def add_bench_args(ap):

@@ -1,20 +1,25 @@
-"""dora_linear: weight-decomposed LoRA with HF PEFT's semantics (first version: a composite over
-the fused lora_linear op, not yet a fused op of its own).
+"""dora_linear: weight-decomposed LoRA with HF PEFT's semantics.
 
     mn = magnitude / ‖W + s·B·A‖_row            the norm detached (DoRA §4.3, as PEFT does)
-    no dropout (p = 0 or eval):  y = mn ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias          -> lora_linear, fused
+    no dropout (p = 0 or eval):  y = mn ⊙ (x Wᵀ + s·x Aᵀ Bᵀ) + bias
     dropout:   y = x Wᵀ + bias + (mn − 1) ⊙ (x_d Wᵀ) + mn ⊙ s·(x_d Aᵀ Bᵀ)    x_d = dropout(x)
-The dropout form is PEFT's exact formula (an extra base GEMM over the dropped x); it runs as
-plain PyTorch ops with the library's counter-based mask, so it is exact but not fast yet.
+The dropout form is PEFT's exact formula: the dropped x goes through the base weight too.
+
+Path over a dense base: ``dora_linear`` (validates, resolves the backend, computes mn) ->
+``_DoRAFunction`` -> custom ops ``peft_kernels::dora_fwd`` / ``dora_bwd`` (schemas in _ops.py) ->
+the backend module's ``dora_forward`` / ``dora_backward`` (reference/dora.py: formulas; triton/dora.py:
+the LoRA kernels plus two DoRA kernels). The dropout mask comes from the seed and is regenerated
+in backward; saved are x, u [M, r] and one [M, N] tensor for the magnitude's gradient.
 
 The row norm never builds the out×in matrix W + s·B·A:
     ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·Σ_j (W Aᵀ)_ij B_ij + s²·Σ_j (B (A Aᵀ))_ij B_ij
 needs only W·Aᵀ [out, r] and A·Aᵀ [r, r] (arXiv 2603.22276 / PEFT PR #3387).
 
-Over a quantized base (``weight`` an NF4Weight/FP4Weight/Int8Weight/Int4Weight, QDoRA): the base
-products run on quant_linear / qlora_linear, W·Aᵀ is quant_linear(A, W)ᵀ (M = r rows), and ‖W_i‖²,
-constant for a frozen W, is computed once by row windows (``weight_row_sq``, cached by the
-QDoRA modules).
+Over a quantized base (``weight`` an NF4Weight/FP4Weight/Int8Weight/Int4Weight, QDoRA): the same
+op structure with the quantized base products — custom ops ``qdora_fwd`` / ``qdora_bwd`` (NF4/FP4:
+the 4-bit matmul) and ``intq_dora_fwd`` / ``intq_dora_bwd`` (INT8/INT4: decoded windows); W·Aᵀ for the
+norm is quant_linear(A, W)ᵀ (M = r rows), and ‖W_i‖², constant for a frozen W, is computed once by
+row windows (``weight_row_sq``, cached by the QDoRA modules).
 """
 from __future__ import annotations
 
@@ -23,13 +28,21 @@ import torch
 from ..quant.bnb4bit import Bnb4bitWeight
 from ..quant.int4 import Int4Weight
 from ..quant.int8 import Int8Weight
-from ..reference.lora import dropped
+from .. import _ops  # noqa: F401  (defines the schemas)
+from .. import backends
+from ..reference.lora import accumulation_dtype, dropped
 from . import _checks
-from .lora import _validate, apply_validated
-from .qlora import qlora_linear
-from .quant_linear import quant_linear
+from .lora import _validate
+from .quant_linear import check_qweight, join_parts, quant_linear, route
 
 OP = "dora_linear"
+backends.register(OP, "torch", "peft_kernels.reference.dora")
+backends.register(OP, "triton", "peft_kernels.triton.dora")
+OP_Q, OP_QINT = "qdora_linear", "qdora_linear_int"  # over NF4/FP4 and over INT8/INT4 bases
+backends.register(OP_Q, "torch", "peft_kernels.reference.quant")
+backends.register(OP_Q, "triton", "peft_kernels.triton.quant_matmul")
+backends.register(OP_QINT, "torch", "peft_kernels.reference.intq")
+backends.register(OP_QINT, "triton", "peft_kernels.triton.intq_lora")
 ROW_WINDOW = 256  # rows of a quantized weight decoded at a time for ‖W_i‖²
 QUANTIZED = (Bnb4bitWeight, Int8Weight, Int4Weight)
 
@@ -64,46 +77,161 @@ def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling
         return (w_sq + 2 * scaling * cross + scaling**2 * quad).clamp_min(0).sqrt()
 
 
+@torch.library.impl(_ops.LIB, "dora_fwd", "CompositeExplicitAutograd")
+def _dora_fwd(x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend):
+    impl = backends.implementation(OP, backend)
+    if backend == "torch":
+        seed = _checks.seed_value(seed)
+    return impl.dora_forward(x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed)
+
+
+@torch.library.impl(_ops.LIB, "dora_bwd", "CompositeExplicitAutograd")
+def _dora_bwd(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx, backend):
+    impl = backends.implementation(OP, backend)
+    if backend == "torch":
+        seed = _checks.seed_value(seed)
+    return impl.dora_backward(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx)
+
+
+def _impl(op, backend, seed):
+    return backends.implementation(op, backend), (_checks.seed_value(seed) if backend == "torch" else seed)
+
+
+@torch.library.impl(_ops.LIB, "qdora_fwd", "CompositeExplicitAutograd")
+def _qdora_fwd(x, qweight, blocksize, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend):
+    impl, seed = _impl(OP_Q, backend, seed)
+    return impl.qdora_forward(x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, mn, bias, scaling,
+                              dropout_p, seed)
+
+
+@torch.library.impl(_ops.LIB, "qdora_bwd", "CompositeExplicitAutograd")
+def _qdora_bwd(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx,
+               backend):
+    impl, seed = _impl(OP_Q, backend, seed)
+    return impl.qdora_backward(grad_y, x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, u, w, mn,
+                               scaling, dropout_p, seed, need_dx)
+
+
+@torch.library.impl(_ops.LIB, "intq_dora_fwd", "CompositeExplicitAutograd")
+def _intq_dora_fwd(x, qweight, fmt, group_size, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed,
+                   backend):
+    impl, seed = _impl(OP_QINT, backend, seed)
+    return impl.qdora_forward(x, qweight, fmt, group_size, tuple(shape), lora_A, lora_B, mn, bias, scaling,
+                              dropout_p, seed)
+
+
+@torch.library.impl(_ops.LIB, "intq_dora_bwd", "CompositeExplicitAutograd")
+def _intq_dora_bwd(grad_y, x, qweight, fmt, group_size, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed,
+                   need_dx, backend):
+    impl, seed = _impl(OP_QINT, backend, seed)
+    return impl.qdora_backward(grad_y, x, qweight, fmt, group_size, tuple(shape), lora_A, lora_B, u, w, mn,
+                               scaling, dropout_p, seed, need_dx)
+
+
+class _QDoRAFunction(torch.autograd.Function):
+    """y, u, w = fwd(x, *meta, lora_A, lora_B, mn, bias, scaling, p, seed, backend); backward through
+    bwd with the same meta (quant_linear.route: the NF4/FP4 or the INT8/INT4 ops). The quantized
+    weight is frozen: no gradient for it."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, mn, bias, seed, fwd, bwd, meta, scaling, dropout_p, backend):
+        y, u, w = fwd(x, *meta, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x, lora_A, lora_B, u, w, mn, seed)
+        ctx.rest = (bwd, meta, scaling, dropout_p, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_A, lora_B, u, w, mn, seed = ctx.saved_tensors
+        bwd, meta, scaling, dropout_p, backend = ctx.rest
+        need_x, need_a, need_b, need_mn, need_bias = ctx.needs_input_grad[:5]
+        dx, da, db, dmn = bwd(grad_y, x, *meta, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_x, backend)
+        return (dx if need_x else None, da if need_a else None, db if need_b else None, dmn if need_mn else None,
+                grad_y.sum(0) if need_bias else None) + (None,) * 7
+
+
+class _DoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend):
+        y, u, w = torch.ops.peft_kernels.dora_fwd(x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed,
+                                                  backend)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, u, w, mn, seed)
+        ctx.hyper = (scaling, dropout_p, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B, u, w, mn, seed = ctx.saved_tensors
+        scaling, dropout_p, backend = ctx.hyper
+        need_x, need_w, need_a, need_b, need_mn, need_bias = ctx.needs_input_grad[:6]
+        grad_x = grad_w = grad_a = grad_b = grad_mn = grad_bias = None
+        if need_x or need_a or need_b or need_mn:
+            dx, da, db, dmn = torch.ops.peft_kernels.dora_bwd(
+                grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_x, backend)
+            grad_x, grad_a, grad_b = (dx if need_x else None), (da if need_a else None), (db if need_b else None)
+            grad_mn = dmn if need_mn else None
+        if need_w:  # a trainable base (rare): plain ops, the mask regenerated by the reference
+            g = grad_y.to(mn.dtype)
+            if dropout_p == 0.0:
+                grad_w = (g * mn).to(x.dtype).t().mm(x)
+            else:
+                xd = dropped(x, dropout_p, _checks.seed_value(seed))
+                grad_w = grad_y.t().mm(x).addmm_((g * (mn - 1)).to(x.dtype).t(), xd)
+        if need_bias:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_w, grad_a, grad_b, grad_mn, grad_bias, None, None, None, None
+
+
 def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
                 magnitude: torch.Tensor, bias: torch.Tensor | None = None, *, scaling: float = 1.0,
                 dropout_p: float = 0.0, training: bool = True, seed: int | None = None,
                 backend: str = "auto", weight_row_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """DoRA linear layer (HF PEFT semantics). Shapes as lora_linear, plus magnitude [out].
+    """DoRA linear layer (HF PEFT semantics). Shapes as lora_linear, plus magnitude [out]:
 
-    ``weight``: the frozen [out, in] tensor, or an NF4Weight/FP4Weight/Int8Weight/Int4Weight (QDoRA:
-    the base products run on quant_linear / qlora_linear; pass ``weight_row_sq`` = ‖W_i‖², e.g.
-    from weight_row_sq(), to skip recomputing it every call). Gradients flow to x, lora_A, lora_B
-    and magnitude (the row norm is detached, as in PEFT).
+        x [..., in], weight [out, in], lora_A [r, in], lora_B [out, r], magnitude [out],
+        bias [out] or None  ->  [..., out] in x.dtype
+
+    ``weight``: the frozen [out, in] tensor (the fused dora_fwd / dora_bwd ops; backends "torch"
+    and "triton"), or an NF4Weight/FP4Weight/Int8Weight/Int4Weight (QDoRA: the qdora_* /
+    intq_dora_* ops, the base products on the 4-bit matmul / decoded INT windows). ``weight_row_sq`` = ‖W_i‖², e.g. from weight_row_sq(), skips
+    recomputing it every call. Gradients flow to x, lora_A, lora_B and magnitude (the row norm is
+    detached, as in PEFT), and to weight / bias when they require grad. Dropout: as lora_linear
+    (mask from ``seed``, never stored). ``peft_kernels.backends.last_used("dora_linear")`` tells
+    which backend ran (over a quantized base: ``last_used("qdora_linear")``, or
+    ``"qdora_linear_int"`` for INT8/INT4).
     """
-    if isinstance(weight, QUANTIZED):  # the quantized ops validate x, the adapter and bias
-        _check_magnitude(magnitude, weight.shape[0], x)
-        _checks.check_scalar(scaling, "scaling", OP)
-
-        def fused():
-            return qlora_linear(x, weight, lora_A, lora_B, None, scaling=scaling, dropout_p=0.0, backend=backend)
-
-        def base(inp, b=None):
-            return quant_linear(inp, weight, b, backend=backend)
-    else:
-        backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op=OP)
-        _check_magnitude(magnitude, weight.shape[0], x)
-
-        def fused():
-            return apply_validated(x, weight, lora_A, lora_B, None, scaling, 0.0, False, None, backend)
-
-        def base(inp, b=None):
-            return torch.nn.functional.linear(inp, weight, b)
+    if isinstance(weight, QUANTIZED):
+        return _quantized_dora(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed,
+                               backend, weight_row_sq)
+    backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op=OP)
+    _check_magnitude(magnitude, weight.shape[0], x)
     norm = dora_weight_norm(weight, lora_A, lora_B, float(scaling), weight_row_sq)
-    mn = (magnitude / norm).to(x.dtype)
-    p = float(dropout_p) if training else 0.0
-    if p == 0.0:
-        y = fused() * mn
-        return y + bias if bias is not None else y
-    # PEFT's dropout form, exact: the dropped x goes through the base weight too. The seed is
-    # drawn on the host (torch's CPU generator: checkpoint replays it), so no device sync.
-    xd = dropped(x.reshape(-1, weight.shape[1]), p, _checks.host_seed(seed)).reshape(x.shape)
-    lora_out = torch.nn.functional.linear(torch.nn.functional.linear(xd, lora_A.to(x.dtype)), lora_B.to(x.dtype))
-    return base(x, bias) + (mn - 1) * base(xd) + mn * lora_out * scaling
+    mn = magnitude.to(accumulation_dtype(x.dtype)) / norm
+    p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
+    x2 = x.reshape(-1, weight.shape[1])
+    y = _DoRAFunction.apply(x2, weight, lora_A, lora_B, mn, bias, float(scaling), p, seed_t, backend)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _quantized_dora(x, qweight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed, backend,
+                    weight_row_sq):
+    """dora_linear over a quantized base: validation, then the qdora / intq_dora ops."""
+    out_features, in_features = check_qweight(OP, x, qweight, allow_int=True)
+    _checks.check_input(OP, x, in_features, out_features, bias)
+    r = _checks.check_adapter(OP, lora_A, lora_B, in_features, out_features, scaling, dropout_p)
+    _checks.check_same_device(OP, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    _check_magnitude(magnitude, out_features, x)
+    ops = torch.ops.peft_kernels
+    backend, fwd, bwd, meta = route(qweight, backend, x.device, (OP_Q, ops.qdora_fwd, ops.qdora_bwd),
+                                    (OP_QINT, ops.intq_dora_fwd, ops.intq_dora_bwd))
+    if backend == "triton":
+        _checks.check_triton(OP, x, r)
+    norm = dora_weight_norm(qweight, lora_A, lora_B, float(scaling), weight_row_sq)
+    mn = magnitude.to(accumulation_dtype(x.dtype)) / norm
+    p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
+    y = _QDoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, mn, bias, seed_t, fwd, bwd, meta,
+                             float(scaling), p, backend)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def _check_magnitude(magnitude, out_features, x):

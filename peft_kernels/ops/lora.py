@@ -44,7 +44,8 @@ def _lora_bwd(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, ne
 
 def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op: str = OP) -> str:
     """Check every input (messages are formatted only on failure: this runs every step) and
-    return the backend lora_linear resolves to. ``op`` names the caller in error messages."""
+    return the backend ``op`` (lora_linear, or dora_linear over a dense base) resolves to; ``op``
+    also names the caller in error messages."""
     _checks.check_tensor(weight, "weight", op, 2)
     out_features, in_features = weight.shape
     _checks.check_input(op, x, in_features, out_features, bias)
@@ -52,7 +53,7 @@ def _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op: 
     if weight.dtype != x.dtype:
         _checks.fail(op, f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
     _checks.check_same_device(op, x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    backend = backends.resolve(OP, backend, x.device, rows=x.numel() // max(in_features, 1))
+    backend = backends.resolve(op, backend, x.device, rows=x.numel() // max(in_features, 1))
     if backend == "triton":
         _checks.check_triton(op, x, r)
     elif backend == "cuda":

@@ -80,6 +80,10 @@ class Int4Weight:
     def device(self) -> torch.device:
         return self.packed.device
 
+    def to(self, device) -> "Int4Weight":
+        return Int4Weight(self.packed.to(device), self.scales.to(device), self.zeros.to(device), self.group_size,
+                          self.dtype)
+
     @property
     def bits_per_parameter(self) -> float:
         return 4 + (self.scales.element_size() * 8 + 8) / self.group_size

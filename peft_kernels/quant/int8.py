@@ -55,6 +55,9 @@ class Int8Weight:
     def device(self) -> torch.device:
         return self.CB.device
 
+    def to(self, device) -> "Int8Weight":
+        return Int8Weight(self.CB.to(device), self.SCB.to(device), self.dtype)
+
     @property
     def bits_per_parameter(self) -> float:
         return 8 + 32 / self.CB.shape[1]

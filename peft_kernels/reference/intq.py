@@ -17,7 +17,7 @@ import torch
 
 from ..quant.int4 import Int4Weight
 from ..quant.int8 import Int8Weight
-from . import lora
+from . import dora, lora
 from .windowed import windowed_matmul
 
 WINDOW_ELEMENTS = 4 * 1024 * 1024
@@ -66,3 +66,14 @@ def qlora_backward(grad_y, x, tensors, fmt, group_size, shape, lora_A, lora_B, u
                    need_dx):
     w = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype) if need_dx else None
     return lora.lora_backward(grad_y, x, w, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+
+
+def qdora_forward(x, tensors, fmt, group_size, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed):
+    w = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype)
+    return dora.dora_forward(x, w, lora_A, lora_B, mn, bias, scaling, dropout_p, seed)
+
+
+def qdora_backward(grad_y, x, tensors, fmt, group_size, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed,
+                   need_dx):
+    weight = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype) if need_dx else None
+    return dora.dora_backward(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx)

@@ -3,7 +3,7 @@ is dequantized (bnb's exact rule) and the dense reference runs. CPU path and tes
 import torch
 
 from ..quant.bnb4bit import dequantize_parts
-from . import lora
+from . import dora, lora
 
 
 def _weight(qweight, blocksize, shape, dtype):
@@ -28,3 +28,14 @@ def qlora_backward(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, scal
                    need_dx):
     w = _weight(qweight, blocksize, shape, x.dtype) if need_dx else None
     return lora.lora_backward(grad_y, x, w, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+
+
+def qdora_forward(x, qweight, blocksize, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed):
+    w = _weight(qweight, blocksize, shape, x.dtype)
+    return dora.dora_forward(x, w, lora_A, lora_B, mn, bias, scaling, dropout_p, seed)
+
+
+def qdora_backward(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed,
+                   need_dx):
+    weight = _weight(qweight, blocksize, shape, x.dtype) if need_dx else None
+    return dora.dora_backward(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx)

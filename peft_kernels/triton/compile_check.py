@@ -182,6 +182,35 @@ def _lora_scenarios(dtype, quick):
         yield f"lora M={M} r={r} p={p}", run
 
 
+def _dora_scenarios(dtype, quick):
+    from . import dora as D
+    from .lora import launch_override
+    K = N = 4096
+    for r, p in ((16, 0.0), (16, 0.05)) if quick else itertools.product((16, 64, 256), (0.0, 0.05)):
+        x, w = _meta(8192, K, dtype=dtype), _meta(N, K, dtype=dtype)
+        a, b, bias = _meta(r, K, dtype=dtype), _meta(N, r, dtype=dtype), _meta(N, dtype=dtype)
+        mn, seed = _meta(N, dtype=torch.float32), _meta(1, dtype=torch.int64)
+
+        def run(x=x, w=w, a=a, b=b, bias=bias, mn=mn, seed=seed, p=p):
+            with launch_override(sms=132):
+                y, u, ws = D.dora_forward(x, w, a, b, mn, bias, 2.0, p, seed)
+                D.dora_backward(y, x, w, a, b, u, ws, mn, 2.0, p, seed, True)
+                D.dora_backward(y, x, w, a, b, u, ws, mn, 2.0, p, seed, False)
+        yield f"dora M=8192 r={r} p={p}", run
+
+    from . import quant_matmul as Q
+    for M in (8192, 16):  # QDoRA over NF4: the 4-bit matmul in the DoRA positions (dY·W without C too)
+        parts = _meta_4bit_parts(N, K, 64, True)
+        x, a, b = _meta(M, K, dtype=dtype), _meta(16, K, dtype=dtype), _meta(N, 16, dtype=dtype)
+        mn, seed = _meta(N, dtype=torch.float32), _meta(1, dtype=torch.int64)
+
+        def qrun(x=x, a=a, b=b, mn=mn, seed=seed, parts=parts):
+            with launch_override(sms=132):
+                y, u, ws = Q.qdora_forward(x, parts, 64, (N, K), a, b, mn, None, 2.0, 0.05, seed)
+                Q.qdora_backward(y, x, parts, 64, (N, K), a, b, u, ws, mn, 2.0, 0.05, seed, True)
+        yield f"qdora nf4 M={M} r=16 p=0.05", qrun
+
+
 def _meta_4bit_parts(N, K, blocksize, nested):
     n_blocks = N * K // blocksize
     code = _meta(16, dtype=torch.float32)
@@ -252,15 +281,15 @@ def _sparse_scenarios(dtype, quick):
     yield "sparse_adamw", adamw_plain
 
 
-SCENARIOS = (_lora_scenarios, _quant_scenarios, _sparse_scenarios)
+SCENARIOS = (_lora_scenarios, _dora_scenarios, _quant_scenarios, _sparse_scenarios)
 
 
 def kernels_in_package() -> set[str]:
     """Names of every @triton.jit kernel (``*_kernel``) in peft_kernels.triton's modules."""
     from triton.runtime.jit import JITFunction
 
-    from . import lora, quant_matmul, quantize, sparse
-    return {name for mod in (lora, quant_matmul, quantize, sparse) for name, obj in vars(mod).items()
+    from . import dora, lora, quant_matmul, quantize, sparse
+    return {name for mod in (lora, dora, quant_matmul, quantize, sparse) for name, obj in vars(mod).items()
             if isinstance(obj, JITFunction) and name.endswith("_kernel")}
 
 
@@ -269,7 +298,7 @@ def check(arch: int, quick: bool = False, progress: bool = True, only: str | Non
     scenario = ["-", "-"]
     thunks = [(name, str(dt).replace("torch.", ""), fn)
               for dt in DTYPES for make in SCENARIOS for name, fn in make(dt, quick)
-              if only is None or only in f"{name} [{dt}]"]
+              if only is None or only in f"{name} [{str(dt).replace('torch.', '')}]"]
     with compile_only(arch, record, scenario):
         for i, (name, dtype, fn) in enumerate(thunks):
             scenario[:] = [name, dtype]
@@ -306,6 +335,9 @@ def main(argv=None) -> int:
             return 2
         t0 = time.perf_counter()
         record = check(arch, args.quick, only=args.only)
+        if not record:
+            print(f"no scenario matches --only {args.only!r}", file=sys.stderr)
+            return 2
         limit = SHARED_LIMIT[arch]
         summary: dict = {}
         for e in record:
@@ -328,8 +360,9 @@ def main(argv=None) -> int:
             print("spilling registers (local bytes per thread):")
             for name, kernel, local in spills:
                 print(f"  {kernel} {local} B — {name}")
-        missing = expected - {e.kernel for e in record if not e.error}
-        if missing and args.only is None:
+        # with --only a subset runs: kernels outside it are not missing
+        missing = expected - {e.kernel for e in record if not e.error} if args.only is None else set()
+        if missing:
             print(f"never compiled: {', '.join(sorted(missing))}")
         failed |= bool(missing) or any(v["errors"] for v in summary.values())
     return 1 if failed else 0

@@ -225,9 +225,9 @@ def _lora_dx_kernel(
     x_ptr, v_ptr, a_ptr, d_ptr, da_ptr, seed_ptr,
     M, K, R, m_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_dm, stride_dk,
-    threshold, coef,
-    HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, DA_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    threshold, coef, q_coef,
+    HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr, HAS_Q: tl.constexpr, DA_ATOMIC: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -254,6 +254,9 @@ def _lora_dx_kernel(
         da = _mm(tl.trans(v), x, da, IEEE)
         if WRITE_DX:
             d = _mm(v, a, tl.zeros((BM, BK), dtype=tl.float32), IEEE) * coef
+            if HAS_Q:  # DoRA: a gradient of dropout(x) from outside (D holds it), under the same mask
+                d += tl.load(d_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dk, mask=tile_ok,
+                             other=0.0).to(tl.float32) * q_coef
             if HAS_DROPOUT:
                 d = tl.where(keep, d, 0.0)
             tl.store(d_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dk, d.to(d_ptr.dtype.element_ty),
@@ -331,7 +334,7 @@ def launch_override(**settings):
     """Force tile sizes / SM count (tests use it to reach every split and masking path on tiny
     shapes). Keys: sms, down_bm, down_bk, up_bm, up_bn, dy_bm, dy_bn, dx_bm, dx_bk, <kind>_warps,
     fused_max_m, fused_bn, fused_bk, fused_stages, fused_bwd_max_m, fused_bwd_bn, fused_bwd_bk,
-    fused_bwd_stages."""
+    fused_bwd_stages; dora_bm, dora_bn (triton/dora.py's elementwise tiles)."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(settings)
     try:
@@ -563,9 +566,11 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
     return y, u
 
 
-def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, q=None):
     """The LoRA-specific backward work: returns (D = the adapter's part of dx [M, K] (or an
-    empty tensor), d lora_A, d lora_B); the caller adds the base product's dx to D."""
+    empty tensor), d lora_A, d lora_B); the caller adds the base product's dx to D.
+    ``q`` [M, K] (DoRA, needs need_dx): another gradient with respect to dropout(x), added under
+    the mask, D = mask / (1-p) * (s * v @ A + q); D is written over q."""
     M, K = x.shape
     N, R = lora_B.shape
     BR = _padded_rank(R)
@@ -593,15 +598,18 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     bm, bk, warps = _tiles("dx", BR, dropout_p > 0.0)
     k_tiles = triton.cdiv(K, bk)
     splits, per = _split(triton.cdiv(M, bm), k_tiles, sms)
-    d = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else x.new_empty(0)
+    if q is not None:
+        d = q
+    else:
+        d = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else x.new_empty(0)
     launch(
         _lora_dx_kernel, (k_tiles, splits),
         x, v, lora_A, d, grad_A, seed if seed is not None else x,
         M, K, R, per * bm,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         d.stride(0) if need_dx else 0, d.stride(1) if need_dx else 0,
-        keep_threshold(dropout_p), scaling / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, DA_ATOMIC=splits > 1, IEEE=ieee,
+        keep_threshold(dropout_p), scaling / (1.0 - dropout_p), 1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, HAS_Q=q is not None, DA_ATOMIC=splits > 1, IEEE=ieee,
         BM=bm, BK=bk, BR=BR, num_warps=warps,
     )
     # copy=True: the outputs must not alias the workspace (or each other) even in fp32.

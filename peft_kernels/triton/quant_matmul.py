@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..reference import quant as reference
 from ..reference.windowed import windowed_matmul
-from . import lora
+from . import dora, lora
 from .launch import launch
 from .lora import _mm
 
@@ -388,3 +388,25 @@ def qlora_backward(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, scal
         packed, absmax, code, absmax2, code2, offset = qweight
         matmul_4bit(grad_y, packed, absmax, code, absmax2, code2, offset, blocksize, shape, c=d, transpose=True)
     return d, grad_A, grad_B
+
+
+def qdora_forward(x, qweight, blocksize, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed):
+    """triton.dora's forward with the 4-bit matmul as the base product: (y, u, w)."""
+    if lora.degenerate(x, lora_B):
+        return reference.qdora_forward(x, qweight, blocksize, shape, lora_A, lora_B, mn, bias, scaling, 0.0, None)
+
+    def base(inp, c, new):
+        return matmul_4bit(inp, *qweight, blocksize, shape, c=c.clone() if new else c)
+    return dora.forward_with(base, x, lora_A, lora_B, mn, bias, scaling, dropout_p, seed)
+
+
+def qdora_backward(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed,
+                   need_dx):
+    """(dx or an empty tensor, d lora_A, d lora_B, d mn fp32)."""
+    if lora.degenerate(x, lora_B):
+        return reference.qdora_backward(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, w, mn, scaling,
+                                        0.0, None, need_dx)
+
+    def base_t(g, c):
+        return matmul_4bit(g, *qweight, blocksize, shape, c=c, transpose=True)
+    return dora.backward_with(base_t, grad_y, x, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx)
