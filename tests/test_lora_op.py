@@ -141,6 +141,39 @@ def test_noncontiguous_inputs(backend, kernel_device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["lora", "dora", "qlora nf4", "qlora int8", "quant_linear nf4", "dora nf4"])
+def test_strided_bias_every_linear_op(backend, op, kernel_device):
+    """A bias that is a strided view (every other entry of a larger tensor) gives the result of its
+    contiguous copy, and its gradient reaches the view. (The Triton kernels read bias[n] at
+    bias_ptr + n: they once read the wrong entries of such a view, silently.)"""
+    from peft_kernels.quant import Int8Weight, NF4Weight
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    torch.manual_seed(5)
+    k, n, r = 64, 23, 3
+    x, w = torch.randn(7, k, device=device), torch.randn(n, k, device=device) / 8
+    a, b, m = torch.randn(r, k, device=device) / 8, torch.randn(n, r, device=device), torch.rand(n, device=device) + 1
+    base = w
+    if op.endswith("nf4"):
+        base = NF4Weight.from_float(w.cpu(), blocksize=64).to(device)
+    elif op.endswith("int8"):
+        base = Int8Weight.from_float(w.cpu()).to(device)
+    kw = dict(scaling=0.5, dropout_p=0.2, seed=3, backend=backend)
+    call = {"lora": lambda bias: peft_kernels.lora_linear(x, base, a, b, bias, **kw),
+            "dora": lambda bias: peft_kernels.dora_linear(x, base, a, b, m, bias, **kw),
+            "qlora": lambda bias: peft_kernels.qlora_linear(x, base, a, b, bias, **kw),
+            "quant_linear": lambda bias: peft_kernels.quant_linear(x, base, bias, backend=backend)}[op.split()[0]]
+    big = torch.randn(2 * n, device=device, requires_grad=True)
+    strided = big[::2]
+    assert not strided.is_contiguous()
+    y = call(strided)
+    want = call(strided.detach().contiguous())
+    assert torch.allclose(y, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(big.grad[::2], g.sum(0), rtol=1e-5, atol=1e-5) and not big.grad[1::2].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_grad_output(backend, kernel_device):
     """y.sum().backward() hands backward a stride-0 gradient."""
     device = kernel_device if backend == "triton" else torch.device("cpu")

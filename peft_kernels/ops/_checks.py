@@ -125,6 +125,12 @@ def check_cuda(op: str, x):
         fail(op, f"the cuda backend takes fp16/bf16/fp32, got {x.dtype}")
 
 
+def contiguous_bias(bias):
+    """bias as the kernels read it: one contiguous [out] vector (a strided view, e.g. every other
+    entry of a larger tensor, is copied; its gradient still reaches the view)."""
+    return bias if bias is None or bias.is_contiguous() else bias.contiguous()
+
+
 def adapter_call_args(op: str, x, lora_A, lora_B, dropout_p, training, seed):
     """(effective dropout p, seed tensor | None, lora_A, lora_B cast to x's dtype)."""
     p = float(dropout_p) if training else 0.0

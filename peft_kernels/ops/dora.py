@@ -209,7 +209,8 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
     mn = magnitude.to(accumulation_dtype(x.dtype)) / norm
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     x2 = x.reshape(-1, weight.shape[1])
-    y = _DoRAFunction.apply(x2, weight, lora_A, lora_B, mn, bias, float(scaling), p, seed_t, backend)
+    y = _DoRAFunction.apply(x2, weight, lora_A, lora_B, mn, _checks.contiguous_bias(bias), float(scaling), p, seed_t,
+                            backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -229,8 +230,8 @@ def _quantized_dora(x, qweight, lora_A, lora_B, magnitude, bias, scaling, dropou
     norm = dora_weight_norm(qweight, lora_A, lora_B, float(scaling), weight_row_sq)
     mn = magnitude.to(accumulation_dtype(x.dtype)) / norm
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
-    y = _QDoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, mn, bias, seed_t, fwd, bwd, meta,
-                             float(scaling), p, backend)
+    y = _QDoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, mn, _checks.contiguous_bias(bias), seed_t,
+                             fwd, bwd, meta, float(scaling), p, backend)
     return y.reshape(*x.shape[:-1], out_features)
 
 

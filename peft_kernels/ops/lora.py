@@ -133,6 +133,7 @@ def apply_validated(x, weight, lora_A, lora_B, bias, scaling, dropout_p, trainin
     """lora_linear after ``_validate``: for callers (dora_linear) that validated already."""
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     x2 = x.reshape(-1, weight.shape[1])
-    y = _LoRAFunction.apply(x2, weight, lora_A, lora_B, bias, float(scaling), p, seed_t, backend)
+    y = _LoRAFunction.apply(x2, weight, lora_A, lora_B, _checks.contiguous_bias(bias), float(scaling), p, seed_t,
+                            backend)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

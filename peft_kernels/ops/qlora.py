@@ -107,6 +107,6 @@ def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, 
     if backend == "triton":
         _checks.check_triton(OP, x, r)
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
-    y = _QLoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, bias, seed_t, fwd, bwd, meta,
-                             float(scaling), p, backend)
+    y = _QLoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, _checks.contiguous_bias(bias), seed_t,
+                             fwd, bwd, meta, float(scaling), p, backend)
     return y.reshape(*x.shape[:-1], out_features)

@@ -120,5 +120,6 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
                                     (OP_INT, ops.intq_linear_fwd, ops.intq_linear_bwd))
     if backend == "triton":
         _checks.check_triton(OP, x)
-    y = _QuantLinearFunction.apply(x.reshape(-1, in_features), bias, fwd, bwd, meta, backend)
+    y = _QuantLinearFunction.apply(x.reshape(-1, in_features), _checks.contiguous_bias(bias), fwd, bwd, meta,
+                                   backend)
     return y.reshape(*x.shape[:-1], out_features)
