@@ -3,6 +3,7 @@ adapters r=16 on q, k, v, o, gate, up, down; sdpa attention; loss + backward. Ca
 frozen (the floor), HF PEFT LoRA (p = 0 and 0.05), DoRA (p = 0.05) and QLoRA over bitsandbytes NF4
 (when bnb runs here), each unpatched and patched by peft_kernels.patch_peft_model. The input
 embeddings require grad in every case, so backward runs through all layers even in the floor.
+Memory: the peak (CUDA) and, on any device, what autograd keeps for backward (harness.saved_mib).
 
     python benchmarks/bench_model.py --out benchmarks/results/model_h100.json
 """
@@ -106,8 +107,9 @@ def run(cfg, device, dtype, reps, methods):
             torch.cuda.reset_peak_memory_stats(device)
         ms = harness.time_ms(step, device, warmup=3 if device.type == "cuda" else 1, reps=reps)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        saved = harness.saved_mib(lambda: model(inputs_embeds=x, labels=ids).loss)  # activations kept for bwd
         floor = ms if method is None else floor
-        rows.append({"case": label, "ms": ms, "ratio": ms / floor, "peak_gib": peak})
+        rows.append({"case": label, "ms": ms, "ratio": ms / floor, "peak_gib": peak, "saved_mib": saved})
         if model is not base:
             del model
     return {"env": harness.environment(device), "benchmark": "whole-model step",
@@ -135,9 +137,9 @@ def main(argv=None) -> int:
     methods = [("lora", 0.0), ("lora", 0.05), ("dora", 0.05)] + ([] if args.no_qlora or not gpu else [("qlora", 0.05)])
     payload = run(cfg, device, torch.bfloat16 if gpu else torch.float32, args.reps or (10 if gpu else 2), methods)
     print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}")
-    print(harness.markdown_table(["case", "step ms", "/ floor", "peak GiB"],
+    print(harness.markdown_table(["case", "step ms", "/ floor", "peak GiB", "saved for bwd MiB"],
                                  [[r["case"], r["ms"], f"{r['ratio']:.2f}x",
-                                   None if r["peak_gib"] is None else round(r["peak_gib"], 2)]
+                                   None if r["peak_gib"] is None else round(r["peak_gib"], 2), r["saved_mib"]]
                                   for r in payload["results"]]))
     if args.out:
         harness.write_json(args.out, payload)

@@ -18,7 +18,7 @@ dropout mask nor x_d is stored (regenerated from the seed). Backward, g = dY, gl
 """
 import torch
 
-from .lora import accumulation_dtype, dropped
+from .lora import accumulation_dtype, dropped, keep_mask
 
 CHUNK_ELEMENTS = 1 << 22  # the largest [rows, N] fp32 temporary of the d mn reduction
 
@@ -58,13 +58,14 @@ def dora_backward(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_
     grad_mn = magnitude_grad(grad_y, w, acc)
     gl = (grad_y.to(acc) * mn).to(grad_y.dtype)
     v = gl @ lora_B
+    keep = keep_mask(x, dropout_p, seed)
     grad_B = (scaling * gl.T @ u.to(gl.dtype)).to(lora_B.dtype)
-    grad_A = (scaling * v.T @ dropped(x, dropout_p, seed)).to(lora_A.dtype)
+    grad_A = (scaling * v.T @ dropped(x, dropout_p, seed, keep)).to(lora_A.dtype)
     if not need_dx:
         return x.new_empty(0), grad_A, grad_B, grad_mn
     d_lora = scaling * (v @ lora_A)
     if dropout_p == 0.0:
         return gl @ weight + d_lora, grad_A, grad_B, grad_mn
     gd = (grad_y.to(acc) * (mn - 1)).to(grad_y.dtype)
-    grad_x = grad_y @ weight + dropped(gd @ weight + d_lora, dropout_p, seed)
+    grad_x = grad_y @ weight + dropped(gd @ weight + d_lora, dropout_p, seed, keep)
     return grad_x, grad_A, grad_B, grad_mn
