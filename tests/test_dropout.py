@@ -55,6 +55,15 @@ def test_mask_rate_and_row_independence():
     assert abs(both_dropped - p * p) < 5 * (p * p / keep.numel()) ** 0.5
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**32 + 5, 2**62 - 1, -3])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.999])
+def test_cpu_mask_equals_the_int32_torch_mask(seed, p):
+    """The CPU path (numpy uint32) and the torch int32 path (any device) are one function."""
+    from peft_kernels.reference.rng import _keep_mask_numpy, _keep_mask_torch
+    for rows, cols in ((1, 1), (37, 53), (70000, 3)):  # rows past 2**16: the row key's high bits
+        assert torch.equal(_keep_mask_numpy(seed, p, rows, cols), _keep_mask_torch(seed, p, rows, cols, "cpu"))
+
+
 def test_large_seeds_and_rows_use_all_bits():
     a = dropout_keep_mask(1, 0.5, 4, 64)
     b = dropout_keep_mask(1 + 2**32, 0.5, 4, 64)  # differs only in the seed's high word

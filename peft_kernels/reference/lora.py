@@ -20,8 +20,8 @@ def dropped(x: torch.Tensor, dropout_p: float, seed: int | None, keep: torch.Ten
     if dropout_p == 0.0:
         return x
     if keep is None:
-        keep = dropout_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) * (1.0 / (1.0 - dropout_p))
+        keep = keep_mask(x, dropout_p, seed)
+    return masked(x, keep) * (1.0 / (1.0 - dropout_p))
 
 
 def keep_mask(x: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor | None:
@@ -29,20 +29,29 @@ def keep_mask(x: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tens
     return None if dropout_p == 0.0 else dropout_keep_mask(seed, dropout_p, x.shape[0], x.shape[1], device=x.device)
 
 
+def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x with dropped entries zeroed, unscaled (0, not 0 * x: a dropped inf or nan gives 0, as in
+    the kernels). The 1 / (1 - p) goes on the small [M, r] / [r, K] products instead of x."""
+    return x if keep is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    u = dropped(x, dropout_p, seed) @ lora_A.T
-    y = torch.nn.functional.linear(x, weight, bias) + scaling * (u @ lora_B.T)
-    return y, u.to(accumulation_dtype(x.dtype))
+    acc = accumulation_dtype(x.dtype)
+    u = (masked(x, keep_mask(x, dropout_p, seed)) @ lora_A.T).to(acc)
+    if dropout_p:
+        u *= 1.0 / (1.0 - dropout_p)
+    y = torch.addmm(torch.nn.functional.linear(x, weight, bias), u.to(x.dtype), lora_B.T, alpha=scaling)
+    return y, u
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
     """Returns (dx or an empty tensor, d lora_A, d lora_B)."""
     v = grad_y @ lora_B  # [M, r]
     keep = keep_mask(x, dropout_p, seed)
-    grad_B = (scaling * grad_y.T @ u.to(grad_y.dtype)).to(lora_B.dtype)
-    grad_A = (scaling * v.T @ dropped(x, dropout_p, seed, keep)).to(lora_A.dtype)
+    s_drop = scaling / (1.0 - dropout_p)  # the 1 / (1 - p) of dropout's backward, on the small products
+    grad_B = ((grad_y.T @ u.to(grad_y.dtype)) * scaling).to(lora_B.dtype)
+    grad_A = ((v.T @ masked(x, keep)) * s_drop).to(lora_A.dtype)
     if not need_dx:
         return x.new_empty(0), grad_A, grad_B
-    d_xdrop = scaling * (v @ lora_A)  # gradient w.r.t. dropout(x)
-    grad_x = grad_y @ weight + dropped(d_xdrop, dropout_p, seed, keep)
-    return grad_x, grad_A, grad_B
+    d_xdrop = masked((v @ lora_A).mul_(s_drop), keep)  # the adapter's part of dx, under the mask
+    return torch.addmm(d_xdrop, grad_y, weight), grad_A, grad_B

