@@ -85,9 +85,10 @@ def test_same_seed_same_result_and_seed_none_follows_manual_seed(backend, kernel
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_checkpoint_recomputation_gives_identical_grads(backend, kernel_device):
+@pytest.mark.parametrize("cls", ["LoRALinear", "DoRALinear"])
+def test_checkpoint_recomputation_gives_identical_grads(backend, cls, kernel_device):
     device = kernel_device if backend == "triton" else torch.device("cpu")
-    layer = peft_kernels.nn.LoRALinear(24, 19, r=4, alpha=8, dropout=0.3, backend=backend).to(device)
+    layer = getattr(peft_kernels.nn, cls)(24, 19, r=4, alpha=8, dropout=0.3, backend=backend).to(device)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 5, 24, device=device)
 
@@ -97,7 +98,7 @@ def test_checkpoint_recomputation_gives_identical_grads(backend, kernel_device):
         torch.manual_seed(11)
         y = torch.utils.checkpoint.checkpoint(layer, xi, use_reentrant=False) if use_checkpoint else layer(xi)
         y.pow(2).sum().backward()
-        return [xi.grad, layer.lora_A.grad, layer.lora_B.grad]
+        return [xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
 
     plain, recomputed = grads(False), grads(True)
     for g0, g1 in zip(plain, recomputed):

@@ -159,6 +159,28 @@ def test_extremes_one_entry_and_full(kernel_device):
         assert torch.allclose(sd(x), x @ sd.merge().T + lin.bias, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block", [None, (16, 16), (32, 64)], ids=["unstructured", "16x16", "one block = the weight"])
+def test_no_tokens_and_a_block_as_large_as_the_weight(backend, block, kernel_device):
+    """M = 0 gives an empty output and a zero dDelta (the triton block path divided by M); a block
+    equal to weight.shape is a block (the values are [nb, bh, bw]), not the unstructured layout."""
+    device = _device(backend, kernel_device)
+    shape = (32, 64)
+    k = 1 if block == shape else 3
+    index = _random_index(shape, k, block, seed=k).to(device)
+    values = torch.randn(layout.values_shape(k, block), device=device, requires_grad=True)
+    w = torch.randn(*shape, device=device)
+    for M in (0, 5):
+        x = torch.randn(M, 64, device=device, requires_grad=True)
+        y = peft_kernels.sparse_delta_linear(x, w, values, index, shape_or_block=block, backend=backend)
+        assert y.shape == (M, 32)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        want = _dense_at(gy.T @ x.detach(), index, shape, block)
+        assert torch.allclose(values.grad, want, rtol=1e-5, atol=1e-5)
+        values.grad = None
+
+
 @pytest.mark.parametrize("mask", ["random", "magnitude", "gradient", "bool", "callable"])
 def test_masks(mask):
     torch.manual_seed(0)

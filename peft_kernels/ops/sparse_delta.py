@@ -111,13 +111,15 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta_values: tor
     Shapes: x [..., in]; weight [out, in] (frozen; W0, or W0 + Delta when ``merged``);
     shape_or_block None or weight.shape (unstructured: delta_index int32 [k], sorted flat positions
     row * in + col, delta_values [k]) or (bh, bw) (blocks: delta_index [nb], sorted positions in the
-    (out / bh) x (in / bw) block grid, delta_values [nb, bh, bw]); bias [out] or None.
+    (out / bh) x (in / bw) block grid, delta_values [nb, bh, bw]; a block as large as the weight is
+    told from weight.shape by the values' [nb, bh, bw] shape); bias [out] or None.
     Returns [..., out] in x's dtype. dDelta is computed at the k positions only (no [out, in]
     gradient). backend: "auto" (triton on CUDA, torch on CPU), "triton", "torch".
     """
     block = shape_or_block
-    if block is not None and isinstance(weight, torch.Tensor) and tuple(block) == tuple(weight.shape):
-        block = None
+    if (block is not None and isinstance(weight, torch.Tensor) and tuple(block) == tuple(weight.shape)
+            and getattr(delta_values, "dim", lambda: 1)() != 3):
+        block = None  # weight.shape means unstructured, unless the values are one [bh, bw] block each
     shape, block = check_delta(OP, weight, delta_values, delta_index, block)
     _checks.check_input(OP, x, shape[1], shape[0], bias)
     _checks.check_same_device(OP, x=x, weight=weight, bias=bias)

@@ -22,6 +22,8 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
     M = x.shape[0]
     in_f = shape[1]
     k = index.numel()
+    if M == 0:  # no tokens: a zero gradient
+        return torch.zeros((k, *block) if block is not None else (k,), dtype=acc, device=x.device)
     if block is None:
         out = torch.empty(k, dtype=acc, device=x.device)
         rows, cols = (index.long() // in_f), (index.long() % in_f)

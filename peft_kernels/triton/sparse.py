@@ -161,6 +161,8 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
     "panel" | "gather_t" | None (by density) — for tests and benchmarks."""
     M = x.shape[0]
     k = index.numel()
+    if M == 0:  # no tokens: a zero gradient (the launch splits below divide by M)
+        return torch.zeros((k, *block) if block is not None else (k,), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     if grad_y.stride(1) != 1:
         grad_y = grad_y.contiguous()
