@@ -43,6 +43,37 @@ def test_qlora_matches_oracle(backend, dtype, fmt, nested, p, kernel_device):
     _assert_qlora_matches_dequantized(q, q.dequantize(), x, a, b, bias, p, backend)
 
 
+@pytest.mark.parametrize("fmt,nested", [("nf4", True), ("fp4", False)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_reference_decodes_4bit_weights_by_windows(fmt, nested, p, monkeypatch):
+    """The torch backend (the CPU path) never decodes more than WINDOW_ELEMENTS weights at once —
+    windows of whole rows, a partial last one, forward and backward — and matches the oracle on
+    the dequantized weight; quant_linear and dora_linear over 4 bits too."""
+    from peft_kernels.quant import bnb4bit
+    from peft_kernels.reference import quant as ref_quant
+    monkeypatch.setattr(ref_quant, "WINDOW_ELEMENTS", 20 * 37)  # 20 rows of W [53, 37] a window
+    windows = []
+    decode = bnb4bit.decode_flat_parts
+
+    def counting(*args):
+        out = decode(*args)
+        windows.append(out.numel())
+        return out
+    monkeypatch.setattr(ref_quant, "decode_flat_parts", counting)
+    x, w, a, b, bias = make_inputs((3, 7), 37, 53, 5, torch.float32, "cpu")
+    q = FORMATS[fmt].from_float(w, blocksize=32, double_quant=nested)
+    _assert_qlora_matches_dequantized(q, q.dequantize(), x, a, b, bias, p, "torch")
+    # rows 20 + 20 + 13, forward then backward (dX sums the windows' dY[:, rows] W[rows])
+    assert windows == [20 * 37, 20 * 37, 13 * 37] * 2
+    y = peft_kernels.quant_linear(x, q, bias, backend="torch")
+    assert rel_err(y, x.double() @ q.dequantize().double().T + bias.double()) <= FLOOR[torch.float32]
+    m = torch.rand(53) + 0.5
+    y = peft_kernels.dora_linear(x, q, a, b, m, bias, scaling=0.7, dropout_p=p, seed=3, backend="torch")
+    want = peft_kernels.dora_linear(x, q.dequantize(), a, b, m, bias, scaling=0.7, dropout_p=p, seed=3,
+                                    backend="torch")
+    assert rel_err(y, want) <= FLOOR[torch.float32]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

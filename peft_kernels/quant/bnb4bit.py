@@ -123,12 +123,28 @@ def _quantize_4bit_torch(w: torch.Tensor, code: torch.Tensor, blocksize: int):
 
 def dequantize_parts(packed, absmax, code, absmax2, code2, offset, blocksize, shape, dtype) -> torch.Tensor:
     """Decode bitsandbytes 4-bit parts to a [out, in] tensor in ``dtype`` (bnb's exact rule)."""
-    n = math.prod(shape)
-    flat = packed.reshape(-1)
-    idx = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]
-    if absmax2 is not None:
-        absmax = _dequantize_blockwise(code2[absmax.long()], absmax2, NESTED_BLOCKSIZE) + offset
-    return _dequantize_blockwise(code[idx.long()], absmax, blocksize).view(*shape).to(dtype)
+    return decode_flat_parts(packed, absmax, code, absmax2, code2, offset, blocksize, 0, math.prod(shape),
+                             dtype).view(*shape)
+
+
+def decode_flat_parts(packed, absmax, code, absmax2, code2, offset, blocksize, start, count,
+                      dtype) -> torch.Tensor:
+    """Elements [start, start + count) of the flattened weight of bitsandbytes 4-bit parts, in
+    ``dtype``, with dequantize_parts' exact values, decoding only that range (plain torch, any
+    device): whole rows of W are such a range."""
+    if count == 0:
+        return torch.empty(0, dtype=dtype, device=packed.device)
+    b0 = start // 2
+    byte = packed.reshape(-1)[b0:(start + count + 1) // 2]
+    nibble = torch.stack([byte >> 4, byte & 0xF], dim=1).reshape(-1)[start - 2 * b0:start - 2 * b0 + count]
+    k0, k1 = start // blocksize, (start + count - 1) // blocksize + 1
+    if absmax2 is None:
+        scale = absmax[k0:k1].float()
+    else:
+        blocks = torch.arange(k0, k1, device=packed.device)
+        scale = code2[absmax[k0:k1].long()] * absmax2[blocks // NESTED_BLOCKSIZE] + offset
+    scale = scale.repeat_interleave(blocksize)[start - k0 * blocksize:start - k0 * blocksize + count]
+    return (code[nibble.long()] * scale).to(dtype)
 
 
 def _check_float_matrix(w: torch.Tensor, name: str):
@@ -213,13 +229,7 @@ class Bnb4bitWeight:
 
             out = torch.empty((rows, in_f), dtype=dtype, device=self.packed.device)
             return dequantize_window(*self.parts(), r0, rows, 0, in_f, out)
-        idx = torch.arange(r0 * in_f, (r0 + rows) * in_f)
-        block = idx // self.blocksize
-        absmax = self.absmax[block].float() if self.absmax2 is None else (
-            self.code2[self.absmax[block].long()] * self.absmax2[block // NESTED_BLOCKSIZE] + self.offset)
-        byte = self.packed.reshape(-1)[idx // 2].long()
-        nibble = torch.where(idx % 2 == 0, byte >> 4, byte & 0xF)
-        return (self.code[nibble] * absmax).to(dtype).view(rows, in_f)
+        return decode_flat_parts(*self.parts()[:7], r0 * in_f, rows * in_f, dtype).view(rows, in_f)
 
     @property
     def bits_per_parameter(self) -> float:

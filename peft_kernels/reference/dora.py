@@ -18,26 +18,31 @@ dropout mask nor x_d is stored (regenerated from the seed). Backward, g = dY, gl
 """
 import torch
 
-from .lora import accumulation_dtype, dropped, keep_mask
+from .lora import accumulation_dtype, dense_base, dropped, keep_mask
 
 CHUNK_ELEMENTS = 1 << 22  # the largest [rows, N] fp32 temporary of the d mn reduction
 
 
 def dora_forward(x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed):
     """Returns (y [M, N] in x.dtype, u [M, r] and w [M, N] for backward; u in the accumulation dtype)."""
+    return dora_forward_with(dense_base(weight)[0], x, lora_A, lora_B, mn, bias, scaling, dropout_p, seed)
+
+
+def dora_forward_with(base, x, lora_A, lora_B, mn, bias, scaling, dropout_p, seed):
+    """The forward over any frozen base (``base(a, bias)`` = a @ W.T + bias, see reference.lora)."""
     acc = accumulation_dtype(x.dtype)
     xd = dropped(x, dropout_p, seed)
     u = xd @ lora_A.T
     lora = scaling * (u @ lora_B.T)
     mn = mn.to(acc)
     if dropout_p == 0.0:
-        w = x @ weight.T + lora
+        w = base(x, None) + lora
         y = mn * w.to(acc)
         if bias is not None:
             y = y + bias.to(acc)
     else:
-        w = xd @ weight.T + lora
-        y = torch.nn.functional.linear(x, weight, bias).to(acc) + lora.to(acc) + (mn - 1) * w.to(acc)
+        w = base(xd, None) + lora
+        y = base(x, bias).to(acc) + lora.to(acc) + (mn - 1) * w.to(acc)
     return y.to(x.dtype), u.to(acc), w
 
 
@@ -53,6 +58,12 @@ def magnitude_grad(grad_y, w, acc):
 
 def dora_backward(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx):
     """Returns (dx or an empty tensor, d lora_A, d lora_B, d mn [N] in the accumulation dtype)."""
+    base_t = dense_base(weight)[1] if need_dx else None
+    return dora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx)
+
+
+def dora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx):
+    """The backward over any frozen base (``base_t(g, c)`` = c + g @ W, see reference.lora)."""
     acc = accumulation_dtype(x.dtype)
     mn = mn.to(acc)
     grad_mn = magnitude_grad(grad_y, w, acc)
@@ -65,7 +76,7 @@ def dora_backward(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_
         return x.new_empty(0), grad_A, grad_B, grad_mn
     d_lora = scaling * (v @ lora_A)
     if dropout_p == 0.0:
-        return gl @ weight + d_lora, grad_A, grad_B, grad_mn
+        return base_t(gl, d_lora), grad_A, grad_B, grad_mn
     gd = (grad_y.to(acc) * (mn - 1)).to(grad_y.dtype)
-    grad_x = grad_y @ weight + dropped(gd @ weight + d_lora, dropout_p, seed, keep)
+    grad_x = base_t(grad_y, dropped(base_t(gd, d_lora), dropout_p, seed, keep))
     return grad_x, grad_A, grad_B, grad_mn

@@ -8,8 +8,8 @@ everywhere; the Triton LoRA path (peft_kernels/triton/intq_lora.py) adds its ada
     forward   y  [M, N] (+)= x  [M, K] @ W^T   windows of whole rows of W
     backward  dx [M, K] (+)= dY [M, N] @ W     windows of whole columns (multiples of the group)
 
-qlora_forward / qlora_backward: the LoRA op over these bases, plain PyTorch (the reference and CPU
-path of qlora_linear with an Int8Weight / Int4Weight).
+qlora_* / qdora_*: the LoRA and DoRA ops over these bases, plain PyTorch with the same windowed
+products (the reference and CPU path of qlora_linear / dora_linear with an Int8Weight / Int4Weight).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from ..quant.int4 import Int4Weight
 from ..quant.int8 import Int8Weight
 from . import dora, lora
-from .windowed import windowed_matmul
+from .windowed import window_step, windowed_matmul
 
 WINDOW_ELEMENTS = 4 * 1024 * 1024
 
@@ -31,18 +31,14 @@ def weight_of(fmt: str, tensors, group_size: int, dtype: torch.dtype):
     raise ValueError(f"unknown integer weight format {fmt!r}")
 
 
-def _step(total: int, other: int, align: int) -> int:
-    step = max(align, WINDOW_ELEMENTS // max(other, 1) // align * align)
-    return min(step, total) if total else 1
-
-
 def _product(a, tensors, fmt, group_size, shape, transpose, out, bias=None):
     N, K = shape
     w = weight_of(fmt, tensors, group_size, a.dtype)
     accumulate = out is not None
     if out is None:
         out = torch.empty((a.shape[0], K if transpose else N), dtype=a.dtype, device=a.device)
-    step = _step(K, N, group_size if fmt == "int4" else 1) if transpose else _step(N, K, 1)
+    step = (window_step(K, N, group_size if fmt == "int4" else 1, WINDOW_ELEMENTS) if transpose
+            else window_step(N, K, 1, WINDOW_ELEMENTS))
     decode = lambda r0, rows, c0, cols: w.decode_window(r0, rows, c0, cols, a.dtype)  # noqa: E731
     return windowed_matmul(a, decode, shape, step, out, transpose=transpose, accumulate=accumulate, bias=bias)
 
@@ -57,23 +53,33 @@ def backward(grad_y, tensors, fmt, group_size, shape, out=None):
     return _product(grad_y, tensors, fmt, group_size, shape, True, out)
 
 
+def _bases(tensors, fmt, group_size, shape):
+    """base / base_t of reference.lora's *_with functions: the windowed products."""
+    def base(a, bias):
+        return forward(a, tensors, fmt, group_size, shape, bias)
+
+    def base_t(g, c):
+        return backward(g, tensors, fmt, group_size, shape, out=c)
+    return base, base_t
+
+
 def qlora_forward(x, tensors, fmt, group_size, shape, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    w = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype)
-    return lora.lora_forward(x, w, lora_A, lora_B, bias, scaling, dropout_p, seed)
+    base = _bases(tensors, fmt, group_size, shape)[0]
+    return lora.lora_forward_with(base, x, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
 def qlora_backward(grad_y, x, tensors, fmt, group_size, shape, lora_A, lora_B, u, scaling, dropout_p, seed,
                    need_dx):
-    w = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype) if need_dx else None
-    return lora.lora_backward(grad_y, x, w, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+    base_t = _bases(tensors, fmt, group_size, shape)[1]
+    return lora.lora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
 
 
 def qdora_forward(x, tensors, fmt, group_size, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed):
-    w = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype)
-    return dora.dora_forward(x, w, lora_A, lora_B, mn, bias, scaling, dropout_p, seed)
+    base = _bases(tensors, fmt, group_size, shape)[0]
+    return dora.dora_forward_with(base, x, lora_A, lora_B, mn, bias, scaling, dropout_p, seed)
 
 
 def qdora_backward(grad_y, x, tensors, fmt, group_size, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed,
                    need_dx):
-    weight = weight_of(fmt, tensors, group_size, x.dtype).dequantize(x.dtype) if need_dx else None
-    return dora.dora_backward(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx)
+    base_t = _bases(tensors, fmt, group_size, shape)[1]
+    return dora.dora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx)

@@ -35,17 +35,41 @@ def masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x if keep is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def dense_base(weight):
+    """The base products of a dense weight [N, K], as the *_with functions take them:
+    base(a, bias) = a @ W.T + bias, base_t(g, c) = c + g @ W (g @ W when c is None)."""
+    def base(a, bias):
+        return torch.nn.functional.linear(a, weight, bias)
+
+    def base_t(g, c):
+        return g @ weight if c is None else torch.addmm(c, g, weight)
+    return base, base_t
+
+
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
-    acc = accumulation_dtype(x.dtype)
-    u = (masked(x, keep_mask(x, dropout_p, seed)) @ lora_A.T).to(acc)
-    if dropout_p:
-        u *= 1.0 / (1.0 - dropout_p)
-    y = torch.addmm(torch.nn.functional.linear(x, weight, bias), u.to(x.dtype), lora_B.T, alpha=scaling)
-    return y, u
+    return lora_forward_with(dense_base(weight)[0], x, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
 def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
     """Returns (dx or an empty tensor, d lora_A, d lora_B)."""
+    base_t = dense_base(weight)[1] if need_dx else None
+    return lora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+
+
+def lora_forward_with(base, x, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    """The forward over any frozen base (``base(a, bias)`` = a @ W.T + bias, e.g. by windows of a
+    quantized W): (y [M, N] in x.dtype, u [M, r] in the accumulation dtype)."""
+    acc = accumulation_dtype(x.dtype)
+    u = (masked(x, keep_mask(x, dropout_p, seed)) @ lora_A.T).to(acc)
+    if dropout_p:
+        u *= 1.0 / (1.0 - dropout_p)
+    y = torch.addmm(base(x, bias), u.to(x.dtype), lora_B.T, alpha=scaling)
+    return y, u
+
+
+def lora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+    """The backward over any frozen base (``base_t(g, c)`` = c + g @ W): (dx or an empty tensor,
+    d lora_A, d lora_B)."""
     v = grad_y @ lora_B  # [M, r]
     keep = keep_mask(x, dropout_p, seed)
     s_drop = scaling / (1.0 - dropout_p)  # the 1 / (1 - p) of dropout's backward, on the small products
@@ -54,4 +78,4 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed
     if not need_dx:
         return x.new_empty(0), grad_A, grad_B
     d_xdrop = masked((v @ lora_A).mul_(s_drop), keep)  # the adapter's part of dx, under the mask
-    return torch.addmm(d_xdrop, grad_y, weight), grad_A, grad_B
+    return base_t(grad_y, d_xdrop), grad_A, grad_B

@@ -1,7 +1,8 @@
 """The product with a frozen quantized weight W [N, K] by windows of W, in plain PyTorch: each
 window is decoded (by the format's own decoder) and multiplied by the BLAS, writing column slices
 of the output, so the full-precision weight never exists at once. Serves the 4-bit chunked path
-(peft_kernels/triton/quant_matmul.py) and the INT8/INT4 bases (peft_kernels/reference/intq.py).
+(peft_kernels/triton/quant_matmul.py) and the reference products with NF4/FP4 and INT8/INT4 bases
+(peft_kernels/reference/quant.py, intq.py).
 
     transpose=False:  out [M, N] (+)= a [M, K] @ W^T   windows of ``step`` whole rows of W
     transpose=True:   out [M, K] (+)= a [M, N] @ W     windows of ``step`` whole columns of W
@@ -9,6 +10,13 @@ of the output, so the full-precision weight never exists at once. Serves the 4-b
 from __future__ import annotations
 
 import torch
+
+
+def window_step(total: int, other: int, align: int, window_elements: int) -> int:
+    """Rows (or columns) of W per window: at most ``window_elements`` weights, a multiple of
+    ``align``, at least one ``align``."""
+    step = max(align, window_elements // max(other, 1) // align * align)
+    return min(step, total) if total else 1
 
 
 def windowed_matmul(a, decode, shape, step, out, transpose=False, accumulate=False, bias=None):
