@@ -1,8 +1,9 @@
 """Triton backend of the fused DoRA op (formulas and shapes: peft_kernels.reference.dora).
 
 It reuses the LoRA kernels of triton/lora.py for the adapter work (the down-projection with the
-dropout mask from the seed, the up-projection, dY·B, dA, dB) and cuBLAS for the base products;
-DoRA's own elementwise work runs in two kernels here, each one pass over its [M, N] operands:
+dropout mask from the seed, the up-projection, dY·B, dA, dB) and cuBLAS for the base products (over
+a quantized base: the 4-bit matmul or the INT windows, through forward_with / backward_with);
+DoRA's own work runs in three kernels here, each one pass over its operands:
 
   forward   adapter_forward        L = s·u Bᵀ, u = x_d Aᵀ                            [M, N], [M, r]
     p = 0   cuBLAS                 w = L + x Wᵀ          (in place of L)
