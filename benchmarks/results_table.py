@@ -1,5 +1,5 @@
-"""Regenerate README.md's results section from benchmarks/results/*.json (the LoRA, QLoRA and
-sparse fwd+bwd benchmarks, and the LoRA backends side by side).
+"""Regenerate README.md's results section from benchmarks/results/*.json (the LoRA, QLoRA, DoRA and
+sparse fwd+bwd benchmarks, the LoRA backends side by side, the whole-model step).
 
     python benchmarks/results_table.py            # rewrite the block between the README markers
     python benchmarks/results_table.py --print    # print it only
@@ -10,6 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _rel(path: Path) -> str:
+    """The path as the README cites it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _shape(r):
@@ -40,7 +45,7 @@ def lora_table(path: Path) -> str:
         row.append(" / ".join("—" if m is None else f"{m:.0f}" for m in mem))
         lines.append("| " + " | ".join(row) + " |")
     cfg = data["config"]
-    caption = (f"`{path.relative_to(ROOT)}`: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+    caption = (f"`{_rel(path)}`: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
                f"peft {env['peft']}; {cfg['dtype']}, r={cfg['r']}, alpha={cfg['alpha']:g}; {cfg['timing']}, "
                f"{env['date']}. Each cell: time / frozen floor, then in parentheses the same step replayed "
                f"from a CUDA graph (device time without host launch overhead).")
@@ -51,13 +56,31 @@ def case_rows_table(path: Path) -> str:
     """One row per (shape, case): for benchmarks whose cases differ per op (QLoRA, sparse)."""
     data = json.loads(path.read_text())
     env, cfg = data["env"], data["config"]
-    lines = ["| M×K→N | case | ms | / floor | graphed / floor | peak extra MiB |", "|---|---|---|---|---|---|"]
+    saved = any(r.get("saved_mib") is not None for r in data["results"])  # JSON written since the column exists
+    lines = ["| M×K→N | case | ms | / floor | graphed / floor | peak extra MiB |" + (" saved for bwd MiB |" if saved else ""),
+             "|---|---|---|---|---|---|" + ("---|" if saved else "")]
     for r in data["results"]:
         g = f"{r['graphed_ratio']:.2f}×" if r.get("graphed_ratio") else "—"
         mem = "—" if r.get("peak_extra_mib") is None else f"{r['peak_extra_mib']:.0f}"
-        lines.append(f"| {_shape(r)} | {r['case']} | {r['ms']:.3f} | {r['ratio']:.2f}× | {g} | {mem} |")
-    caption = (f"`{path.relative_to(ROOT)}` ({data['benchmark']}): {env['device']}, torch {env['torch']}, "
+        kept = (" —" if r.get("saved_mib") is None else f" {r['saved_mib']:.1f}") + " |" if saved else ""
+        lines.append(f"| {_shape(r)} | {r['case']} | {r['ms']:.3f} | {r['ratio']:.2f}× | {g} | {mem} |{kept}")
+    caption = (f"`{_rel(path)}` ({data['benchmark']}): {env['device']}, torch {env['torch']}, "
                f"triton {env['triton']}; {cfg['dtype']}; {cfg['timing']}, {env['date']}.")
+    return caption + "\n\n" + "\n".join(lines)
+
+
+def model_table(path: Path) -> str:
+    """The whole-model step (bench_model.py): one row per case."""
+    data = json.loads(path.read_text())
+    env, cfg = data["env"], data["config"]
+    lines = ["| case | step ms | / floor | peak GiB | saved for bwd MiB |", "|---|---|---|---|---|"]
+    for r in data["results"]:
+        peak = "—" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+        kept = "—" if r.get("saved_mib") is None else f"{r['saved_mib']:.0f}"
+        lines.append(f"| {r['case']} | {r['ms']:.2f} | {r['ratio']:.2f}× | {peak} | {kept} |")
+    caption = (f"`{_rel(path)}` (whole-model step: {cfg['num_hidden_layers']} layers, hidden "
+               f"{cfg['hidden_size']}, batch {cfg['batch']}×{cfg['seq']}, r={cfg['r']} on {', '.join(cfg['targets'])}): "
+               f"{env['device']}, torch {env['torch']}; {cfg['dtype']}; {cfg['timing']}, {cfg['date']}.")
     return caption + "\n\n" + "\n".join(lines)
 
 
@@ -77,7 +100,7 @@ def backends_table(path: Path) -> str:
                 cell += f" ({r['graphed_ratio']:.2f}×)"
             cells.append(cell)
         lines.append(f"| {M} | {mode} | {by[(M, mode, 'floor')]['ms']:.3f} | " + " | ".join(cells) + " |")
-    caption = (f"`{path.relative_to(ROOT)}` (lora_linear, backend by backend): {env['device']}, torch "
+    caption = (f"`{_rel(path)}` (lora_linear, backend by backend): {env['device']}, torch "
                f"{env['torch']}; bf16, r=16, p=0.05, eager launch (CUDA-graphed in parentheses), {env['date']}.")
     return caption + "\n\n" + "\n".join(lines)
 
@@ -91,6 +114,8 @@ def block() -> str:
             tables.append(lora_table(p))
         elif kind in ("qlora_linear fwd+bwd", "dora_linear fwd+bwd", "sparse_delta_linear fwd+bwd"):
             tables.append(case_rows_table(p))
+        elif kind == "whole-model step":
+            tables.append(model_table(p))
         elif p.name.startswith("lora_backends"):
             tables.append(backends_table(p))
     return "\n\n".join(tables) if tables else "No results committed yet."

@@ -60,3 +60,22 @@ def test_lora_fused_sweep_runs(tmp_path):
             ("bwd", "fused bn=16 bk=16 stages=2"), ("bwd", "fused bn=16 bk=32 stages=2"),
             ("bwd", "dy/dx kernels + cuBLAS")} <= cases, cases
     assert all(r.get("ms") is not None for r in data["rows"]), [r for r in data["rows"] if "error" in r]
+
+
+def test_bench_model_runs_and_renders_in_the_readme_table(tmp_path):
+    """The whole-model benchmark on CPU (tiny LLaMA, one layer): every case runs, each reports what
+    autograd keeps for backward, and results_table.py renders its JSON (as it will the GPU one)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    out = tmp_path / "model.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--device", "cpu",
+                           "--layers", "1", "--reps", "1", "--out", str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    cases = [r["case"] for r in data["results"]]
+    assert cases[0] == "all weights frozen (floor)" and "peft_kernels (patched PEFT) dora p=0.05" in cases
+    assert all(r["saved_mib"] > 0 for r in data["results"])
+    table = _module("results_table.py").model_table(out)
+    assert all(c in table for c in cases) and "saved for bwd MiB" in table

@@ -2,10 +2,13 @@
 its JSON and a PNG chart, and the table covers every case."""
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from peft_kernels.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("op,extra", [("lora", ["--shapes", "48x64x40", "--no-compile"]),
@@ -28,6 +31,12 @@ def test_bench_ops_write_json_and_plot(op, extra, tmp_path, capsys):
             assert {"bitsandbytes Linear4bit (frozen NF4)", "HF PEFT QLoRA (bnb), fp32 adapters p=0.05"} <= cases
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "floor" in capsys.readouterr().out
+    assert all(r["saved_mib"] is not None for r in data["results"] if "compile" not in r["case"])
+    if op != "lora":  # README tables (results_table.py) render these JSONs with the new column
+        spec = importlib.util.spec_from_file_location("results_table", ROOT / "benchmarks" / "results_table.py")
+        results_table = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(results_table)
+        assert "saved for bwd MiB" in results_table.case_rows_table(out)
 
 
 def test_bench_qlora_decode_has_the_aligned_candidates(tmp_path, monkeypatch):
