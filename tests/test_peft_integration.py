@@ -77,6 +77,37 @@ def test_patched_matches_unpatched(train):
     assert torch.equal(y2, y0)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_patched_matches_unpatched_on_random_configurations(seed):
+    """Random LoraConfigs (rank, alpha, rsLoRA, DoRA, bias mode, which layers, odd widths down to 1),
+    float64, train and eval: outputs and every gradient equal unpatched PEFT's."""
+    import random
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    d, h = rng.randint(1, 40), rng.randint(1, 40)
+    net = nn.Sequential(nn.Linear(d, h, bias=rng.random() < 0.5), nn.Tanh(), nn.Linear(h, h), nn.ReLU(),
+                        nn.Linear(h, 3)).double()
+    cfg = peft.LoraConfig(r=rng.choice([1, 2, 8]), lora_alpha=rng.choice([1, 16]), use_rslora=rng.random() < 0.3,
+                          use_dora=rng.random() < 0.4, bias=rng.choice(["none", "all", "lora_only"]),
+                          target_modules=rng.sample(["0", "2", "4"], rng.randint(1, 3)))
+    model = peft.get_peft_model(net, cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.3)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == len(cfg.target_modules) and not report.skipped
+    x = torch.randn(rng.randint(1, 5), 3, d, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        patched.train(train)
+        (y0, gx0, g0), (y1, gx1, g1) = _run(model, x), _run(patched, x)
+        assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+        assert g0.keys() == g1.keys()
+        for name in g0:
+            assert torch.allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12), name
+
+
 def test_dropout_runs_fused_and_follows_manual_seed():
     model = _peft_model(dropout=0.3).train()
     peft_kernels.patch_peft_model(model)
