@@ -206,6 +206,8 @@ def test_bad_inputs():
         peft_kernels.dora_linear(x, w.double(), a, b, m, bias)
     with pytest.raises(RuntimeError, match=r"dora_linear: backend 'cuda' unavailable"):
         peft_kernels.dora_linear(x, w, a, b, m, bias, backend="cuda")
+    with pytest.raises(ValueError, match=r"dora_linear: weight_row_sq must be \[6\]"):  # [1] would broadcast
+        peft_kernels.dora_linear(x, w, a, b, m, bias, weight_row_sq=torch.ones(1))
 
 
 def test_norm_is_detached_and_magnitude_grad_is_exact():

@@ -193,8 +193,8 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
 
     ``weight``: the frozen [out, in] tensor (the fused dora_fwd / dora_bwd ops; backends "torch"
     and "triton"), or an NF4Weight/FP4Weight/Int8Weight/Int4Weight (QDoRA: the qdora_* /
-    intq_dora_* ops, the base products on the 4-bit matmul / decoded INT windows). ``weight_row_sq`` = ‖W_i‖², e.g. from weight_row_sq(), skips
-    recomputing it every call. Gradients flow to x, lora_A, lora_B and magnitude (the row norm is
+    intq_dora_* ops, the base products on the 4-bit matmul / decoded INT windows).
+    ``weight_row_sq`` [out] = ‖W_i‖², e.g. from weight_row_sq(), skips recomputing it every call. Gradients flow to x, lora_A, lora_B and magnitude (the row norm is
     detached, as in PEFT), and to weight / bias when they require grad. Dropout: as lora_linear
     (mask from ``seed``, never stored). ``peft_kernels.backends.last_used("dora_linear")`` tells
     which backend ran (over a quantized base: ``last_used("qdora_linear")``, or
@@ -204,7 +204,7 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
         return _quantized_dora(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed,
                                backend, weight_row_sq)
     backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op=OP)
-    _check_magnitude(magnitude, weight.shape[0], x)
+    _check_magnitude(magnitude, weight.shape[0], x, weight_row_sq)
     norm = dora_weight_norm(weight, lora_A, lora_B, float(scaling), weight_row_sq)
     mn = magnitude.to(accumulation_dtype(x.dtype)) / norm
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
@@ -221,7 +221,7 @@ def _quantized_dora(x, qweight, lora_A, lora_B, magnitude, bias, scaling, dropou
     _checks.check_input(OP, x, in_features, out_features, bias)
     r = _checks.check_adapter(OP, lora_A, lora_B, in_features, out_features, scaling, dropout_p)
     _checks.check_same_device(OP, x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    _check_magnitude(magnitude, out_features, x)
+    _check_magnitude(magnitude, out_features, x, weight_row_sq)
     ops = torch.ops.peft_kernels
     backend, fwd, bwd, meta = route(qweight, backend, x.device, (OP_Q, ops.qdora_fwd, ops.qdora_bwd),
                                     (OP_QINT, ops.intq_dora_fwd, ops.intq_dora_bwd))
@@ -235,11 +235,15 @@ def _quantized_dora(x, qweight, lora_A, lora_B, magnitude, bias, scaling, dropou
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def _check_magnitude(magnitude, out_features, x):
-    _checks.check_tensor(magnitude, "magnitude", OP, 1)
-    if magnitude.shape[0] != out_features:
-        _checks.fail(OP, f"magnitude must be [{out_features}], got {list(magnitude.shape)}")
-    _checks.check_same_device(OP, x=x, magnitude=magnitude)
+def _check_magnitude(magnitude, out_features, x, row_sq=None):
+    """magnitude (and weight_row_sq when given): [out] on x's device."""
+    for t, name in ((magnitude, "magnitude"), (row_sq, "weight_row_sq")):
+        if t is None:
+            continue
+        _checks.check_tensor(t, name, OP, 1)
+        if t.shape[0] != out_features:
+            _checks.fail(OP, f"{name} must be [{out_features}], got {list(t.shape)}")
+        _checks.check_same_device(OP, x=x, **{name: t})
 
 
 __all__ = ["dora_linear", "dora_weight_norm", "weight_row_sq"]
