@@ -236,3 +236,15 @@ def test_triton_matches_oracle_at_real_sizes(M, K, N, r, dtype, p):
     for t in tensors[:1] + tensors[2:5]:
         t.requires_grad_()
     _check(tensors, 2.0, p, 42, "triton")
+
+
+def test_the_benchmarks_eager_baseline_is_dora():
+    """bench/dora.py's eager baseline computes what dora_linear does (p = 0, float64; with dropout
+    it draws torch's mask, so only its shape and finiteness are checked)."""
+    from peft_kernels.bench.dora import _eager
+    x, w, a, b, m, _ = [t.double() if t is not None else None
+                        for t in _inputs((9,), 20, 13, 4, torch.float32, torch.device("cpu"), bias=False)]
+    want = peft_kernels.dora_linear(x, w, a, b, m, scaling=1.5, backend="torch")
+    assert torch.allclose(_eager(x, w, a, b, m, 1.5, 0.0), want, rtol=1e-12, atol=1e-12)
+    y = _eager(x, w, a, b, m, 1.5, 0.05)
+    assert y.shape == want.shape and torch.isfinite(y).all()

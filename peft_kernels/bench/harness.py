@@ -171,7 +171,11 @@ def _live_storages() -> set[int]:
     with warnings.catch_warnings():  # isinstance on every live object trips deprecation properties
         warnings.simplefilter("ignore")
         for o in gc.get_objects():
-            if isinstance(o, torch.Tensor):
+            try:
+                is_tensor = isinstance(o, torch.Tensor)
+            except ReferenceError:  # a weakproxy whose object is gone (torch.compile leaves some)
+                continue
+            if is_tensor:
                 known.update(ptr for ptr, _ in _storages(o))
     return known
 
