@@ -1,7 +1,10 @@
-"""Input validation shared by the ops: each failure says what was expected and what was given."""
+"""Input validation shared by the ops: each failure says what was expected and what was given;
+and the backend module with the seed in the form it takes."""
 import math
 
 import torch
+
+from .. import backends
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -106,6 +109,12 @@ def host_seed(seed: int | None) -> int:
     """``seed``, or a fresh draw from torch's CPU generator: no device sync, and
     torch.manual_seed and checkpoint's RNG-state replay reproduce it."""
     return seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+
+
+def implementation_and_seed(op: str, backend: str, seed):
+    """The backend module running ``op`` and the seed as it takes it: the torch reference an int,
+    the kernels the int64 tensor [1] (the custom ops pass the tensor)."""
+    return backends.implementation(op, backend), (seed_value(seed) if backend == "torch" else seed)
 
 
 def seed_value(seed) -> int | None:

@@ -8,7 +8,7 @@ The dropout form is PEFT's exact formula: the dropped x goes through the base we
 Path over a dense base: ``dora_linear`` (validates, resolves the backend, computes mn) ->
 ``_DoRAFunction`` -> custom ops ``peft_kernels::dora_fwd`` / ``dora_bwd`` (schemas in _ops.py) ->
 the backend module's ``dora_forward`` / ``dora_backward`` (reference/dora.py: formulas; triton/dora.py:
-the LoRA kernels plus two DoRA kernels). The dropout mask comes from the seed and is regenerated
+the LoRA kernels plus three DoRA kernels). The dropout mask comes from the seed and is regenerated
 in backward; saved are x, u [M, r] and one [M, N] tensor for the magnitude's gradient.
 
 The row norm never builds the out×in matrix W + s·B·A:
@@ -79,27 +79,19 @@ def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling
 
 @torch.library.impl(_ops.LIB, "dora_fwd", "CompositeExplicitAutograd")
 def _dora_fwd(x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend):
-    impl = backends.implementation(OP, backend)
-    if backend == "torch":
-        seed = _checks.seed_value(seed)
+    impl, seed = _checks.implementation_and_seed(OP, backend, seed)
     return impl.dora_forward(x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed)
 
 
 @torch.library.impl(_ops.LIB, "dora_bwd", "CompositeExplicitAutograd")
 def _dora_bwd(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx, backend):
-    impl = backends.implementation(OP, backend)
-    if backend == "torch":
-        seed = _checks.seed_value(seed)
+    impl, seed = _checks.implementation_and_seed(OP, backend, seed)
     return impl.dora_backward(grad_y, x, weight, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx)
-
-
-def _impl(op, backend, seed):
-    return backends.implementation(op, backend), (_checks.seed_value(seed) if backend == "torch" else seed)
 
 
 @torch.library.impl(_ops.LIB, "qdora_fwd", "CompositeExplicitAutograd")
 def _qdora_fwd(x, qweight, blocksize, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend):
-    impl, seed = _impl(OP_Q, backend, seed)
+    impl, seed = _checks.implementation_and_seed(OP_Q, backend, seed)
     return impl.qdora_forward(x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, mn, bias, scaling,
                               dropout_p, seed)
 
@@ -107,7 +99,7 @@ def _qdora_fwd(x, qweight, blocksize, shape, lora_A, lora_B, mn, bias, scaling, 
 @torch.library.impl(_ops.LIB, "qdora_bwd", "CompositeExplicitAutograd")
 def _qdora_bwd(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_dx,
                backend):
-    impl, seed = _impl(OP_Q, backend, seed)
+    impl, seed = _checks.implementation_and_seed(OP_Q, backend, seed)
     return impl.qdora_backward(grad_y, x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, u, w, mn,
                                scaling, dropout_p, seed, need_dx)
 
@@ -115,7 +107,7 @@ def _qdora_bwd(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, w, mn, s
 @torch.library.impl(_ops.LIB, "intq_dora_fwd", "CompositeExplicitAutograd")
 def _intq_dora_fwd(x, qweight, fmt, group_size, shape, lora_A, lora_B, mn, bias, scaling, dropout_p, seed,
                    backend):
-    impl, seed = _impl(OP_QINT, backend, seed)
+    impl, seed = _checks.implementation_and_seed(OP_QINT, backend, seed)
     return impl.qdora_forward(x, qweight, fmt, group_size, tuple(shape), lora_A, lora_B, mn, bias, scaling,
                               dropout_p, seed)
 
@@ -123,7 +115,7 @@ def _intq_dora_fwd(x, qweight, fmt, group_size, shape, lora_A, lora_B, mn, bias,
 @torch.library.impl(_ops.LIB, "intq_dora_bwd", "CompositeExplicitAutograd")
 def _intq_dora_bwd(grad_y, x, qweight, fmt, group_size, shape, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed,
                    need_dx, backend):
-    impl, seed = _impl(OP_QINT, backend, seed)
+    impl, seed = _checks.implementation_and_seed(OP_QINT, backend, seed)
     return impl.qdora_backward(grad_y, x, qweight, fmt, group_size, tuple(shape), lora_A, lora_B, u, w, mn,
                                scaling, dropout_p, seed, need_dx)
 

@@ -28,17 +28,13 @@ backends.register(OP, "cuda", "peft_kernels.cuda_backend.lora")
 
 @torch.library.impl(_ops.LIB, "lora_fwd", "CompositeExplicitAutograd")
 def _lora_fwd(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-    impl = backends.implementation(OP, backend)
-    if backend == "torch":
-        seed = _checks.seed_value(seed)
+    impl, seed = _checks.implementation_and_seed(OP, backend, seed)
     return impl.lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
 
 
 @torch.library.impl(_ops.LIB, "lora_bwd", "CompositeExplicitAutograd")
 def _lora_bwd(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, backend):
-    impl = backends.implementation(OP, backend)
-    if backend == "torch":
-        seed = _checks.seed_value(seed)
+    impl, seed = _checks.implementation_and_seed(OP, backend, seed)
     return impl.lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
 
 

@@ -28,9 +28,7 @@ backends.register(OP_INT, "triton", "peft_kernels.triton.intq_lora")
 
 @torch.library.impl(_ops.LIB, "qlora_fwd", "CompositeExplicitAutograd")
 def _qlora_fwd(x, qweight, blocksize, shape, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-    impl = backends.implementation(OP, backend)
-    if backend == "torch":
-        seed = _checks.seed_value(seed)
+    impl, seed = _checks.implementation_and_seed(OP, backend, seed)
     return impl.qlora_forward(x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, bias,
                               scaling, dropout_p, seed)
 
@@ -38,18 +36,14 @@ def _qlora_fwd(x, qweight, blocksize, shape, lora_A, lora_B, bias, scaling, drop
 @torch.library.impl(_ops.LIB, "qlora_bwd", "CompositeExplicitAutograd")
 def _qlora_bwd(grad_y, x, qweight, blocksize, shape, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx,
                backend):
-    impl = backends.implementation(OP, backend)
-    if backend == "torch":
-        seed = _checks.seed_value(seed)
+    impl, seed = _checks.implementation_and_seed(OP, backend, seed)
     return impl.qlora_backward(grad_y, x, join_parts(qweight), blocksize, tuple(shape), lora_A, lora_B, u,
                                scaling, dropout_p, seed, need_dx)
 
 
 @torch.library.impl(_ops.LIB, "intq_lora_fwd", "CompositeExplicitAutograd")
 def _intq_lora_fwd(x, qweight, fmt, group_size, shape, lora_A, lora_B, bias, scaling, dropout_p, seed, backend):
-    impl = backends.implementation(OP_INT, backend)
-    if backend == "torch":
-        seed = _checks.seed_value(seed)
+    impl, seed = _checks.implementation_and_seed(OP_INT, backend, seed)
     return impl.qlora_forward(x, qweight, fmt, group_size, tuple(shape), lora_A, lora_B, bias, scaling, dropout_p,
                               seed)
 
@@ -57,9 +51,7 @@ def _intq_lora_fwd(x, qweight, fmt, group_size, shape, lora_A, lora_B, bias, sca
 @torch.library.impl(_ops.LIB, "intq_lora_bwd", "CompositeExplicitAutograd")
 def _intq_lora_bwd(grad_y, x, qweight, fmt, group_size, shape, lora_A, lora_B, u, scaling, dropout_p, seed,
                    need_dx, backend):
-    impl = backends.implementation(OP_INT, backend)
-    if backend == "torch":
-        seed = _checks.seed_value(seed)
+    impl, seed = _checks.implementation_and_seed(OP_INT, backend, seed)
     return impl.qlora_backward(grad_y, x, qweight, fmt, group_size, tuple(shape), lora_A, lora_B, u, scaling,
                                dropout_p, seed, need_dx)
 
