@@ -18,7 +18,7 @@ dropout mask nor x_d is stored (regenerated from the seed). Backward, g = dY, gl
 """
 import torch
 
-from .lora import accumulation_dtype, dense_base, dropped, keep_mask
+from .lora import accumulation_dtype, adapter_backward, dense_base, dropped
 
 CHUNK_ELEMENTS = 1 << 22  # the largest [rows, N] fp32 temporary of the d mn reduction
 
@@ -68,15 +68,10 @@ def dora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, w, mn, scaling, dro
     mn = mn.to(acc)
     grad_mn = magnitude_grad(grad_y, w, acc)
     gl = (grad_y.to(acc) * mn).to(grad_y.dtype)
-    v = gl @ lora_B
-    keep = keep_mask(x, dropout_p, seed)
-    grad_B = (scaling * gl.T @ u.to(gl.dtype)).to(lora_B.dtype)
-    grad_A = (scaling * v.T @ dropped(x, dropout_p, seed, keep)).to(lora_A.dtype)
+    q = None  # with dropout, dX's second base product (mn - 1) ⊙ g W goes under the mask
+    if need_dx and dropout_p:
+        q = base_t((grad_y.to(acc) * (mn - 1)).to(grad_y.dtype), None)
+    d, grad_A, grad_B = adapter_backward(gl, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, q)
     if not need_dx:
-        return x.new_empty(0), grad_A, grad_B, grad_mn
-    d_lora = scaling * (v @ lora_A)
-    if dropout_p == 0.0:
-        return base_t(gl, d_lora), grad_A, grad_B, grad_mn
-    gd = (grad_y.to(acc) * (mn - 1)).to(grad_y.dtype)
-    grad_x = base_t(grad_y, dropped(base_t(gd, d_lora), dropout_p, seed, keep))
-    return grad_x, grad_A, grad_B, grad_mn
+        return d, grad_A, grad_B, grad_mn
+    return base_t(grad_y if dropout_p else gl, d), grad_A, grad_B, grad_mn

@@ -14,14 +14,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dropped(x: torch.Tensor, dropout_p: float, seed: int | None, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] with the dropout mask applied and kept entries scaled by 1 / (1 - p). ``keep``: the
-    mask of (seed, p) for this shape if the caller has it already (a backward applies it twice)."""
+def dropped(x: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor:
+    """x [M, K] with the dropout mask applied and kept entries scaled by 1 / (1 - p)."""
     if dropout_p == 0.0:
         return x
-    if keep is None:
-        keep = keep_mask(x, dropout_p, seed)
-    return masked(x, keep) * (1.0 / (1.0 - dropout_p))
+    return masked(x, keep_mask(x, dropout_p, seed)) * (1.0 / (1.0 - dropout_p))
 
 
 def keep_mask(x: torch.Tensor, dropout_p: float, seed: int | None) -> torch.Tensor | None:
@@ -70,12 +67,22 @@ def lora_forward_with(base, x, lora_A, lora_B, bias, scaling, dropout_p, seed):
 def lora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
     """The backward over any frozen base (``base_t(g, c)`` = c + g @ W): (dx or an empty tensor,
     d lora_A, d lora_B)."""
+    d, grad_A, grad_B = adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+    return (base_t(grad_y, d) if need_dx else d), grad_A, grad_B
+
+
+def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, q=None):
+    """The LoRA-specific backward (triton.lora.adapter_backward's contract): (D, d lora_A, d lora_B)
+    with D [M, K] = mask / (1 - p) * (s * v @ A [+ q]) the adapter's part of dx (an empty tensor
+    without need_dx), v = dY @ B. ``q``: another gradient with respect to dropout(x) (DoRA's)."""
     v = grad_y @ lora_B  # [M, r]
     keep = keep_mask(x, dropout_p, seed)
-    s_drop = scaling / (1.0 - dropout_p)  # the 1 / (1 - p) of dropout's backward, on the small products
+    inv_keep = 1.0 / (1.0 - dropout_p)  # dropout's backward scale, on the small products
     grad_B = ((grad_y.T @ u.to(grad_y.dtype)) * scaling).to(lora_B.dtype)
-    grad_A = ((v.T @ masked(x, keep)) * s_drop).to(lora_A.dtype)
+    grad_A = ((v.T @ masked(x, keep)) * (scaling * inv_keep)).to(lora_A.dtype)
     if not need_dx:
         return x.new_empty(0), grad_A, grad_B
-    d_xdrop = masked((v @ lora_A).mul_(s_drop), keep)  # the adapter's part of dx, under the mask
-    return base_t(grad_y, d_xdrop), grad_A, grad_B
+    d = (v @ lora_A).mul_(scaling * inv_keep)
+    if q is not None:
+        d.add_(q, alpha=inv_keep)
+    return masked(d, keep), grad_A, grad_B
