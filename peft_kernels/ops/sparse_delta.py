@@ -117,9 +117,10 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta_values: tor
     gradient). backend: "auto" (triton on CUDA, torch on CPU), "triton", "torch".
     """
     block = shape_or_block
-    if (block is not None and isinstance(weight, torch.Tensor) and tuple(block) == tuple(weight.shape)
-            and getattr(delta_values, "dim", lambda: 1)() != 3):
-        block = None  # weight.shape means unstructured, unless the values are one [bh, bw] block each
+    one_block_each = isinstance(delta_values, torch.Tensor) and delta_values.dim() == 3
+    if block is not None and isinstance(weight, torch.Tensor) and tuple(block) == tuple(weight.shape) \
+            and not one_block_each:
+        block = None  # weight.shape means unstructured, unless the values are [nb, bh, bw] blocks
     shape, block = check_delta(OP, weight, delta_values, delta_index, block)
     _checks.check_input(OP, x, shape[1], shape[0], bias)
     _checks.check_same_device(OP, x=x, weight=weight, bias=bias)
