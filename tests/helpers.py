@@ -46,11 +46,13 @@ def run_with_grads(fn, tensors, grad_out=None):
     return y.detach(), [t.grad if t is not None and t.requires_grad else None for t in leaves]
 
 
-def assert_close_to_oracle(fn, tensors, scaling, p, seed, grad_out):
+def assert_close_to_oracle(fn, tensors, scaling, p, seed, grad_out, oracle=None):
     """fn's output and grads vs a float64 oracle: error <= 2x plain PyTorch's in the same
-    dtype (or the dtype floor), the flash-attention idiom."""
+    dtype (or the dtype floor), the flash-attention idiom. ``oracle(*tensors)``: the plain PyTorch
+    formula (default: eager_lora with scaling, p, seed)."""
     dtype = tensors[0].dtype
-    oracle = lambda *t: eager_lora(*t, scaling, p, seed)  # noqa: E731
+    if oracle is None:
+        oracle = lambda *t: eager_lora(*t, scaling, p, seed)  # noqa: E731
     y64, g64 = run_with_grads(oracle, [_as64(t) for t in tensors], grad_out.double())
     y_e, g_e = run_with_grads(oracle, tensors, grad_out)
     y_k, g_k = run_with_grads(fn, tensors, grad_out)

@@ -1,7 +1,7 @@
-"""Random configurations, the triton backend (interpreted in this tier) against the torch reference:
-shapes from 1, transposed and gapped strides, fp32/fp16, a bias that is a strided view or none,
-dropout, any subset of inputs needing grad, several SM counts (split reductions) — for every fused
-linear op. Each configuration is drawn from a fixed seed, so a failure names a reproducible case.
+"""Random configurations, the triton backend (interpreted in the CPU tier, compiled in the GPU
+tier) against the torch reference: shapes from 0 rows, transposed and gapped strides, fp32/fp16, a
+bias that is a strided view or none, dropout, block masks, any subset of inputs needing grad,
+several SM counts (split reductions) — for every fused linear op. Each configuration is drawn from a fixed seed, so a failure names a reproducible case.
 (A run of this kind found the strided-bias bug and the sparse M = 0 and whole-weight-block bugs.)"""
 import random
 
@@ -33,7 +33,7 @@ class _Arg:
             leaf = v.t().contiguous().requires_grad_(requires_grad)
             return leaf, leaf.t()
         if self.kind == "gapped":
-            leaf = torch.zeros(*v.shape[:-1], 2 * v.shape[-1], dtype=v.dtype)
+            leaf = torch.zeros(*v.shape[:-1], 2 * v.shape[-1], dtype=v.dtype, device=v.device)
             leaf[..., ::2] = v
             leaf.requires_grad_(requires_grad)
             return leaf, leaf[..., ::2]
@@ -41,7 +41,9 @@ class _Arg:
         return leaf, leaf
 
 
-def _case(op, seed):
+def _case(op, seed, device):
+    """(dtype, triton's outputs and grads, the reference's) for configuration ``seed`` of ``op``;
+    values drawn on the CPU, then moved to ``device``."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     dtype = rng.choice([torch.float32, torch.float16])
@@ -68,6 +70,12 @@ def _case(op, seed):
         b = torch.randperm(slots, generator=g)[:k].sort().values.to(torch.int32)  # and positions
     need = [rng.random() < 0.8 for _ in range(3)] + [True]
     sms = rng.choice([1, 8])
+    for arg in (x, a, b, m, bias):
+        if isinstance(arg, _Arg):
+            arg.values = arg.values.to(device)
+    w = w.to(device)
+    if op == "sparse":
+        b = b.to(device)  # the delta's positions
 
     def run(backend):
         pairs = [t.leaf_and_view(n) if isinstance(t, _Arg) else (None, t) for t, n in zip((x, a, b, m), need)]
@@ -82,7 +90,7 @@ def _case(op, seed):
              "sparse": lambda: peft_kernels.sparse_delta_linear(X, w, A, B, Bias, shape_or_block=block,
                                                                 backend=backend)}[op]()
         if y.requires_grad:
-            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype))
         return [y.detach()] + [leaf.grad for leaf, _ in pairs if leaf is not None and leaf.requires_grad]
 
     with triton_lora.launch_override(dora_bm=16, dora_bn=16, sms=sms):
@@ -93,9 +101,7 @@ def _case(op, seed):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("seed", range(25))
 def test_triton_equals_reference_on_random_configurations(op, seed, kernel_device):
-    if kernel_device.type != "cpu":
-        pytest.skip("the CPU tier's check (the GPU tier has its own real-size tests)")
-    dtype, got, want = _case(op, 1000 * OPS.index(op) + seed)
+    dtype, got, want = _case(op, 1000 * OPS.index(op) + seed, kernel_device)
     assert len(got) == len(want)
     for i, (u, v) in enumerate(zip(got, want)):
         assert (u is None) == (v is None), f"output {i}: a gradient on one backend only"
