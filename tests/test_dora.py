@@ -103,6 +103,13 @@ def test_fresh_module_is_the_base_layer_and_merge_roundtrip():
     assert torch.allclose(layer(x), y, atol=1e-5)
     layer.unmerge()
     assert torch.allclose(layer.weight, w0, atol=1e-6) and torch.allclose(layer(x), y, atol=1e-5)
+    layer.merge()  # the merge scale moves with the module and stays out of the state_dict
+    assert "_merge_scale" not in layer.state_dict()
+    layer.double().unmerge()
+    assert torch.allclose(layer.weight.float(), w0, atol=1e-6)
+    layer.merge()
+    layer.to("meta").unmerge()  # was: a CPU tensor left behind, and unmerge mixing devices
+    assert layer.weight.device.type == "meta" and not layer.merged
 
 
 def test_apply_lora_use_dora_and_errors():

@@ -340,3 +340,97 @@ def test_kernel_decodes_exactly_what_dequantize_gives(nested, kernel_device):
     q = FP4Weight.from_float(torch.randn(40, 64, device=kernel_device) * 0.1, blocksize=32, double_quant=nested)
     eye = torch.eye(64, device=kernel_device)
     assert torch.equal(peft_kernels.quant_linear(eye, q, backend="triton"), q.dequantize().T)
+
+
+@pytest.mark.parametrize("quant,nested,dora", [("nf4", True, False), ("nf4", False, False), ("fp4", True, True),
+                                               ("int8", False, False), ("int4", False, True)])
+def test_dtype_cast_keeps_the_quantization_state_exact(quant, nested, dora):
+    """module.to(bf16) / .half() cast the adapter, bias and magnitude but never the quantization
+    state: a bf16 absmax / SCB / scale would change every base weight without a word (it did; INT8
+    then failed at the next forward). Cast there and back: outputs identical to the original's."""
+    from peft_kernels.nn import QDoRALinear
+
+    torch.manual_seed(0)
+    cls = QDoRALinear if dora else QLoRALinear
+    layer = cls.from_linear(torch.nn.Linear(64, 40), quant=quant, r=4, double_quant=nested, group_size=32).eval()
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    with torch.no_grad():  # parameters exact in bf16 and fp16, so that only the cast state could differ
+        for param in layer.parameters():
+            param.copy_(torch.where(param.abs() < 1e-3, 0.0, param.bfloat16().float()))
+    x = torch.randn(3, 64)
+    y0, w0 = layer(x), layer.qweight.dequantize(torch.float32)
+    state = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("qweight_") or k == "weight_row_sq"}
+    assert any(v.is_floating_point() for v in state.values())  # something a cast could have rounded
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()):
+        cast(layer)
+        dtype = layer.lora_A.dtype
+        assert layer.lora_B.dtype == dtype and layer.bias.dtype == dtype and layer.qweight.dtype == dtype
+        for k, v in state.items():
+            assert layer.state_dict()[k].dtype == v.dtype and torch.equal(layer.state_dict()[k], v), k
+        assert torch.equal(layer.qweight.dequantize(torch.float32), w0)
+        y = layer(x.to(dtype))
+        assert y.dtype == dtype and torch.isfinite(y).all()
+    layer.float()
+    assert torch.equal(layer(x), y0)
+    layer.to("meta")  # a device move still moves every buffer
+    assert all(b.device.type == "meta" for b in layer.buffers())
+
+
+def test_quantized_weights_reject_inconsistent_parts():
+    """The kernels index the packed bytes and statistics by the layout: a part of the wrong dtype
+    or length is an error at construction, never a silently different weight."""
+    q = NF4Weight.from_float(torch.randn(8, 40), blocksize=32, double_quant=True)
+    parts = dict(packed=q.packed, absmax=q.absmax, shape=q.shape, dtype=q.dtype, blocksize=32, offset=q.offset,
+                 absmax2=q.absmax2, code2=q.code2)
+    NF4Weight(**parts)  # the consistent set is accepted
+    bad = [(dict(absmax2=q.absmax2.bfloat16()), "fp32"), (dict(code2=q.code2[:255]), "256 entries"),
+           (dict(absmax=q.absmax.float()), "absmax must be torch.uint8 with 10 entries"),
+           (dict(packed=q.packed[:-1]), "160 bytes"), (dict(blocksize=48), "blocksize must be one of"),
+           (dict(offset=None), "together"), (dict(shape=(8, 40, 1)), r"shape must be \[out, in\]")]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            NF4Weight(**{**parts, **change})
+    single = NF4Weight.from_float(torch.randn(8, 40), blocksize=32, double_quant=False)
+    with pytest.raises(ValueError, match="absmax must be torch.float32 with 10 entries"):
+        NF4Weight(single.packed, single.absmax.bfloat16(), single.shape, torch.float32, 32)
+    with pytest.raises(ValueError, match="one device"):
+        NF4Weight(single.packed, single.absmax.to("meta"), single.shape, torch.float32, 32)
+    i4 = Int4Weight.from_float(torch.randn(8, 64), group_size=32)
+    for args, message in [((i4.packed, i4.scales[:, :1], i4.zeros, 32), r"scales must be floating point \[8, 2\]"),
+                          ((i4.packed, i4.scales, i4.zeros.int(), 32), "zeros must be uint8"),
+                          ((i4.packed, i4.scales, i4.zeros, 48), "group_size must be one of"),
+                          ((i4.packed.int(), i4.scales, i4.zeros, 32), "packed must be uint8"),
+                          ((i4.packed, i4.scales.to("meta"), i4.zeros, 32), "share a device")]:
+        with pytest.raises(ValueError, match=message):
+            Int4Weight(*args, torch.float32)
+    i8 = Int8Weight.from_float(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="share a device"):
+        Int8Weight(i8.CB, i8.SCB.to("meta"), torch.float32)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_wide_weights_index_in_int64(nested, kernel_device, monkeypatch):
+    """Weights of 2**31 elements or more index their bytes in int64 (WIDE). Forced on for a small
+    weight, every 4-bit path (fused, block-aligned fused, both workspace decoders) must give the
+    same bits as the int32 indexing it replaces — the only way the CPU tier runs those branches."""
+    q = NF4Weight.from_float(torch.randn(45, 192, device=kernel_device) * 0.1, blocksize=64, double_quant=nested)
+    a, a_t = torch.randn(37, 192, device=kernel_device), torch.randn(37, 45, device=kernel_device)
+    monkeypatch.setattr(qm, "CHUNK_ELEMENTS", 64 * 50)
+    monkeypatch.setattr(qm, "WINDOW_ALIGN", 64)
+
+    def every_path():
+        outs = [qm.matmul_4bit(a, *q.parts(), path="fused", tiles=(16, 16, 16, 4, 1)),
+                qm.matmul_4bit(a_t, *q.parts(), transpose=True, path="fused", tiles=(16, 16, 16, 4, 1)),
+                qm.matmul_4bit(a, *q.parts(), path="fused_aligned", tiles=(16, 16, 2, 4)),
+                qm.matmul_4bit(a_t, *q.parts(), transpose=True, path="fused_aligned", tiles=(16, 16, 1, 4)),
+                qm.matmul_4bit(a, *q.parts(), path="chunked")]
+        for c0, cols in ((64, 128), (11, 50)):  # the block-aligned and the any-shape decoder
+            out = torch.empty(20, cols, device=kernel_device)
+            outs.append(qm.dequantize_window(*q.parts(), 5, 20, c0, cols, out))
+        return outs
+
+    narrow = every_path()
+    monkeypatch.setattr(qm, "WIDE_FROM", 0)
+    for i, (wide, ref) in enumerate(zip(every_path(), narrow)):
+        assert torch.equal(wide, ref), i
+    assert torch.equal(narrow[-2], q.dequantize(torch.float32)[5:25, 64:192])

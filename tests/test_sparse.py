@@ -66,6 +66,23 @@ def test_triton_sddmm_blocks(dtype, block, kernel_device):
     _check_sddmm(tri_sparse.sddmm, gy, x, index, shape, block)
 
 
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("block", [None, (3, 5), (136, 8)], ids=["unstructured", "3x5", "taller than MAX_BLOCK_SIDE"])
+def test_triton_sddmm_no_entries_and_blocks_beyond_the_kernel(k, block, kernel_device):
+    """An empty delta (k = 0) gives an empty dDelta; a block side above MAX_BLOCK_SIDE (136 > 128)
+    leaves the tile kernel for batched products, still writing only the masked blocks."""
+    assert max(block or (0,)) <= tri_sparse.MAX_BLOCK_SIDE or block == (136, 8)
+    shape, M = (272, 40), 9
+    index = _random_index(shape, k, block, seed=k)
+    gy, x = torch.randn(M, shape[0], device=kernel_device), torch.randn(M, shape[1], device=kernel_device)
+    _check_sddmm(tri_sparse.sddmm, gy, x, index, shape, block)
+    if block is None:
+        for method in ("panel", "gather_t"):
+            _check_sddmm(lambda *a: tri_sparse.sddmm(*a, method=method), gy, x, index, shape, block)
+        with pytest.raises(ValueError, match="method must be 'panel' or 'gather_t'"):
+            tri_sparse.sddmm(gy, x, _random_index(shape, 2).to(kernel_device), shape, None, method="dense")
+
+
 def test_triton_transpose(kernel_device):
     t = torch.randn(70, 131, device=kernel_device).half()[:, 3:100]
     assert torch.equal(tri_sparse.transpose(t), t.t())
@@ -452,3 +469,6 @@ def test_candidate_tracking_and_regrowth_without_dense_gradients(block):
     assert set(best.tolist()) <= set(sd.delta_index.long().tolist())
     assert sd.candidate_index is not None and float(sd.candidate_scores.abs().sum()) == 0.0
     assert not bool(torch.isin(sd.candidate_index.long(), sd.delta_index.long()).any())
+    assert not any(k.startswith("candidate_") for k in sd.state_dict())
+    sd.to("meta")  # the tracking state moves with the module
+    assert sd.candidate_index.device.type == "meta" and sd.candidate_scores.device.type == "meta"

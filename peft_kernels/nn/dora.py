@@ -16,7 +16,8 @@ class DoRALinear(LoRALinear):
         super()._attach(weight, bias, r, alpha, dropout, use_rslora, backend)
         norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
         self.magnitude = nn.Parameter(norm.to(self.weight.dtype))
-        self._merge_scale = None
+        # m / ‖W + s·BA‖ while merged (unmerge divides by it): a buffer, so it follows .to(device)
+        self.register_buffer("_merge_scale", None, persistent=False)
 
     @torch.no_grad()
     def merge(self):

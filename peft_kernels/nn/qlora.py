@@ -30,7 +30,7 @@ class QLoRALinear(LoRAAdapter):
             raise TypeError(f"QLoRALinear: qweight must be an NF4Weight or FP4Weight, got {type(qweight).__name__}")
         self._init_adapter(qweight.shape[1], qweight.shape[0], r, alpha, dropout, use_rslora, backend,
                            qweight.device, qweight.dtype)
-        self._format, self._meta = type(qweight), (qweight.shape, qweight.dtype, qweight.blocksize)
+        self._format, self._meta = type(qweight), (qweight.shape, qweight.blocksize)
         self.register_buffer("qweight_packed", qweight.packed)
         self.register_buffer("qweight_absmax", qweight.absmax)
         for name in ("offset", "absmax2", "code2"):
@@ -39,9 +39,24 @@ class QLoRALinear(LoRAAdapter):
 
     @property
     def qweight(self) -> Bnb4bitWeight:
-        shape, dtype, blocksize = self._meta
-        return self._format(self.qweight_packed, self.qweight_absmax, shape, dtype, blocksize,
+        """The frozen base weight; its nominal dtype (dequantize()'s default) is the adapter's."""
+        shape, blocksize = self._meta
+        return self._format(self.qweight_packed, self.qweight_absmax, shape, self.lora_A.dtype, blocksize,
                             offset=self.qweight_offset, absmax2=self.qweight_absmax2, code2=self.qweight_code2)
+
+    def _apply(self, fn, recurse=True):
+        # The quantization state (the qweight_* buffers, DoRA's weight_row_sq) is exact data: a
+        # cast such as module.to(torch.bfloat16) or .half() would round absmax / scales and change
+        # every base weight without a word (and break INT8's fp32 SCB). It follows device moves
+        # only; the adapter, bias and magnitude take the cast, and the compute dtype with them.
+        exact = {name: buf for name, buf in self._buffers.items()
+                 if buf is not None and (name.startswith("qweight_") or name == "weight_row_sq")}
+        super()._apply(fn, recurse)
+        for name, buf in exact.items():
+            moved = self._buffers[name]
+            if moved.dtype != buf.dtype:
+                self._buffers[name] = buf.to(moved.device)
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant: str = "nf4", r: int = 8, alpha: float = 16.0,
@@ -82,7 +97,7 @@ class QLoRALinear(LoRAAdapter):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, format={self._format.__name__}, "
-                f"blocksize={self._meta[2]}, double_quant={self.qweight_absmax2 is not None}")
+                f"blocksize={self._meta[1]}, double_quant={self.qweight_absmax2 is not None}")
 
 
 class QDoRALinear(QLoRALinear):
@@ -116,17 +131,18 @@ class IntQLoRALinear(QLoRALinear):
         self._init_adapter(qweight.shape[1], qweight.shape[0], r, alpha, dropout, use_rslora, backend,
                            qweight.device, qweight.dtype)
         self._format = type(qweight)
-        self._meta = (qweight.dtype, getattr(qweight, "group_size", None))
+        self._group_size = getattr(qweight, "group_size", None)
         for i, t in enumerate(qweight.tensors()):
             self.register_buffer(f"qweight_{i}", t)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     @property
     def qweight(self):
-        dtype, group = self._meta
+        """The frozen base weight; its nominal dtype (dequantize()'s default) is the adapter's."""
+        dtype = self.lora_A.dtype
         if self._format is Int8Weight:
             return Int8Weight(self.qweight_0, self.qweight_1, dtype)
-        return Int4Weight(self.qweight_0, self.qweight_1, self.qweight_2, group, dtype)
+        return Int4Weight(self.qweight_0, self.qweight_1, self.qweight_2, self._group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,

@@ -40,7 +40,9 @@ class SparseDeltaLinear(nn.Module):
         with torch.no_grad():
             self.register_buffer("base_values", self.weight.view(-1)[self._positions()].clone())
         self._synced = self._version_key()
-        self.candidate_index = self.candidate_scores = None  # see track_candidates_
+        # track_candidates_'s state: buffers (not saved), so that they follow .to(device)
+        self.register_buffer("candidate_index", None, persistent=False)
+        self.register_buffer("candidate_scores", None, persistent=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -165,6 +165,37 @@ class Bnb4bitWeight:
         self.packed, self.absmax = packed, absmax
         self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, blocksize
         self.offset, self.absmax2, self.code2 = offset, absmax2, code2
+        self._validate()
+
+    def _validate(self):
+        # The kernels index these buffers by the layout above and read the statistics as fp32:
+        # a bf16 absmax, a short buffer or a missing nested part would decode other weights, not fail.
+        name = type(self).__name__
+        if len(self.shape) != 2 or min(self.shape) < 0:
+            raise ValueError(f"{name}: shape must be [out, in], got {list(self.shape)}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"{name}: blocksize must be one of {BLOCKSIZES}, got {self.blocksize}")
+        n = self.shape.numel()
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
+            raise ValueError(f"{name}: packed must be uint8 with {(n + 1) // 2} bytes for shape {list(self.shape)}, "
+                             f"got {self.packed.dtype} with {self.packed.numel()}")
+        nested_parts = (self.offset, self.absmax2, self.code2)
+        if any(t is None for t in nested_parts) and any(t is not None for t in nested_parts):
+            raise ValueError(f"{name}: double quantization needs offset, absmax2 and code2 together")
+        nblocks = -(-n // self.blocksize)
+        want = torch.uint8 if self.absmax2 is not None else torch.float32
+        if self.absmax.dtype != want or self.absmax.numel() != nblocks:
+            raise ValueError(f"{name}: absmax must be {want} with {nblocks} entries, got {self.absmax.dtype} "
+                             f"with {self.absmax.numel()}")
+        if self.absmax2 is not None:
+            for part, count in ((self.offset, 1), (self.absmax2, -(-nblocks // NESTED_BLOCKSIZE)), (self.code2, 256)):
+                if part.dtype != torch.float32 or part.numel() != count:
+                    raise ValueError(f"{name}: offset, absmax2 and code2 must be fp32 with 1, "
+                                     f"{-(-nblocks // NESTED_BLOCKSIZE)} and 256 entries, got {part.dtype} "
+                                     f"with {part.numel()}")
+        devices = {t.device for t in (self.packed, self.absmax, *nested_parts) if t is not None}
+        if len(devices) > 1:
+            raise ValueError(f"{name}: all parts must be on one device, got {sorted(map(str, devices))}")
 
     # ------------------------------------------------------------------ construction
     @classmethod

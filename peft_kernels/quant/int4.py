@@ -23,6 +23,21 @@ GROUP_SIZES = (32, 64, 128)
 
 class Int4Weight:
     def __init__(self, packed, scales, zeros, group_size: int, dtype: torch.dtype):
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"Int4Weight: group_size must be one of {GROUP_SIZES}, got {group_size}")
+        if packed.dtype != torch.uint8 or packed.dim() != 2:
+            raise ValueError(f"Int4Weight: packed must be uint8 [out, in // 2], got {packed.dtype} {list(packed.shape)}")
+        groups = (packed.shape[0], packed.shape[1] * 2 // group_size)
+        if packed.shape[1] * 2 % group_size:
+            raise ValueError(f"Int4Weight: in = {packed.shape[1] * 2} is not divisible by group_size {group_size}")
+        if not scales.is_floating_point() or tuple(scales.shape) != groups:
+            raise ValueError(f"Int4Weight: scales must be floating point {list(groups)}, got {scales.dtype} "
+                             f"{list(scales.shape)}")
+        if zeros.dtype != torch.uint8 or tuple(zeros.shape) != groups:
+            raise ValueError(f"Int4Weight: zeros must be uint8 {list(groups)}, got {zeros.dtype} {list(zeros.shape)}")
+        if not packed.device == scales.device == zeros.device:
+            raise ValueError(f"Int4Weight: packed, scales and zeros must share a device, got {packed.device}, "
+                             f"{scales.device}, {zeros.device}")
         self.packed, self.scales, self.zeros = packed, scales, zeros
         self.group_size, self.dtype = group_size, dtype
 

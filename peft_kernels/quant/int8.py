@@ -22,6 +22,8 @@ class Int8Weight:
             raise ValueError(f"CB must be int8 [out, in], got {CB.dtype} {list(CB.shape)}")
         if SCB.dtype != torch.float32 or tuple(SCB.shape) != (CB.shape[0],):
             raise ValueError(f"SCB must be fp32 [{CB.shape[0]}], got {SCB.dtype} {list(SCB.shape)}")
+        if CB.device != SCB.device:
+            raise ValueError(f"CB and SCB must share a device, got {CB.device} and {SCB.device}")
         self.CB, self.SCB, self.dtype = CB, SCB, dtype
 
     @classmethod

@@ -131,6 +131,7 @@ def _matmul_4bit_kernel(
 FUSED_MAX_M = 64
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # 8 MiB of bf16 workspace
 WINDOW_ALIGN = 256  # windows are whole multiples of this many rows / columns (and of any blocksize)
+WIDE_FROM = 2**31  # weights with this many elements index their bytes in int64 (the kernels' WIDE)
 # Fused tiles (BM, BP, BQ, num_warps, num_stages): the fastest measured at M = 16..256
 # (benchmarks/results/quant_matmul_tiles_h100.json). A pipeline (stages > 1) stages the per-element
 # gathers in shared memory and is slower (or, at 128x128x64x3, over the 227 KiB an H100 has).
@@ -266,7 +267,7 @@ def dequantize_window(packed, absmax, code, absmax2, code2, offset, blocksize, s
             _dequantize_aligned_kernel, (triton.cdiv(rows, br), triton.cdiv(cols, blocksize * nb)),
             packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
             offset if nested else code, out, rows, cols, row0, col0, K, out.stride(0),
-            BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= 2**31, BR=br, NB=nb, num_warps=warps,
+            BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= WIDE_FROM, BR=br, NB=nb, num_warps=warps,
             enable_fp_fusion=False,
         )
         return out
@@ -275,7 +276,7 @@ def dequantize_window(packed, absmax, code, absmax2, code2, offset, blocksize, s
         _dequantize_tile_kernel, (triton.cdiv(rows, br), triton.cdiv(cols, bc)),
         packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code, offset if nested else code,
         out, rows, cols, row0, col0, K, out.stride(0),
-        BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= 2**31, BR=br, BC=bc, num_warps=4,
+        BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= WIDE_FROM, BR=br, BC=bc, num_warps=4,
         enable_fp_fusion=False,
     )
     return out
@@ -327,7 +328,7 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
             a, packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
             offset if nested else code, out, bias if bias is not None else out, out,
             M, P, Q, K, a.stride(0), a.stride(1), out.stride(0), out.stride(1), out.stride(0), out.stride(1),
-            BLOCKSIZE=blocksize, WIDE=N * K >= 2**31, TRANSPOSE=transpose, NESTED=nested, HAS_C=c is not None,
+            BLOCKSIZE=blocksize, WIDE=N * K >= WIDE_FROM, TRANSPOSE=transpose, NESTED=nested, HAS_C=c is not None,
             HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32, BM=bm, BN=bn, NB=nb, num_warps=warps,
             enable_fp_fusion=False,
         )
@@ -344,7 +345,7 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
         offset if nested else code, out, bias if bias is not None else out, out,
         M, P, Q, K,
         a.stride(0), a.stride(1), out.stride(0), out.stride(1), out.stride(0), out.stride(1),
-        BLOCKSIZE=blocksize, WIDE=N * K >= 2**31,
+        BLOCKSIZE=blocksize, WIDE=N * K >= WIDE_FROM,
         TRANSPOSE=transpose, NESTED=nested, HAS_C=c is not None, HAS_BIAS=bias is not None,
         IEEE=a.dtype == torch.float32,
         BM=bm, BP=bp, BQ=bq, GROUP_M=8, num_warps=warps, num_stages=stages,
