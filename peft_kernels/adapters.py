@@ -8,6 +8,7 @@ and for DoRA ``.lora_magnitude_vector``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -82,7 +83,10 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
         known = (".lora_A.", ".lora_B.", ".lora_magnitude_vector")
         raise ValueError(f"load_adapter: unexpected keys in {WEIGHTS_NAME}: "
                          f"{[k for k in state if not any(p in k for p in known)][:5]}")
-    apply_lora(model, names, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
+    # The saved names are full module names: match them exactly (a list would also take any module
+    # whose name ends in "." + name, e.g. "1.0" for "0").
+    exact = "|".join(re.escape(n) for n in names)
+    apply_lora(model, exact, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
                use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora)
     modules = _lora_modules(model)
     missing = [n for n in names if n not in modules]

@@ -244,6 +244,20 @@ def test_adapters_over_quantized_bases_save_and_load(quantize, use_dora, tmp_pat
     assert torch.equal(back.eval()(x), ours.eval()(x))
 
 
+def test_load_adapter_targets_exactly_the_saved_modules(tmp_path):
+    """Saved names are full module names: loading an adapter saved for "0" must not also adapt
+    "1.0" (PEFT's list rule would match it by suffix)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)))
+    ours = peft_kernels.apply_lora(copy.deepcopy(base), "0", r=2, alpha=4)
+    nn.init.normal_(ours[0].lora_B)
+    peft_kernels.save_adapter(ours, tmp_path)
+    back = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path)
+    assert isinstance(back[0], peft_kernels.nn.LoRALinear) and type(back[1][0]) is nn.Linear
+    x = torch.randn(3, 8)
+    assert torch.equal(back(x), ours(x))
+
+
 class QuantNet(nn.Module):
     def __init__(self):
         super().__init__()
