@@ -1,5 +1,7 @@
 """Sparse deltas (issue: sparse gradient masking): SDDMM kernels, the op, the module, SparseAdamW,
 regrowth, mask_gradients_, save/load, and bad input. Oracles: float64 dense gradients, masked."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -294,6 +296,45 @@ def test_sparse_adamw_equals_dense_adamw_masked(backend, block, kernel_device):
     err_torch = rel_err(p32.detach(), ref)
     assert rel_err(sd.delta_values.detach().reshape(-1), ref) <= max(2 * err_torch, 1e-6)
     assert opt.state_bytes_per_entry() == 12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.bfloat16])
+def test_sparse_adamw_resumes_from_its_state_dict_exactly(backend, values_dtype, kernel_device):
+    """Training 4 steps equals 2 steps, optimizer.state_dict() into a fresh optimizer, 2 more —
+    bit for bit. torch's load_state_dict casts state to the parameter's dtype (int32 step counts
+    became float; with bf16 values the fp32 moments became bf16); the counts must stay int32."""
+    device = _device(backend, kernel_device)
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10, device=device)
+    xs = [torch.randn(6, 24, device=device) for _ in range(4)]
+
+    def run(resume: bool):
+        sd = SparseDeltaLinear.from_linear(copy.deepcopy(lin), num_params=30, values_dtype=values_dtype,
+                                           backend=backend)
+        opt = SparseAdamW(sd, lr=0.05)
+        for i, x in enumerate(xs):
+            if resume and i == 2:
+                saved = copy.deepcopy(opt.state_dict())
+                opt = SparseAdamW(sd, lr=0.05)
+                opt.load_state_dict(saved)
+                st = opt.state[sd.delta_values]
+                assert st["steps"].dtype == torch.int32 and st["exp_avg"].dtype == torch.float32
+                assert st["exp_avg"].data_ptr() != saved["state"][0]["exp_avg"].data_ptr()  # a copy
+            sd(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return sd.delta_values.detach(), sd.weight.detach()
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+    bad = SparseAdamW(SparseDeltaLinear.from_linear(copy.deepcopy(lin), num_params=31), lr=0.05)
+    sd = SparseDeltaLinear.from_linear(copy.deepcopy(lin), num_params=30)
+    opt = SparseAdamW(sd, lr=0.05)
+    sd(xs[0]).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match=r"exp_avg has shape \[30\], its parameter \[31\]"):
+        bad.load_state_dict(opt.state_dict())
 
 
 def test_per_entry_steps_and_regrowth():

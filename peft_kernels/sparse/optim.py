@@ -16,6 +16,9 @@ backends.register(OP, "torch", "peft_kernels.reference.sparse")
 backends.register(OP, "triton", "peft_kernels.triton.sparse")
 
 
+_STATE_DTYPES = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "steps": torch.int32}
+
+
 def _impl(device: torch.device):
     """The module doing the update, by the registry's "auto" rule (Triton on CUDA, torch else)."""
     return backends.implementation(OP, backends.resolve(OP, "auto", device))
@@ -75,9 +78,8 @@ class SparseAdamW(torch.optim.Optimizer):
     def _state(self, p):
         st = self.state[p]
         if not st:
-            st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            st["steps"] = torch.zeros(p.shape, dtype=torch.int32, device=p.device)
+            for name, dtype in _STATE_DTYPES.items():
+                st[name] = torch.zeros(p.shape, dtype=dtype, device=p.device)
         return st
 
     @torch.no_grad()
@@ -106,6 +108,22 @@ class SparseAdamW(torch.optim.Optimizer):
                 if owner is not None:
                     owner.mark_synced()
         return loss
+
+    def load_state_dict(self, state_dict):
+        """torch.optim.Optimizer.load_state_dict, keeping the state's own dtypes: torch casts every
+        state tensor to its parameter's dtype, which made the int32 step counts float (and, for a
+        bf16 parameter, rounded the fp32 moments and counts above 256) on every resume."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for name, value in state_dict["state"].get(saved_id, {}).items():
+                if name not in _STATE_DTYPES:
+                    continue
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"SparseAdamW.load_state_dict: {name} has shape {list(value.shape)}, "
+                                     f"its parameter {list(p.shape)}")
+                self.state[p][name] = value.to(device=p.device, dtype=_STATE_DTYPES[name], copy=True)
 
     @torch.no_grad()
     def remap_(self, param, keep: torch.Tensor, order: torch.Tensor, is_new: torch.Tensor):
