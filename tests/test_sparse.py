@@ -399,6 +399,26 @@ def test_module_training_matches_dense_masked_training():
     assert sd.merge().shape == (8, 16) and torch.equal(sd.base_weight().reshape(-1)[pos], sd.base_values)
 
 
+def test_mask_gradients_tied_heads_and_patterns_that_match_nothing():
+    """A head tied to the embedding is listed once by named_parameters() (as the embedding):
+    "head.*" must still select it. A pattern matching no name is an error, not a frozen model."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.body = nn.Embedding(10, 6), nn.Linear(6, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    rep = mask_gradients_(model, {"head.*": True})
+    assert rep.dense == ["head.weight"] and rep.trainable == 60
+    assert model.embed.weight.requires_grad and not model.body.weight.requires_grad
+    with pytest.raises(ValueError, match=r"\['lm_head\.\*'\] match no parameter name"):
+        mask_gradients_(Tied(), {"*.bias": True, "lm_head.*": True})
+    with pytest.raises(ValueError, match="shared by"):
+        mask_gradients_(Tied(), {"head.weight": torch.rand(10, 6) < 0.5})
+
+
 def test_mask_gradients_bitfit_head_and_partial():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 12), nn.LayerNorm(12), nn.Linear(12, 4))

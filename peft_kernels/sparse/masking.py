@@ -20,11 +20,19 @@ class MaskReport:
                 f"{self.trainable} trainable values")
 
 
-def _rule(name: str, masks: dict):
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def _rule(names: list, masks: dict):
+    """(rule, the name it was chosen by) for a parameter known by ``names`` (a tied parameter has
+    several, e.g. lm_head.weight and embed_tokens.weight): the first pattern any name matches;
+    (False, names[0]) if none does."""
     for pattern, rule in masks.items():
-        if name == pattern or fnmatch.fnmatchcase(name, pattern):
-            return rule
-    return False
+        for name in names:
+            if _matches(name, pattern):
+                return rule, name
+    return False, names[0]
 
 
 def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=torch.float32,
@@ -37,6 +45,8 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
     bool tensor of the parameter's shape. A partial mask on an nn.Linear weight turns that Linear
     into a SparseDeltaLinear (compact SDDMM gradient, no dense dW); partial masks on other
     parameters are refused with an error rather than emulated by dense-gradient x mask.
+    A tied parameter (a head sharing the embedding's weight) is matched by any of its names; a
+    pattern that matches no name is an error, not a silently frozen model.
     """
     from ..nn.sparse import SparseDeltaLinear
 
@@ -46,9 +56,23 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
         raise ValueError("mask_gradients_: masks must be a non-empty dict {name pattern: True | False | bool tensor}")
     report = MaskReport()
     replace = []
-    named = dict(model.named_parameters())
-    for name, p in named.items():
-        rule = _rule(name, masks)
+    # Every name of every parameter: a tied weight is listed once by named_parameters(), under its
+    # first name, so "lm_head.*" on a model whose head is tied to the embedding matched nothing.
+    names: dict[int, list] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    every_name = [n for ns in names.values() for n in ns]
+    unmatched = [pattern for pattern in masks if not any(_matches(n, pattern) for n in every_name)]
+    if unmatched:
+        raise ValueError(f"mask_gradients_: {unmatched} match no parameter name (names look like "
+                         f"{every_name[:6]}{' ...' if len(every_name) > 6 else ''})")
+    for key, p in params.items():
+        rule, name = _rule(names[key], masks)
+        if isinstance(rule, torch.Tensor) and len(names[key]) > 1:
+            raise ValueError(f"mask_gradients_: {name} is one tensor shared by {names[key]}; a partial mask would "
+                             "untie it (use True / False, or untie the weights first)")
         if isinstance(rule, torch.Tensor):
             if rule.dtype != torch.bool or tuple(rule.shape) != tuple(p.shape):
                 raise ValueError(f"mask_gradients_: the mask for {name} must be a bool tensor of shape "
