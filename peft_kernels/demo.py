@@ -130,14 +130,14 @@ def _trainable(model) -> int:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="peft-kernels demo", description=__doc__.splitlines()[0])
     ap.add_argument("--method", choices=METHODS, default="lora")
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--steps", type=harness.positive_int, default=None, help="optimizer steps (default 60 GPU, 30 CPU)")
     ap.add_argument("--compare-peft", action="store_true",
                     help="also run the same with HF PEFT (sparse: with dense-gradient masking)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--device", type=harness.device_arg, default=harness.default_device())
+    ap.add_argument("--r", type=harness.positive_int, default=16, help="LoRA rank")
+    ap.add_argument("--lr", type=harness.positive_float, default=3e-3, help="learning rate")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     gpu = device.type == "cuda"
     hidden, layers, batch, seq = (1024, 4, 8, 512) if gpu else (128, 2, 4, 64)
     steps = args.steps or (60 if gpu else 30)

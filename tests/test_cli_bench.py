@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from peft_kernels.cli import main
 
@@ -76,8 +77,6 @@ def test_host_timers_measure_the_call_in_microseconds():
 def test_saved_mib_counts_new_saved_storage_once():
     """The harness's saved-for-backward metric: inputs are not counted, a new saved tensor is,
     once however many views of it are saved, and only while the graph still holds it. (torchao's NF4 wrapper subclass: the qlora bench.)"""
-    import torch
-
     from peft_kernels.bench.harness import saved_mib
     x = torch.randn(256, 1024, requires_grad=True)  # 1 MiB
     w = torch.randn(1024, 1024)
@@ -87,3 +86,22 @@ def test_saved_mib_counts_new_saved_storage_once():
     y = x * 2
     assert saved_mib(lambda: y * y.t().t()) == 0.0  # y existed before the call
     assert saved_mib(lambda: (x * 2).exp().detach() + x) == 0.0  # exp's node is gone with the detach
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--shapes", "64x96"], "shape '64x96': expected MxKxN"),
+    (["bench", "--op", "dora", "--shapes", "8x64x40,0x64x40"], "shape '0x64x40'"),
+    (["bench", "--op", "qlora", "--reps", "0"], "--reps: must be >= 1, got 0"),
+    (["bench", "--op", "sparse", "--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "--device: cuda"),
+    (["bench", "--op", "model", "--layers", "-1"], "--layers: must be >= 1"),
+    (["demo", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["demo", "--lr", "nan"], "--lr: must be a finite number > 0"),
+    (["demo", "--device", "tpu"], "not a torch device: 'tpu'"),
+])
+def test_bad_command_lines_are_usage_errors(argv, message, capsys):
+    """A bad option is argparse's usage error (exit 2) naming it, before anything runs — not a
+    traceback from deep inside the benchmark, nor a zero-size or zero-step run."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

@@ -8,9 +8,11 @@ not storage of tensors alive before the step (inputs, weights), each storage cou
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.metadata
 import json
+import math
 import platform
 import statistics
 import sys
@@ -299,11 +301,54 @@ def results_table(payload: dict) -> str:
                            "peak extra MiB", "saved for bwd MiB"], rows)
 
 
-def add_bench_args(ap):
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def device_arg(text: str) -> torch.device:
+    """argparse type: a torch device that exists here (cuda only with a CUDA GPU present)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU here (torch {torch.__version__}, "
+                                             f"cuda {torch.version.cuda}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: the benchmarks run on cpu or cuda")
+    return device
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_bench_args(ap, shapes_help: str = "comma-separated MxKxN list, e.g. 8192x4096x4096"):
     """The options every shape benchmark takes: --device, --shapes, --reps, --plot, --out."""
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list, e.g. 8192x4096x4096")
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--device", type=device_arg, default=default_device())
+    ap.add_argument("--shapes", type=parse_shapes, default=None, help=shapes_help)
+    ap.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (median)")
     ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     ap.add_argument("--out", default=None, help="write the JSON here")
     return ap
@@ -312,18 +357,31 @@ def add_bench_args(ap):
 def bench_setup(args, gpu_shapes, cpu_shapes):
     """(device, shapes, dtype, reps) from add_bench_args' options: bf16 on a GPU, fp32 small
     shapes on CPU (said on stderr: those are CPU figures)."""
-    device = torch.device(args.device)
+    device = args.device
     gpu = device.type == "cuda"
-    shapes = parse_shapes(args.shapes) if args.shapes else (gpu_shapes if gpu else cpu_shapes)
+    shapes = args.shapes or (gpu_shapes if gpu else cpu_shapes)
     if not gpu:
-        print("No CUDA device: CPU figures (reference backend, fp32, small shapes), not the GPU kernels' speed.",
-              file=sys.stderr)
+        print("No CUDA device: timing the CPU reference backend (and the Triton kernels under "
+              "TRITON_INTERPRET=1, when set) on small fp32 shapes. These are CPU figures, not the GPU "
+              "kernels' speed.", file=sys.stderr)
     return device, shapes, torch.bfloat16 if gpu else torch.float32, args.reps or (25 if gpu else 3)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    """"8192x4096x4096,1024x4096x4096" -> [(8192, 4096, 4096), (1024, 4096, 4096)] (M x K x N)."""
-    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+    """"8192x4096x4096,1024x4096x4096" -> [(8192, 4096, 4096), (1024, 4096, 4096)] (M x K x N,
+    each >= 1). Also an argparse type: a bad list is a usage error naming the item."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        try:
+            shape = tuple(int(v) for v in parts)
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise argparse.ArgumentTypeError(f"shape {item!r}: expected MxKxN with M, K, N >= 1, "
+                                             "e.g. 8192x4096x4096")
+        shapes.append(shape)
+    return shapes
 
 
 def plot(payload: dict, path: str):

@@ -8,7 +8,6 @@ PyTorch LoRA (p=0 and p=0.05); torch.compile of the eager p=0.05 layer; HF PEFT'
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -101,23 +100,9 @@ def run(device: torch.device, shapes, reps: int, include_compile: bool = True) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="peft-kernels bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list, e.g. 8192x4096x4096")
-    ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
-    ap.add_argument("--out", default=None, help="write the JSON here")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if args.shapes:
-        shapes = harness.parse_shapes(args.shapes)
-    else:
-        shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    reps = args.reps or (25 if device.type == "cuda" else 3)
-    if device.type != "cuda":
-        print("No CUDA device: timing the CPU reference backend (and the Triton kernels under "
-              "TRITON_INTERPRET=1, when set) on small fp32 shapes. These are CPU figures, not the GPU "
-              "kernels' speed.", file=sys.stderr)
+    args = harness.add_bench_args(ap).parse_args(argv)
+    device, shapes, _, reps = harness.bench_setup(args, GPU_SHAPES, CPU_SHAPES)
     payload = run(device, shapes, reps, include_compile=not args.no_compile and device.type == "cuda")
     harness.report(payload, args.out, args.plot)
     return 0

@@ -121,13 +121,13 @@ def run(cfg, device, dtype, reps, methods):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench_model", description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--no-qlora", action="store_true")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", type=harness.device_arg, default=harness.default_device())
+    ap.add_argument("--layers", type=harness.positive_int, default=None, help="decoder layers (default: 4 on a GPU)")
+    ap.add_argument("--reps", type=harness.positive_int, default=None, help="timed steps (median)")
+    ap.add_argument("--no-qlora", action="store_true", help="skip the QLoRA (NF4) case")
+    ap.add_argument("--out", default=None, help="write the JSON here")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     gpu = device.type == "cuda"
     cfg = dict(GPU_CFG if gpu else CPU_CFG)
     if args.layers:

@@ -132,22 +132,10 @@ def _int_layer(w, a, b, quant):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench_qlora", description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", default=None, help="comma-separated MxKxN list")
-    ap.add_argument("--forward-only", action="store_true")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if args.shapes:
-        shapes = harness.parse_shapes(args.shapes)
-    elif device.type == "cuda":
-        shapes = DECODE_SHAPES if args.forward_only else GPU_SHAPES
-    else:
-        shapes = CPU_SHAPES
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reps = args.reps or (25 if device.type == "cuda" else 3)
+    ap.add_argument("--forward-only", action="store_true", help="time the forward alone (decode shapes on a GPU)")
+    args = harness.add_bench_args(ap).parse_args(argv)
+    device, shapes, dtype, reps = harness.bench_setup(
+        args, DECODE_SHAPES if args.forward_only else GPU_SHAPES, CPU_SHAPES)
     payload = harness.run_shapes("qlora", shapes, lambda M, K, N: cases(M, K, N, device, dtype, args.forward_only),
                                  device, reps)
     payload["benchmark"] = "qlora_linear " + ("forward" if args.forward_only else "fwd+bwd")
