@@ -23,8 +23,9 @@ class DoRALinear(LoRALinear):
     def merge(self):
         """weight <- m / ‖W + s·BA‖ ⊙ (W + s·BA): forward then is a plain linear."""
         if not self.merged:
-            w = self.weight.float() + self.delta_weight().float()
-            scale = (self.magnitude.float() / dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling))
+            acc = self._merge_dtype()
+            w = self.weight.to(acc) + self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
+            scale = self.magnitude.to(acc) / dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
             self.weight.copy_((w * scale[:, None]).to(self.weight.dtype))
             self._merge_scale = scale
             self.merged = True
@@ -32,7 +33,9 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            w = self.weight.float() / self._merge_scale[:, None] - self.delta_weight().float()
+            acc = self._merge_dtype()
+            w = (self.weight.to(acc) / self._merge_scale[:, None].to(acc)
+                 - self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc)))
             self.weight.copy_(w.to(self.weight.dtype))
             self._merge_scale = None
             self.merged = False

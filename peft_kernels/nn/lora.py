@@ -43,9 +43,15 @@ class LoRALinear(LoRAAdapter):
         module._attach(linear.weight, linear.bias, r, alpha, dropout, use_rslora, backend)
         return module
 
+    def _merge_dtype(self) -> torch.dtype:
+        # fp32 for 16-bit weights (one rounding, at the end); fp64 weights stay fp64
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A, [out, in], computed in fp32 and returned in the weight's dtype."""
-        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+        """scaling * B @ A, [out, in], computed in fp32 (fp64 for an fp64 weight) and returned in
+        the weight's dtype."""
+        acc = self._merge_dtype()
+        return (self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self):
