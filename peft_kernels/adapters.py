@@ -63,10 +63,11 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
 
 def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
-                 quantize: str | None = None) -> nn.Module:
+                 quantize: str | None = None, quant_options: dict | None = None) -> nn.Module:
     """Put the PEFT-format LoRA (or DoRA) adapter in ``directory`` on ``model`` (its nn.Linear
     modules become adapter layers, everything else is frozen) and return the model. ``quantize``
-    ("nf4" | "fp4" | "int8" | "int4") stores the adapted base weights quantized, as apply_lora does."""
+    ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
+    quantized, as apply_lora does."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -87,7 +88,7 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     # whose name ends in "." + name, e.g. "1.0" for "0").
     exact = "|".join(re.escape(n) for n in names)
     apply_lora(model, exact, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
-               use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora)
+               use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora, quant_options=quant_options)
     modules = _lora_modules(model)
     missing = [n for n in names if n not in modules]
     if missing:

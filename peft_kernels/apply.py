@@ -21,7 +21,7 @@ def _matches(name: str, target_modules) -> bool:
 
 
 def _targets(op: str, model: nn.Module, target_modules):
-    """(parent, attribute, nn.Linear) of every targeted Linear; freezes all of ``model`` first."""
+    """(parent, attribute, nn.Linear) of every targeted Linear."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules == "all-linear":
         chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
@@ -34,8 +34,6 @@ def _targets(op: str, model: nn.Module, target_modules):
                 "replace: put HF PEFT's LoRA on them and call peft_kernels.patch_peft_model") if conv1d else ""
         raise ValueError(f"{op}: no nn.Linear matches target_modules={target_modules!r}; "
                          f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}{hint}")
-    for p in model.parameters():
-        p.requires_grad_(False)
     out = []
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
@@ -50,32 +48,64 @@ def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01,
     trains ``density`` of its weight entries (or ``num_params``; ``mask`` and ``block`` as in
     SparseDeltaLinear.from_linear; layer i's random mask uses seed + i). Everything else is
     frozen. Returns ``model``, modified in place; train it with peft_kernels.sparse.SparseAdamW."""
-    for i, (parent, child, linear) in enumerate(_targets("apply_sparse", model, target_modules)):
-        setattr(parent, child, SparseDeltaLinear.from_linear(linear, density=density, num_params=num_params,
-                                                             mask=mask, block=block, seed=seed + i, backend=backend))
+    targets = _targets("apply_sparse", model, target_modules)
+    new = [SparseDeltaLinear.from_linear(linear, density=density, num_params=num_params, mask=mask, block=block,
+                                         seed=seed + i, backend=backend) for i, (_, _, linear) in enumerate(targets)]
+    return _replace(model, targets, new)
+
+
+def _replace(model: nn.Module, targets, new_modules) -> nn.Module:
+    """Freeze ``model`` and swap the new modules in, once every one of them was built: an error
+    while building leaves the model as it was."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for (parent, child, _), module in zip(targets, new_modules):
+        setattr(parent, child, module)
     return model
+
+
+_QUANT_OPTIONS = {"nf4": {"blocksize", "double_quant"}, "fp4": {"blocksize", "double_quant"}, "int8": set(),
+                  "int4": {"group_size"}}
 
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                use_rslora: bool = False, backend: str = "auto", quantize: str | None = None,
-               use_dora: bool = False) -> nn.Module:
+               use_dora: bool = False, quant_options: dict | None = None) -> nn.Module:
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
     (sharing their weights), freeze every other parameter, and return ``model`` (modified in
     place). target_modules: a list of names/suffixes (e.g. ["q_proj", "v_proj"]), a regex
     string, or "all-linear" (every nn.Linear except one named lm_head / the output layer).
     quantize="nf4" | "fp4" | "int8" | "int4" stores each targeted base weight quantized
-    (QLoRALinear / IntQLoRALinear; the full-precision weight is released); use_dora=True makes
-    DoRALinear layers (QDoRALinear / IntQDoRALinear with quantize). Raises ValueError if nothing
-    matches."""
-    if quantize not in (None, "nf4", "fp4", "int8", "int4"):
+    (QLoRALinear / IntQLoRALinear; the full-precision weight is released), with
+    ``quant_options``: {"blocksize": 64, "double_quant": True} for nf4/fp4, {"group_size": 64}
+    for int4 (QLoRALinear.from_linear's defaults); use_dora=True makes DoRALinear layers
+    (QDoRALinear / IntQDoRALinear with quantize). Raises ValueError if nothing matches."""
+    if quantize not in (None, *_QUANT_OPTIONS):
         raise ValueError(f"apply_lora: quantize must be None, 'nf4', 'fp4', 'int8' or 'int4', got {quantize!r}")
-    for parent, child, linear in _targets("apply_lora", model, target_modules):
+    quant_options = dict(quant_options or {})
+    if quant_options and quantize is None:
+        raise ValueError(f"apply_lora: quant_options {quant_options} given without quantize")
+    unknown = set(quant_options) - _QUANT_OPTIONS.get(quantize, set())
+    if unknown:
+        raise ValueError(f"apply_lora: quant_options {sorted(unknown)} do not apply to {quantize!r} "
+                         f"(it takes {sorted(_QUANT_OPTIONS[quantize]) or 'none'})")
+    targets = _targets("apply_lora", model, target_modules)
+    new = []
+    for parent, child, linear in targets:
         if quantize is None:
             cls = DoRALinear if use_dora else LoRALinear
-            new = cls.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
-        else:
-            cls = QDoRALinear if use_dora else QLoRALinear
-            new = cls.from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                  backend=backend)
-        setattr(parent, child, new)
-    return model
+            new.append(cls.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                       backend=backend))
+            continue
+        cls = QDoRALinear if use_dora else QLoRALinear
+        try:
+            new.append(cls.from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout,
+                                       use_rslora=use_rslora, backend=backend, **quant_options))
+        except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
+            raise ValueError(f"apply_lora: cannot quantize {_name(model, linear)} "
+                             f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
+    return _replace(model, targets, new)
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), type(module).__name__)

@@ -318,6 +318,30 @@ def test_apply_lora_quantize():
     assert int_model[0].lora_A.grad is not None and int_model[0].qweight.bits_per_parameter < 5
 
 
+def test_apply_lora_quant_options_and_errors_leave_the_model_untouched():
+    """quant_options reach the quantizer (an INT4 group of 32 for in = 96; NF4 blocksize and
+    double quantization); a layer that cannot be quantized is named in the error, and the model
+    is left exactly as it was (no layer swapped, nothing frozen)."""
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8))
+
+    m = peft_kernels.apply_lora(model(), "all-linear", r=2, quantize="int4", quant_options={"group_size": 32})
+    assert m[2].qweight.group_size == 32 and m[2].qweight.scales.shape == (8, 3)
+    m = peft_kernels.apply_lora(model(), ["0"], r=2, quantize="nf4",
+                                quant_options={"blocksize": 128, "double_quant": False})
+    assert m[0].qweight.blocksize == 128 and not m[0].qweight.nested
+    untouched = model()
+    with pytest.raises(ValueError, match=r"cannot quantize 2 \[8, 96\] as int4: .*group_size 64"):
+        peft_kernels.apply_lora(untouched, "all-linear", r=2, quantize="int4")
+    assert all(type(layer) is not QLoRALinear for layer in untouched) and all(
+        p.requires_grad for p in untouched.parameters())
+    with pytest.raises(ValueError, match="given without quantize"):
+        peft_kernels.apply_lora(model(), ["0"], quant_options={"group_size": 32})
+    with pytest.raises(ValueError, match=r"\['group_size'\] do not apply to 'nf4'"):
+        peft_kernels.apply_lora(model(), ["0"], quantize="nf4", quant_options={"group_size": 32})
+
+
 def test_bad_inputs():
     q = NF4Weight.from_float(torch.randn(8, 16))
     a, b = torch.randn(2, 16), torch.randn(8, 2)
