@@ -453,6 +453,17 @@ def test_save_load_roundtrip(tmp_path):
     assert load_sparse_delta(fresh, str(tmp_path / "delta.safetensors")) == ["0", "1"]
     assert isinstance(fresh[1], SparseDeltaLinear) and fresh[1].block == (2, 3)
     assert torch.equal(fresh(x), y)
+    # A file whose second entry does not fit leaves the model as it was (no first layer swapped).
+    other = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 5))
+    with pytest.raises(ValueError, match=r"1 has weight \[5, 12\], the file \[4, 12\]"):
+        load_sparse_delta(other, str(tmp_path / "delta.safetensors"))
+    assert type(other[0]) is nn.Linear
+    with pytest.raises(ValueError, match="no module '1'"):
+        load_sparse_delta(nn.Sequential(nn.Linear(10, 12)), str(tmp_path / "delta.safetensors"))
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a file save_sparse_delta wrote"):
+        load_sparse_delta(fresh, str(tmp_path / "other.safetensors"))
 
 
 def test_bad_inputs():

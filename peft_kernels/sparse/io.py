@@ -33,25 +33,34 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
     from .masking import _set_submodule
 
     with safe_open(path, framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("modules", "{}"))
-        loaded = []
+        metadata = f.metadata() or {}
+        if metadata.get("format") != "peft_kernels.sparse_delta":
+            raise ValueError(f"load_sparse_delta: {path} is not a file save_sparse_delta wrote "
+                             f"(metadata format {metadata.get('format')!r})")
+        meta = json.loads(metadata.get("modules", "{}"))
+        # Check every entry before changing anything: an error leaves the model as it was.
+        entries = []
         for name, info in meta.items():
-            mod = model.get_submodule(name)
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"load_sparse_delta: the model has no module {name!r}") from None
+            if not isinstance(mod, (nn.Linear, SparseDeltaLinear)):
+                raise TypeError(f"load_sparse_delta: {name} is a {type(mod).__name__}, not a Linear")
             if tuple(mod.weight.shape) != tuple(info["shape"]):
                 raise ValueError(f"load_sparse_delta: {name} has weight {list(mod.weight.shape)}, the file "
                                  f"{info['shape']}")
-            index = f.get_tensor(f"{name}.delta_index")
-            values = f.get_tensor(f"{name}.delta_values")
             block = tuple(info["block"]) if info["block"] else None
-            if isinstance(mod, nn.Linear):
-                sd = SparseDeltaLinear(mod.weight, mod.bias, index.to(mod.weight.device), block=block,
-                                       values_dtype=values.dtype, backend=backend)
-                _set_submodule(model, name, sd)
-                mod = sd
-            elif not isinstance(mod, SparseDeltaLinear):
-                raise TypeError(f"load_sparse_delta: {name} is a {type(mod).__name__}, not a Linear")
-            elif mod.block != block:
+            if isinstance(mod, SparseDeltaLinear) and mod.block != block:
                 raise ValueError(f"load_sparse_delta: {name} uses block {mod.block}, the file {block}")
-            mod.set_index_(index, values.to(mod.delta_values.dtype))
-            loaded.append(name)
+            entries.append((name, mod, block, f.get_tensor(f"{name}.delta_index"), f.get_tensor(f"{name}.delta_values")))
+    loaded = []
+    for name, mod, block, index, values in entries:
+        if isinstance(mod, nn.Linear):
+            sd = SparseDeltaLinear(mod.weight, mod.bias, index.to(mod.weight.device), block=block,
+                                   values_dtype=values.dtype, backend=backend)
+            _set_submodule(model, name, sd)
+            mod = sd
+        mod.set_index_(index, values.to(mod.delta_values.dtype))
+        loaded.append(name)
     return loaded
