@@ -466,6 +466,22 @@ def test_save_load_roundtrip(tmp_path):
         load_sparse_delta(fresh, str(tmp_path / "other.safetensors"))
 
 
+def test_index_validation_is_not_skipped_for_a_new_tensor_at_a_freed_address():
+    """The index check is cached per tensor. A new index at a freed one's address and version (the
+    CUDA caching allocator reuses blocks at once; here forced through the same storage) is checked
+    again: duplicates must not reach the kernels."""
+    w, x = torch.randn(6, 8), torch.randn(2, 8)
+    good = torch.empty(3, dtype=torch.int32).copy_(torch.tensor([1, 5, 9], dtype=torch.int32))
+    peft_kernels.sparse_delta_linear(x, w, torch.zeros(3), good, shape_or_block=(6, 8))
+    storage, version = good.untyped_storage(), good._version
+    del good
+    bad = torch.empty(0, dtype=torch.int32).set_(storage, 0, (3,))
+    bad.data.copy_(torch.tensor([1, 5, 5], dtype=torch.int32))  # .data: no version bump
+    assert bad._version == version  # same address, version and size as the validated index
+    with pytest.raises(ValueError, match="duplicate positions"):
+        peft_kernels.sparse_delta_linear(x, w, torch.zeros(3), bad, shape_or_block=(6, 8))
+
+
 def test_bad_inputs():
     w = torch.randn(6, 8)
     x = torch.randn(2, 8)

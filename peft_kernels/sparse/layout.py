@@ -7,6 +7,8 @@ local check and keeps the rows of the SDDMM in order.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -37,21 +39,29 @@ def values_shape(k: int, block) -> tuple[int, ...]:
     return (k,) if block is None else (k, block[0], block[1])
 
 
+# id(index) -> (a weak reference to it, what it was validated as). The reference tells a live
+# index from a new tensor that got a freed one's id or address (the CUDA caching allocator hands
+# the same block straight back): a cache keyed by address and version alone let an unchecked
+# index — duplicates, out of range — through to the kernels.
 _VALIDATED: dict = {}
+
+
+def _validated_as(index, shape, block) -> tuple:
+    return (index.data_ptr(), index._version, index.numel(), tuple(shape), block)
 
 
 def check_index(op: str, index, shape, block, device=None):
     """index: int32/int64 1-D, strictly increasing (no duplicates), in [0, grid). The full check
-    reads the values (one device sync); it is cached per (storage, version), so a module's index
-    is checked once, not every step."""
+    reads the values (one device sync); it is cached per tensor (and its storage and version), so
+    a module's index is checked once, not every step."""
     if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
         _fail(op, f"delta_index must be an int32/int64 tensor, got {getattr(index, 'dtype', type(index).__name__)}")
     if index.dim() != 1:
         _fail(op, f"delta_index must be 1-D, got shape {list(index.shape)}")
     if device is not None and index.device != device:
         _fail(op, f"delta_index is on {index.device}, the weight on {device}")
-    key = (index.data_ptr(), index._version, index.numel(), tuple(shape), block)
-    if key in _VALIDATED:
+    entry = _VALIDATED.get(id(index))
+    if entry is not None and entry[0]() is index and entry[1] == _validated_as(index, shape, block):
         return
     n = grid_size(shape, block)
     what = "flat position" if block is None else "block position"
@@ -66,7 +76,7 @@ def check_index(op: str, index, shape, block, device=None):
             _fail(op, "delta_index must be sorted in increasing order (use torch.sort / torch.unique)")
     if len(_VALIDATED) > 4096:
         _VALIDATED.clear()
-    _VALIDATED[key] = True
+    _VALIDATED[id(index)] = (weakref.ref(index), _validated_as(index, shape, block))
 
 
 def element_positions(index: torch.Tensor, shape, block) -> torch.Tensor:
