@@ -482,6 +482,25 @@ def test_index_validation_is_not_skipped_for_a_new_tensor_at_a_freed_address():
         peft_kernels.sparse_delta_linear(x, w, torch.zeros(3), bad, shape_or_block=(6, 8))
 
 
+def test_panel_offsets_are_not_reused_for_a_new_index_at_a_freed_address(kernel_device, monkeypatch):
+    """The panel SDDMM caches where each panel's entries start. A new index in a freed one's block
+    with the same version and size (a regrowth's fresh index on the CUDA caching allocator; here
+    forced through the same storage) must get its own offsets, not the old ones: wrong offsets give
+    wrong dDelta with no error."""
+    monkeypatch.setattr(tri_sparse, "PANEL_ELEMENTS", 4 * 16)
+    shape, M = (24, 16), 9
+    gy, x = torch.randn(M, 24, device=kernel_device), torch.randn(M, 16, device=kernel_device)
+    first = torch.empty(40, dtype=torch.int32, device=kernel_device).copy_(_random_index(shape, 40, seed=1))
+    sddmm = lambda gy, x, index, shape, block: tri_sparse.sddmm(gy, x, index, shape, block, method="panel")  # noqa: E731
+    _check_sddmm(sddmm, gy, x, first, shape, None)
+    storage, version = first.untyped_storage(), first._version
+    del first
+    second = torch.empty(0, dtype=torch.int32, device=kernel_device).set_(storage, 0, (40,))
+    second.data.copy_(torch.sort(torch.randperm(24 * 16)[:40]).values.to(torch.int32))  # .data: no version bump
+    assert second._version == version
+    _check_sddmm(sddmm, gy, x, second, shape, None)
+
+
 def test_bad_inputs():
     w = torch.randn(6, 8)
     x = torch.randn(2, 8)

@@ -23,6 +23,7 @@ from ..ops.dora import dora_linear, weight_row_sq
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
 from ..quant.bnb4bit import FP4Weight, NF4Weight
+from ..tensor_cache import TensorCache
 
 _BNB_FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
 
@@ -81,7 +82,7 @@ def _static_reason(layer) -> str | None:
 
 def _fused_forward(layer, original):
     warned = []
-    row_sq = {}  # ‖W_i‖² of a frozen 4-bit base, computed once (QDoRA)
+    row_sq = TensorCache(1)  # ‖W_i‖² of the frozen 4-bit base, computed once per weight tensor (QDoRA)
 
     def forward(x, *args, **kwargs):
         active = [a for a in layer.active_adapters if a in layer.lora_A]
@@ -99,12 +100,10 @@ def _fused_forward(layer, original):
             q = fmt.from_bnb(base.weight)
             args4 = (x.to(dtype), q, layer.lora_A[name].weight, layer.lora_B[name].weight)
             if name in getattr(layer, "lora_variant", {}):  # DoRA over the 4-bit base (QDoRA)
-                key = base.weight.data_ptr()
-                if key not in row_sq:
-                    row_sq.clear()
-                    row_sq[key] = weight_row_sq(q)
-                y = dora_linear(*args4, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=row_sq[key],
-                                **op_kwargs)
+                sq = row_sq.get(base.weight)
+                if sq is None:
+                    sq = row_sq.put(base.weight, weight_row_sq(q))
+                y = dora_linear(*args4, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=sq, **op_kwargs)
             else:
                 y = qlora_linear(*args4, bias, **op_kwargs)
             return y.to(x.dtype)

@@ -7,9 +7,9 @@ local check and keeps the rows of the SDDMM in order.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from ..tensor_cache import TensorCache
 
 
 def _fail(op: str, message: str):
@@ -39,15 +39,7 @@ def values_shape(k: int, block) -> tuple[int, ...]:
     return (k,) if block is None else (k, block[0], block[1])
 
 
-# id(index) -> (a weak reference to it, what it was validated as). The reference tells a live
-# index from a new tensor that got a freed one's id or address (the CUDA caching allocator hands
-# the same block straight back): a cache keyed by address and version alone let an unchecked
-# index — duplicates, out of range — through to the kernels.
-_VALIDATED: dict = {}
-
-
-def _validated_as(index, shape, block) -> tuple:
-    return (index.data_ptr(), index._version, index.numel(), tuple(shape), block)
+_VALIDATED = TensorCache(4096)  # indices already checked (see peft_kernels.tensor_cache)
 
 
 def check_index(op: str, index, shape, block, device=None):
@@ -60,8 +52,7 @@ def check_index(op: str, index, shape, block, device=None):
         _fail(op, f"delta_index must be 1-D, got shape {list(index.shape)}")
     if device is not None and index.device != device:
         _fail(op, f"delta_index is on {index.device}, the weight on {device}")
-    entry = _VALIDATED.get(id(index))
-    if entry is not None and entry[0]() is index and entry[1] == _validated_as(index, shape, block):
+    if _VALIDATED.get(index, (tuple(shape), block)):
         return
     n = grid_size(shape, block)
     what = "flat position" if block is None else "block position"
@@ -74,9 +65,7 @@ def check_index(op: str, index, shape, block, device=None):
             if bool((steps == 0).any()):
                 _fail(op, "delta_index has duplicate positions")
             _fail(op, "delta_index must be sorted in increasing order (use torch.sort / torch.unique)")
-    if len(_VALIDATED) > 4096:
-        _VALIDATED.clear()
-    _VALIDATED[id(index)] = (weakref.ref(index), _validated_as(index, shape, block))
+    _VALIDATED.put(index, True, (tuple(shape), block))
 
 
 def element_positions(index: torch.Tensor, shape, block) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tensor_cache import TensorCache
 from .launch import launch
 from .lora import _cuda_sm_count, _mm
 
@@ -104,21 +105,18 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_PANELS: dict = {}
+_PANELS = TensorCache(256)
 
 
 def _panel_bounds(index: torch.Tensor, shape, rows_per_panel: int) -> list[int]:
     """Entry offsets where each panel of rows_per_panel weight rows starts (one host read per
-    index version, cached)."""
-    key = (index.data_ptr(), index._version, index.numel(), tuple(shape), rows_per_panel)
-    bounds = _PANELS.get(key)
+    index tensor and version, cached: see peft_kernels.tensor_cache for why not per address)."""
+    extra = (tuple(shape), rows_per_panel)
+    bounds = _PANELS.get(index, extra)
     if bounds is None:
         starts = torch.arange(0, shape[0] + rows_per_panel, rows_per_panel, device=index.device,
                               dtype=torch.int64).clamp_max(shape[0]) * shape[1]
-        bounds = torch.searchsorted(index.long(), starts).tolist()
-        if len(_PANELS) > 256:
-            _PANELS.clear()
-        _PANELS[key] = bounds
+        bounds = _PANELS.put(index, torch.searchsorted(index.long(), starts).tolist(), extra)
     return bounds
 
 
