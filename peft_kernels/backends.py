@@ -9,6 +9,7 @@ the choice observable.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
@@ -103,12 +104,24 @@ def auto_rule(op: str) -> list:
     return AUTO_RULES.get(op, DEFAULT_GPU_RULE)
 
 
+_WARNED: set = set()
+
+
 def _auto_choice(op: str, device: torch.device, rows: int | None = None) -> str:
     # CPU: the reference; the interpreter is a test vehicle, far too slow to be picked automatically.
     if device.type == "cuda":
+        why = []
         for backend, max_rows in auto_rule(op):
             if max_rows is not None and (rows is None or rows > max_rows):
                 continue
-            if (op, backend) in _IMPLS and unavailable_reason(backend, device) is None:
+            if (op, backend) not in _IMPLS:
+                continue
+            reason = unavailable_reason(backend, device)
+            if reason is None:
                 return backend
+            why.append(f"{backend}: {reason}")
+        if op not in _WARNED:  # the reference on a GPU is the slow path: never silently
+            _WARNED.add(op)
+            warnings.warn(f"peft_kernels.{op}: no kernel backend can run on {device} ({'; '.join(why)}); "
+                          "running the pure-PyTorch reference (slow). peft_kernels.info() says more.", stacklevel=3)
     return "torch"

@@ -139,3 +139,22 @@ def test_info_reports_backends():
     assert info["triton_paths"]["lora single-launch backward: M <="] == triton_lora.FUSED_BWD_MAX_M
     assert "cuda_extension" in info
     assert info["torch"] == torch.__version__
+
+
+def test_auto_on_a_gpu_without_kernels_warns_before_running_the_reference(monkeypatch):
+    """backend="auto" on a CUDA tensor when no kernel backend can run (a broken triton, no
+    extension) falls back to the PyTorch reference — the slow path — with a warning, once per op."""
+    import warnings
+
+    from peft_kernels import backends
+
+    monkeypatch.setattr(backends, "_TRITON_ERROR", ["triton not importable (broken for this test)"])
+    monkeypatch.setattr(backends, "_WARNED", set())
+    cuda = torch.device("cuda")
+    with pytest.warns(UserWarning, match=r"lora_linear: no kernel backend can run on cuda \(triton: triton not "
+                                         r"importable \(broken for this test\)\); running the pure-PyTorch reference"):
+        assert backends.resolve("lora_linear", "auto", cuda, rows=4096) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve("lora_linear", "auto", cuda, rows=4096) == "torch"  # said once
+        assert backends.resolve("lora_linear", "auto", torch.device("cpu")) == "torch"  # CPU: the expected path
