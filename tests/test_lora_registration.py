@@ -59,3 +59,21 @@ def test_compile_fullgraph_no_graph_breaks(backend, cls, kernel_device):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear], ids=["lora", "dora"])
+def test_compile_dynamic_shapes_fullgraph(cls):
+    """torch.compile(dynamic=True) — symbolic token counts, and module floats (scaling) traced as
+    symbols — compiles the layer without graph breaks (math.isfinite on a symbolic scaling broke
+    it) and matches eager over several token counts."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = cls(24, 16, r=4, alpha=8, dropout=0.2, backend="torch")
+    torch.nn.init.normal_(layer.lora_B)
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for M in (3, 7, 12):
+        x = torch.randn(2, M, 24)
+        torch.manual_seed(M)
+        got = compiled(x)
+        torch.manual_seed(M)
+        assert torch.allclose(got, layer(x), rtol=1e-5, atol=1e-6)

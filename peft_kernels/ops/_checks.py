@@ -37,7 +37,7 @@ def check_scalar(value, name: str, op: str, low=None, high=None):
     """A finite Python number in [low, high)."""
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float)):
         raise TypeError(f"peft_kernels.{op}: {name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if value != value or value in (math.inf, -math.inf):  # not math.isfinite: it also takes SymFloats
         fail(op, f"{name} must be finite, got {value}")
     if low is not None and value < low:
         fail(op, f"{name} must be >= {low}, got {value}")
