@@ -37,3 +37,6 @@ class TensorCache:
 
     def clear(self):
         self._entries.clear()
+
+    def __getstate__(self):  # copies and pickles start empty (weak references do not travel)
+        return {"_entries": {}, "_max": self._max}

@@ -338,3 +338,37 @@ def test_patched_qdora_over_bnb_linear4bit_matches_unpatched(dropout):
     assert g0.keys() == g1.keys() and any("magnitude" in k for k in g0)
     for n in g0:
         assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+
+
+def test_deep_copies_and_saved_models_of_a_patched_model_use_their_own_weights(tmp_path):
+    """copy.deepcopy of a patched model (TRL's reference model, an EMA copy) is patched too and
+    computes — and trains — with the copy's weights: the patched forward was a closure over the
+    original layer, so the copy ran the original's adapter and sent its gradients there.
+    torch.save / torch.load of a patched model works and stays patched."""
+    import functools
+
+    model = _peft_model(use_dora=False)
+    assert peft_kernels.patch_peft_model(model).patched
+    copy_ = copy.deepcopy(model)
+    for name, p in copy_.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(3.0)
+    x = torch.randn(4, 24)
+    y = copy_(x)
+    y.square().sum().backward()
+    assert all(p.grad is None for p in model.parameters())  # the original got no gradient
+    assert all(p.grad is not None for n, p in copy_.named_parameters() if "lora_" in n)
+    restored = peft_kernels.unpatch_peft_model(copy_)
+    assert restored and torch.allclose(copy_(x), y, atol=1e-6)  # the same as PEFT on the copy
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded(x), model(x)) and peft_kernels.unpatch_peft_model(loaded) == restored
+    # A forward that was an instance attribute before patching (an accelerate hook) comes back.
+    layer = model.base_model.model.layers[0].q_proj
+    hook = functools.partial(type(layer).forward, layer)
+    peft_kernels.unpatch_peft_model(model)
+    layer.forward = hook
+    peft_kernels.patch_peft_model(model)
+    assert layer.forward is not hook
+    peft_kernels.unpatch_peft_model(model)
+    assert layer.forward is hook

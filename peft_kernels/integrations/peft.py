@@ -3,13 +3,14 @@
 whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
 their [in, out] weight).
 
-Per instance, no class swap: a patched layer gets an instance-level ``forward`` that calls the
-fused op and keeps PEFT's own forward for the states it does not fuse (adapters disabled, merged,
+Per instance, no class swap: a patched layer gets an instance-level ``forward`` (a method bound
+to the layer, so a copy.deepcopy of the model is patched too and computes with its own weights)
+that calls the fused op and keeps PEFT's own forward for the states it does not fuse (adapters disabled, merged,
 mixed-adapter batches, several active adapters) — those are PEFT semantics, not slow paths.
 Under torch.autocast the fused op runs in the autocast dtype, as F.linear would. An x whose dtype
 differs from the base weight's outside autocast runs PEFT's forward (which raises or handles it
 as PEFT does), with a warning once per layer so it is never silent.
-``unpatch_peft_model`` deletes the instance attribute and PEFT's class forward is back.
+``unpatch_peft_model`` puts back what ``forward`` was.
 """
 from __future__ import annotations
 
@@ -40,9 +41,6 @@ def _is_conv1d(base) -> bool:
     """transformers' Conv1D (GPT-2 family): y = x @ W + b with W stored [in, out]; its W.T is the
     [out, in] weight the fused ops take (a transposed view, no copy)."""
     return type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers")
-
-
-_ORIGINAL = "_peft_kernels_original_forward"
 
 
 @dataclasses.dataclass
@@ -80,11 +78,20 @@ def _static_reason(layer) -> str | None:
     return None
 
 
-def _fused_forward(layer, original):
-    warned = []
-    row_sq = TensorCache(1)  # ‖W_i‖² of the frozen 4-bit base, computed once per weight tensor (QDoRA)
+class _FusedForward:
+    """A patched layer's forward: the fused op, or ``original`` (what ``layer.forward`` was) for
+    the states it does not fuse. An object holding the layer, not a closure: copy.deepcopy of the
+    model gives the copy a forward over the copy's own weights (a closure kept computing with the
+    ORIGINAL layer inside a deep copy — TRL's reference-model idiom), and torch.save pickles it."""
 
-    def forward(x, *args, **kwargs):
+    def __init__(self, layer, original):
+        self.layer, self.original = layer, original
+        self.original_was_instance_attribute = "forward" in layer.__dict__  # e.g. an accelerate hook
+        self.warned = False
+        self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen 4-bit base, once per weight tensor (QDoRA)
+
+    def __call__(self, x, *args, **kwargs):
+        layer, original = self.layer, self.original
         active = [a for a in layer.active_adapters if a in layer.lora_A]
         if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1):
             return original(x, *args, **kwargs)  # PEFT's semantics for these states
@@ -100,10 +107,11 @@ def _fused_forward(layer, original):
             q = fmt.from_bnb(base.weight)
             args4 = (x.to(dtype), q, layer.lora_A[name].weight, layer.lora_B[name].weight)
             if name in getattr(layer, "lora_variant", {}):  # DoRA over the 4-bit base (QDoRA)
-                sq = row_sq.get(base.weight)
+                sq = self.row_sq.get(base.weight)
                 if sq is None:
-                    sq = row_sq.put(base.weight, weight_row_sq(q))
-                y = dora_linear(*args4, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=sq, **op_kwargs)
+                    sq = self.row_sq.put(base.weight, weight_row_sq(q))
+                y = dora_linear(*args4, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=sq,
+                                **op_kwargs)
             else:
                 y = qlora_linear(*args4, bias, **op_kwargs)
             return y.to(x.dtype)
@@ -113,17 +121,20 @@ def _fused_forward(layer, original):
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         if x.dtype != weight.dtype:
-            if not warned:
+            if not self.warned:
                 warnings.warn(f"peft_kernels: a patched LoRA layer got x in {x.dtype} but its base weight is "
                               f"{base.weight.dtype}; running PEFT's unfused forward for it", stacklevel=2)
-                warned.append(True)
+                self.warned = True
             return original(x, *args, **kwargs)
         op_args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
         if name in getattr(layer, "lora_variant", {}):  # DoRA (the only variant let through)
             return dora_linear(*op_args, layer.lora_magnitude_vector[name].weight, bias, **op_kwargs)
         return lora_linear(*op_args, bias, **op_kwargs)
 
-    return forward
+
+def _patched(module) -> _FusedForward | None:
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, _FusedForward) else None
 
 
 def patch_peft_model(model: nn.Module) -> PatchReport:
@@ -146,27 +157,29 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
         if not isinstance(module, tuple(lora_linear_types)):
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a LoRA Linear"
             continue
-        if hasattr(module, _ORIGINAL):
+        if _patched(module) is not None:
             report.patched.append(name)
             continue
         reason = _static_reason(module)
         if reason is not None:
             report.skipped[name] = reason
             continue
-        original = module.forward
-        setattr(module, _ORIGINAL, original)
-        module.forward = _fused_forward(module, original)
+        module.forward = _FusedForward(module, module.forward)
         report.patched.append(name)
     return report
 
 
 def unpatch_peft_model(model: nn.Module) -> list[str]:
-    """Undo ``patch_peft_model``; returns the names restored."""
+    """Undo ``patch_peft_model`` (a forward that was an instance attribute before, such as an
+    accelerate hook, is put back); returns the names restored."""
     restored = []
     for name, module in model.named_modules():
-        if hasattr(module, _ORIGINAL):
-            del module.forward
-            delattr(module, _ORIGINAL)
+        fused = _patched(module)
+        if fused is not None:
+            if fused.original_was_instance_attribute:
+                module.forward = fused.original
+            else:
+                del module.forward
             restored.append(name)
     return restored
 
