@@ -337,6 +337,24 @@ def test_sparse_adamw_resumes_from_its_state_dict_exactly(backend, values_dtype,
         bad.load_state_dict(opt.state_dict())
 
 
+def test_sparse_adamw_refuses_state_of_another_shape():
+    """set_index_ with another number of entries leaves the optimizer's state at the old size:
+    the next step must say so, not read past the buffers."""
+    torch.manual_seed(0)
+    sd = SparseDeltaLinear.from_linear(nn.Linear(12, 10), num_params=20)
+    opt = SparseAdamW(sd, lr=0.05)
+    sd(torch.randn(4, 12)).sum().backward()
+    opt.step()
+    sd.set_index_(_random_index((10, 12), 30, seed=3))
+    opt.zero_grad()
+    sd(torch.randn(4, 12)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"shape \[30\] has optimizer state of shape \[20\]"):
+        opt.step()
+    opt.state.pop(sd.delta_values)
+    opt.step()  # fresh state at the new size
+    assert opt.state[sd.delta_values]["exp_avg"].shape == (30,)
+
+
 def test_per_entry_steps_and_regrowth():
     """regrow_: k constant; the smallest |delta| dropped (weight back to W0 there); the best-scored
     unmasked positions added at delta 0 with fresh optimizer state (step 0)."""

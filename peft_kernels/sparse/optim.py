@@ -80,6 +80,11 @@ class SparseAdamW(torch.optim.Optimizer):
         if not st:
             for name, dtype in _STATE_DTYPES.items():
                 st[name] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        elif st["exp_avg"].shape != p.shape:  # the kernels would read past the smaller buffers
+            raise RuntimeError(f"SparseAdamW: a parameter of shape {list(p.shape)} has optimizer state of shape "
+                               f"{list(st['exp_avg'].shape)} (SparseDeltaLinear.set_index_ with another number of "
+                               "entries?): pass optimizer= to regrow_, or drop its state with "
+                               "optimizer.state.pop(param)")
         return st
 
     @torch.no_grad()
