@@ -355,6 +355,33 @@ def test_sparse_adamw_refuses_state_of_another_shape():
     assert opt.state[sd.delta_values]["exp_avg"].shape == (30,)
 
 
+@pytest.mark.parametrize("block", [None, (2, 4)])
+@pytest.mark.parametrize("optimizer", ["AdamW", "SparseAdamW"])
+def test_module_compiles_fullgraph_and_trains_like_eager(block, optimizer):
+    """torch.compile(fullgraph=True) of SparseDeltaLinear over several token counts: the merged
+    weight is rewritten inside the graph (the eager version bookkeeping reads data pointers, which
+    broke the graph), so values updated by any optimizer are seen; training matches eager."""
+    torch.manual_seed(0)
+    base = SparseDeltaLinear.from_linear(nn.Linear(32, 24), density=0.2, block=block)
+    eager, compiled_module = copy.deepcopy(base), copy.deepcopy(base)
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
+
+    def make(m):
+        return torch.optim.AdamW([m.delta_values], lr=0.05) if optimizer == "AdamW" else SparseAdamW(m, lr=0.05)
+
+    opts = make(eager), make(compiled_module)
+    for M in (3, 5, 9, 5):
+        x = torch.randn(2, M, 32)
+        for fn, opt in zip((eager, compiled), opts):
+            fn(x).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    x = torch.randn(4, 32)
+    assert torch.allclose(compiled(x), eager(x), atol=1e-5)
+    assert torch.allclose(compiled_module.delta_values, eager.delta_values, atol=1e-6)
+
+
 def test_per_entry_steps_and_regrowth():
     """regrow_: k constant; the smallest |delta| dropped (weight back to W0 there); the best-scored
     unmasked positions added at delta 0 with fresh optimizer state (step 0)."""

@@ -76,14 +76,21 @@ class SparseDeltaLinear(nn.Module):
         self._synced = self._version_key()
 
     @torch.no_grad()
-    def sync_(self):
-        """weight[pos] = base + delta (after delta_values changed by anything but SparseAdamW)."""
+    def _write_merged(self):
         vals = self.delta_values.detach().reshape(-1)
         self.weight.view(-1)[self._positions()] = (self.base_values.to(vals.dtype) + vals).to(self.weight.dtype)
+
+    def sync_(self):
+        """weight[pos] = base + delta (after delta_values changed by anything but SparseAdamW)."""
+        self._write_merged()
         self._synced = self._version_key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._synced != self._version_key():
+        if torch.compiler.is_compiling():
+            # Traced: the O(k) scatter every step. The version bookkeeping below (data pointers,
+            # ids) cannot be traced, and a compiled graph must not depend on who updated the values.
+            self._write_merged()
+        elif self._synced != self._version_key():
             self.sync_()
         y = sparse_delta_linear(x, self.weight, self.delta_values, self.delta_index, self.bias,
                                 shape_or_block=self.block, merged=True, backend=self.backend)

@@ -45,14 +45,16 @@ _VALIDATED = TensorCache(4096)  # indices already checked (see peft_kernels.tens
 def check_index(op: str, index, shape, block, device=None):
     """index: int32/int64 1-D, strictly increasing (no duplicates), in [0, grid). The full check
     reads the values (one device sync); it is cached per tensor (and its storage and version), so
-    a module's index is checked once, not every step."""
+    a module's index is checked once, not every step. Inside a torch.compile'd graph only the
+    metadata is checked (reading values would break the graph): SparseDeltaLinear checks its
+    index when it is built or set, outside any graph."""
     if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int32, torch.int64):
         _fail(op, f"delta_index must be an int32/int64 tensor, got {getattr(index, 'dtype', type(index).__name__)}")
     if index.dim() != 1:
         _fail(op, f"delta_index must be 1-D, got shape {list(index.shape)}")
     if device is not None and index.device != device:
         _fail(op, f"delta_index is on {index.device}, the weight on {device}")
-    if _VALIDATED.get(index, (tuple(shape), block)):
+    if torch.compiler.is_compiling() or _VALIDATED.get(index, (tuple(shape), block)):
         return
     n = grid_size(shape, block)
     what = "flat position" if block is None else "block position"
