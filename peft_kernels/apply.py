@@ -6,6 +6,7 @@ import re
 
 from torch import nn
 
+from .nn._adapter import LoRAAdapter
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import QDoRALinear, QLoRALinear
@@ -30,8 +31,12 @@ def _targets(op: str, model: nn.Module, target_modules):
     if not chosen:
         conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"
                   and target_modules != "all-linear" and _matches(n, target_modules)]
+        adapted = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                   if isinstance(m, (LoRAAdapter, SparseDeltaLinear))
+                   and (target_modules == "all-linear" or _matches(n, target_modules))]
         hint = (f"; {conv1d[:3]} are transformers Conv1D layers (GPT-2 style), which apply_lora does not "
                 "replace: put HF PEFT's LoRA on them and call peft_kernels.patch_peft_model") if conv1d else ""
+        hint += f"; already adapted: {adapted[:5]}" if adapted else ""
         raise ValueError(f"{op}: no nn.Linear matches target_modules={target_modules!r}; "
                          f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}{hint}")
     out = []

@@ -126,6 +126,9 @@ def test_apply_lora_regex_and_all_linear():
 def test_apply_lora_no_match():
     with pytest.raises(ValueError, match="no nn.Linear matches target_modules=\\['o_proj'\\]"):
         peft_kernels.apply_lora(Model(), ["o_proj"])
+    model = peft_kernels.apply_lora(Model(), ["q_proj"])
+    with pytest.raises(ValueError, match=r"already adapted: \['.*q_proj \(LoRALinear\)'\]"):
+        peft_kernels.apply_lora(model, ["q_proj"])
 
 
 def test_info_reports_backends():
