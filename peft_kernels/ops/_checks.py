@@ -134,6 +134,28 @@ def check_cuda(op: str, x):
         fail(op, f"the cuda backend takes fp16/bf16/fp32, got {x.dtype}")
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 alone
+
+
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype torch.autocast runs F.linear in on x's device, or None where autocast is off.
+    The ops follow F.linear's rule: under autocast, x, a dense weight and the bias are cast to
+    that dtype and the op runs with autocast off, so kernels, fake implementations and backward
+    all see one dtype (inside, autocast recast some reference products and not others: the
+    backward then failed on mixed dtypes, and the kernels ran in fp32)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in AUTOCAST_DEVICES:
+        return None
+    if not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
+def to_autocast(dtype: torch.dtype, *tensors):
+    """autocast's cast: fp32 / fp16 / bf16 tensors to ``dtype``; anything else as it is."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
+
+
 def contiguous_bias(bias):
     """bias as the kernels read it: one contiguous [out] vector (a strided view, e.g. every other
     entry of a larger tensor, is copied; its gradient still reaches the view)."""

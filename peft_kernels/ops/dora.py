@@ -190,8 +190,14 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
     detached, as in PEFT), and to weight / bias when they require grad. Dropout: as lora_linear
     (mask from ``seed``, never stored). ``peft_kernels.backends.last_used("dora_linear")`` tells
     which backend ran (over a quantized base: ``last_used("qdora_linear")``, or
-    ``"qdora_linear_int"`` for INT8/INT4).
+    ``"qdora_linear_int"`` for INT8/INT4). Under torch.autocast it computes in the autocast dtype.
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:  # F.linear's rule (see _checks.autocast_dtype); magnitude stays as it is
+        x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return dora_linear(x, weight, lora_A, lora_B, magnitude, bias, scaling=scaling, dropout_p=dropout_p,
+                               training=training, seed=seed, backend=backend, weight_row_sq=weight_row_sq)
     if isinstance(weight, QUANTIZED):
         return _quantized_dora(x, weight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed,
                                backend, weight_row_sq)

@@ -119,8 +119,15 @@ def lora_linear(
 
     backend: "auto" (triton on CUDA, torch on CPU; PEFT_KERNELS_BACKEND overrides), "triton",
     "cuda" or "torch" (the pure-PyTorch reference). ``peft_kernels.backends.last_used(
-    "lora_linear")`` tells which one ran.
+    "lora_linear")`` tells which one ran. Under torch.autocast it computes in the autocast dtype,
+    as F.linear does.
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:
+        x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x, weight, lora_A, lora_B, bias, scaling=scaling, dropout_p=dropout_p,
+                               training=training, seed=seed, backend=backend)
     backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend)
     return apply_validated(x, weight, lora_A, lora_B, bias, scaling, dropout_p, training, seed, backend)
 

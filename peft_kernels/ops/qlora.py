@@ -89,6 +89,12 @@ def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, 
     lora_B, bias. On the triton backend the INT8/INT4 base product runs by windows of decoded
     weight on cuBLAS (the adapter work in the LoRA kernels); NF4/FP4 have their own 4-bit matmul.
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:  # F.linear's rule (see _checks.autocast_dtype)
+        x, bias = _checks.to_autocast(autocast, x, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return qlora_linear(x, qweight, lora_A, lora_B, bias, scaling=scaling, dropout_p=dropout_p,
+                                training=training, seed=seed, backend=backend)
     out_features, in_features = check_qweight(OP, x, qweight, allow_int=True)
     _checks.check_input(OP, x, in_features, out_features, bias)
     r = _checks.check_adapter(OP, lora_A, lora_B, in_features, out_features, scaling, dropout_p)

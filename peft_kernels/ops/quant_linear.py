@@ -113,6 +113,11 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
     (the quantized weight is frozen). backend: "auto" (triton on CUDA, torch on CPU), "triton" or
     "torch"; INT8/INT4 have the torch backend only (windowed decode + BLAS, cuBLAS on a GPU).
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:  # F.linear's rule (see _checks.autocast_dtype)
+        x, bias = _checks.to_autocast(autocast, x, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return quant_linear(x, qweight, bias, backend=backend)
     out_features, in_features = check_qweight(OP, x, qweight, allow_int=True)
     _checks.check_input(OP, x, in_features, out_features, bias)
     ops = torch.ops.peft_kernels

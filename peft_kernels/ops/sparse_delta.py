@@ -116,6 +116,12 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta_values: tor
     Returns [..., out] in x's dtype. dDelta is computed at the k positions only (no [out, in]
     gradient). backend: "auto" (triton on CUDA, torch on CPU), "triton", "torch".
     """
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:  # F.linear's rule (see _checks.autocast_dtype); the values stay as they are
+        x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return sparse_delta_linear(x, weight, delta_values, delta_index, bias, shape_or_block=shape_or_block,
+                                       merged=merged, backend=backend)
     block = shape_or_block
     one_block_each = isinstance(delta_values, torch.Tensor) and delta_values.dim() == 3
     if block is not None and isinstance(weight, torch.Tensor) and tuple(block) == tuple(weight.shape) \
