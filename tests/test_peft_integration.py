@@ -372,3 +372,27 @@ def test_deep_copies_and_saved_models_of_a_patched_model_use_their_own_weights(t
     assert layer.forward is not hook
     peft_kernels.unpatch_peft_model(model)
     assert layer.forward is hook
+
+
+def test_adapters_changed_after_patching_run_peft_forward():
+    """An adapter changed after patch_peft_model (a bias put on lora_B, another dropout module)
+    must not be computed as plain LoRA (the bias was ignored, the dropout taken as p = 0): the
+    layer runs PEFT's forward for it, with a warning, and equals unpatched PEFT."""
+    class HalfDropout(nn.Module):
+        def forward(self, x):
+            return x * 0.5
+
+    model = _peft_model()
+    peft_kernels.patch_peft_model(model)
+    layer = model.base_model.model.layers[0].q_proj
+    reference = copy.deepcopy(model)
+    peft_kernels.unpatch_peft_model(reference)
+    for m in (model, reference):
+        target = m.base_model.model.layers[0].q_proj
+        target.lora_B["default"].bias = nn.Parameter(torch.linspace(-1, 1, target.out_features))
+        target.lora_dropout["default"] = HalfDropout()
+    x = torch.randn(4, 24)
+    with pytest.warns(UserWarning, match="runs PEFT's unfused forward: adapter 'default' has lora_bias=True"):
+        y = model(x)
+    assert torch.allclose(y, reference(x), atol=1e-6)
+    assert layer.forward.unfused == {"default"}

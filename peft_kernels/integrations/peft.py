@@ -68,13 +68,23 @@ def _static_reason(layer) -> str | None:
         return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} does not match the base layer "
                 f"{type(base).__name__}'s weight layout")
     for name in layer.lora_A:
-        variant = getattr(layer, "lora_variant", {}).get(name)
-        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
-            return f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (only DoRA is supported)"
-        if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
-            return f"adapter {name!r} has lora_bias=True"
-        if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
-            return f"adapter {name!r} uses dropout {type(layer.lora_dropout[name]).__name__}"
+        reason = _adapter_reason(layer, name)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _adapter_reason(layer, name: str) -> str | None:
+    """Why adapter ``name`` of the layer cannot be fused (None if it can). Checked at patch time
+    and again at every call: an adapter added or changed after patching (another LoRA variant,
+    a bias on lora_B, another dropout module) must not be computed as if it were plain LoRA."""
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (only DoRA is supported)"
+    if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
+        return f"adapter {name!r} has lora_bias=True"
+    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return f"adapter {name!r} uses dropout {type(layer.lora_dropout[name]).__name__}"
     return None
 
 
@@ -88,6 +98,7 @@ class _FusedForward:
         self.layer, self.original = layer, original
         self.original_was_instance_attribute = "forward" in layer.__dict__  # e.g. an accelerate hook
         self.warned = False
+        self.unfused: set = set()  # adapters found unfusable at call time (warned once each)
         self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen 4-bit base, once per weight tensor (QDoRA)
 
     def __call__(self, x, *args, **kwargs):
@@ -97,6 +108,13 @@ class _FusedForward:
             return original(x, *args, **kwargs)  # PEFT's semantics for these states
         base = layer.get_base_layer()
         name = active[0]
+        reason = _adapter_reason(layer, name)
+        if reason is not None:  # changed since patching: PEFT's forward, said once
+            if name not in self.unfused:
+                self.unfused.add(name)
+                warnings.warn(f"peft_kernels: a patched LoRA layer runs PEFT's unfused forward: {reason}",
+                              stacklevel=2)
+            return original(x, *args, **kwargs)
         dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         op_kwargs = {"scaling": float(layer.scaling[name]), "dropout_p": p, "training": layer.training}
