@@ -1,6 +1,7 @@
 """torch.autocast: every op computes as F.linear does under autocast — x, a dense weight and the
 bias in the autocast dtype, the output in it, gradients back in each leaf's own dtype. The oracle
-is the same op called without autocast on inputs cast by hand: it must agree bit for bit.
+is the same op called without autocast on inputs cast by hand: it must agree bit for bit (on a
+GPU up to the order of atomic adds).
 (Before, the reference backend crashed in backward on mixed dtypes, DoRA ran in fp32, and the
 Triton kernels ran every product in fp32: a silent slow path under mixed-precision training.)"""
 import pytest
@@ -9,7 +10,7 @@ import torch
 import peft_kernels
 from peft_kernels.quant import Int4Weight, NF4Weight
 
-from helpers import make_inputs
+from helpers import FLOOR, make_inputs, rel_err
 
 
 def _autocast_dtype(backend):
@@ -74,7 +75,11 @@ def test_autocast_equals_explicit_casts(op, backend, kernel_device):
     want = [y_ref.detach()] + [t.grad for t in ref_leaves if t is not None and t.requires_grad]
     assert len(got) == len(want) >= 3
     for i, (g, e) in enumerate(zip(got, want)):
-        assert g.dtype == e.dtype and torch.equal(g, e), i
+        assert g.dtype == e.dtype, i
+        if device.type == "cuda":  # split reductions add with atomics: the order, so the last bits, vary
+            assert rel_err(g, e) <= FLOOR[dt] / 4, i
+        else:
+            assert torch.equal(g, e), i
     assert all(t.grad.dtype == torch.float32 for t in leaves if t is not None and t.requires_grad)
 
 
