@@ -327,7 +327,11 @@ def test_sparse_adamw_resumes_from_its_state_dict_exactly(backend, values_dtype,
         return sd.delta_values.detach(), sd.weight.detach()
 
     for a, b in zip(run(False), run(True)):
-        assert torch.equal(a, b)
+        if device.type == "cuda":  # the SDDMM's split reductions add with atomics: the last bits vary
+            tol = 1e-2 if a.dtype == torch.bfloat16 else 1e-5
+            assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol / 10)
+        else:
+            assert torch.equal(a, b)
     bad = SparseAdamW(SparseDeltaLinear.from_linear(copy.deepcopy(lin), num_params=31), lr=0.05)
     sd = SparseDeltaLinear.from_linear(copy.deepcopy(lin), num_params=30)
     opt = SparseAdamW(sd, lr=0.05)
