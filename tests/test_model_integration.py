@@ -237,3 +237,23 @@ def test_apply_lora_on_gpt2_conv1d_says_what_to_do():
     cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=1, n_head=4)
     with pytest.raises(ValueError, match="Conv1D layers.*patch_peft_model"):
         peft_kernels.apply_lora(transformers.GPT2LMHeadModel(cfg), ["c_attn"])
+
+
+@pytest.mark.parametrize("quantize,use_dora", [(None, False), (None, True), ("nf4", False)])
+def test_trainer_bf16_mixed_precision_trains_apply_lora_models(quantize, use_dora, tmp_path):
+    """Trainer(bf16=True) runs the model under torch.autocast: apply_lora's layers (LoRA, DoRA,
+    QLoRA over NF4) must train there — the reference backward crashed on mixed dtypes before the
+    ops followed F.linear's autocast rule — with falling, finite losses and fp32 adapters."""
+    model = peft_kernels.apply_lora(_llama(), ["q_proj", "v_proj", "up_proj"], r=4, alpha=8, dropout=0.1,
+                                    quantize=quantize, use_dora=use_dora)
+    _trained_adapters(model)
+    data = [{"input_ids": ids, "labels": ids} for ids in _ids(16, 12, seed=3)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                                          learning_rate=5e-3, report_to=[], save_strategy="no", logging_steps=1,
+                                          use_cpu=True, disable_tqdm=True, bf16=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
