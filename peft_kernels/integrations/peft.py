@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import torch
 from torch import nn
 
+from ..ops import _checks
 from ..ops.dora import dora_linear, weight_row_sq
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
@@ -134,10 +134,9 @@ class _FusedForward:
                 y = qlora_linear(*args4, bias, **op_kwargs)
             return y.to(x.dtype)
         weight, bias = (base.weight.t() if _is_conv1d(base) else base.weight), base.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        autocast = _checks.autocast_dtype(x)
+        if autocast is not None:  # the ops' own autocast rule, applied before the dtype check below
+            x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
         if x.dtype != weight.dtype:
             if not self.warned:
                 warnings.warn(f"peft_kernels: a patched LoRA layer got x in {x.dtype} but its base weight is "
