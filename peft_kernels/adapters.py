@@ -88,7 +88,8 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     # whose name ends in "." + name, e.g. "1.0" for "0").
     exact = "|".join(re.escape(n) for n in names)
     apply_lora(model, exact, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
-               use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora, quant_options=quant_options)
+               use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora,
+               quant_options=quant_options)
     modules = _lora_modules(model)
     missing = [n for n in names if n not in modules]
     if missing:

@@ -22,7 +22,7 @@ def _matches(name: str, target_modules) -> bool:
 
 
 def _targets(op: str, model: nn.Module, target_modules):
-    """(parent, attribute, nn.Linear) of every targeted Linear."""
+    """(name, parent, attribute, nn.Linear) of every targeted Linear."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules == "all-linear":
         chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
@@ -43,7 +43,7 @@ def _targets(op: str, model: nn.Module, target_modules):
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        out.append((parent, child, getattr(parent, child)))
+        out.append((name, parent, child, getattr(parent, child)))
     return out
 
 
@@ -55,7 +55,7 @@ def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01,
     frozen. Returns ``model``, modified in place; train it with peft_kernels.sparse.SparseAdamW."""
     targets = _targets("apply_sparse", model, target_modules)
     new = [SparseDeltaLinear.from_linear(linear, density=density, num_params=num_params, mask=mask, block=block,
-                                         seed=seed + i, backend=backend) for i, (_, _, linear) in enumerate(targets)]
+                                         seed=seed + i, backend=backend) for i, (*_, linear) in enumerate(targets)]
     return _replace(model, targets, new)
 
 
@@ -64,7 +64,7 @@ def _replace(model: nn.Module, targets, new_modules) -> nn.Module:
     while building leaves the model as it was."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for (parent, child, _), module in zip(targets, new_modules):
+    for (_, parent, child, _), module in zip(targets, new_modules):
         setattr(parent, child, module)
     return model
 
@@ -96,7 +96,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                          f"(it takes {sorted(_QUANT_OPTIONS[quantize]) or 'none'})")
     targets = _targets("apply_lora", model, target_modules)
     new = []
-    for parent, child, linear in targets:
+    for name, _, _, linear in targets:
         if quantize is None:
             cls = DoRALinear if use_dora else LoRALinear
             new.append(cls.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
@@ -107,10 +107,6 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
             new.append(cls.from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout,
                                        use_rslora=use_rslora, backend=backend, **quant_options))
         except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
-            raise ValueError(f"apply_lora: cannot quantize {_name(model, linear)} "
+            raise ValueError(f"apply_lora: cannot quantize {name} "
                              f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
     return _replace(model, targets, new)
-
-
-def _name(model: nn.Module, module: nn.Module) -> str:
-    return next((n for n, m in model.named_modules() if m is module), type(module).__name__)

@@ -35,8 +35,5 @@ class TensorCache:
         self._entries[id(t)] = (weakref.ref(t), self._state(t, extra), value)
         return value
 
-    def clear(self):
-        self._entries.clear()
-
     def __getstate__(self):  # copies and pickles start empty (weak references do not travel)
         return {"_entries": {}, "_max": self._max}

@@ -344,10 +344,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def add_bench_args(ap, shapes_help: str = "comma-separated MxKxN list, e.g. 8192x4096x4096"):
+def add_bench_args(ap):
     """The options every shape benchmark takes: --device, --shapes, --reps, --plot, --out."""
     ap.add_argument("--device", type=device_arg, default=default_device())
-    ap.add_argument("--shapes", type=parse_shapes, default=None, help=shapes_help)
+    ap.add_argument("--shapes", type=parse_shapes, default=None, help="comma-separated MxKxN list, e.g. 8192x4096x4096")
     ap.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (median)")
     ap.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     ap.add_argument("--out", default=None, help="write the JSON here")

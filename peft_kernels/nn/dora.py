@@ -24,7 +24,7 @@ class DoRALinear(LoRALinear):
         """weight <- m / ‖W + s·BA‖ ⊙ (W + s·BA): forward then is a plain linear."""
         if not self.merged:
             acc = self._merge_dtype()
-            w = self.weight.to(acc) + self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
+            w = self.weight.to(acc) + self._delta(acc)
             scale = self.magnitude.to(acc) / dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
             self.weight.copy_((w * scale[:, None]).to(self.weight.dtype))
             self._merge_scale = scale
@@ -34,8 +34,7 @@ class DoRALinear(LoRALinear):
     def unmerge(self):
         if self.merged:
             acc = self._merge_dtype()
-            w = (self.weight.to(acc) / self._merge_scale[:, None].to(acc)
-                 - self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc)))
+            w = self.weight.to(acc) / self._merge_scale[:, None].to(acc) - self._delta(acc)
             self.weight.copy_(w.to(self.weight.dtype))
             self._merge_scale = None
             self.merged = False

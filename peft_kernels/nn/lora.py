@@ -47,11 +47,14 @@ class LoRALinear(LoRAAdapter):
         # fp32 for 16-bit weights (one rounding, at the end); fp64 weights stay fp64
         return torch.promote_types(self.weight.dtype, torch.float32)
 
+    def _delta(self, acc: torch.dtype) -> torch.Tensor:
+        """scaling * B @ A, [out, in], in ``acc``."""
+        return self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, [out, in], computed in fp32 (fp64 for an fp64 weight) and returned in
         the weight's dtype."""
-        acc = self._merge_dtype()
-        return (self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))).to(self.weight.dtype)
+        return self._delta(self._merge_dtype()).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self):
