@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .apply import apply_lora
+from .apply import apply_lora, pattern_matches, pattern_value
 from .nn._adapter import LoRAAdapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -28,19 +29,29 @@ def _lora_modules(model: nn.Module) -> dict[str, LoRAAdapter]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRAAdapter)}
 
 
+def _per_module(values: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The most common value, and PEFT's pattern ({"^<escaped name>": value}) for the modules with
+    another: anchored and escaped, each key matches its own module only."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    return common, {"^" + re.escape(n): v for n, v in values.items() if v != common}
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the LoRA (or DoRA) adapters of ``model`` (one r / alpha / dropout / rsLoRA / DoRA
-    setting for all, as apply_lora makes them) to ``directory`` in PEFT's format."""
+    """Write the LoRA (or DoRA) adapters of ``model`` to ``directory`` in PEFT's format. They share
+    one dropout / rsLoRA / DoRA setting (PEFT's config has one); r and alpha may differ per module
+    (written as PEFT's rank_pattern / alpha_pattern)."""
     from safetensors.torch import save_file
 
     modules = _lora_modules(model)
     if not modules:
         raise ValueError("save_adapter: the model has no LoRA adapter modules (apply_lora makes them)")
-    settings = {(m.r, m.alpha, m.dropout, m.use_rslora, hasattr(m, "magnitude")) for m in modules.values()}
+    settings = {(m.dropout, m.use_rslora, hasattr(m, "magnitude")) for m in modules.values()}
     if len(settings) != 1:
-        raise ValueError(f"save_adapter: all adapters must share r/alpha/dropout/use_rslora/DoRA, "
-                         f"got {sorted(settings)}")
-    r, alpha, dropout, use_rslora, use_dora = settings.pop()
+        raise ValueError(f"save_adapter: all adapters must share dropout/use_rslora/DoRA (PEFT's config has one "
+                         f"of each), got {sorted(settings)}")
+    dropout, use_rslora, use_dora = settings.pop()
+    r, rank_pattern = _per_module({n: m.r for n, m in modules.items()})
+    alpha, alpha_pattern = _per_module({n: m.alpha for n, m in modules.items()})
     if any(getattr(m, "merged", False) for m in modules.values()):
         raise ValueError("save_adapter: unmerge the adapters first (merged weights would be saved twice)")
     directory = Path(directory)
@@ -57,6 +68,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
         "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "modules_to_save": None, "use_dora": use_dora,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -65,7 +77,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
                  quantize: str | None = None, quant_options: dict | None = None) -> nn.Module:
     """Put the PEFT-format LoRA (or DoRA) adapter in ``directory`` on ``model`` (its nn.Linear
-    modules become adapter layers, everything else is frozen) and return the model. ``quantize``
+    modules become adapter layers, everything else is frozen) and return the model. Per-module
+    ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured. ``quantize``
     ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
     quantized, as apply_lora does."""
     from safetensors.torch import load_file
@@ -74,26 +87,49 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     config = json.loads((directory / CONFIG_NAME).read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"load_adapter: peft_type {config.get('peft_type')!r} is not LORA")
-    unsupported = [k for k in ("fan_in_fan_out", "rank_pattern", "alpha_pattern") if config.get(k)]
-    if unsupported or config.get("bias", "none") != "none":
-        raise ValueError(f"load_adapter: adapter options not supported yet: {unsupported or ['bias']}")
+    unsupported = [k for k in ("fan_in_fan_out", "lora_bias", "modules_to_save") if config.get(k)]
+    if config.get("bias", "none") != "none":
+        unsupported.append(f"bias={config['bias']!r}")
+    if unsupported:
+        raise ValueError(f"load_adapter: adapter options not supported yet: {unsupported}")
     use_dora = bool(config.get("use_dora"))
     state = load_file(str(directory / WEIGHTS_NAME))
-    names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if k.startswith(PREFIX)})
-    if len(names) * (3 if use_dora else 2) != len(state):
-        known = (".lora_A.", ".lora_B.", ".lora_magnitude_vector")
-        raise ValueError(f"load_adapter: unexpected keys in {WEIGHTS_NAME}: "
-                         f"{[k for k in state if not any(p in k for p in known)][:5]}")
+    parts = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if use_dora else ())
+    unexpected = [k for k in state if not (k.startswith(PREFIX) and k.endswith(parts))]
+    names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if k not in unexpected})
+    missing = [n + p for n in names for p in parts if PREFIX + n + p not in state]
+    if unexpected or missing:
+        raise ValueError(f"load_adapter: {WEIGHTS_NAME} does not hold a {'DoRA' if use_dora else 'LoRA'} "
+                         f"adapter's tensors only: unexpected {unexpected[:5]}, missing {missing[:5]}")
+    # Everything is checked before the model changes. Only the pattern keys that match a saved module
+    # matter (PEFT keeps keys that matched nothing, with a warning).
+    rank_pattern, alpha_pattern = ({k: v for k, v in (config.get(option) or {}).items()
+                                    if any(pattern_matches(k, n) for n in names)}
+                                   for option in ("rank_pattern", "alpha_pattern"))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    absent = [n for n in names if n not in linears]
+    if absent:
+        adapted = [n for n in absent if n in _lora_modules(model)]
+        raise ValueError(f"load_adapter: the model has no nn.Linear named {absent[:5]}"
+                         + (f" ({adapted[:5]} already carry an adapter)" if adapted else ""))
+    wrong = []
+    for n in names:
+        r = pattern_value(rank_pattern, n, config["r"])
+        shapes = {"lora_A.weight": (r, linears[n].in_features), "lora_B.weight": (linears[n].out_features, r)}
+        if use_dora:
+            shapes["lora_magnitude_vector"] = (linears[n].out_features,)
+        wrong += [(f"{n}.{p}", tuple(state[f"{PREFIX}{n}.{p}"].shape), want) for p, want in shapes.items()
+                  if tuple(state[f"{PREFIX}{n}.{p}"].shape) != want]
+    if wrong:
+        raise ValueError(f"load_adapter: saved tensors do not fit the model's layers with the config's r / "
+                         f"rank_pattern (tensor, saved shape, expected): {wrong[:5]}")
     # The saved names are full module names: match them exactly (a list would also take any module
     # whose name ends in "." + name, e.g. "1.0" for "0").
     exact = "|".join(re.escape(n) for n in names)
     apply_lora(model, exact, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
                use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora,
-               quant_options=quant_options)
+               quant_options=quant_options, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     modules = _lora_modules(model)
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ValueError(f"load_adapter: the model has no nn.Linear named {missing[:5]}")
     with torch.no_grad():
         for name in names:
             m = modules[name]

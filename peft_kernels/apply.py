@@ -21,6 +21,17 @@ def _matches(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def pattern_matches(key: str, name: str) -> bool:
+    """HF PEFT's rank_pattern / alpha_pattern rule (peft.utils.other.get_pattern_key): ``key`` is a
+    regex matching the whole module ``name`` or its end after a "."."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def pattern_value(pattern: dict | None, name: str, default):
+    """The value of the first key of ``pattern`` matching module ``name`` (PEFT's rule), else default."""
+    return next((v for k, v in (pattern or {}).items() if pattern_matches(k, name)), default)
+
+
 def _targets(op: str, model: nn.Module, target_modules):
     """(name, parent, attribute, nn.Linear) of every targeted Linear."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -60,10 +71,14 @@ def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01,
 
 
 def _replace(model: nn.Module, targets, new_modules) -> nn.Module:
-    """Freeze ``model`` and swap the new modules in, once every one of them was built: an error
-    while building leaves the model as it was."""
+    """Freeze ``model`` (but for the adapter / sparse-delta modules an earlier call put on it, left
+    as they are) and swap the new modules in, once every one of them was built: an error while
+    building leaves the model as it was."""
+    adapters = {id(p) for m in model.modules() if isinstance(m, (LoRAAdapter, SparseDeltaLinear))
+                for p in m.parameters()}
     for p in model.parameters():
-        p.requires_grad_(False)
+        if id(p) not in adapters:
+            p.requires_grad_(False)
     for (_, parent, child, _), module in zip(targets, new_modules):
         setattr(parent, child, module)
     return model
@@ -75,11 +90,15 @@ _QUANT_OPTIONS = {"nf4": {"blocksize", "double_quant"}, "fp4": {"blocksize", "do
 
 def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                use_rslora: bool = False, backend: str = "auto", quantize: str | None = None,
-               use_dora: bool = False, quant_options: dict | None = None) -> nn.Module:
+               use_dora: bool = False, quant_options: dict | None = None, rank_pattern: dict | None = None,
+               alpha_pattern: dict | None = None) -> nn.Module:
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
-    (sharing their weights), freeze every other parameter, and return ``model`` (modified in
-    place). target_modules: a list of names/suffixes (e.g. ["q_proj", "v_proj"]), a regex
-    string, or "all-linear" (every nn.Linear except one named lm_head / the output layer).
+    (sharing their weights), freeze every other parameter (adapters an earlier call made keep
+    theirs), and return ``model`` (modified in place). target_modules: a list of names/suffixes
+    (e.g. ["q_proj", "v_proj"]), a regex string, or "all-linear" (every nn.Linear except one named
+    lm_head / the output layer). rank_pattern / alpha_pattern ({regex: r or alpha}, HF PEFT's
+    LoraConfig options and matching rule, e.g. {"layers.0.q_proj": 16} or {"^model.*up": 4}) give
+    the matching layers another r / alpha; a key that matches no targeted layer is an error.
     quantize="nf4" | "fp4" | "int8" | "int4" stores each targeted base weight quantized
     (QLoRALinear / IntQLoRALinear; the full-precision weight is released), with
     ``quant_options``: {"blocksize": 64, "double_quant": True} for nf4/fp4, {"group_size": 64}
@@ -95,16 +114,22 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
         raise ValueError(f"apply_lora: quant_options {sorted(unknown)} do not apply to {quantize!r} "
                          f"(it takes {sorted(_QUANT_OPTIONS[quantize]) or 'none'})")
     targets = _targets("apply_lora", model, target_modules)
+    for option, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        unmatched = [k for k in pattern or {} if not any(pattern_matches(k, n) for n, *_ in targets)]
+        if unmatched:
+            raise ValueError(f"apply_lora: {option} keys {unmatched} match none of the targeted layers "
+                             f"{[n for n, *_ in targets][:10]}")
     new = []
     for name, _, _, linear in targets:
+        r_i, alpha_i = pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
         if quantize is None:
             cls = DoRALinear if use_dora else LoRALinear
-            new.append(cls.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+            new.append(cls.from_linear(linear, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora,
                                        backend=backend))
             continue
         cls = QDoRALinear if use_dora else QLoRALinear
         try:
-            new.append(cls.from_linear(linear, quant=quantize, r=r, alpha=alpha, dropout=dropout,
+            new.append(cls.from_linear(linear, quant=quantize, r=r_i, alpha=alpha_i, dropout=dropout,
                                        use_rslora=use_rslora, backend=backend, **quant_options))
         except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
             raise ValueError(f"apply_lora: cannot quantize {name} "

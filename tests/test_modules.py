@@ -115,6 +115,20 @@ def test_apply_lora_targets_and_freezes():
     assert all(model.get_parameter(n).grad is not None for n in trainable)
 
 
+def test_a_second_apply_keeps_the_first_adapters_trainable():
+    """apply_lora / apply_sparse freeze the model's other parameters, but not the adapters an
+    earlier call put on it (PEFT keeps every adapter trainable), nor a base parameter of those
+    layers the user chose to train."""
+    model = peft_kernels.apply_lora(Model(), ["q_proj"], r=2)
+    model.layers[0].q_proj.bias.requires_grad_(True)
+    model = peft_kernels.apply_lora(model, ["v_proj"], r=4, use_dora=True)
+    model = peft_kernels.apply_sparse(model, ["lm_head"], density=0.5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == ({f"layers.{i}.q_proj.lora_{w}" for i in (0, 1) for w in "AB"}
+                         | {f"layers.{i}.v_proj.{w}" for i in (0, 1) for w in ("lora_A", "lora_B", "magnitude")}
+                         | {"layers.0.q_proj.bias", "lm_head.delta_values"})
+
+
 def test_apply_lora_regex_and_all_linear():
     model = peft_kernels.apply_lora(Model(), r"layers\.0\..*_proj", r=2)
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 3

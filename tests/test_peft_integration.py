@@ -258,6 +258,94 @@ def test_load_adapter_targets_exactly_the_saved_modules(tmp_path):
     assert torch.equal(back(x), ours(x))
 
 
+PATTERNS = dict(rank_pattern={"q_proj": 2, "layers.1.up": 6}, alpha_pattern={"^layers.0.*": 3})
+
+
+def _ranks(model):
+    """{module name: (r, alpha)} of peft_kernels' or HF PEFT's LoRA layers."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, peft_kernels.nn.LoRALinear):
+            out[name] = (m.r, m.alpha)
+        elif isinstance(getattr(m, "r", None), dict):
+            out[name.removeprefix("base_model.model.")] = (m.r["default"], m.lora_alpha["default"])
+    return out
+
+
+def test_rank_and_alpha_patterns_follow_peft(tmp_path):
+    """apply_lora's rank_pattern / alpha_pattern give each layer the r / alpha PEFT's LoraConfig
+    gives it; adapters with per-layer ranks round-trip with PEFT both ways (PEFT's patterns are
+    read; ours are written as PEFT's, anchored to one module each)."""
+    model = _peft_model(**PATTERNS)
+    expected = {f"layers.{i}.{p}": (4, 8) for i in (0, 1) for p in ("q_proj", "v_proj", "up")}
+    expected.update({"layers.0.q_proj": (2, 3), "layers.0.v_proj": (4, 3), "layers.0.up": (4, 3),
+                     "layers.1.q_proj": (2, 8), "layers.1.up": (6, 8)})
+    assert _ranks(model) == expected
+    torch.manual_seed(0)
+    ours = peft_kernels.apply_lora(Net(), ["q_proj", "v_proj", "up"], r=4, alpha=8, **PATTERNS)
+    assert _ranks(ours) == expected
+    model.save_pretrained(tmp_path / "theirs")
+    torch.manual_seed(0)
+    loaded = peft_kernels.load_adapter(Net(), tmp_path / "theirs")
+    assert _ranks(loaded) == expected
+    x = torch.randn(5, 24)
+    assert torch.allclose(loaded.eval()(x), model.eval()(x), atol=1e-5)
+    peft_kernels.save_adapter(loaded, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["rank_pattern"] == {"^layers\\.0\\.q_proj": 2, "^layers\\.1\\.q_proj": 2,
+                                                           "^layers\\.1\\.up": 6}
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path / "ours")
+    assert _ranks(theirs) == expected
+    assert torch.allclose(theirs.eval()(x), model(x), atol=1e-5)
+
+
+def test_pattern_and_adapter_file_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"rank_pattern keys \['k_proj'\] match none of the targeted layers"):
+        peft_kernels.apply_lora(Net(), ["q_proj"], rank_pattern={"q_proj": 2, "k_proj": 4})
+    model = _peft_model(**PATTERNS)
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "rank_pattern": {}}))
+    with pytest.raises(ValueError, match=r"do not fit .*\('layers.0.q_proj.lora_A.weight', \(2, 24\), \(4, 24\)\)"):
+        peft_kernels.load_adapter(Net(), tmp_path)
+    config_path.write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(ValueError, match=r"not supported yet: \['lora_bias'\]"):
+        peft_kernels.load_adapter(Net(), tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    config_path.write_text(json.dumps(config))
+    state = load_file(str(tmp_path / "adapter_model.safetensors"))
+    state["base_model.model.layers.0.q_proj.lora_B.bias"] = torch.zeros(24)
+    del state["base_model.model.layers.1.up.lora_A.weight"]
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected \['base_model.model.layers.0.q_proj.lora_B.bias'\], "
+                                         r"missing \['layers.1.up.lora_A.weight'\]"):
+        peft_kernels.load_adapter(Net(), tmp_path)
+
+
+def test_load_adapter_checks_the_model_before_changing_it(tmp_path):
+    """An adapter for another model (a layer it lacks, a layer of another size, a layer already
+    adapted) is refused with the layer named, and the model is left as it was."""
+    _peft_model().save_pretrained(tmp_path)
+    small = nn.Sequential()
+    small.layers = nn.ModuleList([Block(), Block()])
+    del small.layers[1].up
+    wide = Net()
+    wide.layers[1].up = nn.Linear(24, 48)
+    adapted = peft_kernels.apply_lora(Net(), ["layers.1.up"], r=2)
+    for model, error in [(small, r"no nn.Linear named \['layers.1.up'\]$"),
+                         (wide, r"\('layers.1.up.lora_B.weight', \(40, 4\), \(48, 4\)\)"),
+                         (adapted, r"no nn.Linear named \['layers.1.up'\] \(\['layers.1.up'\] already carry")]:
+        before = {n: (type(m), m.training) for n, m in model.named_modules()}
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        with pytest.raises(ValueError, match=error):
+            peft_kernels.load_adapter(model, tmp_path)
+        assert {n: (type(m), m.training) for n, m in model.named_modules()} == before
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
 class QuantNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -271,8 +359,8 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="no LoRA adapter modules"):
         peft_kernels.save_adapter(Net(), tmp_path)
     model = peft_kernels.apply_lora(Net(), ["q_proj"], r=2)
-    model.layers[0].q_proj.r = 3
-    with pytest.raises(ValueError, match="must share r/alpha"):
+    model.layers[0].q_proj.dropout = 0.1
+    with pytest.raises(ValueError, match="must share dropout/use_rslora/DoRA"):
         peft_kernels.save_adapter(model, tmp_path)
 
 
