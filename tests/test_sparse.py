@@ -479,11 +479,27 @@ def test_mask_gradients_bitfit_head_and_partial():
     model(torch.randn(3, 10)).sum().backward()
     assert model[0].delta_values.grad.numel() == int(partial.sum()) and model[0].weight.grad is None
     assert model[2].bias.grad is not None and model[2].weight.grad is None
+    assert model[0].bias.requires_grad and model[0].bias.grad is not None  # "*.bias" holds for the sparse layer's too
     assert rep.trainable == int(partial.sum()) + 12 + 12 + 4
     with pytest.raises(ValueError, match="nn.Linear weights"):
         mask_gradients_(nn.Sequential(nn.LayerNorm(5)), {"0.weight": torch.tensor([True, False] * 2 + [True])})
     with pytest.raises(ValueError, match="shape"):
         mask_gradients_(nn.Sequential(nn.Linear(3, 2)), {"0.weight": torch.ones(3, 2, dtype=torch.bool)})
+
+
+def test_mask_gradients_error_leaves_the_model_as_it_was():
+    """A bad rule found after others were decided (a partial mask on a LayerNorm, a block mask that
+    does not tile its weight) changes nothing: no flag, no module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.LayerNorm(12), nn.Linear(12, 4))
+    model[1].weight.requires_grad_(False)
+    for masks, kw in [({"*.bias": False, "0.weight": torch.rand(12, 8) < 0.5, "1.weight": torch.rand(12) < 0.5}, {}),
+                      ({"2.*": True, "0.*": torch.rand(12, 8) < 0.5}, {"block": (5, 5)})]:
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        with pytest.raises(ValueError):
+            mask_gradients_(model, masks, **kw)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert [type(m) for m in model] == [nn.Linear, nn.LayerNorm, nn.Linear]
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -46,16 +46,14 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
     into a SparseDeltaLinear (compact SDDMM gradient, no dense dW); partial masks on other
     parameters are refused with an error rather than emulated by dense-gradient x mask.
     A tied parameter (a head sharing the embedding's weight) is matched by any of its names; a
-    pattern that matches no name is an error, not a silently frozen model.
+    pattern that matches no name is an error, not a silently frozen model; any error leaves the
+    model as it was.
     """
-    from ..nn.sparse import SparseDeltaLinear
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"mask_gradients_: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(masks, dict) or not masks:
         raise ValueError("mask_gradients_: masks must be a non-empty dict {name pattern: True | False | bool tensor}")
     report = MaskReport()
-    replace = []
     # Every name of every parameter: a tied weight is listed once by named_parameters(), under its
     # first name, so "lm_head.*" on a model whose head is tied to the embedding matched nothing.
     names: dict[int, list] = {}
@@ -68,6 +66,39 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
     if unmatched:
         raise ValueError(f"mask_gradients_: {unmatched} match no parameter name (names look like "
                          f"{every_name[:6]}{' ...' if len(every_name) > 6 else ''})")
+    # Decide and check every parameter's rule, and build the sparse layers, before changing the model:
+    # a bad rule leaves it as it was (building a SparseDeltaLinear freezes the weight and bias it
+    # shares, so their flags are put back on an error).
+    flags = {key: p.requires_grad for key, p in params.items()}
+    try:
+        plan = _plan(model, names, params, masks, block, values_dtype, backend)
+    except Exception:
+        for key, p in params.items():
+            p.requires_grad_(flags[key])
+        raise
+    # The sparse layers are built, so the True / False rules are the last word on a shared bias too.
+    for p, name, rule in plan:
+        if rule is True:
+            p.requires_grad_(True)
+            report.dense.append(name)
+            report.trainable += p.numel()
+        elif rule is False:
+            p.requires_grad_(False)
+            report.frozen += 1
+    for p, name, rule in plan:
+        if isinstance(rule, tuple):
+            parent_name, sd = rule
+            _set_submodule(model, parent_name, sd)
+            report.sparse.append(parent_name + ".weight")
+            report.trainable += sd.num_trainable
+    return report
+
+
+def _plan(model, names, params, masks, block, values_dtype, backend) -> list:
+    """[(parameter, name, True | False | (Linear's name, its SparseDeltaLinear))] for every parameter."""
+    from ..nn.sparse import SparseDeltaLinear
+
+    plan = []
     for key, p in params.items():
         rule, name = _rule(names[key], masks)
         if isinstance(rule, torch.Tensor) and len(names[key]) > 1:
@@ -81,32 +112,20 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
                 rule = True
             elif not bool(rule.any()):
                 rule = False
-        if rule is True:
-            p.requires_grad_(True)
-            report.dense.append(name)
-            report.trainable += p.numel()
-        elif rule is False:
-            p.requires_grad_(False)
-            report.frozen += 1
-        elif isinstance(rule, torch.Tensor):
+        if isinstance(rule, torch.Tensor):
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             if not (isinstance(parent, nn.Linear) and leaf == "weight"):
                 raise ValueError(f"mask_gradients_: a partial mask is supported on nn.Linear weights (compact "
                                  f"gradient via SparseDeltaLinear); {name} belongs to {type(parent).__name__}")
-            replace.append((parent_name, parent, rule))
-        else:
+            rule = (parent_name, SparseDeltaLinear.from_linear(parent, mask=rule.to(parent.weight.device),
+                                                               block=block, values_dtype=values_dtype,
+                                                               backend=backend))
+        elif rule is not True and rule is not False:
             raise TypeError(f"mask_gradients_: the rule for {name} must be True, False or a bool tensor, "
                             f"got {type(rule).__name__}")
-    for parent_name, linear, rule in replace:
-        sd = SparseDeltaLinear.from_linear(linear, mask=rule.to(linear.weight.device), block=block,
-                                           values_dtype=values_dtype, backend=backend)
-        if linear.bias is not None and linear.bias.requires_grad:
-            sd.bias.requires_grad_(True)  # keep a bias selected by another rule trainable
-        _set_submodule(model, parent_name, sd)
-        report.sparse.append(parent_name + ".weight")
-        report.trainable += sd.num_trainable
-    return report
+        plan.append((p, name, rule))
+    return plan
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):
