@@ -2,6 +2,7 @@
 modules of any model, PEFT-style."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 from torch import nn
@@ -65,15 +66,34 @@ def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01,
     SparseDeltaLinear.from_linear; layer i's random mask uses seed + i). Everything else is
     frozen. Returns ``model``, modified in place; train it with peft_kernels.sparse.SparseAdamW."""
     targets = _targets("apply_sparse", model, target_modules)
-    new = [SparseDeltaLinear.from_linear(linear, density=density, num_params=num_params, mask=mask, block=block,
-                                         seed=seed + i, backend=backend) for i, (*_, linear) in enumerate(targets)]
+    new = []
+    with requires_grad_restored_on_error(model):
+        for i, (name, _, _, linear) in enumerate(targets):
+            try:
+                new.append(SparseDeltaLinear.from_linear(linear, density=density, num_params=num_params, mask=mask,
+                                                         block=block, seed=seed + i, backend=backend))
+            except ValueError as exc:  # e.g. num_params larger than this layer: say which layer
+                raise ValueError(f"apply_sparse: {name} [{linear.out_features}, {linear.in_features}]: {exc}") from exc
     return _replace(model, targets, new)
+
+
+@contextlib.contextmanager
+def requires_grad_restored_on_error(model: nn.Module):
+    """Put every parameter's requires_grad back if the block raises: building an adapter or sparse
+    layer freezes the base weight and bias it shares, before a later layer may fail to build."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def _replace(model: nn.Module, targets, new_modules) -> nn.Module:
     """Freeze ``model`` (but for the adapter / sparse-delta modules an earlier call put on it, left
-    as they are) and swap the new modules in, once every one of them was built: an error while
-    building leaves the model as it was."""
+    as they are) and swap the new modules in, once every one of them was built (under
+    requires_grad_restored_on_error: an error while building leaves the model as it was)."""
     adapters = {id(p) for m in model.modules() if isinstance(m, (LoRAAdapter, SparseDeltaLinear))
                 for p in m.parameters()}
     for p in model.parameters():
@@ -120,18 +140,19 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
             raise ValueError(f"apply_lora: {option} keys {unmatched} match none of the targeted layers "
                              f"{[n for n, *_ in targets][:10]}")
     new = []
-    for name, _, _, linear in targets:
-        r_i, alpha_i = pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
-        if quantize is None:
-            cls = DoRALinear if use_dora else LoRALinear
-            new.append(cls.from_linear(linear, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora,
-                                       backend=backend))
-            continue
-        cls = QDoRALinear if use_dora else QLoRALinear
-        try:
-            new.append(cls.from_linear(linear, quant=quantize, r=r_i, alpha=alpha_i, dropout=dropout,
-                                       use_rslora=use_rslora, backend=backend, **quant_options))
-        except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
-            raise ValueError(f"apply_lora: cannot quantize {name} "
-                             f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
+    with requires_grad_restored_on_error(model):
+        for name, _, _, linear in targets:
+            r_i, alpha_i = pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
+            if quantize is None:
+                cls = DoRALinear if use_dora else LoRALinear
+                new.append(cls.from_linear(linear, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora,
+                                           backend=backend))
+                continue
+            cls = QDoRALinear if use_dora else QLoRALinear
+            try:
+                new.append(cls.from_linear(linear, quant=quantize, r=r_i, alpha=alpha_i, dropout=dropout,
+                                           use_rslora=use_rslora, backend=backend, **quant_options))
+            except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
+                raise ValueError(f"apply_lora: cannot quantize {name} "
+                                 f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
     return _replace(model, targets, new)

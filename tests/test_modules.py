@@ -129,6 +129,19 @@ def test_a_second_apply_keeps_the_first_adapters_trainable():
                          | {"layers.0.q_proj.bias", "lm_head.delta_values"})
 
 
+def test_apply_that_fails_on_a_later_layer_changes_nothing():
+    """A layer that cannot take the adapter (more sparse entries than it has, an INT4 group that does
+    not divide it) is named, and the layers built before it give back their weights'
+    requires_grad (HF models load trainable) and stay nn.Linear."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 48), nn.Linear(48, 8))
+    with pytest.raises(ValueError, match=r"apply_sparse: 2 \[8, 48\]: .* between 1 and 384 positions, got 1000"):
+        peft_kernels.apply_sparse(model, "all-linear", density=None, num_params=1000)
+    assert all(p.requires_grad for p in model.parameters()) and all(type(m) is nn.Linear for m in model)
+    with pytest.raises(ValueError, match=r"cannot quantize 2 \[8, 48\] as int4"):
+        peft_kernels.apply_lora(model, "all-linear", quantize="int4", quant_options={"group_size": 64})
+    assert all(p.requires_grad for p in model.parameters()) and all(type(m) is nn.Linear for m in model)
+
+
 def test_apply_lora_regex_and_all_linear():
     model = peft_kernels.apply_lora(Model(), r"layers\.0\..*_proj", r=2)
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 3

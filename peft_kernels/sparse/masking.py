@@ -67,15 +67,11 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
         raise ValueError(f"mask_gradients_: {unmatched} match no parameter name (names look like "
                          f"{every_name[:6]}{' ...' if len(every_name) > 6 else ''})")
     # Decide and check every parameter's rule, and build the sparse layers, before changing the model:
-    # a bad rule leaves it as it was (building a SparseDeltaLinear freezes the weight and bias it
-    # shares, so their flags are put back on an error).
-    flags = {key: p.requires_grad for key, p in params.items()}
-    try:
+    # a bad rule leaves it as it was.
+    from ..apply import requires_grad_restored_on_error
+
+    with requires_grad_restored_on_error(model):
         plan = _plan(model, names, params, masks, block, values_dtype, backend)
-    except Exception:
-        for key, p in params.items():
-            p.requires_grad_(flags[key])
-        raise
     # The sparse layers are built, so the True / False rules are the last word on a shared bias too.
     for p, name, rule in plan:
         if rule is True:
