@@ -1,0 +1,74 @@
+"""DistributedDataParallel (gloo, two CPU processes): every adapter kind trains as one process
+does on the whole batch — the adapters' gradients are all-reduced, the frozen bases and the
+sparse layers' bookkeeping buffers stay consistent."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import peft_kernels
+from peft_kernels.sparse import SparseAdamW, mask_gradients_
+
+KINDS = ["lora", "dora", "nf4", "int4", "sparse", "mask"]
+STEPS, BATCH = 3, 8
+
+
+def _model(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    if kind == "sparse":
+        peft_kernels.apply_sparse(model, ["0", "2"], density=0.2, backend="torch")
+    elif kind == "mask":
+        mask_gradients_(model, {"*.bias": True, "2.weight": torch.rand(16, 64) < 0.3}, backend="torch")
+    else:
+        quantize = {"nf4": "nf4", "int4": "int4"}.get(kind)
+        peft_kernels.apply_lora(model, ["0", "2"], r=4, backend="torch", use_dora=kind == "dora", quantize=quantize,
+                                quant_options={"group_size": 32} if kind == "int4" else None)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)  # a trained adapter, not the zero init
+    sparse = kind in ("sparse", "mask")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = SparseAdamW(model, lr=1e-2) if sparse else torch.optim.AdamW(trainable, lr=1e-2)
+    return model, opt
+
+
+def _train(kind, rank=0, world=1):
+    model, opt = _model(kind)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    data = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, target = torch.randn(BATCH, 32, generator=data), torch.randn(BATCH, 16, generator=data)
+        loss = (net(x.chunk(world)[rank]) - target.chunk(world)[rank]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {kind: _train(kind, rank, world) for kind in KINDS}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            torch.save(gathered, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_ddp_trains_every_adapter_kind_like_one_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
+    ranks = torch.load(tmp_path / "out.pt")
+    for kind in KINDS:
+        single = _train(kind)
+        for rank in ranks:
+            assert rank[kind].keys() == single.keys()
+            for key, value in single.items():
+                # The mean of two half-batch gradients is the whole batch's up to fp32 rounding.
+                assert torch.allclose(rank[kind][key].float(), value.float(), rtol=1e-5, atol=1e-6), (kind, key)
+        assert any(not torch.equal(single[k], _model(kind)[0].state_dict()[k]) for k in single), kind  # it trained
