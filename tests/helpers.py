@@ -69,3 +69,42 @@ def _as64(t):
     if t is None:
         return None
     return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def gloo_init(rank: int, world: int, init_file: str):
+    """Join a gloo process group of ``world`` CPU processes (file rendezvous: no port to collide)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+
+
+def gloo_exit():
+    """End a gloo worker: a barrier, then exit without the teardown — PyTorch's gloo process group
+    can deadlock in its destructor at exit (its worker thread waits for the GIL that the joining
+    main thread holds; seen in CI on torch 2.13 after the work had finished)."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    os._exit(0)
+
+
+def gloo_spawn(worker, args, nprocs: int = 2, timeout: float = 300.0):
+    """Run worker(rank, *args) in ``nprocs`` processes; a hung rank fails the test instead of
+    hanging CI."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the gloo workers did not finish within {timeout:.0f} s")

@@ -4,11 +4,12 @@ sparse layers' bookkeeping buffers stay consistent."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import peft_kernels
 from peft_kernels.sparse import SparseAdamW, mask_gradients_
+
+from helpers import gloo_exit, gloo_init, gloo_spawn
 
 KINDS = ["lora", "dora", "nf4", "int4", "sparse", "mask"]
 STEPS, BATCH = 3, 8
@@ -49,20 +50,18 @@ def _train(kind, rank=0, world=1):
 
 
 def _worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {kind: _train(kind, rank, world) for kind in KINDS}
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out_file)
-    finally:
-        dist.destroy_process_group()
+    gloo_init(rank, world, init_file)
+    results = {kind: _train(kind, rank, world) for kind in KINDS}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out_file)
+    gloo_exit()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_trains_every_adapter_kind_like_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
+    gloo_spawn(_worker, (2, str(tmp_path / "init"), str(tmp_path / "out.pt")))
     ranks = torch.load(tmp_path / "out.pt")
     for kind in KINDS:
         single = _train(kind)

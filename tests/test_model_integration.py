@@ -7,6 +7,8 @@ import torch
 
 import peft_kernels
 
+from helpers import gloo_exit, gloo_init, gloo_spawn
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
@@ -106,12 +108,7 @@ def test_torch_compile_of_a_patched_model_matches_eager():
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
-    import datetime
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    gloo_init(rank, world, init_file)
     model = _peft_llama(dropout=0.0)
     peft_kernels.patch_peft_model(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -119,27 +116,13 @@ def _ddp_worker(rank, world, init_file, out_dir):
     ddp(input_ids=ids, labels=ids).loss.backward()
     if rank == 0:
         torch.save(_lora_grads(model), os.path.join(out_dir, "ddp.pt"))
-    dist.barrier()
-    # Skip the teardown: PyTorch's gloo process group can deadlock in its destructor at exit (its
-    # worker thread waits for the GIL that the joining main thread holds; seen in CI on torch
-    # 2.13 after this test's work had finished). Both ranks are done after the barrier.
-    os._exit(0)
+    gloo_exit()
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     """DDP averages the ranks' gradients; with equal halves of the batch that equals one process
     on the whole batch (per-token mean loss over equal token counts)."""
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=5):  # a hung rank fails the test instead of hanging CI
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the DDP workers did not finish within 300 s")
+    gloo_spawn(_ddp_worker, (2, str(tmp_path / "init"), str(tmp_path)))
     ddp = torch.load(tmp_path / "ddp.pt")
     model = _peft_llama(dropout=0.0)
     peft_kernels.patch_peft_model(model)
