@@ -6,6 +6,7 @@ Public API (importing never needs a GPU, triton or the compiled extension):
     info() -> dict of versions, devices and backend availability
     patch_peft_model(peft_model) -> PatchReport, unpatch_peft_model(peft_model)
     save_adapter(model, dir), load_adapter(model, dir): HF PEFT's adapter format
+    merge_and_unload(model): every adapter / sparse layer back to a plain nn.Linear, merged
     quant_linear(x, qweight, bias), qlora_linear(x, qweight, lora_A, lora_B, bias, *, ...)
     quant.NF4Weight / FP4Weight (bitsandbytes-compatible 4-bit), quant.Int8Weight / Int4Weight
     sparse_delta_linear(x, weight, delta_values, delta_index, bias, *, shape_or_block, merged)
@@ -14,7 +15,7 @@ Public API (importing never needs a GPU, triton or the compiled extension):
 """
 from . import backends, nn, quant, sparse
 from .adapters import load_adapter, save_adapter
-from .apply import apply_lora, apply_sparse
+from .apply import apply_lora, apply_sparse, merge_and_unload
 from .info import info
 from .ops.dora import dora_linear
 from .ops.lora import lora_linear
@@ -39,4 +40,4 @@ def unpatch_peft_model(model):
     return unpatch(model)
 
 __version__ = "0.1.0"
-__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "mask_gradients_", "apply_lora", "apply_sparse", "info", "nn", "quant", "sparse", "backends", "__version__"]
+__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "mask_gradients_", "apply_lora", "apply_sparse", "merge_and_unload", "info", "nn", "quant", "sparse", "backends", "__version__"]

@@ -156,3 +156,19 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                 raise ValueError(f"apply_lora: cannot quantize {name} "
                                  f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
     return _replace(model, targets, new)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer apply_lora / apply_sparse / mask_gradients_ / load_adapter put on
+    ``model`` (LoRA, DoRA, QLoRA and their INT forms, SparseDeltaLinear) with a plain nn.Linear
+    holding its merged weight (``to_linear()``: over a quantized base the decoded weight, in the
+    adapter's dtype), in place, and return ``model`` — HF PEFT's merge_and_unload, for export or
+    inference without peft_kernels."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRAAdapter, SparseDeltaLinear))]
+    if not layers:
+        raise ValueError("merge_and_unload: the model has no adapter or sparse-delta layers")
+    merged = [(name, m.to_linear()) for name, m in layers]  # all built before the model changes
+    for name, linear in merged:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return model

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 import peft_kernels
-from peft_kernels.nn import LoRALinear
+from peft_kernels.nn import DoRALinear, LoRALinear
+
+from helpers import rel_err
 
 
 def test_from_linear_shares_and_freezes_base():
@@ -188,3 +190,50 @@ def test_auto_on_a_gpu_without_kernels_warns_before_running_the_reference(monkey
         warnings.simplefilter("error")
         assert backends.resolve("lora_linear", "auto", cuda, rows=4096) == "torch"  # said once
         assert backends.resolve("lora_linear", "auto", torch.device("cpu")) == "torch"  # CPU: the expected path
+
+
+MERGE_KINDS = [dict(), dict(use_dora=True), dict(quantize="nf4"), dict(quantize="fp4", use_dora=True),
+               dict(quantize="int8"), dict(quantize="int4", use_dora=True), "sparse"]
+
+
+@pytest.mark.parametrize("kind", MERGE_KINDS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_merge_and_unload_gives_plain_linears_with_the_same_outputs(kind, dtype):
+    """Every adapter kind becomes an nn.Linear of the layer's effective weight (a quantized base
+    decoded): the model's outputs do not change beyond the dtype's rounding; the base weights
+    stay frozen, a trained bias stays trained."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 8)).to(dtype)
+    if kind == "sparse":
+        peft_kernels.apply_sparse(model, ["0", "2"], density=0.3)
+    else:
+        peft_kernels.apply_lora(model, ["0", "2"], r=3, alpha=5, **kind,
+                                **({"quant_options": {"group_size": 32}} if kind.get("quantize") == "int4" else {}))
+    model[2].bias.requires_grad_(True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)  # a trained adapter (B, Delta, m away from their init)
+    x = torch.randn(5, 64, dtype=dtype)
+    before = model.eval()(x)
+    merged = peft_kernels.merge_and_unload(model)
+    assert merged is model and [type(m) for m in model] == [nn.Linear, nn.Tanh, nn.Linear]
+    assert model[0].weight.dtype == dtype and not model[0].weight.requires_grad and model[2].bias.requires_grad
+    assert rel_err(model(x), before) < (1e-12 if dtype == torch.float64 else 2e-6)
+
+
+def test_merged_weight_in_low_precision_and_while_merged():
+    """bf16 bases: the merged weight is computed in fp32 and rounded once; a layer already merged
+    gives its weight; a model without adapters is an error."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 24).to(torch.bfloat16)
+    layer = DoRALinear.from_linear(lin, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B)
+    exact = DoRALinear.from_linear(nn.Linear(48, 24).double(), r=4, alpha=8)
+    exact.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    w = layer.merged_weight()
+    assert w.dtype == torch.bfloat16 and rel_err(w, exact.merged_weight()) < 2.5e-3  # one bf16 rounding: 2^-9
+    layer.merge()
+    assert torch.equal(layer.merged_weight(), layer.weight) and torch.equal(layer.to_linear().weight, w)
+    with pytest.raises(ValueError, match="no adapter or sparse-delta layers"):
+        peft_kernels.merge_and_unload(nn.Sequential(nn.Linear(2, 2)))

@@ -31,3 +31,43 @@ class LoRAAdapter(nn.Module):
     def reset_lora_parameters(self):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    # ------------------------------------------------------------------ export
+    # A subclass gives its base weight as a dense tensor (_dense_base), the dtype a merged weight
+    # comes back in (_base_dtype) and, for DoRA, ‖W + s·B·A‖ per row (_row_norm).
+    def _base_dtype(self) -> torch.dtype:
+        return self.lora_A.dtype  # a quantized base's nominal dtype is the adapter's
+
+    def _merge_dtype(self) -> torch.dtype:
+        # fp32 for 16-bit weights (one rounding, at the end); fp64 weights stay fp64
+        return torch.promote_types(self._base_dtype(), torch.float32)
+
+    def _delta(self, acc: torch.dtype) -> torch.Tensor:
+        """scaling * B @ A, [out, in], in ``acc``."""
+        return self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The layer's effective weight as a new dense [out, in] tensor: W + s·B·A (DoRA:
+        m / ‖W + s·B·A‖_row ⊙ (W + s·B·A)), computed in fp32 (fp64 for fp64) from the base
+        (a quantized one decoded), returned in the base weight's dtype (the adapter's over a
+        quantized base). The layer is not changed."""
+        if getattr(self, "merged", False):
+            return self.weight.detach().clone()
+        acc = self._merge_dtype()
+        w = self._dense_base(acc) + self._delta(acc)
+        if hasattr(self, "magnitude"):
+            w *= (self.magnitude.to(acc) / self._row_norm().to(acc))[:, None]
+        return w.to(self._base_dtype())
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding merged_weight() and the bias (PEFT's merge_and_unload, for one
+        layer): its weight is frozen as the base was; its bias trains if the layer's did."""
+        w = self.merged_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(w.dtype, copy=True),
+                                       requires_grad=self.bias.requires_grad)
+        return linear

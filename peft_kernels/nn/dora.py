@@ -19,14 +19,15 @@ class DoRALinear(LoRALinear):
         # m / ‖W + s·BA‖ while merged (unmerge divides by it): a buffer, so it follows .to(device)
         self.register_buffer("_merge_scale", None, persistent=False)
 
+    def _row_norm(self) -> torch.Tensor:
+        return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+
     @torch.no_grad()
     def merge(self):
         """weight <- m / ‖W + s·BA‖ ⊙ (W + s·BA): forward then is a plain linear."""
         if not self.merged:
-            acc = self._merge_dtype()
-            w = self.weight.to(acc) + self._delta(acc)
-            scale = self.magnitude.to(acc) / dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
-            self.weight.copy_((w * scale[:, None]).to(self.weight.dtype))
+            scale = self.magnitude.to(self._merge_dtype()) / self._row_norm()
+            self.weight.copy_(self.merged_weight())
             self._merge_scale = scale
             self.merged = True
 

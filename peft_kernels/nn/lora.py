@@ -43,13 +43,11 @@ class LoRALinear(LoRAAdapter):
         module._attach(linear.weight, linear.bias, r, alpha, dropout, use_rslora, backend)
         return module
 
-    def _merge_dtype(self) -> torch.dtype:
-        # fp32 for 16-bit weights (one rounding, at the end); fp64 weights stay fp64
-        return torch.promote_types(self.weight.dtype, torch.float32)
+    def _base_dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
-    def _delta(self, acc: torch.dtype) -> torch.Tensor:
-        """scaling * B @ A, [out, in], in ``acc``."""
-        return self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
+    def _dense_base(self, acc: torch.dtype) -> torch.Tensor:
+        return self.weight.to(acc)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, [out, in], computed in fp32 (fp64 for an fp64 weight) and returned in

@@ -94,6 +94,9 @@ class QLoRALinear(LoRAAdapter):
         return qlora_linear(x, self.qweight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
                             dropout_p=self.dropout, training=self.training, backend=self.backend)
 
+    def _dense_base(self, acc: torch.dtype) -> torch.Tensor:
+        return self.qweight.dequantize(acc)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, format={self._format.__name__}, "
@@ -116,6 +119,9 @@ class QDoRALinear(QLoRALinear):
         return dora_linear(x, self.qweight, self.lora_A, self.lora_B, self.magnitude, self.bias,
                            scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
                            weight_row_sq=self.weight_row_sq)
+
+    def _row_norm(self) -> torch.Tensor:
+        return dora_weight_norm(self.qweight, self.lora_A, self.lora_B, self.scaling, self.weight_row_sq)
 
 
 class IntQLoRALinear(QLoRALinear):
@@ -165,3 +171,4 @@ class IntQDoRALinear(IntQLoRALinear):
         self.magnitude = nn.Parameter(norm.to(qweight.dtype))
 
     forward = QDoRALinear.forward  # the same dora_linear call; only the storage differs
+    _row_norm = QDoRALinear._row_norm

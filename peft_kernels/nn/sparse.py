@@ -143,13 +143,13 @@ class SparseDeltaLinear(nn.Module):
         return w
 
     def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding W0 + Delta."""
+        """A plain nn.Linear holding W0 + Delta: its weight is frozen as the base was; its bias
+        trains if the layer's did."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.merge())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
+        lin.weight = nn.Parameter(self.merge(), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
         return lin
 
     @property
