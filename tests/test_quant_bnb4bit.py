@@ -99,6 +99,23 @@ def test_bnb_params_round_trip_without_requantizing(quant_type):
         CLASSES["fp4" if quant_type == "nf4" else "nf4"].from_bnb(param)
 
 
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_from_bnb_reads_bytes_kept_in_another_storage_dtype(storage):
+    """FSDP QLoRA sets bnb's quant_storage (e.g. bf16): the packed bytes are held as a bf16 / fp32
+    tensor. from_bnb reads the same bytes (shared) and decodes as bnb's own Linear4bit computes."""
+    torch.manual_seed(0)
+    w = torch.randn(24, 128) * 0.05
+    layer = bnb.nn.Linear4bit(128, 24, bias=False, quant_type="nf4", quant_storage=storage, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", quant_storage=storage, blocksize=64)
+    layer = layer.to("cpu")  # quantizes
+    assert layer.weight.dtype == storage
+    ours = NF4Weight.from_bnb(layer)
+    assert ours.packed.data_ptr() == layer.weight.data_ptr()
+    assert torch.equal(ours.packed.flatten(), NF4Weight.from_float(w, blocksize=64).packed.flatten())
+    x = torch.randn(3, 128)
+    assert torch.equal(layer(x), x @ ours.dequantize().T)
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_state_dict_matches_linear4bit(nested):
     w = torch.randn(24, 40) * 0.05
