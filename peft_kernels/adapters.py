@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import apply_lora, pattern_matches, pattern_value
+from .apply import apply_lora, pattern_matches, pattern_value, target_matches
 from .nn._adapter import LoRAAdapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -34,6 +34,18 @@ def _per_module(values: dict[str, float]) -> tuple[float, dict[str, float]]:
     another: anchored and escaped, each key matches its own module only."""
     common = Counter(values.values()).most_common(1)[0][0]
     return common, {"^" + re.escape(n): v for n, v in values.items() if v != common}
+
+
+def _target_modules(model: nn.Module, names) -> list[str] | str:
+    """PEFT's target_modules for the adapted ``names``: their last name parts (["q_proj",
+    "v_proj"], as PEFT writes them and serving tools such as LoRAX list them) when PEFT's list rule picks
+    out exactly these modules of ``model``; else a regex matching exactly the full names (a list
+    of full names would also pick "1.0" for "0")."""
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    picked = {n for n, _ in model.named_modules() if n and target_matches(n, leaves)}
+    if picked == set(names):
+        return leaves
+    return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
@@ -66,7 +78,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
-        "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False,
+        "target_modules": _target_modules(model, modules), "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "modules_to_save": None, "use_dora": use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     }

@@ -14,9 +14,9 @@ from .nn.qlora import QDoRALinear, QLoRALinear
 from .nn.sparse import SparseDeltaLinear
 
 
-def _matches(name: str, target_modules) -> bool:
-    # PEFT's rule: a string is a full-match regex on the module's name; a list matches a name
-    # equal to an entry or ending in "." + entry.
+def target_matches(name: str, target_modules) -> bool:
+    """PEFT's target_modules rule: a string is a full-match regex on the module's name; a list
+    matches a name equal to an entry or ending in "." + entry."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
@@ -39,13 +39,13 @@ def _targets(op: str, model: nn.Module, target_modules):
     if target_modules == "all-linear":
         chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
     else:
-        chosen = [n for n in names if _matches(n, target_modules)]
+        chosen = [n for n in names if target_matches(n, target_modules)]
     if not chosen:
         conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"
-                  and target_modules != "all-linear" and _matches(n, target_modules)]
+                  and target_modules != "all-linear" and target_matches(n, target_modules)]
         adapted = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
                    if isinstance(m, (LoRAAdapter, SparseDeltaLinear))
-                   and (target_modules == "all-linear" or _matches(n, target_modules))]
+                   and (target_modules == "all-linear" or target_matches(n, target_modules))]
         hint = (f"; {conv1d[:3]} are transformers Conv1D layers (GPT-2 style), which apply_lora does not "
                 "replace: put HF PEFT's LoRA on them and call peft_kernels.patch_peft_model") if conv1d else ""
         hint += f"; already adapted: {adapted[:5]}" if adapted else ""

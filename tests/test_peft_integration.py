@@ -256,6 +256,22 @@ def test_load_adapter_targets_exactly_the_saved_modules(tmp_path):
     assert isinstance(back[0], peft_kernels.nn.LoRALinear) and type(back[1][0]) is nn.Linear
     x = torch.randn(3, 8)
     assert torch.equal(back(x), ours(x))
+    # HF PEFT adapts "0" only too: the config's target_modules is a regex of the exact names here
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == "(?:0)"
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert [n for n, m in theirs.named_modules() if n.endswith("lora_A")] == ["base_model.model.0.lora_A"]
+    assert torch.allclose(theirs(x), ours(x), atol=1e-6)
+
+
+def test_saved_target_modules_are_the_layer_names_people_write(tmp_path):
+    """apply_lora(["q_proj", "up"]) saves target_modules ["q_proj", "up"], as PEFT does, not
+    every full module name; PEFT then adapts exactly the saved layers."""
+    torch.manual_seed(0)
+    ours = peft_kernels.apply_lora(Net(), ["q_proj", "up"], r=2)
+    peft_kernels.save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "up"]
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path)
+    assert _ranks(theirs).keys() == _ranks(ours).keys()
 
 
 PATTERNS = dict(rank_pattern={"q_proj": 2, "layers.1.up": 6}, alpha_pattern={"^layers.0.*": 3})
