@@ -76,10 +76,20 @@ def test_merge_in_float64_keeps_float64_precision(dora):
 
 
 def test_bad_module_arguments():
-    with pytest.raises(ValueError, match="r must be >= 1"):
+    with pytest.raises(ValueError, match="r must be an integer >= 1, got 0"):
         LoRALinear(4, 4, r=0)
-    with pytest.raises(ValueError, match="dropout must be in"):
-        LoRALinear.from_linear(nn.Linear(4, 4), r=2, dropout=1.5)
+    for bad in (8.0, True, "8"):
+        with pytest.raises(ValueError, match=f"r must be an integer >= 1, got {bad!r}"):
+            LoRALinear.from_linear(nn.Linear(4, 4), r=bad)
+    for bad in (float("nan"), "16", None):
+        with pytest.raises(ValueError, match="alpha must be a finite number"):
+            DoRALinear.from_linear(nn.Linear(4, 4), r=2, alpha=bad)
+    for bad in (1.5, None, True):
+        with pytest.raises(ValueError, match="dropout must be a number in"):
+            LoRALinear.from_linear(nn.Linear(4, 4), r=2, dropout=bad)
+    np = pytest.importorskip("numpy")
+    layer = LoRALinear.from_linear(nn.Linear(4, 4), r=np.int64(2), alpha=np.float32(4))
+    assert type(layer.r) is int and type(layer.alpha) is float and layer.scaling == 2.0
     with pytest.raises(TypeError, match="expects nn.Linear"):
         LoRALinear.from_linear(nn.Conv1d(4, 4, 1))
 

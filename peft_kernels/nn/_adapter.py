@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -14,10 +15,14 @@ class LoRAAdapter(nn.Module):
     def _init_adapter(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                       use_rslora: bool, backend: str, device, dtype):
         name = type(self).__name__
-        if r < 1:
-            raise ValueError(f"{name}: r must be >= 1, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+            raise ValueError(f"{name}: r must be an integer >= 1, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"{name}: alpha must be a finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
+        # plain Python numbers (a numpy int would not go into save_adapter's JSON)
+        r, alpha, dropout = int(r), float(alpha), float(dropout)
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout, self.use_rslora, self.backend = r, alpha, dropout, use_rslora, backend
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
