@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 
 from torch import nn
 
@@ -11,7 +12,10 @@ from .nn._adapter import LoRAAdapter
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import QDoRALinear, QLoRALinear
+from .nn.qlora import IntQDoRALinear, IntQLoRALinear
 from .nn.sparse import SparseDeltaLinear
+from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
+from .quant.int8 import Int8Weight, is_bnb_linear8bit
 
 
 def target_matches(name: str, target_modules) -> bool:
@@ -33,14 +37,42 @@ def pattern_value(pattern: dict | None, name: str, default):
     return next((v for k, v in (pattern or {}).items() if pattern_matches(k, name)), default)
 
 
+def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | None:
+    """Why ``op`` cannot replace this nn.Linear (None if it can): only a plain nn.Linear keeps its
+    meaning when swapped for an adapter layer (and bitsandbytes' 4/8-bit layers, whose bytes
+    apply_lora reads)."""
+    if type(module) is nn.Linear:
+        return None
+    if is_bnb_linear4bit(module) or is_bnb_linear8bit(module):
+        return None if op == "apply_lora" else "a bitsandbytes quantized layer (sparse deltas need a full-precision base)"
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads its weight directly: an adapter there would never run"
+    return f"{type(module).__name__}, a subclass of nn.Linear whose forward may differ from that of nn.Linear"
+
+
 def _targets(op: str, model: nn.Module, target_modules):
-    """(name, parent, attribute, nn.Linear) of every targeted Linear."""
+    """(name, parent, attribute, nn.Linear) of every targeted Linear. A targeted subclass that
+    cannot be replaced faithfully is an error; "all-linear" leaves it out, with a warning."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules == "all-linear":
         chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
     else:
         chosen = [n for n in names if target_matches(n, target_modules)]
-    if not chosen:
+    out, refused = [], []
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        reason = unsupported_linear(op, parent, module)
+        if reason is None:
+            out.append((name, parent, child, module))
+        else:
+            refused.append(f"{name} ({reason})")
+    if refused and target_modules != "all-linear":
+        raise ValueError(f"{op}: cannot replace {refused[:5]}")
+    if refused:
+        warnings.warn(f"{op}: all-linear leaves out {refused[:5]}{' ...' if len(refused) > 5 else ''}", stacklevel=3)
+    if not out:
         conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"
                   and target_modules != "all-linear" and target_matches(n, target_modules)]
         adapted = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
@@ -51,11 +83,6 @@ def _targets(op: str, model: nn.Module, target_modules):
         hint += f"; already adapted: {adapted[:5]}" if adapted else ""
         raise ValueError(f"{op}: no nn.Linear matches target_modules={target_modules!r}; "
                          f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}{hint}")
-    out = []
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        out.append((name, parent, child, getattr(parent, child)))
     return out
 
 
@@ -123,7 +150,12 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     (QLoRALinear / IntQLoRALinear; the full-precision weight is released), with
     ``quant_options``: {"blocksize": 64, "double_quant": True} for nf4/fp4, {"group_size": 64}
     for int4 (QLoRALinear.from_linear's defaults); use_dora=True makes DoRALinear layers
-    (QDoRALinear / IntQDoRALinear with quantize). Raises ValueError if nothing matches."""
+    (QDoRALinear / IntQDoRALinear with quantize). bitsandbytes layers (a model loaded in 4 or 8
+    bits) keep their bytes: a Linear4bit becomes QLoRALinear.from_bnb (QDoRA with use_dora), a
+    Linear8bitLt an IntQLoRALinear over its CB / SCB (which computes x · deq(W) without LLM.int8's
+    activation quantization). Raises ValueError if nothing matches, and names a targeted layer
+    that cannot be replaced faithfully (an nn.Linear subclass it does not know, nn.MultiheadAttention's
+    out_proj) — "all-linear" leaves those out with a warning."""
     if quantize not in (None, *_QUANT_OPTIONS):
         raise ValueError(f"apply_lora: quantize must be None, 'nf4', 'fp4', 'int8' or 'int4', got {quantize!r}")
     quant_options = dict(quant_options or {})
@@ -142,20 +174,39 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     new = []
     with requires_grad_restored_on_error(model):
         for name, _, _, linear in targets:
-            r_i, alpha_i = pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
-            if quantize is None:
-                cls = DoRALinear if use_dora else LoRALinear
-                new.append(cls.from_linear(linear, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora,
-                                           backend=backend))
-                continue
-            cls = QDoRALinear if use_dora else QLoRALinear
-            try:
-                new.append(cls.from_linear(linear, quant=quantize, r=r_i, alpha=alpha_i, dropout=dropout,
-                                           use_rslora=use_rslora, backend=backend, **quant_options))
-            except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
-                raise ValueError(f"apply_lora: cannot quantize {name} "
-                                 f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
+            kw = dict(r=pattern_value(rank_pattern, name, r), alpha=pattern_value(alpha_pattern, name, alpha),
+                      dropout=dropout, use_rslora=use_rslora, backend=backend)
+            if is_bnb_linear4bit(linear) or is_bnb_linear8bit(linear):
+                new.append(_over_bnb(name, linear, quantize, quant_options, use_dora, kw))
+            elif quantize is None:
+                new.append((DoRALinear if use_dora else LoRALinear).from_linear(linear, **kw))
+            else:
+                try:
+                    new.append((QDoRALinear if use_dora else QLoRALinear).from_linear(linear, quant=quantize, **kw,
+                                                                                     **quant_options))
+                except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
+                    raise ValueError(f"apply_lora: cannot quantize {name} "
+                                     f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
     return _replace(model, targets, new)
+
+
+def _over_bnb(name: str, linear: nn.Module, quantize, quant_options: dict, use_dora: bool, kw: dict):
+    """The adapter layer over a bitsandbytes Linear4bit (QLoRALinear / QDoRALinear) or
+    Linear8bitLt (IntQLoRALinear / IntQDoRALinear over its CB / SCB), reading its bytes as they
+    are: never re-quantized, never decoded whole."""
+    fmt = bnb_linear4bit_class(linear)
+    try:
+        if is_bnb_linear4bit(linear) and fmt is None:
+            raise ValueError("its weight is not quantized yet (bitsandbytes quantizes it on the move to a device)")
+        stored = fmt.quant_type if fmt is not None else "int8"
+        if quantize not in (None, stored) or quant_options:
+            raise ValueError(f"it is already quantized by bitsandbytes ({stored}) and is used as it is: "
+                             f"pass quantize=None and no quant_options")
+        if fmt is not None:
+            return (QDoRALinear if use_dora else QLoRALinear).from_bnb(linear, **kw)
+        return (IntQDoRALinear if use_dora else IntQLoRALinear)(Int8Weight.from_bnb(linear), linear.bias, **kw)
+    except ValueError as exc:
+        raise ValueError(f"apply_lora: {name} ({type(linear).__name__}): {exc}") from exc
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

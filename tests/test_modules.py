@@ -154,6 +154,31 @@ def test_apply_that_fails_on_a_later_layer_changes_nothing():
     assert all(p.requires_grad for p in model.parameters()) and all(type(m) is nn.Linear for m in model)
 
 
+def test_apply_lora_refuses_linear_subclasses_it_cannot_replace_faithfully():
+    """nn.MultiheadAttention reads out_proj's weight directly (an adapter there never ran: no
+    gradient, no effect) and an unknown nn.Linear subclass may compute something else: a target
+    naming one is an error; "all-linear" leaves them out with a warning."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.warns(UserWarning, match=r"leaves out \['self_attn.out_proj \(nn.MultiheadAttention reads"):
+        peft_kernels.apply_lora(layer, "all-linear", r=2)
+    assert type(layer.self_attn.out_proj) is not LoRALinear and isinstance(layer.linear1, LoRALinear)
+    for m in layer.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B)
+    layer(torch.randn(2, 5, 16)).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match=r"cannot replace \['self_attn.out_proj \(nn.MultiheadAttention"):
+        peft_kernels.apply_lora(nn.TransformerEncoderLayer(16, 2, 32), ["out_proj"])
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(ValueError, match=r"\['0 \(Scaled, a subclass of nn.Linear whose forward may differ"):
+        peft_kernels.apply_sparse(nn.Sequential(Scaled(4, 4)), ["0"])
+
+
 def test_apply_lora_regex_and_all_linear():
     model = peft_kernels.apply_lora(Model(), r"layers\.0\..*_proj", r=2)
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 3

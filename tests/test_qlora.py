@@ -342,6 +342,64 @@ def test_apply_lora_quant_options_and_errors_leave_the_model_untouched():
         peft_kernels.apply_lora(model(), ["0"], quantize="nf4", quant_options={"group_size": 32})
 
 
+def _bnb_model(bnb):
+    """A model loaded the way transformers loads one in 4 / 8 bits: a quantized NF4 Linear4bit, a
+    quantized LLM.int8 Linear8bitLt (bnb quantizes both on the move to a device), a plain head."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        bnb.nn.Linear4bit(64, 48, quant_type="nf4", compute_dtype=torch.float32), torch.nn.Tanh(),
+        bnb.nn.Linear8bitLt(48, 32, has_fp16_weights=False), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    model[0].weight = bnb.nn.Params4bit(torch.randn(48, 64) * 0.1, requires_grad=False, quant_type="nf4",
+                                        blocksize=64)
+    model[2].weight = bnb.nn.Int8Params(torch.randn(32, 48) * 0.1, requires_grad=False, has_fp16_weights=False)
+    return model.to("cpu")
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_apply_lora_over_bitsandbytes_layers_reads_their_bytes(use_dora):
+    """apply_lora on a model loaded in 4 / 8 bits (bnb layers are nn.Linear subclasses): the
+    Linear4bit becomes a QLoRALinear over bnb's own bytes (outputs as bnb's with B = 0), the
+    Linear8bitLt an IntQLoRALinear over its CB / SCB (x · deq(W), without LLM.int8's activation
+    quantization), nothing re-quantized or copied; the adapters train."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _bnb_model(bnb)
+    x = torch.randn(5, 64)
+    h4 = model[0](x)
+    packed, cb = model[0].weight.data_ptr(), model[2].weight.data_ptr()
+    scb = model[2].weight.SCB
+    deq8 = model[2].weight.data.float() * scb[:, None] / 127
+    peft_kernels.apply_lora(model, "all-linear", r=3, use_dora=use_dora)
+    assert [type(m).__name__ for m in model] == (["QDoRALinear", "Tanh", "IntQDoRALinear", "Tanh", "DoRALinear"]
+                                                  if use_dora else
+                                                  ["QLoRALinear", "Tanh", "IntQLoRALinear", "Tanh", "LoRALinear"])
+    assert model[0].qweight_packed.data_ptr() == packed and model[2].qweight_0.data_ptr() == cb
+    assert torch.equal(model[0](x), h4)
+    h = torch.randn(5, 48)
+    assert rel_err(model[2](h), torch.nn.functional.linear(h.double(), deq8.double(), model[2].bias.double())) < 1e-6
+    model(x).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_apply_lora_and_apply_sparse_over_bitsandbytes_layers_errors():
+    bnb = pytest.importorskip("bitsandbytes")
+    for kwargs, error in [(dict(quantize="int4"), r"0 \(Linear4bit\): it is already quantized by bitsandbytes \(nf4\)"),
+                          (dict(quantize="nf4", quant_options={"blocksize": 128}), "pass quantize=None"),
+                          (dict(quantize="int8", quant_options={}), None)]:
+        model = _bnb_model(bnb)
+        if error is None:  # "int8" is what the Linear8bitLt holds; nf4 is not what quantize says for 0
+            with pytest.raises(ValueError, match=r"0 \(Linear4bit\)"):
+                peft_kernels.apply_lora(model, "all-linear", **kwargs)
+            continue
+        with pytest.raises(ValueError, match=error):
+            peft_kernels.apply_lora(model, "all-linear", **kwargs)
+        assert type(model[0]).__name__ == "Linear4bit"
+    fresh = torch.nn.Sequential(bnb.nn.Linear4bit(64, 48, quant_type="nf4"))  # not moved to a device: not quantized
+    with pytest.raises(ValueError, match="not quantized yet"):
+        peft_kernels.apply_lora(fresh, ["0"])
+    with pytest.raises(ValueError, match=r"cannot replace \['0 \(a bitsandbytes quantized layer"):
+        peft_kernels.apply_sparse(_bnb_model(bnb), ["0"])
+
+
 def test_bad_inputs():
     q = NF4Weight.from_float(torch.randn(8, 16))
     a, b = torch.randn(2, 16), torch.randn(8, 2)

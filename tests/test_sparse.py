@@ -485,6 +485,9 @@ def test_mask_gradients_bitfit_head_and_partial():
         mask_gradients_(nn.Sequential(nn.LayerNorm(5)), {"0.weight": torch.tensor([True, False] * 2 + [True])})
     with pytest.raises(ValueError, match="shape"):
         mask_gradients_(nn.Sequential(nn.Linear(3, 2)), {"0.weight": torch.ones(3, 2, dtype=torch.bool)})
+    # nn.MultiheadAttention reads out_proj.weight itself: a SparseDeltaLinear there would get no gradient
+    with pytest.raises(ValueError, match="self_attn.out_proj.weight cannot be trained: nn.MultiheadAttention"):
+        mask_gradients_(nn.TransformerEncoderLayer(8, 2, 16), {"self_attn.out_proj.weight": torch.rand(8, 8) < 0.5})
 
 
 def test_mask_gradients_error_leaves_the_model_as_it_was():

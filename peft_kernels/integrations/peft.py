@@ -23,19 +23,8 @@ from ..ops import _checks
 from ..ops.dora import dora_linear, weight_row_sq
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
-from ..quant.bnb4bit import FP4Weight, NF4Weight
+from ..quant.bnb4bit import bnb_linear4bit_class
 from ..tensor_cache import TensorCache
-
-_BNB_FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
-
-
-def _bnb_4bit_format(base):
-    """NF4Weight/FP4Weight if ``base`` is a quantized bitsandbytes Linear4bit, else None."""
-    if type(base).__name__ != "Linear4bit":
-        return None
-    qs = getattr(base.weight, "quant_state", None)
-    return _BNB_FORMATS.get(qs.quant_type) if qs is not None else None
-
 
 def _is_conv1d(base) -> bool:
     """transformers' Conv1D (GPT-2 family): y = x @ W + b with W stored [in, out]; its W.T is the
@@ -60,7 +49,7 @@ class PatchReport:
 def _static_reason(layer) -> str | None:
     """Why this PEFT LoRA layer cannot be fused at all (None if it can)."""
     base = layer.get_base_layer()
-    four_bit = _bnb_4bit_format(base) is not None
+    four_bit = bnb_linear4bit_class(base) is not None
     conv1d = _is_conv1d(base)
     if type(base) is not nn.Linear and not four_bit and not conv1d:
         return f"base layer is {type(base).__name__}, not nn.Linear, transformers' Conv1D or a quantized bnb Linear4bit"
@@ -118,7 +107,7 @@ class _FusedForward:
         dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         op_kwargs = {"scaling": float(layer.scaling[name]), "dropout_p": p, "training": layer.training}
-        fmt = _bnb_4bit_format(base)
+        fmt = bnb_linear4bit_class(base)
         if fmt is not None:  # bnb computes in its compute_dtype and returns x's dtype
             dtype = base.compute_dtype or x.dtype
             bias = base.bias.to(dtype) if base.bias is not None else None

@@ -356,4 +356,19 @@ class FP4Weight(Bnb4bitWeight):
     quant_type = "fp4"
 
 
-__all__ = ["NF4Weight", "FP4Weight", "code_table", "dynamic_map_signed", "BLOCKSIZES"]
+def is_bnb_linear4bit(module) -> bool:
+    """True for a bitsandbytes Linear4bit (quantized or not yet)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def bnb_linear4bit_class(module):
+    """NF4Weight / FP4Weight for a quantized bitsandbytes Linear4bit, else None (another module,
+    or a Linear4bit whose weight is not quantized yet: bnb quantizes it on the move to a device)."""
+    if not is_bnb_linear4bit(module):
+        return None
+    qs = getattr(module.weight, "quant_state", None)
+    return {"nf4": NF4Weight, "fp4": FP4Weight}.get(qs.quant_type) if qs is not None else None
+
+
+__all__ = ["NF4Weight", "FP4Weight", "code_table", "dynamic_map_signed", "BLOCKSIZES", "bnb_linear4bit_class",
+           "is_bnb_linear4bit"]

@@ -35,6 +35,22 @@ class Int8Weight:
         cb = torch.round(w * scale.unsqueeze(1)).to(torch.int8)
         return cls(cb, scb, w.dtype)
 
+    @classmethod
+    def from_bnb(cls, param_or_linear, dtype: torch.dtype | None = None) -> "Int8Weight":
+        """Wrap a bitsandbytes Int8Params (or a Linear8bitLt's weight) holding int8 codes: CB and
+        SCB are shared, not copied. ``dtype``: the nominal dtype (dequantize()'s default; bnb does
+        not record the original one): by default the layer's bias dtype, else fp32."""
+        param = getattr(param_or_linear, "weight", param_or_linear)
+        scb = getattr(param, "SCB", None)
+        if param.dtype != torch.int8 or scb is None:
+            raise ValueError("Int8Weight.from_bnb: expected a quantized bitsandbytes Int8Params / Linear8bitLt "
+                             f"(int8 codes and SCB), got a {param.dtype} weight (has_fp16_weights=True, or not "
+                             "moved to its device yet)")
+        if dtype is None:
+            bias = getattr(param_or_linear, "bias", None)
+            dtype = bias.dtype if bias is not None else torch.float32
+        return cls(param.data, scb, dtype)
+
     @property
     def shape(self) -> torch.Size:
         return self.CB.shape
@@ -69,3 +85,8 @@ class Int8Weight:
 
     def __repr__(self) -> str:
         return f"Int8Weight(shape={list(self.shape)}, dtype={self.dtype}, device={self.CB.device})"
+
+
+def is_bnb_linear8bit(module) -> bool:
+    """True for a bitsandbytes Linear8bitLt (LLM.int8)."""
+    return type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes")

@@ -92,6 +92,7 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
 
 def _plan(model, names, params, masks, block, values_dtype, backend) -> list:
     """[(parameter, name, True | False | (Linear's name, its SparseDeltaLinear))] for every parameter."""
+    from ..apply import unsupported_linear
     from ..nn.sparse import SparseDeltaLinear
 
     plan = []
@@ -114,6 +115,11 @@ def _plan(model, names, params, masks, block, values_dtype, backend) -> list:
             if not (isinstance(parent, nn.Linear) and leaf == "weight"):
                 raise ValueError(f"mask_gradients_: a partial mask is supported on nn.Linear weights (compact "
                                  f"gradient via SparseDeltaLinear); {name} belongs to {type(parent).__name__}")
+            owner_name = parent_name.rpartition(".")[0]
+            reason = unsupported_linear("mask_gradients_", model.get_submodule(owner_name) if owner_name else model,
+                                        parent)
+            if reason is not None:
+                raise ValueError(f"mask_gradients_: a partial mask on {name} cannot be trained: {reason}")
             rule = (parent_name, SparseDeltaLinear.from_linear(parent, mask=rule.to(parent.weight.device),
                                                                block=block, values_dtype=values_dtype,
                                                                backend=backend))
