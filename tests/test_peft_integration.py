@@ -419,6 +419,44 @@ def test_patched_qlora_over_bnb_linear4bit_matches_unpatched():
         assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
 
 
+def _repack_for_bnb_cpu(layer):
+    """What bnb's own eval-mode, no-grad CPU forward does to a Linear4bit on an AVX512-BF16 CPU
+    (called directly: whether this machine's CPU would do it does not matter here)."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    if not hasattr(functional, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no CPU repacking")
+    layer.weight.data, layer.weight.quant_state = functional._convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state)
+
+
+def test_bnb_weights_repacked_for_bnbs_cpu_kernel_are_not_read_as_standard_bytes():
+    """After bnb's CPU inference repacked a Linear4bit (another byte layout, absmax in bf16) its
+    bytes must not be decoded as bnb's standard format: from_bnb / apply_lora say why, and a
+    patched PEFT layer hands that call to PEFT's own forward (bnb computes it) with a warning."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft_kernels.quant import NF4Weight
+
+    def net():
+        torch.manual_seed(0)
+        model = nn.Sequential(bnb.nn.Linear4bit(64, 32, quant_type="nf4", compute_dtype=torch.float32))
+        model[0].weight = NF4Weight.from_float(torch.randn(32, 64) * 0.1).to_bnb()
+        return model
+
+    model = net()
+    _repack_for_bnb_cpu(model[0])
+    with pytest.raises(ValueError, match="repacked this weight for its CPU kernel"):
+        NF4Weight.from_bnb(model[0])
+    with pytest.raises(ValueError, match=r"apply_lora: 0 \(Linear4bit\): from_bnb: bitsandbytes has repacked"):
+        peft_kernels.apply_lora(model, ["0"])
+    patched = peft.get_peft_model(net(), peft.LoraConfig(r=2, target_modules=["0"]))
+    peft_kernels.patch_peft_model(patched)
+    layer = patched.base_model.model[0]
+    _repack_for_bnb_cpu(layer.get_base_layer())
+    layer.forward.original = lambda x: "PEFT's forward"  # bnb's repacked kernel may not run on this CPU
+    with pytest.warns(UserWarning, match="runs PEFT's unfused forward: bitsandbytes repacked"):
+        assert layer(torch.randn(3, 64)) == "PEFT's forward"
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_patched_qdora_over_bnb_linear4bit_matches_unpatched(dropout):
     """DoRA over a bnb 4-bit base: bnb's bytes read as they are, the magnitude and every adapter

@@ -23,7 +23,7 @@ from ..ops import _checks
 from ..ops.dora import dora_linear, weight_row_sq
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
-from ..quant.bnb4bit import bnb_linear4bit_class
+from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class
 from ..tensor_cache import TensorCache
 
 def _is_conv1d(base) -> bool:
@@ -98,6 +98,8 @@ class _FusedForward:
         base = layer.get_base_layer()
         name = active[0]
         reason = _adapter_reason(layer, name)
+        if reason is None and bnb_cpu_repacked(getattr(base, "weight", None)):
+            reason = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
         if reason is not None:  # changed since patching: PEFT's forward, said once
             if name not in self.unfused:
                 self.unfused.add(name)

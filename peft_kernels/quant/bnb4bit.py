@@ -284,6 +284,11 @@ class Bnb4bitWeight:
         if qs is None:
             raise ValueError("from_bnb: expected a quantized bitsandbytes Params4bit / Linear4bit "
                              "(no quant_state: move it to its device first to quantize it)")
+        if bnb_cpu_repacked(param):
+            raise ValueError("from_bnb: bitsandbytes has repacked this weight for its CPU kernel (quant_state."
+                             "packing_format_for_cpu, done by an eval-mode forward without gradients on a CPU with "
+                             "AVX512-BF16): the bytes are not bnb's standard layout and absmax was rounded to bf16. "
+                             "Wrap the layer before running it that way, or load it again")
         if qs.quant_type != cls.quant_type:
             other = NF4Weight if qs.quant_type == "nf4" else FP4Weight
             raise ValueError(f"from_bnb: the weight is {qs.quant_type}; use {other.__name__}.from_bnb")
@@ -356,6 +361,12 @@ class FP4Weight(Bnb4bitWeight):
     quant_type = "fp4"
 
 
+def bnb_cpu_repacked(param) -> bool:
+    """True when bitsandbytes' CPU inference has repacked a Params4bit in place for its own kernel
+    (another byte layout, absmax in bf16): only bnb can compute with it then."""
+    return bool(getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False))
+
+
 def is_bnb_linear4bit(module) -> bool:
     """True for a bitsandbytes Linear4bit (quantized or not yet)."""
     return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
@@ -371,4 +382,4 @@ def bnb_linear4bit_class(module):
 
 
 __all__ = ["NF4Weight", "FP4Weight", "code_table", "dynamic_map_signed", "BLOCKSIZES", "bnb_linear4bit_class",
-           "is_bnb_linear4bit"]
+           "bnb_cpu_repacked", "is_bnb_linear4bit"]
