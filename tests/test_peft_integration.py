@@ -244,6 +244,29 @@ def test_adapters_over_quantized_bases_save_and_load(quantize, use_dora, tmp_pat
     assert torch.equal(back.eval()(x), ours.eval()(x))
 
 
+def test_adapter_loads_onto_a_model_loaded_in_4bit(tmp_path):
+    """QLoRA inference: an adapter trained over apply_lora's NF4 base loads onto the same weights
+    loaded by bitsandbytes (a Linear4bit holding the same bytes), reading bnb's bytes as they are,
+    with outputs bit for bit equal."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft_kernels.quant import NF4Weight
+
+    torch.manual_seed(0)
+    base = QuantNet()
+    ours = peft_kernels.apply_lora(copy.deepcopy(base), ["proj"], r=4, alpha=8, quantize="nf4")
+    nn.init.normal_(ours.proj.lora_B, std=0.1)
+    peft_kernels.save_adapter(ours, tmp_path)
+    in_4bit = QuantNet()
+    in_4bit.proj = bnb.nn.Linear4bit(64, 16, quant_type="nf4", compute_dtype=torch.float32)
+    in_4bit.proj.weight = NF4Weight.from_float(base.proj.weight.detach()).to_bnb()
+    in_4bit.proj.bias = nn.Parameter(base.proj.bias.detach().clone(), requires_grad=False)
+    packed = in_4bit.proj.weight.data_ptr()
+    back = peft_kernels.load_adapter(in_4bit, tmp_path)
+    assert type(back.proj) is type(ours.proj) and back.proj.qweight_packed.data_ptr() == packed
+    x = torch.randn(3, 64)
+    assert torch.equal(back.eval()(x), ours.eval()(x))
+
+
 def test_load_adapter_targets_exactly_the_saved_modules(tmp_path):
     """Saved names are full module names: loading an adapter saved for "0" must not also adapt
     "1.0" (PEFT's list rule would match it by suffix)."""
