@@ -110,3 +110,46 @@ def test_int_quant_linear_on_cuda(fmt):
     w64 = q.dequantize(torch.float32).double()
     assert rel_err(y, x.double() @ w64.T) <= max(2 * rel_err(x @ q.dequantize().T, x.double() @ w64.T), 1e-6)
     assert rel_err(x.grad, gy.double() @ w64) <= max(2 * rel_err(gy @ q.dequantize(), gy.double() @ w64), 1e-6)
+
+
+def test_apply_lora_over_bitsandbytes_layers_on_cuda():
+    """A model loaded in 4 / 8 bits on the GPU (bnb quantizes on .cuda()): apply_lora reads bnb's
+    bytes as they are. With B = 0 the 4-bit layer gives x · deq(W)ᵀ as bnb decodes it (our fused
+    kernel against cuBLAS on bnb's own dequantize), the 8-bit one x · (CB·SCB/127)ᵀ; the adapters
+    train in bf16."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        bnb.nn.Linear4bit(1024, 768, quant_type="nf4", compute_dtype=torch.bfloat16), torch.nn.Tanh(),
+        bnb.nn.Linear8bitLt(768, 512, has_fp16_weights=False)).to(torch.bfloat16)
+    model[0].weight = bnb.nn.Params4bit(torch.randn(768, 1024) * 0.02, requires_grad=False, quant_type="nf4")
+    model[2].weight = bnb.nn.Int8Params(torch.randn(512, 768) * 0.02, requires_grad=False, has_fp16_weights=False)
+    model = model.cuda()
+    deq4 = bnb.functional.dequantize_4bit(model[0].weight.data, model[0].weight.quant_state).double()
+    deq8 = model[2].weight.data.double() * model[2].weight.SCB.double()[:, None] / 127
+    peft_kernels.apply_lora(model, "all-linear", r=16)
+    assert [type(m).__name__ for m in model] == ["QLoRALinear", "Tanh", "IntQLoRALinear"]
+    x = torch.randn(333, 1024, device="cuda", dtype=torch.bfloat16)
+    h = model[0](x)
+    assert rel_err(h, x.double() @ deq4.T + model[0].bias.double()) <= FLOOR[torch.bfloat16]
+    assert rel_err(model[2](h), h.double() @ deq8.T + model[2].bias.double()) <= FLOOR[torch.bfloat16]
+    model(x).float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", [dict(), dict(use_dora=True), dict(quantize="nf4"), dict(quantize="int8")], ids=str)
+def test_merge_and_unload_on_cuda_bf16(kind):
+    """merge_and_unload on the GPU in bf16: the plain nn.Linear model computes what the adapted one
+    does, up to bf16 rounding of the merged weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1536), torch.nn.Tanh(), torch.nn.Linear(1536, 512))
+    model = peft_kernels.apply_lora(model.cuda().to(torch.bfloat16), "all-linear", r=16, **kind)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(257, 1024, device="cuda", dtype=torch.bfloat16)
+    before = model.eval()(x)
+    peft_kernels.merge_and_unload(model)
+    assert all(type(m) in (torch.nn.Linear, torch.nn.Tanh) for m in model)
+    assert rel_err(model(x), before) <= 2 * FLOOR[torch.bfloat16]
