@@ -186,8 +186,9 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
     ``weight``: the frozen [out, in] tensor (the fused dora_fwd / dora_bwd ops; backends "torch"
     and "triton"), or an NF4Weight/FP4Weight/Int8Weight/Int4Weight (QDoRA: the qdora_* /
     intq_dora_* ops, the base products on the 4-bit matmul / decoded INT windows).
-    ``weight_row_sq`` [out] = ‖W_i‖², e.g. from weight_row_sq(), skips recomputing it every call. Gradients flow to x, lora_A, lora_B and magnitude (the row norm is
-    detached, as in PEFT), and to weight / bias when they require grad. Dropout: as lora_linear
+    ``weight_row_sq`` [out] = ‖W_i‖², e.g. from weight_row_sq(), skips recomputing it every call.
+    Gradients flow to x, lora_A, lora_B and magnitude (the row norm is detached, as in PEFT), and
+    to weight / bias when they require grad. Dropout: as lora_linear
     (mask from ``seed``, never stored). ``peft_kernels.backends.last_used("dora_linear")`` tells
     which backend ran (over a quantized base: ``last_used("qdora_linear")``, or
     ``"qdora_linear_int"`` for INT8/INT4). Under torch.autocast it computes in the autocast dtype.
