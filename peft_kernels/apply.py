@@ -58,12 +58,17 @@ def _targets(op: str, model: nn.Module, target_modules):
         chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
     else:
         chosen = [n for n in names if target_matches(n, target_modules)]
+    # HF PEFT's LoRA layers hold nn.Linear modules of their own (base_layer, lora_A / lora_B):
+    # adapters there would be adapters on adapters.
+    peft_layers = [n for n, m in model.named_modules() if n and hasattr(m, "base_layer") and hasattr(m, "lora_A")]
     out, refused = [], []
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, child)
-        reason = unsupported_linear(op, parent, module)
+        owner = next((n for n in peft_layers if name.startswith(n + ".")), None)
+        reason = (f"inside HF PEFT's LoRA layer {owner}: use peft_kernels.patch_peft_model on PEFT models"
+                  if owner is not None else unsupported_linear(op, parent, module))
         if reason is None:
             out.append((name, parent, child, module))
         else:

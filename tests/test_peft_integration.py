@@ -181,6 +181,21 @@ def test_autocast_runs_fused_in_the_autocast_dtype():
     assert torch.allclose(y1.float(), y0.float(), rtol=3e-2, atol=3e-2)  # both bf16 computations
 
 
+def test_apply_lora_on_a_peft_model_points_to_patch_peft_model():
+    """apply_lora on an HF PEFT model put LoRALinear on PEFT's own base_layer, lora_A and lora_B
+    (adapters on adapters); it now refuses them, naming patch_peft_model, and adapts only layers
+    outside PEFT's."""
+    model = _peft_model()
+    with pytest.raises(ValueError, match=r"inside HF PEFT's LoRA layer base_model.model.layers.0.q_proj: use "
+                                         r"peft_kernels.patch_peft_model"):
+        peft_kernels.apply_lora(model, ["base_layer"])
+    with pytest.warns(UserWarning, match="all-linear leaves out"):
+        peft_kernels.apply_lora(model, "all-linear", r=2)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, peft_kernels.nn.LoRALinear)}
+    assert adapted == {f"base_model.model.layers.{i}.{p}" for i in (0, 1) for p in ("o_proj", "down")} | {
+        "base_model.model.head"}
+
+
 def test_adapter_saved_by_peft_kernels_loads_in_peft(tmp_path):
     torch.manual_seed(0)
     base = Net()
