@@ -19,6 +19,14 @@ _IMPLS: dict[tuple[str, str], str] = {}
 _LAST_USED: dict[str, str] = {}
 
 
+def check_name(backend, owner: str) -> str:
+    """``backend`` if it names a backend (or "auto"), else a ValueError naming ``owner``: a module
+    given a misspelt backend says so when it is built, not at its first forward."""
+    if backend != "auto" and backend not in env.BACKENDS:
+        raise ValueError(f"{owner}: unknown backend {backend!r}: expected auto, {', '.join(env.BACKENDS)}")
+    return backend
+
+
 def register(op: str, backend: str, module: str):
     """Declare that ``module`` (a dotted path) implements ``op`` for ``backend``."""
     if backend not in env.BACKENDS:

@@ -87,6 +87,10 @@ def test_bad_module_arguments():
     for bad in (1.5, None, True):
         with pytest.raises(ValueError, match="dropout must be a number in"):
             LoRALinear.from_linear(nn.Linear(4, 4), r=2, dropout=bad)
+    with pytest.raises(ValueError, match="LoRALinear: unknown backend 'trition': expected auto, torch, triton, cuda"):
+        peft_kernels.apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], backend="trition")
+    with pytest.raises(ValueError, match="SparseDeltaLinear: unknown backend 'gpu'"):
+        peft_kernels.apply_sparse(nn.Sequential(nn.Linear(4, 4)), ["0"], backend="gpu")
     np = pytest.importorskip("numpy")
     layer = LoRALinear.from_linear(nn.Linear(4, 4), r=np.int64(2), alpha=np.float32(4))
     assert type(layer.r) is int and type(layer.alpha) is float and layer.scaling == 2.0

@@ -7,6 +7,8 @@ import numbers
 import torch
 from torch import nn
 
+from .. import backends
+
 
 class LoRAAdapter(nn.Module):
     """Holds lora_A [r, in] (Kaiming-uniform, a=sqrt(5)) and lora_B [out, r] (zeros: a fresh
@@ -21,6 +23,7 @@ class LoRAAdapter(nn.Module):
             raise ValueError(f"{name}: alpha must be a finite number, got {alpha!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
+        backends.check_name(backend, name)
         # plain Python numbers (a numpy int would not go into save_adapter's JSON)
         r, alpha, dropout = int(r), float(alpha), float(dropout)
         self.in_features, self.out_features = in_features, out_features

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import backends
 from ..ops.sparse_delta import check_delta, sparse_delta_linear
 from ..sparse import layout
 
@@ -25,7 +26,7 @@ class SparseDeltaLinear(nn.Module):
         shape = tuple(weight.shape)
         self.block = layout.normalize_block("SparseDeltaLinear", shape, block)
         self.in_features, self.out_features = shape[1], shape[0]
-        self.backend = backend
+        self.backend = backends.check_name(backend, "SparseDeltaLinear")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)
         if bias is not None and not isinstance(bias, nn.Parameter):
@@ -120,8 +121,6 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def _accumulate_candidates(self, grad_y, x2):
-        from .. import backends
-
         backend = backends.resolve("sparse_delta", self.backend, x2.device)
         g = torch.ops.peft_kernels.sparse_sddmm(grad_y.reshape(-1, self.out_features), x2, self.candidate_index,
                                                 list(self.weight.shape), list(self.block or ()), backend)
