@@ -23,6 +23,7 @@ def _info(_args) -> int:
     if data["triton_interpret"]:
         print("TRITON_INTERPRET=1: Triton kernels run interpreted on CPU tensors (slow; for tests)")
     print(f"CUDA extension: {data['cuda_extension']}")
+    print("with: " + "  ".join(f"{k} {v or 'not installed'}" for k, v in data["integrations"].items()))
     print(f"auto rules on a GPU (backend, max M): {json.dumps(data['auto_rules'])}")
     if data["triton_paths"]:
         print("triton size rules (0 = off until timed): "

@@ -1,6 +1,7 @@
 """info(): what this machine offers peft_kernels, and why a backend is unavailable."""
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 
 import torch
@@ -28,6 +29,7 @@ def info() -> dict:
         "cuda_extension": cuda.describe(),
         "auto_rules": {op: [list(rule) for rule in rules] for op, rules in backends.AUTO_RULES.items()},
         "triton_paths": triton_paths(),
+        "integrations": integrations(),
         "devices": {},
     }
     for dev in devices:
@@ -43,6 +45,21 @@ def info() -> dict:
                          "dora_linear": backends.resolve("dora_linear", "auto", dev),
                          "sparse_delta": backends.resolve("sparse_delta", "auto", dev)}
         out["devices"][str(dev)] = entry
+    return out
+
+
+INTEGRATIONS = ("peft", "transformers", "bitsandbytes", "torchao", "accelerate")
+
+
+def integrations() -> dict:
+    """Installed versions of the libraries peft_kernels works with (None: not installed), read
+    from package metadata without importing them."""
+    out = {}
+    for name in INTEGRATIONS:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
     return out
 
 

@@ -210,6 +210,8 @@ def test_info_reports_backends():
     assert info["triton_paths"]["lora single-launch backward: M <="] == triton_lora.FUSED_BWD_MAX_M
     assert "cuda_extension" in info
     assert info["torch"] == torch.__version__
+    peft = pytest.importorskip("peft")
+    assert info["integrations"]["peft"] == peft.__version__
 
 
 def test_auto_on_a_gpu_without_kernels_warns_before_running_the_reference(monkeypatch):
