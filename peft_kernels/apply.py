@@ -172,6 +172,13 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                          f"(it takes {sorted(_QUANT_OPTIONS[quantize]) or 'none'})")
     targets = _targets("apply_lora", model, target_modules)
     for option, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if pattern is not None and not isinstance(pattern, dict):
+            raise TypeError(f"apply_lora: {option} must be a dict {{regex: value}}, got {type(pattern).__name__}")
+        for key in pattern or {}:
+            try:
+                re.compile(key)
+            except (re.error, TypeError) as exc:
+                raise ValueError(f"apply_lora: {option} key {key!r} is not a regex: {exc}") from exc
         unmatched = [k for k in pattern or {} if not any(pattern_matches(k, n) for n, *_ in targets)]
         if unmatched:
             raise ValueError(f"apply_lora: {option} keys {unmatched} match none of the targeted layers "

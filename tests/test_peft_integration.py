@@ -357,6 +357,10 @@ def test_rank_and_alpha_patterns_follow_peft(tmp_path):
 def test_pattern_and_adapter_file_errors(tmp_path):
     with pytest.raises(ValueError, match=r"rank_pattern keys \['k_proj'\] match none of the targeted layers"):
         peft_kernels.apply_lora(Net(), ["q_proj"], rank_pattern={"q_proj": 2, "k_proj": 4})
+    with pytest.raises(ValueError, match=r"alpha_pattern key 'q_proj\[' is not a regex"):
+        peft_kernels.apply_lora(Net(), ["q_proj"], alpha_pattern={"q_proj[": 2})
+    with pytest.raises(TypeError, match="rank_pattern must be a dict"):
+        peft_kernels.apply_lora(Net(), ["q_proj"], rank_pattern=[("q_proj", 2)])
     model = _peft_model(**PATTERNS)
     model.save_pretrained(tmp_path)
     config_path = tmp_path / "adapter_config.json"
