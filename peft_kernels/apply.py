@@ -38,16 +38,16 @@ def pattern_value(pattern: dict | None, name: str, default):
 
 
 def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | None:
-    """Why ``op`` cannot replace this nn.Linear (None if it can): only a plain nn.Linear keeps its
-    meaning when swapped for an adapter layer (and bitsandbytes' 4/8-bit layers, whose bytes
-    apply_lora reads)."""
-    if type(module) is nn.Linear:
-        return None
+    """Why ``op`` cannot replace this nn.Linear (None if it can): only a layer computing nn.Linear's
+    forward, called as a module, keeps its meaning when swapped for an adapter layer (and
+    bitsandbytes' 4/8-bit layers, whose bytes apply_lora reads)."""
     if is_bnb_linear4bit(module) or is_bnb_linear8bit(module):
         return None if op == "apply_lora" else "a bitsandbytes quantized layer (sparse deltas need a full-precision base)"
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its weight directly: an adapter there would never run"
-    return f"{type(module).__name__}, a subclass of nn.Linear whose forward may differ from that of nn.Linear"
+    if type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__}, a subclass of nn.Linear with a forward of its own"
+    return None
 
 
 def _targets(op: str, model: nn.Module, target_modules):
@@ -159,8 +159,9 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     bits) keep their bytes: a Linear4bit becomes QLoRALinear.from_bnb (QDoRA with use_dora), a
     Linear8bitLt an IntQLoRALinear over its CB / SCB (which computes x · deq(W) without LLM.int8's
     activation quantization). Raises ValueError if nothing matches, and names a targeted layer
-    that cannot be replaced faithfully (an nn.Linear subclass it does not know, nn.MultiheadAttention's
-    out_proj) — "all-linear" leaves those out with a warning."""
+    that cannot be replaced faithfully (an nn.Linear subclass with a forward of its own,
+    nn.MultiheadAttention's out_proj, a layer inside HF PEFT's) — "all-linear" leaves those out
+    with a warning."""
     if quantize not in (None, *_QUANT_OPTIONS):
         raise ValueError(f"apply_lora: quantize must be None, 'nf4', 'fp4', 'int8' or 'int4', got {quantize!r}")
     quant_options = dict(quant_options or {})

@@ -179,8 +179,12 @@ def test_apply_lora_refuses_linear_subclasses_it_cannot_replace_faithfully():
         def forward(self, x):
             return 2 * super().forward(x)
 
-    with pytest.raises(ValueError, match=r"\['0 \(Scaled, a subclass of nn.Linear whose forward may differ"):
-        peft_kernels.apply_sparse(nn.Sequential(Scaled(4, 4)), ["0"])
+    class Tagged(nn.Linear):  # nn.Linear's own forward: replaced like an nn.Linear
+        pass
+
+    with pytest.raises(ValueError, match=r"\['0 \(Scaled, a subclass of nn.Linear with a forward of its own\)'\]"):
+        peft_kernels.apply_sparse(nn.Sequential(Scaled(4, 4), Tagged(4, 4)), ["0", "1"])
+    assert isinstance(peft_kernels.apply_sparse(nn.Sequential(Tagged(4, 4)), ["0"])[0], peft_kernels.nn.SparseDeltaLinear)
 
 
 def test_apply_lora_regex_and_all_linear():
