@@ -11,8 +11,7 @@ from torch import nn
 from .nn._adapter import LoRAAdapter
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
-from .nn.qlora import QDoRALinear, QLoRALinear
-from .nn.qlora import IntQDoRALinear, IntQLoRALinear
+from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .nn.sparse import SparseDeltaLinear
 from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
