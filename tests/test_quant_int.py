@@ -21,6 +21,23 @@ def test_int8_matches_bitsandbytes_rule():
     assert torch.equal(ours.dequantize(torch.float32), F.int8_vectorwise_dequant(cb, scb))
 
 
+def test_int8_from_bnb_shares_llm_int8_codes_and_scales():
+    """A quantized bitsandbytes Linear8bitLt is read as it is: CB and SCB shared, the nominal
+    dtype its bias's; the codes and scales are our own quantizer's on the same (fp16) weight: one
+    rule, LLM.int8's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.randn(24, 40) * 0.1
+    layer = bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False).to(torch.bfloat16)
+    layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    layer = layer.to("cpu")  # bnb quantizes on the move to a device
+    q = Int8Weight.from_bnb(layer)
+    assert q.CB.data_ptr() == layer.weight.data_ptr() and q.SCB is layer.weight.SCB and q.dtype == torch.bfloat16
+    ours = Int8Weight.from_float(w.half())  # bnb quantizes the weight from fp16
+    assert torch.equal(q.CB, ours.CB) and torch.equal(q.SCB, ours.SCB)
+    with pytest.raises(ValueError, match="expected a quantized bitsandbytes Int8Params"):
+        Int8Weight.from_bnb(bnb.nn.Linear8bitLt(40, 24, has_fp16_weights=False))  # not moved yet: fp32
+
+
 def test_int8_layout_and_sqnr():
     w = torch.randn(256, 1024, dtype=torch.bfloat16)
     q = Int8Weight.from_float(w)
