@@ -85,6 +85,10 @@ def _targets(op: str, model: nn.Module, target_modules):
         hint = (f"; {conv1d[:3]} are transformers Conv1D layers (GPT-2 style), which apply_lora does not "
                 "replace: put HF PEFT's LoRA on them and call peft_kernels.patch_peft_model") if conv1d else ""
         hint += f"; already adapted: {adapted[:5]}" if adapted else ""
+        if isinstance(target_modules, str) and target_modules != "all-linear" and any(
+                n.endswith("." + target_modules) for n in names):
+            hint += (f"; a string is a full-match regex on the whole name (PEFT's rule): for every layer named "
+                     f"{target_modules!r} pass [{target_modules!r}]")
         raise ValueError(f"{op}: no nn.Linear matches target_modules={target_modules!r}; "
                          f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}{hint}")
     return out

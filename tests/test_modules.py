@@ -198,6 +198,8 @@ def test_apply_lora_regex_and_all_linear():
 def test_apply_lora_no_match():
     with pytest.raises(ValueError, match="no nn.Linear matches target_modules=\\['o_proj'\\]"):
         peft_kernels.apply_lora(Model(), ["o_proj"])
+    with pytest.raises(ValueError, match="a string is a full-match regex .* pass \\['q_proj'\\]"):
+        peft_kernels.apply_lora(Model(), "q_proj")
     model = peft_kernels.apply_lora(Model(), ["q_proj"])
     with pytest.raises(ValueError, match=r"already adapted: \['.*q_proj \(LoRALinear\)'\]"):
         peft_kernels.apply_lora(model, ["q_proj"])
