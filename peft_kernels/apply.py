@@ -17,6 +17,9 @@ from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
 
 
+ALL_LINEAR_SKIPS = ("lm_head", "output", "classifier", "score")  # output layers and heads, by name
+
+
 def target_matches(name: str, target_modules) -> bool:
     """PEFT's target_modules rule: a string is a full-match regex on the module's name; a list
     matches a name equal to an entry or ending in "." + entry."""
@@ -54,7 +57,12 @@ def _targets(op: str, model: nn.Module, target_modules):
     cannot be replaced faithfully is an error; "all-linear" leaves it out, with a warning."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if target_modules == "all-linear":
-        chosen = [n for n in names if n.split(".")[-1] not in ("lm_head", "output", "classifier")]
+        # PEFT's rule: not the output layer (an HF model's get_output_embeddings(), else by name) nor
+        # a classification head
+        get_output = getattr(model, "get_output_embeddings", None)
+        output = get_output() if callable(get_output) else None
+        chosen = [n for n in names if n.split(".")[-1] not in ALL_LINEAR_SKIPS
+                  and (output is None or model.get_submodule(n) is not output)]
     else:
         chosen = [n for n in names if target_matches(n, target_modules)]
     # HF PEFT's LoRA layers hold nn.Linear modules of their own (base_layer, lora_A / lora_B):
@@ -150,8 +158,9 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
     (sharing their weights), freeze every other parameter (adapters an earlier call made keep
     theirs), and return ``model`` (modified in place). target_modules: a list of names/suffixes
-    (e.g. ["q_proj", "v_proj"]), a regex string, or "all-linear" (every nn.Linear except one named
-    lm_head / the output layer). rank_pattern / alpha_pattern ({regex: r or alpha}, HF PEFT's
+    (e.g. ["q_proj", "v_proj"]), a regex string, or "all-linear" (every nn.Linear except
+    the output layer: an HF model's get_output_embeddings(), or one named lm_head / output /
+    classifier / score). rank_pattern / alpha_pattern ({regex: r or alpha}, HF PEFT's
     LoraConfig options and matching rule, e.g. {"layers.0.q_proj": 16} or {"^model.*up": 4}) give
     the matching layers another r / alpha; a key that matches no targeted layer is an error.
     quantize="nf4" | "fp4" | "int8" | "int4" stores each targeted base weight quantized

@@ -195,6 +195,22 @@ def test_apply_lora_regex_and_all_linear():
     assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, LoRALinear)
 
 
+def test_all_linear_leaves_the_output_layer_and_heads_out():
+    """PEFT's "all-linear": not the output layer (get_output_embeddings(), whatever its name) nor a
+    classification head (score / classifier)."""
+    class WithHead(Model):
+        def __init__(self):
+            super().__init__()
+            self.unembed, self.score = nn.Linear(16, 7), nn.Linear(16, 2)
+
+        def get_output_embeddings(self):
+            return self.unembed
+
+    model = peft_kernels.apply_lora(WithHead(), "all-linear", r=2)
+    assert {type(model.unembed), type(model.score), type(model.lm_head)} == {nn.Linear}
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 6
+
+
 def test_apply_lora_no_match():
     with pytest.raises(ValueError, match="no nn.Linear matches target_modules=\\['o_proj'\\]"):
         peft_kernels.apply_lora(Model(), ["o_proj"])
