@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import apply_lora, pattern_matches, pattern_value, target_matches
+from .apply import TRAINED_WHOLE, apply_lora, pattern_matches, pattern_value, target_matches
 from .nn._adapter import LoRAAdapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -48,10 +48,16 @@ def _target_modules(model: nn.Module, names) -> list[str] | str:
     return "(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
+def _trained_whole(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules apply_lora(modules_to_save=...) trains whole, by name."""
+    return {name: m for name, m in model.named_modules() if getattr(m, TRAINED_WHOLE, False)}
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write the LoRA (or DoRA) adapters of ``model`` to ``directory`` in PEFT's format. They share
-    one dropout / rsLoRA / DoRA setting (PEFT's config has one); r and alpha may differ per module
-    (written as PEFT's rank_pattern / alpha_pattern)."""
+    """Write the LoRA (or DoRA) adapters of ``model`` to ``directory`` in PEFT's format, with the
+    modules apply_lora trains whole (PEFT's modules_to_save). The adapters share one dropout /
+    rsLoRA / DoRA setting (PEFT's config has one); r and alpha may differ per module (written as
+    PEFT's rank_pattern / alpha_pattern)."""
     from safetensors.torch import save_file
 
     modules = _lora_modules(model)
@@ -74,12 +80,16 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
         if use_dora:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.magnitude.detach().contiguous()
+    whole = _trained_whole(model)
+    for name, m in whole.items():  # PEFT's modules_to_save: the module's state under its own keys
+        for key, t in m.state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous()
     save_file(tensors, str(directory / WEIGHTS_NAME))
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
         "target_modules": _target_modules(model, modules), "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "modules_to_save": None, "use_dora": use_dora,
+        "init_lora_weights": True, "modules_to_save": sorted(whole) or None, "use_dora": use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -90,7 +100,8 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
                  quantize: str | None = None, quant_options: dict | None = None) -> nn.Module:
     """Put the PEFT-format LoRA (or DoRA) adapter in ``directory`` on ``model`` (its nn.Linear
     modules become adapter layers, everything else is frozen) and return the model. Per-module
-    ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured. ``quantize``
+    ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured, and PEFT's modules_to_save
+    are loaded and trained whole. ``quantize``
     ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
     quantized, as apply_lora does."""
     from safetensors.torch import load_file
@@ -99,16 +110,19 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     config = json.loads((directory / CONFIG_NAME).read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"load_adapter: peft_type {config.get('peft_type')!r} is not LORA")
-    unsupported = [k for k in ("fan_in_fan_out", "lora_bias", "modules_to_save") if config.get(k)]
+    unsupported = [k for k in ("fan_in_fan_out", "lora_bias") if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if unsupported:
         raise ValueError(f"load_adapter: adapter options not supported yet: {unsupported}")
     use_dora = bool(config.get("use_dora"))
     state = load_file(str(directory / WEIGHTS_NAME))
+    # PEFT's modules_to_save: whole modules, saved under their own keys
+    to_save = [n for n, _ in model.named_modules() if n and target_matches(n, config.get("modules_to_save") or [])]
+    whole = {k for k in state if any(k.startswith(f"{PREFIX}{n}.") for n in to_save)}
     parts = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if use_dora else ())
-    unexpected = [k for k in state if not (k.startswith(PREFIX) and k.endswith(parts))]
-    names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if k not in unexpected})
+    unexpected = [k for k in state if k not in whole and not (k.startswith(PREFIX) and k.endswith(parts))]
+    names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if k not in unexpected and k not in whole})
     missing = [n + p for n in names for p in parts if PREFIX + n + p not in state]
     if unexpected or missing:
         raise ValueError(f"load_adapter: {WEIGHTS_NAME} does not hold a {'DoRA' if use_dora else 'LoRA'} "
@@ -135,12 +149,21 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     if wrong:
         raise ValueError(f"load_adapter: saved tensors do not fit the model's layers with the config's r / "
                          f"rank_pattern (tensor, saved shape, expected): {wrong[:5]}")
+    whole_states = {n: model.get_submodule(n).state_dict() for n in to_save}
+    expected = {f"{PREFIX}{n}.{k}": tuple(t.shape) for n, sd in whole_states.items() for k, t in sd.items()}
+    unfit = sorted((set(expected) ^ whole) | {k for k in whole & set(expected) if tuple(state[k].shape) != expected[k]})
+    if unfit:
+        raise ValueError(f"load_adapter: the saved modules_to_save tensors do not fit the model's modules "
+                         f"{to_save[:5]}: {unfit[:5]}")
     # The saved names are full module names: match them exactly (a list would also take any module
     # whose name ends in "." + name, e.g. "1.0" for "0").
     exact = "|".join(re.escape(n) for n in names)
     apply_lora(model, exact, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
                use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora,
-               quant_options=quant_options, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+               quant_options=quant_options, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+               modules_to_save=to_save or None)
+    for n in to_save:
+        model.get_submodule(n).load_state_dict({k: state[f"{PREFIX}{n}.{k}"] for k in whole_states[n]})
     modules = _lora_modules(model)
     with torch.no_grad():
         for name in names:

@@ -133,18 +133,44 @@ def requires_grad_restored_on_error(model: nn.Module):
         raise
 
 
-def _replace(model: nn.Module, targets, new_modules) -> nn.Module:
-    """Freeze ``model`` (but for the adapter / sparse-delta modules an earlier call put on it, left
-    as they are) and swap the new modules in, once every one of them was built (under
-    requires_grad_restored_on_error: an error while building leaves the model as it was)."""
-    adapters = {id(p) for m in model.modules() if isinstance(m, (LoRAAdapter, SparseDeltaLinear))
-                for p in m.parameters()}
+# Set on a module that apply_lora(modules_to_save=...) trains whole; save_adapter writes it.
+TRAINED_WHOLE = "peft_kernels_trained_whole"
+
+
+def _replace(model: nn.Module, targets, new_modules, trained_whole=()) -> nn.Module:
+    """Freeze ``model`` (but for the adapter / sparse-delta modules and modules trained whole that an
+    earlier call put on it, left as they are), swap the new modules in, once every one of them was
+    built (under requires_grad_restored_on_error: an error while building leaves the model as it
+    was), and make ``trained_whole`` (modules) trainable and marked for save_adapter."""
+    kept = {id(p) for m in model.modules()
+            if isinstance(m, (LoRAAdapter, SparseDeltaLinear)) or getattr(m, TRAINED_WHOLE, False)
+            for p in m.parameters()}
     for p in model.parameters():
-        if id(p) not in adapters:
+        if id(p) not in kept:
             p.requires_grad_(False)
     for (_, parent, child, _), module in zip(targets, new_modules):
         setattr(parent, child, module)
+    for module in trained_whole:
+        setattr(module, TRAINED_WHOLE, True)
+        module.requires_grad_(True)
     return model
+
+
+def _modules_to_save(model: nn.Module, modules_to_save, targets) -> list[nn.Module]:
+    """The modules ``modules_to_save`` names (PEFT's list rule), checked: each entry matches a
+    module, and none is or holds a targeted layer."""
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, str) or not all(isinstance(n, str) for n in modules_to_save):
+        raise TypeError(f"apply_lora: modules_to_save must be a list of module names, got {modules_to_save!r}")
+    found = [(n, m) for n, m in model.named_modules() if n and target_matches(n, modules_to_save)]
+    unmatched = [k for k in modules_to_save if not any(target_matches(n, [k]) for n, _ in found)]
+    if unmatched:
+        raise ValueError(f"apply_lora: modules_to_save {unmatched} match no module of the model")
+    overlap = [n for n, _ in found for t, *_ in targets if t == n or t.startswith(n + ".")]
+    if overlap:
+        raise ValueError(f"apply_lora: modules_to_save {sorted(set(overlap))} are or hold targeted layers")
+    return [m for _, m in found]
 
 
 _QUANT_OPTIONS = {"nf4": {"blocksize", "double_quant"}, "fp4": {"blocksize", "double_quant"}, "int8": set(),
@@ -154,7 +180,7 @@ _QUANT_OPTIONS = {"nf4": {"blocksize", "double_quant"}, "fp4": {"blocksize", "do
 def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                use_rslora: bool = False, backend: str = "auto", quantize: str | None = None,
                use_dora: bool = False, quant_options: dict | None = None, rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None) -> nn.Module:
+               alpha_pattern: dict | None = None, modules_to_save=None) -> nn.Module:
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
     (sharing their weights), freeze every other parameter (adapters an earlier call made keep
     theirs), and return ``model`` (modified in place). target_modules: a list of names/suffixes
@@ -163,6 +189,8 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     classifier / score). rank_pattern / alpha_pattern ({regex: r or alpha}, HF PEFT's
     LoraConfig options and matching rule, e.g. {"layers.0.q_proj": 16} or {"^model.*up": 4}) give
     the matching layers another r / alpha; a key that matches no targeted layer is an error.
+    modules_to_save (PEFT's option, e.g. ["score"] for a new classification head): modules trained
+    whole beside the adapters; save_adapter writes them too.
     quantize="nf4" | "fp4" | "int8" | "int4" stores each targeted base weight quantized
     (QLoRALinear / IntQLoRALinear; the full-precision weight is released), with
     ``quant_options``: {"blocksize": 64, "double_quant": True} for nf4/fp4, {"group_size": 64}
@@ -196,6 +224,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
         if unmatched:
             raise ValueError(f"apply_lora: {option} keys {unmatched} match none of the targeted layers "
                              f"{[n for n, *_ in targets][:10]}")
+    trained_whole = _modules_to_save(model, modules_to_save, targets)
     new = []
     with requires_grad_restored_on_error(model):
         for name, _, _, linear in targets:
@@ -212,7 +241,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                 except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
                     raise ValueError(f"apply_lora: cannot quantize {name} "
                                      f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
-    return _replace(model, targets, new)
+    return _replace(model, targets, new, trained_whole)
 
 
 def _over_bnb(name: str, linear: nn.Module, quantize, quant_options: dict, use_dora: bool, kw: dict):

@@ -354,6 +354,44 @@ def test_rank_and_alpha_patterns_follow_peft(tmp_path):
     assert torch.allclose(theirs.eval()(x), model(x), atol=1e-5)
 
 
+def test_modules_to_save_round_trip_with_peft(tmp_path):
+    """PEFT's modules_to_save (a head trained whole beside the adapters): apply_lora trains it,
+    save_adapter writes it under PEFT's keys, and adapters with one load both ways with equal
+    outputs; a second apply_lora keeps it trainable."""
+    model = _peft_model(modules_to_save=["head"])
+    with torch.no_grad():
+        model.base_model.model.head.modules_to_save["default"].weight.add_(1.0)  # a trained head
+    model.save_pretrained(tmp_path / "theirs")
+    torch.manual_seed(0)
+    loaded = peft_kernels.load_adapter(Net(), tmp_path / "theirs")
+    x = torch.randn(5, 24)
+    assert torch.allclose(loaded.eval()(x), model.eval()(x), atol=1e-5)
+    assert loaded.head.weight.requires_grad and not loaded.layers[0].o_proj.weight.requires_grad
+    peft_kernels.save_adapter(loaded, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["head"]
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path / "ours")
+    assert torch.allclose(theirs.eval()(x), model(x), atol=1e-5)
+    peft_kernels.apply_lora(loaded, ["o_proj"], r=2)
+    assert loaded.head.weight.requires_grad and loaded.layers[0].q_proj.lora_A.requires_grad
+
+
+def test_modules_to_save_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"modules_to_save \['tail'\] match no module"):
+        peft_kernels.apply_lora(Net(), ["q_proj"], modules_to_save=["head", "tail"])
+    with pytest.raises(ValueError, match=r"modules_to_save \['layers.0.q_proj', 'layers.1.q_proj'\] are or hold"):
+        peft_kernels.apply_lora(Net(), ["q_proj"], modules_to_save=["q_proj"])
+    with pytest.raises(TypeError, match="must be a list of module names"):
+        peft_kernels.apply_lora(Net(), ["q_proj"], modules_to_save="head")
+    _peft_model(modules_to_save=["head"]).save_pretrained(tmp_path)
+    other = Net()
+    other.head = nn.Linear(24, 7)
+    with pytest.raises(ValueError, match="modules_to_save tensors do not fit"):
+        peft_kernels.load_adapter(other, tmp_path)
+    assert not any(isinstance(m, peft_kernels.nn.LoRALinear) for m in other.modules())
+
+
 def test_pattern_and_adapter_file_errors(tmp_path):
     with pytest.raises(ValueError, match=r"rank_pattern keys \['k_proj'\] match none of the targeted layers"):
         peft_kernels.apply_lora(Net(), ["q_proj"], rank_pattern={"q_proj": 2, "k_proj": 4})
