@@ -15,6 +15,7 @@ from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .nn.sparse import SparseDeltaLinear
 from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
+from .sparse.masking import set_submodule
 
 
 ALL_LINEAR_SKIPS = ("lm_head", "output", "classifier", "score")  # output layers and heads, by name
@@ -274,6 +275,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         raise ValueError("merge_and_unload: the model has no adapter or sparse-delta layers")
     merged = [(name, m.to_linear()) for name, m in layers]  # all built before the model changes
     for name, linear in merged:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        set_submodule(model, name, linear)
     return model

@@ -30,7 +30,7 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
     from safetensors import safe_open
 
     from ..nn.sparse import SparseDeltaLinear
-    from .masking import _set_submodule
+    from .masking import set_submodule
 
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
@@ -59,7 +59,7 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
         if isinstance(mod, nn.Linear):
             sd = SparseDeltaLinear(mod.weight, mod.bias, index.to(mod.weight.device), block=block,
                                    values_dtype=values.dtype, backend=backend)
-            _set_submodule(model, name, sd)
+            set_submodule(model, name, sd)
             mod = sd
         mod.set_index_(index, values.to(mod.delta_values.dtype))
         loaded.append(name)

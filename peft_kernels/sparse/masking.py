@@ -84,7 +84,7 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
     for p, name, rule in plan:
         if isinstance(rule, tuple):
             parent_name, sd = rule
-            _set_submodule(model, parent_name, sd)
+            set_submodule(model, parent_name, sd)
             report.sparse.append(parent_name + ".weight")
             report.trainable += sd.num_trainable
     return report
@@ -130,7 +130,8 @@ def _plan(model, names, params, masks, block, values_dtype, backend) -> list:
     return plan
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+def set_submodule(model: nn.Module, name: str, module: nn.Module):
+    """Put ``module`` at ``name`` (a dotted module name) in ``model``."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, module)
