@@ -55,6 +55,15 @@ class LoRAAdapter(nn.Module):
         return self.scaling * (self.lora_B.to(acc) @ self.lora_A.to(acc))
 
     @torch.no_grad()
+    def _merged(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the effective weight in the merge dtype, DoRA's row scale m / ‖W + s·B·A‖ or None)."""
+        acc = self._merge_dtype()
+        w = self._dense_base(acc) + self._delta(acc)
+        if not hasattr(self, "magnitude"):
+            return w, None
+        scale = self.magnitude.to(acc) / self._row_norm().to(acc)
+        return w * scale[:, None], scale
+
     def merged_weight(self) -> torch.Tensor:
         """The layer's effective weight as a new dense [out, in] tensor: W + s·B·A (DoRA:
         m / ‖W + s·B·A‖_row ⊙ (W + s·B·A)), computed in fp32 (fp64 for fp64) from the base
@@ -62,20 +71,19 @@ class LoRAAdapter(nn.Module):
         quantized base). The layer is not changed."""
         if getattr(self, "merged", False):
             return self.weight.detach().clone()
-        acc = self._merge_dtype()
-        w = self._dense_base(acc) + self._delta(acc)
-        if hasattr(self, "magnitude"):
-            w *= (self.magnitude.to(acc) / self._row_norm().to(acc))[:, None]
-        return w.to(self._base_dtype())
+        return self._merged()[0].to(self._base_dtype())
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding merged_weight() and the bias (PEFT's merge_and_unload, for one
         layer): its weight is frozen as the base was; its bias trains if the layer's did."""
-        w = self.merged_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
-                           dtype=w.dtype)
-        linear.weight = nn.Parameter(w, requires_grad=False)
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach().to(w.dtype, copy=True),
-                                       requires_grad=self.bias.requires_grad)
-        return linear
+        return linear_holding(self.merged_weight(), self.bias)
+
+
+def linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain nn.Linear over ``weight`` [out, in] (frozen) and a copy of ``bias`` in its dtype
+    (trainable if ``bias`` is), built on the meta device so no random init is spent on it."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True), requires_grad=bias.requires_grad)
+    return linear

@@ -26,9 +26,8 @@ class DoRALinear(LoRALinear):
     def merge(self):
         """weight <- m / ‖W + s·BA‖ ⊙ (W + s·BA): forward then is a plain linear."""
         if not self.merged:
-            scale = self.magnitude.to(self._merge_dtype()) / self._row_norm()
-            self.weight.copy_(self.merged_weight())
-            self._merge_scale = scale
+            w, self._merge_scale = self._merged()  # one row-norm pass gives both
+            self.weight.copy_(w.to(self.weight.dtype))
             self.merged = True
 
     @torch.no_grad()

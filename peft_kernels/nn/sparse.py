@@ -7,6 +7,7 @@ from torch import nn
 from .. import backends
 from ..ops.sparse_delta import check_delta, sparse_delta_linear
 from ..sparse import layout
+from ._adapter import linear_holding
 
 
 class SparseDeltaLinear(nn.Module):
@@ -144,12 +145,7 @@ class SparseDeltaLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W0 + Delta: its weight is frozen as the base was; its bias
         trains if the layer's did."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        lin.weight = nn.Parameter(self.merge(), requires_grad=False)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        return lin
+        return linear_holding(self.merge(), self.bias)
 
     @property
     def num_trainable(self) -> int:
