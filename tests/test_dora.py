@@ -197,3 +197,111 @@ def test_dora_over_quantized_equals_dora_over_the_dequantized_weight(backend, fm
     exact = run(w.double(), torch.float64)
     for name, o, d, e in zip(["y", "dx", "dA", "dB", "dmag"], ours, dense, exact):
         assert rel_err(o, e) <= max(2 * rel_err(d, e), FLOOR[torch.float32]), name
+
+
+def _counting_row_sq(monkeypatch):
+    """Count the ‖W_i‖² computations (every path — the module cache, the op — calls this)."""
+    import peft_kernels.ops.dora as dora_ops
+
+    calls = []
+    real = dora_ops.weight_row_sq
+
+    def counted(weight, *args):
+        calls.append(tuple(weight.shape))
+        return real(weight, *args)
+
+    monkeypatch.setattr(dora_ops, "weight_row_sq", counted)
+    return calls
+
+
+def test_module_computes_the_frozen_row_norm_once_per_weight_version(monkeypatch):
+    """DoRALinear reads W for ‖W_i‖² once, not every step, and recomputes it whenever W changes
+    in place (an optimizer step on a trainable base, load_state_dict, merge / unmerge) — each
+    output bit-equal to dora_linear computing the norm afresh."""
+    torch.manual_seed(0)
+    layer = DoRALinear.from_linear(nn.Linear(19, 11), r=3, alpha=6, dropout=0.1)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    calls = _counting_row_sq(monkeypatch)
+
+    def fresh(x):
+        return peft_kernels.dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.bias,
+                                        scaling=layer.scaling, dropout_p=layer.dropout, training=layer.training,
+                                        seed=7)
+
+    def check(x):  # the module's output and how many norms it computed
+        del calls[:]
+        got = layer(x)
+        return got, len(calls)
+
+    x = torch.randn(4, 19)
+    layer.eval()
+    y1, n1 = check(x)
+    y2, n2 = check(x)
+    assert (n1, n2) == (1, 0)
+    assert torch.equal(y1, y2) and torch.equal(y1, fresh(x))
+    layer.train()
+    del calls[:]
+    layer(x).sum().backward()  # a training step reuses it too
+    assert len(calls) == 0
+
+    with torch.no_grad():  # W changes in place: recomputed, and the output follows it
+        layer.weight.mul_(1.5)
+    layer.eval()
+    y3, n3 = check(x)
+    assert n3 == 1 and torch.equal(y3, fresh(x)) and not torch.equal(y3, y1)
+
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight"].add_(0.25)
+    layer.load_state_dict(state)
+    y4, n4 = check(x)
+    assert n4 == 1 and torch.equal(y4, fresh(x))
+
+    layer.merge()
+    layer.unmerge()
+    y5, n5 = check(x)
+    assert n5 == 1 and torch.allclose(y5, y4, atol=1e-5)
+
+
+def test_module_row_norm_cache_under_autocast_inference_mode_and_copies(monkeypatch):
+    """Under autocast the cached norm is the autocast-cast weight's (bit-equal to the op's own);
+    a norm cached under inference mode serves a later training step; a layer built under
+    inference mode (its weight has no version counter) runs uncached; a deep copy starts with
+    its own cache."""
+    torch.manual_seed(0)
+    layer = DoRALinear.from_linear(nn.Linear(24, 10), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    calls = _counting_row_sq(monkeypatch)
+    x = torch.randn(3, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        got2 = layer(x)
+        want = peft_kernels.dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.bias,
+                                        scaling=layer.scaling)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want) and torch.equal(got2, want)
+    assert len(calls) == 2  # the module's once, the uncached op call's once
+    fp32 = layer(x)  # the fp32 norm is another entry
+    assert torch.equal(fp32, peft_kernels.dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.magnitude,
+                                                      layer.bias, scaling=layer.scaling))
+
+    fresh = DoRALinear.from_linear(nn.Linear(24, 10), r=4, alpha=8)
+    del calls[:]
+    with torch.inference_mode():
+        fresh(x)
+    fresh(x.requires_grad_()).sum().backward()
+    assert fresh.magnitude.grad is not None and len(calls) == 1
+    with torch.inference_mode():
+        built_there = DoRALinear.from_linear(nn.Linear(24, 10), r=4, alpha=8)
+        assert torch.allclose(built_there(x), built_there.to_linear()(x), atol=1e-6)  # raised: no version counter
+
+    import copy
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.mul_(2.0)
+    assert not torch.equal(twin(x), layer(x))
+    twin.double()  # the norm accumulates in fp64 for an fp64 weight, as the op's own
+    x64 = x.detach().double()
+    assert torch.equal(twin(x64), peft_kernels.dora_linear(x64, twin.weight, twin.lora_A, twin.lora_B,
+                                                           twin.magnitude, twin.bias, scaling=twin.scaling))
+    twin.float()
+    assert torch.allclose(twin(x), peft_kernels.dora_linear(x, twin.weight, twin.lora_A, twin.lora_B,
+                                                            twin.magnitude, twin.bias, scaling=twin.scaling))

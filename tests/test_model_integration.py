@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import peft_kernels
+from peft_kernels.integrations.peft import _is_conv1d
 
 from helpers import gloo_exit, gloo_init, gloo_spawn
 
@@ -214,6 +215,16 @@ def test_gpt2_conv1d_layers_patched_match_unpatched(use_dora):
     assert grads1.keys() == grads0.keys() and len(grads0) == 8 * (3 if use_dora else 2)
     for n in grads0:
         assert torch.allclose(grads1[n], grads0[n], rtol=1e-4, atol=1e-6), n
+    with torch.no_grad():  # DoRA's cached norms of the transposed [in, out] weights follow a change
+        for m in model.modules():
+            if _is_conv1d(m):
+                m.weight.mul_(1 + 0.2 * torch.rand_like(m.weight))
+    logits2, grads2 = _lm_step(model, ids)
+    peft_kernels.unpatch_peft_model(model)
+    logits3, grads3 = _lm_step(model, ids)
+    assert torch.allclose(logits2, logits3, atol=1e-5) and not torch.allclose(logits2, logits1, atol=1e-3)
+    for n in grads3:
+        assert torch.allclose(grads2[n], grads3[n], rtol=1e-4, atol=1e-6), n
 
 
 def test_apply_lora_on_gpt2_conv1d_says_what_to_do():

@@ -160,6 +160,37 @@ def test_patched_dora_matches_unpatched(train):
         assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
 
 
+def test_patched_dora_reads_the_frozen_row_norms_once_per_weight_version(monkeypatch):
+    """A patched DoRA layer computes ‖W_i‖² of its frozen base once, not every step; changed in
+    place (another checkpoint copied in), the base's norms are recomputed and the outputs and
+    gradients stay PEFT's own."""
+    import peft_kernels.ops.dora as dora_ops
+
+    model = _peft_model(use_dora=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    peft_kernels.patch_peft_model(model)
+    calls = []
+    real = dora_ops.weight_row_sq
+    monkeypatch.setattr(dora_ops, "weight_row_sq", lambda w, *a: calls.append(w.shape) or real(w, *a))
+    x = torch.randn(3, 7, 24)
+    _run(model, x)
+    _run(model, x)
+    assert len(calls) == 6  # the six adapted layers, once each
+    with torch.no_grad():
+        model.base_model.model.layers[1].up.base_layer.weight.mul_(1.3)
+    del calls[:]
+    y1, gx1, g1 = _run(model, x)
+    assert calls == [torch.Size([40, 24])]
+    peft_kernels.unpatch_peft_model(model)
+    y0, gx0, g0 = _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+
+
 def test_dtype_mismatch_warns_and_runs_peft_forward():
     layer = _peft_model().eval().base_model.model.layers[0].q_proj
     peft_kernels.patch_peft_model(layer)

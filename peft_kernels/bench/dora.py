@@ -4,7 +4,8 @@ Cases: the floor F.linear(x, W); eager PyTorch DoRA (PEFT's formulas as plain au
 row norm through W·Aᵀ and A·Aᵀ as ours, no out×in matrix) at p=0.05 and its torch.compile
 (``--no-compile`` skips it); HF PEFT's DoRA layer (bf16 adapters, p=0.05) when peft is installed;
 peft_kernels dora_linear (the fused dora_fwd / dora_bwd ops) at p=0 and p=0.05 (PEFT's dropout
-formula: a second base GEMM over the dropped x forward and a second dX GEMM backward);
+formula: a second base GEMM over the dropped x forward and a second dX GEMM backward), given the
+frozen base's ‖W_i‖² computed once, as DoRALinear and patched PEFT layers cache it;
 peft_kernels lora_linear p=0.05 for reference. "saved for bwd" (any device) is what each keeps
 between forward and backward; the DoRA goal's memory is "peak extra" (CUDA).
 """
@@ -15,7 +16,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from ..ops.dora import dora_linear, dora_weight_norm
+from ..ops.dora import dora_linear, dora_weight_norm, weight_row_sq
 from ..ops.lora import lora_linear
 from . import harness
 from .lora import ALPHA, CPU_SHAPES, GPU_SHAPES, P, RANK, _peft_layer
@@ -56,8 +57,11 @@ def cases(M, K, N, device, dtype, include_compile=True):
     if layer is not None:
         lp = [p for p in layer.parameters() if p.requires_grad]
         out["HF PEFT DoRA p=0.05"] = step(lambda: layer(x), [x, *lp])
-    out["peft_kernels dora p=0"] = step(lambda: dora_linear(x, w, a, b, m, scaling=s), [x, a, b, m])
-    out["peft_kernels dora p=0.05"] = step(lambda: dora_linear(x, w, a, b, m, scaling=s, dropout_p=P), [x, a, b, m])
+    sq = weight_row_sq(w)
+    out["peft_kernels dora p=0"] = step(lambda: dora_linear(x, w, a, b, m, scaling=s, weight_row_sq=sq),
+                                        [x, a, b, m])
+    out["peft_kernels dora p=0.05"] = step(lambda: dora_linear(x, w, a, b, m, scaling=s, dropout_p=P,
+                                                               weight_row_sq=sq), [x, a, b, m])
     out["peft_kernels lora p=0.05"] = step(lambda: lora_linear(x, w, a, b, scaling=s, dropout_p=P), [x, a, b])
     return out
 

@@ -20,7 +20,7 @@ import warnings
 from torch import nn
 
 from ..ops import _checks
-from ..ops.dora import dora_linear, weight_row_sq
+from ..ops.dora import cached_weight_row_sq, dora_linear, weight_row_sq
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
 from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class
@@ -88,7 +88,7 @@ class _FusedForward:
         self.original_was_instance_attribute = "forward" in layer.__dict__  # e.g. an accelerate hook
         self.warned = False
         self.unfused: set = set()  # adapters found unfusable at call time (warned once each)
-        self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen 4-bit base, once per weight tensor (QDoRA)
+        self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen base, once per weight tensor and version (DoRA)
 
     def __call__(self, x, *args, **kwargs):
         layer, original = self.layer, self.original
@@ -136,7 +136,9 @@ class _FusedForward:
             return original(x, *args, **kwargs)
         op_args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
         if name in getattr(layer, "lora_variant", {}):  # DoRA (the only variant let through)
-            return dora_linear(*op_args, layer.lora_magnitude_vector[name].weight, bias, **op_kwargs)
+            row_sq = cached_weight_row_sq(self.row_sq, base.weight, weight, x)
+            return dora_linear(*op_args, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=row_sq,
+                               **op_kwargs)
         return lora_linear(*op_args, bias, **op_kwargs)
 
 

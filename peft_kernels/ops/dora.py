@@ -31,6 +31,7 @@ from ..quant.int8 import Int8Weight
 from .. import _ops  # noqa: F401  (defines the schemas)
 from .. import backends
 from ..reference.lora import accumulation_dtype, dropped
+from ..tensor_cache import TensorCache
 from . import _checks
 from .lora import _validate
 from .quant_linear import check_qweight, join_parts, quant_linear, route
@@ -57,6 +58,28 @@ def weight_row_sq(weight, acc: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.cat([torch.linalg.vector_norm(weight.dequantize_rows(r0, min(ROW_WINDOW, out_f - r0), acc),
                                                    dim=1, dtype=acc).square()
                           for r0 in range(0, out_f, ROW_WINDOW)])
+
+
+def cached_weight_row_sq(cache: TensorCache, key: torch.Tensor, weight: torch.Tensor,
+                         x: torch.Tensor) -> torch.Tensor | None:
+    """‖W_i‖² [out] of a frozen dense ``weight`` (``key``, or a view of it such as a Conv1D weight's
+    transpose), exactly as dora_linear computes it for ``x`` — from the weight cast to the autocast
+    dtype when autocast is on — computed once and reused while ``key`` is the same tensor at the same
+    version: an optimizer step, merge or load_state_dict on it recomputes. It is a full read of W per
+    call otherwise, for a value that never changes while W is frozen. None (dora_linear recomputes)
+    inside torch.compile, where the graph computes it, and for a weight made under inference mode
+    (such a tensor has no version counter to tell a change by)."""
+    if torch.compiler.is_compiling() or key.is_inference():
+        return None
+    autocast = _checks.autocast_dtype(x)
+    if autocast is not None:
+        (weight,) = _checks.to_autocast(autocast, weight)
+    extra = (weight.dtype, weight.shape, weight.stride())
+    row_sq = cache.get(key, extra)
+    if row_sq is None:  # in dora_weight_norm's accumulation dtype
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        row_sq = cache.put(key, weight_row_sq(weight, acc), extra)
+    return row_sq
 
 
 def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -245,4 +268,4 @@ def _check_magnitude(magnitude, out_features, x, row_sq=None):
         _checks.check_same_device(OP, x=x, **{name: t})
 
 
-__all__ = ["dora_linear", "dora_weight_norm", "weight_row_sq"]
+__all__ = ["cached_weight_row_sq", "dora_linear", "dora_weight_norm", "weight_row_sq"]
