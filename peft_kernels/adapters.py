@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .ops._checks import check_materialized
 from .apply import TRAINED_WHOLE, apply_lora, pattern_matches, pattern_value, target_matches
 from .nn._adapter import LoRAAdapter
 
@@ -149,7 +150,11 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     if wrong:
         raise ValueError(f"load_adapter: saved tensors do not fit the model's layers with the config's r / "
                          f"rank_pattern (tensor, saved shape, expected): {wrong[:5]}")
+    for n in names:  # copying into a meta tensor would drop the saved values without a word
+        check_materialized(linears[n].weight, f"{n}.weight", "load_adapter")
     whole_states = {n: model.get_submodule(n).state_dict() for n in to_save}
+    for key, t in ((f"{n}.{k}", t) for n, sd in whole_states.items() for k, t in sd.items()):
+        check_materialized(t, key, "load_adapter")
     expected = {f"{PREFIX}{n}.{k}": tuple(t.shape) for n, sd in whole_states.items() for k, t in sd.items()}
     unfit = sorted((set(expected) ^ whole) | {k for k in whole & set(expected) if tuple(state[k].shape) != expected[k]})
     if unfit:

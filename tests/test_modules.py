@@ -300,3 +300,90 @@ def test_merged_weight_in_low_precision_and_while_merged():
     assert torch.equal(layer.merged_weight(), layer.weight) and torch.equal(layer.to_linear().weight, w)
     with pytest.raises(ValueError, match="no adapter or sparse-delta layers"):
         peft_kernels.merge_and_unload(nn.Sequential(nn.Linear(2, 2)))
+
+
+def _two_layer():
+    return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_model_built_on_the_meta_device(use_dora):
+    """Built on the meta device (shapes only), materialized with to_empty, base weights loaded:
+    the adapters hold uninitialized memory until reset_lora_parameters(), after which the model
+    computes its base again (B = 0; DoRA's magnitude = ‖W‖ of the loaded W) and trains."""
+    torch.manual_seed(0)
+    pretrained = _two_layer()
+    with torch.device("meta"):
+        model = peft_kernels.apply_lora(_two_layer(), ["0", "2"], r=4, use_dora=use_dora)
+    model.to_empty(device="cpu")
+    result = model.load_state_dict(pretrained.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(".lora_" in k or k.endswith("magnitude") for k in result.missing_keys)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.reset_lora_parameters()
+    x = torch.randn(5, 16)
+    assert torch.allclose(model(x), pretrained(x), atol=1e-6)
+    model(x).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_reset_parameters_follows_nn_linear():
+    """reset_parameters (what FSDP-style materialization calls on each module) gives every tensor
+    the layer owns a fresh layer's value: base as nn.Linear draws it (same generator state, same
+    numbers), a no-op adapter, DoRA's magnitude the new ‖W‖; a merged layer is unmerged first.
+    reset_lora_parameters keeps the base."""
+    for cls in (LoRALinear, DoRALinear):
+        layer = cls(16, 24, r=4, alpha=8)
+        nn.init.normal_(layer.lora_B)
+        layer.merge()
+        torch.manual_seed(3)
+        layer.reset_parameters()
+        torch.manual_seed(3)
+        fresh = nn.Linear(16, 24)
+        assert not layer.merged and torch.equal(layer.weight, fresh.weight) and torch.equal(layer.bias, fresh.bias)
+        assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+        x = torch.randn(3, 16)
+        assert torch.allclose(layer(x), fresh(x), atol=1e-6)
+        if cls is DoRALinear:
+            assert torch.allclose(layer.magnitude, fresh.weight.norm(dim=1))
+        w = layer.weight.clone()
+        nn.init.normal_(layer.lora_B)
+        layer.reset_lora_parameters()
+        assert torch.equal(layer.weight, w) and torch.count_nonzero(layer.lora_B) == 0
+    q = peft_kernels.nn.QDoRALinear.from_linear(nn.Linear(64, 8), quant="nf4", r=2)
+    packed = q.qweight.packed.clone()
+    nn.init.normal_(q.lora_B)
+    with torch.no_grad():
+        q.magnitude.mul_(2)
+    q.reset_parameters()  # a quantized base has no random init: kept; the adapter is fresh
+    x = torch.randn(3, 64)
+    assert torch.equal(q.qweight.packed, packed)
+    assert torch.allclose(q(x), peft_kernels.quant_linear(x, q.qweight, q.bias), rtol=1e-5, atol=1e-6)
+
+
+def test_values_needed_on_the_meta_device_are_refused_clearly(tmp_path):
+    """Quantizing, sparse positions and loading into a meta model need values: a clear error
+    naming the fix, and nothing changed — copying an adapter into meta tensors dropped it silently."""
+    torch.manual_seed(0)
+    trained = peft_kernels.apply_lora(_two_layer(), ["0"], r=2)
+    nn.init.normal_(trained[0].lora_B)
+    peft_kernels.save_adapter(trained, tmp_path / "a")
+    sparse = peft_kernels.apply_sparse(_two_layer(), ["2"], density=0.2)
+    peft_kernels.sparse.save_sparse_delta(sparse, str(tmp_path / "s.safetensors"))
+    with torch.device("meta"):
+        model = _two_layer()
+    materialize = "Materialize the model first"
+    cases = [
+        (lambda: peft_kernels.apply_lora(model, ["0"], quantize="nf4"), "quantizing a weight"),
+        (lambda: peft_kernels.apply_lora(model, ["0"], quantize="int8"), "quantizing a weight"),
+        (lambda: peft_kernels.apply_sparse(model, ["0"], density=0.1), "on the meta device"),
+        (lambda: peft_kernels.mask_gradients_(model, {"0.weight": torch.rand(24, 16) < 0.1}), "meta device"),
+        (lambda: peft_kernels.load_adapter(model, tmp_path / "a"), "load_adapter: 0.weight is on the meta"),
+        (lambda: peft_kernels.sparse.load_sparse_delta(model, str(tmp_path / "s.safetensors")), "load_sparse_delta"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            call()
+        assert materialize in str(info.value)
+        assert [type(m) for m in model] == [nn.Linear, nn.Tanh, nn.Linear]
+        assert all(p.requires_grad for p in model.parameters())

@@ -37,8 +37,32 @@ class LoRAAdapter(nn.Module):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def reset_lora_parameters(self):
+        """A fresh adapter (PEFT's init): lora_A Kaiming-uniform (a=√5), lora_B zeros, and DoRA's
+        magnitude ‖W‖_row, so the layer computes its base layer again. A merged layer is unmerged
+        first (its weight still holds the old adapter). After building a model on the meta device
+        and loading its base weights, this gives its adapters their values."""
+        if getattr(self, "merged", False):
+            self.unmerge()
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        if "magnitude" in self._parameters:  # absent while _init_adapter runs
+            with torch.no_grad():
+                self.magnitude.copy_(self._row_norm())
+
+    def reset_parameters(self):
+        """torch's convention (nn.Linear.reset_parameters, which meta-device materialization such
+        as FSDP's calls after ``to_empty``): every tensor the layer owns gets a fresh layer's value
+        — a dense base weight and bias as nn.Linear initializes them, then reset_lora_parameters().
+        A pretrained dense base is overwritten, as nn.Linear's would be: load base weights after it
+        (then, for DoRA, reset_lora_parameters() again: the magnitude starts at ‖W‖_row). A
+        quantized base is kept: it has no random init."""
+        if getattr(self, "merged", False):
+            self.unmerge()
+        self._reset_base()
+        self.reset_lora_parameters()
+
+    def _reset_base(self):
+        """Re-initialize a dense base as nn.Linear does (subclasses with one); quantized: nothing."""
 
     # ------------------------------------------------------------------ export
     # A subclass gives its base weight as a dense tensor (_dense_base), the dtype a merged weight

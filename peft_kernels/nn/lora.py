@@ -46,6 +46,10 @@ class LoRALinear(LoRAAdapter):
     def _base_dtype(self) -> torch.dtype:
         return self.weight.dtype
 
+    @torch.no_grad()
+    def _reset_base(self):
+        nn.Linear.reset_parameters(self)  # reads only weight, bias and in/out features
+
     def _dense_base(self, acc: torch.dtype) -> torch.Tensor:
         return self.weight.to(acc)
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from ..ops._checks import check_materialized
 from ..ops.sparse_delta import check_delta, sparse_delta_linear
 from ..sparse import layout
 from ._adapter import linear_holding
@@ -25,6 +26,7 @@ class SparseDeltaLinear(nn.Module):
                  values_dtype: torch.dtype = torch.float32, backend: str = "auto"):
         super().__init__()
         shape = tuple(weight.shape)
+        check_materialized(weight, "weight", "SparseDeltaLinear")  # W0 at the positions is kept
         self.block = layout.normalize_block("SparseDeltaLinear", shape, block)
         self.in_features, self.out_features = shape[1], shape[0]
         self.backend = backends.check_name(backend, "SparseDeltaLinear")

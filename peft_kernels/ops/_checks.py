@@ -23,6 +23,16 @@ def check_tensor(t, name: str, op: str, ndim: int | None = None):
         fail(op, f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def check_materialized(t: torch.Tensor, name: str, who: str):
+    """Refuse a tensor on the meta device where its values are needed (quantizing, choosing or
+    reading sparse positions, loading into it): meta tensors have shapes and no values, so the
+    call would fail deep inside or — copying into one — drop the values without a word."""
+    if t.is_meta:
+        raise ValueError(f"{who}: {name} is on the meta device (a shape without values), and this needs its "
+                         f"values. Materialize the model first: load it with its weights, or "
+                         f"model.to_empty(device=...) and then load_state_dict(...)")
+
+
 def check_same_device(op: str, **tensors):
     device = None
     for t in tensors.values():

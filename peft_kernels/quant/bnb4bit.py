@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from ..ops._checks import check_materialized
+
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -152,6 +154,7 @@ def _check_float_matrix(w: torch.Tensor, name: str):
         raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if w.dim() != 2:
         raise ValueError(f"{name} must be 2-D [out, in], got shape {list(w.shape)}")
+    check_materialized(w, name, "quantizing a weight")
     if not torch.isfinite(w).all():
         raise ValueError(f"{name} contains NaN or Inf; 4-bit quantization needs finite values")
 

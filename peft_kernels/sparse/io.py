@@ -5,6 +5,8 @@ import json
 
 from torch import nn
 
+from ..ops._checks import check_materialized
+
 
 def save_sparse_delta(model: nn.Module, path: str):
     """Write every SparseDeltaLinear's ``<name>.delta_index`` (int32) and ``<name>.delta_values``
@@ -47,6 +49,7 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
                 raise ValueError(f"load_sparse_delta: the model has no module {name!r}") from None
             if not isinstance(mod, (nn.Linear, SparseDeltaLinear)):
                 raise TypeError(f"load_sparse_delta: {name} is a {type(mod).__name__}, not a Linear")
+            check_materialized(mod.weight, f"{name}.weight", "load_sparse_delta")
             if tuple(mod.weight.shape) != tuple(info["shape"]):
                 raise ValueError(f"load_sparse_delta: {name} has weight {list(mod.weight.shape)}, the file "
                                  f"{info['shape']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._checks import check_materialized
 from ..tensor_cache import TensorCache
 
 
@@ -109,6 +110,7 @@ def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 def build_index(op: str, weight: torch.Tensor, *, density=0.01, num_params=None, mask="random", block=None,
                 seed=0, scores=None) -> torch.Tensor:
     """Sorted int32 index for the chosen mask (see SparseDeltaLinear.from_linear)."""
+    check_materialized(weight, "the weight", op)  # every mask keeps W0's values at its positions
     shape = tuple(weight.shape)
     block = normalize_block(op, shape, block)
     grid = (shape[0], shape[1]) if block is None else (shape[0] // block[0], shape[1] // block[1])
