@@ -649,3 +649,110 @@ def test_adapters_changed_after_patching_run_peft_forward():
         y = model(x)
     assert torch.allclose(y, reference(x), atol=1e-6)
     assert layer.forward.unfused == {"default"}
+
+
+# ----------------------------------------------------------------------------- SHiRA
+
+
+def _shira_model(seed, r=2, scale=1.0, dtype=torch.float64, targets=("q_proj", "v_proj", "up")):
+    if not hasattr(peft, "ShiraConfig"):
+        pytest.skip("this peft has no SHiRA")
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(Net().to(dtype), peft.ShiraConfig(r=r, target_modules=list(targets),
+                                                                 random_seed=seed))
+    for name, p in model.named_parameters():
+        if "shira_weight" in name:
+            nn.init.normal_(p, std=0.3)  # trained values, not PEFT's zero init
+    for m in model.modules():
+        if hasattr(m, "shira_weight"):
+            m.set_scale("default", scale)
+    return model
+
+
+def _shira_layers(model):
+    return [m for m in model.modules() if hasattr(m, "shira_indices")]
+
+
+@pytest.mark.parametrize("seed,r,scale", [(0, 1, 1.0), (1, 2, 0.7), (2, 4, 1.0), (3, 3, 2.5)])
+def test_patched_shira_matches_unpatched(seed, r, scale):
+    """PEFT's SHiRA layers run sparse_delta_linear: outputs, dX and every values' gradient equal
+    PEFT's own forward (which clones W every step and forms the dense weight gradient), float64,
+    train and eval, with a trainable base bias too; the base weight is left bit-identical."""
+    from unittest import mock
+
+    from peft_kernels.integrations import peft as integration
+
+    model = _shira_model(seed, r=r, scale=scale)
+    model.base_model.model.layers[0].q_proj.base_layer.bias.requires_grad_(True)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == 6 and not report.skipped, str(report)
+    weights = {n: p.clone() for n, p in patched.named_parameters() if "base_layer.weight" in n}
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        patched.train(train)
+        with mock.patch.object(integration, "sparse_delta_linear", wraps=integration.sparse_delta_linear) as op:
+            y1, gx1, g1 = _run(patched, x)
+        assert op.call_count == 6
+        y0, gx0, g0 = _run(model, x)
+        assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+        assert g0.keys() == g1.keys() and len(g0) == 7  # six shira_weight, one bias
+        for n in g0:
+            assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    assert all(torch.equal(p, weights[n]) for n, p in patched.named_parameters() if n in weights)
+
+
+def test_patched_shira_states_and_fallbacks():
+    """PEFT's states (adapter disabled, merged) keep PEFT's semantics; unsorted indices are
+    sorted with their values; repeated positions, a trainable base weight or an x of another
+    dtype run PEFT's forward with a warning; autocast runs fused in bf16; unpatch restores."""
+    model = _shira_model(5)
+    patched = copy.deepcopy(model)
+    peft_kernels.patch_peft_model(patched)
+    x = torch.randn(4, 24, dtype=torch.float64)
+    with model.disable_adapter(), patched.disable_adapter():
+        assert torch.equal(patched(x), model(x))
+    patched.merge_adapter()
+    model.merge_adapter()
+    assert torch.allclose(patched(x), model(x), atol=1e-12)
+    patched.unmerge_adapter()
+    model.unmerge_adapter()
+    assert torch.allclose(patched(x), model(x), atol=1e-12)
+
+    # the same adapter with its (index, value) pairs listed in another order
+    layer = _shira_layers(patched)[0]
+    perm = torch.randperm(layer.shira_weight["default"].numel())
+    layer.shira_indices["default"] = layer.shira_indices["default"][:, perm].contiguous()
+    with torch.no_grad():
+        layer.shira_weight["default"].copy_(layer.shira_weight["default"][perm])
+    (y1, gx1, g1), (y0, gx0, g0) = _run(patched, x), _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-12) and torch.allclose(gx1, gx0, atol=1e-12)
+    name = next(n for n in g1 if "layers.0.q_proj" in n)
+    assert torch.allclose(g1[name], g0[name][perm], atol=1e-12)
+    assert not layer.forward.unfused
+
+    twice = _shira_layers(patched)[1]
+    twice.shira_indices["default"] = twice.shira_indices["default"].clone()
+    twice.shira_indices["default"][:, 1] = twice.shira_indices["default"][:, 0]
+    with pytest.warns(UserWarning, match="SHiRA layer runs PEFT's unfused forward: .* lists a position twice"):
+        patched(x)
+    third = _shira_layers(patched)[2]
+    third.get_base_layer().weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match="the base weight requires grad"):
+        patched(x)
+    with pytest.warns(UserWarning, match="got x in torch.float32"):
+        with pytest.raises(RuntimeError):  # what PEFT itself does with this input
+            patched(x.float())
+
+    bf = _shira_model(6, dtype=torch.float32)
+    fused = copy.deepcopy(bf)
+    peft_kernels.patch_peft_model(fused)
+    x32 = torch.randn(4, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_fused, y_peft = fused(x32), bf(x32)
+    assert y_fused.dtype == y_peft.dtype == torch.bfloat16
+    assert torch.allclose(y_fused.float(), y_peft.float(), rtol=2e-2, atol=2e-2)
+    assert peft_kernels.backends.last_used("sparse_delta") == "torch"
+    assert len(peft_kernels.unpatch_peft_model(fused)) == 6
+    assert all("forward" not in vars(m) for m in fused.modules())

@@ -1,7 +1,10 @@
 """Accelerate an HF PEFT model in place: route its LoRA Linear layers through lora_linear
 (dora_linear for DoRA adapters, qlora_linear over a quantized bitsandbytes Linear4bit base,
 whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
-their [in, out] weight).
+their [in, out] weight), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
+values at k fixed positions of W) through sparse_delta_linear — PEFT's own SHiRA forward clones
+the whole weight every step and its backward forms the dense [out, in] weight gradient to keep k
+entries of it.
 
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` (a method bound
 to the layer, so a copy.deepcopy of the model is patched too and computes with its own weights)
@@ -17,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import torch
 from torch import nn
 
 from ..ops import _checks
 from ..ops.dora import cached_weight_row_sq, dora_linear, weight_row_sq
 from ..ops.lora import lora_linear
 from ..ops.qlora import qlora_linear
+from ..ops.sparse_delta import sparse_delta_linear
 from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class
 from ..tensor_cache import TensorCache
 
@@ -40,7 +45,7 @@ class PatchReport:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"peft_kernels: patched {len(self.patched)} LoRA layer(s), left {len(self.skipped)} alone"]
+        lines = [f"peft_kernels: patched {len(self.patched)} layer(s), left {len(self.skipped)} alone"]
         lines += [f"  patched  {name}" for name in self.patched]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
@@ -77,17 +82,44 @@ def _adapter_reason(layer, name: str) -> str | None:
     return None
 
 
-class _FusedForward:
-    """A patched layer's forward: the fused op, or ``original`` (what ``layer.forward`` was) for
+class _PatchedForward:
+    """A patched layer's forward: a fused op, or ``original`` (what ``layer.forward`` was) for
     the states it does not fuse. An object holding the layer, not a closure: copy.deepcopy of the
     model gives the copy a forward over the copy's own weights (a closure kept computing with the
     ORIGINAL layer inside a deep copy — TRL's reference-model idiom), and torch.save pickles it."""
+
+    kind = "PEFT"  # the adapter family, in warnings
 
     def __init__(self, layer, original):
         self.layer, self.original = layer, original
         self.original_was_instance_attribute = "forward" in layer.__dict__  # e.g. an accelerate hook
         self.warned = False
         self.unfused: set = set()  # adapters found unfusable at call time (warned once each)
+
+    def _unfused(self, name: str, reason: str, x, args, kwargs):
+        """PEFT's forward for an adapter that cannot be fused right now, said once per adapter."""
+        if name not in self.unfused:
+            self.unfused.add(name)
+            warnings.warn(f"peft_kernels: a patched {self.kind} layer runs PEFT's unfused forward: "
+                          f"{reason}", stacklevel=3)
+        return self.original(x, *args, **kwargs)
+
+    def _dtype_mismatch(self, x, weight, args, kwargs):
+        """x in another dtype than the base weight (outside autocast): PEFT's forward, warned once."""
+        if not self.warned:
+            warnings.warn(f"peft_kernels: a patched {self.kind} layer got x in {x.dtype} but its base "
+                          f"weight is {weight.dtype}; running PEFT's unfused forward for it", stacklevel=3)
+            self.warned = True
+        return self.original(x, *args, **kwargs)
+
+
+class _FusedForward(_PatchedForward):
+    """A patched LoRA Linear: lora_linear / dora_linear / qlora_linear."""
+
+    kind = "LoRA"
+
+    def __init__(self, layer, original):
+        super().__init__(layer, original)
         self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen base, once per weight tensor and version (DoRA)
 
     def __call__(self, x, *args, **kwargs):
@@ -101,11 +133,7 @@ class _FusedForward:
         if reason is None and bnb_cpu_repacked(getattr(base, "weight", None)):
             reason = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
         if reason is not None:  # changed since patching: PEFT's forward, said once
-            if name not in self.unfused:
-                self.unfused.add(name)
-                warnings.warn(f"peft_kernels: a patched LoRA layer runs PEFT's unfused forward: {reason}",
-                              stacklevel=2)
-            return original(x, *args, **kwargs)
+            return self._unfused(name, reason, x, args, kwargs)
         dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         op_kwargs = {"scaling": float(layer.scaling[name]), "dropout_p": p, "training": layer.training}
@@ -129,11 +157,7 @@ class _FusedForward:
         if autocast is not None:  # the ops' own autocast rule, applied before the dtype check below
             x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
         if x.dtype != weight.dtype:
-            if not self.warned:
-                warnings.warn(f"peft_kernels: a patched LoRA layer got x in {x.dtype} but its base weight is "
-                              f"{base.weight.dtype}; running PEFT's unfused forward for it", stacklevel=2)
-                self.warned = True
-            return original(x, *args, **kwargs)
+            return self._dtype_mismatch(x, base.weight, args, kwargs)
         op_args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
         if name in getattr(layer, "lora_variant", {}):  # DoRA (the only variant let through)
             row_sq = cached_weight_row_sq(self.row_sq, base.weight, weight, x)
@@ -142,14 +166,89 @@ class _FusedForward:
         return lora_linear(*op_args, bias, **op_kwargs)
 
 
-def _patched(module) -> _FusedForward | None:
+def _shira_reason(layer, name: str | None = None) -> str | None:
+    """Why this PEFT SHiRA layer (or its adapter ``name``) cannot run sparse_delta_linear (None if
+    it can). Checked at patch time and at every call."""
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not nn.Linear"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (the base weight is stored [in, out])"
+    if base.weight.requires_grad:  # sparse_delta_linear trains the k values only
+        return "the base weight requires grad"
+    for n in ([name] if name is not None else list(layer.shira_weight)):
+        indices = layer.shira_indices.get(n)
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != 2 \
+                or indices.shape[1] != layer.shira_weight[n].numel():
+            return f"adapter {n!r} has no [2, k] shira_indices matching its {layer.shira_weight[n].numel()} values"
+    return None
+
+
+class _ShiraForward(_PatchedForward):
+    """A patched SHiRA Linear: y = x (W + s·Δ)ᵀ + b through sparse_delta_linear, Δ = shira_weight at
+    shira_indices (row, col). The base weight holds W + s·Δ at the k positions only for the
+    duration of each product (sparse_delta_linear's merged=False: O(k), restored bit-exactly), and
+    the values' gradient is taken at the k positions only."""
+
+    kind = "SHiRA"
+
+    def __init__(self, layer, original):
+        super().__init__(layer, original)
+        self.flat = TensorCache(4)  # shira_indices -> (sorted flat int32 index, order or None)
+
+    def _flat_index(self, name: str, indices, in_features: int, device):
+        """(index [k] int32, sorted row·in + col on ``device``; the permutation that sorts the
+        values, or None when PEFT's indices are sorted already — torch.where's row-major order),
+        or (None, reason) for duplicate positions (PEFT's sparse tensor would add them up)."""
+        key = (in_features, str(device))
+        hit = self.flat.get(indices, key)
+        if hit is None:
+            flat = indices[0].to(device, torch.int64) * in_features + indices[1].to(device, torch.int64)
+            order = None
+            if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+                flat, order = torch.sort(flat)
+                if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+                    hit = (None, f"adapter {name!r} lists a position twice in shira_indices")
+            hit = self.flat.put(indices, hit or (flat.to(torch.int32), order), key)
+        return hit
+
+    def __call__(self, x, *args, **kwargs):
+        layer, original = self.layer, self.original
+        active = [a for a in layer.active_adapters if a in layer.shira_weight]
+        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
+            return original(x, *args, **kwargs)  # PEFT's semantics for these states
+        name = active[0]
+        reason = _shira_reason(layer, name)
+        if reason is not None:
+            return self._unfused(name, reason, x, args, kwargs)
+        base = layer.get_base_layer()
+        weight, bias = base.weight, base.bias
+        autocast = _checks.autocast_dtype(x)
+        if autocast is not None:  # the op's own autocast rule, applied before the dtype check below
+            x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
+        if x.dtype != weight.dtype:
+            return self._dtype_mismatch(x, base.weight, args, kwargs)
+        index, order = self._flat_index(name, layer.shira_indices[name], base.in_features, weight.device)
+        if index is None:
+            return self._unfused(name, order, x, args, kwargs)
+        values = layer.shira_weight[name]
+        if order is not None:
+            values = values[order]
+        scaling = layer.scaling[name]
+        if scaling != 1.0:
+            values = values * scaling
+        return sparse_delta_linear(x, weight, values, index, bias)
+
+
+def _patched(module) -> _PatchedForward | None:
     forward = module.__dict__.get("forward")
-    return forward if isinstance(forward, _FusedForward) else None
+    return forward if isinstance(forward, _PatchedForward) else None
 
 
 def patch_peft_model(model: nn.Module) -> PatchReport:
     """Route every HF PEFT LoRA Linear of ``model`` (a PeftModel or any module containing PEFT
-    LoRA layers) through peft_kernels' fused op, in place. Returns a PatchReport."""
+    LoRA layers) through peft_kernels' fused op, and every SHiRA Linear through
+    sparse_delta_linear, in place. Returns a PatchReport."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
@@ -160,8 +259,25 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     except ImportError:
         pass
 
+    try:  # PEFT's SHiRA (peft >= 0.17)
+        from peft.tuners.shira.layer import Linear as PeftShiraLinear
+        from peft.tuners.shira.layer import ShiraLayer
+    except ImportError:
+        PeftShiraLinear = ShiraLayer = None
+
     report = PatchReport()
     for name, module in model.named_modules():
+        if ShiraLayer is not None and isinstance(module, ShiraLayer):
+            if _patched(module) is not None:
+                report.patched.append(name)
+            elif type(module) is not PeftShiraLinear:
+                report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a SHiRA Linear"
+            elif (reason := _shira_reason(module)) is not None:
+                report.skipped[name] = reason
+            else:
+                module.forward = _ShiraForward(module, module.forward)
+                report.patched.append(name)
+            continue
         if not isinstance(module, LoraLayer):
             continue
         if not isinstance(module, tuple(lora_linear_types)):
