@@ -116,6 +116,25 @@ def test_reference_sddmm_chunks(block, monkeypatch):
     assert torch.allclose(ref_sparse.sddmm(gy, x, index, shape, block), whole, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["panel", "gather_t"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_reference_sddmm_methods(method, dtype, monkeypatch):
+    """Both CPU methods of the reference's unstructured dDelta against the float64 dense gradient:
+    panels of 3 rows (a short last one, panels without entries skipped), gather_t in chunks of a
+    few entries; fp16 inputs accumulate in fp32, fp64 stays fp64."""
+    monkeypatch.setattr(ref_sparse, "PANEL_MIN_DENSITY", 0.0 if method == "panel" else 2.0)
+    monkeypatch.setattr(ref_sparse, "PANEL_ELEMENTS", 3 * 55)
+    monkeypatch.setattr(ref_sparse, "CHUNK_ELEMENTS", 23 * 4)
+    shape, M = (40, 55), 23
+    index = _random_index(shape, 97)
+    index = index[(index // 55 < 9) | (index // 55 > 20)]  # rows 9..20: four panels with no entry
+    gy, x = torch.randn(M, shape[0]).to(dtype), torch.randn(M, shape[1]).to(dtype)
+    got = ref_sparse.sddmm(gy, x, index, shape, None)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = (gy.double().t() @ x.double()).view(-1)[index.long()]
+    assert torch.allclose(got.double(), want, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=1e-5)
+
+
 def _oracle_linear(x, w0, values, index, bias, block):
     """Dense autograd formula: W = W0 + scatter(values)."""
     shape = tuple(w0.shape)

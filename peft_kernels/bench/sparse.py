@@ -3,8 +3,9 @@ entries, as a ratio to the frozen floor (F.linear with a frozen weight: forward 
 
 Cases: "dense-grad masking" (what sparse fine-tuning code does today: the weight is a Parameter,
 autograd forms the full dW, a hook multiplies it by the mask); peft_kernels SparseDeltaLinear at
-1 % and 0.1 % unstructured (each with the SDDMM kernel the density rule picks, and with the other
-others for comparison) and 32x32 blocks at 1 %.
+1 % and 0.1 % unstructured (each with the SDDMM kernel the density rule picks, and with the
+others for comparison) and 32x32 blocks at 1 %; when peft has SHiRA, HF PEFT's SHiRA layer at about
+1 % (k = r·(in + out) random positions) and the same layer patched by patch_peft_model.
 """
 from __future__ import annotations
 
@@ -64,10 +65,40 @@ def cases(M, K, N, device, dtype):
         for method in ("panel", "gather_t"):
             if method != auto:
                 out[f"peft_kernels sparse {pct} ({method})"] = sparse_case(density, method=method)
+    out.update(_shira_cases(x, w, step))
     if N % 32 == 0 and K % 32 == 0:
         out["peft_kernels sparse 32x32 blocks 1%"] = sparse_case(0.01, block=(32, 32))
     else:
         print(f"\n  (32x32 blocks skipped: they do not divide {N}x{K})", file=sys.stderr)
+    return out
+
+
+def _shira_cases(x, w, step) -> dict:
+    """HF PEFT's SHiRA Linear over a frozen layer holding ``w``, r chosen for about 1 % of W's
+    entries (the case name gives r and the density), unpatched and patched; {} without SHiRA."""
+    try:
+        import peft
+        from peft import ShiraConfig
+    except ImportError:
+        return {}
+    from ..integrations.peft import patch_peft_model
+
+    N, K = w.shape
+    r = max(1, round(0.01 * N * K / (N + K)))
+    name = f"r={r}, {100 * r * (N + K) / (N * K):.2g}%"
+    out = {}
+    for label, patch in ((f"HF PEFT SHiRA {name}", False), (f"peft_kernels (patched PEFT SHiRA) {name}", True)):
+        holder = nn.Sequential(nn.Linear(K, N, bias=False, device=w.device, dtype=w.dtype))
+        with torch.no_grad():
+            holder[0].weight.copy_(w)
+        model = peft.get_peft_model(holder, ShiraConfig(r=r, target_modules=["0"], random_seed=0),
+                                    autocast_adapter_dtype=False)
+        values = model.base_model.model[0].shira_weight["default"]
+        with torch.no_grad():
+            values.normal_(0, 1e-3)  # trained values, not PEFT's zero init
+        if patch:
+            patch_peft_model(model)
+        out[label] = step(lambda model=model: model(x), [x, values])
     return out
 
 
