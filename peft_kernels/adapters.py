@@ -1,9 +1,11 @@
 """Save and load LoRA / DoRA adapters in HF PEFT's format (adapter_config.json +
 adapter_model.safetensors), so an adapter trained with peft_kernels loads in HF PEFT and back —
-over any base apply_lora makes (bf16/fp16/fp32, NF4/FP4, INT8/INT4).
+over any base apply_lora makes (bf16/fp16/fp32, NF4/FP4, INT8/INT4) — and sparse deltas
+(SparseDeltaLinear, unstructured) as PEFT's SHiRA adapters.
 
 Keys follow PEFT's saved layout: ``base_model.model.<module name>.lora_A.weight`` / ``.lora_B.weight``,
-and for DoRA ``.lora_magnitude_vector``.
+and for DoRA ``.lora_magnitude_vector``; SHiRA: ``.shira_weight`` [k] and ``.shira_indices``
+[2, k] int32 (row, column), k = r·(in + out) for the config's one r.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .ops._checks import check_materialized
-from .apply import TRAINED_WHOLE, apply_lora, pattern_matches, pattern_value, target_matches
+from .apply import TRAINED_WHOLE, _replace, _targets, apply_lora, pattern_matches, pattern_value, target_matches
+from .apply import requires_grad_restored_on_error
 from .nn._adapter import LoRAAdapter
+from .nn.sparse import SparseDeltaLinear
+from .ops._checks import check_materialized
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,12 +62,21 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write the LoRA (or DoRA) adapters of ``model`` to ``directory`` in PEFT's format, with the
     modules apply_lora trains whole (PEFT's modules_to_save). The adapters share one dropout /
     rsLoRA / DoRA setting (PEFT's config has one); r and alpha may differ per module (written as
-    PEFT's rank_pattern / alpha_pattern)."""
+    PEFT's rank_pattern / alpha_pattern). A model whose trained layers are SparseDeltaLinear is
+    written as PEFT's SHiRA adapter (unstructured, k = r·(in + out) entries per layer)."""
     from safetensors.torch import save_file
 
     modules = _lora_modules(model)
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
+    if sparse and modules:
+        raise ValueError(f"save_adapter: the model has both LoRA adapters and sparse deltas ({sorted(sparse)[:3]}); "
+                         "PEFT's adapter files hold one kind (save the deltas with peft_kernels.sparse."
+                         "save_sparse_delta)")
+    if sparse:
+        return _save_shira(model, sparse, Path(directory))
     if not modules:
-        raise ValueError("save_adapter: the model has no LoRA adapter modules (apply_lora makes them)")
+        raise ValueError("save_adapter: the model has no LoRA adapter modules (apply_lora makes them) "
+                         "and no SparseDeltaLinear (apply_sparse)")
     settings = {(m.dropout, m.use_rslora, hasattr(m, "magnitude")) for m in modules.values()}
     if len(settings) != 1:
         raise ValueError(f"save_adapter: all adapters must share dropout/use_rslora/DoRA (PEFT's config has one "
@@ -97,10 +110,97 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+def _save_shira(model: nn.Module, modules: dict, directory: Path) -> Path:
+    """SparseDeltaLinear layers as PEFT's SHiRA adapter: delta_values as shira_weight, the sorted
+    positions as [2, k] (row, column) shira_indices. PEFT builds each SHiRA layer with k = r·(in +
+    out) values for its config's one r before reading the file, so every layer's k must be that."""
+    from safetensors.torch import save_file
+
+    blocks = sorted(n for n, m in modules.items() if m.block is not None)
+    if blocks:
+        raise ValueError(f"save_adapter: {blocks[:3]} are block-sparse; PEFT's SHiRA holds unstructured "
+                         "entries only (peft_kernels.sparse.save_sparse_delta saves any delta)")
+    sizes = {n: (m.delta_index.numel(), m.in_features + m.out_features) for n, m in modules.items()}
+    ranks = {k // width for k, width in sizes.values()}
+    if len(ranks) != 1 or any(k % width for k, width in sizes.values()):
+        raise ValueError("save_adapter: PEFT's SHiRA needs k = r * (in + out) trained entries in every layer for "
+                         f"one r; got (k, in + out) {dict(list(sizes.items())[:4])}. Build the layers with "
+                         "apply_sparse(..., density=None, num_params=lambda lin: r * (lin.in_features + "
+                         "lin.out_features)), or save with peft_kernels.sparse.save_sparse_delta")
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, m in modules.items():
+        flat = m.delta_index.long()
+        tensors[f"{PREFIX}{name}.shira_weight"] = m.delta_values.detach().reshape(-1).contiguous()
+        tensors[f"{PREFIX}{name}.shira_indices"] = torch.stack([flat // m.in_features, flat % m.in_features]) \
+            .to(torch.int32).contiguous()
+    save_file(tensors, str(directory / WEIGHTS_NAME))
+    config = {
+        "peft_type": "SHIRA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": ranks.pop(), "mask_type": "random", "random_seed": None, "target_modules": _target_modules(model, modules),
+        "fan_in_fan_out": False, "init_weights": True, "modules_to_save": None,
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _load_shira(model: nn.Module, directory: Path, config: dict, backend: str) -> nn.Module:
+    """PEFT's SHiRA adapter onto ``model``: each named nn.Linear becomes a SparseDeltaLinear at the
+    saved positions (sorted, values permuted alike) holding the saved values; everything else is
+    frozen. PEFT does not save set_scale's factor: the values are taken at scale 1, as PEFT loads
+    them. Checked before the model changes."""
+    from safetensors.torch import load_file
+
+    unsupported = [k for k in ("fan_in_fan_out", "modules_to_save") if config.get(k)]
+    if unsupported:
+        raise ValueError(f"load_adapter: SHiRA adapter options not supported yet: {unsupported}")
+    state = load_file(str(directory / WEIGHTS_NAME))
+    parts = (".shira_weight", ".shira_indices")
+    names = sorted({k[len(PREFIX):].rsplit(".shira_", 1)[0] for k in state if k.startswith(PREFIX) and k.endswith(parts)})
+    unexpected = [k for k in state if not (k.startswith(PREFIX) and k.endswith(parts))]
+    missing = [n + p for n in names for p in parts if PREFIX + n + p not in state]
+    if unexpected or missing or not names:
+        raise ValueError(f"load_adapter: {WEIGHTS_NAME} does not hold a SHiRA adapter's tensors only: "
+                         f"unexpected {unexpected[:5]}, missing {missing[:5]}")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    absent = [n for n in names if n not in linears]
+    if absent:
+        raise ValueError(f"load_adapter: the model has no nn.Linear named {absent[:5]}")
+    entries = {}
+    for n in names:
+        linear, values = linears[n], state[f"{PREFIX}{n}.shira_weight"]
+        check_materialized(linear.weight, f"{n}.weight", "load_adapter")
+        indices = state[f"{PREFIX}{n}.shira_indices"].to(torch.int64)  # PEFT wrote floats on Windows
+        out_f, in_f = linear.weight.shape
+        if indices.dim() != 2 or indices.shape[0] != 2 or values.dim() != 1 or indices.shape[1] != values.numel():
+            raise ValueError(f"load_adapter: {n}: shira_indices must be [2, k] beside shira_weight [k], got "
+                             f"{list(indices.shape)} and {list(values.shape)}")
+        if values.numel() and not (0 <= int(indices[0].min()) and int(indices[0].max()) < out_f
+                                   and 0 <= int(indices[1].min()) and int(indices[1].max()) < in_f):
+            raise ValueError(f"load_adapter: {n}: shira_indices fall outside its [{out_f}, {in_f}] weight")
+        flat, order = torch.sort(indices[0] * in_f + indices[1])
+        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+            raise ValueError(f"load_adapter: {n}: shira_indices list a position twice")
+        entries[n] = (flat.to(torch.int32), values[order])
+    targets = _targets("load_adapter", model, "|".join(re.escape(n) for n in names))
+    new = []
+    with requires_grad_restored_on_error(model):
+        for name, _, _, linear in targets:
+            index, values = entries[name]
+            layer = SparseDeltaLinear(linear.weight, linear.bias, index, backend=backend,  # fp32, or fp64 as saved
+                                      values_dtype=torch.promote_types(values.dtype, torch.float32))
+            with torch.no_grad():
+                layer.delta_values.copy_(values)
+            layer.sync_()  # the merged weight holds W0 + delta at the positions
+            new.append(layer)
+    return _replace(model, targets, new)
+
+
 def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
                  quantize: str | None = None, quant_options: dict | None = None) -> nn.Module:
     """Put the PEFT-format LoRA (or DoRA) adapter in ``directory`` on ``model`` (its nn.Linear
-    modules become adapter layers, everything else is frozen) and return the model. Per-module
+    modules become adapter layers, everything else is frozen) and return the model — or a SHiRA
+    adapter, whose layers become SparseDeltaLinear (train them with SparseAdamW). Per-module
     ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured, and PEFT's modules_to_save
     are loaded and trained whole. ``quantize``
     ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
@@ -109,8 +209,13 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
 
     directory = Path(directory)
     config = json.loads((directory / CONFIG_NAME).read_text())
+    if config.get("peft_type") == "SHIRA":
+        if quantize is not None:
+            raise ValueError("load_adapter: a SHiRA adapter trains entries of the weight itself; quantize= does "
+                             "not apply")
+        return _load_shira(model, directory, config, backend)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"load_adapter: peft_type {config.get('peft_type')!r} is not LORA")
+        raise ValueError(f"load_adapter: peft_type {config.get('peft_type')!r} is neither LORA nor SHIRA")
     unsupported = [k for k in ("fan_in_fan_out", "lora_bias") if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")

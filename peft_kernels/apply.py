@@ -103,10 +103,12 @@ def _targets(op: str, model: nn.Module, target_modules):
     return out
 
 
-def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01, num_params: int | None = None,
+def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01, num_params=None,
                  mask="random", block=None, seed: int = 0, backend: str = "auto") -> nn.Module:
     """Replace the targeted nn.Linear modules (as in apply_lora) with SparseDeltaLinear: each
-    trains ``density`` of its weight entries (or ``num_params``; ``mask`` and ``block`` as in
+    trains ``density`` of its weight entries (or ``num_params``: a count, or a callable(linear) ->
+    count per layer, e.g. ``lambda lin: 4 * (lin.in_features + lin.out_features)`` — PEFT SHiRA's
+    size for r = 4, which save_adapter needs; ``mask`` and ``block`` as in
     SparseDeltaLinear.from_linear; layer i's random mask uses seed + i). Everything else is
     frozen. Returns ``model``, modified in place; train it with peft_kernels.sparse.SparseAdamW."""
     targets = _targets("apply_sparse", model, target_modules)
@@ -114,7 +116,8 @@ def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01,
     with requires_grad_restored_on_error(model):
         for i, (name, _, _, linear) in enumerate(targets):
             try:
-                new.append(SparseDeltaLinear.from_linear(linear, density=density, num_params=num_params, mask=mask,
+                count = num_params(linear) if callable(num_params) else num_params
+                new.append(SparseDeltaLinear.from_linear(linear, density=density, num_params=count, mask=mask,
                                                          block=block, seed=seed + i, backend=backend))
             except ValueError as exc:  # e.g. num_params larger than this layer: say which layer
                 raise ValueError(f"apply_sparse: {name} [{linear.out_features}, {linear.in_features}]: {exc}") from exc

@@ -756,3 +756,92 @@ def test_patched_shira_states_and_fallbacks():
     assert peft_kernels.backends.last_used("sparse_delta") == "torch"
     assert len(peft_kernels.unpatch_peft_model(fused)) == 6
     assert all("forward" not in vars(m) for m in fused.modules())
+
+
+def _shira_r(r):
+    return lambda lin: r * (lin.in_features + lin.out_features)
+
+
+def test_shira_adapter_saved_by_peft_loads_as_sparse_deltas(tmp_path):
+    """A SHiRA adapter PEFT saved loads onto a plain model as SparseDeltaLinear layers (indices in
+    any order, values permuted alike) with PEFT's outputs; it then trains its values only, with
+    SparseAdamW."""
+    model = _shira_model(7, r=2, scale=1.0)
+    layer = _shira_layers(model)[1]  # PEFT's order need not be sorted: a file may list any order
+    perm = torch.randperm(layer.shira_weight["default"].numel())
+    layer.shira_indices["default"] = layer.shira_indices["default"][:, perm].contiguous()
+    with torch.no_grad():
+        layer.shira_weight["default"].copy_(layer.shira_weight["default"][perm])
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(7)
+    ours = peft_kernels.load_adapter(Net().double(), tmp_path)
+    assert sum(isinstance(m, peft_kernels.nn.SparseDeltaLinear) for m in ours.modules()) == 6
+    x = torch.randn(3, 4, 24, dtype=torch.float64)
+    assert torch.allclose(ours(x), model(x), rtol=1e-12, atol=1e-12)
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert len(trainable) == 6 and all(n.endswith("delta_values") for n in trainable)
+    opt = peft_kernels.sparse.SparseAdamW(ours, lr=1e-2)
+    ours(x).square().sum().backward()
+    opt.step()
+    assert not torch.allclose(ours(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.float64])
+def test_sparse_deltas_saved_as_shira_load_in_peft_and_back(values_dtype, tmp_path):
+    """apply_sparse with SHiRA's size (k = r·(in + out)) and trained values: save_adapter writes
+    PEFT's SHiRA format, PeftModel.from_pretrained gives the same outputs, and load_adapter reads
+    it back to the same positions and values."""
+    if not hasattr(peft, "ShiraConfig"):
+        pytest.skip("this peft has no SHiRA")
+    torch.manual_seed(0)
+    base = Net().double()
+    ours = peft_kernels.apply_sparse(copy.deepcopy(base), ["q_proj", "up"], density=None, num_params=_shira_r(3))
+    for m in ours.modules():
+        if isinstance(m, peft_kernels.nn.SparseDeltaLinear):
+            m.delta_values.data = torch.randn_like(m.delta_values, dtype=values_dtype) * 0.1
+    peft_kernels.save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SHIRA" and config["r"] == 3 and config["target_modules"] == ["q_proj", "up"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    assert torch.allclose(theirs(x), ours(x), rtol=1e-12, atol=1e-12)
+    back = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path)
+    for (n, a), (_, b) in zip(((n, m) for n, m in ours.named_modules() if hasattr(m, "delta_index")),
+                              ((n, m) for n, m in back.named_modules() if hasattr(m, "delta_index"))):
+        assert torch.equal(a.delta_index, b.delta_index) and torch.allclose(a.delta_values.double(),
+                                                                            b.delta_values.double()), n
+    assert torch.allclose(back(x), ours(x), rtol=1e-6, atol=1e-9)
+
+
+def test_shira_save_and_load_errors(tmp_path):
+    """What PEFT's SHiRA cannot hold is refused with the way out, and a bad file leaves the model
+    as it was."""
+    by_density = peft_kernels.apply_sparse(Net(), ["q_proj"], density=0.05)
+    with pytest.raises(ValueError, match=r"k = r \* \(in \+ out\).*num_params=lambda lin"):
+        peft_kernels.save_adapter(by_density, tmp_path / "a")
+    blocks = peft_kernels.apply_sparse(Net(), ["up"], density=None, num_params=2, block=(8, 8))
+    with pytest.raises(ValueError, match="block-sparse"):
+        peft_kernels.save_adapter(blocks, tmp_path / "b")
+    mixed = peft_kernels.apply_lora(peft_kernels.apply_sparse(Net(), ["up"]), ["q_proj"])
+    with pytest.raises(ValueError, match="both LoRA adapters and sparse deltas"):
+        peft_kernels.save_adapter(mixed, tmp_path / "c")
+    with pytest.raises(ValueError, match="no LoRA adapter modules .* and no SparseDeltaLinear"):
+        peft_kernels.save_adapter(Net(), tmp_path / "d")
+
+    good = peft_kernels.apply_sparse(Net(), ["q_proj", "up"], density=None, num_params=_shira_r(1))
+    peft_kernels.save_adapter(good, tmp_path / "e")
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "e" / "adapter_model.safetensors"))
+    key = "base_model.model.layers.1.up.shira_indices"
+    for broken, message in [(lambda s: s[key][1].__setitem__(0, 99), "fall outside"),
+                            (lambda s: s[key][:, 1].copy_(s[key][:, 0]), "a position twice")]:
+        bad = {k: v.clone() for k, v in state.items()}
+        broken(bad)
+        save_file(bad, str(tmp_path / "e" / "adapter_model.safetensors"))
+        model = Net()
+        with pytest.raises(ValueError, match=message):
+            peft_kernels.load_adapter(model, tmp_path / "e")
+        assert not any(isinstance(m, peft_kernels.nn.SparseDeltaLinear) for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="quantize= does not apply"):
+        peft_kernels.load_adapter(Net(), tmp_path / "e", quantize="nf4")

@@ -669,3 +669,30 @@ def test_candidate_tracking_and_regrowth_without_dense_gradients(block):
     assert not any(k.startswith("candidate_") for k in sd.state_dict())
     sd.to("meta")  # the tracking state moves with the module
     assert sd.candidate_index.device.type == "meta" and sd.candidate_scores.device.type == "meta"
+
+
+def test_fp64_weights_keep_w0_in_fp64_under_fp32_values():
+    """W0 + delta at the k positions is added in the wider of the two dtypes: an fp64 weight with
+    fp32 values (the default) kept W0 only to fp32 there — the module's merged weight, the op's
+    temporary merge and SparseAdamW's merged write alike."""
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 20).double()
+    w0 = lin.weight.detach().clone()
+    sd = SparseDeltaLinear.from_linear(lin, density=0.2)
+    pos = sd.delta_index.long()
+    with torch.no_grad():
+        sd.delta_values.normal_()
+    sd.sync_()
+    want = w0.view(-1)[pos] + sd.delta_values.detach().double()
+    assert torch.equal(sd.weight.view(-1)[pos], want)
+
+    x = torch.randn(4, 30, dtype=torch.float64)
+    dense = w0.clone()
+    dense.view(-1)[pos] = want
+    y = peft_kernels.sparse_delta_linear(x, w0.clone(), sd.delta_values, sd.delta_index)  # merged=False
+    assert torch.allclose(y, x @ dense.T, rtol=1e-14, atol=1e-14)
+
+    opt = SparseAdamW(sd, lr=0.1)
+    sd(x).sum().backward()
+    opt.step()
+    assert torch.equal(sd.weight.view(-1)[pos], w0.view(-1)[pos] + sd.delta_values.detach().double())

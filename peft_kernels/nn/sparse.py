@@ -82,7 +82,8 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def _write_merged(self):
         vals = self.delta_values.detach().reshape(-1)
-        self.weight.view(-1)[self._positions()] = (self.base_values.to(vals.dtype) + vals).to(self.weight.dtype)
+        acc = torch.promote_types(vals.dtype, self.weight.dtype)  # fp64 weights keep W0 in fp64
+        self.weight.view(-1)[self._positions()] = (self.base_values.to(acc) + vals.to(acc)).to(self.weight.dtype)
 
     def sync_(self):
         """weight[pos] = base + delta (after delta_values changed by anything but SparseAdamW)."""

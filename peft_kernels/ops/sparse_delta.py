@@ -41,7 +41,8 @@ class _TemporarilyMerged:
     def __enter__(self):
         flat = self.weight.view(-1)
         self.saved = flat[self.positions]
-        flat[self.positions] = (self.saved.to(self.values.dtype) + self.values.reshape(-1)).to(flat.dtype)
+        acc = torch.promote_types(self.values.dtype, flat.dtype)  # fp64 weights keep W0 in fp64
+        flat[self.positions] = (self.saved.to(acc) + self.values.reshape(-1).to(acc)).to(flat.dtype)
         return self.weight
 
     def __exit__(self, *exc):

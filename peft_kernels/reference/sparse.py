@@ -102,4 +102,6 @@ def sparse_adamw_(values, grad, exp_avg, exp_avg_sq, steps, *, lr, beta1, beta2,
     v32 = v32 - (lr / bc1) * m.to(acc) / denom
     values.copy_(v32.view_as(values))
     if merged is not None:
-        merged.view(-1)[element_positions(index, shape, block)] = (base.reshape(-1).to(acc) + v32).to(merged.dtype)
+        acc = torch.promote_types(acc, merged.dtype)  # fp64 weights keep W0 in fp64
+        merged.view(-1)[element_positions(index, shape, block)] = (base.reshape(-1).to(acc) + v32.to(acc)).to(
+            merged.dtype)
