@@ -72,3 +72,35 @@ def test_sparse_adamw_cuda_matches_reference(block):
                                      base=b.base_values)
     assert rel_err(a.delta_values.detach(), b.delta_values.detach()) < 1e-5
     assert torch.equal(a.weight, b.weight) or rel_err(a.weight, b.weight) < 1e-3
+
+
+def test_patched_peft_shira_bf16_on_cuda():
+    """HF PEFT's SHiRA layer patched (triton SDDMM) against PEFT's own forward, bf16 at 2048 x
+    4096 -> 4096, r=16: outputs and dX to bf16 rounding, the values' gradient (fp32 accumulation
+    on both sides, summed over 2048 tokens) to a few bf16 ulps of its scale."""
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft, "ShiraConfig"):
+        pytest.skip("this peft has no SHiRA")
+    import copy
+
+    import peft_kernels
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(4096, 4096, bias=False)).to("cuda", torch.bfloat16)
+    model = peft.get_peft_model(holder, peft.ShiraConfig(r=16, target_modules=["0"], random_seed=0))
+    values = model.base_model.model[0].shira_weight["default"]
+    with torch.no_grad():
+        values.normal_(0, 0.02)
+    patched = copy.deepcopy(model)
+    assert len(peft_kernels.patch_peft_model(patched).patched) == 1
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for m in (model, patched):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(dy)
+        out.append((y.float(), xi.grad.float(), m.base_model.model[0].shira_weight["default"].grad.float()))
+    assert peft_kernels.backends.last_used("sparse_delta") == "triton"
+    (y0, gx0, gv0), (y1, gx1, gv1) = out
+    assert rel_err(y1, y0) < 1e-2 and rel_err(gx1, gx0) < 1e-2 and rel_err(gv1, gv0) < 1e-2

@@ -1,7 +1,8 @@
 """Whole-model step (ANCHORS.md): a LLaMA-3-8B-shaped decoder, 4 layers, batch 2 x 2048 tokens,
 adapters r=16 on q, k, v, o, gate, up, down; sdpa attention; loss + backward. Cases: every weight
-frozen (the floor), HF PEFT LoRA (p = 0 and 0.05), DoRA (p = 0.05) and QLoRA over bitsandbytes NF4
-(when bnb runs here), each unpatched and patched by peft_kernels.patch_peft_model. The input
+frozen (the floor), HF PEFT LoRA (p = 0 and 0.05), DoRA (p = 0.05), QLoRA over bitsandbytes NF4
+(when bnb runs here) and SHiRA r=16 (k = 16·(in + out) trained entries per weight, LoRA r=16's
+parameter count; when peft has it), each unpatched and patched by peft_kernels.patch_peft_model. The input
 embeddings require grad in every case, so backward runs through all layers even in the floor.
 Memory: the peak (CUDA) and, on any device, what autograd keeps for backward (harness.saved_mib).
 
@@ -57,13 +58,16 @@ def _adapted(base, method, p, patched, dtype):
     model = copy.deepcopy(base)
     if method == "qlora":
         model = _to_bnb_nf4(model, dtype)
-    cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=TARGETS, use_dora=method == "dora")
+    if method == "shira":
+        cfg = peft.ShiraConfig(r=16, target_modules=TARGETS, random_seed=0)
+    else:
+        cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=TARGETS, use_dora=method == "dora")
     model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
     for n, prm in model.named_parameters():
         if prm.requires_grad:
             prm.data = prm.data.to(dtype)
-            if "lora_B" in n:
-                torch.nn.init.normal_(prm, std=0.02)  # a trained adapter, not zeros
+            if "lora_B" in n or "shira_weight" in n:
+                torch.nn.init.normal_(prm, std=0.02 if "lora_B" in n else 1e-3)  # trained, not PEFT's zeros
     if patched:
         from .. import patch_peft_model
 
@@ -72,6 +76,14 @@ def _adapted(base, method, p, patched, dtype):
             print(f"\n  ({len(report.skipped)} layers left unpatched: {next(iter(report.skipped.values()))})",
                   file=sys.stderr)
     return model
+
+
+def _has_shira() -> bool:
+    try:
+        from peft import ShiraConfig  # noqa: F401  (peft >= 0.17)
+    except ImportError:
+        return False
+    return True
 
 
 def run(cfg, device, dtype, reps, methods):
@@ -135,6 +147,8 @@ def main(argv=None) -> int:
     if not gpu:
         print("No CUDA device: a tiny LLaMA-shaped model on CPU (fp32); these are CPU figures.", file=sys.stderr)
     methods = [("lora", 0.0), ("lora", 0.05), ("dora", 0.05)] + ([] if args.no_qlora or not gpu else [("qlora", 0.05)])
+    if _has_shira():
+        methods.append(("shira", 0.0))
     payload = run(cfg, device, torch.bfloat16 if gpu else torch.float32, args.reps or (10 if gpu else 2), methods)
     print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}")
     print(harness.markdown_table(["case", "step ms", "/ floor", "peak GiB", "saved for bwd MiB"],
