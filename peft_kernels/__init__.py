@@ -2,6 +2,7 @@
 
 Public API (importing never needs a GPU, triton or the compiled extension):
     lora_linear(x, weight, lora_A, lora_B, bias=None, *, scaling, dropout_p, training, seed, backend)
+    lora_delta(x, lora_A, lora_B, *, scaling, ...): the LoRA branch alone, beside a base computed elsewhere
     nn.LoRALinear, apply_lora(model, target_modules, r, alpha, dropout)
     info() -> dict of versions, devices and backend availability
     patch_peft_model(peft_model) -> PatchReport, unpatch_peft_model(peft_model)
@@ -19,6 +20,7 @@ from .apply import apply_lora, apply_sparse, merge_and_unload
 from .info import info
 from .ops.dora import dora_linear
 from .ops.lora import lora_linear
+from .ops.lora_delta import lora_delta
 from .ops.qlora import qlora_linear
 from .ops.quant_linear import quant_linear
 from .ops.sparse_delta import sparse_delta_linear
@@ -40,4 +42,4 @@ def unpatch_peft_model(model):
     return unpatch(model)
 
 __version__ = "0.1.0"
-__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "mask_gradients_", "apply_lora", "apply_sparse", "merge_and_unload", "info", "nn", "quant", "sparse", "backends", "__version__"]
+__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "lora_delta", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "mask_gradients_", "apply_lora", "apply_sparse", "merge_and_unload", "info", "nn", "quant", "sparse", "backends", "__version__"]

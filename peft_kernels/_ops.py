@@ -35,6 +35,29 @@ def _lora_bwd_fake(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, see
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+# The LoRA branch alone (peft_kernels/ops/lora_delta.py): y = s·dropout(x)·Aᵀ·Bᵀ [M, N], u [M, r].
+LIB.define(
+    "lora_delta_fwd(Tensor x, Tensor lora_A, Tensor lora_B, float scaling, float dropout_p, Tensor? seed, "
+    "str backend) -> (Tensor, Tensor)"
+)
+LIB.define(
+    "lora_delta_bwd(Tensor grad_y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
+    "float dropout_p, Tensor? seed, bool need_dx, str backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.register_fake("peft_kernels::lora_delta_fwd")
+def _lora_delta_fwd_fake(x, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return (x.new_empty((x.shape[0], lora_B.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=accumulation_dtype(x.dtype)))
+
+
+@torch.library.register_fake("peft_kernels::lora_delta_bwd")
+def _lora_delta_bwd_fake(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, backend):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
 # DoRA (dense base): mn = magnitude / ‖W + s·BA‖_row in the accumulation dtype; w [M, N] is saved
 # for the magnitude's gradient (peft_kernels/reference/dora.py).
 LIB.define(

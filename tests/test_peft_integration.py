@@ -845,3 +845,86 @@ def test_shira_save_and_load_errors(tmp_path):
         assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="quantize= does not apply"):
         peft_kernels.load_adapter(Net(), tmp_path / "e", quantize="nf4")
+
+
+# ----------------------------------------------------------------------------- the LoRA branch alone
+class OwnForwardLinear(nn.Linear):
+    """A base layer type peft_kernels does not know (its own forward): runs beside the branch."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+def _branch_model(kind, dropout=0.0, use_dora=False, adapter_dtype=None, dtype=torch.float32):
+    torch.manual_seed(0)
+    if kind == "bnb 8-bit":
+        bnb = pytest.importorskip("bitsandbytes")
+        first = bnb.nn.Linear8bitLt(24, 40, has_fp16_weights=False, threshold=6.0)
+        first.load_state_dict(nn.Linear(24, 40).state_dict())
+    else:
+        first = OwnForwardLinear(24, 40)
+    holder = nn.Sequential(first, nn.Tanh(), nn.Linear(40, 6))
+    holder = holder.to("cpu") if kind == "bnb 8-bit" else holder.to(dtype)  # bnb quantizes on the move
+    holder.is_loaded_in_8bit = kind == "bnb 8-bit"  # what transformers sets: PEFT then uses its bnb class
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                        target_modules=["0", "2"], use_dora=use_dora),
+                                autocast_adapter_dtype=adapter_dtype is not None)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["bnb 8-bit", "own forward"])
+def test_lora_over_other_bases_runs_the_fused_branch(kind):
+    """PEFT's LoRA over a base peft_kernels cannot compute itself — bitsandbytes' LLM.int8
+    Linear8bitLt (PEFT's bnb class), a Linear subclass with its own forward (PEFT's Linear class) —
+    is patched: the base runs its own forward, the LoRA branch runs lora_delta; outputs and every
+    gradient equal PEFT's; dropout follows torch.manual_seed; unpatch restores."""
+    from unittest import mock
+
+    from peft_kernels.integrations import peft as integration
+
+    model = _branch_model(kind)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == 2 and not report.skipped
+    base_type = "Linear8bitLt" if kind == "bnb 8-bit" else "OwnForwardLinear"
+    assert report.branch_only == {"base_model.model.0": base_type} and "runs its own forward" in str(report)
+    x = torch.randn(3, 5, 24)
+    with mock.patch.object(integration, "lora_delta", wraps=integration.lora_delta) as branch:
+        y1, gx1, g1 = _run(patched, x)
+    assert branch.call_count == 1
+    y0, gx0, g0 = _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) == 4
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+
+    noisy = _branch_model(kind, dropout=0.3)
+    peft_kernels.patch_peft_model(noisy)
+    torch.manual_seed(1)
+    a = noisy(x)
+    torch.manual_seed(1)
+    b = noisy(x)
+    torch.manual_seed(2)
+    assert torch.equal(a, b) and not torch.equal(a, noisy(x))
+    assert len(peft_kernels.unpatch_peft_model(patched)) == 2
+    assert torch.equal(patched(x), model(x))
+
+
+def test_fused_branch_keeps_peft_dtypes_and_refuses_dora():
+    """fp32 adapters (PEFT's autocast_adapter_dtype) over a bf16 base of its own forward: x goes
+    to fp32 for the branch, the sum back to bf16, as PEFT does; DoRA needs the base weight and is
+    left to PEFT with the reason."""
+    model = _branch_model("own forward", adapter_dtype=torch.float32, dtype=torch.bfloat16)
+    assert model.base_model.model[0].lora_A["default"].weight.dtype == torch.float32
+    patched = copy.deepcopy(model)
+    assert peft_kernels.patch_peft_model(patched).branch_only
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    y0, y1 = model(x), patched(x)
+    assert y1.dtype == y0.dtype == torch.bfloat16 and torch.allclose(y1.float(), y0.float(), rtol=1e-2, atol=1e-2)
+    dora = _branch_model("own forward", use_dora=True)
+    report = peft_kernels.patch_peft_model(dora)
+    assert "base_model.model.0" in report.skipped and "DoRA, which needs the base weight" in \
+        report.skipped["base_model.model.0"]

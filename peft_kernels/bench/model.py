@@ -80,10 +80,10 @@ def _adapted(base, method, p, patched, dtype):
 
 def _has_shira() -> bool:
     try:
-        from peft import ShiraConfig  # noqa: F401  (peft >= 0.17)
+        import peft
     except ImportError:
         return False
-    return True
+    return hasattr(peft, "ShiraConfig")  # peft >= 0.17
 
 
 def run(cfg, device, dtype, reps, methods):

@@ -1,7 +1,9 @@
 """Accelerate an HF PEFT model in place: route its LoRA Linear layers through lora_linear
 (dora_linear for DoRA adapters, qlora_linear over a quantized bitsandbytes Linear4bit base,
 whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
-their [in, out] weight), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
+their [in, out] weight; over any other base — bitsandbytes' 8-bit Linear8bitLt, a layer type
+peft_kernels does not know — the base runs its own forward and the LoRA branch alone is fused,
+lora_delta), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
 values at k fixed positions of W) through sparse_delta_linear — PEFT's own SHiRA forward clones
 the whole weight every step and its backward forms the dense [out, in] weight gradient to keep k
 entries of it.
@@ -26,6 +28,7 @@ from torch import nn
 from ..ops import _checks
 from ..ops.dora import cached_weight_row_sq, dora_linear, weight_row_sq
 from ..ops.lora import lora_linear
+from ..ops.lora_delta import lora_delta
 from ..ops.qlora import qlora_linear
 from ..ops.sparse_delta import sparse_delta_linear
 from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class
@@ -43,21 +46,28 @@ class PatchReport:
 
     patched: list[str] = dataclasses.field(default_factory=list)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    # patched layers whose base runs its own forward, the LoRA branch alone fused: name -> base type
+    branch_only: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"peft_kernels: patched {len(self.patched)} layer(s), left {len(self.skipped)} alone"]
-        lines += [f"  patched  {name}" for name in self.patched]
+        lines += [f"  patched  {name}" + (f" (LoRA branch; its {self.branch_only[name]} base runs its own forward)"
+                                          if name in self.branch_only else "") for name in self.patched]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
 
+def _whole_layer_base(base) -> bool:
+    """Whether the fused ops compute this base layer themselves: a plain nn.Linear, transformers'
+    Conv1D (a transposed view) or a quantized bnb Linear4bit (its bytes). Any other base runs its
+    own forward beside the fused LoRA branch (_BranchForward)."""
+    return type(base) is nn.Linear or _is_conv1d(base) or bnb_linear4bit_class(base) is not None
+
+
 def _static_reason(layer) -> str | None:
-    """Why this PEFT LoRA layer cannot be fused at all (None if it can)."""
+    """Why this PEFT LoRA layer over a whole-layer base cannot be fused (None if it can)."""
     base = layer.get_base_layer()
-    four_bit = bnb_linear4bit_class(base) is not None
     conv1d = _is_conv1d(base)
-    if type(base) is not nn.Linear and not four_bit and not conv1d:
-        return f"base layer is {type(base).__name__}, not nn.Linear, transformers' Conv1D or a quantized bnb Linear4bit"
     if bool(getattr(layer, "fan_in_fan_out", False)) != conv1d:  # PEFT sets it from the base type
         return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} does not match the base layer "
                 f"{type(base).__name__}'s weight layout")
@@ -240,6 +250,54 @@ class _ShiraForward(_PatchedForward):
         return sparse_delta_linear(x, weight, values, index, bias)
 
 
+def _branch_reason(layer, name: str | None = None) -> str | None:
+    """Why the LoRA branch of this layer (or of its adapter ``name``) cannot be fused beside a base
+    that runs its own forward (None if it can)."""
+    for n in ([name] if name is not None else list(layer.lora_A)):
+        reason = _adapter_reason(layer, n)
+        if reason is None and n in getattr(layer, "lora_variant", {}):
+            reason = (f"adapter {n!r} is DoRA, which needs the base weight; the "
+                      f"{type(layer.get_base_layer()).__name__} base computes its own product")
+        if reason is not None:
+            return reason
+    return None
+
+
+class _BranchForward(_PatchedForward):
+    """A patched LoRA layer over a base computed by its own forward (bitsandbytes' Linear8bitLt with
+    its LLM.int8 product, or a layer type peft_kernels does not know): result = base(x) + the LoRA
+    branch through lora_delta, with PEFT's casts — x to the adapter's dtype, then the sum back to
+    the base output's dtype (PEFT's bnb 8-bit class: only outside autocast, the branch cast before
+    the sum)."""
+
+    kind = "LoRA"
+
+    def __init__(self, layer, original, bnb_8bit: bool):
+        super().__init__(layer, original)
+        self.bnb_8bit = bnb_8bit
+
+    def __call__(self, x, *args, **kwargs):
+        layer, original = self.layer, self.original
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
+            return original(x, *args, **kwargs)  # PEFT's semantics for these states
+        name = active[0]
+        reason = _branch_reason(layer, name)
+        if reason is not None:
+            return self._unfused(name, reason, x, args, kwargs)
+        result = layer.base_layer(x)
+        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        dropout = layer.lora_dropout[name]
+        kw = {"scaling": float(layer.scaling[name]), "dropout_p": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+              "training": layer.training}
+        if self.bnb_8bit:  # peft.tuners.lora.bnb.Linear8bitLt.forward
+            convert = not torch.is_autocast_enabled()  # PEFT's own test (CUDA autocast)
+            branch = lora_delta(layer._cast_input_dtype(x, lora_A.dtype) if convert else x, lora_A, lora_B, **kw)
+            return result + (branch.to(result.dtype) if convert else branch)
+        branch = lora_delta(layer._cast_input_dtype(x, lora_A.dtype), lora_A, lora_B, **kw)  # lora.layer.Linear
+        return (result + branch).to(result.dtype)
+
+
 def _patched(module) -> _PatchedForward | None:
     forward = module.__dict__.get("forward")
     return forward if isinstance(forward, _PatchedForward) else None
@@ -258,6 +316,11 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
         lora_linear_types.append(PeftLoraLinear4bit)
     except ImportError:
         pass
+    try:  # and over a bnb Linear8bitLt (a model loaded in 8 bits): its LoRA branch is fused
+        from peft.tuners.lora.bnb import Linear8bitLt as PeftLoraLinear8bit
+        lora_linear_types.append(PeftLoraLinear8bit)
+    except ImportError:
+        PeftLoraLinear8bit = None
 
     try:  # PEFT's SHiRA (peft >= 0.17)
         from peft.tuners.shira.layer import Linear as PeftShiraLinear
@@ -283,15 +346,19 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
         if not isinstance(module, tuple(lora_linear_types)):
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a LoRA Linear"
             continue
-        if _patched(module) is not None:
-            report.patched.append(name)
-            continue
-        reason = _static_reason(module)
-        if reason is not None:
-            report.skipped[name] = reason
-            continue
-        module.forward = _FusedForward(module, module.forward)
+        base = module.get_base_layer()
+        bnb_8bit = PeftLoraLinear8bit is not None and isinstance(module, PeftLoraLinear8bit)
+        whole = _whole_layer_base(base) and not bnb_8bit
+        if _patched(module) is None:
+            reason = _static_reason(module) if whole else _branch_reason(module)
+            if reason is not None:
+                report.skipped[name] = reason
+                continue
+            module.forward = (_FusedForward(module, module.forward) if whole
+                              else _BranchForward(module, module.forward, bnb_8bit))
         report.patched.append(name)
+        if isinstance(_patched(module), _BranchForward):
+            report.branch_only[name] = type(base).__name__
     return report
 
 

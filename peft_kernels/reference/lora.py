@@ -71,6 +71,21 @@ def lora_backward_with(base_t, grad_y, x, lora_A, lora_B, u, scaling, dropout_p,
     return (base_t(grad_y, d) if need_dx else d), grad_A, grad_B
 
 
+def delta_forward(x, lora_A, lora_B, scaling, dropout_p, seed):
+    """The LoRA branch alone (lora_delta): (y = scaling * dropout(x) A^T B^T [M, N] in x.dtype, u [M, r]
+    in the accumulation dtype)."""
+    acc = accumulation_dtype(x.dtype)
+    u = (masked(x, keep_mask(x, dropout_p, seed)) @ lora_A.T).to(acc)
+    if dropout_p:
+        u *= 1.0 / (1.0 - dropout_p)
+    return (u.to(x.dtype) @ lora_B.T).mul_(scaling), u
+
+
+def delta_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+    """(dx or an empty tensor, d lora_A, d lora_B) of delta_forward."""
+    return adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+
+
 def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, q=None):
     """The LoRA-specific backward (triton.lora.adapter_backward's contract): (D, d lora_A, d lora_B)
     with D [M, K] = mask / (1 - p) * (s * v @ A [+ q]) the adapter's part of dx (an empty tensor

@@ -485,6 +485,21 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed
     return d, grad_A, grad_B
 
 
+def delta_forward(x, lora_A, lora_B, scaling, dropout_p, seed):
+    """The LoRA branch alone (lora_delta): (y = scaling * dropout(x) A^T B^T [M, N] in x.dtype, u [M, r]
+    fp32) — adapter_forward without a base product on top."""
+    if degenerate(x, lora_B):
+        return reference.delta_forward(x, lora_A, lora_B, scaling, 0.0, None)
+    return adapter_forward(x, lora_A, lora_B, None, scaling, dropout_p, seed)
+
+
+def delta_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
+    """(dx or an empty tensor, d lora_A, d lora_B) of delta_forward: adapter_backward's D is all of dx."""
+    if degenerate(x, lora_B):
+        return reference.delta_backward(grad_y, x, lora_A, lora_B, u, scaling, 0.0, None, need_dx)
+    return adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx)
+
+
 def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     """lora_forward in one launch for small M (<= FUSED_LIMIT rows): same contract,
     (y [M, N] in x.dtype, u [M, r] fp32)."""
