@@ -13,6 +13,7 @@ from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .nn.sparse import SparseDeltaLinear
+from .ops import _checks
 from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
 from .sparse.masking import set_submodule
@@ -50,6 +51,10 @@ def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | N
         return "nn.MultiheadAttention reads its weight directly: an adapter there would never run"
     if type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__}, a subclass of nn.Linear with a forward of its own"
+    if not _checks.plain_tensor(module.weight):
+        return (f"its weight is a {type(module.weight).__name__} (a tensor subclass, e.g. torchao's quantized "
+                "weights), which the kernels cannot read; HF PEFT's LoRA on it, patched by "
+                "peft_kernels.patch_peft_model, fuses the LoRA branch beside it")
     return None
 
 

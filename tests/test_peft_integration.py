@@ -928,3 +928,34 @@ def test_fused_branch_keeps_peft_dtypes_and_refuses_dora():
     report = peft_kernels.patch_peft_model(dora)
     assert "base_model.model.0" in report.skipped and "DoRA, which needs the base weight" in \
         report.skipped["base_model.model.0"]
+
+
+def test_torchao_quantized_bases_fuse_the_branch_and_apply_lora_says_why_not():
+    """A torchao-quantized nn.Linear (its weight a tensor subclass) under PEFT's LoRA was taken for
+    a plain layer: the fused op got the subclass and raised NotImplementedError at the first
+    forward. Its base now runs its own (quantized) forward beside the fused branch, equal to PEFT's;
+    apply_lora refuses such a layer by name ("all-linear" leaves it out with a warning)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 8))
+    quantize_(holder, Int8WeightOnlyConfig())
+    model = peft.get_peft_model(holder, peft.LoraConfig(r=4, target_modules=["0"]))
+    nn.init.normal_(model.base_model.model[0].lora_B["default"].weight, std=0.3)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert report.patched == ["base_model.model.0"] and "Int8Tensor weight" in str(report)
+    x = torch.randn(5, 64)
+    (y1, gx1, g1), (y0, gx0, g0) = _run(patched, x), _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+
+    quantized = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 8))
+    quantize_(quantized, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name == "0")
+    with pytest.raises(ValueError, match=r"0 \(its weight is a Int8Tensor \(a tensor subclass"):
+        peft_kernels.apply_lora(quantized, ["0"])
+    with pytest.warns(UserWarning, match="all-linear leaves out"):
+        peft_kernels.apply_lora(quantized, "all-linear")
+    assert isinstance(quantized[2], peft_kernels.nn.LoRALinear) and type(quantized[0]) is nn.Linear

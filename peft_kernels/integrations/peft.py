@@ -59,9 +59,12 @@ class PatchReport:
 
 def _whole_layer_base(base) -> bool:
     """Whether the fused ops compute this base layer themselves: a plain nn.Linear, transformers'
-    Conv1D (a transposed view) or a quantized bnb Linear4bit (its bytes). Any other base runs its
-    own forward beside the fused LoRA branch (_BranchForward)."""
-    return type(base) is nn.Linear or _is_conv1d(base) or bnb_linear4bit_class(base) is not None
+    Conv1D (a transposed view) or a quantized bnb Linear4bit (its bytes). Any other base — a
+    weight that is a tensor subclass (torchao's quantized weights) included — runs its own forward
+    beside the fused LoRA branch (_BranchForward)."""
+    if bnb_linear4bit_class(base) is not None:
+        return True
+    return (type(base) is nn.Linear or _is_conv1d(base)) and _checks.plain_tensor(base.weight)
 
 
 def _static_reason(layer) -> str | None:
@@ -358,7 +361,9 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
                               else _BranchForward(module, module.forward, bnb_8bit))
         report.patched.append(name)
         if isinstance(_patched(module), _BranchForward):
-            report.branch_only[name] = type(base).__name__
+            subclass = type(base) is nn.Linear or _is_conv1d(base)  # there, the weight is why
+            report.branch_only[name] = type(base).__name__ + (f" ({type(base.weight).__name__} weight)" if subclass
+                                                               else "")
     return report
 
 

@@ -23,6 +23,13 @@ def check_tensor(t, name: str, op: str, ndim: int | None = None):
         fail(op, f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def plain_tensor(t) -> bool:
+    """A plain tensor or Parameter — not a tensor subclass (torchao's quantized weights), whose
+    storage the kernels cannot read as the dtype it reports. (Only for modules' weights, checked
+    eagerly: inside torch.compile every tensor is a FakeTensor.)"""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
 def check_materialized(t: torch.Tensor, name: str, who: str):
     """Refuse a tensor on the meta device where its values are needed (quantizing, choosing or
     reading sparse positions, loading into it): meta tensors have shapes and no values, so the
