@@ -78,3 +78,19 @@ def test_inductor_compile_fullgraph():
     (ga_c,) = torch.autograd.grad(compiled(x, a), [a])
     (ga_e,) = torch.autograd.grad(f(x, a), [a])
     assert torch.allclose(ga_c.float(), ga_e.float(), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("M,K,N,r", [(2048, 4096, 4096, 16), (1000, 4095, 4097, 13), (16, 4096, 14336, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_lora_delta_matches_oracle_at_real_sizes(M, K, N, r, p):
+    """The LoRA branch alone (what patch_peft_model runs beside a bnb 8-bit or torchao base),
+    compiled, bf16, against the float64 oracle with the same mask."""
+    from test_lora_delta import _oracle
+
+    from peft_kernels.ops.lora_delta import lora_delta
+    x, _, a, b, _ = make_inputs((M,), K, N, r, torch.bfloat16, "cuda", bias=False)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    grad_out = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    fn = lambda x, a, b: lora_delta(x, a, b, scaling=2.0, dropout_p=p, seed=42, backend="triton")  # noqa: E731
+    assert_close_to_oracle(fn, [x, a, b], 2.0, p, 42, grad_out, oracle=_oracle(2.0, p, 42))
