@@ -109,6 +109,20 @@ class _PatchedForward:
         self.warned = False
         self.unfused: set = set()  # adapters found unfusable at call time (warned once each)
 
+    def _adapter_to_fuse(self, adapters, reason, x, args, kwargs):
+        """(the one active adapter to fuse, None), or (None, PEFT's own output) for the states PEFT's
+        forward keeps — adapters disabled or merged, extra arguments (mixed-adapter batches), no or
+        several active adapters — and for an adapter ``reason(layer, name)`` finds unfusable now
+        (warned once). ``adapters``: the layer's adapter dict (lora_A, shira_weight)."""
+        layer = self.layer
+        active = [a for a in layer.active_adapters if a in adapters]
+        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
+            return None, self.original(x, *args, **kwargs)
+        why = reason(layer, active[0])
+        if why is not None:  # changed since patching: PEFT's forward, said once
+            return None, self._unfused(active[0], why, x, args, kwargs)
+        return active[0], None
+
     def _unfused(self, name: str, reason: str, x, args, kwargs):
         """PEFT's forward for an adapter that cannot be fused right now, said once per adapter."""
         if name not in self.unfused:
@@ -126,6 +140,14 @@ class _PatchedForward:
         return self.original(x, *args, **kwargs)
 
 
+def _call_reason(layer, name: str) -> str | None:
+    """_adapter_reason, and a bnb 4-bit base that bnb itself repacked since patching."""
+    reason = _adapter_reason(layer, name)
+    if reason is None and bnb_cpu_repacked(getattr(layer.get_base_layer(), "weight", None)):
+        reason = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
+    return reason
+
+
 class _FusedForward(_PatchedForward):
     """A patched LoRA Linear: lora_linear / dora_linear / qlora_linear."""
 
@@ -136,17 +158,11 @@ class _FusedForward(_PatchedForward):
         self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen base, once per weight tensor and version (DoRA)
 
     def __call__(self, x, *args, **kwargs):
-        layer, original = self.layer, self.original
-        active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if (args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1):
-            return original(x, *args, **kwargs)  # PEFT's semantics for these states
+        name, out = self._adapter_to_fuse(self.layer.lora_A, _call_reason, x, args, kwargs)
+        if name is None:
+            return out
+        layer = self.layer
         base = layer.get_base_layer()
-        name = active[0]
-        reason = _adapter_reason(layer, name)
-        if reason is None and bnb_cpu_repacked(getattr(base, "weight", None)):
-            reason = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
-        if reason is not None:  # changed since patching: PEFT's forward, said once
-            return self._unfused(name, reason, x, args, kwargs)
         dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         op_kwargs = {"scaling": float(layer.scaling[name]), "dropout_p": p, "training": layer.training}
@@ -226,14 +242,10 @@ class _ShiraForward(_PatchedForward):
         return hit
 
     def __call__(self, x, *args, **kwargs):
-        layer, original = self.layer, self.original
-        active = [a for a in layer.active_adapters if a in layer.shira_weight]
-        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
-            return original(x, *args, **kwargs)  # PEFT's semantics for these states
-        name = active[0]
-        reason = _shira_reason(layer, name)
-        if reason is not None:
-            return self._unfused(name, reason, x, args, kwargs)
+        name, out = self._adapter_to_fuse(self.layer.shira_weight, _shira_reason, x, args, kwargs)
+        if name is None:
+            return out
+        layer = self.layer
         base = layer.get_base_layer()
         weight, bias = base.weight, base.bias
         autocast = _checks.autocast_dtype(x)
@@ -280,14 +292,10 @@ class _BranchForward(_PatchedForward):
         self.bnb_8bit = bnb_8bit
 
     def __call__(self, x, *args, **kwargs):
-        layer, original = self.layer, self.original
-        active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
-            return original(x, *args, **kwargs)  # PEFT's semantics for these states
-        name = active[0]
-        reason = _branch_reason(layer, name)
-        if reason is not None:
-            return self._unfused(name, reason, x, args, kwargs)
+        name, out = self._adapter_to_fuse(self.layer.lora_A, _branch_reason, x, args, kwargs)
+        if name is None:
+            return out
+        layer = self.layer
         result = layer.base_layer(x)
         lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
         dropout = layer.lora_dropout[name]
