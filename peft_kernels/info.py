@@ -41,6 +41,7 @@ def info() -> dict:
         # What backend="auto" picks here, per op and (for rules that depend on it) token count M.
         entry["auto"] = {"lora_linear M=16": backends.resolve("lora_linear", "auto", dev, rows=16),
                          "lora_linear M=8192": backends.resolve("lora_linear", "auto", dev, rows=8192),
+                         "lora_delta": backends.resolve("lora_delta", "auto", dev),
                          "qlora_linear": backends.resolve("qlora_linear", "auto", dev),
                          "dora_linear": backends.resolve("dora_linear", "auto", dev),
                          "sparse_delta": backends.resolve("sparse_delta", "auto", dev)}
