@@ -52,9 +52,11 @@ def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | N
     if type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__}, a subclass of nn.Linear with a forward of its own"
     if not _checks.plain_tensor(module.weight):
-        return (f"its weight is a {type(module.weight).__name__} (a tensor subclass, e.g. torchao's quantized "
-                "weights), which the kernels cannot read; HF PEFT's LoRA on it, patched by "
-                "peft_kernels.patch_peft_model, fuses the LoRA branch beside it")
+        why = f"its weight is a {type(module.weight).__name__} (a tensor subclass, e.g. torchao's quantized weights)"
+        if op != "apply_lora":
+            return why + ": sparse deltas need a full-precision base"
+        return why + (", which the kernels cannot read; HF PEFT's LoRA on it, patched by "
+                      "peft_kernels.patch_peft_model, fuses the LoRA branch beside it")
     return None
 
 

@@ -956,6 +956,10 @@ def test_torchao_quantized_bases_fuse_the_branch_and_apply_lora_says_why_not():
     quantize_(quantized, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name == "0")
     with pytest.raises(ValueError, match=r"0 \(its weight is a Int8Tensor \(a tensor subclass"):
         peft_kernels.apply_lora(quantized, ["0"])
+    with pytest.raises(ValueError, match="sparse deltas need a full-precision base"):
+        peft_kernels.apply_sparse(quantized, ["0"])
+    with pytest.raises(ValueError, match="partial mask on 0.weight.*sparse deltas need a full-precision base"):
+        peft_kernels.mask_gradients_(quantized, {"0.weight": torch.rand(48, 64) < 0.1})
     with pytest.warns(UserWarning, match="all-linear leaves out"):
         peft_kernels.apply_lora(quantized, "all-linear")
     assert isinstance(quantized[2], peft_kernels.nn.LoRALinear) and type(quantized[0]) is nn.Linear
