@@ -122,7 +122,7 @@ def _save_shira(model: nn.Module, modules: dict, directory: Path) -> Path:
                          "entries only (peft_kernels.sparse.save_sparse_delta saves any delta)")
     sizes = {n: (m.delta_index.numel(), m.in_features + m.out_features) for n, m in modules.items()}
     ranks = {k // width for k, width in sizes.values()}
-    if len(ranks) != 1 or any(k % width for k, width in sizes.values()):
+    if len(ranks) != 1 or 0 in ranks or any(k % width for k, width in sizes.values()):
         raise ValueError("save_adapter: PEFT's SHiRA needs k = r * (in + out) trained entries in every layer for "
                          f"one r; got (k, in + out) {dict(list(sizes.items())[:4])}. Build the layers with "
                          "apply_sparse(..., density=None, num_params=lambda lin: r * (lin.in_features + "
