@@ -569,7 +569,7 @@ def test_bnb_weights_repacked_for_bnbs_cpu_kernel_are_not_read_as_standard_bytes
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_patched_qdora_over_bnb_linear4bit_matches_unpatched(dropout):
+def test_patched_qdora_over_bnb_linear4bit_matches_unpatched(dropout, monkeypatch):
     """DoRA over a bnb 4-bit base: bnb's bytes read as they are, the magnitude and every adapter
     gradient equal to PEFT's own DoRA forward (which dequantizes the whole weight)."""
     torch.manual_seed(0)
@@ -591,6 +591,9 @@ def test_patched_qdora_over_bnb_linear4bit_matches_unpatched(dropout):
     assert g0.keys() == g1.keys() and any("magnitude" in k for k in g0)
     for n in g0:
         assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+    import peft_kernels.ops.dora as dora_ops  # ‖W_i‖² of the 4-bit base: decoded once, not every step
+    monkeypatch.setattr(dora_ops, "weight_row_sq", lambda *a: pytest.fail("‖W_i‖² recomputed"))
+    assert torch.equal(_run(model, x)[0], y1)
 
 
 def test_deep_copies_and_saved_models_of_a_patched_model_use_their_own_weights(tmp_path):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..ops import _checks
-from ..ops.dora import cached_weight_row_sq, dora_linear, weight_row_sq
+from ..ops.dora import cached_weight_row_sq, dora_linear
 from ..ops.lora import lora_linear
 from ..ops.lora_delta import lora_delta
 from ..ops.qlora import qlora_linear
@@ -131,6 +131,13 @@ class _PatchedForward:
                           f"{reason}", stacklevel=3)
         return self.original(x, *args, **kwargs)
 
+    @staticmethod
+    def _in_op_dtype(x, weight, bias):
+        """(x, weight, bias) as the fused op computes them: under autocast, cast by the ops' own rule
+        here already, so that the caller's dtype check sees what the op would."""
+        autocast = _checks.autocast_dtype(x)
+        return (x, weight, bias) if autocast is None else _checks.to_autocast(autocast, x, weight, bias)
+
     def _dtype_mismatch(self, x, weight, args, kwargs):
         """x in another dtype than the base weight (outside autocast): PEFT's forward, warned once."""
         if not self.warned:
@@ -138,6 +145,14 @@ class _PatchedForward:
                           f"weight is {weight.dtype}; running PEFT's unfused forward for it", stacklevel=3)
             self.warned = True
         return self.original(x, *args, **kwargs)
+
+
+def _lora_op_kwargs(layer, name: str) -> dict:
+    """The fused LoRA ops' scaling / dropout_p / training for adapter ``name`` of a PEFT layer
+    (its dropout is nn.Dropout or nn.Identity: _adapter_reason lets no other through)."""
+    dropout = layer.lora_dropout[name]
+    return {"scaling": float(layer.scaling[name]), "dropout_p": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+            "training": layer.training}
 
 
 def _call_reason(layer, name: str) -> str | None:
@@ -163,9 +178,7 @@ class _FusedForward(_PatchedForward):
             return out
         layer = self.layer
         base = layer.get_base_layer()
-        dropout = layer.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        op_kwargs = {"scaling": float(layer.scaling[name]), "dropout_p": p, "training": layer.training}
+        op_kwargs = _lora_op_kwargs(layer, name)
         fmt = bnb_linear4bit_class(base)
         if fmt is not None:  # bnb computes in its compute_dtype and returns x's dtype
             dtype = base.compute_dtype or x.dtype
@@ -173,18 +186,13 @@ class _FusedForward(_PatchedForward):
             q = fmt.from_bnb(base.weight)
             args4 = (x.to(dtype), q, layer.lora_A[name].weight, layer.lora_B[name].weight)
             if name in getattr(layer, "lora_variant", {}):  # DoRA over the 4-bit base (QDoRA)
-                sq = self.row_sq.get(base.weight)
-                if sq is None:
-                    sq = self.row_sq.put(base.weight, weight_row_sq(q))
+                sq = cached_weight_row_sq(self.row_sq, base.weight, q, x)
                 y = dora_linear(*args4, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=sq,
                                 **op_kwargs)
             else:
                 y = qlora_linear(*args4, bias, **op_kwargs)
             return y.to(x.dtype)
-        weight, bias = (base.weight.t() if _is_conv1d(base) else base.weight), base.bias
-        autocast = _checks.autocast_dtype(x)
-        if autocast is not None:  # the ops' own autocast rule, applied before the dtype check below
-            x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
+        x, weight, bias = self._in_op_dtype(x, base.weight.t() if _is_conv1d(base) else base.weight, base.bias)
         if x.dtype != weight.dtype:
             return self._dtype_mismatch(x, base.weight, args, kwargs)
         op_args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
@@ -247,10 +255,7 @@ class _ShiraForward(_PatchedForward):
             return out
         layer = self.layer
         base = layer.get_base_layer()
-        weight, bias = base.weight, base.bias
-        autocast = _checks.autocast_dtype(x)
-        if autocast is not None:  # the op's own autocast rule, applied before the dtype check below
-            x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
+        x, weight, bias = self._in_op_dtype(x, base.weight, base.bias)
         if x.dtype != weight.dtype:
             return self._dtype_mismatch(x, base.weight, args, kwargs)
         index, order = self._flat_index(name, layer.shira_indices[name], base.in_features, weight.device)
@@ -298,9 +303,7 @@ class _BranchForward(_PatchedForward):
         layer = self.layer
         result = layer.base_layer(x)
         lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        dropout = layer.lora_dropout[name]
-        kw = {"scaling": float(layer.scaling[name]), "dropout_p": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-              "training": layer.training}
+        kw = _lora_op_kwargs(layer, name)
         if self.bnb_8bit:  # peft.tuners.lora.bnb.Linear8bitLt.forward
             convert = not torch.is_autocast_enabled()  # PEFT's own test (CUDA autocast)
             branch = lora_delta(layer._cast_input_dtype(x, lora_A.dtype) if convert else x, lora_A, lora_B, **kw)

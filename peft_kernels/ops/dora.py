@@ -60,21 +60,24 @@ def weight_row_sq(weight, acc: torch.dtype = torch.float32) -> torch.Tensor:
                           for r0 in range(0, out_f, ROW_WINDOW)])
 
 
-def cached_weight_row_sq(cache: TensorCache, key: torch.Tensor, weight: torch.Tensor,
-                         x: torch.Tensor) -> torch.Tensor | None:
-    """‖W_i‖² [out] of a frozen dense ``weight`` (``key``, or a view of it such as a Conv1D weight's
-    transpose), exactly as dora_linear computes it for ``x`` — from the weight cast to the autocast
-    dtype when autocast is on — computed once and reused while ``key`` is the same tensor at the same
-    version: an optimizer step, merge or load_state_dict on it recomputes. It is a full read of W per
-    call otherwise, for a value that never changes while W is frozen. None (dora_linear recomputes)
-    inside torch.compile, where the graph computes it, and for a weight made under inference mode
-    (such a tensor has no version counter to tell a change by)."""
+def cached_weight_row_sq(cache: TensorCache, key: torch.Tensor, weight, x: torch.Tensor) -> torch.Tensor | None:
+    """‖W_i‖² [out] of a frozen ``weight`` — dense (``key``, or a view of it such as a Conv1D
+    weight's transpose) or quantized (the format object over ``key``'s bytes) — exactly as
+    dora_linear computes it for ``x`` (a dense weight cast to the autocast dtype when autocast is
+    on), computed once and reused while ``key`` is the same tensor at the same version: an optimizer
+    step, merge or load_state_dict on it recomputes. It is a full read of W per call otherwise, for
+    a value that never changes while W is frozen. None (dora_linear recomputes) inside
+    torch.compile, where the graph computes it, and for a weight made under inference mode (such a
+    tensor has no version counter to tell a change by)."""
     if torch.compiler.is_compiling() or key.is_inference():
         return None
-    autocast = _checks.autocast_dtype(x)
-    if autocast is not None:
-        (weight,) = _checks.to_autocast(autocast, weight)
-    extra = (weight.dtype, weight.shape, weight.stride())
+    if isinstance(weight, QUANTIZED):  # the format's exact values: autocast does not recast them
+        extra = (type(weight).__name__,)
+    else:
+        autocast = _checks.autocast_dtype(x)
+        if autocast is not None:
+            (weight,) = _checks.to_autocast(autocast, weight)
+        extra = (weight.dtype, weight.shape, weight.stride())
     row_sq = cache.get(key, extra)
     if row_sq is None:  # in dora_weight_norm's accumulation dtype
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
