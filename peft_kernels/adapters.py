@@ -22,6 +22,7 @@ from .apply import requires_grad_restored_on_error
 from .nn._adapter import LoRAAdapter
 from .nn.sparse import SparseDeltaLinear
 from .ops._checks import check_materialized
+from .sparse import layout
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -178,10 +179,10 @@ def _load_shira(model: nn.Module, directory: Path, config: dict, backend: str) -
         if values.numel() and not (0 <= int(indices[0].min()) and int(indices[0].max()) < out_f
                                    and 0 <= int(indices[1].min()) and int(indices[1].max()) < in_f):
             raise ValueError(f"load_adapter: {n}: shira_indices fall outside its [{out_f}, {in_f}] weight")
-        flat, order = torch.sort(indices[0] * in_f + indices[1])
-        if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+        index, order, repeats = layout.index_from_rows_cols(indices, in_f)
+        if repeats:
             raise ValueError(f"load_adapter: {n}: shira_indices list a position twice")
-        entries[n] = (flat.to(torch.int32), values[order])
+        entries[n] = (index, values if order is None else values[order])
     targets = _targets("load_adapter", model, "|".join(re.escape(n) for n in names))
     new = []
     with requires_grad_restored_on_error(model):

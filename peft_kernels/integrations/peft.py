@@ -32,6 +32,7 @@ from ..ops.lora_delta import lora_delta
 from ..ops.qlora import qlora_linear
 from ..ops.sparse_delta import sparse_delta_linear
 from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class
+from ..sparse import layout
 from ..tensor_cache import TensorCache
 
 def _is_conv1d(base) -> bool:
@@ -240,13 +241,9 @@ class _ShiraForward(_PatchedForward):
         key = (in_features, str(device))
         hit = self.flat.get(indices, key)
         if hit is None:
-            flat = indices[0].to(device, torch.int64) * in_features + indices[1].to(device, torch.int64)
-            order = None
-            if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
-                flat, order = torch.sort(flat)
-                if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
-                    hit = (None, f"adapter {name!r} lists a position twice in shira_indices")
-            hit = self.flat.put(indices, hit or (flat.to(torch.int32), order), key)
+            index, order, repeats = layout.index_from_rows_cols(indices.to(device), in_features)
+            hit = self.flat.put(indices, (None, f"adapter {name!r} lists a position twice in shira_indices")
+                                if repeats else (index, order), key)
         return hit
 
     def __call__(self, x, *args, **kwargs):

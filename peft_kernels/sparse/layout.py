@@ -71,6 +71,18 @@ def check_index(op: str, index, shape, block, device=None):
     _VALIDATED.put(index, True, (tuple(shape), block))
 
 
+def index_from_rows_cols(rows_cols: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(the sorted int32 flat index row * in + col of [2, k] (row, column) pairs — PEFT SHiRA's
+    shira_indices —, the permutation that sorts them or None when they were in order already (so
+    the values need no gather), whether a position repeats). On rows_cols' device."""
+    flat = rows_cols[0].to(torch.int64) * in_features + rows_cols[1].to(torch.int64)
+    order = None
+    if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+        flat, order = torch.sort(flat)
+    repeats = flat.numel() > 1 and bool((flat[1:] == flat[:-1]).any())
+    return flat.to(torch.int32), order, repeats
+
+
 def element_positions(index: torch.Tensor, shape, block) -> torch.Tensor:
     """int64 flat positions in the [out, in] weight of every delta value, in values' order."""
     if block is None:
