@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import backends
 from ..ops._checks import check_materialized
-from ..ops.sparse_delta import check_delta, sparse_delta_linear
+from ..ops.sparse_delta import check_delta, sparse_delta_linear, w0_plus_delta
 from ..sparse import layout
 from ._adapter import linear_holding
 
@@ -81,9 +81,8 @@ class SparseDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def _write_merged(self):
-        vals = self.delta_values.detach().reshape(-1)
-        acc = torch.promote_types(vals.dtype, self.weight.dtype)  # fp64 weights keep W0 in fp64
-        self.weight.view(-1)[self._positions()] = (self.base_values.to(acc) + vals.to(acc)).to(self.weight.dtype)
+        self.weight.view(-1)[self._positions()] = w0_plus_delta(self.base_values, self.delta_values.detach(),
+                                                                self.weight.dtype)
 
     def sync_(self):
         """weight[pos] = base + delta (after delta_values changed by anything but SparseAdamW)."""

@@ -32,6 +32,13 @@ def _sparse_sddmm(grad_y, x, index, shape, block, backend):
     return impl.sddmm(grad_y, x, index, tuple(shape), tuple(block) if block else None)
 
 
+def w0_plus_delta(base: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W0 + delta at the k positions, added in the wider of the two dtypes (an fp64 weight keeps W0
+    in fp64 beside fp32 values) and rounded once to the weight's ``dtype``."""
+    acc = torch.promote_types(values.dtype, dtype)
+    return (base.to(acc) + values.reshape(-1).to(acc)).to(dtype)
+
+
 class _TemporarilyMerged:
     """weight[pos] = W0[pos] + Delta inside the block; the saved W0 values put back after."""
 
@@ -41,8 +48,7 @@ class _TemporarilyMerged:
     def __enter__(self):
         flat = self.weight.view(-1)
         self.saved = flat[self.positions]
-        acc = torch.promote_types(self.values.dtype, flat.dtype)  # fp64 weights keep W0 in fp64
-        flat[self.positions] = (self.saved.to(acc) + self.values.reshape(-1).to(acc)).to(flat.dtype)
+        flat[self.positions] = w0_plus_delta(self.saved, self.values, flat.dtype)
         return self.weight
 
     def __exit__(self, *exc):
