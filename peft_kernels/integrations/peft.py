@@ -232,19 +232,16 @@ class _ShiraForward(_PatchedForward):
 
     def __init__(self, layer, original):
         super().__init__(layer, original)
-        self.flat = TensorCache(4)  # shira_indices -> (sorted flat int32 index, order or None)
+        self.flat = TensorCache(4)  # shira_indices -> index_from_rows_cols's (index, order, repeats)
 
-    def _flat_index(self, name: str, indices, in_features: int, device):
-        """(index [k] int32, sorted row·in + col on ``device``; the permutation that sorts the
-        values, or None when PEFT's indices are sorted already — torch.where's row-major order),
-        or (None, reason) for duplicate positions (PEFT's sparse tensor would add them up)."""
+    def _flat_index(self, indices, in_features: int, device):
+        """layout.index_from_rows_cols of PEFT's [2, k] shira_indices on ``device``, once per indices
+        tensor: (sorted flat int32 index, the values' sorting permutation or None — torch.where's
+        row-major order needs none —, whether a position repeats)."""
         key = (in_features, str(device))
         hit = self.flat.get(indices, key)
-        if hit is None:
-            index, order, repeats = layout.index_from_rows_cols(indices.to(device), in_features)
-            hit = self.flat.put(indices, (None, f"adapter {name!r} lists a position twice in shira_indices")
-                                if repeats else (index, order), key)
-        return hit
+        return hit if hit is not None else self.flat.put(
+            indices, layout.index_from_rows_cols(indices.to(device), in_features), key)
 
     def __call__(self, x, *args, **kwargs):
         name, out = self._adapter_to_fuse(self.layer.shira_weight, _shira_reason, x, args, kwargs)
@@ -255,9 +252,9 @@ class _ShiraForward(_PatchedForward):
         x, weight, bias = self._in_op_dtype(x, base.weight, base.bias)
         if x.dtype != weight.dtype:
             return self._dtype_mismatch(x, base.weight, args, kwargs)
-        index, order = self._flat_index(name, layer.shira_indices[name], base.in_features, weight.device)
-        if index is None:
-            return self._unfused(name, order, x, args, kwargs)
+        index, order, repeats = self._flat_index(layer.shira_indices[name], base.in_features, weight.device)
+        if repeats:  # PEFT's sparse tensor adds repeated positions up
+            return self._unfused(name, f"adapter {name!r} lists a position twice in shira_indices", x, args, kwargs)
         values = layer.shira_weight[name]
         if order is not None:
             values = values[order]
