@@ -755,7 +755,7 @@ def test_patched_shira_states_and_fallbacks():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_fused, y_peft = fused(x32), bf(x32)
     assert y_fused.dtype == y_peft.dtype == torch.bfloat16
-    assert torch.allclose(y_fused.float(), y_peft.float(), rtol=2e-2, atol=2e-2)
+    assert torch.allclose(y_fused.float(), y_peft.float(), rtol=1e-2, atol=1e-2)  # ~2 bf16 ulps; seen: 1
     assert peft_kernels.backends.last_used("sparse_delta") == "torch"
     assert len(peft_kernels.unpatch_peft_model(fused)) == 6
     assert all("forward" not in vars(m) for m in fused.modules())
