@@ -39,7 +39,8 @@ step() {  # step SECONDS CMD...: one bounded step; a hang or crash is logged, th
 case "$part" in
   check)
     build
-    step 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+    # CUBLAS_WORKSPACE_CONFIG: cuBLAS's deterministic mode, for tests/test_determinism.py's GPU test
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 step 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests
     if command -v compute-sanitizer >/dev/null; then
       step 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
         tests/test_lora_cuda_gpu.py -k "oracle and 37"

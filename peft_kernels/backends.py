@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from . import cuda, env
+from . import cuda, determinism, env
 
 _IMPLS: dict[tuple[str, str], str] = {}
 _LAST_USED: dict[str, str] = {}
@@ -83,6 +83,14 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend {backend!r}: expected auto, {', '.join(env.BACKENDS)}")
 
 
+# (op, backend) pairs whose kernels add fp32 partial sums with atomics and have no deterministic
+# mode (peft_kernels.determinism): under torch.use_deterministic_algorithms(True) "auto" skips them
+# and an explicit choice raises (or warns, with warn_only=True).
+NONDETERMINISTIC = {
+    ("lora_linear", "cuda"): "its dA / dB reductions (csrc/lora_kernels.cu) add with atomicAdd",
+}
+
+
 def resolve(op: str, backend: str, device: torch.device, rows: int | None = None) -> str:
     """Turn a user's backend choice into a concrete, runnable backend, or raise saying why.
     ``rows`` (the token count M) lets "auto" pick per shape (AUTO_RULES)."""
@@ -93,6 +101,8 @@ def resolve(op: str, backend: str, device: torch.device, rows: int | None = None
         raise RuntimeError(f"peft_kernels.{op}: backend {backend!r} unavailable: {reason}")
     if (op, backend) not in _IMPLS:
         raise RuntimeError(f"peft_kernels.{op}: no {backend!r} implementation of this op")
+    if (op, backend) in NONDETERMINISTIC:
+        determinism.alert(f"peft_kernels.{op} with backend={backend!r} ({NONDETERMINISTIC[op, backend]})")
     return backend
 
 
@@ -123,6 +133,9 @@ def _auto_choice(op: str, device: torch.device, rows: int | None = None) -> str:
             if max_rows is not None and (rows is None or rows > max_rows):
                 continue
             if (op, backend) not in _IMPLS:
+                continue
+            if (op, backend) in NONDETERMINISTIC and determinism.enabled():
+                why.append(f"{backend}: not deterministic (torch.use_deterministic_algorithms)")
                 continue
             reason = unavailable_reason(backend, device)
             if reason is None:

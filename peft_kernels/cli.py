@@ -25,6 +25,9 @@ def _info(_args) -> int:
     print(f"CUDA extension: {data['cuda_extension']}")
     print("with: " + "  ".join(f"{k} {v or 'not installed'}" for k, v in data["integrations"].items()))
     print(f"auto rules on a GPU (backend, max M): {json.dumps(data['auto_rules'])}")
+    if data["deterministic"]:
+        print("torch.use_deterministic_algorithms is on: split reductions sum per-split slices (no atomics); "
+              "auto skips the cuda backend")
     if data["triton_paths"]:
         print("triton size rules (0 = off until timed): "
               + ", ".join(f"{k} {v}" for k, v in data["triton_paths"].items()))

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import backends, cuda, env
+from . import backends, cuda, determinism, env
 
 
 def info() -> dict:
@@ -26,6 +26,8 @@ def info() -> dict:
         "triton": triton_version,
         "triton_interpret": env.triton_interpret(),
         "backend_override": env.backend_override(),
+        # torch.use_deterministic_algorithms: split reductions by slices, no cuda backend (determinism.py)
+        "deterministic": determinism.enabled(),
         "cuda_extension": cuda.describe(),
         "auto_rules": {op: [list(rule) for rule in rules] for op, rules in backends.AUTO_RULES.items()},
         "triton_paths": triton_paths(),

@@ -281,7 +281,25 @@ def _sparse_scenarios(dtype, quick):
     yield "sparse_adamw", adamw_plain
 
 
-SCENARIOS = (_lora_scenarios, _dora_scenarios, _quant_scenarios, _sparse_scenarios)
+def _deterministic_scenarios(dtype, quick):
+    """Launches under torch.use_deterministic_algorithms(True): the split reductions store one
+    slice per split instead of adding atomically (other specializations; peft_kernels.determinism)."""
+    wanted = ("lora M=8192 r=16 p=0.05", "lora M=16 r=16 p=0.05", "dora M=8192 r=16 p=0.05",
+              "sddmm + sparse_adamw block=32x32")
+    for make in (_lora_scenarios, _dora_scenarios, _sparse_scenarios):
+        for name, fn in make(dtype, True):
+            if name in wanted:
+                def run(fn=fn):
+                    before = torch.are_deterministic_algorithms_enabled()
+                    torch.use_deterministic_algorithms(True)
+                    try:
+                        fn()
+                    finally:
+                        torch.use_deterministic_algorithms(before)
+                yield f"deterministic {name}", run
+
+
+SCENARIOS = (_lora_scenarios, _dora_scenarios, _quant_scenarios, _sparse_scenarios, _deterministic_scenarios)
 
 
 def kernels_in_package() -> set[str]:

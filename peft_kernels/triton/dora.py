@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import determinism
 from ..reference import dora as reference
 from ..reference.rng import keep_threshold
 from .launch import launch
@@ -80,7 +81,8 @@ def _dora_combine_kernel(w_ptr, mn_ptr, add_ptr, bias_ptr, out_ptr, M, N,
 def _dora_grad_kernel(g_ptr, w_ptr, mn_ptr, gl_ptr, gd_ptr, dmn_ptr, M, N, m_per_split, stride_gm, stride_gn,
                       HAS_GD: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # Over rows [m_lo, m_hi) of one column tile: gl = mn * g, gd = (mn - 1) * g, and
-    # d mn += sum_m g * w (fp32; atomically added when the rows are split across programs).
+    # d mn += sum_m g * w (fp32; atomically added when the rows are split across programs, or
+    # stored to this split's row of [splits, N] for the host to sum: deterministic mode).
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     col_ok = cols < N
     mn = tl.load(mn_ptr + cols, mask=col_ok, other=0.0)[None, :]
@@ -102,7 +104,7 @@ def _dora_grad_kernel(g_ptr, w_ptr, mn_ptr, gl_ptr, gd_ptr, dmn_ptr, M, N, m_per
     if ATOMIC:
         tl.atomic_add(dmn_ptr + cols, dmn, mask=col_ok, sem="relaxed")
     else:
-        tl.store(dmn_ptr + cols, dmn, mask=col_ok)
+        tl.store(dmn_ptr + tl.program_id(1).to(tl.int64) * N + cols, dmn, mask=col_ok)
 
 
 def _combine(w, mn, add, bias, out, shift: int):
@@ -149,10 +151,13 @@ def backward_with(base_t, grad_y, x, lora_A, lora_B, u, w, mn, scaling, dropout_
     BM, BN = _tile()
     n_tiles = triton.cdiv(N, BN)
     splits, per = _split(triton.cdiv(M, BM), n_tiles, _sm_count(x.device))
-    grad_mn = (torch.zeros if splits > 1 else torch.empty)(N, dtype=torch.float32, device=x.device)
+    atomic = splits > 1 and not determinism.enabled()
+    grad_mn = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
+        torch.empty((splits, N), dtype=torch.float32, device=x.device)
     launch(_dora_grad_kernel, (n_tiles, splits),
            grad_y, w, mn, gl, gd, grad_mn, M, N, per * BM, grad_y.stride(0), grad_y.stride(1),
-           HAS_GD=has_gd, ATOMIC=splits > 1, BM=BM, BN=BN, num_warps=WARPS)
+           HAS_GD=has_gd, ATOMIC=atomic, BM=BM, BN=BN, num_warps=WARPS)
+    grad_mn = grad_mn if atomic else determinism.sum_slices(grad_mn)
     if not need_dx:
         _, grad_A, grad_B = adapter_backward(gl, x, lora_A, lora_B, u, scaling, dropout_p, seed, False)
         return x.new_empty(0), grad_A, grad_B, grad_mn

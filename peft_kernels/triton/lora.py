@@ -20,7 +20,9 @@ second launch or workspace is needed; program 0 along N writes u for backward.
 
 The dropout mask is regenerated from (seed, row, col) by triton.rng in both passes: neither the
 mask nor dropout(x) is ever stored; only u (M x r, fp32) is saved for backward. Reductions that
-are split across programs for parallelism accumulate with fp32 atomics into zeroed buffers.
+are split across programs for parallelism accumulate with fp32 atomics into zeroed buffers, or,
+under torch.use_deterministic_algorithms(True), into one slice per split that the host sums
+(peft_kernels.determinism).
 The rank is padded to a power of two >= 16 (tl.dot's minimum) and masked.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import determinism
 from ..reference import lora as reference
 from ..reference.rng import keep_threshold
 from .launch import launch
@@ -50,12 +53,15 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _store_or_add(ptrs, value, mask, ATOMIC: tl.constexpr):
-    # A reduction split across programs accumulates into a zeroed fp32 buffer.
+def _store_or_add(ptr, offs, value, mask, split, slice_rows, slice_cols, ATOMIC: tl.constexpr):
+    # A reduction split across programs: ATOMIC adds every split into one zeroed fp32 buffer;
+    # otherwise split ``split`` stores to its own [slice_rows, slice_cols] slice of a
+    # [splits, slice_rows, slice_cols] buffer (split = 0 when unsplit; deterministic mode sums the
+    # slices on the host, see peft_kernels.determinism).
     if ATOMIC:
-        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+        tl.atomic_add(ptr + offs, value, mask=mask, sem="relaxed")
     else:
-        tl.store(ptrs, value, mask=mask)
+        tl.store(ptr + split.to(tl.int64) * slice_rows * slice_cols + offs, value, mask=mask)
 
 
 @triton.jit
@@ -108,8 +114,8 @@ def _lora_down_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _down_tile(x, acc, a_ptr, cols, col_ok, ranks, rank_ok, stride_ar, stride_ak, key, threshold,
                          HAS_DROPOUT, IEEE)
-    _store_or_add(u_ptr + rows64[:, None] * R + ranks[None, :], acc * inv_keep,
-                  row_ok[:, None] & rank_ok[None, :], ATOMIC)
+    _store_or_add(u_ptr, rows64[:, None] * R + ranks[None, :], acc * inv_keep,
+                  row_ok[:, None] & rank_ok[None, :], pid_k, M, R, ATOMIC)
 
 
 @triton.jit
@@ -191,7 +197,7 @@ def _lora_dy_kernel(
     M, N, R, n_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br,
     scaling,
-    V_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    V_ATOMIC: tl.constexpr, DB_ATOMIC: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -215,9 +221,11 @@ def _lora_dy_kernel(
                     mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
         v = _mm(dy, b, v, IEEE)
         db = _mm(tl.trans(dy), u, tl.zeros((BN, BR), dtype=tl.float32), IEEE) * scaling
-        tl.atomic_add(db_ptr + cols[:, None] * R + ranks[None, :], db,
-                      mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
-    _store_or_add(v_ptr + rows64[:, None] * R + ranks[None, :], v, row_ok[:, None] & rank_ok[None, :], V_ATOMIC)
+        # dB sums over every row tile: added atomically, or per row tile (deterministic mode)
+        _store_or_add(db_ptr, cols[:, None] * R + ranks[None, :], db, col_ok[:, None] & rank_ok[None, :],
+                      pid_m, N, R, DB_ATOMIC)
+    _store_or_add(v_ptr, rows64[:, None] * R + ranks[None, :], v, row_ok[:, None] & rank_ok[None, :],
+                  pid_n, M, R, V_ATOMIC)
 
 
 @triton.jit
@@ -261,8 +269,8 @@ def _lora_dx_kernel(
                 d = tl.where(keep, d, 0.0)
             tl.store(d_ptr + rows64[:, None] * stride_dm + cols[None, :] * stride_dk, d.to(d_ptr.dtype.element_ty),
                      mask=tile_ok)
-    _store_or_add(da_ptr + ranks[:, None] * K + cols[None, :], da * coef, rank_ok[:, None] & col_ok[None, :],
-                  DA_ATOMIC)
+    _store_or_add(da_ptr, ranks[:, None] * K + cols[None, :], da * coef, rank_ok[:, None] & col_ok[None, :],
+                  pid_m, R, K, DA_ATOMIC)
 
 
 @triton.jit
@@ -558,15 +566,18 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
     bm, bk, warps = _tiles("down", BR)
     m_tiles = triton.cdiv(M, bm)
     splits, per = _split(triton.cdiv(K, bk), m_tiles, sms)
-    u = (torch.zeros if splits > 1 else torch.empty)((M, R), dtype=torch.float32, device=x.device)
+    atomic = splits > 1 and not determinism.enabled()
+    u = torch.zeros((M, R), dtype=torch.float32, device=x.device) if atomic else \
+        torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
     launch(
         _lora_down_kernel, (m_tiles, splits),
         x, lora_A, u, seed if seed is not None else x,
         M, K, R, per * bk,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1, IEEE=ieee, BM=bm, BK=bk, BR=BR, num_warps=warps,
+        HAS_DROPOUT=dropout_p > 0.0, ATOMIC=atomic, IEEE=ieee, BM=bm, BK=bk, BR=BR, num_warps=warps,
     )
+    u = u if atomic else determinism.sum_slices(u)
 
     bm, bn, warps = _tiles("up", BR)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -593,39 +604,55 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     sms = _sm_count(x.device)
     dev = x.device
 
-    # One zeroed fp32 workspace holds every accumulator: v [M, r], dB [N, r], dA [r, K]
-    # (one memset instead of three; host time matters at small M).
-    ws = torch.zeros(M * R + N * R + R * K, dtype=torch.float32, device=dev)
-    v, grad_B, grad_A = ws[: M * R].view(M, R), ws[M * R: (M + N) * R].view(N, R), ws[(M + N) * R:].view(R, K)
+    dy_bm, dy_bn, dy_warps = _tiles("dy", BR)
+    dy_m_tiles = triton.cdiv(M, dy_bm)
+    dy_splits, dy_per = _split(triton.cdiv(N, dy_bn), dy_m_tiles, sms)
+    dx_bm, dx_bk, dx_warps = _tiles("dx", BR, dropout_p > 0.0)
+    k_tiles = triton.cdiv(K, dx_bk)
+    dx_splits, dx_per = _split(triton.cdiv(M, dx_bm), k_tiles, sms)
 
-    bm, bn, warps = _tiles("dy", BR)
-    m_tiles = triton.cdiv(M, bm)
-    splits, per = _split(triton.cdiv(N, bn), m_tiles, sms)
+    deterministic = determinism.enabled()
+    if not deterministic:
+        # One zeroed fp32 workspace holds every accumulator: v [M, r], dB [N, r], dA [r, K]
+        # (one memset instead of three; host time matters at small M).
+        ws = torch.zeros(M * R + N * R + R * K, dtype=torch.float32, device=dev)
+        v, grad_B, grad_A = ws[: M * R].view(M, R), ws[M * R: (M + N) * R].view(N, R), ws[(M + N) * R:].view(R, K)
+    else:
+        # One slice per split of each reduction, every element written by a kernel (no memset):
+        # v [dy splits, M, r], dB [row tiles, N, r], dA [dx splits, r, K], summed below.
+        sizes = (dy_splits * M * R, dy_m_tiles * N * R, dx_splits * R * K)
+        ws = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+        v, grad_B, grad_A = (part.view(-1, *shape) for part, shape in
+                             zip(ws.split(sizes), ((M, R), (N, R), (R, K))))
+
     launch(
-        _lora_dy_kernel, (m_tiles, splits),
+        _lora_dy_kernel, (dy_m_tiles, dy_splits),
         grad_y, lora_B, u, v, grad_B,
-        M, N, R, per * bn,
+        M, N, R, dy_per * dy_bn,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
         scaling,
-        V_ATOMIC=splits > 1, IEEE=ieee, BM=bm, BN=bn, BR=BR, num_warps=warps,
+        V_ATOMIC=dy_splits > 1 and not deterministic, DB_ATOMIC=not deterministic, IEEE=ieee,
+        BM=dy_bm, BN=dy_bn, BR=BR, num_warps=dy_warps,
     )
+    if deterministic:
+        v, grad_B = determinism.sum_slices(v), determinism.sum_slices(grad_B)
 
-    bm, bk, warps = _tiles("dx", BR, dropout_p > 0.0)
-    k_tiles = triton.cdiv(K, bk)
-    splits, per = _split(triton.cdiv(M, bm), k_tiles, sms)
     if q is not None:
         d = q
     else:
         d = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else x.new_empty(0)
     launch(
-        _lora_dx_kernel, (k_tiles, splits),
+        _lora_dx_kernel, (k_tiles, dx_splits),
         x, v, lora_A, d, grad_A, seed if seed is not None else x,
-        M, K, R, per * bm,
+        M, K, R, dx_per * dx_bm,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         d.stride(0) if need_dx else 0, d.stride(1) if need_dx else 0,
         keep_threshold(dropout_p), scaling / (1.0 - dropout_p), 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, HAS_Q=q is not None, DA_ATOMIC=splits > 1, IEEE=ieee,
-        BM=bm, BK=bk, BR=BR, num_warps=warps,
+        HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, HAS_Q=q is not None,
+        DA_ATOMIC=dx_splits > 1 and not deterministic, IEEE=ieee,
+        BM=dx_bm, BK=dx_bk, BR=BR, num_warps=dx_warps,
     )
+    if deterministic:
+        grad_A = determinism.sum_slices(grad_A)
     # copy=True: the outputs must not alias the workspace (or each other) even in fp32.
     return d, grad_A.to(lora_A.dtype, copy=True), grad_B.to(lora_B.dtype, copy=True)

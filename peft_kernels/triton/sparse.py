@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import determinism
 from ..tensor_cache import TensorCache
 from .launch import launch
 from .lora import _cuda_sm_count, _mm
@@ -37,7 +38,9 @@ def _sddmm_block_kernel(gy_ptr, x_ptr, block_r_ptr, block_c_ptr, out_ptr, M, m_p
     """Block b of the delta: dY[:, rows_b]^T @ X[:, cols_b] on tensor cores, written whole
     ([BH, BW] row-major). Blocks not in the mask are never visited. With SPLIT, program (b, s)
     takes tokens [s * m_per_split, (s + 1) * m_per_split) and adds into a zeroed output: a few
-    hundred small blocks alone would leave most SMs idle through M sequential steps."""
+    hundred small blocks alone would leave most SMs idle through M sequential steps; in
+    deterministic mode (SPLIT off) program (b, s) writes slice s of a [splits, k, BH, BW] output
+    instead, which the host sums."""
     b = tl.program_id(0)
     m_lo = tl.program_id(1) * m_per_split
     m_hi = tl.minimum(M, m_lo + m_per_split)
@@ -60,6 +63,7 @@ def _sddmm_block_kernel(gy_ptr, x_ptr, block_r_ptr, block_c_ptr, out_ptr, M, m_p
     if SPLIT:
         tl.atomic_add(ptrs, acc, mask=r_ok[:, None] & c_ok[None, :], sem="relaxed")
     else:
+        ptrs += tl.program_id(1).to(tl.int64) * tl.num_programs(0) * BH * BW
         tl.store(ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
 
 
@@ -184,12 +188,15 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
         split = max(1, min(triton.cdiv(4 * _num_sms(x.device), k), triton.cdiv(M, 4 * bt)))
         m_per = triton.cdiv(triton.cdiv(M, split), bt) * bt
         split = triton.cdiv(M, m_per)
-        if split > 1:
+        atomic = split > 1 and not determinism.enabled()
+        if atomic:
             out.zero_()
+        elif split > 1:
+            out = torch.empty(split, k, bh, bw, dtype=torch.float32, device=x.device)
         launch(_sddmm_block_kernel, (k, split), grad_y, x, tile_r, tile_c, out, M, m_per, grad_y.stride(0),
-               x.stride(0), bh, bw, IEEE=ieee, SPLIT=split > 1, TR=_tile_side(bh), TC=_tile_side(bw), BT=bt,
+               x.stride(0), bh, bw, IEEE=ieee, SPLIT=atomic, TR=_tile_side(bh), TC=_tile_side(bw), BT=bt,
                num_warps=4)
-        return out
+        return out if atomic or split == 1 else determinism.sum_slices(out)
     out = torch.empty(k, dtype=torch.float32, device=x.device)
     if k == 0:
         return out
