@@ -387,3 +387,33 @@ def test_values_needed_on_the_meta_device_are_refused_clearly(tmp_path):
         assert materialize in str(info.value)
         assert [type(m) for m in model] == [nn.Linear, nn.Tanh, nn.Linear]
         assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_op_returns_a_tensor_that_is_not_a_view(lead, backend, kernel_device):
+    """As F.linear: the output owns its place in autograd (no ._base). A module returning a view
+    makes FSDP2 warn that an in-place op on it would skip its pre-backward hook. In-place use of
+    the output stays correct (the gradient below goes through an add_)."""
+    from peft_kernels.quant import NF4Weight
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    torch.manual_seed(0)
+    x = torch.randn(*lead, 64, device=device, requires_grad=True)
+    w = torch.randn(32, 64, device=device) / 8
+    a, b = torch.randn(4, 64, device=device) / 8, torch.randn(32, 4, device=device)
+    index = torch.arange(0, 2048, 37, dtype=torch.int32, device=device)
+    values = torch.randn(index.numel(), device=device, requires_grad=True)
+    calls = {
+        "lora_linear": lambda: peft_kernels.lora_linear(x, w, a, b, backend=backend),
+        "lora_delta": lambda: peft_kernels.lora_delta(x, a, b, backend=backend),
+        "dora_linear": lambda: peft_kernels.dora_linear(x, w, a, b, w.norm(dim=1), backend=backend),
+        "qlora_linear": lambda: peft_kernels.qlora_linear(x, NF4Weight.from_float(w), a, b, backend=backend),
+        "quant_linear": lambda: peft_kernels.quant_linear(x, NF4Weight.from_float(w), backend=backend),
+        "sparse_delta_linear": lambda: peft_kernels.sparse_delta_linear(x, w, values, index, backend=backend),
+    }
+    for name, call in calls.items():
+        y = call()
+        assert y.shape == (*lead, 32) and y._base is None, name
+        x.grad = None
+        y.add_(1.0).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all(), name

@@ -179,6 +179,14 @@ def contiguous_bias(bias):
     return bias if bias is None or bias.is_contiguous() else bias.contiguous()
 
 
+def unflatten_rows(y, x):
+    """The op's [M, out] result as [*x.shape[:-1], out], not as a view of it: F.linear's output is
+    not a view either (aten._unsafe_view, as F.linear uses). A view would make FSDP2 warn that an
+    in-place op on the module's output skips its pre-backward hook. Safe here: no Function saves
+    its output, and the [M, out] tensor is dropped."""
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
+
+
 def adapter_call_args(op: str, x, lora_A, lora_B, dropout_p, training, seed):
     """(effective dropout p, seed tensor | None, lora_A, lora_B cast to x's dtype)."""
     p = float(dropout_p) if training else 0.0

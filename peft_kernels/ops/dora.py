@@ -236,7 +236,7 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
     x2 = x.reshape(-1, weight.shape[1])
     y = _DoRAFunction.apply(x2, weight, lora_A, lora_B, mn, _checks.contiguous_bias(bias), float(scaling), p, seed_t,
                             backend)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _checks.unflatten_rows(y, x)
 
 
 def _quantized_dora(x, qweight, lora_A, lora_B, magnitude, bias, scaling, dropout_p, training, seed, backend,
@@ -257,7 +257,7 @@ def _quantized_dora(x, qweight, lora_A, lora_B, magnitude, bias, scaling, dropou
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     y = _QDoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, mn, _checks.contiguous_bias(bias), seed_t,
                              fwd, bwd, meta, float(scaling), p, backend)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _checks.unflatten_rows(y, x)
 
 
 def _check_magnitude(magnitude, out_features, x, row_sq=None):

@@ -138,5 +138,5 @@ def apply_validated(x, weight, lora_A, lora_B, bias, scaling, dropout_p, trainin
     x2 = x.reshape(-1, weight.shape[1])
     y = _LoRAFunction.apply(x2, weight, lora_A, lora_B, _checks.contiguous_bias(bias), float(scaling), p, seed_t,
                             backend)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _checks.unflatten_rows(y, x)
 

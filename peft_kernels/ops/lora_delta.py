@@ -83,7 +83,7 @@ def lora_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, *, s
         _checks.check_triton(OP, x, r)
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     y = _LoRADeltaFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, float(scaling), p, seed_t, backend)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _checks.unflatten_rows(y, x)
 
 
 __all__ = ["lora_delta"]

@@ -107,4 +107,4 @@ def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, 
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     y = _QLoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, _checks.contiguous_bias(bias), seed_t,
                              fwd, bwd, meta, float(scaling), p, backend)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _checks.unflatten_rows(y, x)

@@ -127,4 +127,4 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
         _checks.check_triton(OP, x)
     y = _QuantLinearFunction.apply(x.reshape(-1, in_features), _checks.contiguous_bias(bias), fwd, bwd, meta,
                                    backend)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _checks.unflatten_rows(y, x)
