@@ -71,3 +71,90 @@ def test_ddp_trains_every_adapter_kind_like_one_process(tmp_path):
                 # The mean of two half-batch gradients is the whole batch's up to fp32 rounding.
                 assert torch.allclose(rank[kind][key].float(), value.float(), rtol=1e-5, atol=1e-6), (kind, key)
         assert any(not torch.equal(single[k], _model(kind)[0].state_dict()[k]) for k in single), kind  # it trained
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+def _fsdp_available():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return dist.is_available() and dist.is_gloo_available()
+
+
+def _w0_at_delta_positions(model, state):
+    """``state`` with each SparseDeltaLinear weight read as W0 (its base_values at the delta
+    positions): the layer keeps W0 + delta there while it owns its weight, but under FSDP the shards
+    hold W0 and the layer merges around each product (SparseDeltaLinear.keeps_merged)."""
+    from peft_kernels.nn import SparseDeltaLinear
+    state = dict(state)
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseDeltaLinear):
+            w = state[f"{name}.weight"].clone()
+            w.view(-1)[mod._positions()] = state[f"{name}.base_values"]
+            state[f"{name}.weight"] = w
+    return state
+
+
+# "sparse/adamw": sparse deltas trained by torch's AdamW (no merged-weight upkeep by the optimizer)
+FSDP_KINDS = KINDS + ["sparse/adamw"]
+
+
+def _train_fsdp(kind, rank=0, world=1):
+    """_train with fully_shard on every layer holding parameters and on the model (world > 1);
+    returns the full (gathered) state."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model, opt = _model(kind.split("/")[0])
+    if world > 1:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if world > 1 or kind == "sparse/adamw":  # the optimizer must see the sharded parameters
+        opt = type(opt)(model, lr=1e-2) if kind in ("sparse", "mask") else \
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, target = torch.randn(BATCH, 32, generator=data), torch.randn(BATCH, 16, generator=data)
+        loss = (model(x.chunk(world)[rank]) - target.chunk(world)[rank]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+    return _w0_at_delta_positions(model, full)
+
+
+def _fsdp_worker(rank, world, init_file, out_file):
+    import warnings
+    gloo_init(rank, world, init_file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = {kind: _train_fsdp(kind, rank, world) for kind in FSDP_KINDS}
+    results["warnings"] = sorted({str(w.message)[:160] for w in caught if "view" in str(w.message)})
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out_file)
+    gloo_exit()
+
+
+@pytest.mark.skipif(not _fsdp_available(), reason="needs torch.distributed FSDP2 (fully_shard) with gloo")
+def test_fsdp2_trains_every_adapter_kind_like_one_process(tmp_path):
+    """fully_shard (FSDP2, gloo on CPU) on every layer: the same parameters as one process on the
+    whole batch. FSDP gathers each layer's weight for forward and again for backward from shards
+    a merged write never reaches, so sparse layers merge around each product there; and the
+    layers return outputs that are not views (F.linear's rule), so FSDP2 has nothing to warn of."""
+    gloo_spawn(_fsdp_worker, (2, str(tmp_path / "init"), str(tmp_path / "out.pt")))
+    ranks = torch.load(tmp_path / "out.pt")
+    for rank in ranks:
+        assert rank.pop("warnings") == []
+    for kind in FSDP_KINDS:
+        single = _train_fsdp(kind)
+        for rank in ranks:
+            assert rank[kind].keys() == single.keys()
+            for key, value in single.items():
+                assert torch.allclose(rank[kind][key].float(), value.float(), rtol=1e-5, atol=1e-6), (kind, key)

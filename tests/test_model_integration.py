@@ -21,9 +21,9 @@ def _llama(seed=0):
     return transformers.LlamaForCausalLM(cfg)
 
 
-def _peft_llama(dropout=0.1, seed=0):
+def _peft_llama(dropout=0.1, seed=0, use_dora=False):
     model = peft.get_peft_model(_llama(seed), peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=dropout,
+        r=4, lora_alpha=8, lora_dropout=dropout, use_dora=use_dora,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     return _trained_adapters(model)
 
@@ -134,6 +134,56 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     assert ddp.keys() == single.keys() and len(single) == 28
     for n in single:
         assert torch.allclose(ddp[n], single[n], rtol=1e-4, atol=1e-7), n
+
+
+def _fsdp_grads(model):
+    return {n: (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
+            for n, g in ((n, p.grad) for n, p in model.named_parameters()) if g is not None}
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    gloo_init(rank, world, init_file)
+    out = {}
+    for dora in (False, True):
+        model = _peft_llama(dropout=0.0, use_dora=dora)
+        peft_kernels.patch_peft_model(model)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.base_model.model.model.layers:  # the usual wrapping: each decoder layer, then the root
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ids = _ids(4, 9)[rank * 2:(rank + 1) * 2]  # each rank: half the batch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(input_ids=ids, labels=ids).loss.backward()
+        out[dora] = _fsdp_grads(model)
+        out[f"warnings {dora}"] = [str(w.message)[:120] for w in caught if "FSDP" in str(w.message)]
+    if rank == 0:
+        torch.save(out, os.path.join(out_dir, "fsdp.pt"))
+    gloo_exit()
+
+
+@pytest.mark.skipif(not hasattr(torch.distributed, "fsdp"), reason="needs torch.distributed.fsdp")
+def test_fsdp2_two_gloo_processes_match_one_process(tmp_path):
+    """A patched PEFT model (LoRA, and DoRA) with fully_shard on every decoder layer and the root:
+    the gathered adapter gradients equal one process's on the whole batch, and FSDP2 warns of
+    nothing (no module output is a view)."""
+    gloo_spawn(_fsdp_worker, (2, str(tmp_path / "init"), str(tmp_path)))
+    fsdp = torch.load(tmp_path / "fsdp.pt")
+    for dora in (False, True):
+        assert fsdp[f"warnings {dora}"] == []
+        model = _peft_llama(dropout=0.0, use_dora=dora)
+        peft_kernels.patch_peft_model(model)
+        ids = _ids(4, 9)
+        losses = [model(input_ids=ids[i * 2:(i + 1) * 2], labels=ids[i * 2:(i + 1) * 2]).loss for i in range(2)]
+        (sum(losses) / 2).backward()
+        single = _lora_grads(model)
+        assert fsdp[dora].keys() == single.keys() and len(single) == (42 if dora else 28)
+        for n in single:
+            assert torch.allclose(fsdp[dora][n], single[n], rtol=1e-4, atol=1e-7), (dora, n)
 
 
 def test_real_pretrained_minilm_patched_matches_unpatched():

@@ -186,6 +186,88 @@ def test_no_dense_weight_gradient(kernel_device):
     assert sd.weight.grad is None and sd.delta_values.grad.shape == (60,)
 
 
+def _trained_layer(block=None):
+    torch.manual_seed(4)
+    lin = nn.Linear(24, 16, dtype=torch.float64)
+    sd = SparseDeltaLinear.from_linear(lin, density=0.25, block=block, values_dtype=torch.float64, backend="torch")
+    with torch.no_grad():
+        sd.delta_values.normal_()
+    return sd
+
+
+def _exact(sd, x, gy):
+    """Output and (dx, dvalues) of x @ (W0 + Delta)^T + b by dense float64 autograd."""
+    w0 = sd.base_weight()
+    delta = torch.zeros_like(w0).view(-1).index_put((sd._positions(),), sd.delta_values.detach().reshape(-1))
+    x = x.detach().clone().requires_grad_()
+    values = sd.delta_values.detach().clone().requires_grad_()
+    dense = w0.view(-1).index_put((sd._positions(),), w0.view(-1)[sd._positions()] + values.reshape(-1))
+    y = torch.nn.functional.linear(x, dense.view_as(w0), sd.bias)
+    y.backward(gy)
+    assert delta.abs().sum() > 0
+    return y.detach(), x.grad, values.grad
+
+
+@pytest.mark.parametrize("block", [None, (4, 8)])
+@pytest.mark.parametrize("how", ["assign", "swapped", "deepcopy", "pickle"])
+def test_layer_whose_weight_was_replaced_merges_around_each_product(block, how, tmp_path):
+    """keeps_merged: a weight put in the layer's place by someone else (FSDP's shards and gathered
+    copies, load_state_dict(assign=True)) may hold W0 or a stale W0 + delta at the positions, and
+    a write into it may not last until backward: the layer then merges base_values + delta
+    around each product. A copied or unpickled layer adopts its own weight."""
+    import pickle
+    sd = _trained_layer(block)
+    x, gy = torch.randn(5, 24, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    sd(x)  # the adopted weight now holds W0 + delta at the positions
+    if how == "assign":
+        sd.load_state_dict(sd.state_dict(), assign=True)  # a new Parameter, W0 + delta at the positions
+    elif how == "swapped":  # a stand-in that holds a stale delta there, as an FSDP shard can
+        stale = sd.weight.detach().clone()
+        stale.view(-1)[sd._positions()] += 0.5
+        sd.weight = nn.Parameter(stale, requires_grad=False)
+    elif how == "deepcopy":
+        sd = copy.deepcopy(sd)
+    else:
+        path = tmp_path / "layer.pt"
+        path.write_bytes(pickle.dumps(sd))
+        sd = pickle.loads(path.read_bytes())
+    assert sd.keeps_merged == (how in ("deepcopy", "pickle"))
+    before = sd.weight.detach().clone()
+    y_ref, dx_ref, dv_ref = _exact(sd, x, gy)
+    xs = x.clone().requires_grad_()
+    sd.delta_values.grad = None
+    y = sd(xs)
+    y.backward(gy)
+    assert torch.allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(xs.grad, dx_ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(sd.delta_values.grad, dv_ref, rtol=1e-12, atol=1e-12)
+    if not sd.keeps_merged:
+        assert torch.equal(sd.weight, before)  # put back after each product, never merged into
+    assert torch.allclose(sd.merge(), (sd.base_weight().view(-1).index_put(
+        (sd._positions(),), sd.base_values + sd.delta_values.detach().reshape(-1))).view_as(before))
+
+
+def test_sparse_adamw_leaves_a_replaced_weight_alone():
+    sd = _trained_layer()
+    sd.load_state_dict(sd.state_dict(), assign=True)
+    before = sd.weight.detach().clone()
+    opt = SparseAdamW(sd, lr=0.1)
+    sd(torch.randn(3, 24, dtype=torch.float64)).sum().backward()
+    old = sd.delta_values.detach().clone()
+    opt.step()
+    assert not torch.equal(sd.delta_values, old) and torch.equal(sd.weight, before)
+
+
+def test_base_values_argument_is_checked():
+    sd = _trained_layer()
+    x = torch.randn(2, 24, dtype=torch.float64)
+    args = (x, sd.weight, sd.delta_values, sd.delta_index)
+    with pytest.raises(ValueError, match="base_values is for merged=False"):
+        peft_kernels.sparse_delta_linear(*args, merged=True, base_values=sd.base_values)
+    with pytest.raises(ValueError, match="base_values must hold W0 at the 96 delta positions"):
+        peft_kernels.sparse_delta_linear(*args, base_values=sd.base_values[:-1])
+
+
 def test_extremes_one_entry_and_full(kernel_device):
     lin = nn.Linear(9, 7, dtype=torch.float64)
     x = torch.randn(4, 9, dtype=torch.float64)

@@ -1,6 +1,8 @@
 """SparseDeltaLinear: a frozen nn.Linear plus a trainable delta on k chosen weight entries."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -14,7 +16,8 @@ from ._adapter import linear_holding
 class SparseDeltaLinear(nn.Module):
     """y = x (W0 + Delta)^T + b, Delta non-zero at k positions, stored compactly.
 
-    State: ``weight`` [out, in] (frozen; holds W0 + Delta, kept in place at the k positions),
+    State: ``weight`` [out, in] (frozen; holds W0 + Delta, kept in place at the k positions —
+    while it is the Parameter this layer adopted: see ``keeps_merged``),
     ``bias`` [out] | None (frozen), buffers ``delta_index`` (int32, sorted flat positions, or
     block positions when ``block`` = (bh, bw)) and ``base_values`` (W0 at the k positions, in the
     weight's dtype, so W0 is recoverable exactly), and the Parameter ``delta_values`` [k] or
@@ -43,6 +46,7 @@ class SparseDeltaLinear(nn.Module):
         check_delta("SparseDeltaLinear", self.weight, self.delta_values, self.delta_index, self.block)
         with torch.no_grad():
             self.register_buffer("base_values", self.weight.view(-1)[self._positions()].clone())
+        self._adopted = weakref.ref(self.weight)
         self._synced = self._version_key()
         # track_candidates_'s state: buffers (not saved), so that they follow .to(device)
         self.register_buffer("candidate_index", None, persistent=False)
@@ -71,6 +75,25 @@ class SparseDeltaLinear(nn.Module):
     def _positions(self) -> torch.Tensor:
         return layout.element_positions(self.delta_index, self.weight.shape, self.block)
 
+    def __getstate__(self):  # deepcopy / pickle: a weakref does not copy; the copy adopts its own weight
+        state = self.__dict__.copy()
+        state.pop("_adopted", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._adopted = weakref.ref(self.weight)
+
+    @property
+    def keeps_merged(self) -> bool:
+        """Whether ``weight`` is still the Parameter this layer adopted, so that W0 + Delta written
+        into it stays there. FSDP's fully_shard (and ZeRO-3-style wrappers, or
+        load_state_dict(assign=True)) put other tensors in its place — shards, or a gathered copy
+        that is freed after forward and gathered again from the unwritten shard for backward. Then
+        every product merges temporarily instead (sparse_delta_linear with merged=False: W0 + Delta
+        written at the k positions around each of the forward and backward products, O(k) each)."""
+        return self._adopted() is self.weight
+
     def _version_key(self):
         v = self.delta_values
         return (id(v), v.data_ptr(), v._version, self.delta_index._version)
@@ -90,14 +113,18 @@ class SparseDeltaLinear(nn.Module):
         self._synced = self._version_key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merged = True
         if torch.compiler.is_compiling():
             # Traced: the O(k) scatter every step. The version bookkeeping below (data pointers,
             # ids) cannot be traced, and a compiled graph must not depend on who updated the values.
             self._write_merged()
+        elif not self.keeps_merged:
+            merged = False  # a weight held by FSDP & co.: merge around each product (keeps_merged)
         elif self._synced != self._version_key():
             self.sync_()
         y = sparse_delta_linear(x, self.weight, self.delta_values, self.delta_index, self.bias,
-                                shape_or_block=self.block, merged=True, backend=self.backend)
+                                shape_or_block=self.block, merged=merged, backend=self.backend,
+                                base_values=None if merged else self.base_values)
         if getattr(self, "candidate_index", None) is not None and self.training and y.requires_grad:
             x2 = x.detach().reshape(-1, self.in_features)  # already held by autograd for dDelta
             y.register_hook(lambda gy: self._accumulate_candidates(gy, x2))
@@ -133,9 +160,9 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> torch.Tensor:
         """The dense [out, in] weight W0 + Delta (a new tensor) for export."""
-        if self._synced != self._version_key():
-            self.sync_()
-        return self.weight.detach().clone()
+        w = self.weight.detach().clone()
+        w.view(-1)[self._positions()] = w0_plus_delta(self.base_values, self.delta_values.detach(), w.dtype)
+        return w
 
     @torch.no_grad()
     def base_weight(self) -> torch.Tensor:

@@ -40,15 +40,17 @@ def w0_plus_delta(base: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) 
 
 
 class _TemporarilyMerged:
-    """weight[pos] = W0[pos] + Delta inside the block; the saved W0 values put back after."""
+    """weight[pos] = W0[pos] + Delta inside the block, W0 being ``base`` (the k values) or, without
+    it, what weight holds there; what weight held is put back after."""
 
-    def __init__(self, weight, values, positions):
-        self.weight, self.values, self.positions = weight, values, positions
+    def __init__(self, weight, values, positions, base=None):
+        self.weight, self.values, self.positions, self.base = weight, values, positions, base
 
     def __enter__(self):
         flat = self.weight.view(-1)
         self.saved = flat[self.positions]
-        flat[self.positions] = w0_plus_delta(self.saved, self.values, flat.dtype)
+        w0 = self.saved if self.base is None else self.base
+        flat[self.positions] = w0_plus_delta(w0, self.values, flat.dtype)
         return self.weight
 
     def __exit__(self, *exc):
@@ -58,18 +60,18 @@ class _TemporarilyMerged:
 
 class _SparseDeltaFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, values, index, bias, shape, block, merged, backend):
+    def forward(ctx, x, weight, values, index, bias, shape, block, merged, backend, base):
         positions = None if merged else layout.element_positions(index, shape, block)
         with torch.no_grad():
             if merged:
                 y = F.linear(x, weight, bias)
             else:
-                with _TemporarilyMerged(weight, values.detach(), positions):
+                with _TemporarilyMerged(weight, values.detach(), positions, base):
                     y = F.linear(x, weight, bias)
         # The weight is frozen and written at the k positions in place (the optimizer, or the
         # temporary merge above), so it is held directly rather than version-checked.
         ctx.save_for_backward(x, values, index)
-        ctx.weight = weight
+        ctx.weight, ctx.base = weight, base
         ctx.meta = (shape, block, merged, backend, positions)
         return y
 
@@ -83,14 +85,14 @@ class _SparseDeltaFunction(torch.autograd.Function):
             if merged:
                 grad_x = grad_y @ weight
             else:
-                with torch.no_grad(), _TemporarilyMerged(weight, values.detach(), positions):
+                with torch.no_grad(), _TemporarilyMerged(weight, values.detach(), positions, ctx.base):
                     grad_x = grad_y @ weight
         if ctx.needs_input_grad[2]:
             grad_values = torch.ops.peft_kernels.sparse_sddmm(grad_y, x, index, list(shape), list(block or ()),
                                                               backend).to(values.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad_y.sum(0)
-        return grad_x, None, grad_values, None, grad_bias, None, None, None, None
+        return grad_x, None, grad_values, None, grad_bias, None, None, None, None, None
 
 
 def check_delta(op, weight, delta_values, delta_index, block):
@@ -112,7 +114,8 @@ def check_delta(op, weight, delta_values, delta_index, block):
 
 def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta_values: torch.Tensor,
                         delta_index: torch.Tensor, bias: torch.Tensor | None = None, *, shape_or_block=None,
-                        merged: bool = False, backend: str = "auto") -> torch.Tensor:
+                        merged: bool = False, backend: str = "auto",
+                        base_values: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (W0 + Delta)^T + bias``, Delta given compactly; gradients for x, delta_values, bias.
 
     Shapes: x [..., in]; weight [out, in] (frozen; W0, or W0 + Delta when ``merged``);
@@ -122,13 +125,18 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta_values: tor
     told from weight.shape by the values' [nb, bh, bw] shape); bias [out] or None.
     Returns [..., out] in x's dtype. dDelta is computed at the k positions only (no [out, in]
     gradient). backend: "auto" (triton on CUDA, torch on CPU), "triton", "torch".
+
+    Not ``merged``: W0 + Delta is written at the k positions around each product (forward and
+    backward) and what weight held there put back. ``base_values`` [k] ([k * bh * bw] with blocks;
+    SparseDeltaLinear's buffer), only then: W0 at the positions, for a weight that may hold
+    something else there (e.g. a merged delta, in a copy FSDP gathered).
     """
     autocast = _checks.autocast_dtype(x)
     if autocast is not None:  # F.linear's rule (see _checks.autocast_dtype); the values stay as they are
         x, weight, bias = _checks.to_autocast(autocast, x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             return sparse_delta_linear(x, weight, delta_values, delta_index, bias, shape_or_block=shape_or_block,
-                                       merged=merged, backend=backend)
+                                       merged=merged, backend=backend, base_values=base_values)
     block = shape_or_block
     one_block_each = isinstance(delta_values, torch.Tensor) and delta_values.dim() == 3
     if block is not None and isinstance(weight, torch.Tensor) and tuple(block) == tuple(weight.shape) \
@@ -142,7 +150,15 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta_values: tor
     backend = backends.resolve(OP, backend, x.device)
     if backend == "triton":
         _checks.check_triton(OP, x)
+    if base_values is not None:
+        if merged:
+            _checks.fail(OP, "base_values is for merged=False (a merged weight holds W0 + delta already)")
+        _checks.check_tensor(base_values, "base_values", OP)
+        if base_values.numel() != delta_values.numel() or base_values.device != weight.device:
+            _checks.fail(OP, f"base_values must hold W0 at the {delta_values.numel()} delta positions on "
+                         f"{weight.device}, got {list(base_values.shape)} on {base_values.device}")
+        base_values = base_values.detach().reshape(-1)
     x2 = x.reshape(-1, shape[1])
     y = _SparseDeltaFunction.apply(x2, weight, delta_values, delta_index, bias, shape, block, bool(merged),
-                                   backend)
-    return y.reshape(*x.shape[:-1], shape[0])
+                                   backend, base_values)
+    return _checks.unflatten_rows(y, x)

@@ -19,6 +19,21 @@ backends.register(OP, "triton", "peft_kernels.triton.sparse")
 _STATE_DTYPES = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "steps": torch.int32}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, else ``t``. FSDP2 (fully_shard) shards each parameter and, through
+    zeros_like, its optimizer state alike; the update is per entry, so every rank updates the
+    entries it holds."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def _impl(device: torch.device):
     """The module doing the update, by the registry's "auto" rule (Triton on CUDA, torch else)."""
     return backends.implementation(OP, backends.resolve(OP, "auto", device))
@@ -79,7 +94,7 @@ class SparseAdamW(torch.optim.Optimizer):
         st = self.state[p]
         if not st:
             for name, dtype in _STATE_DTYPES.items():
-                st[name] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                st[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         elif st["exp_avg"].shape != p.shape:  # the kernels would read past the smaller buffers
             raise RuntimeError(f"SparseAdamW: a parameter of shape {list(p.shape)} has optimizer state of shape "
                                f"{list(st['exp_avg'].shape)} (SparseDeltaLinear.set_index_ with another number of "
@@ -100,16 +115,19 @@ class SparseAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SparseAdamW takes dense (compact) gradients, not torch.sparse ones")
-                if not p.is_contiguous() or not p.grad.is_contiguous():
+                values, grad = _local(p.data), _local(p.grad)
+                if not values.is_contiguous() or not grad.is_contiguous():
                     raise RuntimeError("SparseAdamW: parameters and gradients must be contiguous")
                 st = self._state(p)
                 ref = self._owners.get(id(p))
                 owner = ref() if ref is not None else None
+                if owner is not None and not owner.keeps_merged:
+                    owner = None  # its weight is held by FSDP & co.: the layer merges around each product
                 merged = dict(merged=owner.weight.data, index=owner.delta_index, shape=tuple(owner.weight.shape),
                               block=owner.block, base=owner.base_values) if owner is not None else {}
-                _impl(p.device).sparse_adamw_(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["steps"],
-                                              lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                              weight_decay=group["weight_decay"], **merged)
+                _impl(values.device).sparse_adamw_(values, grad, *(_local(st[n]) for n in _STATE_DTYPES),
+                                                   lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                                   weight_decay=group["weight_decay"], **merged)
                 if owner is not None:
                     owner.mark_synced()
         return loss
