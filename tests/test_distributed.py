@@ -128,6 +128,20 @@ def _train_fsdp(kind, rank=0, world=1):
     return _w0_at_delta_positions(model, full)
 
 
+def _regrow_error_when_sharded(world):
+    """What regrow_ says on a layer whose weight and values are FSDP shards (each rank holds a slice
+    of the values, so the mask cannot change there)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model, _ = _model("sparse")
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))
+    try:
+        model[0].regrow_(0.5, scores=torch.rand(64, 32))
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
 def _fsdp_worker(rank, world, init_file, out_file):
     import warnings
     gloo_init(rank, world, init_file)
@@ -135,6 +149,7 @@ def _fsdp_worker(rank, world, init_file, out_file):
         warnings.simplefilter("always")
         results = {kind: _train_fsdp(kind, rank, world) for kind in FSDP_KINDS}
     results["warnings"] = sorted({str(w.message)[:160] for w in caught if "view" in str(w.message)})
+    results["regrow"] = _regrow_error_when_sharded(world)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -152,9 +167,52 @@ def test_fsdp2_trains_every_adapter_kind_like_one_process(tmp_path):
     ranks = torch.load(tmp_path / "out.pt")
     for rank in ranks:
         assert rank.pop("warnings") == []
+        assert "sharded (FSDP's fully_shard)" in rank.pop("regrow")
     for kind in FSDP_KINDS:
         single = _train_fsdp(kind)
         for rank in ranks:
             assert rank[kind].keys() == single.keys()
             for key, value in single.items():
                 assert torch.allclose(rank[kind][key].float(), value.float(), rtol=1e-5, atol=1e-6), (kind, key)
+
+
+# ----------------------------------------------------------------------------- regrowth under DDP
+
+def _regrow_worker(rank, world, init_file, out_file):
+    """Replicas of one sparse layer track candidates on their own batches, then regrow twice."""
+    gloo_init(rank, world, init_file)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 20))
+    peft_kernels.apply_sparse(model, ["0"], density=0.1, backend="torch")
+    layer = model[0]
+    layer.track_candidates_(num=60, seed=3)
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = SparseAdamW(model, lr=1e-2)
+    data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+    indices = []
+    torch.manual_seed(rank)  # and its own generator state (the next candidates' seed is drawn from it)
+    for _ in range(2):
+        for _ in range(3):
+            loss = net(torch.randn(6, 24, generator=data)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        layer.regrow_(0.3, optimizer=opt)
+        indices.append((layer.delta_index.clone(), layer.candidate_index.clone()))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, indices)
+    if rank == 0:
+        torch.save(gathered, out_file)
+    gloo_exit()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_ddp_replicas_regrow_the_same_positions(tmp_path):
+    """Candidate magnitudes come from each rank's own batches; regrow_ sums them over the replicas
+    and shares the next candidates' seed, so every replica keeps the same mask (unsynchronized, the
+    ranks would train different positions while DDP averages their gradients as if the same)."""
+    gloo_spawn(_regrow_worker, (2, str(tmp_path / "init"), str(tmp_path / "out.pt")))
+    first, second = torch.load(tmp_path / "out.pt")
+    for (index_a, cand_a), (index_b, cand_b) in zip(first, second):
+        assert torch.equal(index_a, index_b) and torch.equal(cand_a, cand_b)
+    assert not torch.equal(first[0][0], first[1][0])  # the mask did change

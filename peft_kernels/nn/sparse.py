@@ -7,10 +7,23 @@ import torch
 from torch import nn
 
 from .. import backends
-from ..ops._checks import check_materialized
+from ..ops._checks import check_materialized, is_dtensor
 from ..ops.sparse_delta import check_delta, sparse_delta_linear, w0_plus_delta
 from ..sparse import layout
 from ._adapter import linear_holding
+
+
+def _replica_group(group):
+    """The process group whose ranks hold replicas of a layer: ``group`` as given, None for False,
+    and for None the default group when torch.distributed runs with more than one rank."""
+    if group is False:
+        return None
+    if group is not None:
+        return group
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
 
 
 class SparseDeltaLinear(nn.Module):
@@ -185,10 +198,16 @@ class SparseDeltaLinear(nn.Module):
         return self.num_trainable / self.weight.numel()
 
     # ------------------------------------------------------------------ index changes
+    def _check_unsharded(self, what: str):
+        if is_dtensor(self.weight) or is_dtensor(self.delta_values):
+            raise RuntimeError(f"{what}: this layer's weight and values are sharded (FSDP's fully_shard): change "
+                               "the mask on the model before fully_shard (every rank holds only its shard of them)")
+
     @torch.no_grad()
     def set_index_(self, new_index: torch.Tensor, new_values: torch.Tensor | None = None):
         """Move the delta to ``new_index`` (any size): W0 is restored at the old positions, the
         base is read at the new ones, values start at ``new_values`` (default zero)."""
+        self._check_unsharded("set_index_")
         new_index = new_index.to(device=self.weight.device, dtype=torch.int32)
         layout.check_index("SparseDeltaLinear", new_index, tuple(self.weight.shape), self.block)
         self.weight.view(-1)[self._positions()] = self.base_values
@@ -202,16 +221,25 @@ class SparseDeltaLinear(nn.Module):
         self.sync_()
 
     @torch.no_grad()
-    def regrow_(self, fraction: float, scores: torch.Tensor | None = None, optimizer=None) -> int:
+    def regrow_(self, fraction: float, scores: torch.Tensor | None = None, optimizer=None, group=None) -> int:
         """SpIEL-style update of the mask, k kept constant: drop the ``fraction`` of entries with
         the smallest |delta| (block L2 norm with blocks), regrow as many at the unmasked positions
         with the largest ``scores`` ([out, in], e.g. accumulated |gradient|; block-pooled with
         blocks) — or, without ``scores``, among the candidates of track_candidates_ by their
         accumulated gradient magnitude (then new candidates are drawn). Dropped positions return to
         W0; regrown ones start at delta 0, and their optimizer state (when ``optimizer`` is a
-        SparseAdamW) is reset. Returns the number swapped."""
+        SparseAdamW) is reset. Returns the number swapped.
+
+        Data parallel (DDP): each rank accumulates candidate magnitudes from its own batches, so
+        without scores the ranks' magnitudes are summed (all_reduce over ``group``: by default
+        torch.distributed's default group when it is initialized with more than one rank; False:
+        never) and the next candidates' seed comes from the group's first rank — every replica
+        then picks the same positions. Every rank of the group must call regrow_ on this layer;
+        given ``scores`` must agree across ranks (they are used as they are)."""
         if not 0 <= fraction <= 1:
             raise ValueError(f"regrow_: fraction must be in [0, 1], got {fraction}")
+        self._check_unsharded("regrow_")
+        group = _replica_group(group)
         shape = tuple(self.weight.shape)
         tracked = scores is None
         if tracked:
@@ -230,7 +258,11 @@ class SparseDeltaLinear(nn.Module):
         keep[torch.topk(mag, n, largest=False).indices] = False
         if tracked:
             cand = torch.full((layout.grid_size(shape, self.block),), -float("inf"), device=mag.device)
-            cand[self.candidate_index.long()] = self.candidate_scores
+            tracked_scores = self.candidate_scores
+            if group is not None:  # the replicas' own magnitudes, summed: one choice for all
+                tracked_scores = tracked_scores.clone()
+                torch.distributed.all_reduce(tracked_scores, group=group)
+            cand[self.candidate_index.long()] = tracked_scores
         elif self.block is None:
             cand = scores.detach().float().reshape(-1).abs().clone()
         else:
@@ -249,7 +281,11 @@ class SparseDeltaLinear(nn.Module):
         if optimizer is not None and hasattr(optimizer, "remap_"):
             optimizer.remap_(self.delta_values, keep, order, is_new)
         if tracked:
-            self.track_candidates_(self.candidate_index.numel(), seed=int(torch.randint(0, 2**31, ()).item()))
+            seed = torch.randint(0, 2**31, (1,))
+            if group is not None:  # the same next candidates on every replica (NCCL needs a CUDA tensor)
+                seed = seed.to(mag.device)
+                torch.distributed.broadcast(seed, torch.distributed.get_global_rank(group, 0), group=group)
+            self.track_candidates_(self.candidate_index.numel(), seed=int(seed.item()))
         return n
 
     def extra_repr(self) -> str:

@@ -30,6 +30,15 @@ def plain_tensor(t) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
+def is_dtensor(t) -> bool:
+    """A torch.distributed DTensor (FSDP2's fully_shard makes parameters ones)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def check_materialized(t: torch.Tensor, name: str, who: str):
     """Refuse a tensor on the meta device where its values are needed (quantizing, choosing or
     reading sparse positions, loading into it): meta tensors have shapes and no values, so the

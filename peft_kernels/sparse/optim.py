@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from ..ops._checks import is_dtensor
 
 
 OP = "sparse_adamw"
@@ -23,15 +24,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard, else ``t``. FSDP2 (fully_shard) shards each parameter and, through
     zeros_like, its optimizer state alike; the update is per entry, so every rank updates the
     entries it holds."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed
-        return False
-    return isinstance(t, DTensor)
+    return t.to_local() if is_dtensor(t) else t
 
 
 def _impl(device: torch.device):
