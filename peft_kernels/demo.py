@@ -35,7 +35,10 @@ def _model(hidden, layers, device, dtype):
     except ImportError:
         raise SystemExit("peft-kernels demo needs transformers: pip install 'peft_kernels[hf]'") from None
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16,
+    # sizes in multiples of 64 (LLaMA's are of 256): bitsandbytes' native CPU 4-bit kernels (0.50)
+    # decode a weight whose in_features is not a multiple of the blocksize wrongly (blocks taken
+    # per row, the format's are flat), which would spoil --compare-peft qlora on CPU
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                       num_key_value_heads=max(1, hidden // 128), max_position_embeddings=1024,
                       attn_implementation="sdpa")
@@ -58,10 +61,32 @@ def _with_adapters(base, method, engine, r, alpha, dropout):
     import peft
 
     if method == "qlora":
-        raise SystemExit("--compare-peft with qlora needs bitsandbytes 4-bit layers; compare lora or dora")
+        _to_bnb_nf4(model, TARGETS)
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS,
                           use_dora=method == "dora")
     return peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
+
+
+def _to_bnb_nf4(model, targets):
+    """QLoRA the usual way: each targeted nn.Linear becomes a bitsandbytes Linear4bit holding the
+    NF4 bytes apply_lora(quantize="nf4") computes from the same weight (NF4Weight.to_bnb, no
+    re-quantization), so both engines train over the same frozen 4-bit base."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SystemExit("--compare-peft with qlora needs bitsandbytes (pip install bitsandbytes)") from None
+    from .apply import target_matches
+    from .quant import NF4Weight
+
+    for name, lin in list(model.named_modules()):
+        if isinstance(lin, torch.nn.Linear) and target_matches(name, targets):
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=lin.weight.dtype, quant_type="nf4", device=lin.weight.device)
+            q.weight = NF4Weight.from_float(lin.weight.detach()).to_bnb()
+            if lin.bias is not None:
+                q.bias = torch.nn.Parameter(lin.bias.detach(), requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
 
 
 def _to_dense_grad_masking(model):
@@ -132,7 +157,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--method", choices=METHODS, default="lora")
     ap.add_argument("--steps", type=harness.positive_int, default=None, help="optimizer steps (default 60 GPU, 30 CPU)")
     ap.add_argument("--compare-peft", action="store_true",
-                    help="also run the same with HF PEFT (sparse: with dense-gradient masking)")
+                    help="also run the same with HF PEFT (qlora: over bitsandbytes Linear4bit with the same NF4 "
+                         "bytes; sparse: with dense-gradient masking)")
     ap.add_argument("--device", type=harness.device_arg, default=harness.default_device())
     ap.add_argument("--r", type=harness.positive_int, default=16, help="LoRA rank")
     ap.add_argument("--lr", type=harness.positive_float, default=3e-3, help="learning rate")

@@ -29,3 +29,14 @@ def test_demo_sparse_compares_with_dense_grad_masking():
     moved = runs[1]["first_loss"] - runs[1]["last_loss"]
     assert moved > 1e-3 * runs[1]["first_loss"]  # training moved the loss far more than the tolerance
     assert abs(runs[0]["last_loss"] - runs[1]["last_loss"]) < 1e-5 * runs[1]["last_loss"]
+
+
+def test_demo_qlora_compares_with_peft_over_bitsandbytes():
+    """--compare-peft qlora: HF PEFT over bitsandbytes Linear4bit layers holding the very NF4 bytes
+    apply_lora(quantize="nf4") made; with B = 0 at the start both models compute the same first loss."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    runs = main(["--method", "qlora", "--steps", "3", "--device", "cpu", "--compare-peft"])
+    assert [r["label"] for r in runs] == ["peft_kernels", "HF PEFT"]
+    assert runs[0]["trainable_params"] == runs[1]["trainable_params"]
+    assert abs(runs[0]["first_loss"] - runs[1]["first_loss"]) < 1e-5 * runs[1]["first_loss"]
