@@ -19,7 +19,7 @@ from torch import nn
 
 from .apply import TRAINED_WHOLE, _replace, _targets, apply_lora, pattern_matches, pattern_value, target_matches
 from .apply import requires_grad_restored_on_error
-from .nn._adapter import LoRAAdapter
+from .nn._adapter import LoRAAdapter, features, is_conv1d
 from .nn.sparse import SparseDeltaLinear
 from .ops._checks import check_materialized
 from .sparse import layout
@@ -103,7 +103,10 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
-        "target_modules": _target_modules(model, modules), "bias": "none", "fan_in_fan_out": False,
+        # PEFT's fan_in_fan_out: the bases are transformers Conv1D layers (PEFT sets it per layer
+        # from the base type anyway, with a warning where a mixed model disagrees with the flag)
+        "target_modules": _target_modules(model, modules), "bias": "none",
+        "fan_in_fan_out": all(m.fan_in_fan_out for m in modules.values()),
         "init_lora_weights": True, "modules_to_save": sorted(whole) or None, "use_dora": use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     }
@@ -217,7 +220,8 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
         return _load_shira(model, directory, config, backend)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"load_adapter: peft_type {config.get('peft_type')!r} is neither LORA nor SHIRA")
-    unsupported = [k for k in ("fan_in_fan_out", "lora_bias") if config.get(k)]
+    # fan_in_fan_out needs nothing here: a Conv1D base is told by its type, as PEFT does
+    unsupported = [k for k in ("lora_bias",) if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if unsupported:
@@ -239,18 +243,19 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     rank_pattern, alpha_pattern = ({k: v for k, v in (config.get(option) or {}).items()
                                     if any(pattern_matches(k, n) for n in names)}
                                    for option in ("rank_pattern", "alpha_pattern"))
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
     absent = [n for n in names if n not in linears]
     if absent:
         adapted = [n for n in absent if n in _lora_modules(model)]
-        raise ValueError(f"load_adapter: the model has no nn.Linear named {absent[:5]}"
+        raise ValueError(f"load_adapter: the model has no nn.Linear / Conv1D named {absent[:5]}"
                          + (f" ({adapted[:5]} already carry an adapter)" if adapted else ""))
     wrong = []
     for n in names:
         r = pattern_value(rank_pattern, n, config["r"])
-        shapes = {"lora_A.weight": (r, linears[n].in_features), "lora_B.weight": (linears[n].out_features, r)}
+        out_features, in_features = features(linears[n])
+        shapes = {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
         if use_dora:
-            shapes["lora_magnitude_vector"] = (linears[n].out_features,)
+            shapes["lora_magnitude_vector"] = (out_features,)
         wrong += [(f"{n}.{p}", tuple(state[f"{PREFIX}{n}.{p}"].shape), want) for p, want in shapes.items()
                   if tuple(state[f"{PREFIX}{n}.{p}"].shape) != want]
     if wrong:

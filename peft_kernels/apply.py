@@ -8,7 +8,7 @@ import warnings
 
 from torch import nn
 
-from .nn._adapter import LoRAAdapter
+from .nn._adapter import LoRAAdapter, features, is_conv1d
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
@@ -47,6 +47,11 @@ def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | N
     bitsandbytes' 4/8-bit layers, whose bytes apply_lora reads)."""
     if is_bnb_linear4bit(module) or is_bnb_linear8bit(module):
         return None if op == "apply_lora" else "a bitsandbytes quantized layer (sparse deltas need a full-precision base)"
+    if is_conv1d(module):
+        if op != "apply_lora":
+            return "a transformers Conv1D (weight stored [in, out]): sparse deltas need an nn.Linear"
+        return None if _checks.plain_tensor(module.weight) else \
+            f"its weight is a {type(module.weight).__name__} (a tensor subclass), which the kernels cannot read"
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its weight directly: an adapter there would never run"
     if type(module).forward is not nn.Linear.forward:
@@ -61,9 +66,10 @@ def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | N
 
 
 def _targets(op: str, model: nn.Module, target_modules):
-    """(name, parent, attribute, nn.Linear) of every targeted Linear. A targeted subclass that
-    cannot be replaced faithfully is an error; "all-linear" leaves it out, with a warning."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """(name, parent, attribute, nn.Linear or Conv1D) of every targeted linear layer (PEFT's rule:
+    nn.Linear and transformers' Conv1D). A targeted subclass that cannot be replaced faithfully is
+    an error; "all-linear" leaves it out, with a warning."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
     if target_modules == "all-linear":
         # PEFT's rule: not the output layer (an HF model's get_output_embeddings(), else by name) nor
         # a classification head
@@ -93,19 +99,15 @@ def _targets(op: str, model: nn.Module, target_modules):
     if refused:
         warnings.warn(f"{op}: all-linear leaves out {refused[:5]}{' ...' if len(refused) > 5 else ''}", stacklevel=3)
     if not out:
-        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"
-                  and target_modules != "all-linear" and target_matches(n, target_modules)]
         adapted = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
                    if isinstance(m, (LoRAAdapter, SparseDeltaLinear))
                    and (target_modules == "all-linear" or target_matches(n, target_modules))]
-        hint = (f"; {conv1d[:3]} are transformers Conv1D layers (GPT-2 style), which apply_lora does not "
-                "replace: put HF PEFT's LoRA on them and call peft_kernels.patch_peft_model") if conv1d else ""
-        hint += f"; already adapted: {adapted[:5]}" if adapted else ""
+        hint = f"; already adapted: {adapted[:5]}" if adapted else ""
         if isinstance(target_modules, str) and target_modules != "all-linear" and any(
                 n.endswith("." + target_modules) for n in names):
             hint += (f"; a string is a full-match regex on the whole name (PEFT's rule): for every layer named "
                      f"{target_modules!r} pass [{target_modules!r}]")
-        raise ValueError(f"{op}: no nn.Linear matches target_modules={target_modules!r}; "
+        raise ValueError(f"{op}: no nn.Linear / Conv1D matches target_modules={target_modules!r}; "
                          f"linear modules are: {names[:20]}{' ...' if len(names) > 20 else ''}{hint}")
     return out
 
@@ -251,7 +253,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                                                                                      **quant_options))
                 except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
                     raise ValueError(f"apply_lora: cannot quantize {name} "
-                                     f"[{linear.out_features}, {linear.in_features}] as {quantize}: {exc}") from exc
+                                     f"{list(features(linear))} as {quantize}: {exc}") from exc
     return _replace(model, targets, new, trained_whole)
 
 
@@ -278,12 +280,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every adapter layer apply_lora / apply_sparse / mask_gradients_ / load_adapter put on
     ``model`` (LoRA, DoRA, QLoRA and their INT forms, SparseDeltaLinear) with a plain nn.Linear
     holding its merged weight (``to_linear()``: over a quantized base the decoded weight, in the
-    adapter's dtype), in place, and return ``model`` — HF PEFT's merge_and_unload, for export or
-    inference without peft_kernels."""
+    adapter's dtype) — or, for a layer whose base was a transformers Conv1D, a Conv1D — in place,
+    and return ``model``: HF PEFT's merge_and_unload, for export or inference without peft_kernels."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRAAdapter, SparseDeltaLinear))]
     if not layers:
         raise ValueError("merge_and_unload: the model has no adapter or sparse-delta layers")
-    merged = [(name, m.to_linear()) for name, m in layers]  # all built before the model changes
+    # all built before the model changes; a layer over a Conv1D becomes a Conv1D again
+    merged = [(name, m.unloaded() if isinstance(m, LoRAAdapter) else m.to_linear()) for name, m in layers]
     for name, linear in merged:
         set_submodule(model, name, linear)
     return model

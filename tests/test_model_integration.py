@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peft_kernels
-from peft_kernels.integrations.peft import _is_conv1d
+from peft_kernels.nn._adapter import is_conv1d
 
 from helpers import gloo_exit, gloo_init, gloo_spawn
 
@@ -267,7 +267,7 @@ def test_gpt2_conv1d_layers_patched_match_unpatched(use_dora):
         assert torch.allclose(grads1[n], grads0[n], rtol=1e-4, atol=1e-6), n
     with torch.no_grad():  # DoRA's cached norms of the transposed [in, out] weights follow a change
         for m in model.modules():
-            if _is_conv1d(m):
+            if is_conv1d(m):
                 m.weight.mul_(1 + 0.2 * torch.rand_like(m.weight))
     logits2, grads2 = _lm_step(model, ids)
     peft_kernels.unpatch_peft_model(model)
@@ -277,10 +277,109 @@ def test_gpt2_conv1d_layers_patched_match_unpatched(use_dora):
         assert torch.allclose(grads2[n], grads3[n], rtol=1e-4, atol=1e-6), n
 
 
-def test_apply_lora_on_gpt2_conv1d_says_what_to_do():
-    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=1, n_head=4)
-    with pytest.raises(ValueError, match="Conv1D layers.*patch_peft_model"):
-        peft_kernels.apply_lora(transformers.GPT2LMHeadModel(cfg), ["c_attn"])
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _ours_as_peft(ours, theirs, use_dora):
+    """Copy PEFT's (trained) adapter tensors into apply_lora's layers of the same names."""
+    from peft_kernels.nn import LoRALinear
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, LoRALinear):
+                layer = theirs.base_model.model.get_submodule(name)
+                m.lora_A.copy_(layer.lora_A["default"].weight)
+                m.lora_B.copy_(layer.lora_B["default"].weight)
+                if use_dora:
+                    m.magnitude.copy_(layer.lora_magnitude_vector["default"].weight)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_apply_lora_on_gpt2_conv1d_layers_matches_peft(use_dora, tmp_path):
+    """apply_lora on GPT-2's Conv1D projections ([in, out] weights, PEFT's fan_in_fan_out): the
+    layers keep the Conv1D's own weight Parameter (the checkpoint's keys and shapes), compute with
+    its transpose, and equal HF PEFT's LoRA / DoRA in outputs and every adapter gradient; the
+    adapter saves in PEFT's format (fan_in_fan_out) and loads both ways; merge_and_unload gives
+    Conv1D layers back, whose state loads into a plain GPT-2."""
+    import copy
+    base = _gpt2()
+    theirs = _trained_adapters(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=GPT2_TARGETS, fan_in_fan_out=True, use_dora=use_dora)))
+    if use_dora:
+        with torch.no_grad():
+            for n, p in theirs.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.mul_(1 + 0.1 * torch.rand_like(p))
+    ours = peft_kernels.apply_lora(copy.deepcopy(base), GPT2_TARGETS, r=4, alpha=8, use_dora=use_dora)
+    layer = ours.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and layer.weight is not None and tuple(layer.weight.shape) == (32, 96)
+    assert ours.state_dict()["transformer.h.0.attn.c_attn.weight"].shape == base.state_dict()[
+        "transformer.h.0.attn.c_attn.weight"].shape
+    _ours_as_peft(ours, theirs, use_dora)
+    ids = _ids(2, 9)
+    logits0, grads0 = _lm_step(theirs, ids)
+    logits1, grads1 = _lm_step(ours, ids)
+    assert torch.allclose(logits1, logits0, atol=1e-5)
+    names = {n.replace("base_model.model.", "").replace(".default", "").replace("lora_magnitude_vector.weight",
+                                                                                "magnitude"): g
+             for n, g in grads0.items()}
+    names = {n.replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B"): g for n, g in names.items()}
+    assert names.keys() == grads1.keys() and len(grads1) == 8 * (3 if use_dora else 2)
+    for n in grads1:
+        assert torch.allclose(grads1[n], names[n], rtol=1e-4, atol=1e-6), n
+
+    ours.eval()
+    with torch.no_grad():
+        want = ours(ids).logits
+    peft_kernels.save_adapter(ours, tmp_path / "ours")
+    config = __import__("json").loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, want, atol=1e-5)
+        assert torch.allclose(back(ids).logits, theirs.eval()(ids).logits, atol=1e-5)
+
+    merged = peft_kernels.merge_and_unload(ours)
+    assert all(is_conv1d(merged.get_submodule(n)) for n, m in base.named_modules() if is_conv1d(m))
+    plain = _gpt2(seed=1).eval()
+    plain.load_state_dict(merged.state_dict())  # strict: the same keys and shapes as a GPT-2's
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_apply_lora_quantizes_gpt2_conv1d_layers(quantize):
+    """quantize= on Conv1D layers stores the [out, in] transpose quantized: the model computes as a
+    GPT-2 holding the decoded weights (transposed back), and merge_and_unload gives Conv1D layers."""
+    import copy
+    base = _gpt2()
+    ours = peft_kernels.apply_lora(copy.deepcopy(base), GPT2_TARGETS, r=4, alpha=8, quantize=quantize).eval()
+    decoded = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if hasattr(m, "qweight"):
+                assert m.fan_in_fan_out
+                decoded.get_submodule(name).weight.copy_(m.qweight.dequantize(torch.float32).t())
+        ids = _ids(2, 9)
+        assert torch.allclose(ours(ids).logits, decoded(ids).logits, atol=1e-5)
+        assert not torch.allclose(ours(ids).logits, base.eval()(ids).logits, atol=1e-5)  # it was quantized
+    merged = peft_kernels.merge_and_unload(ours)
+    assert is_conv1d(merged.transformer.h[1].mlp.c_fc)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, decoded(ids).logits, atol=1e-5)
+
+
+def test_apply_sparse_refuses_gpt2_conv1d_layers_by_name():
+    with pytest.raises(ValueError, match=r"c_attn \(a transformers Conv1D"):
+        peft_kernels.apply_sparse(_gpt2(), ["c_attn"])
 
 
 @pytest.mark.parametrize("quantize,use_dora", [(None, False), (None, True), ("nf4", False)])

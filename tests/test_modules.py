@@ -212,7 +212,7 @@ def test_all_linear_leaves_the_output_layer_and_heads_out():
 
 
 def test_apply_lora_no_match():
-    with pytest.raises(ValueError, match="no nn.Linear matches target_modules=\\['o_proj'\\]"):
+    with pytest.raises(ValueError, match="no nn.Linear / Conv1D matches target_modules=\\['o_proj'\\]"):
         peft_kernels.apply_lora(Model(), ["o_proj"])
     with pytest.raises(ValueError, match="a string is a full-match regex .* pass \\['q_proj'\\]"):
         peft_kernels.apply_lora(Model(), "q_proj")

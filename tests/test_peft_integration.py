@@ -462,9 +462,9 @@ def test_load_adapter_checks_the_model_before_changing_it(tmp_path):
     wide = Net()
     wide.layers[1].up = nn.Linear(24, 48)
     adapted = peft_kernels.apply_lora(Net(), ["layers.1.up"], r=2)
-    for model, error in [(small, r"no nn.Linear named \['layers.1.up'\]$"),
+    for model, error in [(small, r"no nn.Linear / Conv1D named \['layers.1.up'\]$"),
                          (wide, r"\('layers.1.up.lora_B.weight', \(40, 4\), \(48, 4\)\)"),
-                         (adapted, r"no nn.Linear named \['layers.1.up'\] \(\['layers.1.up'\] already carry")]:
+                         (adapted, r"no nn.Linear / Conv1D named \['layers.1.up'\] \(\['layers.1.up'\] already carry")]:
         before = {n: (type(m), m.training) for n, m in model.named_modules()}
         grads = {n: p.requires_grad for n, p in model.named_parameters()}
         with pytest.raises(ValueError, match=error):

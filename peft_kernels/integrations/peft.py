@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..nn._adapter import is_conv1d
 from ..ops import _checks
 from ..ops.dora import cached_weight_row_sq, dora_linear
 from ..ops.lora import lora_linear
@@ -34,12 +35,6 @@ from ..ops.sparse_delta import sparse_delta_linear
 from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class
 from ..sparse import layout
 from ..tensor_cache import TensorCache
-
-def _is_conv1d(base) -> bool:
-    """transformers' Conv1D (GPT-2 family): y = x @ W + b with W stored [in, out]; its W.T is the
-    [out, in] weight the fused ops take (a transposed view, no copy)."""
-    return type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers")
-
 
 @dataclasses.dataclass
 class PatchReport:
@@ -65,13 +60,13 @@ def _whole_layer_base(base) -> bool:
     beside the fused LoRA branch (_BranchForward)."""
     if bnb_linear4bit_class(base) is not None:
         return True
-    return (type(base) is nn.Linear or _is_conv1d(base)) and _checks.plain_tensor(base.weight)
+    return (type(base) is nn.Linear or is_conv1d(base)) and _checks.plain_tensor(base.weight)
 
 
 def _static_reason(layer) -> str | None:
     """Why this PEFT LoRA layer over a whole-layer base cannot be fused (None if it can)."""
     base = layer.get_base_layer()
-    conv1d = _is_conv1d(base)
+    conv1d = is_conv1d(base)
     if bool(getattr(layer, "fan_in_fan_out", False)) != conv1d:  # PEFT sets it from the base type
         return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} does not match the base layer "
                 f"{type(base).__name__}'s weight layout")
@@ -193,7 +188,7 @@ class _FusedForward(_PatchedForward):
             else:
                 y = qlora_linear(*args4, bias, **op_kwargs)
             return y.to(x.dtype)
-        x, weight, bias = self._in_op_dtype(x, base.weight.t() if _is_conv1d(base) else base.weight, base.bias)
+        x, weight, bias = self._in_op_dtype(x, base.weight.t() if is_conv1d(base) else base.weight, base.bias)
         if x.dtype != weight.dtype:
             return self._dtype_mismatch(x, base.weight, args, kwargs)
         op_args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
@@ -366,7 +361,7 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
                               else _BranchForward(module, module.forward, bnb_8bit))
         report.patched.append(name)
         if isinstance(_patched(module), _BranchForward):
-            subclass = type(base) is nn.Linear or _is_conv1d(base)  # there, the weight is why
+            subclass = type(base) is nn.Linear or is_conv1d(base)  # there, the weight is why
             report.branch_only[name] = type(base).__name__ + (f" ({type(base.weight).__name__} weight)" if subclass
                                                                else "")
     return report

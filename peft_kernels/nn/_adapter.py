@@ -10,9 +10,29 @@ from torch import nn
 from .. import backends
 
 
+def is_conv1d(module) -> bool:
+    """transformers' Conv1D (GPT-2 family): y = x @ W + b with W stored [in, out] — nn.Linear's
+    computation with the weight transposed."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def linear_weight(module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear, or a view of a Conv1D's [in, out] one."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def features(module) -> tuple[int, int]:
+    """(out_features, in_features) of an nn.Linear (bitsandbytes' packed ones included) or a
+    transformers Conv1D (nf, nx)."""
+    return (module.nf, module.nx) if is_conv1d(module) else (module.out_features, module.in_features)
+
+
 class LoRAAdapter(nn.Module):
     """Holds lora_A [r, in] (Kaiming-uniform, a=sqrt(5)) and lora_B [out, r] (zeros: a fresh
-    adapter is a no-op); scaling = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    adapter is a no-op); scaling = alpha / r, or alpha / sqrt(r) with rsLoRA. ``fan_in_fan_out``:
+    the base was a transformers Conv1D (PEFT's flag of that name), so export gives one back."""
+
+    fan_in_fan_out = False
 
     def _init_adapter(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
                       use_rslora: bool, backend: str, device, dtype):
@@ -94,13 +114,30 @@ class LoRAAdapter(nn.Module):
         (a quantized one decoded), returned in the base weight's dtype (the adapter's over a
         quantized base). The layer is not changed."""
         if getattr(self, "merged", False):
-            return self.weight.detach().clone()
+            return self.linear_weight.detach().clone(memory_format=torch.contiguous_format)
         return self._merged()[0].to(self._base_dtype())
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding merged_weight() and the bias (PEFT's merge_and_unload, for one
         layer): its weight is frozen as the base was; its bias trains if the layer's did."""
         return linear_holding(self.merged_weight(), self.bias)
+
+    def unloaded(self) -> nn.Module:
+        """What merge_and_unload puts in this layer's place: to_linear(), or over a Conv1D base
+        (fan_in_fan_out) a transformers Conv1D holding the merged weight [in, out], as the model's
+        own checkpoints store it."""
+        if not self.fan_in_fan_out:
+            return self.to_linear()
+        from transformers.pytorch_utils import Conv1D
+
+        weight = self.merged_weight()
+        with torch.device("meta"):  # no random init spent on it
+            conv = Conv1D(weight.shape[0], weight.shape[1])
+        conv.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        conv.bias = nn.Parameter(self.bias.detach().to(weight.dtype, copy=True), requires_grad=self.bias.requires_grad) \
+            if self.bias is not None else nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype,
+                                                                   device=weight.device), requires_grad=False)
+        return conv
 
 
 def linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

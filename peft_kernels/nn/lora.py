@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.lora import lora_linear
-from ._adapter import LoRAAdapter
+from ._adapter import LoRAAdapter, is_conv1d
 
 
 class LoRALinear(LoRAAdapter):
@@ -13,7 +13,9 @@ class LoRALinear(LoRAAdapter):
 
     Parameters follow HF PEFT: ``weight`` [out, in], ``bias`` [out] | None, ``lora_A`` [r, in]
     (Kaiming-uniform, a=sqrt(5)), ``lora_B`` [out, r] (zeros, so a fresh adapter is a no-op).
-    scaling = alpha / r, or alpha / sqrt(r) with ``use_rslora``.
+    scaling = alpha / r, or alpha / sqrt(r) with ``use_rslora``. Over a transformers Conv1D
+    (GPT-2; ``fan_in_fan_out``) ``weight`` is the Conv1D's own [in, out] Parameter, kept as the
+    model's checkpoints store it; the layer computes with its transpose.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16.0,
@@ -23,9 +25,11 @@ class LoRALinear(LoRAAdapter):
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach(base.weight, base.bias, r, alpha, dropout, use_rslora, backend)
 
-    def _attach(self, weight, bias, r, alpha, dropout, use_rslora, backend):
+    def _attach(self, weight, bias, r, alpha, dropout, use_rslora, backend, fan_in_fan_out=False):
         """Adopt (and freeze) the base parameters, then create the adapter beside them."""
-        self._init_adapter(weight.shape[1], weight.shape[0], r, alpha, dropout, use_rslora, backend,
+        self.fan_in_fan_out = fan_in_fan_out
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self._init_adapter(in_features, out_features, r, alpha, dropout, use_rslora, backend,
                            weight.device, weight.dtype)
         self.merged = False
         self.weight = weight.requires_grad_(False)
@@ -34,24 +38,36 @@ class LoRALinear(LoRAAdapter):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                     use_rslora: bool = False, backend: str = "auto") -> "LoRALinear":
-        """Wrap an existing nn.Linear: its weight and bias Parameters are shared (not copied)
-        and frozen; the adapter is created on the same device and dtype."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoRALinear.from_linear expects nn.Linear, got {type(linear).__name__}")
+        """Wrap an existing nn.Linear (or a transformers Conv1D, GPT-2's layer): its weight and
+        bias Parameters are shared (not copied) and frozen; the adapter is created on the same
+        device and dtype."""
+        conv1d = is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise TypeError(f"{cls.__name__}.from_linear expects nn.Linear or transformers' Conv1D, "
+                            f"got {type(linear).__name__}")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._attach(linear.weight, linear.bias, r, alpha, dropout, use_rslora, backend)
+        module._attach(linear.weight, linear.bias, r, alpha, dropout, use_rslora, backend, fan_in_fan_out=conv1d)
         return module
+
+    @property
+    def linear_weight(self) -> torch.Tensor:
+        """weight as nn.Linear holds it, [out, in] (over a Conv1D: a transposed view of it)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _base_dtype(self) -> torch.dtype:
         return self.weight.dtype
 
     @torch.no_grad()
     def _reset_base(self):
-        nn.Linear.reset_parameters(self)  # reads only weight, bias and in/out features
+        if self.fan_in_fan_out:  # transformers' Conv1D init
+            nn.init.normal_(self.weight, std=0.02)
+            nn.init.zeros_(self.bias)
+        else:
+            nn.Linear.reset_parameters(self)  # reads only weight, bias and in/out features
 
     def _dense_base(self, acc: torch.dtype) -> torch.Tensor:
-        return self.weight.to(acc)
+        return self.linear_weight.to(acc)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, [out, in], computed in fp32 (fp64 for an fp64 weight) and returned in
@@ -62,22 +78,23 @@ class LoRALinear(LoRAAdapter):
     def merge(self):
         """Fold the adapter into weight (inference); forward then is a plain linear."""
         if not self.merged:
-            self.weight += self.delta_weight()
+            self.linear_weight.add_(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.weight -= self.delta_weight()
+            self.linear_weight.sub_(self.delta_weight())
             self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
+            return nn.functional.linear(x, self.linear_weight, self.bias)
+        return lora_linear(x, self.linear_weight, self.lora_A, self.lora_B, self.bias, scaling=self.scaling,
                            dropout_p=self.dropout, training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, use_rslora={self.use_rslora}, "
-                f"bias={self.bias is not None}, merged={self.merged}")
+                f"bias={self.bias is not None}, merged={self.merged}"
+                + (", fan_in_fan_out=True (Conv1D base)" if self.fan_in_fan_out else ""))

@@ -10,7 +10,7 @@ from ..ops.qlora import qlora_linear
 from ..quant.bnb4bit import Bnb4bitWeight, FP4Weight, NF4Weight
 from ..quant.int4 import Int4Weight
 from ..quant.int8 import Int8Weight
-from ._adapter import LoRAAdapter
+from ._adapter import LoRAAdapter, is_conv1d, linear_weight
 
 _FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
 
@@ -65,19 +65,24 @@ class QLoRALinear(LoRAAdapter):
         """Quantize ``linear``'s weight (the module keeps no full-precision copy of it): "nf4" /
         "fp4" (bitsandbytes format, ``blocksize``, ``double_quant``; fused kernels), "int8"
         (LLM.int8 CB/SCB) or "int4" (``group_size``) — the INT formats return an IntQLoRALinear
-        (an IntQDoRALinear when called on QDoRALinear)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"QLoRALinear.from_linear expects nn.Linear, got {type(linear).__name__}")
+        (an IntQDoRALinear when called on QDoRALinear). A transformers Conv1D (GPT-2) is quantized
+        as the [out, in] transpose of its weight; merge_and_unload gives a Conv1D back."""
+        conv1d = is_conv1d(linear)
+        if not (isinstance(linear, nn.Linear) or conv1d):
+            raise TypeError(f"QLoRALinear.from_linear expects nn.Linear or transformers' Conv1D, "
+                            f"got {type(linear).__name__}")
+        weight = linear_weight(linear).detach()
         if quant in ("int8", "int4"):
-            qweight = (Int8Weight.from_float(linear.weight.detach()) if quant == "int8" else
-                       Int4Weight.from_float(linear.weight.detach(), group_size=group_size))
-            int_cls = IntQDoRALinear if issubclass(cls, QDoRALinear) else IntQLoRALinear
-            return int_cls(qweight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                           backend=backend)
-        if quant not in _FORMATS:
+            qweight = (Int8Weight.from_float(weight) if quant == "int8" else
+                       Int4Weight.from_float(weight, group_size=group_size))
+            cls = IntQDoRALinear if issubclass(cls, QDoRALinear) else IntQLoRALinear
+        elif quant in _FORMATS:
+            qweight = _FORMATS[quant].from_float(weight, blocksize=blocksize, double_quant=double_quant)
+        else:
             raise ValueError(f"QLoRALinear: quant must be one of nf4, fp4, int8, int4; got {quant!r}")
-        qweight = _FORMATS[quant].from_float(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
-        return cls(qweight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
+        module = cls(qweight, linear.bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, backend=backend)
+        module.fan_in_fan_out = conv1d
+        return module
 
     @classmethod
     def from_bnb(cls, linear4bit, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
