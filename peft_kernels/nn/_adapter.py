@@ -130,13 +130,12 @@ class LoRAAdapter(nn.Module):
             return self.to_linear()
         from transformers.pytorch_utils import Conv1D
 
-        weight = self.merged_weight()
+        linear = self.to_linear()  # Conv1D always has a bias: a layer without one gets zeros
         with torch.device("meta"):  # no random init spent on it
-            conv = Conv1D(weight.shape[0], weight.shape[1])
-        conv.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-        conv.bias = nn.Parameter(self.bias.detach().to(weight.dtype, copy=True), requires_grad=self.bias.requires_grad) \
-            if self.bias is not None else nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                                                   device=weight.device), requires_grad=False)
+            conv = Conv1D(linear.out_features, linear.in_features)
+        conv.weight = nn.Parameter(linear.weight.t().contiguous(), requires_grad=False)
+        conv.bias = linear.bias if linear.bias is not None else nn.Parameter(
+            linear.weight.new_zeros(linear.out_features), requires_grad=False)
         return conv
 
 

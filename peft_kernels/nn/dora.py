@@ -47,6 +47,6 @@ class DoRALinear(LoRALinear):
         if self.merged:
             return nn.functional.linear(x, self.linear_weight, self.bias)
         row_sq = cached_weight_row_sq(self._row_sq, self.weight, self.linear_weight, x)
-        return dora_linear(x, self.linear_weight, self.lora_A, self.lora_B, self.magnitude, self.bias, scaling=self.scaling,
-                           dropout_p=self.dropout, training=self.training, backend=self.backend,
+        return dora_linear(x, self.linear_weight, self.lora_A, self.lora_B, self.magnitude, self.bias,
+                           scaling=self.scaling, dropout_p=self.dropout, training=self.training, backend=self.backend,
                            weight_row_sq=row_sq)
