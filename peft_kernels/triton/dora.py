@@ -30,7 +30,7 @@ import triton.language as tl
 from .. import determinism
 from ..reference import dora as reference
 from ..reference.rng import keep_threshold
-from .launch import launch
+from .launch import cdiv, launch
 from .lora import _OVERRIDE, _sm_count, _split, adapter_backward, adapter_forward, degenerate
 from .rng import keep_mask, row_keys
 
@@ -110,7 +110,7 @@ def _dora_grad_kernel(g_ptr, w_ptr, mn_ptr, gl_ptr, gd_ptr, dmn_ptr, M, N, m_per
 def _combine(w, mn, add, bias, out, shift: int):
     M, N = w.shape
     BM, BN = _tile()
-    launch(_dora_combine_kernel, (triton.cdiv(M, BM), triton.cdiv(N, BN)),
+    launch(_dora_combine_kernel, (cdiv(M, BM), cdiv(N, BN)),
            w, mn, add if add is not None else w, bias if bias is not None else mn, out, M, N,
            SHIFT=shift, HAS_ADD=add is not None, HAS_BIAS=bias is not None, BM=BM, BN=BN, num_warps=WARPS)
     return out
@@ -121,7 +121,7 @@ def dropout_copy(x, dropout_p, seed):
     M, K = x.shape
     BM, BN = _tile()
     out = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    launch(_dora_dropout_kernel, (triton.cdiv(M, BM), triton.cdiv(K, BN)),
+    launch(_dora_dropout_kernel, (cdiv(M, BM), cdiv(K, BN)),
            x, out, seed, M, K, x.stride(0), x.stride(1), keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
            BM=BM, BK=BN, num_warps=WARPS)
     return out
@@ -149,8 +149,8 @@ def backward_with(base_t, grad_y, x, lora_A, lora_B, u, w, mn, scaling, dropout_
     gl = torch.empty((M, N), dtype=grad_y.dtype, device=grad_y.device)
     gd = torch.empty_like(gl) if has_gd else gl
     BM, BN = _tile()
-    n_tiles = triton.cdiv(N, BN)
-    splits, per = _split(triton.cdiv(M, BM), n_tiles, _sm_count(x.device))
+    n_tiles = cdiv(N, BN)
+    splits, per = _split(cdiv(M, BM), n_tiles, _sm_count(x.device))
     atomic = splits > 1 and not determinism.enabled()
     grad_mn = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty((splits, N), dtype=torch.float32, device=x.device)

@@ -37,7 +37,7 @@ import triton.language as tl
 from .. import determinism
 from ..reference import lora as reference
 from ..reference.rng import keep_threshold
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .rng import keep_mask, row_keys
 
 MAX_RANK = 256
@@ -368,9 +368,9 @@ def _sm_count(device: torch.device) -> int:
 def _split(tiles: int, parallel: int, sms: int, waves: int = 2) -> tuple[int, int]:
     """Split a reduction over ``tiles`` tiles into (splits, tiles per split) so that
     parallel * splits programs fill ``waves`` waves of the GPU."""
-    want = max(1, triton.cdiv(waves * sms, max(parallel, 1)))
-    per = triton.cdiv(tiles, min(want, tiles))
-    return triton.cdiv(tiles, per), per
+    want = max(1, cdiv(waves * sms, max(parallel, 1)))
+    per = cdiv(tiles, min(want, tiles))
+    return cdiv(tiles, per), per
 
 
 def _tiles(kind: str, br: int, dropout: bool = False) -> tuple[int, int, int]:
@@ -409,7 +409,7 @@ FUSED_ROWS_X_RANK = 64 * 256
 def _fused_rows(M: int) -> tuple[int, int]:
     """(BM, num_warps) of the single-launch kernels: BM covers M; 8 warps from 128 rows on, so
     the [BM, BN] accumulator stays near 64 fp32 registers a thread."""
-    bm = max(16, triton.next_power_of_2(M))
+    bm = max(16, next_power_of_2(M))
     return bm, 4 if bm <= 64 else 8
 
 
@@ -420,7 +420,7 @@ def _fused_fwd_tiles(M: int, N: int, br: int, sms: int) -> tuple[int, int, int, 
     [BM, BK] dominates shared memory there."""
     bm, warps = _fused_rows(M)
     bn = 16
-    while bn < 64 and triton.cdiv(N, bn * 2) >= 2 * sms:
+    while bn < 64 and cdiv(N, bn * 2) >= 2 * sms:
         bn *= 2
     bk = 128 if br <= 64 and bm <= 64 else 64
     return (bm, _OVERRIDE.get("fused_bn", bn), _OVERRIDE.get("fused_bk", bk), _OVERRIDE.get("fused_stages", 3),
@@ -443,7 +443,7 @@ def _fused_bwd_tiles(M: int, K: int, br: int, sms: int) -> tuple[int, int, int, 
     whose [BN, rank] tile of B is staged beside W's, and with 128 rows and more (the dY tile)."""
     bm, warps = _fused_rows(M)
     bk = 64
-    while bk > 16 and triton.cdiv(K, bk) < 2 * sms:
+    while bk > 16 and cdiv(K, bk) < 2 * sms:
         bk //= 2
     bn = 128 if br <= 32 else 64 if br <= 64 else 32
     bn = min(bn, 64) if bm >= 128 else bn
@@ -457,7 +457,7 @@ def use_fused_backward(M: int, r: int, need_dx: bool) -> bool:
 
 
 def _padded_rank(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 # ----------------------------------------------------------------------------- host functions
@@ -518,7 +518,7 @@ def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
     launch(
-        _lora_fused_fwd_kernel, (triton.cdiv(N, bn), triton.cdiv(M, bm)),
+        _lora_fused_fwd_kernel, (cdiv(N, bn), cdiv(M, bm)),
         x, weight, lora_A, lora_B, bias if bias is not None else y, y, u, seed if seed is not None else x,
         M, N, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -542,7 +542,7 @@ def fused_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, see
     grad_A = torch.empty((R, K), dtype=lora_A.dtype, device=x.device)
     grad_B = torch.empty((N, R), dtype=lora_B.dtype, device=x.device)
     launch(
-        _lora_fused_bwd_kernel, (triton.cdiv(K, bk),),
+        _lora_fused_bwd_kernel, (cdiv(K, bk),),
         grad_y, x, weight, lora_A, lora_B, u, dx, grad_A, grad_B, seed if seed is not None else x,
         M, N, K, R,
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -564,8 +564,8 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
     sms = _sm_count(x.device)
 
     bm, bk, warps = _tiles("down", BR)
-    m_tiles = triton.cdiv(M, bm)
-    splits, per = _split(triton.cdiv(K, bk), m_tiles, sms)
+    m_tiles = cdiv(M, bm)
+    splits, per = _split(cdiv(K, bk), m_tiles, sms)
     atomic = splits > 1 and not determinism.enabled()
     u = torch.zeros((M, R), dtype=torch.float32, device=x.device) if atomic else \
         torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
@@ -582,7 +582,7 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
     bm, bn, warps = _tiles("up", BR)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     launch(
-        _lora_up_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
+        _lora_up_kernel, (cdiv(M, bm), cdiv(N, bn)),
         u, lora_B, bias if bias is not None else y, y,
         M, N, R,
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
@@ -605,11 +605,11 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     dev = x.device
 
     dy_bm, dy_bn, dy_warps = _tiles("dy", BR)
-    dy_m_tiles = triton.cdiv(M, dy_bm)
-    dy_splits, dy_per = _split(triton.cdiv(N, dy_bn), dy_m_tiles, sms)
+    dy_m_tiles = cdiv(M, dy_bm)
+    dy_splits, dy_per = _split(cdiv(N, dy_bn), dy_m_tiles, sms)
     dx_bm, dx_bk, dx_warps = _tiles("dx", BR, dropout_p > 0.0)
-    k_tiles = triton.cdiv(K, dx_bk)
-    dx_splits, dx_per = _split(triton.cdiv(M, dx_bm), k_tiles, sms)
+    k_tiles = cdiv(K, dx_bk)
+    dx_splits, dx_per = _split(cdiv(M, dx_bm), k_tiles, sms)
 
     deterministic = determinism.enabled()
     if not deterministic:

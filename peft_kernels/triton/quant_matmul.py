@@ -20,7 +20,7 @@ import triton.language as tl
 from ..reference import quant as reference
 from ..reference.windowed import windowed_matmul
 from . import dora, lora
-from .launch import launch
+from .launch import cdiv, launch
 from .lora import _mm
 
 
@@ -264,7 +264,7 @@ def dequantize_window(packed, absmax, code, absmax2, code2, offset, blocksize, s
     if K % blocksize == 0 and col0 % blocksize == 0 and (cols % blocksize == 0 or col0 + cols == K):
         br, nb, warps = tiles or DECODE_TILES
         launch(
-            _dequantize_aligned_kernel, (triton.cdiv(rows, br), triton.cdiv(cols, blocksize * nb)),
+            _dequantize_aligned_kernel, (cdiv(rows, br), cdiv(cols, blocksize * nb)),
             packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
             offset if nested else code, out, rows, cols, row0, col0, K, out.stride(0),
             BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= WIDE_FROM, BR=br, NB=nb, num_warps=warps,
@@ -273,7 +273,7 @@ def dequantize_window(packed, absmax, code, absmax2, code2, offset, blocksize, s
         return out
     br, bc = 32, 128  # any shape: per-element decode
     launch(
-        _dequantize_tile_kernel, (triton.cdiv(rows, br), triton.cdiv(cols, bc)),
+        _dequantize_tile_kernel, (cdiv(rows, br), cdiv(cols, bc)),
         packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code, offset if nested else code,
         out, rows, cols, row0, col0, K, out.stride(0),
         BLOCKSIZE=blocksize, NESTED=nested, WIDE=N * K >= WIDE_FROM, BR=br, BC=bc, num_warps=4,
@@ -322,7 +322,7 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
         # blocksize 256 in fp32 needs more shared memory than any GPU has, even at one stage)
         nb = 1 if transpose else max(1, min(nb, 256 // blocksize))
         nested = absmax2 is not None
-        grid = (triton.cdiv(M, bm), triton.cdiv(P, blocksize if transpose else bn))
+        grid = (cdiv(M, bm), cdiv(P, blocksize if transpose else bn))
         launch(
             _matmul_4bit_aligned_kernel, grid,
             a, packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
@@ -338,7 +338,7 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
         return _chunked_matmul_4bit(a, parts, blocksize, shape, out, c is not None, bias, transpose)
     bm, bp, bq, warps, stages = tiles or FUSED_TILES
     nested = absmax2 is not None
-    grid = (triton.cdiv(M, bm) * triton.cdiv(P, bp),)
+    grid = (cdiv(M, bm) * cdiv(P, bp),)
     launch(
         _matmul_4bit_kernel, grid,
         a, packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[
     """(packed uint8 [(n + 1) // 2, 1], absmax fp32 [n_blocks]) of a contiguous-able float tensor."""
     flat = w.reshape(-1)
     n = flat.numel()
-    n_blocks = triton.cdiv(n, blocksize)
+    n_blocks = cdiv(n, blocksize)
     order = torch.argsort(code.cpu(), stable=True).to(w.device)  # same tie order as the torch path
     sorted_code = code[order]
     bounds = ((sorted_code[:-1] + sorted_code[1:]) / 2).contiguous()
@@ -50,7 +50,7 @@ def quantize_4bit(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
     nb = max(1, min(16, 4096 // blocksize))
     launch(
-        _quantize_4bit_kernel, (triton.cdiv(n_blocks, nb),),
+        _quantize_4bit_kernel, (cdiv(n_blocks, nb),),
         flat, bounds, order.to(torch.int32).contiguous(), packed, absmax, n, n_blocks, BS=blocksize, NB=nb,
         num_warps=4,
     )

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import determinism
 from ..tensor_cache import TensorCache
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 from .lora import _cuda_sm_count, _mm
 
 FORCE_METHOD = None  # "panel" | "gather_t": overrides the density rule (benchmarks)
@@ -104,7 +104,7 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
     R, C = t.shape
     out = torch.empty((C, R), dtype=t.dtype, device=t.device)
     if t.numel():
-        launch(_transpose_kernel, (triton.cdiv(R, 64), triton.cdiv(C, 64)), t, out, R, C, t.stride(0),
+        launch(_transpose_kernel, (cdiv(R, 64), cdiv(C, 64)), t, out, R, C, t.stride(0),
                BR=64, BC=64, num_warps=4)
     return out
 
@@ -155,7 +155,7 @@ def _num_sms(device) -> int:
 
 
 def _tile_side(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, block, method=None) -> torch.Tensor:
@@ -185,9 +185,9 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
         tile_c = (b % n_bc * bw).to(torch.int32)
         bt = 64
         # Enough programs to fill the GPU (about 4 per SM), never a token slice under 4 steps.
-        split = max(1, min(triton.cdiv(4 * _num_sms(x.device), k), triton.cdiv(M, 4 * bt)))
-        m_per = triton.cdiv(triton.cdiv(M, split), bt) * bt
-        split = triton.cdiv(M, m_per)
+        split = max(1, min(cdiv(4 * _num_sms(x.device), k), cdiv(M, 4 * bt)))
+        m_per = cdiv(cdiv(M, split), bt) * bt
+        split = cdiv(M, m_per)
         atomic = split > 1 and not determinism.enabled()
         if atomic:
             out.zero_()
@@ -207,7 +207,7 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
     if method == "gather_t":
         cfg = GATHER_T_CONFIG
         gt, xt = transpose(grad_y), transpose(x)
-        launch(_sddmm_gather_t_kernel, (triton.cdiv(k, cfg["E"]),), gt, xt, index, out, M, k, shape[1],
+        launch(_sddmm_gather_t_kernel, (cdiv(k, cfg["E"]),), gt, xt, index, out, M, k, shape[1],
                BT=cfg["BT"], E=cfg["E"], num_warps=cfg["num_warps"])
         return out
     raise ValueError(f"sddmm: method must be 'panel' or 'gather_t', got {method!r}")
@@ -260,7 +260,7 @@ def sparse_adamw_(values, grad, exp_avg, exp_avg_sq, steps, *, lr, beta1, beta2,
     in_f = shape[1] if shape is not None else 1
     BLOCK = 1024
     launch(
-        _sparse_adamw_kernel, (triton.cdiv(n, BLOCK),),
+        _sparse_adamw_kernel, (cdiv(n, BLOCK),),
         values, grad, exp_avg, exp_avg_sq, steps, index if merged is not None else steps,
         base if merged is not None else values, merged if merged is not None else values,
         n, lr, beta1, beta2, eps, weight_decay, math.log2(beta1) if beta1 > 0 else -1e30,
