@@ -566,18 +566,21 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
     bm, bk, warps = _tiles("down", BR)
     m_tiles = cdiv(M, bm)
     splits, per = _split(cdiv(K, bk), m_tiles, sms)
-    atomic = splits > 1 and not determinism.enabled()
-    u = torch.zeros((M, R), dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty((splits, M, R), dtype=torch.float32, device=x.device)
+    sliced = splits > 1 and determinism.enabled()  # one slice per split, summed below
+    u = torch.empty((splits, M, R) if sliced else (M, R), dtype=torch.float32, device=x.device)
+    if splits > 1 and not sliced:
+        u.zero_()  # atomically added into
     launch(
         _lora_down_kernel, (m_tiles, splits),
         x, lora_A, u, seed if seed is not None else x,
         M, K, R, per * bk,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0, ATOMIC=atomic, IEEE=ieee, BM=bm, BK=bk, BR=BR, num_warps=warps,
+        HAS_DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1 and not sliced, IEEE=ieee, BM=bm, BK=bk, BR=BR,
+        num_warps=warps,
     )
-    u = u if atomic else determinism.sum_slices(u)
+    if sliced:
+        u = u.sum(0)
 
     bm, bn, warps = _tiles("up", BR)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
