@@ -56,6 +56,8 @@ case "$part" in
     # host issue time vs back-to-back time per piece: which of host and device limits small M
     step 45 python3 benchmarks/lora_host_pieces.py \
       >"$OUT/lora_host_$gpu.txt"
+    # our host code alone per op (Triton launches stubbed): compare with the CPU figures in NOTES.md
+    step 60 python3 benchmarks/host_stubbed.py --device cuda --out "$OUT/host_stubbed_$gpu.json"
     ;;
   quant)
     step 200 python3 benchmarks/bench_qlora.py --out "$OUT/qlora_$gpu.json"
