@@ -142,6 +142,20 @@ def _regrow_error_when_sharded(world):
     return None
 
 
+def _quantized_storage_shares(world):
+    """For NF4 and INT4 layers under fully_shard: (local, whole) element counts of the packed base
+    weight on this rank — the 4-bit bytes are sharded like any parameter, not copied to every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    out = {}
+    for kind, name in (("nf4", "qweight_packed"), ("int4", "qweight_0")):
+        model, _ = _model(kind)
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (world,)))
+        t = getattr(model[0], name)
+        out[kind] = (t.to_local().numel(), t.numel()) if hasattr(t, "to_local") else (t.numel(), t.numel())
+    return out
+
+
 def _fsdp_worker(rank, world, init_file, out_file):
     import warnings
     gloo_init(rank, world, init_file)
@@ -150,6 +164,7 @@ def _fsdp_worker(rank, world, init_file, out_file):
         results = {kind: _train_fsdp(kind, rank, world) for kind in FSDP_KINDS}
     results["warnings"] = sorted({str(w.message)[:160] for w in caught if "view" in str(w.message)})
     results["regrow"] = _regrow_error_when_sharded(world)
+    results["quantized shares"] = _quantized_storage_shares(world)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -168,6 +183,8 @@ def test_fsdp2_trains_every_adapter_kind_like_one_process(tmp_path):
     for rank in ranks:
         assert rank.pop("warnings") == []
         assert "sharded (FSDP's fully_shard)" in rank.pop("regrow")
+        for kind, (local, whole) in rank.pop("quantized shares").items():
+            assert local * 2 == whole, kind  # each of the two ranks holds half of the 4-bit base
     for kind in FSDP_KINDS:
         single = _train_fsdp(kind)
         for rank in ranks:

@@ -437,8 +437,9 @@ def test_dtype_cast_keeps_the_quantization_state_exact(quant, nested, dora):
     layer = cls.from_linear(torch.nn.Linear(64, 40), quant=quant, r=4, double_quant=nested, group_size=32).eval()
     torch.nn.init.normal_(layer.lora_B, std=0.1)
     with torch.no_grad():  # parameters exact in bf16 and fp16, so that only the cast state could differ
-        for param in layer.parameters():
-            param.copy_(torch.where(param.abs() < 1e-3, 0.0, param.bfloat16().float()))
+        for name, param in layer.named_parameters():
+            if not name.startswith("qweight_"):  # the quantized bytes are frozen parameters too
+                param.copy_(torch.where(param.abs() < 1e-3, 0.0, param.bfloat16().float()))
     x = torch.randn(3, 64)
     y0, w0 = layer(x), layer.qweight.dequantize(torch.float32)
     state = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("qweight_") or k == "weight_row_sq"}
@@ -454,8 +455,8 @@ def test_dtype_cast_keeps_the_quantization_state_exact(quant, nested, dora):
         assert y.dtype == dtype and torch.isfinite(y).all()
     layer.float()
     assert torch.equal(layer(x), y0)
-    layer.to("meta")  # a device move still moves every buffer
-    assert all(b.device.type == "meta" for b in layer.buffers())
+    layer.to("meta")  # a device move still moves every buffer and parameter
+    assert all(t.device.type == "meta" for t in [*layer.buffers(), *layer.parameters()])
 
 
 def test_quantized_weights_reject_inconsistent_parts():

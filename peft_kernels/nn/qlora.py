@@ -15,12 +15,20 @@ from ._adapter import LoRAAdapter, is_conv1d, linear_weight
 _FORMATS = {"nf4": NF4Weight, "fp4": FP4Weight}
 
 
+def _register_frozen(module: nn.Module, name: str, t: torch.Tensor | None):
+    """A part of the quantized base as a frozen Parameter (or None), sharing ``t``'s storage."""
+    module.register_parameter(name, nn.Parameter(t, requires_grad=False) if t is not None else None)
+
+
 class QLoRALinear(LoRAAdapter):
     """y = x deq(W)^T + b + (alpha / r) * dropout(x) A^T B^T with W stored in 4 bits.
 
-    The 4-bit parts are buffers (they follow .to(device) and appear in state_dict as
-    ``qweight_*``); lora_A [r, in] (Kaiming-uniform) and lora_B [out, r] (zeros) are the only
-    trainable parameters, in the base weight's original dtype.
+    The packed 4-bit bytes and their absmax are frozen uint8 Parameters (``qweight_packed``,
+    ``qweight_absmax``; bitsandbytes' Params4bit is one too), so that FSDP's fully_shard shards them
+    with the rest — buffers would be whole on every rank. The small nested statistics
+    (``qweight_offset``, ``qweight_absmax2``, ``qweight_code2``, a table shared by every layer) are
+    buffers. All follow .to(device) but never a dtype cast. lora_A [r, in] (Kaiming-uniform) and
+    lora_B [out, r] (zeros) are the only trainable parameters, in the base weight's original dtype.
     """
 
     def __init__(self, qweight: Bnb4bitWeight, bias: torch.Tensor | None = None, r: int = 8, alpha: float = 16.0,
@@ -31,8 +39,8 @@ class QLoRALinear(LoRAAdapter):
         self._init_adapter(qweight.shape[1], qweight.shape[0], r, alpha, dropout, use_rslora, backend,
                            qweight.device, qweight.dtype)
         self._format, self._meta = type(qweight), (qweight.shape, qweight.blocksize)
-        self.register_buffer("qweight_packed", qweight.packed)
-        self.register_buffer("qweight_absmax", qweight.absmax)
+        _register_frozen(self, "qweight_packed", qweight.packed)
+        _register_frozen(self, "qweight_absmax", qweight.absmax)
         for name in ("offset", "absmax2", "code2"):
             self.register_buffer(f"qweight_{name}", getattr(qweight, name))
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
@@ -45,17 +53,20 @@ class QLoRALinear(LoRAAdapter):
                             offset=self.qweight_offset, absmax2=self.qweight_absmax2, code2=self.qweight_code2)
 
     def _apply(self, fn, recurse=True):
-        # The quantization state (the qweight_* buffers, DoRA's weight_row_sq) is exact data: a
+        # The quantization state (the qweight_* parameters, DoRA's weight_row_sq) is exact data: a
         # cast such as module.to(torch.bfloat16) or .half() would round absmax / scales and change
         # every base weight without a word (and break INT8's fp32 SCB). It follows device moves
         # only; the adapter, bias and magnitude take the cast, and the compute dtype with them.
-        exact = {name: buf for name, buf in self._buffers.items()
-                 if buf is not None and (name.startswith("qweight_") or name == "weight_row_sq")}
+        exact = {name: t.detach() for name, t in [*self._parameters.items(), *self._buffers.items()]
+                 if t is not None and (name.startswith("qweight_") or name == "weight_row_sq")}
         super()._apply(fn, recurse)
-        for name, buf in exact.items():
-            moved = self._buffers[name]
-            if moved.dtype != buf.dtype:
-                self._buffers[name] = buf.to(moved.device)
+        for name, old in exact.items():
+            moved = self._parameters[name] if name in self._parameters else self._buffers[name]
+            if moved.dtype != old.dtype:
+                if name in self._parameters:
+                    moved.data = old.to(moved.device)  # the same Parameter object (optimizers, FSDP hold it)
+                else:
+                    self._buffers[name] = old.to(moved.device)
         return self
 
     @classmethod
@@ -144,7 +155,7 @@ class IntQLoRALinear(QLoRALinear):
         self._format = type(qweight)
         self._group_size = getattr(qweight, "group_size", None)
         for i, t in enumerate(qweight.tensors()):
-            self.register_buffer(f"qweight_{i}", t)
+            _register_frozen(self, f"qweight_{i}", t)
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     @property

@@ -215,7 +215,7 @@ class Bnb4bitWeight:
         if not double_quant:
             return cls(packed, absmax, w.shape, w.dtype, blocksize)
         offset = absmax.mean()
-        code2 = dynamic_map_signed().to(w.device)
+        code2 = dynamic_map_signed().to(w.device, copy=True)  # each weight its own: the cached map stays intact
         scaled2, absmax2 = _blockwise_scale(absmax - offset, NESTED_BLOCKSIZE)
         q = _nearest_codes(scaled2, code2).to(torch.uint8)
         return cls(packed, q, w.shape, w.dtype, blocksize, offset=offset, absmax2=absmax2, code2=code2)
