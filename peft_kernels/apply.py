@@ -9,6 +9,7 @@ import warnings
 from torch import nn
 
 from .nn._adapter import LoRAAdapter, features, is_conv1d
+from .nn.branch import LoRABranchLinear, needs_branch
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
@@ -54,14 +55,9 @@ def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | N
             f"its weight is a {type(module.weight).__name__} (a tensor subclass), which the kernels cannot read"
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads its weight directly: an adapter there would never run"
-    if type(module).forward is not nn.Linear.forward:
-        return f"{type(module).__name__}, a subclass of nn.Linear with a forward of its own"
-    if not _checks.plain_tensor(module.weight):
-        why = f"its weight is a {type(module.weight).__name__} (a tensor subclass, e.g. torchao's quantized weights)"
-        if op != "apply_lora":
-            return why + ": sparse deltas need a full-precision base"
-        return why + (", which the kernels cannot read; HF PEFT's LoRA on it, patched by "
-                      "peft_kernels.patch_peft_model, fuses the LoRA branch beside it")
+    why = needs_branch(module)
+    if why is not None and op != "apply_lora":  # apply_lora puts a LoRABranchLinear beside such a base
+        return why + (": sparse deltas need a full-precision base" if not _checks.plain_tensor(module.weight) else "")
     return None
 
 
@@ -80,8 +76,12 @@ def _targets(op: str, model: nn.Module, target_modules):
     else:
         chosen = [n for n in names if target_matches(n, target_modules)]
     # HF PEFT's LoRA layers hold nn.Linear modules of their own (base_layer, lora_A / lora_B):
-    # adapters there would be adapters on adapters.
-    peft_layers = [n for n, m in model.named_modules() if n and hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    # adapters there would be adapters on adapters. So does a LoRABranchLinear (its base_layer),
+    # which is an adapter already: its insides are not targets.
+    peft_layers = [n for n, m in model.named_modules() if n and hasattr(m, "base_layer") and hasattr(m, "lora_A")
+                   and not isinstance(m, LoRAAdapter)]
+    ours = [n for n, m in model.named_modules() if n and isinstance(m, LoRAAdapter)]
+    chosen = [n for n in chosen if not any(n.startswith(o + ".") for o in ours)]
     out, refused = [], []
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
@@ -243,7 +243,15 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
         for name, _, _, linear in targets:
             kw = dict(r=pattern_value(rank_pattern, name, r), alpha=pattern_value(alpha_pattern, name, alpha),
                       dropout=dropout, use_rslora=use_rslora, backend=backend)
-            if is_bnb_linear4bit(linear) or is_bnb_linear8bit(linear):
+            own_forward = None if is_conv1d(linear) or is_bnb_linear4bit(linear) or is_bnb_linear8bit(linear) \
+                else needs_branch(linear)
+            if own_forward is not None:  # the base keeps its forward; the branch runs beside it
+                if use_dora or quantize is not None:
+                    raise ValueError(f"apply_lora: {name} ({own_forward}) keeps its own forward under a LoRA "
+                                     f"branch (LoRABranchLinear); {'DoRA' if use_dora else 'quantize='} needs "
+                                     "the base weight itself")
+                new.append(LoRABranchLinear(linear, **kw))
+            elif is_bnb_linear4bit(linear) or is_bnb_linear8bit(linear):
                 new.append(_over_bnb(name, linear, quantize, quant_options, use_dora, kw))
             elif quantize is None:
                 new.append((DoRALinear if use_dora else LoRALinear).from_linear(linear, **kw))
@@ -286,6 +294,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("merge_and_unload: the model has no adapter or sparse-delta layers")
     # all built before the model changes; a layer over a Conv1D becomes a Conv1D again
+    branch = [f"{n} ({type(m.base_layer).__name__})" for n, m in layers if isinstance(m, LoRABranchLinear)]
+    if branch:
+        raise ValueError(f"merge_and_unload: {branch[:5]} keep a base that computes its own forward "
+                         "(LoRABranchLinear): the adapter cannot be folded into it here; nothing was changed")
     merged = [(name, m.unloaded() if isinstance(m, LoRAAdapter) else m.to_linear()) for name, m in layers]
     for name, linear in merged:
         set_submodule(model, name, linear)

@@ -187,6 +187,48 @@ def test_apply_lora_refuses_linear_subclasses_it_cannot_replace_faithfully():
     assert isinstance(peft_kernels.apply_sparse(nn.Sequential(Tagged(4, 4)), ["0"])[0], peft_kernels.nn.SparseDeltaLinear)
 
 
+def test_apply_lora_puts_a_branch_beside_a_linear_subclass_with_its_own_forward():
+    """An nn.Linear subclass that computes something else (here 2 · linear(x)) keeps computing it:
+    apply_lora wraps it in a LoRABranchLinear (base frozen as base_layer, the branch through
+    lora_delta), which equals base(x) + s · dropout(x) Aᵀ Bᵀ in value and every gradient (float64);
+    "all-linear" takes it as PEFT does; DoRA, quantize= and merging need the base weight and say so."""
+    from peft_kernels.nn import LoRABranchLinear
+    from peft_kernels.reference.rng import dropout_keep_mask
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(12, 10, dtype=torch.float64), nn.Tanh(), nn.Linear(10, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"0 \(Scaled, a subclass of nn.Linear with a forward of its own\) .*quantize="):
+        peft_kernels.apply_lora(model, ["0"], quantize="nf4")
+    peft_kernels.apply_lora(model, "all-linear", r=3, alpha=6, dropout=0.25)
+    layer = model[0]
+    assert type(layer) is LoRABranchLinear and isinstance(model[2], LoRALinear)
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 5, 12, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.manual_seed(7)  # the op's seed is the generator's next draw: the same mask
+    seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    keep = dropout_keep_mask(seed, 0.25, 20, 12, device=x.device).reshape(4, 5, 12)
+    a, b = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    x0 = x.detach().clone().requires_grad_()
+    base = layer.base_layer
+    ref = 2 * (x0 @ base.weight.T + base.bias) + 2.0 * ((torch.where(keep, x0, 0.0) / 0.75) @ a.T) @ b.T
+    ref.backward(g)
+    assert 0 < keep.float().mean() < 1 and torch.allclose(y, ref, rtol=1e-12, atol=1e-12)
+    for got, want in ((x.grad, x0.grad), (layer.lora_A.grad, a.grad), (layer.lora_B.grad, b.grad)):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"merge_and_unload: \['0 \(Scaled\)'\]"):
+        peft_kernels.merge_and_unload(model)
+    assert type(model[0]) is LoRABranchLinear  # nothing was changed
+
+
 def test_apply_lora_regex_and_all_linear():
     model = peft_kernels.apply_lora(Model(), r"layers\.0\..*_proj", r=2)
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 3

@@ -933,11 +933,13 @@ def test_fused_branch_keeps_peft_dtypes_and_refuses_dora():
         report.skipped["base_model.model.0"]
 
 
-def test_torchao_quantized_bases_fuse_the_branch_and_apply_lora_says_why_not():
+def test_torchao_quantized_bases_fuse_the_branch_patched_and_under_apply_lora(tmp_path):
     """A torchao-quantized nn.Linear (its weight a tensor subclass) under PEFT's LoRA was taken for
     a plain layer: the fused op got the subclass and raised NotImplementedError at the first
-    forward. Its base now runs its own (quantized) forward beside the fused branch, equal to PEFT's;
-    apply_lora refuses such a layer by name ("all-linear" leaves it out with a warning)."""
+    forward. Its base now runs its own (quantized) forward beside the fused branch, equal to PEFT's.
+    apply_lora, which refused such a layer, puts a LoRABranchLinear there: equal to PEFT's LoRA
+    over the same quantized base, saved in PEFT's format both ways; DoRA, merging and sparse deltas
+    are refused by name."""
     pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -957,12 +959,33 @@ def test_torchao_quantized_bases_fuse_the_branch_and_apply_lora_says_why_not():
 
     quantized = nn.Sequential(nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 8))
     quantize_(quantized, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name == "0")
-    with pytest.raises(ValueError, match=r"0 \(its weight is a Int8Tensor \(a tensor subclass"):
-        peft_kernels.apply_lora(quantized, ["0"])
     with pytest.raises(ValueError, match="sparse deltas need a full-precision base"):
         peft_kernels.apply_sparse(quantized, ["0"])
     with pytest.raises(ValueError, match="partial mask on 0.weight.*sparse deltas need a full-precision base"):
         peft_kernels.mask_gradients_(quantized, {"0.weight": torch.rand(48, 64) < 0.1})
-    with pytest.warns(UserWarning, match="all-linear leaves out"):
-        peft_kernels.apply_lora(quantized, "all-linear")
-    assert isinstance(quantized[2], peft_kernels.nn.LoRALinear) and type(quantized[0]) is nn.Linear
+    with pytest.raises(ValueError, match=r"apply_lora: 0 \(its weight is a Int8Tensor .*DoRA needs the base weight"):
+        peft_kernels.apply_lora(copy.deepcopy(quantized), ["0"], use_dora=True)
+    theirs = peft.get_peft_model(copy.deepcopy(quantized), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    nn.init.normal_(theirs.base_model.model[0].lora_B["default"].weight, std=0.3)
+    ours = peft_kernels.apply_lora(copy.deepcopy(quantized), "all-linear", r=4, alpha=8)  # no warning: none left out
+    assert type(ours[0]) is peft_kernels.nn.LoRABranchLinear and isinstance(ours[2], peft_kernels.nn.LoRALinear)
+    with torch.no_grad():
+        ours[0].lora_A.copy_(theirs.base_model.model[0].lora_A["default"].weight)
+        ours[0].lora_B.copy_(theirs.base_model.model[0].lora_B["default"].weight)
+        ours[2].lora_B.zero_()  # PEFT adapted only "0"
+    (y1, gx1, g1), (y0, gx0, g0) = _run(ours, x), _run(theirs, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    for ours_name, peft_name in (("0.lora_A", "base_model.model.0.lora_A.default.weight"),
+                                 ("0.lora_B", "base_model.model.0.lora_B.default.weight")):
+        assert torch.allclose(g1[ours_name], g0[peft_name], rtol=1e-4, atol=1e-5), ours_name
+    assert all(not n.startswith("0.base_layer") for n in g1)  # the quantized base stays frozen
+    ours[2] = quantized[2]  # only "0" adapted, as in PEFT's model, for the files
+    peft_kernels.save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = peft_kernels.load_adapter(copy.deepcopy(quantized), tmp_path / "theirs")
+    assert type(back[0]) is peft_kernels.nn.LoRABranchLinear
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), y0, atol=1e-5) and torch.allclose(back(x), y0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"merge_and_unload: \['0 \(Linear\)'\] keep a base that computes its own"):
+        peft_kernels.merge_and_unload(back)

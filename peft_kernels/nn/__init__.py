@@ -1,8 +1,9 @@
 """Drop-in modules: they hold parameters and call one functional op each."""
+from .branch import LoRABranchLinear
 from .dora import DoRALinear
 from .lora import LoRALinear
 from .qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .sparse import SparseDeltaLinear
 
-__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QDoRALinear", "IntQLoRALinear", "IntQDoRALinear",
+__all__ = ["LoRALinear", "LoRABranchLinear", "DoRALinear", "QLoRALinear", "QDoRALinear", "IntQLoRALinear", "IntQDoRALinear",
            "SparseDeltaLinear"]
