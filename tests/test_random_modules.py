@@ -1,6 +1,6 @@
 """Random module configurations (fixed seeds), end to end through what a user does with them:
 apply_lora over a small model (dense, NF4/FP4/INT8/INT4 bases, LoRA or DoRA, dropout, rsLoRA,
-fp64/fp32/bf16), a training step, dropout replayed by the seed, save_adapter / load_adapter onto
+fp64/fp32/bf16; a first layer that is an nn.Linear, GPT-2's Conv1D or a subclass with its own forward), a training step, dropout replayed by the seed, save_adapter / load_adapter onto
 a fresh base (identical outputs), merge / unmerge (dense bases), casts there and back (quantized
 bases: the quantization state stays exact). Each case checks properties tested one by one
 elsewhere; together they catch what only a combination breaks."""
@@ -14,18 +14,35 @@ from torch import nn
 import peft_kernels
 from peft_kernels.nn import LoRALinear
 
-CASES = 60
+CASES = 80
 
 
 def _config(seed: int) -> dict:
     rng = random.Random(seed)
     quant = rng.choice([None, None, "nf4", "fp4", "int8", "int4"])
     sizes = [64, 128, 192] if quant == "int4" else [7, 32, 33, 64, 96]
-    return dict(quant=quant, dims=[rng.choice(sizes) for _ in range(3)], dora=rng.random() < 0.4,
-                bias=rng.random() < 0.7, r=rng.choice([1, 2, 3, 8]), alpha=rng.choice([1, 8, 16.0]),
-                p=rng.choice([0.0, 0.0, 0.1, 0.5]), rslora=rng.random() < 0.3,
-                dtype=rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16]),
-                targets=rng.choice([["0"], ["2"], ["0", "2"], "all-linear"]))
+    cfg = dict(quant=quant, dims=[rng.choice(sizes) for _ in range(3)], dora=rng.random() < 0.4,
+               bias=rng.random() < 0.7, r=rng.choice([1, 2, 3, 8]), alpha=rng.choice([1, 8, 16.0]),
+               p=rng.choice([0.0, 0.0, 0.1, 0.5]), rslora=rng.random() < 0.3,
+               dtype=rng.choice([torch.float32, torch.float32, torch.float64, torch.bfloat16]),
+               targets=rng.choice([["0"], ["2"], ["0", "2"], "all-linear"]))
+    # the first layer: an nn.Linear, GPT-2's Conv1D ([in, out] weight), or a subclass with a forward
+    # of its own (a LoRABranchLinear beside it; LoRA only, over its own dense computation)
+    first = rng.choice(["linear", "linear", "linear", "conv1d", "scaled"])
+    cfg["first"] = "linear" if first == "scaled" and (cfg["quant"] or cfg["dora"]) else first
+    return cfg
+
+
+class Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _first_layer(cfg, d0, d1):
+    if cfg["first"] == "conv1d":
+        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        return conv1d(d1, d0)  # always with a bias
+    return (Scaled if cfg["first"] == "scaled" else nn.Linear)(d0, d1, bias=cfg["bias"])
 
 
 @pytest.mark.parametrize("seed", range(CASES))
@@ -33,7 +50,7 @@ def test_random_module_configuration(seed, tmp_path):
     cfg = _config(seed)
     torch.manual_seed(seed)
     d0, d1, d2 = cfg["dims"]
-    base = nn.Sequential(nn.Linear(d0, d1, bias=cfg["bias"]), nn.GELU(),
+    base = nn.Sequential(_first_layer(cfg, d0, d1), nn.GELU(),
                          nn.Linear(d1, d2, bias=cfg["bias"])).to(cfg["dtype"])
     model = peft_kernels.apply_lora(copy.deepcopy(base), cfg["targets"], r=cfg["r"], alpha=cfg["alpha"],
                                     dropout=cfg["p"], use_rslora=cfg["rslora"], quantize=cfg["quant"],
