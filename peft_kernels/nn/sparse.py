@@ -127,12 +127,12 @@ class SparseDeltaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         merged = True
-        if torch.compiler.is_compiling():
-            # Traced: the O(k) scatter every step. The version bookkeeping below (data pointers,
-            # ids) cannot be traced, and a compiled graph must not depend on who updated the values.
-            self._write_merged()
-        elif not self.keeps_merged:
-            merged = False  # a weight held by FSDP & co.: merge around each product (keeps_merged)
+        if torch.compiler.is_compiling() or not self.keeps_merged:
+            # W0 + delta (from base_values) written around each product, O(k) each: for a weight held
+            # by FSDP & co. (keeps_merged), and when traced, where the bookkeeping below (data
+            # pointers, ids, weak references) cannot be, and where a weight FSDP gathers would not
+            # keep a write until backward either.
+            merged = False
         elif self._synced != self._version_key():
             self.sync_()
         y = sparse_delta_linear(x, self.weight, self.delta_values, self.delta_index, self.bias,
