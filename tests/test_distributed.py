@@ -1,6 +1,7 @@
-"""DistributedDataParallel (gloo, two CPU processes): every adapter kind trains as one process
-does on the whole batch — the adapters' gradients are all-reduced, the frozen bases and the
-sparse layers' bookkeeping buffers stay consistent."""
+"""DistributedDataParallel and FSDP2's fully_shard (gloo, two CPU processes): every adapter kind
+trains as one process does on the whole batch — the adapters' gradients are all-reduced (or
+reduce-scattered), the frozen bases and the sparse layers' bookkeeping stay consistent, 4-bit bases
+are sharded, and replicas regrow sparse masks alike."""
 import pytest
 import torch
 import torch.distributed as dist
