@@ -93,6 +93,19 @@ def gloo_exit():
     os._exit(0)
 
 
+def gloo_gather_exit(results, out_file: str):
+    """End a gloo worker: every rank's ``results`` gathered to rank 0, which saves the list (one
+    entry per rank) to ``out_file``; then gloo_exit()."""
+    import torch
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        torch.save(gathered, out_file)
+    gloo_exit()
+
+
 def gloo_spawn(worker, args, nprocs: int = 2, timeout: float = 300.0):
     """Run worker(rank, *args) in ``nprocs`` processes; a hung rank fails the test instead of
     hanging CI."""

@@ -10,7 +10,7 @@ from torch import nn
 import peft_kernels
 from peft_kernels.sparse import SparseAdamW, mask_gradients_
 
-from helpers import gloo_exit, gloo_init, gloo_spawn
+from helpers import gloo_gather_exit, gloo_init, gloo_spawn
 
 KINDS = ["lora", "dora", "nf4", "int4", "sparse", "mask"]
 STEPS, BATCH = 3, 8
@@ -37,9 +37,8 @@ def _model(kind):
     return model, opt
 
 
-def _train(kind, rank=0, world=1):
-    model, opt = _model(kind)
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+def _steps(net, opt, rank, world):
+    """STEPS optimizer steps, this rank on its share of each batch."""
     data = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
         x, target = torch.randn(BATCH, 32, generator=data), torch.randn(BATCH, 16, generator=data)
@@ -47,17 +46,18 @@ def _train(kind, rank=0, world=1):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def _train(kind, rank=0, world=1):
+    model, opt = _model(kind)
+    _steps(nn.parallel.DistributedDataParallel(model) if world > 1 else model, opt, rank, world)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _worker(rank, world, init_file, out_file):
     gloo_init(rank, world, init_file)
     results = {kind: _train(kind, rank, world) for kind in KINDS}
-    gathered = [None] * world
-    dist.all_gather_object(gathered, results)
-    if rank == 0:
-        torch.save(gathered, out_file)
-    gloo_exit()
+    gloo_gather_exit(results, out_file)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
@@ -117,13 +117,7 @@ def _train_fsdp(kind, rank=0, world=1):
     if world > 1 or kind == "sparse/adamw":  # the optimizer must see the sharded parameters
         opt = type(opt)(model, lr=1e-2) if kind in ("sparse", "mask") else \
             torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    data = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        x, target = torch.randn(BATCH, 32, generator=data), torch.randn(BATCH, 16, generator=data)
-        loss = (model(x.chunk(world)[rank]) - target.chunk(world)[rank]).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _steps(model, opt, rank, world)
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in model.state_dict().items()}
     return _w0_at_delta_positions(model, full)
@@ -166,11 +160,7 @@ def _fsdp_worker(rank, world, init_file, out_file):
     results["warnings"] = sorted({str(w.message)[:160] for w in caught if "view" in str(w.message)})
     results["regrow"] = _regrow_error_when_sharded(world)
     results["quantized shares"] = _quantized_storage_shares(world)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, results)
-    if rank == 0:
-        torch.save(gathered, out_file)
-    gloo_exit()
+    gloo_gather_exit(results, out_file)
 
 
 @pytest.mark.skipif(not _fsdp_available(), reason="needs torch.distributed FSDP2 (fully_shard) with gloo")
@@ -217,11 +207,7 @@ def _regrow_worker(rank, world, init_file, out_file):
             opt.step()
         layer.regrow_(0.3, optimizer=opt)
         indices.append((layer.delta_index.clone(), layer.candidate_index.clone()))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, indices)
-    if rank == 0:
-        torch.save(gathered, out_file)
-    gloo_exit()
+    gloo_gather_exit(indices, out_file)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
