@@ -102,8 +102,9 @@ def _w0_at_delta_positions(model, state):
 FSDP_KINDS = KINDS + ["sparse/adamw"]
 
 
-def _train_fsdp(kind, rank=0, world=1):
-    """_train with fully_shard on every layer holding parameters and on the model (world > 1);
+def _train_fsdp(kind, rank=0, world=1, compiled=False):
+    """_train with fully_shard on every layer holding parameters and on the model (world > 1),
+    under torch.compile when ``compiled`` (the sharded ranks only: the reference is eager);
     returns the full (gathered) state."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -117,7 +118,7 @@ def _train_fsdp(kind, rank=0, world=1):
     if world > 1 or kind == "sparse/adamw":  # the optimizer must see the sharded parameters
         opt = type(opt)(model, lr=1e-2) if kind in ("sparse", "mask") else \
             torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    _steps(model, opt, rank, world)
+    _steps(torch.compile(model) if compiled else model, opt, rank, world)
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in model.state_dict().items()}
     return _w0_at_delta_positions(model, full)
@@ -135,6 +136,28 @@ def _regrow_error_when_sharded(world):
     except RuntimeError as exc:
         return str(exc)
     return None
+
+
+COMPILED_KINDS = ["lora", "nf4", "sparse", "mask"]
+
+
+def _fsdp_compiled_worker(rank, world, init_file, out_file):
+    gloo_init(rank, world, init_file)
+    gloo_gather_exit({kind: _train_fsdp(kind, rank, world, compiled=True) for kind in COMPILED_KINDS}, out_file)
+
+
+@pytest.mark.skipif(not _fsdp_available(), reason="needs torch.distributed FSDP2 (fully_shard) with gloo")
+def test_fsdp2_under_torch_compile_trains_like_one_eager_process(tmp_path):
+    """fully_shard and torch.compile together (the usual large-model setup): the same parameters as
+    one eager process. The compiled sparse layer wrote W0 + delta once per forward and relied on it
+    until backward, which FSDP's re-gathered weight does not keep: its gradients were wrong."""
+    gloo_spawn(_fsdp_compiled_worker, (2, str(tmp_path / "init"), str(tmp_path / "out.pt")))
+    ranks = torch.load(tmp_path / "out.pt")
+    for kind in COMPILED_KINDS:
+        single = _train_fsdp(kind)
+        for rank in ranks:
+            for key, value in single.items():
+                assert torch.allclose(rank[kind][key].float(), value.float(), rtol=1e-4, atol=1e-5), (kind, key)
 
 
 def _quantized_storage_shares(world):
