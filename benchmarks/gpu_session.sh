@@ -57,7 +57,7 @@ case "$part" in
     step 45 python3 benchmarks/lora_host_pieces.py \
       >"$OUT/lora_host_$gpu.txt"
     # our host code alone per op (Triton launches stubbed): compare with the CPU figures in NOTES.md
-    step 60 python3 benchmarks/host_stubbed.py --device cuda --out "$OUT/host_stubbed_$gpu.json"
+    step 30 python3 benchmarks/host_stubbed.py --device cuda --reps 500 --out "$OUT/host_stubbed_$gpu.json"
     ;;
   quant)
     step 200 python3 benchmarks/bench_qlora.py --out "$OUT/qlora_$gpu.json"
