@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import resource
 import sys
 import time
@@ -19,6 +20,7 @@ import torch
 from . import apply_lora, apply_sparse
 from .bench import harness
 from .sparse import SparseAdamW
+from .sparse.masking import set_submodule
 
 METHODS = ("lora", "qlora", "dora", "sparse")
 SPARSE_DENSITY = 0.01
@@ -71,22 +73,14 @@ def _to_bnb_nf4(model, targets):
     """QLoRA the usual way: each targeted nn.Linear becomes a bitsandbytes Linear4bit holding the
     NF4 bytes apply_lora(quantize="nf4") computes from the same weight (NF4Weight.to_bnb, no
     re-quantization), so both engines train over the same frozen 4-bit base."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise SystemExit("--compare-peft with qlora needs bitsandbytes (pip install bitsandbytes)") from None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SystemExit("--compare-peft with qlora needs bitsandbytes (pip install bitsandbytes)")
     from .apply import target_matches
     from .quant import NF4Weight
 
     for name, lin in list(model.named_modules()):
         if isinstance(lin, torch.nn.Linear) and target_matches(name, targets):
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=lin.weight.dtype, quant_type="nf4", device=lin.weight.device)
-            q.weight = NF4Weight.from_float(lin.weight.detach()).to_bnb()
-            if lin.bias is not None:
-                q.bias = torch.nn.Parameter(lin.bias.detach(), requires_grad=False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+            set_submodule(model, name, NF4Weight.from_float(lin.weight.detach()).to_bnb_linear(lin.bias))
 
 
 def _to_dense_grad_masking(model):
@@ -105,8 +99,7 @@ def _to_dense_grad_masking(model):
             lin.weight.masked_entries = mod.num_trainable
             if lin.bias is not None:
                 lin.bias.requires_grad_(False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+            set_submodule(model, name, lin)
 
 
 def _peak_mib(device) -> float:

@@ -34,10 +34,7 @@ def _bnb_linear4bit(q, dtype):
     """A bitsandbytes Linear4bit holding q's NF4 bytes (shared, not re-quantized); None (with the
     reason printed) where bitsandbytes is missing or cannot run on q's device."""
     try:
-        import bitsandbytes as bnb
-        lin = bnb.nn.Linear4bit(q.shape[1], q.shape[0], bias=False, compute_dtype=dtype, quant_type="nf4")
-        lin.weight = q.to_bnb()
-        return lin
+        return q.to_bnb_linear(compute_dtype=dtype)
     except Exception as exc:
         print(f"\n  (bitsandbytes cases skipped: {type(exc).__name__}: {str(exc)[:100]})", file=sys.stderr)
         return None

@@ -316,6 +316,19 @@ class Bnb4bitWeight:
                                  compress_statistics=self.nested, quant_type=self.quant_type,
                                  bnb_quantized=True, module=None)
 
+    def to_bnb_linear(self, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        """A bitsandbytes Linear4bit over these exact bytes (``to_bnb()``) and ``bias`` (frozen,
+        sharing its storage), computing in ``compute_dtype`` (default: this weight's dtype)."""
+        import bitsandbytes as bnb
+
+        out_features, in_features = self.shape
+        lin = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
+                                compute_dtype=compute_dtype or self.dtype, quant_type=self.quant_type)
+        lin.weight = self.to_bnb()
+        if bias is not None:
+            lin.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
+        return lin
+
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes' Linear4bit writes for its weight, under the same keys."""
         out = {prefix: self.packed, f"{prefix}.absmax": self.absmax,
