@@ -176,9 +176,8 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
         return batched(grad_y, x, index, shape, block).float()
     if block is not None:
         bh, bw = block
-        out = torch.empty(k, bh, bw, dtype=torch.float32, device=x.device)
         if k == 0:
-            return out
+            return torch.empty(0, bh, bw, dtype=torch.float32, device=x.device)
         n_bc = shape[1] // bw
         b = index.long()
         tile_r = (b // n_bc * bh).to(torch.int32)
@@ -188,15 +187,14 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
         split = max(1, min(cdiv(4 * _num_sms(x.device), k), cdiv(M, 4 * bt)))
         m_per = cdiv(cdiv(M, split), bt) * bt
         split = cdiv(M, m_per)
-        atomic = split > 1 and not determinism.enabled()
-        if atomic:
-            out.zero_()
-        elif split > 1:
-            out = torch.empty(split, k, bh, bw, dtype=torch.float32, device=x.device)
+        sliced = split > 1 and determinism.enabled()  # one slice per token split, summed below
+        out = torch.empty((split, k, bh, bw) if sliced else (k, bh, bw), dtype=torch.float32, device=x.device)
+        if split > 1 and not sliced:
+            out.zero_()  # atomically added into
         launch(_sddmm_block_kernel, (k, split), grad_y, x, tile_r, tile_c, out, M, m_per, grad_y.stride(0),
-               x.stride(0), bh, bw, IEEE=ieee, SPLIT=atomic, TR=_tile_side(bh), TC=_tile_side(bw), BT=bt,
-               num_warps=4)
-        return out if atomic or split == 1 else determinism.sum_slices(out)
+               x.stride(0), bh, bw, IEEE=ieee, SPLIT=split > 1 and not sliced, TR=_tile_side(bh),
+               TC=_tile_side(bw), BT=bt, num_warps=4)
+        return out.sum(0) if sliced else out
     out = torch.empty(k, dtype=torch.float32, device=x.device)
     if k == 0:
         return out
