@@ -60,17 +60,22 @@ def _worker(rank, world, init_file, out_file):
     gloo_gather_exit(results, out_file)
 
 
+def _assert_ranks_match(ranks, kind, single, rtol=1e-5, atol=1e-6):
+    """Every rank's state for ``kind`` equals one process's (``single``): the mean of two half-batch
+    gradients is the whole batch's up to fp32 rounding."""
+    for rank in ranks:
+        assert rank[kind].keys() == single.keys()
+        for key, value in single.items():
+            assert torch.allclose(rank[kind][key].float(), value.float(), rtol=rtol, atol=atol), (kind, key)
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_trains_every_adapter_kind_like_one_process(tmp_path):
     gloo_spawn(_worker, (2, str(tmp_path / "init"), str(tmp_path / "out.pt")))
     ranks = torch.load(tmp_path / "out.pt")
     for kind in KINDS:
         single = _train(kind)
-        for rank in ranks:
-            assert rank[kind].keys() == single.keys()
-            for key, value in single.items():
-                # The mean of two half-batch gradients is the whole batch's up to fp32 rounding.
-                assert torch.allclose(rank[kind][key].float(), value.float(), rtol=1e-5, atol=1e-6), (kind, key)
+        _assert_ranks_match(ranks, kind, single)
         assert any(not torch.equal(single[k], _model(kind)[0].state_dict()[k]) for k in single), kind  # it trained
 
 
@@ -154,10 +159,7 @@ def test_fsdp2_under_torch_compile_trains_like_one_eager_process(tmp_path):
     gloo_spawn(_fsdp_compiled_worker, (2, str(tmp_path / "init"), str(tmp_path / "out.pt")))
     ranks = torch.load(tmp_path / "out.pt")
     for kind in COMPILED_KINDS:
-        single = _train_fsdp(kind)
-        for rank in ranks:
-            for key, value in single.items():
-                assert torch.allclose(rank[kind][key].float(), value.float(), rtol=1e-4, atol=1e-5), (kind, key)
+        _assert_ranks_match(ranks, kind, _train_fsdp(kind), rtol=1e-4, atol=1e-5)
 
 
 def _quantized_storage_shares(world):
@@ -200,11 +202,7 @@ def test_fsdp2_trains_every_adapter_kind_like_one_process(tmp_path):
         for kind, (local, whole) in rank.pop("quantized shares").items():
             assert local * 2 == whole, kind  # each of the two ranks holds half of the 4-bit base
     for kind in FSDP_KINDS:
-        single = _train_fsdp(kind)
-        for rank in ranks:
-            assert rank[kind].keys() == single.keys()
-            for key, value in single.items():
-                assert torch.allclose(rank[kind][key].float(), value.float(), rtol=1e-5, atol=1e-6), (kind, key)
+        _assert_ranks_match(ranks, kind, _train_fsdp(kind))
 
 
 # ----------------------------------------------------------------------------- regrowth under DDP
