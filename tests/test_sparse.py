@@ -552,6 +552,50 @@ def test_module_training_matches_dense_masked_training():
     assert sd.merge().shape == (8, 16) and torch.equal(sd.base_weight().reshape(-1)[pos], sd.base_values)
 
 
+def _foreign_optimizers():
+    yield "torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True)
+    yield "torch SGD", lambda ps: torch.optim.SGD(ps, lr=0.05)
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # not installed on this platform
+        return
+    yield "bitsandbytes AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps, lr=0.05)
+
+
+@pytest.mark.parametrize("make", [pytest.param(make, id=name) for name, make in _foreign_optimizers()])
+def test_forward_sees_updates_that_do_not_bump_the_version(make):
+    """Every forward uses W0 + the current delta, whatever updated delta_values. The forward used to
+    trust delta_values' version counter, which torch.optim.AdamW(fused=True) (HF Trainer's
+    adamw_torch_fused), bitsandbytes' optimizers and writes through .data leave as it was: the
+    model then trained delta while its output stayed at W0 — silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40))
+    peft_kernels.apply_sparse(model, ["0"], density=0.2, backend="torch")
+    sd = model[0]
+    opt = make([sd.delta_values])
+    x = torch.randn(6, 24)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert sd.delta_values.detach().abs().max() > 0  # it did train
+    want = x @ sd.merge().T + sd.bias.detach()  # W0 + delta, built afresh from base_values
+    assert rel_err(model(x).detach(), want) < FLOOR[torch.float32]
+    sd.delta_values.data.normal_()  # no version bump either
+    want = x @ sd.merge().T + sd.bias.detach()
+    assert rel_err(model(x).detach(), want) < FLOOR[torch.float32]
+    # SparseAdamW writes the merged weight itself and lets the next forwards skip the write
+    writes = []
+    sd._write_merged = lambda: writes.append(1)
+    opt = SparseAdamW(sd, lr=0.05)
+    model(x).square().mean().backward()
+    assert len(writes) == 1
+    opt.step()
+    model(x)
+    model(x)
+    assert len(writes) == 1
+
+
 def test_mask_gradients_tied_heads_and_patterns_that_match_nothing():
     """A head tied to the embedding is listed once by named_parameters() (as the embedding):
     "head.*" must still select it. A pattern matching no name is an error, not a frozen model."""

@@ -60,7 +60,7 @@ class SparseDeltaLinear(nn.Module):
         with torch.no_grad():
             self.register_buffer("base_values", self.weight.view(-1)[self._positions()].clone())
         self._adopted = weakref.ref(self.weight)
-        self._synced = self._version_key()
+        self._synced = None  # see forward: only SparseAdamW's mark_synced lets a forward skip the write
         # track_candidates_'s state: buffers (not saved), so that they follow .to(device)
         self.register_buffer("candidate_index", None, persistent=False)
         self.register_buffer("candidate_scores", None, persistent=False)
@@ -112,7 +112,8 @@ class SparseDeltaLinear(nn.Module):
         return (id(v), v.data_ptr(), v._version, self.delta_index._version)
 
     def mark_synced(self):
-        """Called by SparseAdamW after it wrote the merged weight itself."""
+        """Called by SparseAdamW after it wrote W0 + Delta into the merged weight itself: forwards
+        skip the write until delta_values changes (a new version, tensor or address)."""
         self._synced = self._version_key()
 
     @torch.no_grad()
@@ -121,9 +122,8 @@ class SparseDeltaLinear(nn.Module):
                                                                 self.weight.dtype)
 
     def sync_(self):
-        """weight[pos] = base + delta (after delta_values changed by anything but SparseAdamW)."""
+        """weight[pos] = W0 + delta now (every forward does it anyway unless SparseAdamW just did)."""
         self._write_merged()
-        self._synced = self._version_key()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         merged = True
@@ -134,7 +134,11 @@ class SparseDeltaLinear(nn.Module):
             # keep a write until backward either.
             merged = False
         elif self._synced != self._version_key():
-            self.sync_()
+            # W0 + delta written at the k positions, O(k), unless SparseAdamW wrote it with its last
+            # update. The version counter alone cannot tell: torch.optim.AdamW(fused=True) (HF
+            # Trainer's adamw_torch_fused), bitsandbytes' optimizers and writes through .data change
+            # delta_values without bumping it, and the forward then kept the stale W0 + delta.
+            self._write_merged()
         y = sparse_delta_linear(x, self.weight, self.delta_values, self.delta_index, self.bias,
                                 shape_or_block=self.block, merged=merged, backend=self.backend,
                                 base_values=None if merged else self.base_values)

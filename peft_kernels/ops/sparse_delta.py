@@ -6,7 +6,8 @@ weight gradient at the k positions only: no [out, in] gradient is ever formed).
 
 Forward uses a weight that holds W0 + Delta:
 - merged=True (what SparseDeltaLinear does): ``weight`` already is W0 + Delta, kept so in place at
-  the k positions (SparseAdamW writes them; the module re-syncs after any other update).
+  the k positions (SparseAdamW writes them with its update; otherwise the module writes them, O(k),
+  in each forward).
 - merged=False: ``weight`` is W0. The k positions are set to W0 + Delta for the duration of each
   product and restored bit-exactly afterwards (O(k) work; no dense clone). ``weight`` is therefore
   written to (and restored) during the call: do not read it concurrently from another stream.
