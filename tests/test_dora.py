@@ -262,6 +262,29 @@ def test_module_computes_the_frozen_row_norm_once_per_weight_version(monkeypatch
     assert n5 == 1 and torch.allclose(y5, y4, atol=1e-5)
 
 
+def test_a_trained_base_weight_is_never_served_a_cached_row_norm(monkeypatch):
+    """A base weight that trains gets ‖W_i‖² afresh on every call: torch's fused AdamW (HF Trainer's
+    adamw_torch_fused) updates it without bumping its version counter, and the cached norm of the
+    step-0 weight stayed in use."""
+    torch.manual_seed(0)
+    layer = DoRALinear.from_linear(nn.Linear(19, 11), r=3, alpha=6)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    layer.weight.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=True)
+    x = torch.randn(4, 19)
+    for _ in range(2):
+        layer(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    want = peft_kernels.dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.bias,
+                                    scaling=layer.scaling)
+    assert torch.equal(layer(x), want)
+    calls = _counting_row_sq(monkeypatch)
+    layer(x)
+    layer(x)
+    assert len(calls) == 2
+
+
 def test_module_row_norm_cache_under_autocast_inference_mode_and_copies(monkeypatch):
     """Under autocast the cached norm is the autocast-cast weight's (bit-equal to the op's own);
     a norm cached under inference mode serves a later training step; a layer built under

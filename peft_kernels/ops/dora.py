@@ -67,9 +67,11 @@ def cached_weight_row_sq(cache: TensorCache, key: torch.Tensor, weight, x: torch
     on), computed once and reused while ``key`` is the same tensor at the same version: an optimizer
     step, merge or load_state_dict on it recomputes. It is a full read of W per call otherwise, for
     a value that never changes while W is frozen. None (dora_linear recomputes) inside
-    torch.compile, where the graph computes it, and for a weight made under inference mode (such a
-    tensor has no version counter to tell a change by)."""
-    if torch.compiler.is_compiling() or key.is_inference():
+    torch.compile, where the graph computes it, for a weight made under inference mode (such a
+    tensor has no version counter to tell a change by), and for a weight that trains: it changes
+    every step anyway, and torch's fused AdamW or bitsandbytes' optimizers update it without
+    bumping the version counter, which left a stale ‖W_i‖² in use."""
+    if torch.compiler.is_compiling() or key.is_inference() or key.requires_grad:
         return None
     if isinstance(weight, QUANTIZED):  # the format's exact values: autocast does not recast them
         extra = (type(weight).__name__,)
