@@ -23,6 +23,7 @@ from .nn._adapter import LoRAAdapter, features, is_conv1d
 from .nn.sparse import SparseDeltaLinear
 from .ops._checks import check_materialized
 from .sparse import layout
+from .sparse.masking import is_tied, parameter_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -187,12 +188,14 @@ def _load_shira(model: nn.Module, directory: Path, config: dict, backend: str) -
             raise ValueError(f"load_adapter: {n}: shira_indices list a position twice")
         entries[n] = (index, values if order is None else values[order])
     targets = _targets("load_adapter", model, "|".join(re.escape(n) for n in names))
+    tied = parameter_names(model)
     new = []
     with requires_grad_restored_on_error(model):
         for name, _, _, linear in targets:
             index, values = entries[name]
             layer = SparseDeltaLinear(linear.weight, linear.bias, index, backend=backend,  # fp32, or fp64 as saved
-                                      values_dtype=torch.promote_types(values.dtype, torch.float32))
+                                      values_dtype=torch.promote_types(values.dtype, torch.float32),
+                                      merge_in_place=not is_tied(tied, linear.weight))
             with torch.no_grad():
                 layer.delta_values.copy_(values)
             layer.sync_()  # the merged weight holds W0 + delta at the positions

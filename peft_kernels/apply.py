@@ -17,7 +17,7 @@ from .nn.sparse import SparseDeltaLinear
 from .ops import _checks
 from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
-from .sparse.masking import set_submodule
+from .sparse.masking import is_tied, parameter_names, set_submodule
 
 
 ALL_LINEAR_SKIPS = ("lm_head", "output", "classifier", "score")  # output layers and heads, by name
@@ -119,15 +119,20 @@ def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01,
     count per layer, e.g. ``lambda lin: 4 * (lin.in_features + lin.out_features)`` — PEFT SHiRA's
     size for r = 4, which save_adapter needs; ``mask`` and ``block`` as in
     SparseDeltaLinear.from_linear; layer i's random mask uses seed + i). Everything else is
-    frozen. Returns ``model``, modified in place; train it with peft_kernels.sparse.SparseAdamW."""
+    frozen. Returns ``model``, modified in place; train it with peft_kernels.sparse.SparseAdamW.
+    A targeted layer whose weight is tied to another module's (an LM head sharing the input
+    embedding) gets its delta merged around each product, never into the shared weight
+    (merge_in_place=False): the delta belongs to this layer only, as a LoRA adapter would."""
     targets = _targets("apply_sparse", model, target_modules)
+    names = parameter_names(model)
     new = []
     with requires_grad_restored_on_error(model):
         for i, (name, _, _, linear) in enumerate(targets):
             try:
                 count = num_params(linear) if callable(num_params) else num_params
                 new.append(SparseDeltaLinear.from_linear(linear, density=density, num_params=count, mask=mask,
-                                                         block=block, seed=seed + i, backend=backend))
+                                                         block=block, seed=seed + i, backend=backend,
+                                                         merge_in_place=not is_tied(names, linear.weight)))
             except ValueError as exc:  # e.g. num_params larger than this layer: say which layer
                 raise ValueError(f"apply_sparse: {name} [{linear.out_features}, {linear.in_features}]: {exc}") from exc
     return _replace(model, targets, new)

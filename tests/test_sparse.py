@@ -616,6 +616,56 @@ def test_mask_gradients_tied_heads_and_patterns_that_match_nothing():
         mask_gradients_(Tied(), {"head.weight": torch.rand(10, 6) < 0.5})
 
 
+class _TiedLM(nn.Module):
+    def __init__(self, vocab=30, dim=12):
+        super().__init__()
+        self.embed, self.body = nn.Embedding(vocab, dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.body(self.embed(tokens))))
+
+
+def test_a_delta_on_a_tied_head_leaves_the_embedding_alone(tmp_path):
+    """apply_sparse on a head tied to the input embedding: the delta is the head's alone (as a LoRA
+    adapter on it would be), merged around each product, never into the shared weight — the
+    merged write used to change the embedding too, which no gradient accounted for. Loading
+    (both formats) keeps that; merge_and_unload unties the head."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    original = copy.deepcopy(model)
+    w0 = model.embed.weight.detach().clone()
+    # k = in + out per layer: PEFT SHiRA's size for r = 1, so that save_adapter can write it
+    peft_kernels.apply_sparse(model, ["head", "body"], num_params=lambda lin: lin.in_features + lin.out_features,
+                              backend="torch")
+    head, body = model.head, model.body
+    assert not head.merge_in_place and not head.keeps_merged and body.keeps_merged
+    opt = SparseAdamW(model, lr=0.05)
+    tokens = torch.randint(0, 30, (4, 5))
+    for _ in range(3):
+        model(tokens).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert head.delta_values.detach().abs().max() > 0
+    assert torch.equal(model.embed.weight, w0) and head.weight is model.embed.weight
+    h = torch.tanh(body(model.embed(tokens)))
+    assert rel_err(model(tokens).detach(), (h @ head.merge().T).detach()) < FLOOR[torch.float32]
+
+    save_sparse_delta(model, str(tmp_path / "delta.safetensors"))
+    peft_kernels.save_adapter(model, tmp_path / "shira")
+    for load in (lambda m: load_sparse_delta(m, str(tmp_path / "delta.safetensors"), backend="torch"),
+                 lambda m: peft_kernels.load_adapter(m, tmp_path / "shira", backend="torch")):
+        twin = copy.deepcopy(original)
+        load(twin)
+        assert not twin.head.keeps_merged and twin.body.keeps_merged and torch.equal(twin.embed.weight, w0)
+        assert torch.allclose(twin(tokens), model(tokens), rtol=1e-6, atol=1e-6)
+
+    merged = peft_kernels.merge_and_unload(model)
+    assert merged.head.weight is not merged.embed.weight and torch.equal(merged.embed.weight, w0)
+    assert torch.equal(merged.head.weight, head.merge())
+
+
 def test_mask_gradients_bitfit_head_and_partial():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 12), nn.LayerNorm(12), nn.Linear(12, 4))

@@ -36,10 +36,13 @@ class SparseDeltaLinear(nn.Module):
     weight's dtype, so W0 is recoverable exactly), and the Parameter ``delta_values`` [k] or
     [nb, bh, bw] (fp32 by default; starts at zero, so a fresh module equals the Linear).
     Gradients reach delta_values only at the k positions (peft_kernels.sparse_delta_linear).
+    ``merge_in_place=False`` leaves ``weight`` at W0 and merges around each product instead: for a
+    weight another module shares (a head tied to the input embedding), which a merged write would
+    change too. apply_sparse, load_adapter and load_sparse_delta choose it for tied weights.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, delta_index: torch.Tensor, block=None,
-                 values_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+                 values_dtype: torch.dtype = torch.float32, backend: str = "auto", merge_in_place: bool = True):
         super().__init__()
         shape = tuple(weight.shape)
         check_materialized(weight, "weight", "SparseDeltaLinear")  # W0 at the positions is kept
@@ -59,6 +62,7 @@ class SparseDeltaLinear(nn.Module):
         check_delta("SparseDeltaLinear", self.weight, self.delta_values, self.delta_index, self.block)
         with torch.no_grad():
             self.register_buffer("base_values", self.weight.view(-1)[self._positions()].clone())
+        self.merge_in_place = bool(merge_in_place)
         self._adopted = weakref.ref(self.weight)
         self._synced = None  # see forward: only SparseAdamW's mark_synced lets a forward skip the write
         # track_candidates_'s state: buffers (not saved), so that they follow .to(device)
@@ -69,7 +73,8 @@ class SparseDeltaLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, density: float | None = 0.01, num_params: int | None = None,
                     mask="random", block=None, seed: int = 0, scores: torch.Tensor | None = None,
-                    values_dtype: torch.dtype = torch.float32, backend: str = "auto") -> "SparseDeltaLinear":
+                    values_dtype: torch.dtype = torch.float32, backend: str = "auto",
+                    merge_in_place: bool = True) -> "SparseDeltaLinear":
         """Wrap ``linear`` (its weight and bias are shared, frozen, not copied).
 
         mask: "random" (uniform, ``seed``), "magnitude" (largest |W0|), "gradient" (largest
@@ -82,7 +87,8 @@ class SparseDeltaLinear(nn.Module):
             raise TypeError(f"SparseDeltaLinear.from_linear expects nn.Linear, got {type(linear).__name__}")
         index = layout.build_index("SparseDeltaLinear.from_linear", linear.weight, density=density,
                                    num_params=num_params, mask=mask, block=block, seed=seed, scores=scores)
-        return cls(linear.weight, linear.bias, index, block=block, values_dtype=values_dtype, backend=backend)
+        return cls(linear.weight, linear.bias, index, block=block, values_dtype=values_dtype, backend=backend,
+                   merge_in_place=merge_in_place)
 
     # ------------------------------------------------------------------ merged-weight upkeep
     def _positions(self) -> torch.Tensor:
@@ -104,8 +110,9 @@ class SparseDeltaLinear(nn.Module):
         load_state_dict(assign=True)) put other tensors in its place — shards, or a gathered copy
         that is freed after forward and gathered again from the unwritten shard for backward. Then
         every product merges temporarily instead (sparse_delta_linear with merged=False: W0 + Delta
-        written at the k positions around each of the forward and backward products, O(k) each)."""
-        return self._adopted() is self.weight
+        written at the k positions around each of the forward and backward products, O(k) each).
+        Always False with ``merge_in_place=False``."""
+        return self.merge_in_place and self._adopted() is self.weight
 
     def _version_key(self):
         v = self.delta_values
@@ -122,8 +129,10 @@ class SparseDeltaLinear(nn.Module):
                                                                 self.weight.dtype)
 
     def sync_(self):
-        """weight[pos] = W0 + delta now (every forward does it anyway unless SparseAdamW just did)."""
-        self._write_merged()
+        """weight[pos] = W0 + delta now, on a layer that keeps its weight merged (every forward does
+        it anyway unless SparseAdamW just did); nothing otherwise."""
+        if self.keeps_merged:
+            self._write_merged()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         merged = True

@@ -32,7 +32,7 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
     from safetensors import safe_open
 
     from ..nn.sparse import SparseDeltaLinear
-    from .masking import set_submodule
+    from .masking import is_tied, parameter_names, set_submodule
 
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
@@ -58,10 +58,12 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
                 raise ValueError(f"load_sparse_delta: {name} uses block {mod.block}, the file {block}")
             entries.append((name, mod, block, f.get_tensor(f"{name}.delta_index"), f.get_tensor(f"{name}.delta_values")))
     loaded = []
+    tied = parameter_names(model)
     for name, mod, block, index, values in entries:
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear):  # a weight tied to another module's is merged around each product
             sd = SparseDeltaLinear(mod.weight, mod.bias, index.to(mod.weight.device), block=block,
-                                   values_dtype=values.dtype, backend=backend)
+                                   values_dtype=values.dtype, backend=backend,
+                                   merge_in_place=not is_tied(tied, mod.weight))
             set_submodule(model, name, sd)
             mod = sd
         mod.set_index_(index, values.to(mod.delta_values.dtype))

@@ -35,6 +35,20 @@ def _rule(names: list, masks: dict):
     return False, names[0]
 
 
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """{id(parameter): every name it has in ``model``}: a tied weight (a head sharing the input
+    embedding's) has several."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def is_tied(names: dict[int, list[str]], weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is one Parameter under several names (parameter_names' dict)."""
+    return len(names.get(id(weight), ())) > 1
+
+
 def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=torch.float32,
                     backend: str = "auto") -> MaskReport:
     """Train only what ``masks`` selects, in place; everything else is frozen.
@@ -56,11 +70,8 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
     report = MaskReport()
     # Every name of every parameter: a tied weight is listed once by named_parameters(), under its
     # first name, so "lm_head.*" on a model whose head is tied to the embedding matched nothing.
-    names: dict[int, list] = {}
-    params: dict[int, nn.Parameter] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-        params[id(p)] = p
+    names = parameter_names(model)
+    params = {id(p): p for _, p in model.named_parameters(remove_duplicate=False)}
     every_name = [n for ns in names.values() for n in ns]
     unmatched = [pattern for pattern in masks if not any(_matches(n, pattern) for n in every_name)]
     if unmatched:
