@@ -243,6 +243,13 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
             raise ValueError(f"apply_lora: {option} keys {unmatched} match none of the targeted layers "
                              f"{[n for n, *_ in targets][:10]}")
     trained_whole = _modules_to_save(model, modules_to_save, targets)
+    names = parameter_names(model)
+    tied = {name: names[id(linear.weight)] for name, _, _, linear in targets if is_tied(names, linear.weight)}
+    if tied and quantize is None:
+        warnings.warn(f"apply_lora: {sorted(tied)[:3]} have weights tied to other modules "
+                      f"({[n for ns in tied.values() for n in ns][:4]}): an adapter is the layer's alone, but the "
+                      "layer's merge() folds it into the shared weight, changing every user of it; "
+                      "merge_and_unload() unties instead (HF PEFT warns alike)", stacklevel=2)
     new = []
     with requires_grad_restored_on_error(model):
         for name, _, _, linear in targets:

@@ -344,6 +344,26 @@ def test_merged_weight_in_low_precision_and_while_merged():
         peft_kernels.merge_and_unload(nn.Sequential(nn.Linear(2, 2)))
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_an_adapter_on_a_tied_head_warns_and_merge_and_unload_unties(use_dora):
+    """A head tied to the input embedding: apply_lora warns (as HF PEFT does) that the layer's
+    merge() would fold the adapter into the shared weight; merge_and_unload unties the head and
+    keeps the model's outputs and the embedding as they were."""
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "head": head})
+    w0 = embed.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"\['head'\] have weights tied to other modules"):
+        peft_kernels.apply_lora(model, ["head"], r=2, use_dora=use_dora)
+    nn.init.normal_(model["head"].lora_B)
+    tokens = torch.randint(0, 20, (3, 4))
+    want = model["head"](model["embed"](tokens))
+    peft_kernels.merge_and_unload(model)
+    assert model["head"].weight is not model["embed"].weight and torch.equal(model["embed"].weight, w0)
+    assert rel_err(model["head"](model["embed"](tokens)), want) < 1e-5
+
+
 def _two_layer():
     return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8))
 
