@@ -1,6 +1,6 @@
 """The `peft-kernels` command.
 
-    peft-kernels info            versions, devices, which backends run here and why others do not
+    peft-kernels info [--json]   versions, devices, which backends run here and why others do not
     peft-kernels bench [--op lora|qlora|dora|sparse|model] [...]
                                  fwd+bwd benchmarks as ratios to the frozen floor (default: LoRA);
                                  --op model: the whole-model step; --help for each one's options
@@ -14,10 +14,17 @@ import json
 import sys
 
 
-def _info(_args) -> int:
+def _info(argv) -> int:
+    parser = argparse.ArgumentParser(prog="peft-kernels info",
+                                     description="Versions, devices, and which backends run here and why others do not")
+    parser.add_argument("--json", action="store_true", help="print peft_kernels.info() as JSON instead")
+    args = parser.parse_args(argv)
     from .info import info
 
     data = info()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
     print(f"peft_kernels {data['peft_kernels']}  python {data['python']}  torch {data['torch']} "
           f"(cuda {data['torch_cuda']})  triton {data['triton']}")
     if data["triton_interpret"]:
@@ -44,9 +51,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="peft-kernels", description="Fused kernels for parameter-efficient fine-tuning")
     parser.add_argument("command", choices=["info", "bench", "demo"],
                         help="info: what runs here; bench: benchmarks (--op); demo: a small fine-tune")
-    args, rest = parser.parse_known_args(argv[:1])
+    args = parser.parse_args(argv[:1])
     if args.command == "info":
-        return _info(rest)
+        return _info(argv[1:])
     if args.command == "demo":
         from .demo import main as demo
 

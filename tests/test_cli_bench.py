@@ -100,6 +100,8 @@ def test_saved_mib_counts_new_saved_storage_once():
     (["demo", "--steps", "0"], "--steps: must be >= 1, got 0"),
     (["demo", "--lr", "nan"], "--lr: must be a finite number > 0"),
     (["demo", "--device", "tpu"], "not a torch device: 'tpu'"),
+    (["info", "--verbose"], "unrecognized arguments: --verbose"),  # was ignored
+    (["nope"], "invalid choice: 'nope'"),
 ])
 def test_bad_command_lines_are_usage_errors(argv, message, capsys):
     """A bad option is argparse's usage error (exit 2) naming it, before anything runs — not a
@@ -108,3 +110,16 @@ def test_bad_command_lines_are_usage_errors(argv, message, capsys):
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_info_prints_a_table_or_json(capsys):
+    import json
+
+    import peft_kernels
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"peft_kernels {peft_kernels.__version__}" in out and "\ncpu: " in out
+    assert main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["torch"] == torch.__version__ and data["devices"]["cpu"]["backends"]["torch"] == "available"
