@@ -479,3 +479,27 @@ def test_every_op_returns_a_tensor_that_is_not_a_view(lead, backend, kernel_devi
         x.grad = None
         y.add_(1.0).sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all(), name
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "nf4", "int8", "int4", "sparse"])
+def test_a_torch_export_ed_model_runs_for_inference(kind):
+    """torch.export of a model with adapter / sparse layers gives a program that computes what the
+    eager model does, also when run with grad mode on (its parameters require grad): the
+    quantized bases' windowed products used out= BLAS calls, which refused such inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    if kind == "sparse":
+        peft_kernels.apply_sparse(model, ["0", "2"], density=0.1)
+    else:
+        peft_kernels.apply_lora(model, ["0", "2"], r=4, use_dora=kind == "dora",
+                                quantize=None if kind in ("lora", "dora") else kind)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    model.eval()
+    x = torch.randn(3, 64)
+    want = model(x).detach()
+    program = torch.export.export(model, (x,)).module()
+    assert any(p.requires_grad for p in program.parameters())
+    assert torch.allclose(program(x), want, rtol=1e-5, atol=1e-5)

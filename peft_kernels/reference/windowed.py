@@ -19,10 +19,13 @@ def window_step(total: int, other: int, align: int, window_elements: int) -> int
     return min(step, total) if total else 1
 
 
+@torch.no_grad()
 def windowed_matmul(a, decode, shape, step, out, transpose=False, accumulate=False, bias=None):
     """decode(r0, rows, c0, cols) -> the [rows, cols] window of W in a's dtype. ``accumulate``
     adds into ``out`` (it holds an epilogue input); ``bias`` (one value per output column) is
-    added once. Returns ``out``."""
+    added once. Returns ``out``. Without autograd: an op kernel (the ops' autograd.Functions
+    differentiate it), also where a graph calls the op itself with inputs that require grad (a
+    torch.export-ed module), which the out= products refused."""
     N, K = shape
     P = K if transpose else N
     for p0 in range(0, P, step):
