@@ -203,6 +203,11 @@ def _load_shira(model: nn.Module, directory: Path, config: dict, backend: str) -
     return _replace(model, targets, new)
 
 
+_UNSUPPORTED_LORA_OPTIONS = ("lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
+                             "velora_config", "monteclora_config", "kasa_config", "layer_replication",
+                             "target_parameters", "trainable_token_indices")
+
+
 def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
                  quantize: str | None = None, quant_options: dict | None = None) -> nn.Module:
     """Put the PEFT-format LoRA (or DoRA) adapter in ``directory`` on ``model`` (its nn.Linear
@@ -223,12 +228,15 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
         return _load_shira(model, directory, config, backend)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"load_adapter: peft_type {config.get('peft_type')!r} is neither LORA nor SHIRA")
-    # fan_in_fan_out needs nothing here: a Conv1D base is told by its type, as PEFT does
-    unsupported = [k for k in ("lora_bias",) if config.get(k)]
+    # fan_in_fan_out needs nothing here: a Conv1D base is told by its type, as PEFT does. The options
+    # below change what the adapted layer computes (LoRA variants, extra trained tensors, another
+    # model structure): loading such an adapter as plain LoRA would compute something else.
+    unsupported = [k for k in _UNSUPPORTED_LORA_OPTIONS if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if unsupported:
         raise ValueError(f"load_adapter: adapter options not supported yet: {unsupported}")
+    mica = config.get("init_lora_weights") == "mica"  # plain LoRA whose lora_B stays frozen
     use_dora = bool(config.get("use_dora"))
     state = load_file(str(directory / WEIGHTS_NAME))
     # PEFT's modules_to_save: whole modules, saved under their own keys
@@ -291,4 +299,6 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
             m.lora_B.copy_(state[f"{PREFIX}{name}.lora_B.weight"])
             if use_dora:
                 m.magnitude.copy_(state[f"{PREFIX}{name}.lora_magnitude_vector"])
+            if mica:  # MiCA (init_lora_weights="mica") trains lora_A only, as PEFT does
+                m.lora_B.requires_grad_(False)
     return model

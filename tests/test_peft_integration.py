@@ -141,6 +141,42 @@ def test_unsupported_layers_are_reported():
     assert all("lora_bias=True" in why for why in report.skipped.values())
 
 
+def test_mica_adapters_run_fused_and_load_with_lora_B_frozen(tmp_path):
+    """PEFT's MiCA (init_lora_weights="mica") computes plain LoRA with lora_B frozen: patched, it runs
+    the fused op (no gradient for lora_B) and matches PEFT; saved, it loads with lora_B frozen."""
+    model = _peft_model(init_lora_weights="mica")
+    x = torch.randn(3, 7, 24)
+    y0, gx0, g0 = _run(model, x)
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 6 and not report.skipped
+    y1, gx1, g1 = _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    assert g0.keys() == g1.keys() and not any("lora_B" in n for n in g1)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+    peft_kernels.unpatch_peft_model(model)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    ours = peft_kernels.load_adapter(Net(), tmp_path)
+    layers = [m for m in ours.modules() if isinstance(m, peft_kernels.nn.LoRALinear)]
+    assert len(layers) == 6 and all(m.lora_A.requires_grad and not m.lora_B.requires_grad for m in layers)
+    assert torch.allclose(ours.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def test_lora_variants_that_compute_something_else_are_left_to_peft(tmp_path):
+    """aLoRA (activated LoRA: the adapter acts only after its invocation tokens) is not plain LoRA:
+    patch_peft_model leaves its layers to PEFT, and load_adapter refuses its adapter rather than
+    load it as plain LoRA."""
+    with pytest.warns(UserWarning, match="CAUSAL_LM"):
+        model = _peft_model(alora_invocation_tokens=[1, 2])
+    report = peft_kernels.patch_peft_model(model)
+    assert not report.patched and len(report.skipped) == 6
+    assert all("ALoraLinearVariant" in why for why in report.skipped.values())
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"not supported yet: \['alora_invocation_tokens'\]"):
+        peft_kernels.load_adapter(Net(), tmp_path)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_patched_dora_matches_unpatched(train):
     model = _peft_model(dropout=0.0 if train else 0.2, use_dora=True)

@@ -77,13 +77,23 @@ def _static_reason(layer) -> str | None:
     return None
 
 
+# PEFT's LoRA variants the patch computes: DoRA (dora_linear) and MiCA (plain LoRA with lora_B
+# frozen: PEFT's own forward for it is LoRA's, and the ops give no gradient to a frozen lora_B).
+_FUSED_VARIANTS = ("DoraLinearVariant", "MiCALinearVariant")
+
+
+def _is_dora(layer, name: str) -> bool:
+    return type(getattr(layer, "lora_variant", {}).get(name)).__name__ == "DoraLinearVariant"
+
+
 def _adapter_reason(layer, name: str) -> str | None:
     """Why adapter ``name`` of the layer cannot be fused (None if it can). Checked at patch time
     and again at every call: an adapter added or changed after patching (another LoRA variant,
     a bias on lora_B, another dropout module) must not be computed as if it were plain LoRA."""
     variant = getattr(layer, "lora_variant", {}).get(name)
-    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
-        return f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (only DoRA is supported)"
+    if variant is not None and type(variant).__name__ not in _FUSED_VARIANTS:
+        return (f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (supported: DoRA, and MiCA, "
+                "which computes plain LoRA)")
     if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
         return f"adapter {name!r} has lora_bias=True"
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
@@ -181,7 +191,7 @@ class _FusedForward(_PatchedForward):
             bias = base.bias.to(dtype) if base.bias is not None else None
             q = fmt.from_bnb(base.weight)
             args4 = (x.to(dtype), q, layer.lora_A[name].weight, layer.lora_B[name].weight)
-            if name in getattr(layer, "lora_variant", {}):  # DoRA over the 4-bit base (QDoRA)
+            if _is_dora(layer, name):  # DoRA over the 4-bit base (QDoRA)
                 sq = cached_weight_row_sq(self.row_sq, base.weight, q, x)
                 y = dora_linear(*args4, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=sq,
                                 **op_kwargs)
@@ -192,7 +202,7 @@ class _FusedForward(_PatchedForward):
         if x.dtype != weight.dtype:
             return self._dtype_mismatch(x, base.weight, args, kwargs)
         op_args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
-        if name in getattr(layer, "lora_variant", {}):  # DoRA (the only variant let through)
+        if _is_dora(layer, name):
             row_sq = cached_weight_row_sq(self.row_sq, base.weight, weight, x)
             return dora_linear(*op_args, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=row_sq,
                                **op_kwargs)
@@ -264,7 +274,7 @@ def _branch_reason(layer, name: str | None = None) -> str | None:
     that runs its own forward (None if it can)."""
     for n in ([name] if name is not None else list(layer.lora_A)):
         reason = _adapter_reason(layer, n)
-        if reason is None and n in getattr(layer, "lora_variant", {}):
+        if reason is None and _is_dora(layer, n):
             reason = (f"adapter {n!r} is DoRA, which needs the base weight; the "
                       f"{type(layer.get_base_layer()).__name__} base computes its own product")
         if reason is not None:
