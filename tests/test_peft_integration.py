@@ -914,6 +914,61 @@ def _branch_model(kind, dropout=0.0, use_dora=False, adapter_dtype=None, dtype=t
     return model
 
 
+class SameForwardLinear(nn.Linear):
+    """A Linear subclass that keeps nn.Linear's forward: the fused ops compute it whole."""
+
+
+def test_offloaded_bases_run_their_own_forward_beside_the_fused_branch():
+    """accelerate's offloading hook (device_map with CPU / disk offload) replaces a base layer's
+    forward on the instance and leaves its weight on the meta device between calls: the fused op
+    read that weight and failed. Such a base now runs its own forward beside the fused LoRA
+    branch, as apply_lora's LoRABranchLinear does; a Linear subclass keeping nn.Linear's forward is
+    fused whole, as apply_lora does."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    torch.manual_seed(0)
+    model = _peft_model(targets=("q_proj", "up"))
+    model.base_model.model.layers[1].up.base_layer.__class__ = SameForwardLinear
+    x = torch.randn(3, 7, 24)
+    y0, gx0, g0 = _run(model, x)
+    offloaded = []
+    for name, mod in model.named_modules():
+        if name.endswith("q_proj.base_layer"):
+            state = {k: v.detach().clone() for k, v in mod.state_dict().items()}
+            add_hook_to_module(mod, AlignDevicesHook(execution_device="cpu", offload=True, weights_map=state))
+            offloaded.append(name.rpartition(".")[0])
+    assert model.base_model.model.layers[0].q_proj.base_layer.weight.device.type == "meta"
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 4 and not report.skipped
+    assert sorted(report.branch_only) == sorted(offloaded)
+    assert all("AlignDevicesHook" in why for why in report.branch_only.values())
+    y1, gx1, g1 = _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+
+    # apply_lora: the hooked Linear keeps its forward under a LoRABranchLinear (adapter on the hook's
+    # execution device, not on the meta device of the offloaded weight)
+    def hooked_net():
+        torch.manual_seed(0)
+        net = Net()
+        hooked = net.layers[0].q_proj
+        state = {k: v.detach().clone() for k, v in hooked.state_dict().items()}
+        add_hook_to_module(hooked, AlignDevicesHook(execution_device="cpu", offload=True, weights_map=state))
+        return net
+
+    net = hooked_net()
+    want = net(x)
+    with pytest.raises(ValueError, match="forward is replaced on the instance.*DoRA needs the base weight"):
+        peft_kernels.apply_lora(net, ["q_proj"], r=2, use_dora=True)
+    peft_kernels.apply_lora(net, ["q_proj"], r=2)
+    assert isinstance(net.layers[0].q_proj, peft_kernels.nn.LoRABranchLinear)
+    assert isinstance(net.layers[1].q_proj, peft_kernels.nn.LoRALinear)
+    assert net.layers[0].q_proj.lora_A.device.type == "cpu"
+    assert torch.allclose(net(x), want, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["bnb 8-bit", "own forward"])
 def test_lora_over_other_bases_runs_the_fused_branch(kind):
     """PEFT's LoRA over a base peft_kernels cannot compute itself — bitsandbytes' LLM.int8

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..nn._adapter import is_conv1d
+from ..nn.branch import needs_branch
 from ..ops import _checks
 from ..ops.dora import cached_weight_row_sq, dora_linear
 from ..ops.lora import lora_linear
@@ -54,13 +55,16 @@ class PatchReport:
 
 
 def _whole_layer_base(base) -> bool:
-    """Whether the fused ops compute this base layer themselves: a plain nn.Linear, transformers'
-    Conv1D (a transposed view) or a quantized bnb Linear4bit (its bytes). Any other base — a
-    weight that is a tensor subclass (torchao's quantized weights) included — runs its own forward
-    beside the fused LoRA branch (_BranchForward)."""
+    """Whether the fused ops compute this base layer themselves: an nn.Linear computing nn.Linear's
+    forward (apply_lora's rule, needs_branch), transformers' Conv1D (a transposed view) or a
+    quantized bnb Linear4bit (its bytes). Any other base — a weight that is a tensor subclass
+    (torchao's quantized weights), a forward replaced on the instance (accelerate's offloading
+    hooks) — runs its own forward beside the fused LoRA branch (_BranchForward)."""
     if bnb_linear4bit_class(base) is not None:
-        return True
-    return (type(base) is nn.Linear or is_conv1d(base)) and _checks.plain_tensor(base.weight)
+        return "forward" not in vars(base)
+    if is_conv1d(base):
+        return "forward" not in vars(base) and _checks.plain_tensor(base.weight)
+    return isinstance(base, nn.Linear) and needs_branch(base) is None
 
 
 def _static_reason(layer) -> str | None:
@@ -371,10 +375,18 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
                               else _BranchForward(module, module.forward, bnb_8bit))
         report.patched.append(name)
         if isinstance(_patched(module), _BranchForward):
-            subclass = type(base) is nn.Linear or is_conv1d(base)  # there, the weight is why
-            report.branch_only[name] = type(base).__name__ + (f" ({type(base.weight).__name__} weight)" if subclass
-                                                               else "")
+            report.branch_only[name] = type(base).__name__ + _why_branch(base)
     return report
+
+
+def _why_branch(base) -> str:
+    """What keeps a plain layer type's forward in use, for the report ("" for other types)."""
+    if "forward" in vars(base):
+        hook = getattr(base, "_hf_hook", None)
+        return f" (forward replaced on the instance{': accelerate ' + type(hook).__name__ if hook is not None else ''})"
+    if (type(base) is nn.Linear or is_conv1d(base)) and not _checks.plain_tensor(base.weight):
+        return f" ({type(base.weight).__name__} weight)"
+    return ""
 
 
 def unpatch_peft_model(model: nn.Module) -> list[str]:

@@ -12,10 +12,16 @@ from ._adapter import LoRAAdapter
 
 def needs_branch(linear: nn.Module) -> str | None:
     """Why ``linear`` (an nn.Linear) must keep its own forward under an adapter — a subclass with a
-    forward of its own, or a weight that is a tensor subclass (torchao's quantized weights) — or
-    None for a plain nn.Linear computation the fused ops can take over."""
+    forward of its own, a forward replaced on the instance (accelerate's hooks, which bring
+    offloaded weights in for each call and leave ``weight`` on the meta device between calls), or
+    a weight that is a tensor subclass (torchao's quantized weights) — or None for a plain
+    nn.Linear computation the fused ops can take over."""
     if type(linear).forward is not nn.Linear.forward:
         return f"{type(linear).__name__}, a subclass of nn.Linear with a forward of its own"
+    if "forward" in vars(linear):
+        hook = getattr(linear, "_hf_hook", None)
+        return ("its forward is replaced on the instance"
+                + (f" (accelerate's {type(hook).__name__}: weights offloaded or dispatched)" if hook is not None else ""))
     if not plain_tensor(linear.weight):
         return f"its weight is a {type(linear.weight).__name__} (a tensor subclass, e.g. torchao's quantized weights)"
     return None
@@ -44,8 +50,12 @@ class LoRABranchLinear(LoRAAdapter):
                             f"got {type(base_layer).__name__}")
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        device = weight.device
+        hook = getattr(base_layer, "_hf_hook", None)
+        if device.type == "meta" and getattr(hook, "execution_device", None) is not None:
+            device = torch.device(hook.execution_device)  # offloaded by accelerate: where it computes
         self._init_adapter(base_layer.in_features, base_layer.out_features, r, alpha, dropout, use_rslora, backend,
-                           weight.device, dtype)
+                           device, dtype)
         self.base_layer = base_layer.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
