@@ -1,5 +1,6 @@
 """HF models in practice (CPU): a patched PEFT model under transformers' Trainer, gradient
 checkpointing, torch.compile, DDP (2 gloo processes), and a real pretrained model (MiniLM)."""
+import copy
 import os
 
 import pytest
@@ -425,3 +426,24 @@ def test_trainer_checkpoint_resume_of_sparse_fine_tuning_is_exact(tmp_path):
     start = peft_kernels.apply_sparse(_llama(), ["q_proj", "v_proj", "down_proj"], density=0.1).state_dict()
     assert any(not torch.equal(whole[k], start[k]) for k in whole)  # it trained
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_trainer_with_its_default_optimizer_trains_sparse_deltas(tmp_path):
+    """apply_sparse under transformers.Trainer with its own optimizer (adamw_torch_fused, the
+    default), which updates delta_values without bumping its version counter: the model's output
+    follows the trained deltas (it stayed at W0 before), equal to the merged model's."""
+    torch.manual_seed(0)
+    model = peft_kernels.apply_sparse(_llama(), ["q_proj", "v_proj", "down_proj"], density=0.1)
+    data = [{"input_ids": ids, "labels": ids} for ids in _ids(16, 12, seed=3)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=5e-3, report_to=[], save_strategy="no", logging_steps=1,
+                                          use_cpu=True, disable_tqdm=True)
+    assert args.optim == transformers.training_args.OptimizerNames.ADAMW_TORCH_FUSED
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    ids = _ids(2, 9, seed=5)
+    model.eval()
+    got = model(input_ids=ids).logits
+    merged = peft_kernels.merge_and_unload(copy.deepcopy(model))
+    start = peft_kernels.apply_sparse(_llama(), ["q_proj", "v_proj", "down_proj"], density=0.1).eval()
+    assert not torch.allclose(got, start(input_ids=ids).logits, atol=1e-3)  # it trained
+    assert torch.allclose(got, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
