@@ -661,9 +661,15 @@ def test_a_delta_on_a_tied_head_leaves_the_embedding_alone(tmp_path):
         assert not twin.head.keeps_merged and twin.body.keeps_merged and torch.equal(twin.embed.weight, w0)
         assert torch.allclose(twin(tokens), model(tokens), rtol=1e-6, atol=1e-6)
 
-    merged = peft_kernels.merge_and_unload(model)
+    merged = peft_kernels.merge_and_unload(copy.deepcopy(model))
     assert merged.head.weight is not merged.embed.weight and torch.equal(merged.embed.weight, w0)
     assert torch.equal(merged.head.weight, head.merge())
+
+    with torch.no_grad():  # the embedding trains too: moving the head's delta must not write over it
+        model.embed.weight.add_(0.5)
+    trained_embedding = model.embed.weight.detach().clone()
+    head.set_index_(torch.arange(0, 360, 9, dtype=torch.int32))
+    assert torch.equal(model.embed.weight, trained_embedding)
 
 
 def test_mask_gradients_bitfit_head_and_partial():

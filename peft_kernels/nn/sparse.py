@@ -223,7 +223,8 @@ class SparseDeltaLinear(nn.Module):
         self._check_unsharded("set_index_")
         new_index = new_index.to(device=self.weight.device, dtype=torch.int32)
         layout.check_index("SparseDeltaLinear", new_index, tuple(self.weight.shape), self.block)
-        self.weight.view(-1)[self._positions()] = self.base_values
+        if self.merge_in_place:  # else the weight never held a merged delta (and may be another module's)
+            self.weight.view(-1)[self._positions()] = self.base_values
         self.delta_index = new_index
         self.base_values = self.weight.view(-1)[self._positions()].clone()
         shape = layout.values_shape(new_index.numel(), self.block)
