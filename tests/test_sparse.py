@@ -665,9 +665,16 @@ def test_a_delta_on_a_tied_head_leaves_the_embedding_alone(tmp_path):
     assert merged.head.weight is not merged.embed.weight and torch.equal(merged.embed.weight, w0)
     assert torch.equal(merged.head.weight, head.merge())
 
-    with torch.no_grad():  # the embedding trains too: moving the head's delta must not write over it
-        model.embed.weight.add_(0.5)
+    with torch.no_grad():  # the embedding trains too: the head is the shared weight as it is now + delta,
+        model.embed.weight.add_(0.5)  # and moving the delta must not write over it
     trained_embedding = model.embed.weight.detach().clone()
+    want = trained_embedding.clone()
+    want.view(-1)[head.delta_index.long()] += head.delta_values.detach()
+    assert torch.equal(head.merge(), want) and torch.equal(head.base_weight(), trained_embedding)
+    h = torch.randn(4, 12)
+    assert torch.allclose(head(h), h @ want.T, rtol=1e-6, atol=1e-6)
+    compiled = torch.compile(head, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(h), h @ want.T, rtol=1e-6, atol=1e-6)
     head.set_index_(torch.arange(0, 360, 9, dtype=torch.int32))
     assert torch.equal(model.embed.weight, trained_embedding)
 

@@ -38,7 +38,9 @@ class SparseDeltaLinear(nn.Module):
     Gradients reach delta_values only at the k positions (peft_kernels.sparse_delta_linear).
     ``merge_in_place=False`` leaves ``weight`` at W0 and merges around each product instead: for a
     weight another module shares (a head tied to the input embedding), which a merged write would
-    change too. apply_sparse, load_adapter and load_sparse_delta choose it for tied weights.
+    change too. W0 is then what the weight holds now (the other module may train it), and
+    ``base_values`` is unused. apply_sparse, load_adapter and load_sparse_delta choose it for tied
+    weights.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, delta_index: torch.Tensor, block=None,
@@ -150,7 +152,7 @@ class SparseDeltaLinear(nn.Module):
             self._write_merged()
         y = sparse_delta_linear(x, self.weight, self.delta_values, self.delta_index, self.bias,
                                 shape_or_block=self.block, merged=merged, backend=self.backend,
-                                base_values=None if merged else self.base_values)
+                                base_values=None if merged else self._w0())
         if getattr(self, "candidate_index", None) is not None and self.training and y.requires_grad:
             x2 = x.detach().reshape(-1, self.in_features)  # already held by autograd for dDelta
             y.register_hook(lambda gy: self._accumulate_candidates(gy, x2))
@@ -187,15 +189,23 @@ class SparseDeltaLinear(nn.Module):
     def merge(self) -> torch.Tensor:
         """The dense [out, in] weight W0 + Delta (a new tensor) for export."""
         w = self.weight.detach().clone()
-        w.view(-1)[self._positions()] = w0_plus_delta(self.base_values, self.delta_values.detach(), w.dtype)
+        pos = self._positions()
+        w0 = self._w0()
+        w.view(-1)[pos] = w0_plus_delta(w.view(-1)[pos] if w0 is None else w0, self.delta_values.detach(), w.dtype)
         return w
 
     @torch.no_grad()
     def base_weight(self) -> torch.Tensor:
         """W0 exactly (a new tensor)."""
         w = self.weight.detach().clone()
-        w.view(-1)[self._positions()] = self.base_values
+        if self.merge_in_place:
+            w.view(-1)[self._positions()] = self.base_values
         return w
+
+    def _w0(self) -> torch.Tensor | None:
+        """W0 at the k positions: ``base_values``, or None — what the weight holds there — for a
+        layer that never merges into its weight (a tied one, whose other user may train it)."""
+        return self.base_values if self.merge_in_place else None
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W0 + Delta: its weight is frozen as the base was; its bias
