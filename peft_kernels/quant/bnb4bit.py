@@ -156,7 +156,8 @@ def _check_float_matrix(w: torch.Tensor, name: str):
         raise ValueError(f"{name} must be 2-D [out, in], got shape {list(w.shape)}")
     check_materialized(w, name, "quantizing a weight")
     if not torch.isfinite(w).all():
-        raise ValueError(f"{name} contains NaN or Inf; 4-bit quantization needs finite values")
+        raise ValueError(f"{name} contains NaN or Inf; quantizing needs finite values (they would corrupt their "
+                         "block's scale)")
 
 
 class Bnb4bitWeight:
