@@ -69,6 +69,15 @@ def test_triton_limits():
     with pytest.raises(ValueError, match="supports r <= 256, got r=257"):
         peft_kernels.lora_linear(torch.randn(2, 8), torch.randn(6, 8), torch.randn(257, 8), torch.randn(6, 257),
                                  backend="triton")
+    # The interpreter's tl.dot on bf16 returned ~1e10 relative error: refused, also under autocast
+    bf16 = _good(torch.bfloat16)
+    with pytest.raises(ValueError, match="computes tl.dot on bf16 operands wrongly"):
+        peft_kernels.lora_linear(bf16["x"], bf16["weight"], bf16["lora_A"], bf16["lora_B"], backend="triton")
+    from peft_kernels.quant import NF4Weight
+    q = NF4Weight.from_float(torch.randn(6, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(ValueError, match="qlora_linear: the Triton interpreter"):
+        peft_kernels.qlora_linear(torch.randn(3, 64), q, torch.randn(2, 64), torch.randn(6, 2), backend="triton")
 
 
 def test_env_override(monkeypatch):
