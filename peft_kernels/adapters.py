@@ -209,14 +209,16 @@ _UNSUPPORTED_LORA_OPTIONS = ("lora_bias", "use_qalora", "alora_invocation_tokens
 
 
 def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
-                 quantize: str | None = None, quant_options: dict | None = None) -> nn.Module:
+                 quantize: str | None = None, quant_options: dict | None = None,
+                 adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Put the PEFT-format LoRA (or DoRA) adapter in ``directory`` on ``model`` (its nn.Linear
     modules become adapter layers, everything else is frozen) and return the model — or a SHiRA
     adapter, whose layers become SparseDeltaLinear (train them with SparseAdamW). Per-module
     ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured, and PEFT's modules_to_save
     are loaded and trained whole. ``quantize``
     ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
-    quantized, as apply_lora does."""
+    quantized, and ``adapter_dtype`` (e.g. torch.float32 over a bf16 model, as PEFT loads by
+    default) holds the adapter tensors, as apply_lora does."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -288,7 +290,7 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     apply_lora(model, exact, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
                use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora,
                quant_options=quant_options, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-               modules_to_save=to_save or None)
+               modules_to_save=to_save or None, adapter_dtype=adapter_dtype)
     for n in to_save:
         model.get_submodule(n).load_state_dict({k: state[f"{PREFIX}{n}.{k}"] for k in whole_states[n]})
     modules = _lora_modules(model)

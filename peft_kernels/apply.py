@@ -6,6 +6,7 @@ import contextlib
 import re
 import warnings
 
+import torch
 from torch import nn
 
 from .nn._adapter import LoRAAdapter, features, is_conv1d
@@ -198,7 +199,8 @@ _QUANT_OPTIONS = {"nf4": {"blocksize", "double_quant"}, "fp4": {"blocksize", "do
 def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                use_rslora: bool = False, backend: str = "auto", quantize: str | None = None,
                use_dora: bool = False, quant_options: dict | None = None, rank_pattern: dict | None = None,
-               alpha_pattern: dict | None = None, modules_to_save=None) -> nn.Module:
+               alpha_pattern: dict | None = None, modules_to_save=None,
+               adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
     (sharing their weights), freeze every other parameter (adapters an earlier call made keep
     theirs), and return ``model`` (modified in place). target_modules: a list of names/suffixes
@@ -219,7 +221,14 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     activation quantization). Raises ValueError if nothing matches, and names a targeted layer
     that cannot be replaced faithfully (an nn.Linear subclass with a forward of its own,
     nn.MultiheadAttention's out_proj, a layer inside HF PEFT's) — "all-linear" leaves those out
-    with a warning."""
+    with a warning.
+    adapter_dtype: the dtype of the trained tensors (lora_A, lora_B, DoRA's magnitude); None keeps
+    the base weight's. torch.float32 over a bf16 / fp16 model is HF PEFT's default
+    (get_peft_model's autocast_adapter_dtype): the optimizer updates fp32 values, and
+    torch.amp.GradScaler (fp16 mixed precision) accepts their gradients, which it refuses in fp16.
+    The kernels compute in the input's dtype either way."""
+    if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+        raise TypeError(f"apply_lora: adapter_dtype must be None or a floating torch.dtype, got {adapter_dtype!r}")
     if quantize not in (None, *_QUANT_OPTIONS):
         raise ValueError(f"apply_lora: quantize must be None, 'nf4', 'fp4', 'int8' or 'int4', got {quantize!r}")
     quant_options = dict(quant_options or {})
@@ -274,6 +283,9 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                 except ValueError as exc:  # e.g. in_features not divisible by the INT4 group: say which layer
                     raise ValueError(f"apply_lora: cannot quantize {name} "
                                      f"{list(features(linear))} as {quantize}: {exc}") from exc
+    if adapter_dtype is not None:
+        for module in new:
+            module.cast_adapter_(adapter_dtype)
     return _replace(model, targets, new, trained_whole)
 
 

@@ -1,4 +1,5 @@
 """LoRALinear, apply_lora and info()."""
+import copy
 import math
 
 import pytest
@@ -503,3 +504,62 @@ def test_a_torch_export_ed_model_runs_for_inference(kind):
     program = torch.export.export(model, (x,)).module()
     assert any(p.requires_grad for p in program.parameters())
     assert torch.allclose(program(x), want, rtol=1e-5, atol=1e-5)
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "nf4", "int8", "branch"])
+def test_fp32_adapters_over_a_half_precision_model(kind, tmp_path):
+    """apply_lora(adapter_dtype=torch.float32), HF PEFT's default over a bf16 / fp16 model: the
+    trained tensors are fp32 (fp16 ones made torch.amp.GradScaler refuse to unscale), the layers
+    still compute and return fp16, merge_and_unload gives fp16 Linears again (a quantized base
+    keeps its nominal dtype), module casts move that nominal dtype, and load_adapter takes it too."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32))
+    if kind == "branch":
+        own = _OwnForward(64, 64)
+        own.load_state_dict(base[0].state_dict())
+        base[0] = own
+    base = base.half()
+    options = dict(r=4, use_dora=kind == "dora", quantize=kind if kind in ("nf4", "int8") else None)
+    if kind != "branch":  # fp16 adapters: the scaler refuses them
+        plain = peft_kernels.apply_lora(copy.deepcopy(base), ["0", "2"], **options)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(plain(torch.randn(2, 64).half()).float().sum()).backward()
+        with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+            scaler.unscale_(torch.optim.SGD([p for p in plain.parameters() if p.requires_grad]))
+    targets = ["0"] if kind == "branch" else ["0", "2"]
+    model = peft_kernels.apply_lora(copy.deepcopy(base), targets, adapter_dtype=torch.float32, **options)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    opt = torch.optim.AdamW(trained, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.randn(4, 64).half()
+    for _ in range(2):
+        y = model(x)
+        assert y.dtype == torch.float16
+        scaler.scale(y.float().square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert all(p.dtype == torch.float32 for p in trained)
+    y = model(x)
+    if kind != "branch":
+        merged = peft_kernels.merge_and_unload(copy.deepcopy(model))
+        assert {p.dtype for p in merged.parameters()} == {torch.float16}
+        assert rel_err(merged(x), y) < 5e-3  # fp16 roundings of the merged weight and the product
+        peft_kernels.save_adapter(model, tmp_path)
+        loaded = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path, adapter_dtype=torch.float32,
+                                           quant_options=None, quantize=options["quantize"])
+        assert all(p.dtype == torch.float32 for p in loaded.parameters() if p.requires_grad)
+        assert torch.equal(loaded(x), y)
+    as_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert {p.dtype for p in as_bf16.parameters() if p.requires_grad} == {torch.bfloat16}
+    assert as_bf16(x.bfloat16()).dtype == torch.bfloat16
+    if kind in ("nf4", "int8"):
+        assert as_bf16[0].qweight.dtype == torch.bfloat16 and model[0].qweight.dtype == torch.float16
+    with pytest.raises(TypeError, match="adapter_dtype must be None or a floating torch.dtype"):
+        peft_kernels.apply_lora(copy.deepcopy(base), targets, adapter_dtype=torch.int8)

@@ -52,6 +52,23 @@ class LoRAAdapter(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
         self.reset_lora_parameters()
 
+    @torch.no_grad()
+    def cast_adapter_(self, dtype: torch.dtype) -> "LoRAAdapter":
+        """Keep the trained tensors — lora_A, lora_B and DoRA's magnitude — in ``dtype`` (e.g.
+        torch.float32 over a bf16 / fp16 base, as HF PEFT's get_peft_model does by default), the
+        base as it is. The ops cast them to the input's dtype per call; their gradients come back
+        in ``dtype``. Call it before an optimizer holds them (the Parameters are kept)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__}.cast_adapter_: dtype must be a floating torch.dtype, got {dtype!r}")
+        nominal = self._base_dtype()  # a quantized base's nominal dtype was the adapter's: keep it
+        for name in ("lora_A", "lora_B", "magnitude"):
+            p = self._parameters.get(name)
+            if p is not None:
+                p.data = p.data.to(dtype)
+        if hasattr(self, "_nominal_dtype"):
+            self._nominal_dtype = nominal
+        return self
+
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

@@ -39,17 +39,23 @@ class QLoRALinear(LoRAAdapter):
         self._init_adapter(qweight.shape[1], qweight.shape[0], r, alpha, dropout, use_rslora, backend,
                            qweight.device, qweight.dtype)
         self._format, self._meta = type(qweight), (qweight.shape, qweight.blocksize)
+        self._nominal_dtype = qweight.dtype
         _register_frozen(self, "qweight_packed", qweight.packed)
         _register_frozen(self, "qweight_absmax", qweight.absmax)
         for name in ("offset", "absmax2", "code2"):
             self.register_buffer(f"qweight_{name}", getattr(qweight, name))
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
+    def _base_dtype(self) -> torch.dtype:
+        """The quantized base's nominal dtype (dequantize()'s default, a merged weight's dtype): the
+        dense weight's it was made from, then what module casts (.to(dtype), .half()) make it."""
+        return getattr(self, "_nominal_dtype", self.lora_A.dtype)
+
     @property
     def qweight(self) -> Bnb4bitWeight:
-        """The frozen base weight; its nominal dtype (dequantize()'s default) is the adapter's."""
+        """The frozen base weight, in its nominal dtype (_base_dtype)."""
         shape, blocksize = self._meta
-        return self._format(self.qweight_packed, self.qweight_absmax, shape, self.lora_A.dtype, blocksize,
+        return self._format(self.qweight_packed, self.qweight_absmax, shape, self._base_dtype(), blocksize,
                             offset=self.qweight_offset, absmax2=self.qweight_absmax2, code2=self.qweight_code2)
 
     def _apply(self, fn, recurse=True):
@@ -60,6 +66,9 @@ class QLoRALinear(LoRAAdapter):
         exact = {name: t.detach() for name, t in [*self._parameters.items(), *self._buffers.items()]
                  if t is not None and (name.startswith("qweight_") or name == "weight_row_sq")}
         super()._apply(fn, recurse)
+        if hasattr(self, "_nominal_dtype"):  # the cast this module takes, seen on an empty tensor
+            cast = fn(torch.empty(0, dtype=self._nominal_dtype))
+            self._nominal_dtype = cast.dtype if isinstance(cast, torch.Tensor) else self._nominal_dtype
         for name, old in exact.items():
             moved = self._parameters[name] if name in self._parameters else self._buffers[name]
             if moved.dtype != old.dtype:
@@ -153,6 +162,7 @@ class IntQLoRALinear(QLoRALinear):
         self._init_adapter(qweight.shape[1], qweight.shape[0], r, alpha, dropout, use_rslora, backend,
                            qweight.device, qweight.dtype)
         self._format = type(qweight)
+        self._nominal_dtype = qweight.dtype
         self._group_size = getattr(qweight, "group_size", None)
         for i, t in enumerate(qweight.tensors()):
             _register_frozen(self, f"qweight_{i}", t)
@@ -160,8 +170,8 @@ class IntQLoRALinear(QLoRALinear):
 
     @property
     def qweight(self):
-        """The frozen base weight; its nominal dtype (dequantize()'s default) is the adapter's."""
-        dtype = self.lora_A.dtype
+        """The frozen base weight, in its nominal dtype (_base_dtype)."""
+        dtype = self._base_dtype()
         if self._format is Int8Weight:
             return Int8Weight(self.qweight_0, self.qweight_1, dtype)
         return Int4Weight(self.qweight_0, self.qweight_1, self.qweight_2, self._group_size, dtype)
