@@ -1041,7 +1041,7 @@ def test_torchao_quantized_bases_fuse_the_branch_patched_and_under_apply_lora(tm
     nn.init.normal_(model.base_model.model[0].lora_B["default"].weight, std=0.3)
     patched = copy.deepcopy(model)
     report = peft_kernels.patch_peft_model(patched)
-    assert report.patched == ["base_model.model.0"] and "Int8Tensor weight" in str(report)
+    assert report.patched == ["base_model.model.0"] and "its weight is a Int8Tensor" in str(report)
     x = torch.randn(5, 64)
     (y1, gx1, g1), (y0, gx0, g0) = _run(patched, x), _run(model, x)
     assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)

@@ -48,7 +48,7 @@ class PatchReport:
 
     def __str__(self) -> str:
         lines = [f"peft_kernels: patched {len(self.patched)} layer(s), left {len(self.skipped)} alone"]
-        lines += [f"  patched  {name}" + (f" (LoRA branch; its {self.branch_only[name]} base runs its own forward)"
+        lines += [f"  patched  {name}" + (f" (LoRA branch; the base runs its own forward: {self.branch_only[name]})"
                                           if name in self.branch_only else "") for name in self.patched]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
@@ -380,12 +380,13 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
 
 
 def _why_branch(base) -> str:
-    """What keeps a plain layer type's forward in use, for the report ("" for other types)."""
-    if "forward" in vars(base):
-        hook = getattr(base, "_hf_hook", None)
-        return f" (forward replaced on the instance{': accelerate ' + type(hook).__name__ if hook is not None else ''})"
-    if (type(base) is nn.Linear or is_conv1d(base)) and not _checks.plain_tensor(base.weight):
-        return f" ({type(base.weight).__name__} weight)"
+    """Why a base of a type the fused ops compute runs its own forward, for the report ("" for
+    other types: the type name says it)."""
+    if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
+        return f": {needs_branch(base)}"
+    if is_conv1d(base):
+        return ": its forward is replaced on the instance" if "forward" in vars(base) else \
+            f": its weight is a {type(base.weight).__name__}"
     return ""
 
 
