@@ -43,6 +43,8 @@ class SparseDeltaLinear(nn.Module):
     weights.
     """
 
+    merge_in_place = True  # also for a layer pickled before the option existed
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, delta_index: torch.Tensor, block=None,
                  values_dtype: torch.dtype = torch.float32, backend: str = "auto", merge_in_place: bool = True):
         super().__init__()
