@@ -969,6 +969,51 @@ def test_offloaded_bases_run_their_own_forward_beside_the_fused_branch():
     assert torch.allclose(net(x), want, atol=1e-6)
 
 
+def test_hooks_on_base_layers_keep_running():
+    """A forward hook on a base layer runs only in that layer's own forward, which the fused op
+    skips: a base hooked at patch time runs its forward beside the fused branch; one hooked later
+    runs PEFT's forward (warned once); under DeepSpeed ZeRO-3 (parameters marked ``ds_id``, gathered
+    by each module's own hooks) PEFT's forward runs too. apply_lora keeps such a base's forward
+    (LoRABranchLinear). Outputs and gradients equal unpatched PEFT's throughout."""
+    model = _peft_model(targets=("q_proj", "up"))
+    x = torch.randn(3, 7, 24)
+    seen = []
+    hooked = model.base_model.model.layers[0].q_proj.base_layer
+    hooked.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    y0, gx0, g0 = _run(model, x)
+    assert len(seen) == 1
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 4 and "forward hooks" in report.branch_only["base_model.model.layers.0.q_proj"]
+
+    def same():
+        y1, gx1, g1 = _run(model, x)
+        assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5) and g0.keys() == g1.keys()
+        for n in g0:
+            assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+
+    same()
+    assert len(seen) == 2
+    late = model.base_model.model.layers[1].up.base_layer
+    late.register_forward_pre_hook(lambda mod, args: seen.append("late"))
+    with pytest.warns(UserWarning, match="forward hooks are registered on its base layer"):
+        same()
+    assert seen[-1] == "late"
+    for layer in (model.base_model.model.layers[0].up, model.base_model.model.layers[1].q_proj):
+        layer.get_base_layer().weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.warns(UserWarning, match="DeepSpeed ZeRO-3 partitions its parameters"):
+        same()
+
+    torch.manual_seed(0)
+    net = Net()
+    net.layers[0].q_proj.register_forward_hook(lambda mod, args, out: seen.append("ours"))
+    want = net(x)
+    peft_kernels.apply_lora(net, ["q_proj"], r=2)
+    assert isinstance(net.layers[0].q_proj, peft_kernels.nn.LoRABranchLinear)
+    assert isinstance(net.layers[1].q_proj, peft_kernels.nn.LoRALinear)
+    del seen[:]
+    assert torch.allclose(net(x), want, atol=1e-6) and seen == ["ours"]
+
+
 @pytest.mark.parametrize("kind", ["bnb 8-bit", "own forward"])
 def test_lora_over_other_bases_runs_the_fused_branch(kind):
     """PEFT's LoRA over a base peft_kernels cannot compute itself — bitsandbytes' LLM.int8

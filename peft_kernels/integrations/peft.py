@@ -58,12 +58,15 @@ def _whole_layer_base(base) -> bool:
     """Whether the fused ops compute this base layer themselves: an nn.Linear computing nn.Linear's
     forward (apply_lora's rule, needs_branch), transformers' Conv1D (a transposed view) or a
     quantized bnb Linear4bit (its bytes). Any other base — a weight that is a tensor subclass
-    (torchao's quantized weights), a forward replaced on the instance (accelerate's offloading
-    hooks) — runs its own forward beside the fused LoRA branch (_BranchForward)."""
+    (torchao's quantized weights), forward hooks on it, a forward replaced on the instance
+    (accelerate's offloading hooks) — runs its own forward beside the fused LoRA branch
+    (_BranchForward)."""
+    if "forward" in vars(base) or _hooked(base):
+        return False
     if bnb_linear4bit_class(base) is not None:
-        return "forward" not in vars(base)
+        return True
     if is_conv1d(base):
-        return "forward" not in vars(base) and _checks.plain_tensor(base.weight)
+        return _checks.plain_tensor(base.weight)
     return isinstance(base, nn.Linear) and needs_branch(base) is None
 
 
@@ -128,7 +131,7 @@ class _PatchedForward:
         active = [a for a in layer.active_adapters if a in adapters]
         if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
             return None, self.original(x, *args, **kwargs)
-        why = reason(layer, active[0])
+        why = _zero3_partitioned(layer) or reason(layer, active[0])
         if why is not None:  # changed since patching: PEFT's forward, said once
             return None, self._unfused(active[0], why, x, args, kwargs)
         return active[0], None
@@ -165,10 +168,27 @@ def _lora_op_kwargs(layer, name: str) -> dict:
             "training": layer.training}
 
 
+def _zero3_partitioned(layer) -> str | None:
+    """DeepSpeed ZeRO-3 marks the parameters it partitions (``ds_id``) and gathers each module's own
+    ones in that module's forward hooks: the fused ops, which read the base and adapter weights
+    directly, would find them empty."""
+    if getattr(getattr(layer.get_base_layer(), "weight", None), "ds_id", None) is not None:
+        return "DeepSpeed ZeRO-3 partitions its parameters (each module's forward hooks gather its own)"
+    return None
+
+
+def _hooked(module) -> str | None:
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "forward hooks are registered on its base layer (they run in that layer's forward only)"
+    return None
+
+
 def _call_reason(layer, name: str) -> str | None:
-    """_adapter_reason, and a bnb 4-bit base that bnb itself repacked since patching."""
-    reason = _adapter_reason(layer, name)
-    if reason is None and bnb_cpu_repacked(getattr(layer.get_base_layer(), "weight", None)):
+    """_adapter_reason, forward hooks put on the base since patching, and a bnb 4-bit base that bnb
+    itself repacked since patching."""
+    base = layer.get_base_layer()
+    reason = _adapter_reason(layer, name) or _hooked(base)
+    if reason is None and bnb_cpu_repacked(getattr(base, "weight", None)):
         reason = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
     return reason
 
@@ -219,6 +239,8 @@ def _shira_reason(layer, name: str | None = None) -> str | None:
     base = layer.get_base_layer()
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
+    if _hooked(base) or "forward" in vars(base):
+        return _hooked(base) or "its base layer's forward is replaced on the instance (accelerate's hooks)"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (the base weight is stored [in, out])"
     if base.weight.requires_grad:  # sparse_delta_linear trains the k values only
@@ -384,9 +406,9 @@ def _why_branch(base) -> str:
     other types: the type name says it)."""
     if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
         return f": {needs_branch(base)}"
-    if is_conv1d(base):
-        return ": its forward is replaced on the instance" if "forward" in vars(base) else \
-            f": its weight is a {type(base.weight).__name__}"
+    if is_conv1d(base) or bnb_linear4bit_class(base) is not None:
+        why = _hooked(base) or ("its forward is replaced on the instance" if "forward" in vars(base) else None)
+        return f": {why or f'its weight is a {type(base.weight).__name__}'}"
     return ""
 
 
