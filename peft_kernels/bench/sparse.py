@@ -47,6 +47,10 @@ def cases(M, K, N, device, dtype):
         sd = SparseDeltaLinear.from_linear(lin, density=density, block=block)
         with torch.no_grad():
             sd.delta_values.normal_(0, 1e-3)
+        # The merged weight is current, as after each SparseAdamW step (which writes it and lets the
+        # forwards skip their O(k) write): what a training step's forward and backward cost.
+        sd.sync_()
+        sd.mark_synced()
         run = step(lambda: sd(x), [x, sd.delta_values])
 
         def forced():  # the SDDMM runs in backward: hold the override for the whole step
