@@ -56,6 +56,18 @@ def _run(model, x):
     return y.detach(), xi.grad, grads
 
 
+def _assert_runs_as(model, x, reference):
+    """model's output, input gradient and parameter gradients on x equal ``reference`` (_run's
+    result, e.g. of the unpatched model); returns the gradients."""
+    y0, gx0, g0 = reference
+    y1, gx1, g1 = _run(model, x)
+    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+    return g1
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_patched_matches_unpatched(train):
     model = _peft_model(dropout=0.0 if train else 0.2)
@@ -146,14 +158,10 @@ def test_mica_adapters_run_fused_and_load_with_lora_B_frozen(tmp_path):
     the fused op (no gradient for lora_B) and matches PEFT; saved, it loads with lora_B frozen."""
     model = _peft_model(init_lora_weights="mica")
     x = torch.randn(3, 7, 24)
-    y0, gx0, g0 = _run(model, x)
+    reference = _run(model, x)
     report = peft_kernels.patch_peft_model(model)
     assert len(report.patched) == 6 and not report.skipped
-    y1, gx1, g1 = _run(model, x)
-    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
-    assert g0.keys() == g1.keys() and not any("lora_B" in n for n in g1)
-    for n in g0:
-        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+    assert not any("lora_B" in n for n in _assert_runs_as(model, x, reference))
     peft_kernels.unpatch_peft_model(model)
     model.save_pretrained(tmp_path)
     torch.manual_seed(0)
@@ -186,14 +194,10 @@ def test_patched_dora_matches_unpatched(train):
                 p.mul_(1 + 0.1 * torch.randn_like(p))
     model.train(train)
     x = torch.randn(3, 7, 24)
-    y0, gx0, g0 = _run(model, x)
+    reference = _run(model, x)
     report = peft_kernels.patch_peft_model(model)
     assert len(report.patched) == 6 and not report.skipped
-    y1, gx1, g1 = _run(model, x)
-    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
-    assert g0.keys() == g1.keys() and len(g0) == 18  # lora_A, lora_B, magnitude x 6
-    for n in g0:
-        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+    assert len(_assert_runs_as(model, x, reference)) == 18  # lora_A, lora_B, magnitude x 6
 
 
 def test_patched_dora_reads_the_frozen_row_norms_once_per_weight_version(monkeypatch):
@@ -930,7 +934,7 @@ def test_offloaded_bases_run_their_own_forward_beside_the_fused_branch():
     model = _peft_model(targets=("q_proj", "up"))
     model.base_model.model.layers[1].up.base_layer.__class__ = SameForwardLinear
     x = torch.randn(3, 7, 24)
-    y0, gx0, g0 = _run(model, x)
+    reference = _run(model, x)
     offloaded = []
     for name, mod in model.named_modules():
         if name.endswith("q_proj.base_layer"):
@@ -942,11 +946,7 @@ def test_offloaded_bases_run_their_own_forward_beside_the_fused_branch():
     assert len(report.patched) == 4 and not report.skipped
     assert sorted(report.branch_only) == sorted(offloaded)
     assert all("AlignDevicesHook" in why for why in report.branch_only.values())
-    y1, gx1, g1 = _run(model, x)
-    assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
-    assert g0.keys() == g1.keys()
-    for n in g0:
-        assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+    _assert_runs_as(model, x, reference)
 
     # apply_lora: the hooked Linear keeps its forward under a LoRABranchLinear (adapter on the hook's
     # execution device, not on the meta device of the offloaded weight)
@@ -980,16 +980,13 @@ def test_hooks_on_base_layers_keep_running():
     seen = []
     hooked = model.base_model.model.layers[0].q_proj.base_layer
     hooked.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
-    y0, gx0, g0 = _run(model, x)
+    reference = _run(model, x)
     assert len(seen) == 1
     report = peft_kernels.patch_peft_model(model)
     assert len(report.patched) == 4 and "forward hooks" in report.branch_only["base_model.model.layers.0.q_proj"]
 
     def same():
-        y1, gx1, g1 = _run(model, x)
-        assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5) and g0.keys() == g1.keys()
-        for n in g0:
-            assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+        _assert_runs_as(model, x, reference)
 
     same()
     assert len(seen) == 2
