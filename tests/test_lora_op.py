@@ -225,3 +225,59 @@ def test_eval_mode_disables_dropout(kernel_device):
                                       backend="triton")
     y_nodrop = peft_kernels.lora_linear(x, w, a, b, bias, scaling=1.0, dropout_p=0.0, backend="triton")
     assert torch.equal(y_eval, y_nodrop)
+
+
+def _second_derivative(call, x, params):
+    """d/d(params) of |d loss / dx|^2: a second derivative through the op (create_graph=True)."""
+    y = call()
+    (gx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), params)
+
+
+def test_second_derivatives_on_the_torch_backend_and_refused_elsewhere(kernel_device):
+    """create_graph=True (Hessian-vector products, gradient penalties): the torch backend of the
+    dense LoRA / DoRA ops differentiates its own backward exactly (float64 against the formula);
+    every other backend and op refuses, by name — their kernels and windowed products would give
+    a second derivative missing terms, silently."""
+    from peft_kernels.quant import NF4Weight
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(5, 16, **f64, requires_grad=True)
+    w = torch.randn(12, 16, **f64)
+    a = torch.randn(3, 16, **f64, requires_grad=True)
+    b = torch.randn(12, 3, **f64, requires_grad=True)
+    mag = (torch.rand(12, **f64) + 0.5).requires_grad_()
+
+    def dora_formula():
+        merged = w + 0.5 * b @ a
+        return (x @ merged.T) * (mag / merged.norm(dim=1).detach())
+
+    cases = [
+        (lambda: peft_kernels.lora_linear(x, w, a, b, scaling=0.5, backend="torch"),
+         lambda: x @ w.T + 0.5 * (x @ a.T) @ b.T, [a, b]),
+        (lambda: peft_kernels.lora_delta(x, a, b, scaling=0.5, backend="torch"),
+         lambda: 0.5 * (x @ a.T) @ b.T, [a, b]),
+        (lambda: peft_kernels.dora_linear(x, w, a, b, mag, scaling=0.5, backend="torch"), dora_formula, [a, b, mag]),
+    ]
+    for ours, formula, params in cases:
+        for got, want in zip(_second_derivative(ours, x, params), _second_derivative(formula, x, params)):
+            assert rel_err(got, want) < 1e-12
+
+    dev = dict(device=kernel_device)
+    xk = torch.randn(5, 64, **dev, requires_grad=True)
+    ak, bk = torch.randn(3, 64, **dev, requires_grad=True), torch.randn(12, 3, **dev, requires_grad=True)
+    q = NF4Weight.from_float(torch.randn(12, 64, **dev))
+    refused = [
+        (lambda: peft_kernels.lora_linear(xk, torch.randn(12, 64, **dev), ak, bk, backend="triton"), "lora_linear",
+         "'triton' backend; lora_linear, lora_delta and dora_linear"),
+        (lambda: peft_kernels.qlora_linear(xk, q, ak, bk, backend="torch"), "qlora_linear", "'torch' backend"),
+        (lambda: peft_kernels.quant_linear(xk, q, backend="torch"), "quant_linear", "'torch' backend"),
+        (lambda: peft_kernels.sparse_delta_linear(xk, torch.randn(12, 64, **dev), torch.randn(4, **dev,
+                                                  requires_grad=True), torch.tensor([1, 7, 30, 99], **dev,
+                                                  dtype=torch.int32), backend="torch"), "sparse_delta",
+         "'torch' backend"),
+    ]
+    for call, op, message in refused:
+        with pytest.raises(RuntimeError, match=rf"{op}: a second derivative .* not supported by its {message}"):
+            _second_derivative(call, xk, [xk])
+        call().sum().backward()  # a first derivative is fine

@@ -14,6 +14,20 @@ def fail(op: str, message: str):
     raise ValueError(f"peft_kernels.{op}: {message}")
 
 
+def first_derivative_only(op: str, backend: str, differentiable: bool = False):
+    """Called first in an op's autograd backward. Backward runs with grad mode on only when a second
+    derivative is asked for (create_graph=True: Hessian-vector products, gradient penalties). Only
+    the torch backend of the dense LoRA / DoRA ops computes its gradients with differentiable torch
+    ops (``differentiable``); the kernels and the windowed quantized products do not, and would
+    give a second derivative that silently misses terms: refused."""
+    if differentiable or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    raise RuntimeError(f"peft_kernels.{op}: a second derivative (backward with create_graph=True) is not "
+                       f"supported by its {backend!r} backend" + (
+                           "; lora_linear, lora_delta and dora_linear over a dense weight support it with "
+                           "backend='torch'" if backend != "torch" else ""))
+
+
 def check_tensor(t, name: str, op: str, ndim: int | None = None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"peft_kernels.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")

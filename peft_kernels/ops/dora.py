@@ -164,6 +164,7 @@ class _QDoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, lora_A, lora_B, u, w, mn, seed = ctx.saved_tensors
         bwd, meta, scaling, dropout_p, backend = ctx.rest
+        _checks.first_derivative_only(OP, backend)
         need_x, need_a, need_b, need_mn, need_bias = ctx.needs_input_grad[:5]
         dx, da, db, dmn = bwd(grad_y, x, *meta, lora_A, lora_B, u, w, mn, scaling, dropout_p, seed, need_x, backend)
         return (dx if need_x else None, da if need_a else None, db if need_b else None, dmn if need_mn else None,
@@ -183,6 +184,7 @@ class _DoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, u, w, mn, seed = ctx.saved_tensors
         scaling, dropout_p, backend = ctx.hyper
+        _checks.first_derivative_only(OP, backend, differentiable=backend == "torch")
         need_x, need_w, need_a, need_b, need_mn, need_bias = ctx.needs_input_grad[:6]
         grad_x = grad_w = grad_a = grad_b = grad_mn = grad_bias = None
         if need_x or need_a or need_b or need_mn:

@@ -69,6 +69,7 @@ class _LoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
         scaling, dropout_p, backend = ctx.hyper
+        _checks.first_derivative_only(OP, backend, differentiable=backend == "torch")
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_a = grad_b = grad_bias = None
         if need_x or need_a or need_b:

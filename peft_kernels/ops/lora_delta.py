@@ -46,6 +46,7 @@ class _LoRADeltaFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, lora_A, lora_B, u, seed = ctx.saved_tensors
         scaling, dropout_p, backend = ctx.hyper
+        _checks.first_derivative_only(OP, backend, differentiable=backend == "torch")
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         dx, da, db = torch.ops.peft_kernels.lora_delta_bwd(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed,
                                                            need_x, backend)

@@ -72,6 +72,7 @@ class _QLoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, lora_A, lora_B, u, seed = ctx.saved_tensors
         bwd, meta, scaling, dropout_p, backend = ctx.rest
+        _checks.first_derivative_only(OP, backend)
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         dx, da, db = bwd(grad_y, x, *meta, lora_A, lora_B, u, scaling, dropout_p, seed, need_x, backend)
         return (dx if need_x else None, da if need_a else None, db if need_b else None,

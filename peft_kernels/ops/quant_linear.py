@@ -96,6 +96,7 @@ class _QuantLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         bwd, meta, backend = ctx.quant
+        _checks.first_derivative_only(OP, backend)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = bwd(grad_y, *meta, backend)

@@ -81,6 +81,7 @@ class _SparseDeltaFunction(torch.autograd.Function):
         x, values, index = ctx.saved_tensors
         weight = ctx.weight
         shape, block, merged, backend, positions = ctx.meta
+        _checks.first_derivative_only(OP, backend)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             if merged:
