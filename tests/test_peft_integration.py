@@ -970,11 +970,12 @@ def test_offloaded_bases_run_their_own_forward_beside_the_fused_branch():
 
 
 def test_hooks_on_base_layers_keep_running():
-    """A forward hook on a base layer runs only in that layer's own forward, which the fused op
-    skips: a base hooked at patch time runs its forward beside the fused branch; one hooked later
-    runs PEFT's forward (warned once); under DeepSpeed ZeRO-3 (parameters marked ``ds_id``, gathered
-    by each module's own hooks) PEFT's forward runs too. apply_lora keeps such a base's forward
-    (LoRABranchLinear). Outputs and gradients equal unpatched PEFT's throughout."""
+    """A hook on a base layer runs only in that layer's own forward, which the fused op skips: a
+    base hooked at patch time runs its forward beside the fused branch; one hooked later, or an
+    adapter whose lora_A / lora_B modules carry hooks, runs PEFT's forward (warned once); under
+    DeepSpeed ZeRO-3 (parameters marked ``ds_id``, gathered by each module's own hooks) PEFT's
+    forward runs too. apply_lora keeps such a base's forward (LoRABranchLinear). Outputs and
+    gradients equal unpatched PEFT's throughout."""
     model = _peft_model(targets=("q_proj", "up"))
     x = torch.randn(3, 7, 24)
     seen = []
@@ -983,7 +984,7 @@ def test_hooks_on_base_layers_keep_running():
     reference = _run(model, x)
     assert len(seen) == 1
     report = peft_kernels.patch_peft_model(model)
-    assert len(report.patched) == 4 and "forward hooks" in report.branch_only["base_model.model.layers.0.q_proj"]
+    assert len(report.patched) == 4 and "hooks are registered" in report.branch_only["base_model.model.layers.0.q_proj"]
 
     def same():
         _assert_runs_as(model, x, reference)
@@ -992,9 +993,15 @@ def test_hooks_on_base_layers_keep_running():
     assert len(seen) == 2
     late = model.base_model.model.layers[1].up.base_layer
     late.register_forward_pre_hook(lambda mod, args: seen.append("late"))
-    with pytest.warns(UserWarning, match="forward hooks are registered on its base layer"):
+    with pytest.warns(UserWarning, match="hooks are registered on its base layer"):
         same()
     assert seen[-1] == "late"
+    # hooks on an adapter's own modules (Opacus' per-sample gradients hook lora_A / lora_B)
+    lora_a = model.base_model.model.layers[0].up.lora_A["default"]
+    lora_a.register_full_backward_hook(lambda mod, gin, gout: seen.append("lora_A backward"))
+    with pytest.warns(UserWarning, match="has hooks on its lora_A modules"):
+        same()
+    assert seen[-1] == "lora_A backward"
     for layer in (model.base_model.model.layers[0].up, model.base_model.model.layers[1].q_proj):
         layer.get_base_layer().weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
     with pytest.warns(UserWarning, match="DeepSpeed ZeRO-3 partitions its parameters"):

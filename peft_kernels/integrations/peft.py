@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..nn._adapter import is_conv1d
-from ..nn.branch import needs_branch
+from ..nn.branch import has_module_hooks, needs_branch
 from ..ops import _checks
 from ..ops.dora import cached_weight_row_sq, dora_linear
 from ..ops.lora import lora_linear
@@ -58,7 +58,7 @@ def _whole_layer_base(base) -> bool:
     """Whether the fused ops compute this base layer themselves: an nn.Linear computing nn.Linear's
     forward (apply_lora's rule, needs_branch), transformers' Conv1D (a transposed view) or a
     quantized bnb Linear4bit (its bytes). Any other base — a weight that is a tensor subclass
-    (torchao's quantized weights), forward hooks on it, a forward replaced on the instance
+    (torchao's quantized weights), hooks on it, a forward replaced on the instance
     (accelerate's offloading hooks) — runs its own forward beside the fused LoRA branch
     (_BranchForward)."""
     if "forward" in vars(base) or _hooked(base):
@@ -103,6 +103,9 @@ def _adapter_reason(layer, name: str) -> str | None:
                 "which computes plain LoRA)")
     if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
         return f"adapter {name!r} has lora_bias=True"
+    hooked = [part for part in ("lora_A", "lora_B", "lora_dropout") if has_module_hooks(getattr(layer, part)[name])]
+    if hooked:  # e.g. Opacus' per-sample gradients: its hooks run in those modules' own forward only
+        return f"adapter {name!r} has hooks on its {' / '.join(hooked)} modules"
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"adapter {name!r} uses dropout {type(layer.lora_dropout[name]).__name__}"
     return None
@@ -178,13 +181,13 @@ def _zero3_partitioned(layer) -> str | None:
 
 
 def _hooked(module) -> str | None:
-    if module._forward_pre_hooks or module._forward_hooks:
-        return "forward hooks are registered on its base layer (they run in that layer's forward only)"
+    if has_module_hooks(module):
+        return "hooks are registered on its base layer (they run in that layer's forward only)"
     return None
 
 
 def _call_reason(layer, name: str) -> str | None:
-    """_adapter_reason, forward hooks put on the base since patching, and a bnb 4-bit base that bnb
+    """_adapter_reason, hooks put on the base since patching, and a bnb 4-bit base that bnb
     itself repacked since patching."""
     base = layer.get_base_layer()
     reason = _adapter_reason(layer, name) or _hooked(base)

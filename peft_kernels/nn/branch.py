@@ -10,16 +10,23 @@ from ..ops.lora_delta import lora_delta
 from ._adapter import LoRAAdapter
 
 
+def has_module_hooks(module: nn.Module) -> bool:
+    """Whether hooks are registered on ``module`` itself (forward or backward, pre or post): they
+    run only when its own forward is called, which a fused op in its place skips."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
+
+
 def needs_branch(linear: nn.Module) -> str | None:
     """Why ``linear`` (an nn.Linear) must keep its own forward under an adapter — a subclass with a
-    forward of its own, forward hooks registered on it, a forward replaced on the instance
+    forward of its own, hooks registered on it, a forward replaced on the instance
     (accelerate's hooks, which bring offloaded weights in for each call and leave ``weight`` on the
     meta device between calls), or a weight that is a tensor subclass (torchao's quantized
     weights) — or None for a plain nn.Linear computation the fused ops can take over."""
     if type(linear).forward is not nn.Linear.forward:
         return f"{type(linear).__name__}, a subclass of nn.Linear with a forward of its own"
-    if linear._forward_pre_hooks or linear._forward_hooks:
-        return "forward hooks are registered on it (they run in its own forward only)"
+    if has_module_hooks(linear):
+        return "hooks are registered on it (they run in its own forward only)"
     if "forward" in vars(linear):
         hook = getattr(linear, "_hf_hook", None)
         return ("its forward is replaced on the instance"
