@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .nn._adapter import LoRAAdapter, features, is_conv1d
-from .nn.branch import LoRABranchLinear, needs_branch
+from .nn.branch import LoRABranchLinear, has_module_hooks, needs_branch
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
@@ -47,6 +47,12 @@ def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | N
     """Why ``op`` cannot replace this nn.Linear (None if it can): only a layer computing nn.Linear's
     forward, called as a module, keeps its meaning when swapped for an adapter layer (and
     bitsandbytes' 4/8-bit layers, whose bytes apply_lora reads)."""
+    replaced = is_bnb_linear4bit(module) or is_bnb_linear8bit(module) or is_conv1d(module)
+    if replaced and (has_module_hooks(module) or "forward" in vars(module)):
+        # apply_lora replaces these layers whole (no LoRABranchLinear over them): their hooks (an
+        # accelerate offloading hook among them) would be dropped without a word
+        return (f"hooks are registered on this {type(module).__name__} or its forward is replaced on the instance "
+                "(accelerate's hooks): replacing it would drop them")
     if is_bnb_linear4bit(module) or is_bnb_linear8bit(module):
         return None if op == "apply_lora" else "a bitsandbytes quantized layer (sparse deltas need a full-precision base)"
     if is_conv1d(module):

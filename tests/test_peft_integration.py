@@ -1016,6 +1016,12 @@ def test_hooks_on_base_layers_keep_running():
     assert isinstance(net.layers[1].q_proj, peft_kernels.nn.LoRALinear)
     del seen[:]
     assert torch.allclose(net(x), want, atol=1e-6) and seen == ["ours"]
+    # a hooked layer apply_lora would replace whole (Conv1D, bitsandbytes) is refused by name
+    from transformers.pytorch_utils import Conv1D
+    gpt2_like = nn.Sequential(Conv1D(16, 8))
+    gpt2_like[0].register_forward_hook(lambda mod, args, out: None)
+    with pytest.raises(ValueError, match="hooks are registered on this Conv1D .* replacing it would drop them"):
+        peft_kernels.apply_lora(gpt2_like, ["0"], r=2)
 
 
 @pytest.mark.parametrize("kind", ["bnb 8-bit", "own forward"])
