@@ -39,6 +39,18 @@ def alert(what: str) -> None:
         raise RuntimeError(msg)
 
 
+def split_accumulator(splits: int, shape: tuple, device) -> tuple[torch.Tensor, bool]:
+    """An fp32 buffer for a reduction that ``splits`` programs share, and whether it is sliced:
+    [splits, *shape] in deterministic mode (each split writes its own slice; reduce it with
+    sum_slices), else ``shape``, zeroed when several programs add into it with atomics (the
+    kernel's ATOMIC flag is then ``splits > 1 and not sliced``)."""
+    sliced = splits > 1 and enabled()
+    out = torch.empty((splits, *shape) if sliced else tuple(shape), dtype=torch.float32, device=device)
+    if splits > 1 and not sliced:
+        out.zero_()
+    return out, sliced
+
+
 def sum_slices(partial: torch.Tensor) -> torch.Tensor:
     """The reduced tensor from ``partial`` [splits, ...] (one slice per program split), in a fixed
     order; a single slice is returned as a view."""

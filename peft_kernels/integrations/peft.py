@@ -242,8 +242,10 @@ def _shira_reason(layer, name: str | None = None) -> str | None:
     base = layer.get_base_layer()
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
-    if _hooked(base) or "forward" in vars(base):
-        return _hooked(base) or "its base layer's forward is replaced on the instance (accelerate's hooks)"
+    why = _hooked(base) or ("its base layer's forward is replaced on the instance (accelerate's hooks)"
+                            if "forward" in vars(base) else None)
+    if why is not None:
+        return why
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (the base weight is stored [in, out])"
     if base.weight.requires_grad:  # sparse_delta_linear trains the k values only

@@ -60,13 +60,10 @@ class LoRAAdapter(nn.Module):
         in ``dtype``. Call it before an optimizer holds them (the Parameters are kept)."""
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"{type(self).__name__}.cast_adapter_: dtype must be a floating torch.dtype, got {dtype!r}")
-        nominal = self._base_dtype()  # a quantized base's nominal dtype was the adapter's: keep it
-        for name in ("lora_A", "lora_B", "magnitude"):
+        for name in ("lora_A", "lora_B", "magnitude"):  # a quantized base keeps its _nominal_dtype
             p = self._parameters.get(name)
             if p is not None:
                 p.data = p.data.to(dtype)
-        if hasattr(self, "_nominal_dtype"):
-            self._nominal_dtype = nominal
         return self
 
     @property

@@ -151,15 +151,12 @@ def backward_with(base_t, grad_y, x, lora_A, lora_B, u, w, mn, scaling, dropout_
     BM, BN = _tile()
     n_tiles = cdiv(N, BN)
     splits, per = _split(cdiv(M, BM), n_tiles, _sm_count(x.device))
-    sliced = splits > 1 and determinism.enabled()  # one row of [splits, N] per split, summed below
-    grad_mn = torch.empty((splits, N) if sliced else (N,), dtype=torch.float32, device=x.device)
-    if splits > 1 and not sliced:
-        grad_mn.zero_()  # atomically added into
+    grad_mn, sliced = determinism.split_accumulator(splits, (N,), x.device)
     launch(_dora_grad_kernel, (n_tiles, splits),
            grad_y, w, mn, gl, gd, grad_mn, M, N, per * BM, grad_y.stride(0), grad_y.stride(1),
            HAS_GD=has_gd, ATOMIC=splits > 1 and not sliced, BM=BM, BN=BN, num_warps=WARPS)
     if sliced:
-        grad_mn = grad_mn.sum(0)
+        grad_mn = determinism.sum_slices(grad_mn)
     if not need_dx:
         _, grad_A, grad_B = adapter_backward(gl, x, lora_A, lora_B, u, scaling, dropout_p, seed, False)
         return x.new_empty(0), grad_A, grad_B, grad_mn

@@ -566,10 +566,7 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
     bm, bk, warps = _tiles("down", BR)
     m_tiles = cdiv(M, bm)
     splits, per = _split(cdiv(K, bk), m_tiles, sms)
-    sliced = splits > 1 and determinism.enabled()  # one slice per split, summed below
-    u = torch.empty((splits, M, R) if sliced else (M, R), dtype=torch.float32, device=x.device)
-    if splits > 1 and not sliced:
-        u.zero_()  # atomically added into
+    u, sliced = determinism.split_accumulator(splits, (M, R), x.device)
     launch(
         _lora_down_kernel, (m_tiles, splits),
         x, lora_A, u, seed if seed is not None else x,
@@ -580,7 +577,7 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
         num_warps=warps,
     )
     if sliced:
-        u = u.sum(0)
+        u = determinism.sum_slices(u)
 
     bm, bn, warps = _tiles("up", BR)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)

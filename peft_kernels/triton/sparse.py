@@ -187,14 +187,11 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
         split = max(1, min(cdiv(4 * _num_sms(x.device), k), cdiv(M, 4 * bt)))
         m_per = cdiv(cdiv(M, split), bt) * bt
         split = cdiv(M, m_per)
-        sliced = split > 1 and determinism.enabled()  # one slice per token split, summed below
-        out = torch.empty((split, k, bh, bw) if sliced else (k, bh, bw), dtype=torch.float32, device=x.device)
-        if split > 1 and not sliced:
-            out.zero_()  # atomically added into
+        out, sliced = determinism.split_accumulator(split, (k, bh, bw), x.device)  # one slice per token split
         launch(_sddmm_block_kernel, (k, split), grad_y, x, tile_r, tile_c, out, M, m_per, grad_y.stride(0),
                x.stride(0), bh, bw, IEEE=ieee, SPLIT=split > 1 and not sliced, TR=_tile_side(bh),
                TC=_tile_side(bw), BT=bt, num_warps=4)
-        return out.sum(0) if sliced else out
+        return determinism.sum_slices(out) if sliced else out
     out = torch.empty(k, dtype=torch.float32, device=x.device)
     if k == 0:
         return out
