@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import TRAINED_WHOLE, _replace, _targets, apply_lora, pattern_matches, pattern_value, target_matches
-from .apply import requires_grad_restored_on_error
+from .apply import BIAS_OPTIONS, TRAINED_BIAS, TRAINED_WHOLE, _replace, _targets, apply_lora, pattern_matches
+from .apply import pattern_value, requires_grad_restored_on_error, target_matches
 from .nn._adapter import LoRAAdapter, features, is_conv1d
+from .nn.branch import LoRABranchLinear
 from .nn.sparse import SparseDeltaLinear
 from .ops._checks import check_materialized
 from .sparse import layout
@@ -60,12 +61,32 @@ def _trained_whole(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if getattr(m, TRAINED_WHOLE, False)}
 
 
+def _trained_biases(model: nn.Module, whole: dict) -> tuple[str, dict[str, torch.Tensor]]:
+    """(HF PEFT's bias option, {PEFT key: bias}) for the biases apply_lora(bias=...) trains. PEFT
+    keeps an adapted layer's bias on its base_layer, so LoRALinear "q.bias" is saved as
+    "q.base_layer.bias" (a LoRABranchLinear's is there already). Biases of modules_to_save modules are
+    saved with their module."""
+    owners = {n: m for n, m in model.named_modules(remove_duplicate=False)
+              if getattr(m, TRAINED_BIAS, None) and getattr(m, "bias", None) is not None
+              and not any(n == w or n.startswith(w + ".") for w in whole)}
+    options = {getattr(m, TRAINED_BIAS) for m in owners.values()}
+    if len(options) > 1:
+        raise ValueError(f"save_adapter: the model's biases were trained under several bias options {sorted(options)} "
+                         "(apply_lora calls with different bias=); PEFT's config has one")
+    tensors = {}
+    for n, m in owners.items():
+        name = f"{n}.base_layer" if isinstance(m, LoRAAdapter) and not isinstance(m, LoRABranchLinear) else n
+        tensors[f"{PREFIX}{name}.bias"] = m.bias.detach().clone()  # a shared bias: safetensors wants one owner
+    return (options.pop() if options else "none"), tensors
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write the LoRA (or DoRA) adapters of ``model`` to ``directory`` in PEFT's format, with the
     modules apply_lora trains whole (PEFT's modules_to_save). The adapters share one dropout /
     rsLoRA / DoRA setting (PEFT's config has one); r and alpha may differ per module (written as
     PEFT's rank_pattern / alpha_pattern). A model whose trained layers are SparseDeltaLinear is
-    written as PEFT's SHiRA adapter (unstructured, k = r·(in + out) entries per layer)."""
+    written as PEFT's SHiRA adapter (unstructured, k = r·(in + out) entries per layer). Biases
+    trained by apply_lora(bias="all" | "lora_only") are written as PEFT writes them."""
     from safetensors.torch import save_file
 
     modules = _lora_modules(model)
@@ -100,13 +121,15 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     for name, m in whole.items():  # PEFT's modules_to_save: the module's state under its own keys
         for key, t in m.state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous()
+    bias, biases = _trained_biases(model, whole)
+    tensors.update(biases)
     save_file(tensors, str(directory / WEIGHTS_NAME))
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
         # PEFT's fan_in_fan_out: the bases are transformers Conv1D layers (PEFT sets it per layer
         # from the base type anyway, with a warning where a mixed model disagrees with the flag)
-        "target_modules": _target_modules(model, modules), "bias": "none",
+        "target_modules": _target_modules(model, modules), "bias": bias,
         "fan_in_fan_out": all(m.fan_in_fan_out for m in modules.values()),
         "init_lora_weights": True, "modules_to_save": sorted(whole) or None, "use_dora": use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
@@ -203,6 +226,31 @@ def _load_shira(model: nn.Module, directory: Path, config: dict, backend: str) -
     return _replace(model, targets, new)
 
 
+def _saved_bias_places(model: nn.Module, state: dict, keys, names: list, linears: dict, bias: str) -> dict:
+    """{saved bias key: (adapted layer's name, None) | (None, module name)}, checked against the model
+    before it changes: PEFT saves an adapted layer's bias as "<layer>.base_layer.bias" and, under
+    bias="all", any other bias under its own name."""
+    places, wrong = {}, []
+    for key in sorted(keys):
+        name = key[len(PREFIX):].rpartition(".")[0]
+        layer = name[:-len(".base_layer")] if name.endswith(".base_layer") else None
+        if layer in names:
+            places[key], target = (layer, None), linears[layer].bias
+        elif bias == "all" and name in dict(model.named_modules()):
+            places[key], target = (None, name), getattr(model.get_submodule(name), "bias", None)
+        else:
+            wrong.append((key, "no such " + ("adapted layer" if bias == "lora_only" else "module")))
+            continue
+        if not isinstance(target, torch.Tensor) or target.shape != state[key].shape:
+            wrong.append((key, "the model's bias is " + ("absent" if not isinstance(target, torch.Tensor)
+                                                         else f"{list(target.shape)}")))
+        else:
+            check_materialized(target, key[len(PREFIX):], "load_adapter")
+    if wrong:
+        raise ValueError(f"load_adapter: saved biases (bias={bias!r}) do not fit the model: {wrong[:5]}")
+    return places
+
+
 _UNSUPPORTED_LORA_OPTIONS = ("lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
                              "velora_config", "monteclora_config", "kasa_config", "layer_replication",
                              "target_parameters", "trainable_token_indices")
@@ -215,7 +263,8 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     modules become adapter layers, everything else is frozen) and return the model — or a SHiRA
     adapter, whose layers become SparseDeltaLinear (train them with SparseAdamW). Per-module
     ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured, and PEFT's modules_to_save
-    are loaded and trained whole. ``quantize``
+    are loaded and trained whole, as are the biases PEFT's ``bias`` option trains ("lora_only" / "all",
+    saved as "<layer>.base_layer.bias" for an adapted layer). ``quantize``
     ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
     quantized, and ``adapter_dtype`` (e.g. torch.float32 over a bf16 model, as PEFT loads by
     default) holds the adapter tensors, as apply_lora does."""
@@ -234,8 +283,9 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     # below change what the adapted layer computes (LoRA variants, extra trained tensors, another
     # model structure): loading such an adapter as plain LoRA would compute something else.
     unsupported = [k for k in _UNSUPPORTED_LORA_OPTIONS if config.get(k)]
-    if config.get("bias", "none") != "none":
-        unsupported.append(f"bias={config['bias']!r}")
+    bias = config.get("bias") or "none"
+    if bias not in BIAS_OPTIONS:
+        unsupported.append(f"bias={bias!r}")
     if unsupported:
         raise ValueError(f"load_adapter: adapter options not supported yet: {unsupported}")
     mica = config.get("init_lora_weights") == "mica"  # plain LoRA whose lora_B stays frozen
@@ -244,9 +294,18 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     # PEFT's modules_to_save: whole modules, saved under their own keys
     to_save = [n for n, _ in model.named_modules() if n and target_matches(n, config.get("modules_to_save") or [])]
     whole = {k for k in state if any(k.startswith(f"{PREFIX}{n}.") for n in to_save)}
+    # bias="all": PEFT also writes the biases of a modules_to_save module's two copies, which its
+    # own keys hold (the trained one) or the model does (the original): skipped
+    copies = {f"{PREFIX}{n}.{c}.bias" for n in to_save for c in ("modules_to_save", "original_module")} \
+        if bias == "all" else set()
+    whole -= copies
     parts = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if use_dora else ())
-    unexpected = [k for k in state if k not in whole and not (k.startswith(PREFIX) and k.endswith(parts))]
-    names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if k not in unexpected and k not in whole})
+    biases = {k for k in state if bias != "none" and k.startswith(PREFIX) and k.endswith(".bias")
+              and k not in whole and k not in copies}
+    unexpected = [k for k in state if k not in whole and k not in biases and k not in copies
+                  and not (k.startswith(PREFIX) and k.endswith(parts))]
+    names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state
+                    if k not in unexpected and k not in whole and k not in biases and k not in copies})
     missing = [n + p for n in names for p in parts if PREFIX + n + p not in state]
     if unexpected or missing:
         raise ValueError(f"load_adapter: {WEIGHTS_NAME} does not hold a {'DoRA' if use_dora else 'LoRA'} "
@@ -284,17 +343,23 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     if unfit:
         raise ValueError(f"load_adapter: the saved modules_to_save tensors do not fit the model's modules "
                          f"{to_save[:5]}: {unfit[:5]}")
+    bias_at = _saved_bias_places(model, state, biases, names, linears, bias)
     # The saved names are full module names: match them exactly (a list would also take any module
     # whose name ends in "." + name, e.g. "1.0" for "0").
     exact = "|".join(re.escape(n) for n in names)
     apply_lora(model, exact, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
                use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora,
                quant_options=quant_options, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-               modules_to_save=to_save or None, adapter_dtype=adapter_dtype)
+               modules_to_save=to_save or None, adapter_dtype=adapter_dtype, bias=bias)
     for n in to_save:
         model.get_submodule(n).load_state_dict({k: state[f"{PREFIX}{n}.{k}"] for k in whole_states[n]})
     modules = _lora_modules(model)
     with torch.no_grad():
+        for key, (layer, name) in bias_at.items():  # the adapter layer now holding the saved layer's bias
+            owner = modules[layer] if layer is not None else model.get_submodule(name)
+            if isinstance(owner, LoRABranchLinear):
+                owner = owner.base_layer
+            owner.bias.copy_(state[key])
         for name in names:
             m = modules[name]
             m.lora_A.copy_(state[f"{PREFIX}{name}.lora_A.weight"])

@@ -160,24 +160,49 @@ def requires_grad_restored_on_error(model: nn.Module):
 
 # Set on a module that apply_lora(modules_to_save=...) trains whole; save_adapter writes it.
 TRAINED_WHOLE = "peft_kernels_trained_whole"
+# Set, to the bias option ("all" | "lora_only"), on a module whose bias apply_lora(bias=...) trains;
+# a later call keeps that bias trainable and save_adapter writes it under PEFT's key.
+TRAINED_BIAS = "peft_kernels_trained_bias"
+BIAS_OPTIONS = ("none", "all", "lora_only")
 
 
-def _replace(model: nn.Module, targets, new_modules, trained_whole=()) -> nn.Module:
-    """Freeze ``model`` (but for the adapter / sparse-delta modules and modules trained whole that an
-    earlier call put on it, left as they are), swap the new modules in, once every one of them was
-    built (under requires_grad_restored_on_error: an error while building leaves the model as it
-    was), and make ``trained_whole`` (modules) trainable and marked for save_adapter."""
+def _bias_owners(model: nn.Module, new_modules, bias: str) -> list[nn.Module]:
+    """The modules whose bias HF PEFT's ``bias`` option trains: "all" every parameter named bias in
+    the model; "lora_only" those of the adapter layers ``new_modules`` (a LoRABranchLinear's sits on
+    its base_layer)."""
+    if bias == "all":
+        return [model.get_submodule(n.rpartition(".")[0]) for n, p in model.named_parameters(remove_duplicate=False)
+                if n.rpartition(".")[2] == "bias"]
+    if bias == "lora_only":
+        owners = [m.base_layer if isinstance(m, LoRABranchLinear) else m for m in new_modules]
+        return [m for m in owners if getattr(m, "bias", None) is not None]
+    return []
+
+
+def _replace(model: nn.Module, targets, new_modules, trained_whole=(), bias: str = "none") -> nn.Module:
+    """Freeze ``model`` (but for the adapter / sparse-delta modules, modules trained whole and
+    biases trained that an earlier call put on it, left as they are), swap the new modules in, once
+    every one of them was built (under requires_grad_restored_on_error: an error while building
+    leaves the model as it was), make ``trained_whole`` (modules) trainable and marked for
+    save_adapter, and train the biases HF PEFT's ``bias`` option names (marked alike)."""
     kept = {id(p) for m in model.modules()
             if isinstance(m, (LoRAAdapter, SparseDeltaLinear)) or getattr(m, TRAINED_WHOLE, False)
             for p in m.parameters()}
     for p in model.parameters():
         if id(p) not in kept:
             p.requires_grad_(False)
-    for (_, parent, child, _), module in zip(targets, new_modules):
+    for (_, parent, child, old), module in zip(targets, new_modules):
         setattr(parent, child, module)
+        if getattr(old, TRAINED_BIAS, None) and not isinstance(module, LoRABranchLinear):
+            setattr(module, TRAINED_BIAS, getattr(old, TRAINED_BIAS))  # (a branch keeps ``old`` as its base_layer)
     for module in trained_whole:
         setattr(module, TRAINED_WHOLE, True)
         module.requires_grad_(True)
+    for module in _bias_owners(model, new_modules, bias):
+        setattr(module, TRAINED_BIAS, bias)
+    for module in model.modules():  # building an adapter layer froze the bias it took over
+        if getattr(module, TRAINED_BIAS, None) and getattr(module, "bias", None) is not None:
+            module.bias.requires_grad_(True)
     return model
 
 
@@ -206,7 +231,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                use_rslora: bool = False, backend: str = "auto", quantize: str | None = None,
                use_dora: bool = False, quant_options: dict | None = None, rank_pattern: dict | None = None,
                alpha_pattern: dict | None = None, modules_to_save=None,
-               adapter_dtype: torch.dtype | None = None) -> nn.Module:
+               adapter_dtype: torch.dtype | None = None, bias: str = "none") -> nn.Module:
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
     (sharing their weights), freeze every other parameter (adapters an earlier call made keep
     theirs), and return ``model`` (modified in place). target_modules: a list of names/suffixes
@@ -232,7 +257,12 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     the base weight's. torch.float32 over a bf16 / fp16 model is HF PEFT's default
     (get_peft_model's autocast_adapter_dtype): the optimizer updates fp32 values, and
     torch.amp.GradScaler (fp16 mixed precision) accepts their gradients, which it refuses in fp16.
-    The kernels compute in the input's dtype either way."""
+    The kernels compute in the input's dtype either way.
+    bias: HF PEFT's LoraConfig option — "none" (every bias frozen), "all" (every parameter named
+    bias in the model trains, LayerNorms' included) or "lora_only" (the adapted layers' biases
+    train); save_adapter writes the trained biases under PEFT's keys, load_adapter reads them."""
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(f"apply_lora: bias must be one of {BIAS_OPTIONS} (HF PEFT's option), got {bias!r}")
     if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
         raise TypeError(f"apply_lora: adapter_dtype must be None or a floating torch.dtype, got {adapter_dtype!r}")
     if quantize not in (None, *_QUANT_OPTIONS):
@@ -292,7 +322,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     if adapter_dtype is not None:
         for module in new:
             module.cast_adapter_(adapter_dtype)
-    return _replace(model, targets, new, trained_whole)
+    return _replace(model, targets, new, trained_whole, bias)
 
 
 def _over_bnb(name: str, linear: nn.Module, quantize, quant_options: dict, use_dora: bool, kw: dict):

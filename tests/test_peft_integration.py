@@ -448,6 +448,83 @@ def test_modules_to_save_round_trip_with_peft(tmp_path):
     assert loaded.head.weight.requires_grad and loaded.layers[0].q_proj.lora_A.requires_grad
 
 
+class NormedNet(Net):
+    """Net behind a LayerNorm: a bias outside every linear layer, which PEFT's bias="all" trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(24)
+
+    def forward(self, x):
+        return super().forward(self.norm(x))
+
+
+def _trainable_non_adapter(model):
+    return sorted(n.replace("base_model.model.", "").replace(".base_layer", "").replace(".modules_to_save.default", "")
+                  for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+
+
+@pytest.mark.parametrize("bias,modules_to_save,quantize", [("lora_only", None, None), ("all", None, None),
+                                                           ("all", ["head"], None), ("lora_only", None, "nf4")])
+def test_trained_biases_follow_peft_and_round_trip(bias, modules_to_save, quantize, tmp_path):
+    """PEFT's bias option: apply_lora(bias=...) trains the biases PEFT's get_peft_model trains,
+    save_adapter writes them under PEFT's keys (an adapted layer's as <layer>.base_layer.bias), and
+    adapters with trained biases load both ways with equal outputs; a second apply_lora keeps them
+    trainable."""
+    torch.manual_seed(0)
+    base = NormedNet()
+    ours = peft_kernels.apply_lora(copy.deepcopy(base), ["q_proj", "up"], r=4, alpha=8, bias=bias,
+                                   modules_to_save=modules_to_save, quantize=quantize)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "up"], bias=bias, modules_to_save=modules_to_save))
+    trained = _trainable_non_adapter(ours)
+    assert trained == _trainable_non_adapter(theirs) and "layers.0.q_proj.bias" in trained
+    assert ("norm.bias" in trained) == (bias == "all")
+    with torch.no_grad():  # train what each trains
+        for model in (ours, theirs):
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(5, 24)
+    peft_kernels.save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    from safetensors.torch import load_file
+    ours_keys, their_keys = (set(load_file(str(tmp_path / d / "adapter_model.safetensors"))) for d in ("ours", "theirs"))
+    # PEFT also writes, under bias="all", its modules_to_save copies' biases (their values are in head.bias)
+    assert their_keys - ours_keys == ({"base_model.model.head.modules_to_save.bias",
+                                       "base_model.model.head.original_module.bias"} if modules_to_save else set())
+    assert ours_keys <= their_keys
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == bias
+    if quantize is None:  # PEFT over our file computes as ours does
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        assert torch.allclose(reloaded.eval()(x), ours.eval()(x), atol=1e-5)
+    back = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path / "ours", quantize=quantize)
+    assert torch.equal(back.eval()(x), ours.eval()(x)) and _trainable_non_adapter(back) == trained
+    mine = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert torch.allclose(mine.eval()(x), theirs.eval()(x), atol=1e-5)
+    peft_kernels.apply_lora(mine, ["o_proj"], r=2)
+    assert _trainable_non_adapter(mine) == trained
+
+
+def test_bias_option_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"bias must be one of \('none', 'all', 'lora_only'\)"):
+        peft_kernels.apply_lora(Net(), ["q_proj"], bias="lora")
+    a = peft_kernels.apply_lora(Net(), ["q_proj"], bias="all")
+    peft_kernels.apply_lora(a, ["up"], bias="lora_only")
+    with pytest.raises(ValueError, match="several bias options"):
+        peft_kernels.save_adapter(a, tmp_path / "mixed")
+    _peft_model(bias="all").save_pretrained(tmp_path / "all")
+    no_home, no_bias = Net(), Net()
+    del no_home.layers[0].o_proj  # the saved layers.0.o_proj.bias has no module to go to
+    no_bias.layers[1].o_proj.bias = None
+    for model, match in ((no_home, "no such module"), (no_bias, "layers.1.o_proj.bias', \"the model's bias is absent")):
+        flags = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(ValueError, match=f"saved biases.*{match}"):
+            peft_kernels.load_adapter(model, tmp_path / "all")
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert not any(isinstance(m, peft_kernels.nn.LoRALinear) for m in model.modules())
+
+
 def test_modules_to_save_errors(tmp_path):
     with pytest.raises(ValueError, match=r"modules_to_save \['tail'\] match no module"):
         peft_kernels.apply_lora(Net(), ["q_proj"], modules_to_save=["head", "tail"])
