@@ -144,6 +144,10 @@ def _save_shira(model: nn.Module, modules: dict, directory: Path) -> Path:
     out) values for its config's one r before reading the file, so every layer's k must be that."""
     from safetensors.torch import save_file
 
+    conv1d = sorted(n for n, m in modules.items() if m.fan_in_fan_out)
+    if conv1d:
+        raise ValueError(f"save_adapter: {conv1d[:3]} were built over transformers Conv1D layers; PEFT's SHiRA "
+                         "adapts nn.Linear only (peft_kernels.sparse.save_sparse_delta saves any delta)")
     blocks = sorted(n for n, m in modules.items() if m.block is not None)
     if blocks:
         raise ValueError(f"save_adapter: {blocks[:3]} are block-sparse; PEFT's SHiRA holds unstructured "

@@ -56,8 +56,6 @@ def unsupported_linear(op: str, parent: nn.Module, module: nn.Module) -> str | N
     if is_bnb_linear4bit(module) or is_bnb_linear8bit(module):
         return None if op == "apply_lora" else "a bitsandbytes quantized layer (sparse deltas need a full-precision base)"
     if is_conv1d(module):
-        if op != "apply_lora":
-            return "a transformers Conv1D (weight stored [in, out]): sparse deltas need an nn.Linear"
         return None if _checks.plain_tensor(module.weight) else \
             f"its weight is a {type(module.weight).__name__} (a tensor subclass), which the kernels cannot read"
     if isinstance(parent, nn.MultiheadAttention):
@@ -127,11 +125,17 @@ def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01,
     size for r = 4, which save_adapter needs; ``mask`` and ``block`` as in
     SparseDeltaLinear.from_linear; layer i's random mask uses seed + i). Everything else is
     frozen. Returns ``model``, modified in place; train it with peft_kernels.sparse.SparseAdamW.
+    GPT-2's transformers Conv1D layers are targets too: the layer holds their weight transposed
+    ([out, in], a copy; masks and scores in that orientation) and merge_and_unload gives a Conv1D back.
     A targeted layer whose weight is tied to another module's (an LM head sharing the input
     embedding) gets its delta merged around each product, never into the shared weight
     (merge_in_place=False): the delta belongs to this layer only, as a LoRA adapter would."""
     targets = _targets("apply_sparse", model, target_modules)
     names = parameter_names(model)
+    tied_conv1d = [n for n, _, _, linear in targets if is_conv1d(linear) and is_tied(names, linear.weight)]
+    if tied_conv1d:
+        raise ValueError(f"apply_sparse: {tied_conv1d[:3]} are Conv1D layers whose weight other modules share: "
+                         "the layer would hold a transposed copy of it (untie the weights first)")
     new = []
     with requires_grad_restored_on_error(model):
         for i, (name, _, _, linear) in enumerate(targets):
@@ -141,7 +145,7 @@ def apply_sparse(model: nn.Module, target_modules, density: float | None = 0.01,
                                                          block=block, seed=seed + i, backend=backend,
                                                          merge_in_place=not is_tied(names, linear.weight)))
             except ValueError as exc:  # e.g. num_params larger than this layer: say which layer
-                raise ValueError(f"apply_sparse: {name} [{linear.out_features}, {linear.in_features}]: {exc}") from exc
+                raise ValueError(f"apply_sparse: {name} {list(features(linear))}: {exc}") from exc
     return _replace(model, targets, new)
 
 
@@ -358,7 +362,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if branch:
         raise ValueError(f"merge_and_unload: {branch[:5]} keep a base that computes its own forward "
                          "(LoRABranchLinear): the adapter cannot be folded into it here; nothing was changed")
-    merged = [(name, m.unloaded() if isinstance(m, LoRAAdapter) else m.to_linear()) for name, m in layers]
+    merged = [(name, m.unloaded()) for name, m in layers]
     for name, linear in merged:
         set_submodule(model, name, linear)
     return model

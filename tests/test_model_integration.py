@@ -378,9 +378,88 @@ def test_apply_lora_quantizes_gpt2_conv1d_layers(quantize):
         assert torch.allclose(merged(ids).logits, decoded(ids).logits, atol=1e-5)
 
 
-def test_apply_sparse_refuses_gpt2_conv1d_layers_by_name():
-    with pytest.raises(ValueError, match=r"c_attn \(a transformers Conv1D"):
-        peft_kernels.apply_sparse(_gpt2(), ["c_attn"])
+def _dense_gpt2_grads(model, ids):
+    """The dense gradients of every Conv1D weight of GPT2_TARGETS, in the stored [in, out] shape."""
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(True)
+    model(ids, labels=ids).loss.backward()
+    return {n[:-len(".weight")]: p.grad for n, p in model.named_parameters()
+            if n.endswith(".weight") and n.split(".")[-2] in GPT2_TARGETS}
+
+
+@pytest.mark.parametrize("block", [None, (4, 8)])
+def test_sparse_deltas_on_gpt2_conv1d_layers(block, tmp_path):
+    """apply_sparse on GPT-2's Conv1D layers ([in, out] weights): each layer holds the weight
+    transposed and computes as the Conv1D with W0 + delta (delta transposed into its layout); dDelta
+    equals the masked entries of the dense Conv1D weight gradient; SparseAdamW trains it;
+    merge_and_unload gives Conv1D layers whose state loads strictly into a plain GPT-2 with equal
+    outputs; save_sparse_delta / load_sparse_delta rebuild it on a fresh GPT-2; PEFT's SHiRA (nn.Linear
+    only) is refused by name."""
+    import copy
+    from peft_kernels.nn import SparseDeltaLinear
+    from peft_kernels.sparse import SparseAdamW, load_sparse_delta, save_sparse_delta
+    base = _gpt2().double()
+    ours = peft_kernels.apply_sparse(copy.deepcopy(base), GPT2_TARGETS, density=0.1, block=block)
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, SparseDeltaLinear)}
+    assert len(layers) == 8 and all(m.fan_in_fan_out for m in layers.values())
+    assert layers["transformer.h.0.attn.c_attn"].weight.shape == (96, 32)  # [out, in]
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, base(ids).logits, atol=1e-12)  # a fresh delta is zero
+        for m in layers.values():
+            m.delta_values.normal_(std=0.05)
+    dense = copy.deepcopy(base)  # the same model as a GPT-2 holding W0 + delta
+    with torch.no_grad():
+        for name, m in layers.items():
+            dense.get_submodule(name).weight.copy_(m.merge().t())
+    assert torch.allclose(ours(ids).logits, dense(ids).logits, atol=1e-10)
+    ours.zero_grad(set_to_none=True)
+    ours(ids, labels=ids).loss.backward()
+    want = _dense_gpt2_grads(dense, ids)
+    for name, m in layers.items():
+        pos = m._positions()  # flat [out, in] positions of the k entries (block entries included)
+        got = m.delta_values.grad.reshape(-1).double()  # fp32 values (apply_sparse's default): one rounding
+        assert torch.allclose(got, want[name].t().reshape(-1)[pos], rtol=1e-6, atol=1e-9), name
+    optimizer = SparseAdamW(ours.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = ours(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    save_sparse_delta(ours, str(tmp_path / "delta.safetensors"))
+    reloaded = copy.deepcopy(base)
+    assert sorted(load_sparse_delta(reloaded, str(tmp_path / "delta.safetensors"))) == sorted(layers)
+    with torch.no_grad():
+        want = ours(ids).logits
+        assert torch.equal(reloaded(ids).logits, want)
+    with pytest.raises(ValueError, match=r"Conv1D layers; PEFT's SHiRA adapts nn.Linear only"):
+        peft_kernels.save_adapter(ours, tmp_path / "shira")
+    merged = peft_kernels.merge_and_unload(ours)
+    assert is_conv1d(merged.transformer.h[1].mlp.c_fc)
+    plain = copy.deepcopy(base)
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, want, atol=1e-10)
+
+
+def test_mask_gradients_takes_conv1d_masks_in_their_stored_shape():
+    """mask_gradients_ with a partial mask on a Conv1D weight (given [in, out], the parameter's
+    shape) trains exactly those entries, with compact gradients."""
+    import copy
+    base = _gpt2().double()
+    mask = torch.rand(32, 96, generator=torch.Generator().manual_seed(0)) < 0.05  # c_attn: [in, out]
+    model = copy.deepcopy(base)
+    report = peft_kernels.mask_gradients_(model, {"transformer.h.0.attn.c_attn.weight": mask})
+    assert report.sparse == ["transformer.h.0.attn.c_attn.weight"] and report.trainable == int(mask.sum())
+    layer = model.transformer.h[0].attn.c_attn
+    ids = _ids(2, 9)
+    model(ids, labels=ids).loss.backward()
+    dense = _dense_gpt2_grads(copy.deepcopy(base), ids)["transformer.h.0.attn.c_attn"]
+    assert torch.allclose(layer.delta_values.grad.double(), dense.t()[mask.t()], rtol=1e-6, atol=1e-9)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["transformer.h.0.attn.c_attn.delta_values"]
 
 
 @pytest.mark.parametrize("quantize,use_dora", [(None, False), (None, True), ("nf4", False)])

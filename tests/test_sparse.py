@@ -692,7 +692,7 @@ def test_mask_gradients_bitfit_head_and_partial():
     assert model[2].bias.grad is not None and model[2].weight.grad is None
     assert model[0].bias.requires_grad and model[0].bias.grad is not None  # "*.bias" holds for the sparse layer's too
     assert rep.trainable == int(partial.sum()) + 12 + 12 + 4
-    with pytest.raises(ValueError, match="nn.Linear weights"):
+    with pytest.raises(ValueError, match="nn.Linear and Conv1D weights"):
         mask_gradients_(nn.Sequential(nn.LayerNorm(5)), {"0.weight": torch.tensor([True, False] * 2 + [True])})
     with pytest.raises(ValueError, match="shape"):
         mask_gradients_(nn.Sequential(nn.Linear(3, 2)), {"0.weight": torch.ones(3, 2, dtype=torch.bool)})
@@ -734,7 +734,7 @@ def test_save_load_roundtrip(tmp_path):
     assert torch.equal(fresh(x), y)
     # A file whose second entry does not fit leaves the model as it was (no first layer swapped).
     other = nn.Sequential(nn.Linear(10, 12), nn.Linear(12, 5))
-    with pytest.raises(ValueError, match=r"1 has weight \[5, 12\], the file \[4, 12\]"):
+    with pytest.raises(ValueError, match=r"1 has an \[out, in\] weight \[5, 12\], the file \[4, 12\]"):
         load_sparse_delta(other, str(tmp_path / "delta.safetensors"))
     assert type(other[0]) is nn.Linear
     with pytest.raises(ValueError, match="no module '1'"):

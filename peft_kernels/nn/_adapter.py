@@ -140,17 +140,20 @@ class LoRAAdapter(nn.Module):
         """What merge_and_unload puts in this layer's place: to_linear(), or over a Conv1D base
         (fan_in_fan_out) a transformers Conv1D holding the merged weight [in, out], as the model's
         own checkpoints store it."""
-        if not self.fan_in_fan_out:
-            return self.to_linear()
-        from transformers.pytorch_utils import Conv1D
+        return conv1d_holding(self.to_linear()) if self.fan_in_fan_out else self.to_linear()
 
-        linear = self.to_linear()  # Conv1D always has a bias: a layer without one gets zeros
-        with torch.device("meta"):  # no random init spent on it
-            conv = Conv1D(linear.out_features, linear.in_features)
-        conv.weight = nn.Parameter(linear.weight.t().contiguous(), requires_grad=False)
-        conv.bias = linear.bias if linear.bias is not None else nn.Parameter(
-            linear.weight.new_zeros(linear.out_features), requires_grad=False)
-        return conv
+
+def conv1d_holding(linear: nn.Linear) -> nn.Module:
+    """A transformers Conv1D computing what ``linear`` does: its weight transposed to [in, out], as
+    GPT-2's checkpoints store it, and its bias (Conv1D always has one: zeros for a layer without)."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):  # no random init spent on it
+        conv = Conv1D(linear.out_features, linear.in_features)
+    conv.weight = nn.Parameter(linear.weight.t().contiguous(), requires_grad=False)
+    conv.bias = linear.bias if linear.bias is not None else nn.Parameter(
+        linear.weight.new_zeros(linear.out_features), requires_grad=False)
+    return conv
 
 
 def linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -10,7 +10,7 @@ from .. import backends
 from ..ops._checks import check_materialized, is_dtensor
 from ..ops.sparse_delta import check_delta, sparse_delta_linear, w0_plus_delta
 from ..sparse import layout
-from ._adapter import linear_holding
+from ._adapter import conv1d_holding, is_conv1d, linear_holding
 
 
 def _replica_group(group):
@@ -41,9 +41,13 @@ class SparseDeltaLinear(nn.Module):
     change too. W0 is then what the weight holds now (the other module may train it), and
     ``base_values`` is unused. apply_sparse, load_adapter and load_sparse_delta choose it for tied
     weights.
+    ``fan_in_fan_out``: built over a transformers Conv1D (GPT-2's layers, weight stored [in, out]),
+    whose weight it holds transposed, [out, in], as nn.Linear does (a copy: the Conv1D is released);
+    merge_and_unload gives a Conv1D back.
     """
 
     merge_in_place = True  # also for a layer pickled before the option existed
+    fan_in_fan_out = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, delta_index: torch.Tensor, block=None,
                  values_dtype: torch.dtype = torch.float32, backend: str = "auto", merge_in_place: bool = True):
@@ -79,20 +83,42 @@ class SparseDeltaLinear(nn.Module):
                     mask="random", block=None, seed: int = 0, scores: torch.Tensor | None = None,
                     values_dtype: torch.dtype = torch.float32, backend: str = "auto",
                     merge_in_place: bool = True) -> "SparseDeltaLinear":
-        """Wrap ``linear`` (its weight and bias are shared, frozen, not copied).
+        """Wrap ``linear`` (its weight and bias are shared, frozen, not copied) — or a transformers
+        Conv1D (GPT-2), whose [in, out] weight is copied transposed (``fan_in_fan_out``; its bias is
+        shared).
 
         mask: "random" (uniform, ``seed``), "magnitude" (largest |W0|), "gradient" (largest
         ``scores``, e.g. accumulated |dW| of a few steps), a bool tensor [out, in] (or the
-        (out/bh) x (in/bw) block grid), or a callable(weight) -> bool mask | score tensor.
+        (out/bh) x (in/bw) block grid), or a callable(weight) -> bool mask | score tensor; masks,
+        scores and the callable's weight are [out, in] for a Conv1D too (its stored weight's transpose).
         density (fraction of positions) or num_params (how many); with ``block`` = (bh, bw) both
         count blocks, scored by the block's L2 norm.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseDeltaLinear.from_linear expects nn.Linear, got {type(linear).__name__}")
-        index = layout.build_index("SparseDeltaLinear.from_linear", linear.weight, density=density,
+        weight = cls._linear_weight(linear, "SparseDeltaLinear.from_linear")
+        index = layout.build_index("SparseDeltaLinear.from_linear", weight, density=density,
                                    num_params=num_params, mask=mask, block=block, seed=seed, scores=scores)
-        return cls(linear.weight, linear.bias, index, block=block, values_dtype=values_dtype, backend=backend,
-                   merge_in_place=merge_in_place)
+        return cls.over(linear, index, block=block, values_dtype=values_dtype, backend=backend,
+                        merge_in_place=merge_in_place, weight=weight)
+
+    @staticmethod
+    def _linear_weight(linear: nn.Module, op: str) -> torch.Tensor:
+        """The [out, in] weight of an nn.Linear (itself) or a transformers Conv1D (a transposed copy)."""
+        if is_conv1d(linear):
+            check_materialized(linear.weight, "weight", op)
+            return nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{op} expects nn.Linear or transformers' Conv1D, got {type(linear).__name__}")
+        return linear.weight
+
+    @classmethod
+    def over(cls, linear: nn.Module, delta_index: torch.Tensor, weight: torch.Tensor | None = None,
+             **kwargs) -> "SparseDeltaLinear":
+        """The layer over ``linear`` (an nn.Linear, or a transformers Conv1D: ``fan_in_fan_out``) at
+        the positions ``delta_index`` ([out, in] flat or block positions); kwargs as the constructor's."""
+        weight = cls._linear_weight(linear, "SparseDeltaLinear") if weight is None else weight
+        layer = cls(weight, linear.bias, delta_index, **kwargs)
+        layer.fan_in_fan_out = is_conv1d(linear)
+        return layer
 
     # ------------------------------------------------------------------ merged-weight upkeep
     def _positions(self) -> torch.Tensor:
@@ -214,6 +240,11 @@ class SparseDeltaLinear(nn.Module):
         trains if the layer's did."""
         return linear_holding(self.merge(), self.bias)
 
+    def unloaded(self) -> nn.Module:
+        """What merge_and_unload puts in this layer's place: to_linear(), or a transformers Conv1D
+        for a layer built over one (``fan_in_fan_out``)."""
+        return conv1d_holding(self.to_linear()) if self.fan_in_fan_out else self.to_linear()
+
     @property
     def num_trainable(self) -> int:
         return self.delta_values.numel()
@@ -317,4 +348,5 @@ class SparseDeltaLinear(nn.Module):
     def extra_repr(self) -> str:
         what = "unstructured" if self.block is None else f"blocks {self.block}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {what}, "
-                f"trainable={self.num_trainable} ({100 * self.density:.3g}%)")
+                f"trainable={self.num_trainable} ({100 * self.density:.3g}%)"
+                + (", fan_in_fan_out=True (Conv1D base)" if self.fan_in_fan_out else ""))

@@ -5,6 +5,7 @@ import json
 
 from torch import nn
 
+from ..nn._adapter import features, is_conv1d
 from ..ops._checks import check_materialized
 
 
@@ -27,8 +28,9 @@ def save_sparse_delta(model: nn.Module, path: str):
 
 
 def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> list[str]:
-    """Apply a saved delta: an nn.Linear named in the file becomes a SparseDeltaLinear, an existing
-    SparseDeltaLinear moves to the saved positions (W0 restored at its old ones). Returns the names."""
+    """Apply a saved delta: an nn.Linear (or transformers Conv1D) named in the file becomes a
+    SparseDeltaLinear, an existing SparseDeltaLinear moves to the saved positions (W0 restored at
+    its old ones). Returns the names."""
     from safetensors import safe_open
 
     from ..nn.sparse import SparseDeltaLinear
@@ -47,11 +49,12 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
                 mod = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"load_sparse_delta: the model has no module {name!r}") from None
-            if not isinstance(mod, (nn.Linear, SparseDeltaLinear)):
+            if not isinstance(mod, (nn.Linear, SparseDeltaLinear)) and not is_conv1d(mod):
                 raise TypeError(f"load_sparse_delta: {name} is a {type(mod).__name__}, not a Linear")
             check_materialized(mod.weight, f"{name}.weight", "load_sparse_delta")
-            if tuple(mod.weight.shape) != tuple(info["shape"]):
-                raise ValueError(f"load_sparse_delta: {name} has weight {list(mod.weight.shape)}, the file "
+            shape = tuple(mod.weight.shape) if isinstance(mod, SparseDeltaLinear) else features(mod)
+            if shape != tuple(info["shape"]):
+                raise ValueError(f"load_sparse_delta: {name} has an [out, in] weight {list(shape)}, the file "
                                  f"{info['shape']}")
             block = tuple(info["block"]) if info["block"] else None
             if isinstance(mod, SparseDeltaLinear) and mod.block != block:
@@ -60,10 +63,10 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
     loaded = []
     tied = parameter_names(model)
     for name, mod, block, index, values in entries:
-        if isinstance(mod, nn.Linear):  # a weight tied to another module's is merged around each product
-            sd = SparseDeltaLinear(mod.weight, mod.bias, index.to(mod.weight.device), block=block,
-                                   values_dtype=values.dtype, backend=backend,
-                                   merge_in_place=not is_tied(tied, mod.weight))
+        if not isinstance(mod, SparseDeltaLinear):  # a weight tied to another module's is merged around each product
+            sd = SparseDeltaLinear.over(mod, index.to(mod.weight.device), block=block,
+                                        values_dtype=values.dtype, backend=backend,
+                                        merge_in_place=not is_tied(tied, mod.weight))
             set_submodule(model, name, sd)
             mod = sd
         mod.set_index_(index, values.to(mod.delta_values.dtype))

@@ -57,8 +57,10 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
     ``{"*.bias": True}``, head-only ``{"lm_head.*": True}``, chosen layers
     ``{"layers.3.*": True}``. A rule is True (train the whole tensor), False (freeze), or a
     bool tensor of the parameter's shape. A partial mask on an nn.Linear weight turns that Linear
-    into a SparseDeltaLinear (compact SDDMM gradient, no dense dW); partial masks on other
-    parameters are refused with an error rather than emulated by dense-gradient x mask.
+    into a SparseDeltaLinear (compact SDDMM gradient, no dense dW) — as it does on a transformers
+    Conv1D's weight (GPT-2; the mask in the stored [in, out] shape, the layer then holding the
+    weight transposed); partial masks on other parameters are refused with an error rather than
+    emulated by dense-gradient x mask.
     A tied parameter (a head sharing the embedding's weight) is matched by any of its names; a
     pattern that matches no name is an error, not a silently frozen model; any error leaves the
     model as it was.
@@ -104,6 +106,7 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
 def _plan(model, names, params, masks, block, values_dtype, backend) -> list:
     """[(parameter, name, True | False | (Linear's name, its SparseDeltaLinear))] for every parameter."""
     from ..apply import unsupported_linear
+    from ..nn._adapter import is_conv1d
     from ..nn.sparse import SparseDeltaLinear
 
     plan = []
@@ -123,14 +126,16 @@ def _plan(model, names, params, masks, block, values_dtype, backend) -> list:
         if isinstance(rule, torch.Tensor):
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            if not (isinstance(parent, nn.Linear) and leaf == "weight"):
-                raise ValueError(f"mask_gradients_: a partial mask is supported on nn.Linear weights (compact "
-                                 f"gradient via SparseDeltaLinear); {name} belongs to {type(parent).__name__}")
+            conv1d = is_conv1d(parent)
+            if not ((isinstance(parent, nn.Linear) or conv1d) and leaf == "weight"):
+                raise ValueError(f"mask_gradients_: a partial mask is supported on nn.Linear and Conv1D weights "
+                                 f"(compact gradient via SparseDeltaLinear); {name} belongs to {type(parent).__name__}")
             owner_name = parent_name.rpartition(".")[0]
             reason = unsupported_linear("mask_gradients_", model.get_submodule(owner_name) if owner_name else model,
                                         parent)
             if reason is not None:
                 raise ValueError(f"mask_gradients_: a partial mask on {name} cannot be trained: {reason}")
+            rule = rule.t() if conv1d else rule  # SparseDeltaLinear's masks are [out, in]
             rule = (parent_name, SparseDeltaLinear.from_linear(parent, mask=rule.to(parent.weight.device),
                                                                block=block, values_dtype=values_dtype,
                                                                backend=backend))
