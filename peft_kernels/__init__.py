@@ -13,6 +13,7 @@ Public API (importing never needs a GPU, triton or the compiled extension):
     sparse_delta_linear(x, weight, delta_values, delta_index, bias, *, shape_or_block, merged)
     nn.SparseDeltaLinear, apply_sparse(model, target_modules, density), sparse.SparseAdamW,
     mask_gradients_(model, masks)
+    sparse_delta_embedding(ids, weight, delta_values, delta_index, *, padding_idx), nn.SparseDeltaEmbedding
 """
 from . import backends, nn, quant, sparse
 from .adapters import load_adapter, save_adapter
@@ -24,6 +25,7 @@ from .ops.lora_delta import lora_delta
 from .ops.qlora import qlora_linear
 from .ops.quant_linear import quant_linear
 from .ops.sparse_delta import sparse_delta_linear
+from .ops.sparse_embedding import sparse_delta_embedding
 from .sparse import mask_gradients_
 
 
@@ -42,4 +44,4 @@ def unpatch_peft_model(model):
     return unpatch(model)
 
 __version__ = "0.1.0"
-__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "lora_delta", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "mask_gradients_", "apply_lora", "apply_sparse", "merge_and_unload", "info", "nn", "quant", "sparse", "backends", "__version__"]
+__all__ = ["patch_peft_model", "unpatch_peft_model", "save_adapter", "load_adapter", "lora_linear", "lora_delta", "dora_linear", "qlora_linear", "quant_linear", "sparse_delta_linear", "sparse_delta_embedding", "mask_gradients_", "apply_lora", "apply_sparse", "merge_and_unload", "info", "nn", "quant", "sparse", "backends", "__version__"]

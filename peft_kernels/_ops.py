@@ -237,3 +237,23 @@ LIB.define("sparse_sddmm(Tensor grad_y, Tensor x, Tensor index, int[] shape, int
 def _sparse_sddmm_fake(grad_y, x, index, shape, block, backend):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((index.shape[0], *block), dtype=dtype)
+
+
+# Sparse deltas on an embedding table (peft_kernels/ops/sparse_embedding.py): ids int64 [M]; weight
+# [V, d]; index int32/64 [k] sorted flat positions row * d + col; values [k]. Forward: the rows of
+# W0 + delta, [M, d] in weight's dtype. Backward: d delta [k] (fp32; fp64 for an fp64 dY); tokens
+# equal to padding_idx (-1: none) give no gradient, as nn.Embedding's.
+LIB.define("sparse_embedding_fwd(Tensor ids, Tensor weight, Tensor values, Tensor index, str backend) -> Tensor")
+LIB.define("sparse_embedding_bwd(Tensor grad_y, Tensor ids, Tensor index, int num_rows, int padding_idx, "
+           "str backend) -> Tensor")
+
+
+@torch.library.register_fake("peft_kernels::sparse_embedding_fwd")
+def _sparse_embedding_fwd_fake(ids, weight, values, index, backend):
+    return weight.new_empty((ids.shape[0], weight.shape[1]))
+
+
+@torch.library.register_fake("peft_kernels::sparse_embedding_bwd")
+def _sparse_embedding_bwd_fake(grad_y, ids, index, num_rows, padding_idx, backend):
+    dtype = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+    return grad_y.new_empty((index.shape[0],), dtype=dtype)

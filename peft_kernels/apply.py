@@ -15,6 +15,7 @@ from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .nn.sparse import SparseDeltaLinear
+from .nn.sparse_embedding import SparseDeltaEmbedding
 from .ops import _checks
 from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
@@ -190,7 +191,7 @@ def _replace(model: nn.Module, targets, new_modules, trained_whole=(), bias: str
     leaves the model as it was), make ``trained_whole`` (modules) trainable and marked for
     save_adapter, and train the biases HF PEFT's ``bias`` option names (marked alike)."""
     kept = {id(p) for m in model.modules()
-            if isinstance(m, (LoRAAdapter, SparseDeltaLinear)) or getattr(m, TRAINED_WHOLE, False)
+            if isinstance(m, (LoRAAdapter, SparseDeltaLinear, SparseDeltaEmbedding)) or getattr(m, TRAINED_WHOLE, False)
             for p in m.parameters()}
     for p in model.parameters():
         if id(p) not in kept:
@@ -352,9 +353,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every adapter layer apply_lora / apply_sparse / mask_gradients_ / load_adapter put on
     ``model`` (LoRA, DoRA, QLoRA and their INT forms, SparseDeltaLinear) with a plain nn.Linear
     holding its merged weight (``to_linear()``: over a quantized base the decoded weight, in the
-    adapter's dtype) — or, for a layer whose base was a transformers Conv1D, a Conv1D — in place,
+    adapter's dtype) — or, for a layer whose base was a transformers Conv1D, a Conv1D; a
+    SparseDeltaEmbedding with an nn.Embedding holding W0 + Delta — in place,
     and return ``model``: HF PEFT's merge_and_unload, for export or inference without peft_kernels."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRAAdapter, SparseDeltaLinear))]
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (LoRAAdapter, SparseDeltaLinear, SparseDeltaEmbedding))]
     if not layers:
         raise ValueError("merge_and_unload: the model has no adapter or sparse-delta layers")
     # all built before the model changes; a layer over a Conv1D becomes a Conv1D again

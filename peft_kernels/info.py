@@ -46,7 +46,8 @@ def info() -> dict:
                          "lora_delta": backends.resolve("lora_delta", "auto", dev),
                          "qlora_linear": backends.resolve("qlora_linear", "auto", dev),
                          "dora_linear": backends.resolve("dora_linear", "auto", dev),
-                         "sparse_delta": backends.resolve("sparse_delta", "auto", dev)}
+                         "sparse_delta": backends.resolve("sparse_delta", "auto", dev),
+                         "sparse_embedding": backends.resolve("sparse_embedding", "auto", dev)}
         out["devices"][str(dev)] = entry
     return out
 

@@ -692,7 +692,7 @@ def test_mask_gradients_bitfit_head_and_partial():
     assert model[2].bias.grad is not None and model[2].weight.grad is None
     assert model[0].bias.requires_grad and model[0].bias.grad is not None  # "*.bias" holds for the sparse layer's too
     assert rep.trainable == int(partial.sum()) + 12 + 12 + 4
-    with pytest.raises(ValueError, match="nn.Linear and Conv1D weights"):
+    with pytest.raises(ValueError, match="nn.Linear, Conv1D and nn.Embedding weights"):
         mask_gradients_(nn.Sequential(nn.LayerNorm(5)), {"0.weight": torch.tensor([True, False] * 2 + [True])})
     with pytest.raises(ValueError, match="shape"):
         mask_gradients_(nn.Sequential(nn.Linear(3, 2)), {"0.weight": torch.ones(3, 2, dtype=torch.bool)})

@@ -11,7 +11,7 @@ from torch import nn
 @dataclass
 class MaskReport:
     dense: list = field(default_factory=list)     # trained whole (e.g. biases, a head)
-    sparse: list = field(default_factory=list)    # nn.Linear weights now SparseDeltaLinear
+    sparse: list = field(default_factory=list)    # weights now SparseDeltaLinear / SparseDeltaEmbedding
     frozen: int = 0                               # parameters frozen
     trainable: int = 0                            # trainable scalars in total
 
@@ -59,8 +59,9 @@ def mask_gradients_(model: nn.Module, masks: dict, *, block=None, values_dtype=t
     bool tensor of the parameter's shape. A partial mask on an nn.Linear weight turns that Linear
     into a SparseDeltaLinear (compact SDDMM gradient, no dense dW) — as it does on a transformers
     Conv1D's weight (GPT-2; the mask in the stored [in, out] shape, the layer then holding the
-    weight transposed); partial masks on other parameters are refused with an error rather than
-    emulated by dense-gradient x mask.
+    weight transposed), and an nn.Embedding's into a SparseDeltaEmbedding (e.g. the rows of tokens
+    added to the vocabulary; no [V, d] gradient); partial masks on other parameters are refused
+    with an error rather than emulated by dense-gradient x mask.
     A tied parameter (a head sharing the embedding's weight) is matched by any of its names; a
     pattern that matches no name is an error, not a silently frozen model; any error leaves the
     model as it was.
@@ -108,6 +109,7 @@ def _plan(model, names, params, masks, block, values_dtype, backend) -> list:
     from ..apply import unsupported_linear
     from ..nn._adapter import is_conv1d
     from ..nn.sparse import SparseDeltaLinear
+    from ..nn.sparse_embedding import SparseDeltaEmbedding
 
     plan = []
     for key, p in params.items():
@@ -127,9 +129,18 @@ def _plan(model, names, params, masks, block, values_dtype, backend) -> list:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             conv1d = is_conv1d(parent)
+            if isinstance(parent, nn.Embedding) and leaf == "weight":
+                try:
+                    layer = SparseDeltaEmbedding.from_embedding(parent, mask=rule.to(parent.weight.device),
+                                                                values_dtype=values_dtype, backend=backend)
+                except ValueError as exc:
+                    raise ValueError(f"mask_gradients_: a partial mask on {name}: {exc}") from exc
+                plan.append((p, name, (parent_name, layer)))
+                continue
             if not ((isinstance(parent, nn.Linear) or conv1d) and leaf == "weight"):
-                raise ValueError(f"mask_gradients_: a partial mask is supported on nn.Linear and Conv1D weights "
-                                 f"(compact gradient via SparseDeltaLinear); {name} belongs to {type(parent).__name__}")
+                raise ValueError(f"mask_gradients_: a partial mask is supported on nn.Linear, Conv1D and nn.Embedding "
+                                 f"weights (compact gradients via SparseDeltaLinear / SparseDeltaEmbedding); {name} "
+                                 f"belongs to {type(parent).__name__}")
             owner_name = parent_name.rpartition(".")[0]
             reason = unsupported_linear("mask_gradients_", model.get_submodule(owner_name) if owner_name else model,
                                         parent)

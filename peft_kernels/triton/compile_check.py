@@ -281,6 +281,18 @@ def _sparse_scenarios(dtype, quick):
     yield "sparse_adamw", adamw_plain
 
 
+def _sparse_embedding_scenarios(dtype, quick):
+    from . import sparse_embedding as E
+    V, d = 1000, 64  # CPU tensors: the host code reads ids and the index; configurations do not depend on size
+    weight, ids = torch.randn(V, d).to(dtype), torch.randint(0, V, (300,))
+    index = torch.randperm(V * d)[:500].sort().values.to(torch.int32)
+
+    def run():
+        E.forward(ids, weight, torch.randn(500), index)
+        E.backward(torch.randn(300, d).to(dtype), ids, index, V, 7)
+    yield "sparse_embedding fwd + bwd", run
+
+
 def _deterministic_scenarios(dtype, quick):
     """Launches under torch.use_deterministic_algorithms(True): the split reductions store one
     slice per split instead of adding atomically (other specializations; peft_kernels.determinism)."""
@@ -299,15 +311,17 @@ def _deterministic_scenarios(dtype, quick):
                 yield f"deterministic {name}", run
 
 
-SCENARIOS = (_lora_scenarios, _dora_scenarios, _quant_scenarios, _sparse_scenarios, _deterministic_scenarios)
+SCENARIOS = (_lora_scenarios, _dora_scenarios, _quant_scenarios, _sparse_scenarios, _sparse_embedding_scenarios,
+             _deterministic_scenarios)
 
 
 def kernels_in_package() -> set[str]:
     """Names of every @triton.jit kernel (``*_kernel``) in peft_kernels.triton's modules."""
     from triton.runtime.jit import JITFunction
 
-    from . import dora, lora, quant_matmul, quantize, sparse
-    return {name for mod in (lora, dora, quant_matmul, quantize, sparse) for name, obj in vars(mod).items()
+    from . import dora, lora, quant_matmul, quantize, sparse, sparse_embedding
+    return {name for mod in (lora, dora, quant_matmul, quantize, sparse, sparse_embedding)
+            for name, obj in vars(mod).items()
             if isinstance(obj, JITFunction) and name.endswith("_kernel")}
 
 
