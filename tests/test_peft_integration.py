@@ -1212,3 +1212,73 @@ def test_torchao_quantized_bases_fuse_the_branch_patched_and_under_apply_lora(tm
         assert torch.allclose(loaded(x), y0, atol=1e-5) and torch.allclose(back(x), y0, atol=1e-5)
     with pytest.raises(ValueError, match=r"merge_and_unload: \['0 \(Linear\)'\] keep a base that computes its own"):
         peft_kernels.merge_and_unload(back)
+
+
+def _tokens_llama(tie: bool, dtype=torch.float64):
+    """A small Llama with HF PEFT LoRA and trainable_token_indices (three trained embedding rows,
+    shared with the head when the embeddings are tied), rows and lora_B moved off their init."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).to(dtype),
+                                peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[60, 61, 3]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name or "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def _lm_run(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_patched_trainable_tokens_match_unpatched(tie, monkeypatch):
+    """PEFT's trainable tokens (LoraConfig trainable_token_indices) run through the sparse ops —
+    sparse_delta_embedding on the embedding, sparse_delta_linear with (1, d) blocks on a tied
+    head — with PEFT's logits bit for bit and its gradients (float64), no [V, d] gradient; the
+    states PEFT keeps (adapters disabled, merged) run PEFT's forward, and unpatch restores it."""
+    from peft_kernels.integrations import peft as integration
+    model = _tokens_llama(tie)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    tokens = [n for n in report.patched if n.endswith("token_adapter")]
+    assert len(tokens) == (2 if tie else 1) and not report.skipped
+    calls = []
+    for op in ("sparse_delta_embedding", "sparse_delta_linear"):
+        real = getattr(integration, op)
+        monkeypatch.setattr(integration, op, lambda *a, real=real, op=op, **k: (calls.append(op), real(*a, **k))[1])
+    ids = torch.randint(0, 64, (2, 9))
+    ids[:, :3] = torch.tensor([60, 61, 3])
+    y0, g0 = _lm_run(model, ids)
+    y1, g1 = _lm_run(patched, ids)
+    assert sorted(calls) == (["sparse_delta_embedding", "sparse_delta_linear"] if tie else ["sparse_delta_embedding"])
+    assert torch.equal(y1, y0) and g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.allclose(g1[name], g0[name], rtol=1e-10, atol=1e-15), name
+    calls.clear()
+    with patched.disable_adapter(), model.disable_adapter():
+        assert torch.equal(patched(input_ids=ids).logits, model(input_ids=ids).logits)
+    patched.merge_adapter()
+    model.merge_adapter()
+    assert torch.allclose(patched(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-12)
+    assert calls == []
+    patched.unmerge_adapter()
+    assert sorted(peft_kernels.unpatch_peft_model(patched)) == sorted(report.patched)
+
+
+def test_trainable_tokens_patch_checks_its_layers():
+    model = _tokens_llama(False)
+    layer = model.base_model.model.model.embed_tokens.token_adapter
+    layer.token_indices["default"] = [60, 60, 3]  # PEFT's index_copy with a repeated row: left to PEFT
+    report = peft_kernels.patch_peft_model(model)
+    assert "lists a token twice" in report.skipped["base_model.model.model.embed_tokens.token_adapter"]
+    layer.token_indices["default"] = [60, 61, 3]
+    layer.get_base_layer().weight.requires_grad_(True)
+    report = peft_kernels.patch_peft_model(copy.deepcopy(model))
+    assert "requires grad" in report.skipped["base_model.model.model.embed_tokens.token_adapter"]

@@ -6,7 +6,8 @@ peft_kernels does not know — the base runs its own forward and the LoRA branch
 lora_delta), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
 values at k fixed positions of W) through sparse_delta_linear — PEFT's own SHiRA forward clones
 the whole weight every step and its backward forms the dense [out, in] weight gradient to keep k
-entries of it.
+entries of it; its trainable-tokens layers (trained rows of the embedding, and of a head tied to
+it) likewise, through sparse_delta_embedding and sparse_delta_linear.
 
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` (a method bound
 to the layer, so a copy.deepcopy of the model is patched too and computes with its own weights)
@@ -33,6 +34,7 @@ from ..ops.lora import lora_linear
 from ..ops.lora_delta import lora_delta
 from ..ops.qlora import qlora_linear
 from ..ops.sparse_delta import sparse_delta_linear
+from ..ops.sparse_embedding import sparse_delta_embedding
 from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class
 from ..sparse import layout
 from ..tensor_cache import TensorCache
@@ -300,6 +302,73 @@ class _ShiraForward(_PatchedForward):
         return sparse_delta_linear(x, weight, values, index, bias)
 
 
+def _tokens_reason(layer, name: str | None = None) -> str | None:
+    """Why this PEFT TrainableTokensLayer (or its adapter ``name``) cannot run the sparse ops (None if
+    it can). Checked at patch time and at every call."""
+    base = layer.get_base_layer()
+    if not isinstance(base, (nn.Embedding, nn.Linear)):  # PEFT's own forward refuses other types
+        return f"base layer is {type(base).__name__}, neither nn.Embedding nor nn.Linear"
+    if isinstance(base, nn.Embedding) and (base.max_norm is not None or base.scale_grad_by_freq):
+        return "the embedding uses max_norm or scale_grad_by_freq"
+    if not _checks.plain_tensor(base.weight) or base.weight.requires_grad:
+        return "the base weight is a tensor subclass or requires grad"
+    for n in ([name] if name is not None else list(layer.trainable_tokens_delta)):
+        indices = layer.token_indices.get(n, [])
+        rows = base.weight.shape[0]
+        if len(set(indices)) != len(indices) or not all(0 <= int(i) < rows for i in indices):
+            return f"adapter {n!r} lists a token twice or outside [0, {rows})"
+        if tuple(layer.trainable_tokens_delta[n].shape) != (len(indices), base.weight.shape[1]):
+            return f"adapter {n!r}'s trainable_tokens_delta does not hold one row per token"
+    return None
+
+
+class _TokensForward(_PatchedForward):
+    """A patched PEFT TrainableTokensLayer (LoraConfig's trainable_token_indices: the rows of chosen
+    tokens trained, e.g. new special tokens). PEFT's forward copies the whole [V, d] table with those
+    rows replaced (index_copy) every call, and autograd forms the dense [V, d] gradient of that copy
+    to keep n rows of it — for a head tied to the embedding, a second full GEMM dY^T X as well.
+    Here the rows' replacement is a delta on W0 (values = row - W0[row], added in fp32, fp64 for an
+    fp32 table, so the row read back is PEFT's) through sparse_delta_embedding, or, on a tied head,
+    sparse_delta_linear with (1, d) blocks: the gradient is taken at the n rows only."""
+
+    kind = "trainable-tokens"
+
+    def __init__(self, layer, original):
+        super().__init__(layer, original)
+        self.rows: dict = {}  # (token indices, device) -> (sorted rows, their order in the list)
+
+    def _rows(self, indices, device):
+        key = (tuple(int(i) for i in indices), str(device))
+        if key not in self.rows:
+            rows, order = torch.sort(torch.tensor(key[0], dtype=torch.int64, device=device))
+            self.rows[key] = (rows, order)
+        return self.rows[key]
+
+    def __call__(self, x, *args, **kwargs):
+        name, out = self._adapter_to_fuse(self.layer.trainable_tokens_delta, _tokens_reason, x, args, kwargs)
+        if name is None:
+            return out
+        layer = self.layer
+        base = layer.get_base_layer()
+        weight = base.weight
+        rows, order = self._rows(layer.token_indices[name], weight.device)
+        acc = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        new_rows = layer.trainable_tokens_delta[name].to(weight)[order]  # PEFT's cast to the table's dtype
+        values = new_rows.to(acc) - weight.detach()[rows].to(acc)
+        dim = weight.shape[1]
+        if isinstance(base, nn.Embedding):
+            index = (rows[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
+            index = index.to(torch.int32 if weight.numel() < 2**31 else torch.int64)
+            y = sparse_delta_embedding(x, weight, values.reshape(-1), index, padding_idx=base.padding_idx)
+            scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
+            return y if scale is None else y * scale.to(y.dtype)
+        x, weight, _ = self._in_op_dtype(x, weight, None)  # the tied head: F.linear(x, W) without bias
+        if x.dtype != weight.dtype:
+            return self._dtype_mismatch(x, base.weight, args, kwargs)
+        return sparse_delta_linear(x, weight, values.reshape(-1, 1, dim), rows.to(torch.int32), None,
+                                   shape_or_block=(1, dim))
+
+
 def _branch_reason(layer, name: str | None = None) -> str | None:
     """Why the LoRA branch of this layer (or of its adapter ``name``) cannot be fused beside a base
     that runs its own forward (None if it can)."""
@@ -349,7 +418,8 @@ def _patched(module) -> _PatchedForward | None:
 
 def patch_peft_model(model: nn.Module) -> PatchReport:
     """Route every HF PEFT LoRA Linear of ``model`` (a PeftModel or any module containing PEFT
-    LoRA layers) through peft_kernels' fused op, and every SHiRA Linear through
+    LoRA layers) through peft_kernels' fused op, every SHiRA Linear through sparse_delta_linear,
+    and every trainable-tokens layer (trainable_token_indices) through sparse_delta_embedding /
     sparse_delta_linear, in place. Returns a PatchReport."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -371,9 +441,21 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
         from peft.tuners.shira.layer import ShiraLayer
     except ImportError:
         PeftShiraLinear = ShiraLayer = None
+    try:  # PEFT's trainable tokens (LoraConfig's trainable_token_indices; peft >= 0.15)
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    except ImportError:
+        TrainableTokensLayer = None
 
     report = PatchReport()
     for name, module in model.named_modules():
+        if TrainableTokensLayer is not None and isinstance(module, TrainableTokensLayer):
+            if _patched(module) is None:
+                if (reason := _tokens_reason(module)) is not None:
+                    report.skipped[name] = reason
+                    continue
+                module.forward = _TokensForward(module, module.forward)
+            report.patched.append(name)
+            continue
         if ShiraLayer is not None and isinstance(module, ShiraLayer):
             if _patched(module) is not None:
                 report.patched.append(name)
