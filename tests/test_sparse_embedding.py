@@ -264,3 +264,27 @@ def test_opcheck(backend, kernel_device):
     torch.library.opcheck(torch.ops.peft_kernels.sparse_embedding_fwd.default, (ids, w0, values, index, backend))
     torch.library.opcheck(torch.ops.peft_kernels.sparse_embedding_bwd.default,
                           (torch.randn(17, 9, generator=g).to(device), ids, index, 23, 5, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_past_int32_positions_index_in_int64(backend, kernel_device, monkeypatch):
+    """A table of 2^31 or more entries gets an int64 index (int32 flat positions would wrap): the
+    threshold lowered to this small table, the int64 paths of both backends match the oracle, and
+    SparseDeltaLinear, whose index is int32, refuses such a weight by name."""
+    from peft_kernels.sparse import layout
+    monkeypatch.setattr(layout, "INT32_POSITIONS", 100)
+    device = _device(backend, kernel_device)
+    emb = nn.Embedding(23, 9).to(device)
+    layer = SparseDeltaEmbedding.from_embedding(emb, density=0.3, backend=backend)
+    assert layer.delta_index.dtype == torch.int64
+    with torch.no_grad():
+        layer.delta_values.normal_()
+    ids = torch.randint(0, 23, (4, 6), device=device)
+    grad_out = torch.randn(4, 6, 9, device=device)
+    y = layer(ids)
+    y.backward(grad_out)
+    y_exact, dv_exact = _oracle(ids, emb.weight.detach(), layer.delta_values.detach(), layer.delta_index, None,
+                                grad_out, torch.float64)
+    assert torch.allclose(y.double(), y_exact, atol=1e-6) and rel_err(layer.delta_values.grad, dv_exact) <= FLOOR[torch.float32]
+    with pytest.raises(ValueError, match="2\\^31 or more positions"):
+        peft_kernels.nn.SparseDeltaLinear.from_linear(nn.Linear(10, 12), density=0.1)

@@ -358,7 +358,7 @@ class _TokensForward(_PatchedForward):
         dim = weight.shape[1]
         if isinstance(base, nn.Embedding):
             index = (rows[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
-            index = index.to(torch.int32 if weight.numel() < 2**31 else torch.int64)
+            index = index.to(layout.index_dtype(weight.numel()))
             y = sparse_delta_embedding(x, weight, values.reshape(-1), index, padding_idx=base.padding_idx)
             scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
             return y if scale is None else y * scale.to(y.dtype)

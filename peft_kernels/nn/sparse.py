@@ -56,6 +56,9 @@ class SparseDeltaLinear(nn.Module):
         check_materialized(weight, "weight", "SparseDeltaLinear")  # W0 at the positions is kept
         self.block = layout.normalize_block("SparseDeltaLinear", shape, block)
         self.in_features, self.out_features = shape[1], shape[0]
+        if layout.grid_size(shape, self.block) >= layout.INT32_POSITIONS:
+            raise ValueError(f"SparseDeltaLinear: a {list(shape)} weight has 2^31 or more positions, which its int32 "
+                             "index cannot address (use block= to index blocks)")
         self.backend = backends.check_name(backend, "SparseDeltaLinear")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)

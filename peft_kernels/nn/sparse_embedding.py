@@ -37,7 +37,7 @@ class SparseDeltaEmbedding(nn.Module):
         self.backend = backends.check_name(backend, "SparseDeltaEmbedding")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.weight.requires_grad_(False)
-        index = delta_index.to(device=weight.device, dtype=_index_dtype(weight))
+        index = delta_index.to(device=weight.device, dtype=layout.index_dtype(weight.numel()))
         layout.check_index("SparseDeltaEmbedding", index, tuple(weight.shape), None)
         self.register_buffer("delta_index", index)
         self.delta_values = nn.Parameter(torch.zeros(index.numel(), dtype=values_dtype, device=weight.device))
@@ -68,7 +68,7 @@ class SparseDeltaEmbedding(nn.Module):
     def set_index_(self, new_index: torch.Tensor, new_values: torch.Tensor | None = None):
         """Move the delta to ``new_index`` (any size; sorted flat positions), values ``new_values``
         (default zero). The table is never written, so nothing is restored."""
-        new_index = new_index.to(device=self.weight.device, dtype=_index_dtype(self.weight))
+        new_index = new_index.to(device=self.weight.device, dtype=layout.index_dtype(self.weight.numel()))
         layout.check_index("SparseDeltaEmbedding", new_index, tuple(self.weight.shape), None)
         self.delta_index = new_index
         values = torch.zeros(new_index.numel(), dtype=self.delta_values.dtype, device=self.weight.device)
@@ -117,7 +117,3 @@ def unsupported_embedding(embedding: nn.Embedding) -> str | None:
         return f"nn.Embedding's {options} not supported (the layer computes a plain table lookup)"
     return None
 
-
-def _index_dtype(weight: torch.Tensor) -> torch.dtype:
-    """int32 flat positions where they fit, int64 for a table of 2^31 entries or more."""
-    return torch.int32 if weight.numel() < 2**31 else torch.int64

@@ -115,13 +115,23 @@ def _count(op: str, total: int, density, num_params) -> int:
     return k
 
 
+INT32_POSITIONS = 2**31  # flat positions from here on do not fit int32
+
+
+def index_dtype(total: int) -> torch.dtype:
+    """int32 for an index into ``total`` positions where they fit, else int64 (an embedding table
+    of 2^31 entries or more: 262144 x 8192)."""
+    return torch.int32 if total < INT32_POSITIONS else torch.int64
+
+
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.sort(torch.topk(scores.reshape(-1).float(), k).indices).values.to(torch.int32)
+    return torch.sort(torch.topk(scores.reshape(-1).float(), k).indices).values.to(index_dtype(scores.numel()))
 
 
 def build_index(op: str, weight: torch.Tensor, *, density=0.01, num_params=None, mask="random", block=None,
                 seed=0, scores=None) -> torch.Tensor:
-    """Sorted int32 index for the chosen mask (see SparseDeltaLinear.from_linear)."""
+    """Sorted index (int32; int64 past 2^31 positions) for the chosen mask (see
+    SparseDeltaLinear.from_linear)."""
     check_materialized(weight, "the weight", op)  # every mask keeps W0's values at its positions
     shape = tuple(weight.shape)
     block = normalize_block(op, shape, block)
@@ -145,7 +155,7 @@ def build_index(op: str, weight: torch.Tensor, *, density=0.01, num_params=None,
         if tuple(mask.shape) != grid:
             _fail(op, f"the bool mask must have shape {list(shape)}" + (f" or {list(grid)} (blocks)" if block else "")
                   + f", got {list(mask.shape)}")
-        index = mask.reshape(-1).nonzero().reshape(-1).to(torch.int32)
+        index = mask.reshape(-1).nonzero().reshape(-1).to(index_dtype(total))
         if index.numel() == 0:
             _fail(op, "the bool mask selects no position")
         return index.to(weight.device)
@@ -159,7 +169,7 @@ def build_index(op: str, weight: torch.Tensor, *, density=0.01, num_params=None,
         return _top_k(pooled(chosen.detach()), k).to(weight.device)
     if mask == "random":
         g = torch.Generator().manual_seed(seed)
-        return torch.sort(torch.randperm(total, generator=g)[:k]).values.to(torch.int32).to(weight.device)
+        return torch.sort(torch.randperm(total, generator=g)[:k]).values.to(index_dtype(total)).to(weight.device)
     if mask == "magnitude":
         return _top_k(pooled(weight.detach().abs()), k)
     if mask == "gradient":
