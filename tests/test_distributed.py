@@ -12,14 +12,25 @@ from peft_kernels.sparse import SparseAdamW, mask_gradients_
 
 from helpers import gloo_gather_exit, gloo_init, gloo_spawn
 
-KINDS = ["lora", "dora", "nf4", "int4", "sparse", "mask"]
+KINDS = ["lora", "dora", "nf4", "int4", "sparse", "mask", "embedding"]
+SPARSE_KINDS = ("sparse", "mask", "embedding")  # trained with SparseAdamW
 STEPS, BATCH = 3, 8
+
+
+class _ToIds(nn.Module):
+    """Token ids from the float batch (one per sample), so the "embedding" kind runs the same steps."""
+
+    def forward(self, x):
+        return (x[:, 0].abs() * 1000).long() % 50
 
 
 def _model(kind):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
-    if kind == "sparse":
+    if kind == "embedding":  # a sparse delta on an embedding table (SparseDeltaEmbedding) and a head
+        model = nn.Sequential(_ToIds(), nn.Embedding(50, 32), nn.ReLU(), nn.Linear(32, 16))
+        mask_gradients_(model, {"1.weight": torch.rand(50, 32) < 0.3, "3.*": True}, backend="torch")
+    elif kind == "sparse":
         peft_kernels.apply_sparse(model, ["0", "2"], density=0.2, backend="torch")
     elif kind == "mask":
         mask_gradients_(model, {"*.bias": True, "2.weight": torch.rand(16, 64) < 0.3}, backend="torch")
@@ -31,7 +42,7 @@ def _model(kind):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)  # a trained adapter, not the zero init
-    sparse = kind in ("sparse", "mask")
+    sparse = kind in SPARSE_KINDS
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = SparseAdamW(model, lr=1e-2) if sparse else torch.optim.AdamW(trainable, lr=1e-2)
     return model, opt
@@ -121,7 +132,7 @@ def _train_fsdp(kind, rank=0, world=1, compiled=False):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     if world > 1 or kind == "sparse/adamw":  # the optimizer must see the sharded parameters
-        opt = type(opt)(model, lr=1e-2) if kind in ("sparse", "mask") else \
+        opt = type(opt)(model, lr=1e-2) if kind in SPARSE_KINDS else \
             torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     _steps(torch.compile(model) if compiled else model, opt, rank, world)
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
