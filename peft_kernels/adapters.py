@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import BIAS_OPTIONS, TRAINED_BIAS, TRAINED_WHOLE, _replace, _targets, apply_lora, pattern_matches
-from .apply import pattern_value, requires_grad_restored_on_error, target_matches
+from .apply import BIAS_OPTIONS, TRAINED_BIAS, TRAINED_WHOLE, _replace, _targets, _token_targets, apply_lora
+from .apply import pattern_matches
+from .apply import input_embedding_name, pattern_value, requires_grad_restored_on_error, target_matches
 from .nn._adapter import LoRAAdapter, features, is_conv1d
 from .nn.branch import LoRABranchLinear
 from .nn.sparse import SparseDeltaLinear
+from .nn.sparse_embedding import SparseDeltaEmbedding
 from .ops._checks import check_materialized
 from .sparse import layout
 from .sparse.masking import is_tied, parameter_names
@@ -80,13 +82,46 @@ def _trained_biases(model: nn.Module, whole: dict) -> tuple[str, dict[str, torch
     return (options.pop() if options else "none"), tensors
 
 
+TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for a trainable-tokens layer's rows
+
+
+def token_rows(layer: SparseDeltaEmbedding) -> torch.Tensor | None:
+    """The sorted rows a SparseDeltaEmbedding trains whole (trainable tokens), or None if its entries
+    are not whole rows."""
+    dim = layer.embedding_dim
+    index = layer.delta_index.long()
+    if index.numel() == 0 or index.numel() % dim:
+        return None
+    rows = index[::dim] // dim
+    whole = rows[:, None] * dim + torch.arange(dim, device=index.device)
+    return rows if torch.equal(whole.reshape(-1), index) else None
+
+
+def _trainable_tokens(model: nn.Module) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """({embedding name: token ids}, {PEFT key: the rows' values [n, d]}) of the model's
+    SparseDeltaEmbedding layers, which must train whole rows: HF PEFT's trainable tokens, which
+    store the rows' new values (W0 + Delta) in the table's dtype."""
+    indices, tensors = {}, {}
+    for name, m in model.named_modules():
+        if not isinstance(m, SparseDeltaEmbedding):
+            continue
+        rows = token_rows(m)
+        if rows is None:
+            raise ValueError(f"save_adapter: {name} trains entries that are not whole rows of its table; PEFT's "
+                             "trainable tokens hold whole rows (peft_kernels.sparse.save_sparse_delta saves any delta)")
+        indices[name] = rows.tolist()
+        tensors[f"{PREFIX}{name}.{TOKENS_KEY}"] = m.merge()[rows].contiguous()
+    return indices, tensors
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write the LoRA (or DoRA) adapters of ``model`` to ``directory`` in PEFT's format, with the
     modules apply_lora trains whole (PEFT's modules_to_save). The adapters share one dropout /
     rsLoRA / DoRA setting (PEFT's config has one); r and alpha may differ per module (written as
     PEFT's rank_pattern / alpha_pattern). A model whose trained layers are SparseDeltaLinear is
     written as PEFT's SHiRA adapter (unstructured, k = r·(in + out) entries per layer). Biases
-    trained by apply_lora(bias="all" | "lora_only") are written as PEFT writes them."""
+    trained by apply_lora(bias="all" | "lora_only") are written as PEFT writes them, and
+    embedding rows trained by apply_lora(trainable_token_indices=...) as PEFT's trainable tokens."""
     from safetensors.torch import save_file
 
     modules = _lora_modules(model)
@@ -123,6 +158,10 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().contiguous()
     bias, biases = _trained_biases(model, whole)
     tensors.update(biases)
+    token_indices, token_tensors = _trainable_tokens(model)
+    tensors.update(token_tensors)
+    if list(token_indices) == [input_embedding_name(model)]:  # PEFT's list form: the input embedding
+        token_indices = next(iter(token_indices.values()))
     save_file(tensors, str(directory / WEIGHTS_NAME))
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
@@ -133,6 +172,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         "fan_in_fan_out": all(m.fan_in_fan_out for m in modules.values()),
         "init_lora_weights": True, "modules_to_save": sorted(whole) or None, "use_dora": use_dora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "trainable_token_indices": token_indices or None,
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
@@ -257,7 +297,7 @@ def _saved_bias_places(model: nn.Module, state: dict, keys, names: list, linears
 
 _UNSUPPORTED_LORA_OPTIONS = ("lora_bias", "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
                              "velora_config", "monteclora_config", "kasa_config", "layer_replication",
-                             "target_parameters", "trainable_token_indices")
+                             "target_parameters")
 
 
 def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
@@ -268,7 +308,8 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     adapter, whose layers become SparseDeltaLinear (train them with SparseAdamW). Per-module
     ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured, and PEFT's modules_to_save
     are loaded and trained whole, as are the biases PEFT's ``bias`` option trains ("lora_only" / "all",
-    saved as "<layer>.base_layer.bias" for an adapted layer). ``quantize``
+    saved as "<layer>.base_layer.bias" for an adapted layer); PEFT's trainable_token_indices become
+    a SparseDeltaEmbedding over those rows of each embedding (one tied to a head is refused). ``quantize``
     ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
     quantized, and ``adapter_dtype`` (e.g. torch.float32 over a bf16 model, as PEFT loads by
     default) holds the adapter tensors, as apply_lora does."""
@@ -306,11 +347,19 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     parts = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if use_dora else ())
     biases = {k for k in state if bias != "none" and k.startswith(PREFIX) and k.endswith(".bias")
               and k not in whole and k not in copies}
-    unexpected = [k for k in state if k not in whole and k not in biases and k not in copies
-                  and not (k.startswith(PREFIX) and k.endswith(parts))]
-    names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state
-                    if k not in unexpected and k not in whole and k not in biases and k not in copies})
+    # PEFT's trainable tokens: the new values of chosen embedding rows (SparseDeltaEmbedding here)
+    token_indices = config.get("trainable_token_indices")
+    tokens = {} if token_indices is None else {
+        name: (rows, f"{PREFIX}{name}.{TOKENS_KEY}", list(token_indices if not isinstance(token_indices, dict)
+                                                          else next(v for k, v in token_indices.items()
+                                                                    if target_matches(name, [k]))))
+        for name, _, _, _, rows in _token_targets(model, token_indices, to_save)}
+    token_keys = {key for _, key, _ in tokens.values()}
+    other = whole | biases | copies | token_keys
+    unexpected = [k for k in state if k not in other and not (k.startswith(PREFIX) and k.endswith(parts))]
+    names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if k not in unexpected and k not in other})
     missing = [n + p for n in names for p in parts if PREFIX + n + p not in state]
+    missing += [key for key in token_keys if key not in state]
     if unexpected or missing:
         raise ValueError(f"load_adapter: {WEIGHTS_NAME} does not hold a {'DoRA' if use_dora else 'LoRA'} "
                          f"adapter's tensors only: unexpected {unexpected[:5]}, missing {missing[:5]}")
@@ -348,13 +397,19 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
         raise ValueError(f"load_adapter: the saved modules_to_save tensors do not fit the model's modules "
                          f"{to_save[:5]}: {unfit[:5]}")
     bias_at = _saved_bias_places(model, state, biases, names, linears, bias)
+    for name, (rows, key, ids) in tokens.items():
+        want = (len(ids), model.get_submodule(name).embedding_dim)
+        if tuple(state[key].shape) != want:
+            raise ValueError(f"load_adapter: {key[len(PREFIX):]} is {list(state[key].shape)}, the "
+                             f"{len(ids)} trainable tokens of {name} need {list(want)}")
     # The saved names are full module names: match them exactly (a list would also take any module
     # whose name ends in "." + name, e.g. "1.0" for "0").
     exact = "|".join(re.escape(n) for n in names)
     apply_lora(model, exact, r=config["r"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
                use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora,
                quant_options=quant_options, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-               modules_to_save=to_save or None, adapter_dtype=adapter_dtype, bias=bias)
+               modules_to_save=to_save or None, adapter_dtype=adapter_dtype, bias=bias,
+               trainable_token_indices={name: ids for name, (_, _, ids) in tokens.items()} or None)
     for n in to_save:
         model.get_submodule(n).load_state_dict({k: state[f"{PREFIX}{n}.{k}"] for k in whole_states[n]})
     modules = _lora_modules(model)
@@ -372,4 +427,9 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
                 m.magnitude.copy_(state[f"{PREFIX}{name}.lora_magnitude_vector"])
             if mica:  # MiCA (init_lora_weights="mica") trains lora_A only, as PEFT does
                 m.lora_B.requires_grad_(False)
+        for name, (rows, key, ids) in tokens.items():  # PEFT saves the rows' values; the layer holds a delta
+            layer = model.get_submodule(name)
+            saved = state[key][torch.argsort(torch.tensor(ids))].to(layer.weight.device)  # the sorted rows' order
+            acc = layer.delta_values.dtype
+            layer.delta_values.copy_((saved.to(acc) - layer.weight[torch.tensor(rows)].to(acc)).reshape(-1))
     return model

@@ -228,6 +228,67 @@ def _modules_to_save(model: nn.Module, modules_to_save, targets) -> list[nn.Modu
     return [m for _, m in found]
 
 
+def input_embedding_name(model: nn.Module) -> str | None:
+    """The name of the model's input embedding (HF's get_input_embeddings(), else a module named
+    embed_tokens): where HF PEFT puts a list of trainable_token_indices."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    embedding = get_input() if callable(get_input) else None
+    for name, module in model.named_modules():
+        if (embedding is not None and module is embedding) or (embedding is None and name.split(".")[-1] == "embed_tokens"):
+            return name
+    return None
+
+
+def _token_targets(model: nn.Module, trainable_token_indices, modules_to_save) -> list:
+    """(name, parent, attribute, nn.Embedding, sorted unique rows) for HF PEFT's
+    trainable_token_indices: a list of token ids (the input embedding's rows) or {embedding
+    module name (PEFT's suffix rule): token ids}. Checked: each names an nn.Embedding that no other
+    module shares (a tied head would not see its new rows: HF PEFT + patch_peft_model handles that
+    case) and that modules_to_save does not train whole."""
+    from .nn.sparse_embedding import unsupported_embedding
+
+    if trainable_token_indices is None:
+        return []
+    if isinstance(trainable_token_indices, dict):
+        wanted = dict(trainable_token_indices)
+    else:
+        name = input_embedding_name(model)
+        if name is None:
+            raise ValueError("apply_lora: trainable_token_indices as a list needs an input embedding "
+                             "(get_input_embeddings() or a module named embed_tokens); give {name: ids}")
+        wanted = {name: trainable_token_indices}
+    tied = parameter_names(model)
+    out = []
+    for key, ids in wanted.items():
+        found = [(n, m) for n, m in model.named_modules() if n and target_matches(n, [key])]
+        if len(found) != 1 or not isinstance(found[0][1], nn.Embedding):
+            raise ValueError(f"apply_lora: trainable_token_indices {key!r} must name one nn.Embedding, found "
+                             f"{[(n, type(m).__name__) for n, m in found][:3]}")
+        name, embedding = found[0]
+        why = unsupported_embedding(embedding) or (
+            "its weight is shared with another module (a tied head): use HF PEFT's trainable_token_indices "
+            "with peft_kernels.patch_peft_model" if is_tied(tied, embedding.weight) else None) or (
+            "modules_to_save trains it whole" if modules_to_save and target_matches(name, modules_to_save) else None)
+        if why is not None:
+            raise ValueError(f"apply_lora: trainable_token_indices on {name}: {why}")
+        rows = sorted({int(i) for i in ids})
+        if not rows or len(rows) != len(ids) or rows[0] < 0 or rows[-1] >= embedding.num_embeddings:
+            raise ValueError(f"apply_lora: trainable_token_indices for {name} must be distinct ids in "
+                             f"[0, {embedding.num_embeddings}), got {list(ids)[:10]}")
+        parent_name, _, child = name.rpartition(".")
+        out.append((name, model.get_submodule(parent_name) if parent_name else model, child, embedding, rows))
+    return out
+
+
+def token_rows_layer(embedding: nn.Embedding, rows: list, backend: str):
+    """A SparseDeltaEmbedding training whole rows ``rows`` of ``embedding`` (trainable tokens)."""
+    from .nn.sparse_embedding import SparseDeltaEmbedding
+
+    mask = torch.zeros(embedding.weight.shape, dtype=torch.bool)
+    mask[torch.tensor(rows)] = True
+    return SparseDeltaEmbedding.from_embedding(embedding, mask=mask.to(embedding.weight.device), backend=backend)
+
+
 _QUANT_OPTIONS = {"nf4": {"blocksize", "double_quant"}, "fp4": {"blocksize", "double_quant"}, "int8": set(),
                   "int4": {"group_size"}}
 
@@ -236,7 +297,8 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                use_rslora: bool = False, backend: str = "auto", quantize: str | None = None,
                use_dora: bool = False, quant_options: dict | None = None, rank_pattern: dict | None = None,
                alpha_pattern: dict | None = None, modules_to_save=None,
-               adapter_dtype: torch.dtype | None = None, bias: str = "none") -> nn.Module:
+               adapter_dtype: torch.dtype | None = None, bias: str = "none",
+               trainable_token_indices=None) -> nn.Module:
     """Replace the nn.Linear modules of ``model`` named by ``target_modules`` with LoRALinear
     (sharing their weights), freeze every other parameter (adapters an earlier call made keep
     theirs), and return ``model`` (modified in place). target_modules: a list of names/suffixes
@@ -265,7 +327,11 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     The kernels compute in the input's dtype either way.
     bias: HF PEFT's LoraConfig option — "none" (every bias frozen), "all" (every parameter named
     bias in the model trains, LayerNorms' included) or "lora_only" (the adapted layers' biases
-    train); save_adapter writes the trained biases under PEFT's keys, load_adapter reads them."""
+    train); save_adapter writes the trained biases under PEFT's keys, load_adapter reads them.
+    trainable_token_indices: HF PEFT's option — token ids whose embedding rows train (new special
+    tokens), a list for the input embedding or {embedding name: ids}; each such embedding becomes a
+    SparseDeltaEmbedding over those rows (no [V, d] gradient), saved in PEFT's format. An embedding
+    tied to the head is refused (HF PEFT + patch_peft_model covers that case)."""
     if bias not in BIAS_OPTIONS:
         raise ValueError(f"apply_lora: bias must be one of {BIAS_OPTIONS} (HF PEFT's option), got {bias!r}")
     if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
@@ -293,6 +359,7 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
             raise ValueError(f"apply_lora: {option} keys {unmatched} match none of the targeted layers "
                              f"{[n for n, *_ in targets][:10]}")
     trained_whole = _modules_to_save(model, modules_to_save, targets)
+    token_targets = _token_targets(model, trainable_token_indices, modules_to_save)
     names = parameter_names(model)
     tied = {name: names[id(linear.weight)] for name, _, _, linear in targets if is_tied(names, linear.weight)}
     if tied and quantize is None:
@@ -327,7 +394,9 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     if adapter_dtype is not None:
         for module in new:
             module.cast_adapter_(adapter_dtype)
-    return _replace(model, targets, new, trained_whole, bias)
+    with requires_grad_restored_on_error(model):  # the layers freeze the embeddings they take over
+        tokens = [token_rows_layer(embedding, rows, backend) for *_, embedding, rows in token_targets]
+    return _replace(model, targets + [t[:4] for t in token_targets], new + tokens, trained_whole, bias)
 
 
 def _over_bnb(name: str, linear: nn.Module, quantize, quant_options: dict, use_dora: bool, kw: dict):

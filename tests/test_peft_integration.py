@@ -1214,14 +1214,19 @@ def test_torchao_quantized_bases_fuse_the_branch_patched_and_under_apply_lora(tm
         peft_kernels.merge_and_unload(back)
 
 
-def _tokens_llama(tie: bool, dtype=torch.float64):
-    """A small Llama with HF PEFT LoRA and trainable_token_indices (three trained embedding rows,
-    shared with the head when the embeddings are tied), rows and lora_B moved off their init."""
+def _plain_llama(tie: bool, dtype=torch.float64):
+    """A small transformers Llama (vocabulary 64, width 32), the same weights on every call."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).to(dtype),
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def _tokens_llama(tie: bool, dtype=torch.float64):
+    """_plain_llama with HF PEFT LoRA and trainable_token_indices (three trained embedding rows,
+    shared with the head when the embeddings are tied), rows and lora_B moved off their init."""
+    model = peft.get_peft_model(_plain_llama(tie, dtype),
                                 peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[60, 61, 3]))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -1282,3 +1287,59 @@ def test_trainable_tokens_patch_checks_its_layers():
     layer.get_base_layer().weight.requires_grad_(True)
     report = peft_kernels.patch_peft_model(copy.deepcopy(model))
     assert "requires grad" in report.skipped["base_model.model.model.embed_tokens.token_adapter"]
+
+
+def test_trainable_tokens_round_trip_with_peft(tmp_path):
+    """PEFT's trainable_token_indices both ways: PEFT's adapter loads as LoRA + a SparseDeltaEmbedding
+    over those rows (logits bit-equal), apply_lora(trainable_token_indices=...) trains exactly those
+    rows, and save_adapter writes them in PEFT's format (the rows' new values), which PEFT loads
+    with our logits."""
+    from peft_kernels.nn import SparseDeltaEmbedding
+    theirs = _tokens_llama(False, torch.float32)
+    base = _plain_llama(False, torch.float32)  # the weights PEFT wrapped
+    theirs.save_pretrained(tmp_path / "theirs")
+    ids = torch.randint(0, 64, (2, 9))
+    ids[:, :5] = torch.tensor([60, 61, 3, 7, 2])
+    ours = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert isinstance(ours.model.embed_tokens, SparseDeltaEmbedding)
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    fresh = peft_kernels.apply_lora(copy.deepcopy(base), ["q_proj"], r=4, trainable_token_indices={"embed_tokens": [7, 2]})
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad and "lora" not in n] == ["model.embed_tokens.delta_values"]
+    optimizer = peft_kernels.sparse.SparseAdamW(fresh, lr=0.1)
+    fresh(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    moved = (fresh.model.embed_tokens.merge() != base.model.embed_tokens.weight).any(1).nonzero().reshape(-1)
+    assert moved.tolist() == [2, 7]
+    for model, rows in ((ours, [3, 60, 61]), (fresh, [2, 7])):
+        out = tmp_path / f"ours{len(rows)}"
+        peft_kernels.save_adapter(model, out)
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["trainable_token_indices"] == rows  # the input embedding's: PEFT's list form
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), out)
+        with torch.no_grad():
+            assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_trainable_tokens_errors(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2)
+    torch.manual_seed(0)
+    tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **cfg))
+    with pytest.raises(ValueError, match="shared with another module.*patch_peft_model"):
+        peft_kernels.apply_lora(tied, ["q_proj"], trainable_token_indices=[1, 2])
+    _tokens_llama(True, torch.float32).save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match="shared with another module"):
+        peft_kernels.load_adapter(tied, tmp_path / "tied")
+    assert not any(isinstance(m, peft_kernels.nn.LoRALinear) for m in tied.modules())
+    untied = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=False, **cfg))
+    with pytest.raises(ValueError, match="must be distinct ids in \\[0, 64\\)"):
+        peft_kernels.apply_lora(untied, ["q_proj"], trainable_token_indices=[1, 1])
+    with pytest.raises(ValueError, match="must name one nn.Embedding"):
+        peft_kernels.apply_lora(untied, ["q_proj"], trainable_token_indices={"q_proj": [1]})
+    model = peft_kernels.apply_lora(untied, ["q_proj"], r=2)
+    peft_kernels.mask_gradients_(model, {"model.embed_tokens.weight": torch.rand(64, 32) < 0.1,
+                                         "*lora_*": True})
+    with pytest.raises(ValueError, match="not whole rows"):
+        peft_kernels.save_adapter(model, tmp_path / "partial")
