@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .apply import BIAS_OPTIONS, TRAINED_BIAS, TRAINED_WHOLE, _replace, _targets, _token_targets, apply_lora
-from .apply import pattern_matches
-from .apply import input_embedding_name, pattern_value, requires_grad_restored_on_error, target_matches
+from .apply import (BIAS_OPTIONS, TRAINED_BIAS, TRAINED_WHOLE, _replace, _targets, _token_targets, apply_lora,
+                    input_embedding_name, pattern_matches, pattern_value, requires_grad_restored_on_error,
+                    target_matches)
 from .nn._adapter import LoRAAdapter, features, is_conv1d
 from .nn.branch import LoRABranchLinear
 from .nn.sparse import SparseDeltaLinear
 from .nn.sparse_embedding import SparseDeltaEmbedding
 from .ops._checks import check_materialized
+from .ops.sparse_delta import w0_plus_delta
 from .sparse import layout
 from .sparse.masking import is_tied, parameter_names
 
@@ -110,8 +111,24 @@ def _trainable_tokens(model: nn.Module) -> tuple[dict[str, list[int]], dict[str,
             raise ValueError(f"save_adapter: {name} trains entries that are not whole rows of its table; PEFT's "
                              "trainable tokens hold whole rows (peft_kernels.sparse.save_sparse_delta saves any delta)")
         indices[name] = rows.tolist()
-        tensors[f"{PREFIX}{name}.{TOKENS_KEY}"] = m.merge()[rows].contiguous()
+        w0 = m.weight.detach()[rows]  # the rows only: never the [V, d] table merged
+        tensors[f"{PREFIX}{name}.{TOKENS_KEY}"] = w0_plus_delta(w0.reshape(-1), m.delta_values.detach(),
+                                                                 w0.dtype).reshape(w0.shape)
     return indices, tensors
+
+
+def _saved_tokens(model: nn.Module, token_indices, to_save) -> dict[str, tuple[list, str, list]]:
+    """{embedding name: (sorted rows, PEFT's key of their saved values, the ids in the saved order)}
+    for an adapter config's trainable_token_indices (a list: the input embedding's; or {name: ids}),
+    checked as apply_lora checks them."""
+    if token_indices is None:
+        return {}
+    out = {}
+    for name, _, _, _, rows in _token_targets(model, token_indices, to_save):
+        ids = token_indices if not isinstance(token_indices, dict) else \
+            next(v for k, v in token_indices.items() if target_matches(name, [k]))
+        out[name] = (rows, f"{PREFIX}{name}.{TOKENS_KEY}", list(ids))
+    return out
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
@@ -348,12 +365,7 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     biases = {k for k in state if bias != "none" and k.startswith(PREFIX) and k.endswith(".bias")
               and k not in whole and k not in copies}
     # PEFT's trainable tokens: the new values of chosen embedding rows (SparseDeltaEmbedding here)
-    token_indices = config.get("trainable_token_indices")
-    tokens = {} if token_indices is None else {
-        name: (rows, f"{PREFIX}{name}.{TOKENS_KEY}", list(token_indices if not isinstance(token_indices, dict)
-                                                          else next(v for k, v in token_indices.items()
-                                                                    if target_matches(name, [k]))))
-        for name, _, _, _, rows in _token_targets(model, token_indices, to_save)}
+    tokens = _saved_tokens(model, config.get("trainable_token_indices"), to_save)
     token_keys = {key for _, key, _ in tokens.values()}
     other = whole | biases | copies | token_keys
     unexpected = [k for k in state if k not in other and not (k.startswith(PREFIX) and k.endswith(parts))]

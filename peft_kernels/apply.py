@@ -15,7 +15,7 @@ from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .nn.sparse import SparseDeltaLinear
-from .nn.sparse_embedding import SparseDeltaEmbedding
+from .nn.sparse_embedding import SparseDeltaEmbedding, unsupported_embedding
 from .ops import _checks
 from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
@@ -245,8 +245,6 @@ def _token_targets(model: nn.Module, trainable_token_indices, modules_to_save) -
     module name (PEFT's suffix rule): token ids}. Checked: each names an nn.Embedding that no other
     module shares (a tied head would not see its new rows: HF PEFT + patch_peft_model handles that
     case) and that modules_to_save does not train whole."""
-    from .nn.sparse_embedding import unsupported_embedding
-
     if trainable_token_indices is None:
         return []
     if isinstance(trainable_token_indices, dict):
@@ -280,13 +278,13 @@ def _token_targets(model: nn.Module, trainable_token_indices, modules_to_save) -
     return out
 
 
-def token_rows_layer(embedding: nn.Embedding, rows: list, backend: str):
-    """A SparseDeltaEmbedding training whole rows ``rows`` of ``embedding`` (trainable tokens)."""
-    from .nn.sparse_embedding import SparseDeltaEmbedding
-
-    mask = torch.zeros(embedding.weight.shape, dtype=torch.bool)
-    mask[torch.tensor(rows)] = True
-    return SparseDeltaEmbedding.from_embedding(embedding, mask=mask.to(embedding.weight.device), backend=backend)
+def token_rows_layer(embedding: nn.Embedding, rows: list, backend: str) -> SparseDeltaEmbedding:
+    """A SparseDeltaEmbedding training whole rows ``rows`` (sorted) of ``embedding`` (trainable
+    tokens): its index is those rows' positions, built without a [V, d] mask."""
+    dim = embedding.embedding_dim
+    rows_t = torch.tensor(rows, dtype=torch.int64, device=embedding.weight.device)
+    index = (rows_t[:, None] * dim + torch.arange(dim, device=rows_t.device)).reshape(-1)
+    return SparseDeltaEmbedding(embedding.weight, index, padding_idx=embedding.padding_idx, backend=backend)
 
 
 _QUANT_OPTIONS = {"nf4": {"blocksize", "double_quant"}, "fp4": {"blocksize", "double_quant"}, "int8": set(),
