@@ -10,8 +10,9 @@ from ..ops._checks import check_materialized
 
 
 def save_sparse_delta(model: nn.Module, path: str):
-    """Write every SparseDeltaLinear's and SparseDeltaEmbedding's ``<name>.delta_index`` (int32) and
-    ``<name>.delta_values`` to one .safetensors file; shapes, blocks and kinds go to its metadata."""
+    """Write every SparseDeltaLinear's and SparseDeltaEmbedding's ``<name>.delta_index`` (int32, or
+    int64 past 2^31 positions) and ``<name>.delta_values`` to one .safetensors file; shapes, blocks
+    and kinds go to its metadata."""
     from safetensors.torch import save_file
 
     from ..nn.sparse import SparseDeltaLinear
