@@ -1,9 +1,12 @@
 """Whole-model step (ANCHORS.md): a LLaMA-3-8B-shaped decoder, 4 layers, batch 2 x 2048 tokens,
 adapters r=16 on q, k, v, o, gate, up, down; sdpa attention; loss + backward. Cases: every weight
 frozen (the floor), HF PEFT LoRA (p = 0 and 0.05), DoRA (p = 0.05), QLoRA over bitsandbytes NF4
-(when bnb runs here) and SHiRA r=16 (k = 16·(in + out) trained entries per weight, LoRA r=16's
-parameter count; when peft has it), each unpatched and patched by peft_kernels.patch_peft_model. The input
-embeddings require grad in every case, so backward runs through all layers even in the floor.
+(when bnb runs here), SHiRA r=16 (k = 16·(in + out) trained entries per weight, LoRA r=16's
+parameter count; when peft has it) and LoRA with 16 trainable tokens (trainable_token_indices: 16
+rows of the untied embedding table trained, ids of the batch), each unpatched and patched by
+peft_kernels.patch_peft_model. The input embeddings require grad in every case, so backward runs
+through all layers even in the floor; the trainable-tokens case feeds ids instead (its embedding's
+lookup and row gradient are part of what it measures).
 Memory: the peak (CUDA) and, on any device, what autograd keeps for backward (harness.saved_mib).
 
     python benchmarks/bench_model.py --out benchmarks/results/model_h100.json
@@ -52,7 +55,7 @@ def _to_bnb_nf4(model, dtype):
     return model
 
 
-def _adapted(base, method, p, patched, dtype):
+def _adapted(base, method, p, patched, dtype, token_ids=None):
     import peft
 
     model = copy.deepcopy(base)
@@ -61,13 +64,16 @@ def _adapted(base, method, p, patched, dtype):
     if method == "shira":
         cfg = peft.ShiraConfig(r=16, target_modules=TARGETS, random_seed=0)
     else:
-        cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=TARGETS, use_dora=method == "dora")
+        cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=TARGETS, use_dora=method == "dora",
+                              trainable_token_indices=token_ids if method == "lora+tokens" else None)
     model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=False)
     for n, prm in model.named_parameters():
         if prm.requires_grad:
             prm.data = prm.data.to(dtype)
             if "lora_B" in n or "shira_weight" in n:
                 torch.nn.init.normal_(prm, std=0.02 if "lora_B" in n else 1e-3)  # trained, not PEFT's zeros
+            if "trainable_tokens_delta" in n:
+                prm.data.add_(torch.randn_like(prm) * 1e-3)
     if patched:
         from .. import patch_peft_model
 
@@ -92,6 +98,7 @@ def run(cfg, device, dtype, reps, methods):
     base = _base(cfg, device, dtype)
     with torch.no_grad():
         embeds = base.get_input_embeddings()(ids)
+    token_ids = sorted(set(ids[0].tolist()))[:16]  # trainable tokens that the batch reads
     plan = [("all weights frozen (floor)", None, 0.0, False)]
     for method, p in methods:
         for patched in (False, True):
@@ -102,24 +109,25 @@ def run(cfg, device, dtype, reps, methods):
     for label, method, p, patched in plan:
         prog.step(label)
         try:
-            model = base if method is None else _adapted(base, method, p, patched, dtype)
+            model = base if method is None else _adapted(base, method, p, patched, dtype, token_ids)
         except Exception as exc:  # e.g. bitsandbytes without a GPU: recorded, not hidden
             print(f"\n  ({label} skipped: {type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
             continue
         model.train()
         x = embeds.detach().clone().requires_grad_()
+        inputs = {"input_ids": ids} if method == "lora+tokens" else {"inputs_embeds": x}
 
         def step():
             x.grad = None
             model.zero_grad(set_to_none=True)
-            model(inputs_embeds=x, labels=ids).loss.backward()
+            model(**inputs, labels=ids).loss.backward()
 
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         ms = harness.time_ms(step, device, warmup=3 if device.type == "cuda" else 1, reps=reps)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        saved = harness.saved_mib(lambda: model(inputs_embeds=x, labels=ids).loss)  # activations kept for bwd
+        saved = harness.saved_mib(lambda: model(**inputs, labels=ids).loss)  # activations kept for bwd
         floor = ms if method is None else floor
         rows.append({"case": label, "ms": ms, "ratio": ms / floor, "peak_gib": peak, "saved_mib": saved})
         if model is not base:
@@ -149,6 +157,7 @@ def main(argv=None) -> int:
     methods = [("lora", 0.0), ("lora", 0.05), ("dora", 0.05)] + ([] if args.no_qlora or not gpu else [("qlora", 0.05)])
     if _has_shira():
         methods.append(("shira", 0.0))
+    methods.append(("lora+tokens", 0.0))
     payload = run(cfg, device, torch.bfloat16 if gpu else torch.float32, args.reps or (10 if gpu else 2), methods)
     print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}")
     print(harness.markdown_table(["case", "step ms", "/ floor", "peak GiB", "saved for bwd MiB"],
