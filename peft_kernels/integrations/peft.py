@@ -335,13 +335,16 @@ class _TokensForward(_PatchedForward):
 
     def __init__(self, layer, original):
         super().__init__(layer, original)
-        self.rows: dict = {}  # (token indices, device) -> (sorted rows, their order in the list)
+        self.rows: dict = {}  # (token indices, table shape, device) -> _rows' result
 
-    def _rows(self, indices, device):
-        key = (tuple(int(i) for i in indices), str(device))
+    def _rows(self, indices, weight):
+        """(the sorted rows, their order in PEFT's list, the rows' flat positions in the table)."""
+        key = (tuple(indices), tuple(weight.shape), str(weight.device))
         if key not in self.rows:
-            rows, order = torch.sort(torch.tensor(key[0], dtype=torch.int64, device=device))
-            self.rows[key] = (rows, order)
+            rows, order = torch.sort(torch.tensor([int(i) for i in indices], dtype=torch.int64, device=weight.device))
+            dim = weight.shape[1]
+            index = (rows[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
+            self.rows[key] = (rows, order, index.to(layout.index_dtype(weight.numel())))
         return self.rows[key]
 
     def __call__(self, x, *args, **kwargs):
@@ -351,14 +354,12 @@ class _TokensForward(_PatchedForward):
         layer = self.layer
         base = layer.get_base_layer()
         weight = base.weight
-        rows, order = self._rows(layer.token_indices[name], weight.device)
+        rows, order, index = self._rows(layer.token_indices[name], weight)
         acc = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
         new_rows = layer.trainable_tokens_delta[name].to(weight)[order]  # PEFT's cast to the table's dtype
         values = new_rows.to(acc) - weight.detach()[rows].to(acc)
         dim = weight.shape[1]
         if isinstance(base, nn.Embedding):
-            index = (rows[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
-            index = index.to(layout.index_dtype(weight.numel()))
             y = sparse_delta_embedding(x, weight, values.reshape(-1), index, padding_idx=base.padding_idx)
             scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
             return y if scale is None else y * scale.to(y.dtype)
