@@ -19,7 +19,7 @@ from torch import nn
 
 from .apply import (BIAS_OPTIONS, TRAINED_BIAS, TRAINED_WHOLE, _replace, _targets, _token_targets, apply_lora,
                     input_embedding_name, pattern_matches, pattern_value, requires_grad_restored_on_error,
-                    target_matches)
+                    target_matches, token_rows_layer)
 from .nn._adapter import LoRAAdapter, features, is_conv1d
 from .nn.branch import LoRABranchLinear
 from .nn.sparse import SparseDeltaLinear
@@ -98,10 +98,11 @@ def token_rows(layer: SparseDeltaEmbedding) -> torch.Tensor | None:
     return rows if torch.equal(whole.reshape(-1), index) else None
 
 
-def _trainable_tokens(model: nn.Module) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+def _trainable_tokens(model: nn.Module, key: str = TOKENS_KEY) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """({embedding name: token ids}, {PEFT key: the rows' values [n, d]}) of the model's
     SparseDeltaEmbedding layers, which must train whole rows: HF PEFT's trainable tokens, which
-    store the rows' new values (W0 + Delta) in the table's dtype."""
+    store the rows' new values (W0 + Delta) in the table's dtype. ``key``: the tensor's name under
+    the embedding's (beside LoRA: under its token_adapter; a TRAINABLE_TOKENS adapter: its own)."""
     indices, tensors = {}, {}
     for name, m in model.named_modules():
         if not isinstance(m, SparseDeltaEmbedding):
@@ -112,23 +113,93 @@ def _trainable_tokens(model: nn.Module) -> tuple[dict[str, list[int]], dict[str,
                              "trainable tokens hold whole rows (peft_kernels.sparse.save_sparse_delta saves any delta)")
         indices[name] = rows.tolist()
         w0 = m.weight.detach()[rows]  # the rows only: never the [V, d] table merged
-        tensors[f"{PREFIX}{name}.{TOKENS_KEY}"] = w0_plus_delta(w0.reshape(-1), m.delta_values.detach(),
-                                                                 w0.dtype).reshape(w0.shape)
+        tensors[f"{PREFIX}{name}.{key}"] = w0_plus_delta(w0.reshape(-1), m.delta_values.detach(),
+                                                          w0.dtype).reshape(w0.shape)
     return indices, tensors
 
 
-def _saved_tokens(model: nn.Module, token_indices, to_save) -> dict[str, tuple[list, str, list]]:
-    """{embedding name: (sorted rows, PEFT's key of their saved values, the ids in the saved order)}
-    for an adapter config's trainable_token_indices (a list: the input embedding's; or {name: ids}),
-    checked as apply_lora checks them."""
+def _saved_tokens(model: nn.Module, token_indices, to_save, key: str = TOKENS_KEY) -> dict[str, tuple]:
+    """{embedding name: (sorted rows, PEFT's key of their saved values, the ids in the saved order,
+    _token_targets' entry)} for an adapter config's trainable_token_indices (a list: the input
+    embedding's; or {name: ids}), checked as apply_lora checks them."""
     if token_indices is None:
         return {}
     out = {}
-    for name, _, _, _, rows in _token_targets(model, token_indices, to_save):
+    for target in _token_targets(model, token_indices, to_save):
+        name, rows = target[0], target[4]
         ids = token_indices if not isinstance(token_indices, dict) else \
             next(v for k, v in token_indices.items() if target_matches(name, [k]))
-        out[name] = (rows, f"{PREFIX}{name}.{TOKENS_KEY}", list(ids))
+        out[name] = (rows, f"{PREFIX}{name}.{key}", list(ids), target)
     return out
+
+
+def _check_saved_tokens(state: dict, tokens: dict, model: nn.Module):
+    """Every saved rows tensor is there, [len(ids), embedding_dim]."""
+    for name, (_, key, ids, _) in tokens.items():
+        want = (len(ids), model.get_submodule(name).embedding_dim)
+        if key not in state or tuple(state[key].shape) != want:
+            raise ValueError(f"load_adapter: {key[len(PREFIX):]} is "
+                             f"{list(state[key].shape) if key in state else 'missing'}, the {len(ids)} trainable "
+                             f"tokens of {name} need {list(want)}")
+
+
+@torch.no_grad()
+def _load_token_rows(state: dict, tokens: dict, model: nn.Module):
+    """The saved rows' values into the SparseDeltaEmbedding layers now at ``tokens``' names: PEFT saves
+    the rows' new values, the layer holds their delta from W0."""
+    for name, (rows, key, ids, _) in tokens.items():
+        layer = model.get_submodule(name)
+        saved = state[key][torch.argsort(torch.tensor(ids))].to(layer.weight.device)  # the sorted rows' order
+        acc = layer.delta_values.dtype
+        layer.delta_values.copy_((saved.to(acc) - layer.weight[torch.tensor(rows)].to(acc)).reshape(-1))
+
+
+TOKENS_ONLY_KEY = "trainable_tokens_delta"  # a TRAINABLE_TOKENS adapter's rows, under the embedding's name
+
+
+def _save_tokens_only(model: nn.Module, directory: Path) -> Path:
+    """SparseDeltaEmbedding row layers, no LoRA: PEFT's TRAINABLE_TOKENS adapter (one token list for
+    every targeted embedding)."""
+    from safetensors.torch import save_file
+
+    indices, tensors = _trainable_tokens(model, TOKENS_ONLY_KEY)
+    lists = {tuple(v) for v in indices.values()}
+    if len(lists) != 1:
+        raise ValueError(f"save_adapter: PEFT's TRAINABLE_TOKENS adapter has one token list for all its embeddings; "
+                         f"the model trains {dict(list(indices.items())[:3])}")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / WEIGHTS_NAME))
+    config = {"peft_type": "TRAINABLE_TOKENS", "task_type": None, "base_model_name_or_path": None,
+              "inference_mode": True, "target_modules": _target_modules(model, indices),
+              "token_indices": list(lists.pop()), "init_weights": True}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _load_tokens_only(model: nn.Module, directory: Path, config: dict, backend: str) -> nn.Module:
+    """PEFT's TRAINABLE_TOKENS adapter: the targeted embeddings (the input embedding when
+    target_modules is empty) become SparseDeltaEmbedding layers over the token rows; everything
+    else is frozen. Checked before the model changes."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / WEIGHTS_NAME))
+    targets = config.get("target_modules")
+    if targets:
+        names = [n for n, m in model.named_modules() if n and isinstance(m, nn.Embedding) and target_matches(n, targets)]
+    else:
+        names = [input_embedding_name(model)]
+    if not names or None in names:
+        raise ValueError(f"load_adapter: no nn.Embedding of the model matches target_modules={targets!r}")
+    tokens = _saved_tokens(model, {n: config["token_indices"] for n in names}, None, TOKENS_ONLY_KEY)
+    unexpected = sorted(set(state) - {key for _, key, _, _ in tokens.values()})
+    if unexpected:
+        raise ValueError(f"load_adapter: {WEIGHTS_NAME} holds tensors no targeted embedding takes: {unexpected[:5]}")
+    _check_saved_tokens(state, tokens, model)
+    with requires_grad_restored_on_error(model):
+        layers = [token_rows_layer(t[3], t[4], backend) for *_, t in tokens.values()]
+    _replace(model, [t[:4] for *_, t in tokens.values()], layers)
+    _load_token_rows(state, tokens, model)
+    return model
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
@@ -138,7 +209,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     PEFT's rank_pattern / alpha_pattern). A model whose trained layers are SparseDeltaLinear is
     written as PEFT's SHiRA adapter (unstructured, k = r·(in + out) entries per layer). Biases
     trained by apply_lora(bias="all" | "lora_only") are written as PEFT writes them, and
-    embedding rows trained by apply_lora(trainable_token_indices=...) as PEFT's trainable tokens."""
+    embedding rows trained by apply_lora(trainable_token_indices=...) as PEFT's trainable tokens —
+    without LoRA layers beside them, as PEFT's TRAINABLE_TOKENS adapter."""
     from safetensors.torch import save_file
 
     modules = _lora_modules(model)
@@ -149,9 +221,11 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
                          "save_sparse_delta)")
     if sparse:
         return _save_shira(model, sparse, Path(directory))
+    if not modules and any(isinstance(m, SparseDeltaEmbedding) for m in model.modules()):
+        return _save_tokens_only(model, Path(directory))
     if not modules:
-        raise ValueError("save_adapter: the model has no LoRA adapter modules (apply_lora makes them) "
-                         "and no SparseDeltaLinear (apply_sparse)")
+        raise ValueError("save_adapter: the model has no LoRA adapter modules (apply_lora makes them), no "
+                         "SparseDeltaLinear (apply_sparse) and no SparseDeltaEmbedding")
     settings = {(m.dropout, m.use_rslora, hasattr(m, "magnitude")) for m in modules.values()}
     if len(settings) != 1:
         raise ValueError(f"save_adapter: all adapters must share dropout/use_rslora/DoRA (PEFT's config has one "
@@ -326,7 +400,8 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured, and PEFT's modules_to_save
     are loaded and trained whole, as are the biases PEFT's ``bias`` option trains ("lora_only" / "all",
     saved as "<layer>.base_layer.bias" for an adapted layer); PEFT's trainable_token_indices become
-    a SparseDeltaEmbedding over those rows of each embedding (one tied to a head is refused). ``quantize``
+    a SparseDeltaEmbedding over those rows of each embedding (one tied to a head is refused), as do
+    the rows of a standalone TRAINABLE_TOKENS adapter. ``quantize``
     ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
     quantized, and ``adapter_dtype`` (e.g. torch.float32 over a bf16 model, as PEFT loads by
     default) holds the adapter tensors, as apply_lora does."""
@@ -339,8 +414,13 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
             raise ValueError("load_adapter: a SHiRA adapter trains entries of the weight itself; quantize= does "
                              "not apply")
         return _load_shira(model, directory, config, backend)
+    if config.get("peft_type") == "TRAINABLE_TOKENS":
+        if quantize is not None:
+            raise ValueError("load_adapter: a TRAINABLE_TOKENS adapter trains embedding rows; quantize= does not apply")
+        return _load_tokens_only(model, directory, config, backend)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"load_adapter: peft_type {config.get('peft_type')!r} is neither LORA nor SHIRA")
+        raise ValueError(f"load_adapter: peft_type {config.get('peft_type')!r} is none of LORA, SHIRA and "
+                         "TRAINABLE_TOKENS")
     # fan_in_fan_out needs nothing here: a Conv1D base is told by its type, as PEFT does. The options
     # below change what the adapted layer computes (LoRA variants, extra trained tensors, another
     # model structure): loading such an adapter as plain LoRA would compute something else.
@@ -366,12 +446,11 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
               and k not in whole and k not in copies}
     # PEFT's trainable tokens: the new values of chosen embedding rows (SparseDeltaEmbedding here)
     tokens = _saved_tokens(model, config.get("trainable_token_indices"), to_save)
-    token_keys = {key for _, key, _ in tokens.values()}
+    token_keys = {key for _, key, _, _ in tokens.values()}
     other = whole | biases | copies | token_keys
     unexpected = [k for k in state if k not in other and not (k.startswith(PREFIX) and k.endswith(parts))]
     names = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in state if k not in unexpected and k not in other})
     missing = [n + p for n in names for p in parts if PREFIX + n + p not in state]
-    missing += [key for key in token_keys if key not in state]
     if unexpected or missing:
         raise ValueError(f"load_adapter: {WEIGHTS_NAME} does not hold a {'DoRA' if use_dora else 'LoRA'} "
                          f"adapter's tensors only: unexpected {unexpected[:5]}, missing {missing[:5]}")
@@ -409,11 +488,7 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
         raise ValueError(f"load_adapter: the saved modules_to_save tensors do not fit the model's modules "
                          f"{to_save[:5]}: {unfit[:5]}")
     bias_at = _saved_bias_places(model, state, biases, names, linears, bias)
-    for name, (rows, key, ids) in tokens.items():
-        want = (len(ids), model.get_submodule(name).embedding_dim)
-        if tuple(state[key].shape) != want:
-            raise ValueError(f"load_adapter: {key[len(PREFIX):]} is {list(state[key].shape)}, the "
-                             f"{len(ids)} trainable tokens of {name} need {list(want)}")
+    _check_saved_tokens(state, tokens, model)
     # The saved names are full module names: match them exactly (a list would also take any module
     # whose name ends in "." + name, e.g. "1.0" for "0").
     exact = "|".join(re.escape(n) for n in names)
@@ -421,7 +496,7 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
                use_rslora=config.get("use_rslora", False), backend=backend, quantize=quantize, use_dora=use_dora,
                quant_options=quant_options, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                modules_to_save=to_save or None, adapter_dtype=adapter_dtype, bias=bias,
-               trainable_token_indices={name: ids for name, (_, _, ids) in tokens.items()} or None)
+               trainable_token_indices={name: ids for name, (_, _, ids, _) in tokens.items()} or None)
     for n in to_save:
         model.get_submodule(n).load_state_dict({k: state[f"{PREFIX}{n}.{k}"] for k in whole_states[n]})
     modules = _lora_modules(model)
@@ -439,9 +514,5 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
                 m.magnitude.copy_(state[f"{PREFIX}{name}.lora_magnitude_vector"])
             if mica:  # MiCA (init_lora_weights="mica") trains lora_A only, as PEFT does
                 m.lora_B.requires_grad_(False)
-        for name, (rows, key, ids) in tokens.items():  # PEFT saves the rows' values; the layer holds a delta
-            layer = model.get_submodule(name)
-            saved = state[key][torch.argsort(torch.tensor(ids))].to(layer.weight.device)  # the sorted rows' order
-            acc = layer.delta_values.dtype
-            layer.delta_values.copy_((saved.to(acc) - layer.weight[torch.tensor(rows)].to(acc)).reshape(-1))
+    _load_token_rows(state, tokens, model)
     return model

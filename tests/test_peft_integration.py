@@ -945,7 +945,7 @@ def test_shira_save_and_load_errors(tmp_path):
     mixed = peft_kernels.apply_lora(peft_kernels.apply_sparse(Net(), ["up"]), ["q_proj"])
     with pytest.raises(ValueError, match="both LoRA adapters and sparse deltas"):
         peft_kernels.save_adapter(mixed, tmp_path / "c")
-    with pytest.raises(ValueError, match="no LoRA adapter modules .* and no SparseDeltaLinear"):
+    with pytest.raises(ValueError, match="no LoRA adapter modules .*, no SparseDeltaLinear .* and no SparseDeltaEmbedding"):
         peft_kernels.save_adapter(Net(), tmp_path / "d")
 
     good = peft_kernels.apply_sparse(Net(), ["q_proj", "up"], density=None, num_params=_shira_r(1))
@@ -1343,3 +1343,36 @@ def test_trainable_tokens_errors(tmp_path):
                                          "*lora_*": True})
     with pytest.raises(ValueError, match="not whole rows"):
         peft_kernels.save_adapter(model, tmp_path / "partial")
+
+
+def test_trainable_tokens_adapters_round_trip_with_peft(tmp_path):
+    """PEFT's standalone TRAINABLE_TOKENS adapter (TrainableTokensConfig): it loads as a
+    SparseDeltaEmbedding over those rows with PEFT's logits bit for bit, saves back in that format
+    (a model whose only trained layers are such rows), which PEFT loads, and PEFT's layer is patched."""
+    from peft_kernels.nn import SparseDeltaEmbedding
+    base = _plain_llama(False, torch.float32)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.TrainableTokensConfig(token_indices=[60, 3],
+                                                                                  target_modules=["embed_tokens"]))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ids = torch.randint(0, 64, (2, 9))
+    ids[:, :2] = torch.tensor([60, 3])
+    ours = peft_kernels.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert isinstance(ours.model.embed_tokens, SparseDeltaEmbedding)
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == ["model.embed_tokens.delta_values"]
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        assert torch.equal(ours(input_ids=ids).logits, want)
+        peft_kernels.save_adapter(ours, tmp_path / "ours")
+        config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "TRAINABLE_TOKENS" and config["token_indices"] == [3, 60]
+        assert torch.equal(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(input_ids=ids).logits,
+                           want)
+        patched = copy.deepcopy(theirs)
+        assert peft_kernels.patch_peft_model(patched).patched == ["base_model.model.model.embed_tokens"]
+        assert torch.equal(patched(input_ids=ids).logits, want)
+    with pytest.raises(ValueError, match="quantize= does not apply"):
+        peft_kernels.load_adapter(copy.deepcopy(base), tmp_path / "theirs", quantize="nf4")
