@@ -94,8 +94,7 @@ def token_rows(layer: SparseDeltaEmbedding) -> torch.Tensor | None:
     if index.numel() == 0 or index.numel() % dim:
         return None
     rows = index[::dim] // dim
-    whole = rows[:, None] * dim + torch.arange(dim, device=index.device)
-    return rows if torch.equal(whole.reshape(-1), index) else None
+    return rows if torch.equal(layout.row_positions(rows, dim).long(), index) else None
 
 
 def _trainable_tokens(model: nn.Module, key: str = TOKENS_KEY) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:

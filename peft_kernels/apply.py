@@ -19,6 +19,7 @@ from .nn.sparse_embedding import SparseDeltaEmbedding, unsupported_embedding
 from .ops import _checks
 from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
+from .sparse import layout
 from .sparse.masking import is_tied, parameter_names, set_submodule
 
 
@@ -281,9 +282,7 @@ def _token_targets(model: nn.Module, trainable_token_indices, modules_to_save) -
 def token_rows_layer(embedding: nn.Embedding, rows: list, backend: str) -> SparseDeltaEmbedding:
     """A SparseDeltaEmbedding training whole rows ``rows`` (sorted) of ``embedding`` (trainable
     tokens): its index is those rows' positions, built without a [V, d] mask."""
-    dim = embedding.embedding_dim
-    rows_t = torch.tensor(rows, dtype=torch.int64, device=embedding.weight.device)
-    index = (rows_t[:, None] * dim + torch.arange(dim, device=rows_t.device)).reshape(-1)
+    index = layout.row_positions(torch.tensor(rows, device=embedding.weight.device), embedding.embedding_dim)
     return SparseDeltaEmbedding(embedding.weight, index, padding_idx=embedding.padding_idx, backend=backend)
 
 

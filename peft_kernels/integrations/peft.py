@@ -342,9 +342,7 @@ class _TokensForward(_PatchedForward):
         key = (tuple(indices), tuple(weight.shape), str(weight.device))
         if key not in self.rows:
             rows, order = torch.sort(torch.tensor([int(i) for i in indices], dtype=torch.int64, device=weight.device))
-            dim = weight.shape[1]
-            index = (rows[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
-            self.rows[key] = (rows, order, index.to(layout.index_dtype(weight.numel())))
+            self.rows[key] = (rows, order, layout.row_positions(rows, weight.shape[1]))
         return self.rows[key]
 
     def __call__(self, x, *args, **kwargs):

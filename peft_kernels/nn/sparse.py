@@ -26,7 +26,19 @@ def _replica_group(group):
     return None
 
 
-class SparseDeltaLinear(nn.Module):
+class DeltaCounts:
+    """How much of a sparse-delta layer's weight trains (delta_values over weight)."""
+
+    @property
+    def num_trainable(self) -> int:
+        return self.delta_values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.num_trainable / self.weight.numel()
+
+
+class SparseDeltaLinear(DeltaCounts, nn.Module):
     """y = x (W0 + Delta)^T + b, Delta non-zero at k positions, stored compactly.
 
     State: ``weight`` [out, in] (frozen; holds W0 + Delta, kept in place at the k positions —
@@ -247,14 +259,6 @@ class SparseDeltaLinear(nn.Module):
         """What merge_and_unload puts in this layer's place: to_linear(), or a transformers Conv1D
         for a layer built over one (``fan_in_fan_out``)."""
         return conv1d_holding(self.to_linear()) if self.fan_in_fan_out else self.to_linear()
-
-    @property
-    def num_trainable(self) -> int:
-        return self.delta_values.numel()
-
-    @property
-    def density(self) -> float:
-        return self.num_trainable / self.weight.numel()
 
     # ------------------------------------------------------------------ index changes
     def _check_unsharded(self, what: str):

@@ -7,12 +7,13 @@ from torch import nn
 from .. import backends
 from ..ops._checks import check_materialized
 from .branch import has_module_hooks
+from .sparse import DeltaCounts
 from ..ops.sparse_embedding import sparse_delta_embedding
 from ..ops.sparse_delta import w0_plus_delta
 from ..sparse import layout
 
 
-class SparseDeltaEmbedding(nn.Module):
+class SparseDeltaEmbedding(DeltaCounts, nn.Module):
     """y = (W0 + Delta)[ids], Delta non-zero at k positions of the [V, d] table, stored compactly —
     e.g. the rows of tokens added to a vocabulary, or a sparse fine-tuning mask over the table.
 
@@ -91,14 +92,6 @@ class SparseDeltaEmbedding(nn.Module):
                                  device="meta")
         embedding.weight = nn.Parameter(self.merge(), requires_grad=False)
         return embedding
-
-    @property
-    def num_trainable(self) -> int:
-        return self.delta_values.numel()
-
-    @property
-    def density(self) -> float:
-        return self.num_trainable / self.weight.numel()
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "

@@ -124,6 +124,13 @@ def index_dtype(total: int) -> torch.dtype:
     return torch.int32 if total < INT32_POSITIONS else torch.int64
 
 
+def row_positions(rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """The flat positions (int32, or int64 past 2^31) of whole rows ``rows`` (sorted) of a [V, dim]
+    table: a trainable-tokens index, built without a [V, dim] mask."""
+    flat = (rows.long()[:, None] * dim + torch.arange(dim, device=rows.device)).reshape(-1)
+    return flat.to(index_dtype((int(rows.max()) + 1) * dim if rows.numel() else 0))
+
+
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores.reshape(-1).float(), k).indices).values.to(index_dtype(scores.numel()))
 
