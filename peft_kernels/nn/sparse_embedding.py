@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 from .. import backends
-from ..ops._checks import check_materialized
+from ..ops._checks import check_materialized, plain_tensor
+from ..ops.sparse_delta import w0_plus_delta
+from ..ops.sparse_embedding import sparse_delta_embedding
+from ..sparse import layout
 from .branch import has_module_hooks
 from .sparse import DeltaCounts
-from ..ops.sparse_embedding import sparse_delta_embedding
-from ..ops.sparse_delta import w0_plus_delta
-from ..sparse import layout
 
 
 class SparseDeltaEmbedding(DeltaCounts, nn.Module):
@@ -105,6 +105,8 @@ def unsupported_embedding(embedding: nn.Embedding) -> str | None:
         return f"{type(embedding).__name__} has a forward of its own (the layer computes a plain table lookup)"
     if has_module_hooks(embedding) or "forward" in vars(embedding):
         return "hooks are registered on it or its forward is replaced on the instance: replacing it would drop them"
+    if not plain_tensor(embedding.weight):
+        return f"its weight is a {type(embedding.weight).__name__} (a tensor subclass), which the kernels cannot read"
     options = [o for o in ("max_norm", "scale_grad_by_freq") if getattr(embedding, o)]
     if options:  # max_norm renormalizes the table in place; scale_grad_by_freq rescales the gradient
         return f"nn.Embedding's {options} not supported (the layer computes a plain table lookup)"
