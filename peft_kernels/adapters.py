@@ -218,9 +218,14 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         raise ValueError(f"save_adapter: the model has both LoRA adapters and sparse deltas ({sorted(sparse)[:3]}); "
                          "PEFT's adapter files hold one kind (save the deltas with peft_kernels.sparse."
                          "save_sparse_delta)")
+    embeddings = sorted(n for n, m in model.named_modules() if isinstance(m, SparseDeltaEmbedding))
+    if sparse and embeddings:  # the SHiRA file would drop the embedding's delta without a word
+        raise ValueError(f"save_adapter: the model has sparse deltas on linear layers and on embeddings "
+                         f"({embeddings[:3]}); PEFT's SHiRA adapter holds linear layers only (save both with "
+                         "peft_kernels.sparse.save_sparse_delta)")
     if sparse:
         return _save_shira(model, sparse, Path(directory))
-    if not modules and any(isinstance(m, SparseDeltaEmbedding) for m in model.modules()):
+    if not modules and embeddings:
         return _save_tokens_only(model, Path(directory))
     if not modules:
         raise ValueError("save_adapter: the model has no LoRA adapter modules (apply_lora makes them), no "

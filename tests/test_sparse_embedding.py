@@ -288,3 +288,13 @@ def test_tables_past_int32_positions_index_in_int64(backend, kernel_device, monk
     assert torch.allclose(y.double(), y_exact, atol=1e-6) and rel_err(layer.delta_values.grad, dv_exact) <= FLOOR[torch.float32]
     with pytest.raises(ValueError, match="2\\^31 or more positions"):
         peft_kernels.nn.SparseDeltaLinear.from_linear(nn.Linear(10, 12), density=0.1)
+
+
+def test_save_adapter_refuses_to_drop_an_embedding_delta(tmp_path):
+    """PEFT's SHiRA file holds linear layers only: a model with sparse deltas on both keeps its
+    embedding delta through save_sparse_delta, and save_adapter says so instead of dropping it."""
+    model = _TinyLM()
+    mask_gradients_(model, {"embed.weight": torch.rand(60, 16) < 0.1, "proj.weight": torch.rand(16, 16) < 0.2})
+    with pytest.raises(ValueError, match="on linear layers and on embeddings .*save_sparse_delta"):
+        peft_kernels.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
