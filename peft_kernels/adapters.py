@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -167,6 +168,7 @@ def _save_tokens_only(model: nn.Module, directory: Path) -> Path:
         raise ValueError(f"save_adapter: PEFT's TRAINABLE_TOKENS adapter has one token list for all its embeddings; "
                          f"the model trains {dict(list(indices.items())[:3])}")
     directory.mkdir(parents=True, exist_ok=True)
+    _warn_unsaved(model)
     save_file(tensors, str(directory / WEIGHTS_NAME))
     config = {"peft_type": "TRAINABLE_TOKENS", "task_type": None, "base_model_name_or_path": None,
               "inference_mode": True, "target_modules": _target_modules(model, indices),
@@ -199,6 +201,26 @@ def _load_tokens_only(model: nn.Module, directory: Path, config: dict, backend: 
     _replace(model, [t[:4] for *_, t in tokens.values()], layers)
     _load_token_rows(state, tokens, model)
     return model
+
+
+def _warn_unsaved(model: nn.Module):
+    """Warn, by name, of trainable parameters PEFT's files cannot hold (e.g. biases or norms made
+    trainable by hand or by mask_gradients_): a reload would lose what they learned."""
+    saved = set()
+    for m in model.modules():
+        if isinstance(m, LoRAAdapter):
+            saved |= {id(m._parameters[k]) for k in ("lora_A", "lora_B", "magnitude") if m._parameters.get(k) is not None}
+        elif isinstance(m, (SparseDeltaLinear, SparseDeltaEmbedding)):
+            saved.add(id(m.delta_values))
+        if getattr(m, TRAINED_WHOLE, False):
+            saved |= {id(p) for p in m.parameters()}
+        if getattr(m, TRAINED_BIAS, None) and getattr(m, "bias", None) is not None:
+            saved.add(id(m.bias))
+    unsaved = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in saved]
+    if unsaved:
+        warnings.warn(f"save_adapter: {len(unsaved)} trainable parameters are not part of PEFT's adapter format and "
+                      f"are not saved: {unsaved[:5]}{' ...' if len(unsaved) > 5 else ''} (apply_lora's "
+                      "modules_to_save / bias= options save them)", stacklevel=3)
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
@@ -257,6 +279,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     tensors.update(token_tensors)
     if list(token_indices) == [input_embedding_name(model)]:  # PEFT's list form: the input embedding
         token_indices = next(iter(token_indices.values()))
+    _warn_unsaved(model)
     save_file(tensors, str(directory / WEIGHTS_NAME))
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
@@ -294,6 +317,7 @@ def _save_shira(model: nn.Module, modules: dict, directory: Path) -> Path:
                          f"one r; got (k, in + out) {dict(list(sizes.items())[:4])}. Build the layers with "
                          "apply_sparse(..., density=None, num_params=lambda lin: r * (lin.in_features + "
                          "lin.out_features)), or save with peft_kernels.sparse.save_sparse_delta")
+    _warn_unsaved(model)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in modules.items():

@@ -2,6 +2,7 @@
 between peft_kernels and HF PEFT in PEFT's format."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -1376,3 +1377,15 @@ def test_trainable_tokens_adapters_round_trip_with_peft(tmp_path):
         assert torch.equal(patched(input_ids=ids).logits, want)
     with pytest.raises(ValueError, match="quantize= does not apply"):
         peft_kernels.load_adapter(copy.deepcopy(base), tmp_path / "theirs", quantize="nf4")
+
+
+def test_save_adapter_warns_of_trainable_parameters_it_cannot_hold(tmp_path):
+    """A parameter made trainable by hand (or by mask_gradients_) is not in PEFT's format: named in a
+    warning, not dropped without a word; what the options save draws no warning."""
+    model = peft_kernels.apply_lora(NormedNet(), ["q_proj"], r=2, bias="lora_only", modules_to_save=["head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft_kernels.save_adapter(model, tmp_path / "a")
+    model.norm.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"1 trainable parameters are not part of PEFT's .*\['norm.weight'\]"):
+        peft_kernels.save_adapter(model, tmp_path / "b")
