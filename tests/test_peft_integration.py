@@ -1389,3 +1389,38 @@ def test_save_adapter_warns_of_trainable_parameters_it_cannot_hold(tmp_path):
     model.norm.weight.requires_grad_(True)
     with pytest.warns(UserWarning, match=r"1 trainable parameters are not part of PEFT's .*\['norm.weight'\]"):
         peft_kernels.save_adapter(model, tmp_path / "b")
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Gemma's kind of embedding: the lookup times a scale (PEFT's trainable tokens apply it too)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(3.0), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale
+
+
+class _TokensNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.lin, self.head = _ScaledEmbedding(40, 8), nn.Linear(8, 8), nn.Linear(8, 40)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.lin(self.embed(ids))))
+
+
+def test_patched_trainable_tokens_keep_an_embedding_scale():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_TokensNet().double(), peft.LoraConfig(r=2, target_modules=["lin"],
+                                                                      trainable_token_indices={"embed": [3, 5]}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    patched = copy.deepcopy(model)
+    assert "base_model.model.embed.token_adapter" in peft_kernels.patch_peft_model(patched).patched
+    ids = torch.randint(0, 40, (3, 7))
+    ids[0, :2] = torch.tensor([3, 5])
+    assert torch.equal(patched(ids), model(ids))
