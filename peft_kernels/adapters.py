@@ -20,7 +20,7 @@ from torch import nn
 
 from .apply import (BIAS_OPTIONS, TRAINED_BIAS, TRAINED_WHOLE, _replace, _targets, _token_targets, apply_lora,
                     input_embedding_name, pattern_matches, pattern_value, requires_grad_restored_on_error,
-                    target_matches, token_rows_layer)
+                    target_matches, token_rows_layers)
 from .nn._adapter import LoRAAdapter, features, is_conv1d
 from .nn.branch import LoRABranchLinear
 from .nn.sparse import SparseDeltaLinear
@@ -87,17 +87,6 @@ def _trained_biases(model: nn.Module, whole: dict) -> tuple[str, dict[str, torch
 TOKENS_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for a trainable-tokens layer's rows
 
 
-def token_rows(layer: SparseDeltaEmbedding) -> torch.Tensor | None:
-    """The sorted rows a SparseDeltaEmbedding trains whole (trainable tokens), or None if its entries
-    are not whole rows."""
-    dim = layer.embedding_dim
-    index = layer.delta_index.long()
-    if index.numel() == 0 or index.numel() % dim:
-        return None
-    rows = index[::dim] // dim
-    return rows if torch.equal(layout.row_positions(rows, dim).long(), index) else None
-
-
 def _trainable_tokens(model: nn.Module, key: str = TOKENS_KEY) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
     """({embedding name: token ids}, {PEFT key: the rows' values [n, d]}) of the model's
     SparseDeltaEmbedding layers, which must train whole rows: HF PEFT's trainable tokens, which
@@ -107,7 +96,7 @@ def _trainable_tokens(model: nn.Module, key: str = TOKENS_KEY) -> tuple[dict[str
     for name, m in model.named_modules():
         if not isinstance(m, SparseDeltaEmbedding):
             continue
-        rows = token_rows(m)
+        rows = m.token_rows()
         if rows is None:
             raise ValueError(f"save_adapter: {name} trains entries that are not whole rows of its table; PEFT's "
                              "trainable tokens hold whole rows (peft_kernels.sparse.save_sparse_delta saves any delta)")
@@ -197,8 +186,8 @@ def _load_tokens_only(model: nn.Module, directory: Path, config: dict, backend: 
         raise ValueError(f"load_adapter: {WEIGHTS_NAME} holds tensors no targeted embedding takes: {unexpected[:5]}")
     _check_saved_tokens(state, tokens, model)
     with requires_grad_restored_on_error(model):
-        layers = [token_rows_layer(t[3], t[4], backend) for *_, t in tokens.values()]
-    _replace(model, [t[:4] for *_, t in tokens.values()], layers)
+        places, layers = token_rows_layers([t for *_, t in tokens.values()], backend)
+    _replace(model, places, layers)
     _load_token_rows(state, tokens, model)
     return model
 

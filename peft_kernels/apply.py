@@ -9,13 +9,13 @@ import warnings
 import torch
 from torch import nn
 
-from .nn._adapter import LoRAAdapter, features, is_conv1d
+from .nn._adapter import LoRAAdapter, features, is_conv1d, linear_holding
 from .nn.branch import LoRABranchLinear, has_module_hooks, needs_branch
 from .nn.dora import DoRALinear
 from .nn.lora import LoRALinear
 from .nn.qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .nn.sparse import SparseDeltaLinear
-from .nn.sparse_embedding import SparseDeltaEmbedding, unsupported_embedding
+from .nn.sparse_embedding import SparseDeltaEmbedding, TiedRowsHead, unsupported_embedding
 from .ops import _checks
 from .quant.bnb4bit import bnb_linear4bit_class, is_bnb_linear4bit
 from .quant.int8 import Int8Weight, is_bnb_linear8bit
@@ -241,11 +241,11 @@ def input_embedding_name(model: nn.Module) -> str | None:
 
 
 def _token_targets(model: nn.Module, trainable_token_indices, modules_to_save) -> list:
-    """(name, parent, attribute, nn.Embedding, sorted unique rows) for HF PEFT's
+    """(name, parent, attribute, nn.Embedding, sorted unique rows, tied heads) for HF PEFT's
     trainable_token_indices: a list of token ids (the input embedding's rows) or {embedding
-    module name (PEFT's suffix rule): token ids}. Checked: each names an nn.Embedding that no other
-    module shares (a tied head would not see its new rows: HF PEFT + patch_peft_model handles that
-    case) and that modules_to_save does not train whole."""
+    module name (PEFT's suffix rule): token ids}. Checked: each names an nn.Embedding whose weight
+    only plain nn.Linear heads share (tied_heads: they compute with the trained rows too) and that
+    modules_to_save does not train whole."""
     if trainable_token_indices is None:
         return []
     if isinstance(trainable_token_indices, dict):
@@ -264,9 +264,9 @@ def _token_targets(model: nn.Module, trainable_token_indices, modules_to_save) -
             raise ValueError(f"apply_lora: trainable_token_indices {key!r} must name one nn.Embedding, found "
                              f"{[(n, type(m).__name__) for n, m in found][:3]}")
         name, embedding = found[0]
+        heads = tied_heads(model, name, embedding) if is_tied(tied, embedding.weight) else []
         why = unsupported_embedding(embedding) or (
-            "its weight is shared with another module (a tied head): use HF PEFT's trainable_token_indices "
-            "with peft_kernels.patch_peft_model" if is_tied(tied, embedding.weight) else None) or (
+            "its weight is shared with a module other than a plain nn.Linear head" if heads is None else None) or (
             "modules_to_save trains it whole" if modules_to_save and target_matches(name, modules_to_save) else None)
         if why is not None:
             raise ValueError(f"apply_lora: trainable_token_indices on {name}: {why}")
@@ -275,15 +275,44 @@ def _token_targets(model: nn.Module, trainable_token_indices, modules_to_save) -
             raise ValueError(f"apply_lora: trainable_token_indices for {name} must be distinct ids in "
                              f"[0, {embedding.num_embeddings}), got {list(ids)[:10]}")
         parent_name, _, child = name.rpartition(".")
-        out.append((name, model.get_submodule(parent_name) if parent_name else model, child, embedding, rows))
+        out.append((name, model.get_submodule(parent_name) if parent_name else model, child, embedding, rows, heads))
     return out
+
+
+def tied_heads(model: nn.Module, name: str, embedding: nn.Embedding) -> list | None:
+    """(name, parent, attribute, nn.Linear) of the heads sharing ``embedding``'s weight (tied
+    embeddings), or None if another kind of module shares it."""
+    heads = []
+    for other_name, module in model.named_modules():
+        if other_name == name or module is embedding or getattr(module, "weight", None) is not embedding.weight:
+            continue
+        if type(module) is not nn.Linear or has_module_hooks(module) or "forward" in vars(module):
+            return None
+        parent_name, _, child = other_name.rpartition(".")
+        heads.append((other_name, model.get_submodule(parent_name) if parent_name else model, child, module))
+    return heads
+
+
+def token_rows_layers(token_targets: list, backend: str) -> tuple[list, list]:
+    """(places, layers) for _replace from _token_targets' entries: a SparseDeltaEmbedding over the rows
+    of each embedding, and a TiedRowsHead for each head tied to it."""
+    places, layers = [], []
+    for name, parent, child, embedding, rows, heads in token_targets:
+        layer = token_rows_layer(embedding, rows, backend)
+        places.append((name, parent, child, embedding))
+        layers.append(layer)
+        for head in heads:  # a head tied to the table computes with the same trained rows
+            places.append(head)
+            layers.append(TiedRowsHead(head[3], layer, backend))
+    return places, layers
 
 
 def token_rows_layer(embedding: nn.Embedding, rows: list, backend: str) -> SparseDeltaEmbedding:
     """A SparseDeltaEmbedding training whole rows ``rows`` (sorted) of ``embedding`` (trainable
     tokens): its index is those rows' positions, built without a [V, d] mask."""
     index = layout.row_positions(torch.tensor(rows, device=embedding.weight.device), embedding.embedding_dim)
-    return SparseDeltaEmbedding(embedding.weight, index, padding_idx=embedding.padding_idx, backend=backend)
+    return SparseDeltaEmbedding(embedding.weight, index, padding_idx=embedding.padding_idx, backend=backend,
+                                values_dtype=torch.promote_types(embedding.weight.dtype, torch.float32))
 
 
 _QUANT_OPTIONS = {"nf4": {"blocksize", "double_quant"}, "fp4": {"blocksize", "double_quant"}, "int8": set(),
@@ -327,8 +356,9 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
     train); save_adapter writes the trained biases under PEFT's keys, load_adapter reads them.
     trainable_token_indices: HF PEFT's option — token ids whose embedding rows train (new special
     tokens), a list for the input embedding or {embedding name: ids}; each such embedding becomes a
-    SparseDeltaEmbedding over those rows (no [V, d] gradient), saved in PEFT's format. An embedding
-    tied to the head is refused (HF PEFT + patch_peft_model covers that case)."""
+    SparseDeltaEmbedding over those rows (no [V, d] gradient), saved in PEFT's format. A head tied
+    to the embedding (one weight) becomes a TiedRowsHead computing with the same trained rows, as
+    HF PEFT's tied trainable tokens do."""
     if bias not in BIAS_OPTIONS:
         raise ValueError(f"apply_lora: bias must be one of {BIAS_OPTIONS} (HF PEFT's option), got {bias!r}")
     if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
@@ -357,6 +387,10 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
                              f"{[n for n, *_ in targets][:10]}")
     trained_whole = _modules_to_save(model, modules_to_save, targets)
     token_targets = _token_targets(model, trainable_token_indices, modules_to_save)
+    lora_on_heads = [h[0] for *_, heads in token_targets for h in heads if any(h[0] == t[0] for t in targets)]
+    if lora_on_heads:
+        raise ValueError(f"apply_lora: {lora_on_heads} share the table whose rows trainable_token_indices trains; "
+                         "a LoRA adapter there is not supported")
     names = parameter_names(model)
     tied = {name: names[id(linear.weight)] for name, _, _, linear in targets if is_tied(names, linear.weight)}
     if tied and quantize is None:
@@ -392,8 +426,8 @@ def apply_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 16.0
         for module in new:
             module.cast_adapter_(adapter_dtype)
     with requires_grad_restored_on_error(model):  # the layers freeze the embeddings they take over
-        tokens = [token_rows_layer(embedding, rows, backend) for *_, embedding, rows in token_targets]
-    return _replace(model, targets + [t[:4] for t in token_targets], new + tokens, trained_whole, bias)
+        token_places, token_layers = token_rows_layers(token_targets, backend)
+    return _replace(model, targets + token_places, new + token_layers, trained_whole, bias)
 
 
 def _over_bnb(name: str, linear: nn.Module, quantize, quant_options: dict, use_dora: bool, kw: dict):
@@ -423,7 +457,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     SparseDeltaEmbedding with an nn.Embedding holding W0 + Delta — in place,
     and return ``model``: HF PEFT's merge_and_unload, for export or inference without peft_kernels."""
     layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, (LoRAAdapter, SparseDeltaLinear, SparseDeltaEmbedding))]
+              if isinstance(m, (LoRAAdapter, SparseDeltaLinear, SparseDeltaEmbedding, TiedRowsHead))]
     if not layers:
         raise ValueError("merge_and_unload: the model has no adapter or sparse-delta layers")
     # all built before the model changes; a layer over a Conv1D becomes a Conv1D again
@@ -431,7 +465,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if branch:
         raise ValueError(f"merge_and_unload: {branch[:5]} keep a base that computes its own forward "
                          "(LoRABranchLinear): the adapter cannot be folded into it here; nothing was changed")
-    merged = [(name, m.unloaded()) for name, m in layers]
-    for name, linear in merged:
+    merged = {name: m.unloaded() for name, m in layers if not isinstance(m, TiedRowsHead)}
+    tables = {id(m): merged[name] for name, m in layers if isinstance(m, SparseDeltaEmbedding)}
+    for name, m in layers:
+        if isinstance(m, TiedRowsHead):  # tied again, to the merged table
+            if id(m.embedding) not in tables:
+                raise ValueError(f"merge_and_unload: {name} is tied to an embedding this model no longer holds")
+            merged[name] = linear_holding(tables[id(m.embedding)].weight, m.bias)
+    for name, linear in merged.items():
         set_submodule(model, name, linear)
     return model

@@ -1328,12 +1328,17 @@ def test_trainable_tokens_errors(tmp_path):
                num_key_value_heads=2)
     torch.manual_seed(0)
     tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **cfg))
-    with pytest.raises(ValueError, match="shared with another module.*patch_peft_model"):
+    with pytest.raises(ValueError, match=r"\['lm_head'\] share the table .* a LoRA adapter there"):
+        peft_kernels.apply_lora(tied, ["q_proj", "lm_head"], trainable_token_indices=[1, 2])
+    tied.lm_head.register_forward_hook(lambda *a: None)  # a head that must keep its own forward
+    with pytest.raises(ValueError, match="shared with a module other than a plain nn.Linear head"):
         peft_kernels.apply_lora(tied, ["q_proj"], trainable_token_indices=[1, 2])
     _tokens_llama(True, torch.float32).save_pretrained(tmp_path / "tied")
-    with pytest.raises(ValueError, match="shared with another module"):
+    flags = [p.requires_grad for p in tied.parameters()]
+    with pytest.raises(ValueError, match="shared with a module other than"):
         peft_kernels.load_adapter(tied, tmp_path / "tied")
     assert not any(isinstance(m, peft_kernels.nn.LoRALinear) for m in tied.modules())
+    assert [p.requires_grad for p in tied.parameters()] == flags
     untied = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=False, **cfg))
     with pytest.raises(ValueError, match="must be distinct ids in \\[0, 64\\)"):
         peft_kernels.apply_lora(untied, ["q_proj"], trainable_token_indices=[1, 1])
@@ -1424,3 +1429,31 @@ def test_patched_trainable_tokens_keep_an_embedding_scale():
     ids = torch.randint(0, 40, (3, 7))
     ids[0, :2] = torch.tensor([3, 5])
     assert torch.equal(patched(ids), model(ids))
+
+
+def test_tied_trainable_tokens_follow_peft(tmp_path):
+    """On a model whose head is tied to the embedding, trainable tokens train the rows of both, as
+    HF PEFT's do: PEFT's adapter loads as a SparseDeltaEmbedding plus a TiedRowsHead sharing its
+    table and delta (logits and the rows' gradient equal PEFT's, float64), saves back in PEFT's
+    format (PEFT loads it tied), and merge_and_unload gives a plain model, still tied."""
+    from peft_kernels.nn import SparseDeltaEmbedding, TiedRowsHead
+    theirs = _tokens_llama(True)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = peft_kernels.load_adapter(_plain_llama(True), tmp_path / "theirs")
+    assert isinstance(ours.model.embed_tokens, SparseDeltaEmbedding) and isinstance(ours.lm_head, TiedRowsHead)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = torch.randint(0, 64, (2, 9))
+    ids[:, :3] = torch.tensor([60, 61, 3])
+    y0, g0 = _lm_run(theirs, ids)
+    y1, g1 = _lm_run(ours, ids)
+    assert torch.allclose(y1, y0, rtol=0, atol=1e-12)
+    rows = g0["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    order = torch.argsort(torch.tensor([60, 61, 3]))  # ours holds the rows sorted
+    assert torch.allclose(g1["model.embed_tokens.delta_values"].reshape(3, -1), rows[order], rtol=1e-10, atol=1e-15)
+    peft_kernels.save_adapter(ours, tmp_path / "ours")
+    reloaded = peft.PeftModel.from_pretrained(_plain_llama(True), tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, y1, rtol=0, atol=1e-12)
+        merged = peft_kernels.merge_and_unload(ours)
+        assert type(merged.lm_head) is nn.Linear and merged.lm_head.weight is merged.model.embed_tokens.weight
+        assert torch.allclose(merged(input_ids=ids).logits, y1, rtol=0, atol=1e-12)

@@ -4,7 +4,7 @@ from .dora import DoRALinear
 from .lora import LoRALinear
 from .qlora import IntQDoRALinear, IntQLoRALinear, QDoRALinear, QLoRALinear
 from .sparse import SparseDeltaLinear
-from .sparse_embedding import SparseDeltaEmbedding
+from .sparse_embedding import SparseDeltaEmbedding, TiedRowsHead
 
 __all__ = ["LoRALinear", "LoRABranchLinear", "DoRALinear", "QLoRALinear", "QDoRALinear", "IntQLoRALinear", "IntQDoRALinear",
-           "SparseDeltaLinear", "SparseDeltaEmbedding"]
+           "SparseDeltaLinear", "SparseDeltaEmbedding", "TiedRowsHead"]

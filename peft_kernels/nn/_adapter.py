@@ -160,7 +160,8 @@ def linear_holding(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear
     """A plain nn.Linear over ``weight`` [out, in] (frozen) and a copy of ``bias`` in its dtype
     (trainable if ``bias`` is), built on the meta device so no random init is spent on it."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
+    # a Parameter given (a table the head is tied to) is kept as it is, so the two stay one
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().to(weight.dtype, copy=True), requires_grad=bias.requires_grad)
     return linear

@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import backends
 from ..ops._checks import check_materialized, plain_tensor
-from ..ops.sparse_delta import w0_plus_delta
+from ..ops.sparse_delta import sparse_delta_linear, w0_plus_delta
 from ..ops.sparse_embedding import sparse_delta_embedding
 from ..sparse import layout
 from .branch import has_module_hooks
@@ -93,9 +93,59 @@ class SparseDeltaEmbedding(DeltaCounts, nn.Module):
         embedding.weight = nn.Parameter(self.merge(), requires_grad=False)
         return embedding
 
+    def token_rows(self) -> torch.Tensor | None:
+        """The sorted rows this layer trains whole (trainable tokens), or None if its entries are
+        not whole rows."""
+        dim = self.embedding_dim
+        index = self.delta_index.long()
+        if index.numel() == 0 or index.numel() % dim:
+            return None
+        rows = index[::dim] // dim
+        return rows if torch.equal(layout.row_positions(rows, dim).long(), index) else None
+
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
                 f"trainable={self.num_trainable} ({100 * self.density:.3g}%)")
+
+
+class TiedRowsHead(nn.Module):
+    """An output head whose weight is a SparseDeltaEmbedding's table (tied embeddings, e.g.
+    Llama-3.2-1B, Gemma): y = x (W0 + Delta)^T + b with the embedding's own delta, so rows trained
+    for new tokens are the head's rows too (HF PEFT's trainable tokens on a tied model do the same).
+    The delta must be whole rows: the product runs through sparse_delta_linear with (1, d) blocks,
+    W0 + Delta written into the shared table around each product and restored (merged=False), and
+    the rows' gradient (the SDDMM at n rows, no [V, d] gradient) adds to the embedding's. Holds the
+    shared weight, the head's bias and the embedding — not as a submodule: the model holds it.
+    Shapes: x [..., d] -> [..., V]."""
+
+    def __init__(self, head: nn.Linear, embedding: SparseDeltaEmbedding, backend: str = "auto"):
+        super().__init__()
+        if head.weight is not embedding.weight:
+            raise ValueError("TiedRowsHead: the head's weight is not the embedding's table")
+        if embedding.token_rows() is None:
+            raise ValueError("TiedRowsHead: the embedding's delta is not whole rows (trainable tokens)")
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight = head.weight
+        self.bias = head.bias
+        self.backend = backends.check_name(backend, "TiedRowsHead")
+        object.__setattr__(self, "embedding", embedding)  # not registered: its parameters are the embedding's
+        self._rows_checked = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedding = self.embedding
+        dim = embedding.embedding_dim
+        key = (id(embedding.delta_index), embedding.delta_index._version)
+        if not torch.compiler.is_compiling() and self._rows_checked != key:  # set_index_ may have moved it
+            if embedding.token_rows() is None:
+                raise ValueError("TiedRowsHead: the embedding's delta is no longer whole rows (set_index_?)")
+            self._rows_checked = key
+        rows = embedding.delta_index.reshape(-1, dim)[:, 0] // dim  # whole rows: every dim-th position
+        return sparse_delta_linear(x, self.weight, embedding.delta_values.reshape(-1, 1, dim), rows.to(torch.int32),
+                                   self.bias, shape_or_block=(1, dim), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                "tied to the embedding's table and trained rows")
 
 
 def unsupported_embedding(embedding: nn.Embedding) -> str | None:
