@@ -22,7 +22,6 @@ from .apply import (BIAS_OPTIONS, TRAINED_BIAS, TRAINED_WHOLE, _replace, _target
                     input_embedding_name, pattern_matches, pattern_value, requires_grad_restored_on_error,
                     target_matches, token_rows_layers)
 from .nn._adapter import LoRAAdapter, features, is_conv1d
-from .nn.branch import LoRABranchLinear
 from .nn.sparse import SparseDeltaLinear
 from .nn.sparse_embedding import SparseDeltaEmbedding
 from .ops._checks import check_materialized
@@ -68,8 +67,8 @@ def _trained_whole(model: nn.Module) -> dict[str, nn.Module]:
 def _trained_biases(model: nn.Module, whole: dict) -> tuple[str, dict[str, torch.Tensor]]:
     """(HF PEFT's bias option, {PEFT key: bias}) for the biases apply_lora(bias=...) trains. PEFT
     keeps an adapted layer's bias on its base_layer, so LoRALinear "q.bias" is saved as
-    "q.base_layer.bias" (a LoRABranchLinear's is there already). Biases of modules_to_save modules are
-    saved with their module."""
+    "q.base_layer.bias" (a LoRABranchLinear's bias_module is that base_layer already). Biases of
+    modules_to_save modules are saved with their module."""
     owners = {n: m for n, m in model.named_modules(remove_duplicate=False)
               if getattr(m, TRAINED_BIAS, None) and getattr(m, "bias", None) is not None
               and not any(n == w or n.startswith(w + ".") for w in whole)}
@@ -79,7 +78,7 @@ def _trained_biases(model: nn.Module, whole: dict) -> tuple[str, dict[str, torch
                          "(apply_lora calls with different bias=); PEFT's config has one")
     tensors = {}
     for n, m in owners.items():
-        name = f"{n}.base_layer" if isinstance(m, LoRAAdapter) and not isinstance(m, LoRABranchLinear) else n
+        name = f"{n}.base_layer" if isinstance(m, LoRAAdapter) else n
         tensors[f"{PREFIX}{name}.bias"] = m.bias.detach().clone()  # a shared bias: safetensors wants one owner
     return (options.pop() if options else "none"), tensors
 
@@ -383,13 +382,14 @@ def _saved_bias_places(model: nn.Module, state: dict, keys, names: list, linears
     before it changes: PEFT saves an adapted layer's bias as "<layer>.base_layer.bias" and, under
     bias="all", any other bias under its own name."""
     places, wrong = {}, []
+    modules = dict(model.named_modules())
     for key in sorted(keys):
         name = key[len(PREFIX):].rpartition(".")[0]
         layer = name[:-len(".base_layer")] if name.endswith(".base_layer") else None
         if layer in names:
             places[key], target = (layer, None), linears[layer].bias
-        elif bias == "all" and name in dict(model.named_modules()):
-            places[key], target = (None, name), getattr(model.get_submodule(name), "bias", None)
+        elif bias == "all" and name in modules:
+            places[key], target = (None, name), getattr(modules[name], "bias", None)
         else:
             wrong.append((key, "no such " + ("adapted layer" if bias == "lora_only" else "module")))
             continue
@@ -417,8 +417,8 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     ranks and alphas (PEFT's rank_pattern / alpha_pattern) are honoured, and PEFT's modules_to_save
     are loaded and trained whole, as are the biases PEFT's ``bias`` option trains ("lora_only" / "all",
     saved as "<layer>.base_layer.bias" for an adapted layer); PEFT's trainable_token_indices become
-    a SparseDeltaEmbedding over those rows of each embedding (one tied to a head is refused), as do
-    the rows of a standalone TRAINABLE_TOKENS adapter. ``quantize``
+    a SparseDeltaEmbedding over those rows of each embedding (a head tied to it a TiedRowsHead), as
+    do the rows of a standalone TRAINABLE_TOKENS adapter. ``quantize``
     ("nf4" | "fp4" | "int8" | "int4") and ``quant_options`` store the adapted base weights
     quantized, and ``adapter_dtype`` (e.g. torch.float32 over a bf16 model, as PEFT loads by
     default) holds the adapter tensors, as apply_lora does."""
@@ -519,9 +519,7 @@ def load_adapter(model: nn.Module, directory: str | Path, backend: str = "auto",
     modules = _lora_modules(model)
     with torch.no_grad():
         for key, (layer, name) in bias_at.items():  # the adapter layer now holding the saved layer's bias
-            owner = modules[layer] if layer is not None else model.get_submodule(name)
-            if isinstance(owner, LoRABranchLinear):
-                owner = owner.base_layer
+            owner = modules[layer].bias_module if layer is not None else model.get_submodule(name)
             owner.bias.copy_(state[key])
         for name in names:
             m = modules[name]

@@ -174,13 +174,12 @@ BIAS_OPTIONS = ("none", "all", "lora_only")
 
 def _bias_owners(model: nn.Module, new_modules, bias: str) -> list[nn.Module]:
     """The modules whose bias HF PEFT's ``bias`` option trains: "all" every parameter named bias in
-    the model; "lora_only" those of the adapter layers ``new_modules`` (a LoRABranchLinear's sits on
-    its base_layer)."""
+    the model; "lora_only" those of the adapter layers ``new_modules`` (LoRAAdapter.bias_module)."""
     if bias == "all":
         return [model.get_submodule(n.rpartition(".")[0]) for n, p in model.named_parameters(remove_duplicate=False)
                 if n.rpartition(".")[2] == "bias"]
     if bias == "lora_only":
-        owners = [m.base_layer if isinstance(m, LoRABranchLinear) else m for m in new_modules]
+        owners = [m.bias_module if isinstance(m, LoRAAdapter) else m for m in new_modules]
         return [m for m in owners if getattr(m, "bias", None) is not None]
     return []
 
@@ -199,8 +198,9 @@ def _replace(model: nn.Module, targets, new_modules, trained_whole=(), bias: str
             p.requires_grad_(False)
     for (_, parent, child, old), module in zip(targets, new_modules):
         setattr(parent, child, module)
-        if getattr(old, TRAINED_BIAS, None) and not isinstance(module, LoRABranchLinear):
-            setattr(module, TRAINED_BIAS, getattr(old, TRAINED_BIAS))  # (a branch keeps ``old`` as its base_layer)
+        if getattr(old, TRAINED_BIAS, None):  # the bias now lives in the new layer (a branch's: ``old`` itself)
+            setattr(module.bias_module if isinstance(module, LoRAAdapter) else module, TRAINED_BIAS,
+                    getattr(old, TRAINED_BIAS))
     for module in trained_whole:
         setattr(module, TRAINED_WHOLE, True)
         module.requires_grad_(True)

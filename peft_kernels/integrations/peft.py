@@ -28,6 +28,7 @@ from torch import nn
 
 from ..nn._adapter import is_conv1d
 from ..nn.branch import has_module_hooks, needs_branch
+from ..nn.sparse_embedding import unsupported_lookup
 from ..ops import _checks
 from ..ops.dora import cached_weight_row_sq, dora_linear
 from ..ops.lora import lora_linear
@@ -308,10 +309,12 @@ def _tokens_reason(layer, name: str | None = None) -> str | None:
     base = layer.get_base_layer()
     if not isinstance(base, (nn.Embedding, nn.Linear)):  # PEFT's own forward refuses other types
         return f"base layer is {type(base).__name__}, neither nn.Embedding nor nn.Linear"
-    if isinstance(base, nn.Embedding) and (base.max_norm is not None or base.scale_grad_by_freq):
-        return "the embedding uses max_norm or scale_grad_by_freq"
-    if not _checks.plain_tensor(base.weight) or base.weight.requires_grad:
-        return "the base weight is a tensor subclass or requires grad"
+    why = unsupported_lookup(base) if isinstance(base, nn.Embedding) else (
+        None if _checks.plain_tensor(base.weight) else f"its weight is a {type(base.weight).__name__} (a tensor subclass)")
+    if why is not None:
+        return why
+    if base.weight.requires_grad:
+        return "the base weight requires grad"
     for n in ([name] if name is not None else list(layer.trainable_tokens_delta)):
         indices = layer.token_indices.get(n, [])
         rows = base.weight.shape[0]

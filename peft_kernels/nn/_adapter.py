@@ -67,6 +67,12 @@ class LoRAAdapter(nn.Module):
         return self
 
     @property
+    def bias_module(self) -> nn.Module:
+        """The module holding this layer's bias (the one HF PEFT saves as "<layer>.base_layer.bias"):
+        the layer itself; a LoRABranchLinear's base_layer."""
+        return self
+
+    @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 

@@ -73,6 +73,10 @@ class LoRABranchLinear(LoRAAdapter):
                             dropout_p=self.dropout, training=self.training, backend=self.backend)
         return (result + branch).to(result.dtype)
 
+    @property
+    def bias_module(self) -> nn.Module:
+        return self.base_layer  # the base keeps its bias and computes it in its own forward
+
     def _dense_base(self, acc: torch.dtype) -> torch.Tensor:
         raise ValueError(f"LoRABranchLinear over {type(self.base_layer).__name__} ({needs_branch(self.base_layer)}): "
                          "the adapter cannot be folded into a base that computes its own forward; keep the "

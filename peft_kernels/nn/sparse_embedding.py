@@ -155,10 +155,18 @@ def unsupported_embedding(embedding: nn.Embedding) -> str | None:
         return f"{type(embedding).__name__} has a forward of its own (the layer computes a plain table lookup)"
     if has_module_hooks(embedding) or "forward" in vars(embedding):
         return "hooks are registered on it or its forward is replaced on the instance: replacing it would drop them"
+    return unsupported_lookup(embedding)
+
+
+def unsupported_lookup(embedding: nn.Embedding) -> str | None:
+    """Why the sparse ops' plain lookup of ``embedding.weight`` would not be F.embedding with this
+    embedding's options (None if it would): max_norm (set, even to 0, it renormalizes the table in
+    place), scale_grad_by_freq (rescales the gradient), or a weight the kernels cannot read."""
     if not plain_tensor(embedding.weight):
         return f"its weight is a {type(embedding.weight).__name__} (a tensor subclass), which the kernels cannot read"
-    options = [o for o in ("max_norm", "scale_grad_by_freq") if getattr(embedding, o)]
-    if options:  # max_norm renormalizes the table in place; scale_grad_by_freq rescales the gradient
+    options = [o for o, on in (("max_norm", embedding.max_norm is not None),
+                               ("scale_grad_by_freq", embedding.scale_grad_by_freq)) if on]
+    if options:
         return f"nn.Embedding's {options} not supported (the layer computes a plain table lookup)"
     return None
 

@@ -49,6 +49,7 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
                              f"(metadata format {metadata.get('format')!r})")
         meta = json.loads(metadata.get("modules", "{}"))
         # Check every entry before changing anything: an error leaves the model as it was.
+        tied = parameter_names(model)
         entries = []
         for name, info in meta.items():
             try:
@@ -58,7 +59,7 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
             if info.get("kind") == "embedding":
                 if not isinstance(mod, (nn.Embedding, SparseDeltaEmbedding)):
                     raise TypeError(f"load_sparse_delta: {name} is a {type(mod).__name__}, not an nn.Embedding")
-                if isinstance(mod, nn.Embedding) and is_tied(parameter_names(model), mod.weight):
+                if isinstance(mod, nn.Embedding) and is_tied(tied, mod.weight):
                     raise ValueError(f"load_sparse_delta: {name}.weight is shared with other modules (a tied head): "
                                      "a delta on it would reach them too; untie the weights first")
                 why = unsupported_embedding(mod) if isinstance(mod, nn.Embedding) else None
@@ -76,7 +77,6 @@ def load_sparse_delta(model: nn.Module, path: str, backend: str = "auto") -> lis
                 raise ValueError(f"load_sparse_delta: {name} uses block {mod.block}, the file {block}")
             entries.append((name, mod, block, f.get_tensor(f"{name}.delta_index"), f.get_tensor(f"{name}.delta_values")))
     loaded = []
-    tied = parameter_names(model)
     for name, mod, block, index, values in entries:
         if isinstance(mod, nn.Embedding):
             mod = SparseDeltaEmbedding(mod.weight, index, padding_idx=mod.padding_idx, values_dtype=values.dtype,
