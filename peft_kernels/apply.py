@@ -179,7 +179,7 @@ def _bias_owners(model: nn.Module, new_modules, bias: str) -> list[nn.Module]:
         return [model.get_submodule(n.rpartition(".")[0]) for n, p in model.named_parameters(remove_duplicate=False)
                 if n.rpartition(".")[2] == "bias"]
     if bias == "lora_only":
-        owners = [m.bias_module if isinstance(m, LoRAAdapter) else m for m in new_modules]
+        owners = [m.bias_module for m in new_modules if isinstance(m, LoRAAdapter)]  # not token layers
         return [m for m in owners if getattr(m, "bias", None) is not None]
     return []
 

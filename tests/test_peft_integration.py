@@ -1457,3 +1457,21 @@ def test_tied_trainable_tokens_follow_peft(tmp_path):
         merged = peft_kernels.merge_and_unload(ours)
         assert type(merged.lm_head) is nn.Linear and merged.lm_head.weight is merged.model.embed_tokens.weight
         assert torch.allclose(merged(input_ids=ids).logits, y1, rtol=0, atol=1e-12)
+
+
+def test_lora_only_bias_leaves_a_tied_heads_bias_alone():
+    """bias="lora_only" trains the LoRA layers' biases only (PEFT's rule), not the bias of a head
+    that trainable_token_indices turned into a TiedRowsHead."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.lin, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 20)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.lin(self.embed(ids))))
+
+    model = peft_kernels.apply_lora(Tied(), ["lin"], r=2, bias="lora_only", trainable_token_indices={"embed": [3]})
+    assert isinstance(model.head, peft_kernels.nn.TiedRowsHead)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "embed.delta_values", "lin.lora_A", "lin.lora_B", "lin.bias"]
