@@ -41,8 +41,9 @@ def _sweep(rows, meta, cases, reference, fused, configs, override_keys, dev):
         except Exception as exc:  # e.g. out of shared memory: recorded, not hidden
             rows.append(dict(meta, case=name, error=f"{type(exc).__name__}: {str(exc)[:120]}"))
             continue
-        if err > 2e-2:
-            raise AssertionError(f"{meta} {name} differs from the unfused path: {err}")
+        if err > 2e-2:  # a miscompiled configuration: recorded and left out of the timings
+            rows.append(dict(meta, case=name, error=f"wrong result: rel err {err:.3g} to the unfused path"))
+            continue
         cases[name] = run
     floor = floor_g = None
     for name, fn in cases.items():

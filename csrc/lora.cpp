@@ -131,7 +131,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& grad_y
       dx.addmm_(grad_y, weight);  // cuBLAS: dY @ W on top of the LoRA part
     }
   }
-  return {dx, gA_t.t().to(A.scalar_type()), gB.to(B.scalar_type())};
+  // dA leaves contiguous, as the op's fake (meta) function says: .to() of the transposed view
+  // kept its column-major strides, which torch.compile's stride assertions rejected
+  auto gA = at::empty({r, K}, A.options());
+  gA.copy_(gA_t.t());
+  return {dx, gA, gB.to(B.scalar_type())};
 }
 
 }  // namespace

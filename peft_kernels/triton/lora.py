@@ -312,7 +312,12 @@ def _lora_fused_bwd_kernel(
                     mask=n_ok[:, None] & rank_ok[None, :], other=0.0)
         v = _mm(dy, b, v, IEEE)
         if (n0 // BN) % programs == pid:
-            db = _mm(tl.trans(dy), u, tl.zeros((BN, BR), dtype=tl.float32), IEEE) * scaling
+            # dY's tile loaded again, transposed, rather than tl.trans(dy): at M <= 16 (BM = 16)
+            # the transposed register tile gave a wrong dB on an H100 with triton 3.6 (dX and dA
+            # right; tests/test_lora_gpu.py::test_single_launch_kernels_match_oracle)
+            dy_t = tl.load(dy_ptr + rows64[None, :] * stride_dym + ns[:, None] * stride_dyn,
+                           mask=n_ok[:, None] & row_ok[None, :], other=0.0)
+            db = _mm(dy_t, u, tl.zeros((BN, BR), dtype=tl.float32), IEEE) * scaling
             tl.store(db_ptr + ns[:, None] * R + ranks[None, :], db.to(db_ptr.dtype.element_ty),
                      mask=n_ok[:, None] & rank_ok[None, :])
     a = tl.load(a_ptr + ranks[:, None] * stride_ar + ks[None, :] * stride_ak,
