@@ -77,6 +77,8 @@ def triton_paths() -> dict:
     return {
         "lora single-launch forward: M <=": lora.FUSED_FWD_MAX_M,
         "lora single-launch backward: M <=": lora.FUSED_BWD_MAX_M,
+        "4-bit matmul, whole blocks decoded in registers (forward, in % blocksize == 0): M <=":
+            quant_matmul.ALIGNED_MAX_M,
         "4-bit matmul fused in registers: M <=": quant_matmul.FUSED_MAX_M,
         "4-bit matmul chunked window (weights)": quant_matmul.CHUNK_ELEMENTS,
         "sparse dDelta gather_t below density": sparse.GATHER_MAX_DENSITY,

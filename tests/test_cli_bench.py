@@ -49,9 +49,9 @@ def test_bench_qlora_decode_has_the_aligned_candidates(tmp_path, monkeypatch):
     assert main(["bench", "--op", "qlora", "--forward-only", "--reps", "1", "--shapes", "16x128x128",
                  "--out", str(out)]) == 0
     cases = {r["case"] for r in json.loads(out.read_text())["results"]}
-    assert {"peft_kernels matmul_4bit fused_aligned 16x16x4x4 (frozen NF4)",
-            "peft_kernels matmul_4bit fused_aligned 16x32x2x4 (frozen NF4)",
-            "peft_kernels quant_linear (frozen NF4)", "floor"} <= cases
+    labels = {"peft_kernels matmul_4bit fused_aligned " + "x".join(map(str, t)) + " (frozen NF4)"
+              for t in quant_matmul.DECODE_CANDIDATES}
+    assert len(labels) == 2 and labels | {"peft_kernels quant_linear (frozen NF4)", "floor"} <= cases
 
 
 def test_bench_model_on_cpu(tmp_path):

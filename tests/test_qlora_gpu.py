@@ -4,6 +4,7 @@ import torch
 
 import peft_kernels
 from peft_kernels.quant import FP4Weight, NF4Weight
+from peft_kernels.triton.quant_matmul import DECODE_CANDIDATES
 
 from helpers import FLOOR, assert_close_to_oracle, make_inputs, rel_err
 
@@ -60,7 +61,8 @@ def test_cuda_quantize_matches_cpu_bytes(quant_type, shape):
 
 
 @pytest.mark.parametrize("path,tiles", [("fused", None), ("chunked", None), ("fused_aligned", None),
-                                        ("fused_aligned", (16, 16, 4, 4)), ("fused_aligned", (16, 32, 2, 4))])
+                                        ("fused_aligned", (16, 16, 4, 4)), ("fused_aligned", (16, 32, 2, 4))]
+                         + [("fused_aligned", t) for t in DECODE_CANDIDATES])  # the timed ones too
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("M", [16, 512])
 def test_matmul_4bit_paths_match_cublas_on_dequantized(path, tiles, transpose, M):

@@ -129,7 +129,12 @@ def _matmul_4bit_kernel(
 #   by cuBLAS, window after window, writing column slices of the output. The full-precision weight
 #   never exists at once; the workspace is the only extra memory.
 FUSED_MAX_M = 64
-CHUNK_ELEMENTS = 4 * 1024 * 1024  # 8 MiB of bf16 workspace
+# 8 Mi weights (16 MiB of bf16 workspace): half a 4096x4096 weight. Each window costs a decode
+# launch and a cuBLAS call of host time; in the whole-model QLoRA step (H100, LLaMA-shaped, 4 layers,
+# 2x2048 tokens, host-bound) 4 Mi windows took 93.4 ms a step, 8 Mi 81.9, 16 Mi 82.5, whole weights
+# (64 Mi) 74.0 (benchmarks/results/model_qlora_windows_h100.txt); device time barely moves
+# (quant_matmul_tiles_h100.json: 0.50 vs 0.48 ms at M=8192 for 4 vs 16 Mi).
+CHUNK_ELEMENTS = 8 * 1024 * 1024
 WINDOW_ALIGN = 256  # windows are whole multiples of this many rows / columns (and of any blocksize)
 WIDE_FROM = 2**31  # weights with this many elements index their bytes in int64 (the kernels' WIDE)
 # Fused tiles (BM, BP, BQ, num_warps, num_stages): the fastest measured at M = 16..256
@@ -214,12 +219,15 @@ def _matmul_4bit_aligned_kernel(
 
 
 # BM, BN, NB (forward: quantization blocks per reduction step, capped at 256 weights a step),
-# num_warps: a candidate for small M, to be measured (benchmarks/quant_matmul_tiles.py sweeps BN
-# and NB).
-ALIGNED_TILES = (16, 64, 1, 4)
+# num_warps. (16, 64, 4, 4) was the fastest decode candidate on an H100 (qlora_decode_h100.json,
+# M = 16, graphed: 0.081 ms at 4096->4096 and 0.158 at 4096->14336, against 0.132 / 0.201 for the
+# `fused` path); the forward takes this path for M <= ALIGNED_MAX_M when in_features % blocksize == 0.
+ALIGNED_TILES = (16, 64, 4, 4)
+ALIGNED_MAX_M = 16
 # The decode-sized (M = 16) candidates timed beside the default by `bench --op qlora --forward-only`
-# and compiled by compile_check: more programs (BN 16/32) and more bytes in flight (NB 2/4).
-DECODE_CANDIDATES = [(16, 16, 4, 4), (16, 32, 2, 4), (16, 32, 4, 4), (16, 64, 4, 4)]
+# and compiled by compile_check. Measured: BN 16/32 (more programs) lost to BN = 64 at NB = 4; wider
+# BN and more warps are next.
+DECODE_CANDIDATES = [(16, 64, 4, 4), (16, 64, 4, 8), (16, 128, 2, 8), (16, 128, 4, 8), (16, 32, 4, 8)]
 
 
 @triton.jit
@@ -246,10 +254,10 @@ def _dequantize_aligned_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, co
                  mask=row_ok[:, None] & (cols < C)[None, :])
 
 
-# (BR rows, NB blocks per program, num_warps) of the aligned window decoder. (16, 1, 4) is the
-# configuration measured in quant_matmul_tiles_h100.json (68 us per 16.7 M weights, about 5x its
-# bandwidth bound); benchmarks/quant_matmul_tiles.py sweeps larger programs beside it.
-DECODE_TILES = (16, 1, 4)
+# (BR rows, NB blocks per program, num_warps) of the aligned window decoder: the fastest of the six
+# swept on an H100 (quant_matmul_tiles_h100.json, 4096x4096, blocksize 64: 0.053 ms, 800 GB/s,
+# against 0.076 ms for (16, 1, 4), the earlier default).
+DECODE_TILES = (64, 2, 8)
 
 
 def dequantize_window(packed, absmax, code, absmax2, code2, offset, blocksize, shape, row0, rows, col0, cols,
@@ -302,9 +310,10 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
     """a [M, K] @ W^T -> [M, N] (transpose=False) or a [M, N] @ W -> [M, K] (transpose=True), plus
     c (same shape as the result; the result is written into c when given) and bias (one value
     per result column). W [N, K] = ``shape`` is described by the bitsandbytes 4-bit parts
-    (peft_kernels.quant.bnb4bit). ``path`` ("fused" | "chunked", default by M; "fused_aligned", a
-    block-aligned fused candidate not yet measured on a GPU) and ``tiles`` are for tests and
-    benchmarks."""
+    (peft_kernels.quant.bnb4bit). ``path``: "fused_aligned" (whole quantization blocks decoded in
+    registers; the default for the forward at M <= ALIGNED_MAX_M when K % blocksize == 0), "fused"
+    (per-element decode; other M <= FUSED_MAX_M), "chunked" (windows decoded for cuBLAS; larger M).
+    ``path`` and ``tiles`` are for tests and benchmarks."""
     N, K = shape
     M, Q = a.shape
     P = K if transpose else N
@@ -313,7 +322,9 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
     out = c if c is not None else torch.empty((M, P), dtype=a.dtype, device=a.device)
     if M == 0 or P == 0:
         return out
-    path = path or ("fused" if M <= FUSED_MAX_M else "chunked")
+    if path is None:
+        aligned = M <= ALIGNED_MAX_M and not transpose and K % blocksize == 0
+        path = "fused_aligned" if aligned else "fused" if M <= FUSED_MAX_M else "chunked"
     if path == "fused_aligned":
         if K % blocksize:
             raise ValueError(f"matmul_4bit: path 'fused_aligned' needs in_features % blocksize == 0 ({K} % {blocksize})")
