@@ -110,8 +110,11 @@ def resolve(op: str, backend: str, device: torch.device, rows: int | None = None
 # runnable entry wins. Every rule cites the committed measurement behind it.
 AUTO_RULES = {
     # benchmarks/results/lora_backends_h100.json (H100, bf16, 4096->4096, r=16, p=0.05, eager
-    # launch, fwd+bwd): cuda 0.59 / 0.57 / 0.68 ms vs triton 1.01 / 1.13 / 0.98 ms at M = 16 / 256 /
-    # 1024 (fewer, cheaper launches from C++); at M = 8192 triton 1.47 ms vs cuda 3.18 ms.
+    # launch, fwd+bwd, 2026-11-24): cuda 0.88 / 0.71 / 0.90 ms vs triton 1.12 / 1.32 / 1.29 ms at
+    # M = 16 / 256 / 1024 (fewer, cheaper launches from C++); at M = 8192 triton 1.63 ms vs cuda 3.28.
+    # The cuda kernels' win is host time only: replayed from a CUDA graph they take 4.2-4.6x the
+    # graphed floor against triton's 1.5-1.9x, so graphed training should pass backend="triton".
+    # (Not switched automatically under capture: warm-up and capture must run the same kernels.)
     "lora_linear": [("cuda", 1024), ("triton", None)],
 }
 DEFAULT_GPU_RULE = [("triton", None)]

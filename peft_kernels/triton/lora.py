@@ -56,12 +56,13 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
 def _store_or_add(ptr, offs, value, mask, split, slice_rows, slice_cols, ATOMIC: tl.constexpr):
     # A reduction split across programs: ATOMIC adds every split into one zeroed fp32 buffer;
     # otherwise split ``split`` stores to its own [slice_rows, slice_cols] slice of a
-    # [splits, slice_rows, slice_cols] buffer (split = 0 when unsplit; deterministic mode sums the
-    # slices on the host, see peft_kernels.determinism).
+    # [splits, slice_rows, slice_cols] buffer (deterministic mode sums the slices on the host, see
+    # peft_kernels.determinism), or, unsplit (split = 0), straight into the result in its dtype.
     if ATOMIC:
         tl.atomic_add(ptr + offs, value, mask=mask, sem="relaxed")
     else:
-        tl.store(ptr + split.to(tl.int64) * slice_rows * slice_cols + offs, value, mask=mask)
+        tl.store(ptr + split.to(tl.int64) * slice_rows * slice_cols + offs, value.to(ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -617,11 +618,21 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     dx_splits, dx_per = _split(cdiv(M, dx_bm), k_tiles, sms)
 
     deterministic = determinism.enabled()
+    # An unsplit reduction (one row tile for dB, one row split for dA: small M) is written once,
+    # straight into the gradient in the adapter's dtype: no workspace slice, no atomics and no cast
+    # launch after (host time is what limits small M: benchmarks/NOTES.md).
+    db_direct = dy_m_tiles == 1 and not deterministic
+    da_direct = dx_splits == 1 and not deterministic
     if not deterministic:
-        # One zeroed fp32 workspace holds every accumulator: v [M, r], dB [N, r], dA [r, K]
+        # One zeroed fp32 workspace holds the split accumulators: v [M, r], dB [N, r], dA [r, K]
         # (one memset instead of three; host time matters at small M).
-        ws = torch.zeros(M * R + N * R + R * K, dtype=torch.float32, device=dev)
-        v, grad_B, grad_A = ws[: M * R].view(M, R), ws[M * R: (M + N) * R].view(N, R), ws[(M + N) * R:].view(R, K)
+        nb, na = (0 if db_direct else N * R), (0 if da_direct else R * K)
+        ws = torch.zeros(M * R + nb + na, dtype=torch.float32, device=dev)
+        v = ws[: M * R].view(M, R)
+        grad_B = (torch.empty((N, R), dtype=lora_B.dtype, device=dev) if db_direct
+                  else ws[M * R: M * R + nb].view(N, R))
+        grad_A = (torch.empty((R, K), dtype=lora_A.dtype, device=dev) if da_direct
+                  else ws[M * R + nb:].view(R, K))
     else:
         # One slice per split of each reduction, every element written by a kernel (no memset):
         # v [dy splits, M, r], dB [row tiles, N, r], dA [dx splits, r, K], summed below.
@@ -636,7 +647,7 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
         M, N, R, dy_per * dy_bn,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
         scaling,
-        V_ATOMIC=dy_splits > 1 and not deterministic, DB_ATOMIC=not deterministic, IEEE=ieee,
+        V_ATOMIC=dy_splits > 1 and not deterministic, DB_ATOMIC=not (deterministic or db_direct), IEEE=ieee,
         BM=dy_bm, BN=dy_bn, BR=BR, num_warps=dy_warps,
     )
     if deterministic:
@@ -660,4 +671,8 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     if deterministic:
         grad_A = determinism.sum_slices(grad_A)
     # copy=True: the outputs must not alias the workspace (or each other) even in fp32.
-    return d, grad_A.to(lora_A.dtype, copy=True), grad_B.to(lora_B.dtype, copy=True)
+    if not da_direct:
+        grad_A = grad_A.to(lora_A.dtype, copy=True)
+    if not db_direct:
+        grad_B = grad_B.to(lora_B.dtype, copy=True)
+    return d, grad_A, grad_B
