@@ -12,6 +12,8 @@ import importlib
 import os
 import shutil
 
+import torch
+
 _state: dict = {}
 
 
@@ -22,8 +24,6 @@ def sources() -> list[str]:
 
 def jit_unavailable_reason() -> str | None:
     """None when a JIT build could run here, else why not."""
-    import torch
-
     if torch.version.cuda is None:
         return "torch is a CPU build"
     from torch.utils.cpp_extension import CUDA_HOME
@@ -76,6 +76,11 @@ def load(jit: bool | None = None):
     return None
 
 
+# Run, not traced, under torch.compile: backend="auto" asks this while dynamo traces the op's
+# Python wrapper, and a first load() imports (or builds) the extension, which dynamo cannot trace
+# (with fullgraph=True that failed: tests/test_lora_gpu.py::test_inductor_compile_fullgraph on a GPU
+# machine without the extension built). The answer is fixed for the process anyway.
+@torch.compiler.assume_constant_result
 def reason() -> str | None:
     load()
     return _state.get("reason")

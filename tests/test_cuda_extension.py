@@ -41,3 +41,16 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     with pytest.raises(RuntimeError, match="backend 'cuda' unavailable: the cuda backend needs a CUDA tensor"):
         peft_kernels.lora_linear(x, w, a, b, backend="cuda")
     assert backends.unavailable_reason("cuda", torch.device("cpu")) is not None
+
+
+def test_the_extension_probe_runs_untraced_under_torch_compile(monkeypatch):
+    """backend="auto" on a GPU asks whether the extension loads while dynamo traces the op's
+    wrapper; a first probe there imports it, which dynamo cannot trace (fullgraph failed on a GPU
+    machine without the extension). cuda.reason() runs outside the trace and is a constant in it."""
+    monkeypatch.setattr(cuda, "_state", {})  # the first probe happens inside the trace
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + (1 if backends.unavailable_reason("cuda", torch.device("cuda")) is None else 2)
+
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0 if cuda.reason() is None else 3.0))
