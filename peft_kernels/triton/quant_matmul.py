@@ -121,13 +121,15 @@ def _matmul_4bit_kernel(
                 stride_op, HAS_C, HAS_BIAS)
 
 
-# Two paths, chosen by M (benchmarks/quant_matmul_tiles.py on an H100):
-# - fused: weight tiles decoded in registers inside a Triton GEMM (no weight bytes beyond the
-#   4-bit ones ever touch global memory). Its per-element gathers keep it far from tensor-core
-#   speed, so it only serves small M, where the product is bound by reading the weight.
+# Three paths, chosen by M (benchmarks/quant_matmul_tiles.py on an H100):
+# - fused_aligned (the forward at M <= ALIGNED_MAX_M, in_features % blocksize == 0) and fused
+#   (other M <= FUSED_MAX_M): weight tiles decoded in registers inside a Triton kernel (no weight
+#   bytes beyond the 4-bit ones ever touch global memory), whole quantization blocks at a time or
+#   element by element. Far from tensor-core speed, so they only serve small M, where the product is
+#   bound by reading the weight.
 # - chunked: a window of at most CHUNK_ELEMENTS weights is decoded into a workspace and multiplied
-#   by cuBLAS, window after window, writing column slices of the output. The full-precision weight
-#   never exists at once; the workspace is the only extra memory.
+#   by cuBLAS, window after window, writing column slices of the output. A weight larger than a
+#   window never exists at full precision at once; the workspace is the only extra memory.
 FUSED_MAX_M = 64
 # 8 Mi weights (16 MiB of bf16 workspace): half a 4096x4096 weight. Each window costs a decode
 # launch and a cuBLAS call of host time; in the whole-model QLoRA step (H100, LLaMA-shaped, 4 layers,
