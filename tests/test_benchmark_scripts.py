@@ -77,8 +77,15 @@ def test_bench_model_runs_and_renders_in_the_readme_table(tmp_path):
     cases = [r["case"] for r in data["results"]]
     assert cases[0] == "all weights frozen (floor)" and "peft_kernels (patched PEFT) dora p=0.05" in cases
     assert all(r["saved_mib"] > 0 for r in data["results"])
-    table = _module("results_table.py").model_table(out)
+    model_table = _module("results_table.py").model_table
+    table = model_table(out)
     assert all(c in table for c in cases) and "saved for bwd MiB" in table
+    assert all(r["host_issue_ms"] is None for r in data["results"]) and "host issue" not in table  # CPU: no such figure
+    for i, r in enumerate(data["results"]):  # a GPU run's JSON carries the host issue time of each step
+        r["host_issue_ms"] = 10.0 + i
+    out.write_text(json.dumps(data))
+    rows = [line for line in model_table(out).splitlines() if line.startswith("| all weights frozen")]
+    assert "host issue ms" in model_table(out) and rows and "| 10.0 |" in rows[0]
 
 
 def test_host_stubbed_runs(tmp_path):

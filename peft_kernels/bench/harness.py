@@ -81,12 +81,12 @@ def device_and_dtype(name: str) -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def host_us(fn, n: int = 300) -> float:
+def host_us(fn, n: int = 300, warmup: int = 30) -> float:
     """Host (CPU) microseconds to issue one fn() call, median over ``n`` calls, each started with
     the device idle: the launch queue never fills, so the figure never includes waiting on the
     device. (A loop of calls without syncs, ``loop_us``, measures max(host, device) once the
     device is the slower one: queued launches block the host.)"""
-    for _ in range(30):
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(n):
