@@ -60,6 +60,8 @@ case "$part" in
       >"$OUT/lora_host_$gpu.txt"
     # our host code alone per op (Triton launches stubbed): compare with the CPU figures in NOTES.md
     step 30 python3 benchmarks/host_stubbed.py --device cuda --reps 500 --out "$OUT/host_stubbed_$gpu.json"
+    # Triton's launch path vs the fast relaunch (PEFT_KERNELS_FAST_LAUNCH): decides whether it goes on
+    step 90 python3 benchmarks/launch_overhead.py --out "$OUT/launch_overhead_$gpu.json"
     ;;
   quant)
     step 200 python3 benchmarks/bench_qlora.py --out "$OUT/qlora_$gpu.json"

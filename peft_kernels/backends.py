@@ -34,14 +34,20 @@ def register(op: str, backend: str, module: str):
     _IMPLS[(op, backend)] = module
 
 
+_MODULES: dict = {}  # (op, backend) -> the imported module: import_module costs µs on every call
+
+
 def implementation(op: str, backend: str):
     """The module implementing ``op`` on ``backend``; records the choice for ``last_used``."""
-    try:
-        module = _IMPLS[(op, backend)]
-    except KeyError:
-        raise RuntimeError(f"peft_kernels.{op}: no {backend!r} implementation of this op") from None
+    module = _MODULES.get((op, backend))
+    if module is None:
+        try:
+            name = _IMPLS[(op, backend)]
+        except KeyError:
+            raise RuntimeError(f"peft_kernels.{op}: no {backend!r} implementation of this op") from None
+        module = _MODULES[(op, backend)] = importlib.import_module(name)
     _LAST_USED[op] = backend
-    return importlib.import_module(module)
+    return module
 
 
 def last_used(op: str) -> str | None:

@@ -2,6 +2,8 @@
 
 PEFT_KERNELS_BACKEND      overrides backend="auto": one of torch, triton, cuda.
 PEFT_KERNELS_BUILD_CUDA   setup.py: 1 forces the CUDA extension build, 0 skips it.
+PEFT_KERNELS_FAST_LAUNCH  1 relaunches compiled Triton kernels without Triton's per-call binding
+                          (peft_kernels/triton/launch.py; off by default: not yet timed on a GPU).
 TRITON_INTERPRET          (Triton's own) 1 runs Triton kernels on CPU tensors; peft_kernels then
                           offers the triton backend for CPU tensors too.
 """
@@ -21,3 +23,7 @@ def backend_override() -> str | None:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fast_launch() -> bool:
+    return os.environ.get("PEFT_KERNELS_FAST_LAUNCH", "0") not in ("", "0")

@@ -94,3 +94,11 @@ def test_host_stubbed_runs(tmp_path):
     assert [r["op"].split()[0] for r in data["rows"]] == ["lora_linear", "dora_linear", "qlora_linear",
                                                           "sparse_delta_linear"]
     assert all(r["host_us"] > 0 for r in data["rows"])
+
+
+def test_launch_overhead_runs(tmp_path):
+    # on CPU only Triton's own path runs (the relaunch needs compiled kernels); every case reports
+    data, stdout = _run("launch_overhead.py", "--reps", "2", tmp_path=tmp_path)
+    assert [r["case"].split()[0] for r in data["rows"]] == ["lora_linear", "lora_linear", "qlora_linear",
+                                                             "quant_linear"]
+    assert all(r["host_us"] > 0 and r["eager_ms"] > 0 and not r["fast_launch"] for r in data["rows"])

@@ -94,3 +94,38 @@ def test_lora_delta_matches_oracle_at_real_sizes(M, K, N, r, p):
     grad_out = torch.randn(M, N, device="cuda").to(torch.bfloat16)
     fn = lambda x, a, b: lora_delta(x, a, b, scaling=2.0, dropout_p=p, seed=42, backend="triton")  # noqa: E731
     assert_close_to_oracle(fn, [x, a, b], 2.0, p, 42, grad_out, oracle=_oracle(2.0, p, 42))
+
+
+@pytest.mark.parametrize("M,K,N,r,p", [(16, 4096, 4096, 16, 0.05), (1000, 4095, 4097, 13, 0.1)])
+def test_fast_relaunch_matches_the_oracle(monkeypatch, M, K, N, r, p):
+    """PEFT_KERNELS_FAST_LAUNCH: the kernels relaunched through their compiled launchers (every
+    launch after the first of a configuration) give the oracle's results, as Triton's path does."""
+    from peft_kernels.triton import launch as policy
+    monkeypatch.setattr(policy, "FAST_LAUNCH", True)
+    monkeypatch.setattr(policy, "_COMPILED", {})
+    x, w, a, b, bias = make_inputs((M,), K, N, r, torch.bfloat16, "cuda", bias=True)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    grad_out = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    fn = lambda *t: peft_kernels.lora_linear(*t, scaling=2.0, dropout_p=p, seed=7, backend="triton")  # noqa: E731
+    fn(x, w, a, b, bias).backward(grad_out)  # first launches: compiled and kept
+    kept = len(policy._COMPILED)
+    assert kept >= 4  # down, up, dy, dx
+    assert_close_to_oracle(fn, [x, w, a, b, bias], 2.0, p, 7, grad_out)
+    assert len(policy._COMPILED) == kept  # the same configurations: every launch was a relaunch
+
+
+def test_fast_relaunch_of_the_4bit_products_is_bit_exact(monkeypatch):
+    """The 4-bit products without atomics — the decode path at M = 16 and the windows (decode
+    launches + cuBLAS) at M = 2048 — are bit-identical with and without fast relaunch."""
+    from peft_kernels.quant import NF4Weight
+    from peft_kernels.triton import launch as policy
+    monkeypatch.setattr(policy, "_COMPILED", {})
+    q = NF4Weight.from_float(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
+    inputs = [torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) for m in (16, 2048)]
+    want = [peft_kernels.quant_linear(t, q) for t in inputs]
+    monkeypatch.setattr(policy, "FAST_LAUNCH", True)
+    for _ in range(3):
+        for t, ref in zip(inputs, want):
+            assert torch.equal(peft_kernels.quant_linear(t, q), ref)
+    assert policy._COMPILED
