@@ -76,14 +76,19 @@ def load(jit: bool | None = None):
     return None
 
 
-# Run, not traced, under torch.compile: backend="auto" asks this while dynamo traces the op's
-# Python wrapper, and a first load() imports (or builds) the extension, which dynamo cannot trace
-# (with fullgraph=True that failed: tests/test_lora_gpu.py::test_inductor_compile_fullgraph on a GPU
-# machine without the extension built). The answer is fixed for the process anyway.
-@torch.compiler.assume_constant_result
 def reason() -> str | None:
     load()
     return _state.get("reason")
+
+
+# Run, not traced, under torch.compile: backend="auto" asks this while dynamo traces the op's
+# Python wrapper, and a first load() imports (or builds) the extension, which dynamo cannot trace
+# (with fullgraph=True that failed: tests/test_lora_gpu.py::test_inductor_compile_fullgraph on a GPU
+# machine without the extension built). The answer is fixed for the process anyway. This is what
+# torch.compiler.assume_constant_result does, without importing torch._dynamo here: that imports
+# triton, and `import peft_kernels` must not (the CLI chooses TRITON_INTERPRET after it, before
+# triton's import; tests/test_cuda_extension.py checks both).
+reason._dynamo_marked_constant = True
 
 
 def describe() -> str:

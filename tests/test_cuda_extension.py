@@ -54,3 +54,18 @@ def test_the_extension_probe_runs_untraced_under_torch_compile(monkeypatch):
         return x + (1 if backends.unavailable_reason("cuda", torch.device("cuda")) is None else 2)
 
     assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0 if cuda.reason() is None else 3.0))
+
+
+def test_importing_the_package_imports_neither_triton_nor_dynamo():
+    """`peft-kernels bench` on a CPU machine sets TRITON_INTERPRET after `import peft_kernels` and
+    before triton's import; triton imported earlier leaves its language helpers compiled-mode and
+    every interpreted kernel fails ("Cannot call @triton.jit'd outside of the scope of a kernel").
+    torch._dynamo imports triton, so the package must not import it either."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import sys, peft_kernels; print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
