@@ -16,6 +16,7 @@ import torch
 
 import peft_kernels
 from peft_kernels.bench import harness
+from peft_kernels.bench.dora import _with_norm_kernel
 from peft_kernels.quant import NF4Weight
 from peft_kernels.triton import dora, lora, quant_matmul, sparse
 
@@ -36,6 +37,8 @@ def cases(device, M=16, K=128, N=128, r=16):
         "lora_linear": lambda: peft_kernels.lora_linear(x, w, a, b, scaling=2.0, dropout_p=0.05, backend="triton"),
         "dora_linear": lambda: peft_kernels.dora_linear(x, w, a, b, m, scaling=2.0, dropout_p=0.05,
                                                         backend="triton"),
+        "dora_linear (one-launch norm)": _with_norm_kernel(lambda: peft_kernels.dora_linear(
+            x, w, a, b, m, scaling=2.0, dropout_p=0.05, backend="triton")),
         "qlora_linear (nf4)": lambda: peft_kernels.qlora_linear(x, q, a, b, scaling=2.0, dropout_p=0.05,
                                                                 backend="triton"),
         "sparse_delta_linear (4x4 blocks)": lambda: peft_kernels.sparse_delta_linear(

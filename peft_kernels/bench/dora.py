@@ -62,8 +62,24 @@ def cases(M, K, N, device, dtype, include_compile=True):
                                         [x, a, b, m])
     out["peft_kernels dora p=0.05"] = step(lambda: dora_linear(x, w, a, b, m, scaling=s, dropout_p=P,
                                                                weight_row_sq=sq), [x, a, b, m])
+    if torch.device(device).type == "cuda":  # triton's one-launch row norm, off by default until timed
+        out["peft_kernels dora p=0.05, one-launch norm"] = step(_with_norm_kernel(
+            lambda: dora_linear(x, w, a, b, m, scaling=s, dropout_p=P, weight_row_sq=sq)), [x, a, b, m])
     out["peft_kernels lora p=0.05"] = step(lambda: lora_linear(x, w, a, b, scaling=s, dropout_p=P), [x, a, b])
     return out
+
+
+def _with_norm_kernel(forward):
+    """``forward`` with triton/dora.py's NORM_KERNEL switched on for the call."""
+    from ..triton import dora as triton_dora
+
+    def run():
+        old, triton_dora.NORM_KERNEL = triton_dora.NORM_KERNEL, True
+        try:
+            return forward()
+        finally:
+            triton_dora.NORM_KERNEL = old
+    return run
 
 
 def main(argv=None) -> int:

@@ -104,13 +104,15 @@ def _adapter_reason(layer, name: str) -> str | None:
     if variant is not None and type(variant).__name__ not in _FUSED_VARIANTS:
         return (f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (supported: DoRA, and MiCA, "
                 "which computes plain LoRA)")
-    if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:
+    down, up, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if down.bias is not None or up.bias is not None:
         return f"adapter {name!r} has lora_bias=True"
-    hooked = [part for part in ("lora_A", "lora_B", "lora_dropout") if has_module_hooks(getattr(layer, part)[name])]
+    hooked = [part for part, module in (("lora_A", down), ("lora_B", up), ("lora_dropout", dropout))
+              if has_module_hooks(module)]
     if hooked:  # e.g. Opacus' per-sample gradients: its hooks run in those modules' own forward only
         return f"adapter {name!r} has hooks on its {' / '.join(hooked)} modules"
-    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
-        return f"adapter {name!r} uses dropout {type(layer.lora_dropout[name]).__name__}"
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return f"adapter {name!r} uses dropout {type(dropout).__name__}"
     return None
 
 
@@ -129,18 +131,21 @@ class _PatchedForward:
         self.unfused: set = set()  # adapters found unfusable at call time (warned once each)
 
     def _adapter_to_fuse(self, adapters, reason, x, args, kwargs):
-        """(the one active adapter to fuse, None), or (None, PEFT's own output) for the states PEFT's
-        forward keeps — adapters disabled or merged, extra arguments (mixed-adapter batches), no or
-        several active adapters — and for an adapter ``reason(layer, name)`` finds unfusable now
-        (warned once). ``adapters``: the layer's adapter dict (lora_A, shira_weight)."""
+        """(the one active adapter to fuse, None, the base layer), or (None, PEFT's own output, None)
+        for the states PEFT's forward keeps — adapters disabled or merged, extra arguments
+        (mixed-adapter batches), no or several active adapters — and for an adapter
+        ``reason(layer, name, base)`` finds unfusable now (warned once). ``adapters``: the layer's
+        adapter dict (lora_A, shira_weight). The base layer is looked up once per call: PEFT's
+        get_base_layer probes attributes with hasattr, µs each, and every step calls this per layer."""
         layer = self.layer
         active = [a for a in layer.active_adapters if a in adapters]
         if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
-            return None, self.original(x, *args, **kwargs)
-        why = _zero3_partitioned(layer) or reason(layer, active[0])
+            return None, self.original(x, *args, **kwargs), None
+        base = layer.get_base_layer()
+        why = _zero3_partitioned(base) or reason(layer, active[0], base)
         if why is not None:  # changed since patching: PEFT's forward, said once
-            return None, self._unfused(active[0], why, x, args, kwargs)
-        return active[0], None
+            return None, self._unfused(active[0], why, x, args, kwargs), None
+        return active[0], None, base
 
     def _unfused(self, name: str, reason: str, x, args, kwargs):
         """PEFT's forward for an adapter that cannot be fused right now, said once per adapter."""
@@ -174,11 +179,11 @@ def _lora_op_kwargs(layer, name: str) -> dict:
             "training": layer.training}
 
 
-def _zero3_partitioned(layer) -> str | None:
+def _zero3_partitioned(base) -> str | None:
     """DeepSpeed ZeRO-3 marks the parameters it partitions (``ds_id``) and gathers each module's own
-    ones in that module's forward hooks: the fused ops, which read the base and adapter weights
-    directly, would find them empty."""
-    if getattr(getattr(layer.get_base_layer(), "weight", None), "ds_id", None) is not None:
+    ones in that module's forward hooks: the fused ops, which read the base (layer ``base``) and
+    adapter weights directly, would find them empty."""
+    if getattr(getattr(base, "weight", None), "ds_id", None) is not None:
         return "DeepSpeed ZeRO-3 partitions its parameters (each module's forward hooks gather its own)"
     return None
 
@@ -189,10 +194,9 @@ def _hooked(module) -> str | None:
     return None
 
 
-def _call_reason(layer, name: str) -> str | None:
+def _call_reason(layer, name: str, base) -> str | None:
     """_adapter_reason, hooks put on the base since patching, and a bnb 4-bit base that bnb
     itself repacked since patching."""
-    base = layer.get_base_layer()
     reason = _adapter_reason(layer, name) or _hooked(base)
     if reason is None and bnb_cpu_repacked(getattr(base, "weight", None)):
         reason = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
@@ -209,11 +213,10 @@ class _FusedForward(_PatchedForward):
         self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen base, once per weight tensor and version (DoRA)
 
     def __call__(self, x, *args, **kwargs):
-        name, out = self._adapter_to_fuse(self.layer.lora_A, _call_reason, x, args, kwargs)
+        name, out, base = self._adapter_to_fuse(self.layer.lora_A, _call_reason, x, args, kwargs)
         if name is None:
             return out
         layer = self.layer
-        base = layer.get_base_layer()
         op_kwargs = _lora_op_kwargs(layer, name)
         fmt = bnb_linear4bit_class(base)
         if fmt is not None:  # bnb computes in its compute_dtype and returns x's dtype
@@ -239,10 +242,10 @@ class _FusedForward(_PatchedForward):
         return lora_linear(*op_args, bias, **op_kwargs)
 
 
-def _shira_reason(layer, name: str | None = None) -> str | None:
+def _shira_reason(layer, name: str | None = None, base=None) -> str | None:
     """Why this PEFT SHiRA layer (or its adapter ``name``) cannot run sparse_delta_linear (None if
-    it can). Checked at patch time and at every call."""
-    base = layer.get_base_layer()
+    it can). Checked at patch time and at every call (``base``: the layer's base, if looked up)."""
+    base = base if base is not None else layer.get_base_layer()
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
     why = _hooked(base) or ("its base layer's forward is replaced on the instance (accelerate's hooks)"
@@ -283,11 +286,10 @@ class _ShiraForward(_PatchedForward):
             indices, layout.index_from_rows_cols(indices.to(device), in_features), key)
 
     def __call__(self, x, *args, **kwargs):
-        name, out = self._adapter_to_fuse(self.layer.shira_weight, _shira_reason, x, args, kwargs)
+        name, out, base = self._adapter_to_fuse(self.layer.shira_weight, _shira_reason, x, args, kwargs)
         if name is None:
             return out
         layer = self.layer
-        base = layer.get_base_layer()
         x, weight, bias = self._in_op_dtype(x, base.weight, base.bias)
         if x.dtype != weight.dtype:
             return self._dtype_mismatch(x, base.weight, args, kwargs)
@@ -303,10 +305,10 @@ class _ShiraForward(_PatchedForward):
         return sparse_delta_linear(x, weight, values, index, bias)
 
 
-def _tokens_reason(layer, name: str | None = None) -> str | None:
+def _tokens_reason(layer, name: str | None = None, base=None) -> str | None:
     """Why this PEFT TrainableTokensLayer (or its adapter ``name``) cannot run the sparse ops (None if
-    it can). Checked at patch time and at every call."""
-    base = layer.get_base_layer()
+    it can). Checked at patch time and at every call (``base``: the layer's base, if looked up)."""
+    base = base if base is not None else layer.get_base_layer()
     if not isinstance(base, (nn.Embedding, nn.Linear)):  # PEFT's own forward refuses other types
         return f"base layer is {type(base).__name__}, neither nn.Embedding nor nn.Linear"
     why = unsupported_lookup(base) if isinstance(base, nn.Embedding) else (
@@ -349,11 +351,10 @@ class _TokensForward(_PatchedForward):
         return self.rows[key]
 
     def __call__(self, x, *args, **kwargs):
-        name, out = self._adapter_to_fuse(self.layer.trainable_tokens_delta, _tokens_reason, x, args, kwargs)
+        name, out, base = self._adapter_to_fuse(self.layer.trainable_tokens_delta, _tokens_reason, x, args, kwargs)
         if name is None:
             return out
         layer = self.layer
-        base = layer.get_base_layer()
         weight = base.weight
         rows, order, index = self._rows(layer.token_indices[name], weight)
         acc = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -371,7 +372,7 @@ class _TokensForward(_PatchedForward):
                                    shape_or_block=(1, dim))
 
 
-def _branch_reason(layer, name: str | None = None) -> str | None:
+def _branch_reason(layer, name: str | None = None, base=None) -> str | None:
     """Why the LoRA branch of this layer (or of its adapter ``name``) cannot be fused beside a base
     that runs its own forward (None if it can)."""
     for n in ([name] if name is not None else list(layer.lora_A)):
@@ -398,7 +399,7 @@ class _BranchForward(_PatchedForward):
         self.bnb_8bit = bnb_8bit
 
     def __call__(self, x, *args, **kwargs):
-        name, out = self._adapter_to_fuse(self.layer.lora_A, _branch_reason, x, args, kwargs)
+        name, out, _ = self._adapter_to_fuse(self.layer.lora_A, _branch_reason, x, args, kwargs)
         if name is None:
             return out
         layer = self.layer

@@ -105,6 +105,17 @@ def dora_weight_norm(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling
         return (w_sq + 2 * scaling * cross + scaling**2 * quad).clamp_min(0).sqrt()
 
 
+def _row_norm(weight, lora_A, lora_B, scaling: float, row_sq, backend: str) -> torch.Tensor:
+    """dora_weight_norm, or on the triton backend (when its one-launch norm is switched on: see
+    triton/dora.py NORM_KERNEL) the same value from one kernel. Under torch.compile the formula is
+    traced, and Inductor fuses it."""
+    if not torch.compiler.is_compiling() and backend == "triton":
+        impl = backends.implementation(OP, backend)
+        if impl.use_norm_kernel(weight, lora_A):
+            return impl.weight_norm(weight, lora_A, lora_B, scaling, row_sq)
+    return dora_weight_norm(weight, lora_A, lora_B, scaling, row_sq)
+
+
 @torch.library.impl(_ops.LIB, "dora_fwd", "CompositeExplicitAutograd")
 def _dora_fwd(x, weight, lora_A, lora_B, mn, bias, scaling, dropout_p, seed, backend):
     impl, seed = _checks.implementation_and_seed(OP, backend, seed)
@@ -234,7 +245,7 @@ def dora_linear(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Ten
                                backend, weight_row_sq)
     backend = _validate(x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend, op=OP)
     _check_magnitude(magnitude, weight.shape[0], x, weight_row_sq)
-    norm = dora_weight_norm(weight, lora_A, lora_B, float(scaling), weight_row_sq)
+    norm = _row_norm(weight, lora_A, lora_B, float(scaling), weight_row_sq, backend)
     mn = magnitude.to(accumulation_dtype(x.dtype)) / norm
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     x2 = x.reshape(-1, weight.shape[1])

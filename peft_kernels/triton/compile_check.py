@@ -191,11 +191,14 @@ def _dora_scenarios(dtype, quick):
         a, b, bias = _meta(r, K, dtype=dtype), _meta(N, r, dtype=dtype), _meta(N, dtype=dtype)
         mn, seed = _meta(N, dtype=torch.float32), _meta(1, dtype=torch.int64)
 
-        def run(x=x, w=w, a=a, b=b, bias=bias, mn=mn, seed=seed, p=p):
+        def run(x=x, w=w, a=a, b=b, bias=bias, mn=mn, seed=seed, p=p, r=r):
             with launch_override(sms=132):
                 y, u, ws = D.dora_forward(x, w, a, b, mn, bias, 2.0, p, seed)
                 D.dora_backward(y, x, w, a, b, u, ws, mn, 2.0, p, seed, True)
                 D.dora_backward(y, x, w, a, b, u, ws, mn, 2.0, p, seed, False)
+                if p == 0.0 and r <= D.NORM_MAX_RANK:  # the one-launch row norm: both A·Aᵀ and ‖W_i‖² paths
+                    D.weight_norm(w, a, b, 2.0)
+                    D.weight_norm(w, a.float(), b.float(), 2.0, mn)
         yield f"dora M=8192 r={r} p={p}", run
 
     from . import quant_matmul as Q

@@ -30,8 +30,8 @@ import triton.language as tl
 from .. import determinism
 from ..reference import dora as reference
 from ..reference.rng import keep_threshold
-from .launch import cdiv, launch
-from .lora import _OVERRIDE, _sm_count, _split, adapter_backward, adapter_forward, degenerate
+from .launch import cdiv, launch, next_power_of_2
+from .lora import _OVERRIDE, _mm, _sm_count, _split, adapter_backward, adapter_forward, degenerate
 from .rng import keep_mask, row_keys
 
 # Elementwise tiles (not tuned on a GPU yet): 32 x 128 elements per program step.
@@ -107,6 +107,51 @@ def _dora_grad_kernel(g_ptr, w_ptr, mn_ptr, gl_ptr, gd_ptr, dmn_ptr, M, N, m_per
         tl.store(dmn_ptr + tl.program_id(1).to(tl.int64) * N + cols, dmn, mask=col_ok)
 
 
+@triton.jit
+def _dora_norm_kernel(w_ptr, a_ptr, b_ptr, g_ptr, sq_ptr, norm_ptr, N, K, R,
+                      stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, two_s, s_sq,
+                      HAS_SQ: tl.constexpr, HAS_G: tl.constexpr, W_IEEE: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    # ‖W_i + s·(B A)_i‖ = sqrt(‖W_i‖² + 2s·(W Aᵀ)_i·B_i + s²·B_i (A Aᵀ) B_iᵀ) for BM rows of W, one
+    # pass over them: W Aᵀ (A cast to W's dtype, as dora_weight_norm does), ‖W_i‖² unless given
+    # (HAS_SQ) and A Aᵀ unless given (HAS_G: fp32 adapters, where every program redoing it in
+    # exact fp32 would cost more than one cuBLAS launch) accumulate in the same K loop.
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    ranks = tl.arange(0, BR)
+    rank_ok = ranks < R
+    wa = tl.zeros((BM, BR), dtype=tl.float32)
+    sq = tl.zeros((BM,), dtype=tl.float32)
+    gram = tl.zeros((BR, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        w = tl.load(w_ptr + rows64[:, None] * stride_wn + ks[None, :] * stride_wk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + ks[:, None] * stride_ak,
+                      mask=k_ok[:, None] & rank_ok[None, :], other=0.0)  # [BK, BR]: Aᵀ's tile, loaded as such
+        wa = _mm(w, a_t.to(w.dtype), wa, W_IEEE)
+        if not HAS_SQ:
+            wf = w.to(tl.float32)
+            sq += tl.sum(wf * wf, axis=1)
+        if not HAS_G:
+            a = tl.load(a_ptr + ranks[:, None] * stride_ar + ks[None, :] * stride_ak,
+                        mask=rank_ok[:, None] & k_ok[None, :], other=0.0)  # [BR, BK]
+            gram = _mm(a, a_t, gram, False)  # fp16/bf16 A (fp32 comes as HAS_G): exact products
+    if HAS_SQ:
+        sq = tl.load(sq_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_G:
+        gram = tl.load(g_ptr + ranks[:, None] * R + ranks[None, :], mask=rank_ok[:, None] & rank_ok[None, :],
+                       other=0.0)
+    b = tl.load(b_ptr + rows64[:, None] * stride_bn + ranks[None, :] * stride_br,
+                mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+    cross = tl.sum(wa * b, axis=1)
+    quad = tl.sum(_mm(b, gram, tl.zeros((BM, BR), dtype=tl.float32), True) * b, axis=1)
+    norm = tl.sqrt(tl.maximum(sq + two_s * cross + s_sq * quad, 0.0))
+    tl.store(norm_ptr + rows, norm, mask=row_ok)
+
+
 def _combine(w, mn, add, bias, out, shift: int):
     M, N = w.shape
     BM, BN = _tile()
@@ -125,6 +170,44 @@ def dropout_copy(x, dropout_p, seed):
            x, out, seed, M, K, x.stride(0), x.stride(1), keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
            BM=BM, BK=BN, num_warps=WARPS)
     return out
+
+
+# The one-launch row norm (weight_norm) replaces dora_weight_norm's ~16 small launches on the triton
+# backend when on: opt-in (launch_override(dora_norm=True) or NORM_KERNEL = True) until a GPU run
+# checks it against the formula and times it (tests/test_dora_gpu.py, bench_dora.py).
+NORM_KERNEL = False
+NORM_MAX_RANK = 64  # [BR, BR] A·Aᵀ and [BM, BR] tiles in registers; larger ranks keep the formula
+NORM_TILES = (32, 64, 4)  # BM rows of W per program, BK, num_warps (not timed)
+
+
+def use_norm_kernel(weight, lora_A) -> bool:
+    """Whether dora_linear's row norm runs weight_norm here: switched on, a dense weight of a kernel
+    dtype, r <= NORM_MAX_RANK."""
+    return (_OVERRIDE.get("dora_norm", NORM_KERNEL) and isinstance(weight, torch.Tensor)
+            and weight.dtype in (torch.float16, torch.bfloat16, torch.float32) and 0 < lora_A.shape[0] <= NORM_MAX_RANK)
+
+
+def weight_norm(weight, lora_A, lora_B, scaling, row_sq=None):
+    """‖W + scaling·B·A‖ per output row, [N] fp32, detached: ops.dora.dora_weight_norm's value (its
+    factorization) in one launch over W [N, K] (any strides), lora_A [r, K], lora_B [N, r]
+    (r <= NORM_MAX_RANK), row_sq [N] = ‖W_i‖² or None (then summed in the same pass). W·Aᵀ
+    accumulates in fp32 where the formula rounds it to W's dtype first. fp32 adapters get A·Aᵀ from
+    one cuBLAS product (exact fp32); fp16/bf16 ones in the kernel."""
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    norm = torch.empty(N, dtype=torch.float32, device=weight.device)
+    if N == 0:
+        return norm
+    with torch.no_grad():
+        gram = lora_A @ lora_A.T if lora_A.dtype == torch.float32 else None
+        sq = row_sq.to(torch.float32) if row_sq is not None else None
+    bm, bk, warps = _OVERRIDE.get("dora_norm_bm", NORM_TILES[0]), NORM_TILES[1], NORM_TILES[2]
+    launch(_dora_norm_kernel, (cdiv(N, bm),),
+           weight, lora_A, lora_B, gram if gram is not None else norm, sq if sq is not None else norm, norm, N, K, R,
+           weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+           2.0 * scaling, scaling * scaling,
+           HAS_SQ=sq is not None, HAS_G=gram is not None, W_IEEE=weight.dtype == torch.float32, BM=bm, BK=bk, BR=max(16, next_power_of_2(R)), num_warps=warps)
+    return norm
 
 
 def forward_with(base, x, lora_A, lora_B, mn, bias, scaling, dropout_p, seed):

@@ -348,14 +348,17 @@ def launch_override(**settings):
     """Force tile sizes / SM count (tests use it to reach every split and masking path on tiny
     shapes). Keys: sms, down_bm, down_bk, up_bm, up_bn, dy_bm, dy_bn, dx_bm, dx_bk, <kind>_warps,
     fused_max_m, fused_bn, fused_bk, fused_stages, fused_bwd_max_m, fused_bwd_bn, fused_bwd_bk,
-    fused_bwd_stages; dora_bm, dora_bn (triton/dora.py's elementwise tiles)."""
+    fused_bwd_stages; dora_bm, dora_bn (triton/dora.py's elementwise tiles), dora_norm (its one-launch
+    row norm on or off), dora_norm_bm. Launch plans computed under other settings are dropped."""
     old = dict(_OVERRIDE)
     _OVERRIDE.update(settings)
+    _PLANS.clear()
     try:
         yield
     finally:
         _OVERRIDE.clear()
         _OVERRIDE.update(old)
+        _PLANS.clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -466,6 +469,61 @@ def _padded_rank(r: int) -> int:
     return max(16, next_power_of_2(r))
 
 
+# Launch plans of the tiled adapter kernels, per (shape, device): tiles, grids and splits are pure
+# functions of these and of _OVERRIDE (launch_override clears the table). Recomputed on every call
+# they were about 20 Python calls a fwd+bwd, at small M where host time is the limit.
+_PLANS: dict = {}
+PLAN_ENTRIES = 4096  # varying sequence lengths add entries; bounded by clearing
+
+
+def _remember(key, plan):
+    if len(_PLANS) >= PLAN_ENTRIES:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _forward_plan(M: int, K: int, N: int, R: int, device) -> tuple:
+    """(BR, down: (grid, BM, BK, warps, splits, K columns per split), up: (grid, BM, BN, warps))
+    of adapter_forward."""
+    key = (M, K, N, R, device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        BR = _padded_rank(R)
+        bm, bk, warps = _tiles("down", BR)
+        m_tiles = cdiv(M, bm)
+        splits, per = _split(cdiv(K, bk), m_tiles, _sm_count(device))
+        down = ((m_tiles, splits), bm, bk, warps, splits, per * bk)
+        bm, bn, warps = _tiles("up", BR)
+        plan = _remember(key, (BR, down, ((cdiv(M, bm), cdiv(N, bn)), bm, bn, warps)))
+    return plan
+
+
+def _backward_plan(M: int, K: int, N: int, R: int, dropout: bool, device) -> tuple:
+    """(BR, dy: (grid, BM, BN, warps, row tiles, splits, N columns per split), dx: (grid, BM, BK,
+    warps, splits, rows per split)) of adapter_backward."""
+    key = (M, K, N, R, dropout, device, "bwd")
+    plan = _PLANS.get(key)
+    if plan is None:
+        BR = _padded_rank(R)
+        sms = _sm_count(device)
+        bm, bn, warps = _tiles("dy", BR)
+        m_tiles = cdiv(M, bm)
+        splits, per = _split(cdiv(N, bn), m_tiles, sms)
+        dy = ((m_tiles, splits), bm, bn, warps, m_tiles, splits, per * bn)
+        bm, bk, warps = _tiles("dx", BR, dropout)
+        k_tiles = cdiv(K, bk)
+        splits, per = _split(cdiv(M, bm), k_tiles, sms)
+        plan = _remember(key, (BR, dy, ((k_tiles, splits), bm, bk, warps, splits, per * bm)))
+    return plan
+
+
+@functools.lru_cache(maxsize=256)
+def _dropout_constants(p: float) -> tuple[int, float]:
+    """(keep threshold, 1 / (1 - p)) of dropout probability p."""
+    return keep_threshold(p), 1.0 / (1.0 - p)
+
+
 # ----------------------------------------------------------------------------- host functions
 
 
@@ -565,30 +623,28 @@ def adapter_forward(x, lora_A, lora_B, bias, scaling, dropout_p, seed):
     returns (C = bias + scaling * u @ lora_B.T  [M, N] in x.dtype,  u [M, r] fp32)."""
     M, K = x.shape
     N, R = lora_B.shape
-    BR = _padded_rank(R)
+    BR, down, up = _forward_plan(M, K, N, R, x.device)
     ieee = x.dtype == torch.float32
-    sms = _sm_count(x.device)
+    threshold, keep_scale = _dropout_constants(dropout_p)
 
-    bm, bk, warps = _tiles("down", BR)
-    m_tiles = cdiv(M, bm)
-    splits, per = _split(cdiv(K, bk), m_tiles, sms)
+    grid, bm, bk, warps, splits, k_per_split = down
     u, sliced = determinism.split_accumulator(splits, (M, R), x.device)
     launch(
-        _lora_down_kernel, (m_tiles, splits),
+        _lora_down_kernel, grid,
         x, lora_A, u, seed if seed is not None else x,
-        M, K, R, per * bk,
+        M, K, R, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        threshold, keep_scale,
         HAS_DROPOUT=dropout_p > 0.0, ATOMIC=splits > 1 and not sliced, IEEE=ieee, BM=bm, BK=bk, BR=BR,
         num_warps=warps,
     )
     if sliced:
         u = determinism.sum_slices(u)
 
-    bm, bn, warps = _tiles("up", BR)
+    grid, bm, bn, warps = up
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     launch(
-        _lora_up_kernel, (cdiv(M, bm), cdiv(N, bn)),
+        _lora_up_kernel, grid,
         u, lora_B, bias if bias is not None else y, y,
         M, N, R,
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
@@ -605,17 +661,11 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     the mask, D = mask / (1-p) * (s * v @ A + q); D is written over q."""
     M, K = x.shape
     N, R = lora_B.shape
-    BR = _padded_rank(R)
-    ieee = x.dtype == torch.float32
-    sms = _sm_count(x.device)
     dev = x.device
-
-    dy_bm, dy_bn, dy_warps = _tiles("dy", BR)
-    dy_m_tiles = cdiv(M, dy_bm)
-    dy_splits, dy_per = _split(cdiv(N, dy_bn), dy_m_tiles, sms)
-    dx_bm, dx_bk, dx_warps = _tiles("dx", BR, dropout_p > 0.0)
-    k_tiles = cdiv(K, dx_bk)
-    dx_splits, dx_per = _split(cdiv(M, dx_bm), k_tiles, sms)
+    BR, (dy_grid, dy_bm, dy_bn, dy_warps, dy_m_tiles, dy_splits, dy_cols), \
+        (dx_grid, dx_bm, dx_bk, dx_warps, dx_splits, dx_rows) = _backward_plan(M, K, N, R, dropout_p > 0.0, dev)
+    ieee = x.dtype == torch.float32
+    threshold, keep_scale = _dropout_constants(dropout_p)
 
     deterministic = determinism.enabled()
     # An unsplit reduction (one row tile for dB, one row split for dA: small M) is written once,
@@ -642,9 +692,9 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
                              zip(ws.split(sizes), ((M, R), (N, R), (R, K))))
 
     launch(
-        _lora_dy_kernel, (dy_m_tiles, dy_splits),
+        _lora_dy_kernel, dy_grid,
         grad_y, lora_B, u, v, grad_B,
-        M, N, R, dy_per * dy_bn,
+        M, N, R, dy_cols,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1),
         scaling,
         V_ATOMIC=dy_splits > 1 and not deterministic, DB_ATOMIC=not (deterministic or db_direct), IEEE=ieee,
@@ -658,12 +708,12 @@ def adapter_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, nee
     else:
         d = torch.empty((M, K), dtype=x.dtype, device=dev) if need_dx else x.new_empty(0)
     launch(
-        _lora_dx_kernel, (k_tiles, dx_splits),
+        _lora_dx_kernel, dx_grid,
         x, v, lora_A, d, grad_A, seed if seed is not None else x,
-        M, K, R, dx_per * dx_bm,
+        M, K, R, dx_rows,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         d.stride(0) if need_dx else 0, d.stride(1) if need_dx else 0,
-        keep_threshold(dropout_p), scaling / (1.0 - dropout_p), 1.0 / (1.0 - dropout_p),
+        threshold, scaling / (1.0 - dropout_p), keep_scale,
         HAS_DROPOUT=dropout_p > 0.0, WRITE_DX=need_dx, HAS_Q=q is not None,
         DA_ATOMIC=dx_splits > 1 and not deterministic, IEEE=ieee,
         BM=dx_bm, BK=dx_bk, BR=BR, num_warps=dx_warps,
