@@ -25,7 +25,7 @@ from .nn._adapter import LoRAAdapter, features, is_conv1d
 from .nn.sparse import SparseDeltaLinear
 from .nn.sparse_embedding import SparseDeltaEmbedding
 from .ops._checks import check_materialized
-from .ops.sparse_delta import w0_plus_delta
+from .reference.sparse import w0_plus_delta
 from .sparse import layout
 from .sparse.masking import is_tied, parameter_names
 

@@ -71,10 +71,12 @@ def triton_paths() -> dict:
     """The size rules inside the Triton backend (each set from a committed benchmark; 0 = off until
     timed), so which kernels run for a given M is inspectable. Empty without triton."""
     try:
-        from .triton import lora, quant_matmul, sparse
+        from .triton import dora, launch, lora, quant_matmul, sparse
     except Exception:
         return {}
     return {
+        "dora one-launch row norm (r <= %d; opt-in until timed)" % dora.NORM_MAX_RANK: dora.NORM_KERNEL,
+        "fast relaunch of compiled kernels (PEFT_KERNELS_FAST_LAUNCH; opt-in until timed)": launch.FAST_LAUNCH,
         "lora single-launch forward: M <=": lora.FUSED_FWD_MAX_M,
         "lora single-launch backward: M <=": lora.FUSED_BWD_MAX_M,
         "4-bit matmul, whole blocks decoded in registers (forward, in % blocksize == 0): M <=":

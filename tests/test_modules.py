@@ -273,6 +273,10 @@ def test_info_reports_backends():
     assert info["auto_rules"]["lora_linear"] == [["cuda", 1024], ["triton", None]]
     from peft_kernels.triton import lora as triton_lora
     assert info["triton_paths"]["lora single-launch backward: M <="] == triton_lora.FUSED_BWD_MAX_M
+    opt_in = {k: v for k, v in info["triton_paths"].items() if "opt-in until timed" in k}
+    assert sorted(k.split(" (")[0] for k in opt_in) == ["dora one-launch row norm", "fast relaunch of compiled kernels"]
+    from peft_kernels.triton import launch as triton_launch
+    assert [opt_in[k] for k in sorted(opt_in)] == [False, triton_launch.FAST_LAUNCH]  # the norm: off by default
     assert "cuda_extension" in info
     assert info["torch"] == torch.__version__
     peft = pytest.importorskip("peft")

@@ -885,3 +885,36 @@ def test_fp64_weights_keep_w0_in_fp64_under_fp32_values():
     sd(x).sum().backward()
     opt.step()
     assert torch.equal(sd.weight.view(-1)[pos], w0.view(-1)[pos] + sd.delta_values.detach().double())
+
+
+@pytest.mark.parametrize("block", [None, (3, 5)])
+@pytest.mark.parametrize("w_dtype,v_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                             (torch.float64, torch.float32)])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_triton_merge_and_restore_are_the_references_bits(block, w_dtype, v_dtype, with_base, kernel_device):
+    """triton/sparse.py merge_at / restore_at (one launch each; the temporary merge of merged=False and
+    SparseDeltaLinear's per-forward write) against reference.sparse's torch ops: the same bits written
+    at the positions, nothing written elsewhere, the old values returned, and restore_at undoing it
+    exactly. fp64 weights take the reference's path."""
+    from peft_kernels.reference import sparse as ref
+    from peft_kernels.triton import sparse as tri
+    if w_dtype == torch.bfloat16 and kernel_device.type == "cpu":
+        pytest.skip("the Triton interpreter casts fp32 to bf16 by truncation (merge_at takes the torch path "
+                    "there); the GPU tier runs this case")
+    shape = (51, 70)
+    torch.manual_seed(7)
+    index = _random_index(shape, 120 if block is None else 40, block).to(kernel_device)
+    n = layout.values_shape(index.numel(), block)
+    w = torch.randn(shape, device=kernel_device).to(w_dtype)
+    values = (torch.randn(n, device=kernel_device) / 3).to(v_dtype)
+    pos = layout.element_positions(index, shape, block)
+    base = (w.view(-1)[pos] + 0.25).clone() if with_base else None  # W0 differing from what W holds
+    want, got = w.clone(), w.clone()
+    saved_want = ref.merge_at(want, values, index, shape, block, base, save=True)
+    saved_got = tri.merge_at(got, values, index, shape, block, base, save=True)
+    assert torch.equal(got, want) and torch.equal(saved_got, saved_want) and torch.equal(saved_got, w.view(-1)[pos])
+    assert not torch.equal(got, w)  # something was written
+    tri.restore_at(got, saved_got, index, shape, block)
+    assert torch.equal(got, w)
+    assert tri.merge_at(got, values, index, shape, block, base) is None and torch.equal(got, want)  # no save

@@ -30,7 +30,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
         assert proc.returncode == 0, out[-6000:] + err[-3000:]
         assert f"sm_{arch}:" in out and "never compiled" not in out
         for kernel in ("_lora_fused_fwd_kernel", "_lora_fused_bwd_kernel", "_matmul_4bit_aligned_kernel",
-                       "_sddmm_block_kernel", "_dora_grad_kernel", "_dora_dropout_kernel"):
+                       "_sddmm_block_kernel", "_dora_grad_kernel", "_dora_dropout_kernel", "_dora_norm_kernel",
+                       "_merge_kernel"):
             assert kernel in out
 
 

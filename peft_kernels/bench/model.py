@@ -4,7 +4,8 @@ frozen (the floor), HF PEFT LoRA (p = 0 and 0.05), DoRA (p = 0.05), QLoRA over b
 (when bnb runs here), SHiRA r=16 (k = 16·(in + out) trained entries per weight, LoRA r=16's
 parameter count; when peft has it) and LoRA with 16 trainable tokens (trainable_token_indices: 16
 rows of the untied embedding table trained, ids of the batch), each unpatched and patched by
-peft_kernels.patch_peft_model. The input embeddings require grad in every case, so backward runs
+peft_kernels.patch_peft_model (on a GPU, patched DoRA once more with triton's one-launch row norm
+switched on: opt-in until timed). The input embeddings require grad in every case, so backward runs
 through all layers even in the floor; the trainable-tokens case feeds ids instead (its embedding's
 lookup and row gradient are part of what it measures).
 Memory: the peak (CUDA) and, on any device, what autograd keeps for backward (harness.saved_mib).
@@ -21,6 +22,7 @@ import time
 import torch
 
 from . import harness
+from .dora import _with_norm_kernel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPU_CFG = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
@@ -92,6 +94,9 @@ def _has_shira() -> bool:
     return hasattr(peft, "ShiraConfig")  # peft >= 0.17
 
 
+NORM_KERNEL_LABEL = "one-launch norm"
+
+
 def run(cfg, device, dtype, reps, methods):
     ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
@@ -104,6 +109,8 @@ def run(cfg, device, dtype, reps, methods):
         for patched in (False, True):
             who = "peft_kernels (patched PEFT)" if patched else "HF PEFT"
             plan.append((f"{who} {method} p={p:g}", method, p, patched))
+    if device.type == "cuda" and ("dora", 0.05) in methods:  # triton's one-launch DoRA row norm, opt-in until timed
+        plan.append((f"peft_kernels (patched PEFT) dora p=0.05, {NORM_KERNEL_LABEL}", "dora", 0.05, True))
     rows, floor = [], None
     prog = harness.Progress(len(plan), "model")
     for label, method, p, patched in plan:
@@ -121,6 +128,8 @@ def run(cfg, device, dtype, reps, methods):
             x.grad = None
             model.zero_grad(set_to_none=True)
             model(**inputs, labels=ids).loss.backward()
+        if label.endswith(NORM_KERNEL_LABEL):
+            step = _with_norm_kernel(step)
 
         if device.type == "cuda":
             torch.cuda.empty_cache()

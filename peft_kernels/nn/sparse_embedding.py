@@ -6,7 +6,8 @@ from torch import nn
 
 from .. import backends
 from ..ops._checks import check_materialized, plain_tensor
-from ..ops.sparse_delta import sparse_delta_linear, w0_plus_delta
+from ..ops.sparse_delta import sparse_delta_linear
+from ..reference.sparse import w0_plus_delta
 from ..ops.sparse_embedding import sparse_delta_embedding
 from ..sparse import layout
 from .branch import has_module_hooks

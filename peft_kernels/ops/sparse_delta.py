@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import _ops  # noqa: F401  (defines the schemas)
 from .. import backends
+from ..reference import sparse as reference
 from ..sparse import layout
 from . import _checks
 
@@ -33,61 +34,61 @@ def _sparse_sddmm(grad_y, x, index, shape, block, backend):
     return impl.sddmm(grad_y, x, index, tuple(shape), tuple(block) if block else None)
 
 
-def w0_plus_delta(base: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W0 + delta at the k positions, added in the wider of the two dtypes (an fp64 weight keeps W0
-    in fp64 beside fp32 values) and rounded once to the weight's ``dtype``."""
-    acc = torch.promote_types(values.dtype, dtype)
-    return (base.to(acc) + values.reshape(-1).to(acc)).to(dtype)
-
-
 class _TemporarilyMerged:
     """weight[pos] = W0[pos] + Delta inside the block, W0 being ``base`` (the k values) or, without
-    it, what weight holds there; what weight held is put back after."""
+    it, what weight holds there; what weight held is put back after, bit for bit. ``impl``: the
+    backend module doing it (one launch each way on triton; torch ops when traced)."""
 
-    def __init__(self, weight, values, positions, base=None):
-        self.weight, self.values, self.positions, self.base = weight, values, positions, base
+    def __init__(self, impl, weight, values, index, shape, block, base=None):
+        self.impl, self.weight, self.values, self.base = impl, weight, values, base
+        self.where = (index, shape, block)
 
     def __enter__(self):
-        flat = self.weight.view(-1)
-        self.saved = flat[self.positions]
-        w0 = self.saved if self.base is None else self.base
-        flat[self.positions] = w0_plus_delta(w0, self.values, flat.dtype)
+        self.saved = self.impl.merge_at(self.weight, self.values, *self.where, base=self.base, save=True)
         return self.weight
 
     def __exit__(self, *exc):
-        self.weight.view(-1)[self.positions] = self.saved
+        self.impl.restore_at(self.weight, self.saved, *self.where)
         return False
+
+
+def merge_impl(backend: str):
+    """The module writing W0 + Delta into a weight for ``backend``: the torch reference under
+    torch.compile (dynamo traces its torch ops; a Triton launch from here it could not)."""
+    if backend == "torch" or torch.compiler.is_compiling():
+        return reference
+    return backends.implementation(OP, backend)
 
 
 class _SparseDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, values, index, bias, shape, block, merged, backend, base):
-        positions = None if merged else layout.element_positions(index, shape, block)
         with torch.no_grad():
             if merged:
                 y = F.linear(x, weight, bias)
             else:
-                with _TemporarilyMerged(weight, values.detach(), positions, base):
+                with _TemporarilyMerged(merge_impl(backend), weight, values.detach(), index, shape, block, base):
                     y = F.linear(x, weight, bias)
         # The weight is frozen and written at the k positions in place (the optimizer, or the
         # temporary merge above), so it is held directly rather than version-checked.
         ctx.save_for_backward(x, values, index)
         ctx.weight, ctx.base = weight, base
-        ctx.meta = (shape, block, merged, backend, positions)
+        ctx.meta = (shape, block, merged, backend)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, values, index = ctx.saved_tensors
         weight = ctx.weight
-        shape, block, merged, backend, positions = ctx.meta
+        shape, block, merged, backend = ctx.meta
         _checks.first_derivative_only(OP, backend)
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
             if merged:
                 grad_x = grad_y @ weight
             else:
-                with torch.no_grad(), _TemporarilyMerged(weight, values.detach(), positions, ctx.base):
+                with torch.no_grad(), _TemporarilyMerged(merge_impl(backend), weight, values.detach(), index, shape,
+                                                         block, ctx.base):
                     grad_x = grad_y @ weight
         if ctx.needs_input_grad[2]:
             grad_values = torch.ops.peft_kernels.sparse_sddmm(grad_y, x, index, list(shape), list(block or ()),

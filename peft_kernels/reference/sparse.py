@@ -27,6 +27,34 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def w0_plus_delta(base: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W0 + delta at the k positions, added in the wider of the two dtypes (an fp64 weight keeps W0
+    in fp64 beside fp32 values) and rounded once to the weight's ``dtype``."""
+    acc = torch.promote_types(values.dtype, dtype)
+    return (base.to(acc) + values.reshape(-1).to(acc)).to(dtype)
+
+
+def merge_at(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor, shape, block, base=None,
+             save: bool = False):
+    """weight[pos] = W0[pos] + values in place, at the delta's positions (layout.element_positions of
+    the compact index); W0 is ``base`` [n] or, without it, what weight holds there. Returns what
+    weight held at the positions ([n], weight's dtype) when ``save``, else None."""
+    from ..sparse.layout import element_positions
+
+    flat = weight.view(-1)
+    pos = element_positions(index, shape, block)
+    old = flat[pos] if save or base is None else None
+    flat[pos] = w0_plus_delta(old if base is None else base, values, flat.dtype)
+    return old if save else None
+
+
+def restore_at(weight: torch.Tensor, saved: torch.Tensor, index: torch.Tensor, shape, block) -> None:
+    """weight[pos] = saved: merge_at(save=True) undone, bit for bit."""
+    from ..sparse.layout import element_positions
+
+    weight.view(-1)[element_positions(index, shape, block)] = saved
+
+
 def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, block) -> torch.Tensor:
     """grad_y [M, out], x [M, in], index (see sparse.layout) -> fp32 (fp64 for fp64 inputs)."""
     acc = _acc_dtype(x.dtype)

@@ -283,6 +283,16 @@ def _sparse_scenarios(dtype, quick):
                         merged=torch.randn(N, K).to(dtype), index=index, shape=(N, K), base=values.clone())
     yield "sparse_adamw", adamw_plain
 
+    def merge():  # the temporary merge and its restore (_merge_launch: merge_at keeps bf16 on CPU in torch)
+        w, blocks = torch.randn(N, K).to(dtype), torch.tensor([0, 5], dtype=torch.int32)
+        for idx, blk in ((index, None), (blocks, (32, 32))):
+            n = idx.numel() * (1 if blk is None else 32 * 32)
+            values, saved = torch.randn(n), torch.empty(n).to(dtype)
+            S._merge_launch(w, values, idx, (N, K), blk, None, saved, True, False)
+            S._merge_launch(w, values.to(dtype), idx, (N, K), blk, saved, None, False, False)
+            S._merge_launch(w, values, idx, (N, K), blk, None, saved, False, True)
+    yield "sparse merge_at / restore_at", merge
+
 
 def _sparse_embedding_scenarios(dtype, quick):
     from . import sparse_embedding as E

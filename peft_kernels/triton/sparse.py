@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import determinism
+from ..reference import sparse as reference
 from ..tensor_cache import TensorCache
 from .launch import cdiv, launch, next_power_of_2
 from .lora import _cuda_sm_count, _mm
@@ -209,6 +210,79 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, shape, blo
 
 
 @triton.jit
+def _delta_positions(index_ptr, es, ok, in_f, n_bc, BH: tl.constexpr, BW: tl.constexpr):
+    """int64 flat positions in W [out, in_f] of value entries ``es`` (layout.element_positions in the
+    kernel: unstructured, index holds them; blocks of BH x BW, entry es is element es % (BH * BW),
+    row-major, of block index[es // (BH * BW)] of an (out / BH) x n_bc grid)."""
+    if BH * BW == 1:
+        pos = tl.load(index_ptr + es, mask=ok, other=0).to(tl.int64)
+    else:
+        b = tl.load(index_ptr + es // (BH * BW), mask=ok, other=0).to(tl.int64)
+        within = es % (BH * BW)
+        pos = ((b // n_bc) * BH + within // BW) * in_f + (b % n_bc) * BW + within % BW
+    return pos
+
+
+@triton.jit
+def _merge_kernel(w_ptr, index_ptr, values_ptr, base_ptr, saved_ptr, n, in_f, n_bc,
+                  HAS_BASE: tl.constexpr, SAVE: tl.constexpr, RESTORE: tl.constexpr,
+                  BH: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr):
+    # merge: W[pos] = round(fp32(W0) + fp32(delta)), W0 = base or W[pos] (saved first when SAVE);
+    # RESTORE: W[pos] = saved. Positions are distinct (layout.check_index), so no write races.
+    es = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = es < n
+    pos = _delta_positions(index_ptr, es, ok, in_f, n_bc, BH, BW)
+    if RESTORE:
+        tl.store(w_ptr + pos, tl.load(saved_ptr + es, mask=ok), mask=ok)
+    else:
+        w = tl.load(w_ptr + pos, mask=ok, other=0.0)
+        if SAVE:
+            tl.store(saved_ptr + es, w, mask=ok)
+        if HAS_BASE:
+            w0 = tl.load(base_ptr + es, mask=ok, other=0.0).to(tl.float32)
+        else:
+            w0 = w.to(tl.float32)
+        delta = tl.load(values_ptr + es, mask=ok, other=0.0).to(tl.float32)
+        tl.store(w_ptr + pos, (w0 + delta).to(w_ptr.dtype.element_ty), mask=ok)
+
+
+MERGE_BLOCK = 1024
+_MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _merge_launch(weight, values, index, shape, block, base, saved, save, restore):
+    n = saved.numel() if restore else values.numel()
+    if n == 0:
+        return
+    bh, bw = block if block is not None else (1, 1)
+    launch(_merge_kernel, (cdiv(n, MERGE_BLOCK),), weight, index, values, base if base is not None else values,
+           saved if saved is not None else values, n, shape[1], max(1, shape[1] // bw),
+           HAS_BASE=base is not None, SAVE=save, RESTORE=restore, BH=bh, BW=bw, BLOCK=MERGE_BLOCK, num_warps=4)
+
+
+def merge_at(weight, values, index, shape, block, base=None, save=False):
+    """One launch; same contract and bits as peft_kernels.reference.sparse.merge_at, which takes what
+    the kernel's fp32 sum would not reproduce (fp64; a W0 in another dtype than the weight), strided
+    weights, and bf16 weights on the interpreter."""
+    if weight.dtype not in _MERGE_DTYPES or torch.promote_types(values.dtype, weight.dtype) not in _MERGE_DTYPES \
+            or (base is not None and base.dtype != weight.dtype) or not weight.is_contiguous() \
+            or (weight.dtype == torch.bfloat16 and weight.device.type != "cuda"):
+        # (the Triton interpreter casts fp32 to bf16 by truncation, not round-to-nearest-even)
+        return reference.merge_at(weight, values, index, shape, block, base, save)
+    saved = torch.empty(values.numel(), dtype=weight.dtype, device=weight.device) if save else None
+    _merge_launch(weight, values.detach().reshape(-1), index, shape, block,
+                  None if base is None else base.reshape(-1), saved, save, False)
+    return saved
+
+
+def restore_at(weight, saved, index, shape, block):
+    """One launch; same contract as peft_kernels.reference.sparse.restore_at."""
+    if weight.dtype not in _MERGE_DTYPES or not weight.is_contiguous():
+        return reference.restore_at(weight, saved, index, shape, block)
+    _merge_launch(weight, saved, index, shape, block, None, saved, False, True)
+
+
+@triton.jit
 def _sparse_adamw_kernel(values_ptr, grad_ptr, m_ptr, v_ptr, steps_ptr, index_ptr, base_ptr, merged_ptr,
                          n, lr, beta1, beta2, eps, weight_decay, log2_b1, log2_b2, in_f, n_bc,
                          HAS_MERGED: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr):
@@ -232,12 +306,7 @@ def _sparse_adamw_kernel(values_ptr, grad_ptr, m_ptr, v_ptr, steps_ptr, index_pt
     tl.store(v_ptr + es, v, mask=ok)
     tl.store(steps_ptr + es, step, mask=ok)
     if HAS_MERGED:
-        if BH * BW == 1:
-            pos = tl.load(index_ptr + es, mask=ok, other=0).to(tl.int64)
-        else:
-            b = tl.load(index_ptr + es // (BH * BW), mask=ok, other=0).to(tl.int64)
-            within = es % (BH * BW)
-            pos = ((b // n_bc) * BH + within // BW) * in_f + (b % n_bc) * BW + within % BW
+        pos = _delta_positions(index_ptr, es, ok, in_f, n_bc, BH, BW)
         base = tl.load(base_ptr + es, mask=ok, other=0.0).to(tl.float32)
         tl.store(merged_ptr + pos, (base + p).to(merged_ptr.dtype.element_ty), mask=ok)
 
