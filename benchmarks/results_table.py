@@ -74,13 +74,16 @@ def model_table(path: Path) -> str:
     data = json.loads(path.read_text())
     env, cfg = data["env"], data["config"]
     host = any(r.get("host_issue_ms") is not None for r in data["results"])  # runs since 2026-11-24
-    lines = ["| case | step ms | / floor |" + (" host issue ms |" if host else "") + " peak GiB | saved for bwd MiB |",
-             "|---|---|---|" + ("---|" if host else "") + "---|---|"]
+    graphed = any(r.get("graphed_ratio") is not None for r in data["results"])  # runs since 2026-11-24 (5th)
+    lines = ["| case | step ms | / floor |" + (" graphed / floor |" if graphed else "")
+             + (" host issue ms |" if host else "") + " peak GiB | saved for bwd MiB |",
+             "|---|---|---|" + ("---|" if graphed else "") + ("---|" if host else "") + "---|---|"]
     for r in data["results"]:
         peak = "—" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         kept = "—" if r.get("saved_mib") is None else f"{r['saved_mib']:.0f}"
+        replay = ((" —" if r.get("graphed_ratio") is None else f" {r['graphed_ratio']:.2f}×") + " |") if graphed else ""
         issue = (" —" if r.get("host_issue_ms") is None else f" {r['host_issue_ms']:.1f}") + " |" if host else ""
-        lines.append(f"| {r['case']} | {r['ms']:.2f} | {r['ratio']:.2f}× |{issue} {peak} | {kept} |")
+        lines.append(f"| {r['case']} | {r['ms']:.2f} | {r['ratio']:.2f}× |{replay}{issue} {peak} | {kept} |")
     caption = (f"`{_rel(path)}` (whole-model step: {cfg['num_hidden_layers']} layers, hidden "
                f"{cfg['hidden_size']}, batch {cfg['batch']}×{cfg['seq']}, r={cfg['r']} on {', '.join(cfg['targets'])}): "
                f"{env['device']}, torch {env['torch']}; {cfg['dtype']}; {cfg['timing']}, {cfg['date']}.")

@@ -86,6 +86,14 @@ def test_bench_model_runs_and_renders_in_the_readme_table(tmp_path):
     out.write_text(json.dumps(data))
     rows = [line for line in model_table(out).splitlines() if line.startswith("| all weights frozen")]
     assert "host issue ms" in model_table(out) and rows and "| 10.0 |" in rows[0]
+    assert all(r["graphed_ms"] is None and r["graphed_ratio"] is None for r in data["results"])  # CPU: none
+    assert "graphed" not in model_table(out)
+    for i, r in enumerate(data["results"]):  # a GPU run's JSON carries each step replayed from a CUDA graph
+        r["graphed_ratio"] = 1.0 + i / 100
+    out.write_text(json.dumps(data))
+    table = model_table(out)
+    rows = [line for line in table.splitlines() if line.startswith("| all weights frozen")]
+    assert "graphed / floor" in table and "| 1.00× | 10.0 |" in rows[0]
 
 
 def test_host_stubbed_runs(tmp_path):

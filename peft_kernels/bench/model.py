@@ -9,6 +9,8 @@ switched on: opt-in until timed). The input embeddings require grad in every cas
 through all layers even in the floor; the trainable-tokens case feeds ids instead (its embedding's
 lookup and row gradient are part of what it measures).
 Memory: the peak (CUDA) and, on any device, what autograd keeps for backward (harness.saved_mib).
+On a GPU each step is also replayed from one CUDA graph (its device time without the host's
+launches: how far the host is the limit) and its host issue time is recorded.
 
     python benchmarks/bench_model.py --out benchmarks/results/model_h100.json
 """
@@ -111,7 +113,7 @@ def run(cfg, device, dtype, reps, methods):
             plan.append((f"{who} {method} p={p:g}", method, p, patched))
     if device.type == "cuda" and ("dora", 0.05) in methods:  # triton's one-launch DoRA row norm, opt-in until timed
         plan.append((f"peft_kernels (patched PEFT) dora p=0.05, {NORM_KERNEL_LABEL}", "dora", 0.05, True))
-    rows, floor = [], None
+    rows, floor, floor_graphed = [], None, None
     prog = harness.Progress(len(plan), "model")
     for label, method, p, patched in plan:
         prog.step(label)
@@ -135,14 +137,19 @@ def run(cfg, device, dtype, reps, methods):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         ms = harness.time_ms(step, device, warmup=3 if device.type == "cuda" else 1, reps=reps)
+        # the same step replayed from one CUDA graph: its device time, without the host's launches
+        # (None on CPU, or with the reason printed when something in the step cannot be captured)
+        graphed = harness.time_ms_graphed(step, device, reps)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         # host time to issue one step from an idle device: near the step time, the step is host-bound
         # (benchmarks/NOTES.md, 2026-11-24: patched QLoRA issued 88 ms of work for a 93 ms step)
         host = harness.host_us(step, n=5, warmup=1) / 1e3 if device.type == "cuda" else None
         saved = harness.saved_mib(lambda: model(**inputs, labels=ids).loss)  # activations kept for bwd
-        floor = ms if method is None else floor
+        if method is None:
+            floor, floor_graphed = ms, graphed
         rows.append({"case": label, "ms": ms, "ratio": ms / floor, "host_issue_ms": host, "peak_gib": peak,
-                     "saved_mib": saved})
+                     "saved_mib": saved, "graphed_ms": graphed,
+                     "graphed_ratio": graphed / floor_graphed if graphed and floor_graphed else None})
         if model is not base:
             del model
     return {"env": harness.environment(device), "benchmark": "whole-model step",
@@ -173,8 +180,10 @@ def main(argv=None) -> int:
     methods.append(("lora+tokens", 0.0))
     payload = run(cfg, device, torch.bfloat16 if gpu else torch.float32, args.reps or (10 if gpu else 2), methods)
     print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}")
-    print(harness.markdown_table(["case", "step ms", "/ floor", "host issue ms", "peak GiB", "saved for bwd MiB"],
-                                 [[r["case"], r["ms"], f"{r['ratio']:.2f}x", r["host_issue_ms"],
+    print(harness.markdown_table(["case", "step ms", "/ floor", "graphed / floor", "host issue ms", "peak GiB",
+                                  "saved for bwd MiB"],
+                                 [[r["case"], r["ms"], f"{r['ratio']:.2f}x",
+                                   None if r["graphed_ratio"] is None else f"{r['graphed_ratio']:.2f}x", r["host_issue_ms"],
                                    None if r["peak_gib"] is None else round(r["peak_gib"], 2), r["saved_mib"]]
                                   for r in payload["results"]]))
     if args.out:
