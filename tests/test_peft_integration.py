@@ -201,6 +201,28 @@ def test_patched_dora_matches_unpatched(train):
     assert len(_assert_runs_as(model, x, reference)) == 18  # lora_A, lora_B, magnitude x 6
 
 
+def test_patched_dora_on_the_triton_backend_with_the_one_launch_norm_matches_unpatched(monkeypatch, kernel_device):
+    """The patched DoRA layers on the triton backend (interpreted here), with triton/dora.py's one-launch
+    row norm switched on, equal PEFT's own forward and gradients (fp32), and the norm kernel ran."""
+    from peft_kernels.triton import dora as triton_dora
+    from peft_kernels.triton import lora as triton_lora
+    calls = []
+    kernel = triton_dora.weight_norm
+    monkeypatch.setattr(triton_dora, "weight_norm", lambda *a: calls.append(1) or kernel(*a))
+    model = _peft_model(use_dora=True).to(kernel_device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    x = torch.randn(3, 7, 24, device=kernel_device)
+    reference = _run(model, x)
+    peft_kernels.patch_peft_model(model)
+    monkeypatch.setenv("PEFT_KERNELS_BACKEND", "triton")
+    with triton_lora.launch_override(dora_norm=True):
+        assert len(_assert_runs_as(model, x, reference)) == 18
+    assert len(calls) == 6 and peft_kernels.backends.last_used("dora_linear") == "triton"
+
+
 def test_patched_dora_reads_the_frozen_row_norms_once_per_weight_version(monkeypatch):
     """A patched DoRA layer computes ‖W_i‖² of its frozen base once, not every step; changed in
     place (another checkpoint copied in), the base's norms are recomputed and the outputs and
