@@ -918,3 +918,29 @@ def test_triton_merge_and_restore_are_the_references_bits(block, w_dtype, v_dtyp
     tri.restore_at(got, saved_got, index, shape, block)
     assert torch.equal(got, w)
     assert tri.merge_at(got, values, index, shape, block, base) is None and torch.equal(got, want)  # no save
+
+
+@pytest.mark.parametrize("block", [None, (2, 4)])
+def test_strided_index_and_values_are_read_as_laid_out(block, kernel_device):
+    """delta_index and delta_values given as strided views (every other entry of larger tensors):
+    the kernels read them as flat arrays, so the op copies them (k entries); output and gradients
+    equal the torch backend's. (The one-launch merge first read such views as contiguous.)"""
+    torch.manual_seed(9)
+    shape = (16, 24)
+    full = _random_index(shape, 30, block)
+    index = full.repeat_interleave(2)[::2].to(kernel_device)  # the same positions, stride 2
+    assert not index.is_contiguous()
+    n = layout.values_shape(index.numel(), block)
+    w = torch.randn(shape, device=kernel_device)
+    x = torch.randn(5, shape[1], device=kernel_device)
+    base = torch.randn(2 * int(torch.tensor(n).prod()), device=kernel_device)
+    out = {}
+    for backend in ("torch", "triton"):
+        values = base.clone().requires_grad_()
+        strided = values[::2].view(n)
+        wi = w.clone()
+        y = peft_kernels.sparse_delta_linear(x, wi, strided, index, shape_or_block=block, backend=backend)
+        g, = torch.autograd.grad(y.square().sum(), values)
+        out[backend] = (y.detach().cpu(), g.cpu())
+        assert torch.equal(wi, w)
+    assert rel_err(out["triton"][0], out["torch"][0]) < 1e-5 and rel_err(out["triton"][1], out["torch"][1]) < 1e-5

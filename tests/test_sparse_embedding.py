@@ -301,3 +301,23 @@ def test_save_adapter_refuses_to_drop_an_embedding_delta(tmp_path):
     with pytest.raises(ValueError, match="on linear layers and on embeddings .*save_sparse_delta"):
         peft_kernels.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_strided_index_and_values_are_read_as_laid_out(kernel_device):
+    """delta_index and delta_values given as strided views: the triton kernels read flat arrays, so
+    the op copies them (k entries); output and gradient equal the torch backend's (the triton path
+    first read such views as contiguous)."""
+    torch.manual_seed(5)
+    V, d = 20, 8
+    w = torch.randn(V, d, device=kernel_device)
+    ids = torch.randint(0, V, (3, 7), device=kernel_device)
+    index = torch.arange(0, V * d, 5, dtype=torch.int64, device=kernel_device).repeat_interleave(2)[::2]
+    assert not index.is_contiguous()
+    base = torch.randn(2 * index.numel(), device=kernel_device)
+    out = {}
+    for backend in ("torch", "triton"):
+        values = base.clone().requires_grad_()
+        y = peft_kernels.sparse_delta_embedding(ids, w, values[::2], index, backend=backend)
+        g, = torch.autograd.grad(y.square().sum(), values)
+        out[backend] = (y.detach(), g)
+    assert rel_err(out["triton"][0], out["torch"][0]) < 1e-6 and rel_err(out["triton"][1], out["torch"][1]) < 1e-6

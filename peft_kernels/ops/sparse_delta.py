@@ -162,6 +162,8 @@ def sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, delta_values: tor
                          f"{weight.device}, got {list(base_values.shape)} on {base_values.device}")
         base_values = base_values.detach().reshape(-1)
     x2 = x.reshape(-1, shape[1])
-    y = _SparseDeltaFunction.apply(x2, weight, delta_values, delta_index, bias, shape, block, bool(merged),
-                                   backend, base_values)
+    # the kernels read the index as a flat array: a strided view (e.g. every other entry of a
+    # larger index) is copied, k entries
+    y = _SparseDeltaFunction.apply(x2, weight, delta_values, delta_index.contiguous(), bias, shape, block,
+                                   bool(merged), backend, base_values)
     return _checks.unflatten_rows(y, x)

@@ -84,5 +84,6 @@ def sparse_delta_embedding(ids: torch.Tensor, weight: torch.Tensor, delta_values
     if backend == "triton":
         _checks.check_triton(OP, weight)
     flat = ids.reshape(-1).long()
-    y = _SparseEmbeddingFunction.apply(flat, weight, delta_values, delta_index, padding, backend)
+    # the kernels read the index as a flat array: a strided view is copied (k entries)
+    y = _SparseEmbeddingFunction.apply(flat, weight, delta_values, delta_index.contiguous(), padding, backend)
     return torch.ops.aten._unsafe_view(y, (*ids.shape, shape[1]))

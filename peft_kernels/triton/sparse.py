@@ -255,7 +255,7 @@ def _merge_launch(weight, values, index, shape, block, base, saved, save, restor
     if n == 0:
         return
     bh, bw = block if block is not None else (1, 1)
-    launch(_merge_kernel, (cdiv(n, MERGE_BLOCK),), weight, index, values, base if base is not None else values,
+    launch(_merge_kernel, (cdiv(n, MERGE_BLOCK),), weight, index.contiguous(), values, base if base is not None else values,
            saved if saved is not None else values, n, shape[1], max(1, shape[1] // bw),
            HAS_BASE=base is not None, SAVE=save, RESTORE=restore, BH=bh, BW=bw, BLOCK=MERGE_BLOCK, num_warps=4)
 
@@ -270,8 +270,9 @@ def merge_at(weight, values, index, shape, block, base=None, save=False):
         # (the Triton interpreter casts fp32 to bf16 by truncation, not round-to-nearest-even)
         return reference.merge_at(weight, values, index, shape, block, base, save)
     saved = torch.empty(values.numel(), dtype=weight.dtype, device=weight.device) if save else None
-    _merge_launch(weight, values.detach().reshape(-1), index, shape, block,
-                  None if base is None else base.reshape(-1), saved, save, False)
+    # values, W0 and the index are read as flat arrays (a strided view is copied: k entries)
+    _merge_launch(weight, values.detach().reshape(-1).contiguous(), index, shape, block,
+                  None if base is None else base.reshape(-1).contiguous(), saved, save, False)
     return saved
 
 

@@ -75,7 +75,9 @@ def forward(ids: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, index
     if index.numel() and ids.numel():
         rows = torch.div(index.long(), dim, rounding_mode="floor")
         acc_f64 = torch.float64 in (weight.dtype, values.dtype)
-        launch(_add_row_entries_kernel, (ids.numel(),), y, ids, _row_pointers(rows, num_rows), index, values,
+        # values and index are read as flat arrays: strided views are copied (k entries)
+        launch(_add_row_entries_kernel, (ids.numel(),), y, ids, _row_pointers(rows, num_rows), index.contiguous(),
+               values.contiguous(),
                dim, y.stride(0), BLOCK=ENTRIES_PER_PROGRAM, ACC_F64=acc_f64, num_warps=2)
     return y
 
