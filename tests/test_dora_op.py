@@ -254,7 +254,7 @@ def test_norm_kernel_matches_the_formula(dtype, adapter_dtype, r, given_sq, kern
     w = (torch.randn(k, n, device=kernel_device) / k**0.5).to(dtype).T  # [n, k], column-major
     a = (torch.randn(r, k, device=kernel_device) / k**0.5).to(adapter_dtype)
     b = torch.randn(n, r, device=kernel_device).to(adapter_dtype)
-    sq = weight_row_sq(w) if given_sq else None
+    sq = weight_row_sq(w).repeat_interleave(2)[::2] if given_sq else None  # strided: read as laid out
     ref = _norm_oracle(w, a, b, s)
     with triton_lora.launch_override(dora_norm_bm=16):
         got = triton_dora.weight_norm(w, a, b, s, sq)

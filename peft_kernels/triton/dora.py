@@ -200,7 +200,7 @@ def weight_norm(weight, lora_A, lora_B, scaling, row_sq=None):
         return norm
     with torch.no_grad():
         gram = lora_A @ lora_A.T if lora_A.dtype == torch.float32 else None
-        sq = row_sq.to(torch.float32) if row_sq is not None else None
+        sq = row_sq.to(torch.float32).contiguous() if row_sq is not None else None  # read as a flat array
     bm, bk, warps = _OVERRIDE.get("dora_norm_bm", NORM_TILES[0]), NORM_TILES[1], NORM_TILES[2]
     launch(_dora_norm_kernel, (cdiv(N, bm),),
            weight, lora_A, lora_B, gram if gram is not None else norm, sq if sq is not None else norm, norm, N, K, R,
