@@ -81,7 +81,9 @@ def model_table(path: Path) -> str:
     for r in data["results"]:
         peak = "—" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         kept = "—" if r.get("saved_mib") is None else f"{r['saved_mib']:.0f}"
-        replay = ((" —" if r.get("graphed_ratio") is None else f" {r['graphed_ratio']:.2f}×") + " |") if graphed else ""
+        replay = ""
+        if graphed:
+            replay = (" —" if r.get("graphed_ratio") is None else f" {r['graphed_ratio']:.2f}×") + " |"
         issue = (" —" if r.get("host_issue_ms") is None else f" {r['host_issue_ms']:.1f}") + " |" if host else ""
         lines.append(f"| {r['case']} | {r['ms']:.2f} | {r['ratio']:.2f}× |{replay}{issue} {peak} | {kept} |")
     caption = (f"`{_rel(path)}` (whole-model step: {cfg['num_hidden_layers']} layers, hidden "

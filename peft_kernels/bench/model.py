@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     print(harness.markdown_table(["case", "step ms", "/ floor", "graphed / floor", "host issue ms", "peak GiB",
                                   "saved for bwd MiB"],
                                  [[r["case"], r["ms"], f"{r['ratio']:.2f}x",
-                                   None if r["graphed_ratio"] is None else f"{r['graphed_ratio']:.2f}x", r["host_issue_ms"],
+                                   None if r["graphed_ratio"] is None else f"{r['graphed_ratio']:.2f}x",
+                                   r["host_issue_ms"],
                                    None if r["peak_gib"] is None else round(r["peak_gib"], 2), r["saved_mib"]]
                                   for r in payload["results"]]))
     if args.out:

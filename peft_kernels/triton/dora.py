@@ -206,7 +206,8 @@ def weight_norm(weight, lora_A, lora_B, scaling, row_sq=None):
            weight, lora_A, lora_B, gram if gram is not None else norm, sq if sq is not None else norm, norm, N, K, R,
            weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
            2.0 * scaling, scaling * scaling,
-           HAS_SQ=sq is not None, HAS_G=gram is not None, W_IEEE=weight.dtype == torch.float32, BM=bm, BK=bk, BR=max(16, next_power_of_2(R)), num_warps=warps)
+           HAS_SQ=sq is not None, HAS_G=gram is not None, W_IEEE=weight.dtype == torch.float32, BM=bm, BK=bk,
+           BR=max(16, next_power_of_2(R)), num_warps=warps)
     return norm
 
 

@@ -255,8 +255,9 @@ def _merge_launch(weight, values, index, shape, block, base, saved, save, restor
     if n == 0:
         return
     bh, bw = block if block is not None else (1, 1)
-    launch(_merge_kernel, (cdiv(n, MERGE_BLOCK),), weight, index.contiguous(), values, base if base is not None else values,
-           saved if saved is not None else values, n, shape[1], max(1, shape[1] // bw),
+    launch(_merge_kernel, (cdiv(n, MERGE_BLOCK),), weight, index.contiguous(), values,
+           base if base is not None else values, saved if saved is not None else values, n, shape[1],
+           max(1, shape[1] // bw),
            HAS_BASE=base is not None, SAVE=save, RESTORE=restore, BH=bh, BW=bw, BLOCK=MERGE_BLOCK, num_warps=4)
 
 
