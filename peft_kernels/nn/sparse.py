@@ -9,7 +9,7 @@ from torch import nn
 from .. import backends
 from ..ops._checks import check_materialized, is_dtensor
 from ..ops.sparse_delta import check_delta, merge_impl, sparse_delta_linear
-from ..reference.sparse import w0_plus_delta
+from ..reference import sparse as ref_sparse
 from ..sparse import layout
 from ._adapter import conv1d_holding, is_conv1d, linear_holding
 
@@ -236,9 +236,7 @@ class SparseDeltaLinear(DeltaCounts, nn.Module):
     def merge(self) -> torch.Tensor:
         """The dense [out, in] weight W0 + Delta (a new tensor) for export."""
         w = self.weight.detach().clone()
-        pos = self._positions()
-        w0 = self._w0()
-        w.view(-1)[pos] = w0_plus_delta(w.view(-1)[pos] if w0 is None else w0, self.delta_values.detach(), w.dtype)
+        ref_sparse.merge_at(w, self.delta_values.detach(), self.delta_index, tuple(w.shape), self.block, base=self._w0())
         return w
 
     @torch.no_grad()

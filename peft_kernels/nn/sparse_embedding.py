@@ -7,7 +7,7 @@ from torch import nn
 from .. import backends
 from ..ops._checks import check_materialized, plain_tensor
 from ..ops.sparse_delta import sparse_delta_linear
-from ..reference.sparse import w0_plus_delta
+from ..reference import sparse as ref_sparse
 from ..ops.sparse_embedding import sparse_delta_embedding
 from ..sparse import layout
 from .branch import has_module_hooks
@@ -82,8 +82,7 @@ class SparseDeltaEmbedding(DeltaCounts, nn.Module):
     def merge(self) -> torch.Tensor:
         """The dense [V, d] table W0 + Delta (a new tensor) for export."""
         w = self.weight.detach().clone()
-        pos = self.delta_index.long()
-        w.view(-1)[pos] = w0_plus_delta(w.view(-1)[pos], self.delta_values.detach(), w.dtype)
+        ref_sparse.merge_at(w, self.delta_values.detach(), self.delta_index, tuple(w.shape), None)
         return w
 
     def unloaded(self) -> nn.Embedding:

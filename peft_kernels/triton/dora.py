@@ -174,7 +174,8 @@ def dropout_copy(x, dropout_p, seed):
 
 # The one-launch row norm (weight_norm) replaces dora_weight_norm's ~16 small launches on the triton
 # backend when on: opt-in (launch_override(dora_norm=True) or NORM_KERNEL = True) until a GPU run
-# checks it against the formula and times it (tests/test_dora_gpu.py, bench_dora.py).
+# checks it against the formula and times it (tests/test_dora_op.py::test_norm_kernel_at_real_sizes,
+# bench_dora.py).
 NORM_KERNEL = False
 NORM_MAX_RANK = 64  # [BR, BR] A·Aᵀ and [BM, BR] tiles in registers; larger ranks keep the formula
 NORM_TILES = (32, 64, 4)  # BM rows of W per program, BK, num_warps (not timed)
