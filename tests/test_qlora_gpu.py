@@ -58,6 +58,13 @@ def test_cuda_quantize_matches_cpu_bytes(quant_type, shape):
     gpu = cls.from_float(w.cuda(), blocksize=64, double_quant=False)
     assert torch.equal(gpu.packed.cpu(), cpu.packed) and torch.equal(gpu.absmax.cpu(), cpu.absmax)
     assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+    # The nested quantizer on the GPU, given the CPU's offset (the mean may round differently).
+    from peft_kernels.quant.bnb4bit import _quantize_nested_torch
+    from peft_kernels.triton.quantize import quantize_nested
+    want = _quantize_nested_torch(cpu.absmax)
+    got = quantize_nested(gpu.absmax, want[2].cuda())
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    assert torch.allclose(cls.from_float(w.cuda()).offset.cpu(), want[2], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("path,tiles", [("fused", None), ("chunked", None), ("fused_aligned", None),

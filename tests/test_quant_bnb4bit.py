@@ -158,12 +158,65 @@ def test_bad_inputs():
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 1024])
 @pytest.mark.parametrize("shape", [(7, 37), (33, 129), (1, 5), (64, 64)])
-def test_triton_quantize_is_byte_identical_to_torch_path(quant_type, blocksize, shape, kernel_device):
-    from peft_kernels.quant.bnb4bit import _quantize_4bit_torch, code_table
-    from peft_kernels.triton.quantize import quantize_4bit
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_triton_quantize_is_byte_identical_to_torch_path(quant_type, blocksize, shape, double_quant, kernel_device):
+    from peft_kernels.quant.bnb4bit import _quantize_parts
 
     w = torch.randn(*shape) * 0.05
     w.view(-1)[:3] = 0.0  # zeros and (for small shapes) an all-zero or partial block
-    ref_packed, ref_absmax = _quantize_4bit_torch(w, code_table(quant_type), blocksize)
-    packed, absmax = quantize_4bit(w.to(kernel_device), code_table(quant_type, kernel_device), blocksize)
+    w.view(-1)[-2:] = -0.0  # FP4 has both zeros: the sign nibble of exact zeros must follow the torch path
+    ref_packed, ref_absmax, ref_nested = _quantize_parts(w, quant_type, blocksize, double_quant, use_triton=False)
+    packed, absmax, nested = _quantize_parts(w.to(kernel_device), quant_type, blocksize, double_quant,
+                                             use_triton=True)
     assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)
+    assert (nested is None) == (ref_nested is None) == (not double_quant)
+    if double_quant:
+        for got, want in zip(nested, ref_nested):
+            assert got.dtype == want.dtype and torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("tail", [0, 1, 100, 255])
+def test_triton_nested_quantize_is_byte_identical_to_torch_path(tail, kernel_device):
+    """The 8-bit double quantization alone, on absmax vectors spanning several 256-blocks with a
+    partial (or no) last one and a block of equal values (scaled by their own tiny absmax)."""
+    from peft_kernels.quant.bnb4bit import _quantize_nested_torch
+    from peft_kernels.triton.quantize import quantize_nested
+
+    absmax = torch.rand(3 * 256 + tail) * 0.1
+    absmax[256:512] = absmax.mean()
+    want = _quantize_nested_torch(absmax)
+    got = quantize_nested(absmax.to(kernel_device))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g.cpu(), w)
+    assert want[0].unique().numel() > 50  # the codes cover much of the map
+
+
+def test_triton_nested_quantize_breaks_midpoint_ties_like_torch(kernel_device):
+    """Values exactly on the dynamic map's midpoints (offset 0 and block absmax 1, so the scaled
+    value is the input) go to the lower sorted entry, as torch.bucketize does; every midpoint and
+    both of its neighbouring floats are tried."""
+    from peft_kernels.quant.bnb4bit import _quantize_nested_torch, code_search_tables
+    from peft_kernels.triton.quantize import quantize_nested
+
+    mids, _ = code_search_tables("dynamic")
+    values = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))])
+    absmax = torch.cat([torch.tensor([1.0]), values, torch.zeros(256 - (values.numel() + 1) % 256)])
+    zero = torch.zeros(())
+    want = _quantize_nested_torch(absmax, zero)
+    got = quantize_nested(absmax.to(kernel_device), zero.to(kernel_device))
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    assert want[0].unique().numel() == 256  # every code is reached
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_triton_quantize_counts_nonfinite_values(bad, kernel_device):
+    from peft_kernels.quant.bnb4bit import _quantize_parts
+    from peft_kernels.triton.quantize import quantize_4bit
+
+    w = torch.randn(9, 70)
+    assert quantize_4bit(w.to(kernel_device), "nf4", 64)[2].item() == 0
+    w[4, 69] = bad
+    w[8, 1] = bad
+    assert quantize_4bit(w.to(kernel_device), "nf4", 64)[2].item() == 2
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _quantize_parts(w.to(kernel_device), "nf4", 64, True, use_triton=True)

@@ -82,18 +82,36 @@ def dynamic_map_signed() -> torch.Tensor:
     return torch.tensor(data, dtype=torch.float32)
 
 
-def _nearest_codes(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code entry (midpoint ties to the lower sorted index)."""
-    # Stable, on the CPU: FP4 holds both 0.0 and -0.0, and an unstable sort may order the tie
-    # differently per device, which would flip the sign nibble of exact zeros.
-    order = torch.argsort(code.cpu(), stable=True).to(code.device)
-    sorted_code = code[order]
-    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
+_SEARCH_ON: dict = {}
+
+
+def code_search_tables(name: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(midpoints fp32 [len - 1], order int32 [len]) of code table ``name`` ("nf4", "fp4" or
+    "dynamic", bnb's signed 8-bit map), one cached copy per device: the nearest entry of x is
+    ``order[#{midpoints < x}]``, an exact midpoint going to the lower sorted index. Sorted stably
+    on the CPU: FP4 holds both 0.0 and -0.0, and an unstable sort may order that tie differently
+    per device, which would flip the sign nibble of exact zeros. Cached so a quantizer on a GPU
+    neither synchronizes nor copies from the host."""
+    key = (name, str(torch.device(device) if device is not None else "cpu"))
+    tables = _SEARCH_ON.get(key)
+    if tables is None:
+        code = dynamic_map_signed() if name == "dynamic" else code_table(name)
+        order = torch.argsort(code, stable=True)
+        ordered = code[order]
+        tables = _SEARCH_ON[key] = (((ordered[:-1] + ordered[1:]) / 2).to(device),
+                                    order.to(torch.int32).to(device))
+    return tables
+
+
+def _nearest_codes(scaled: torch.Tensor, name: str) -> torch.Tensor:
+    """Index (int32) of the nearest entry of code table ``name`` (code_search_tables' rule)."""
+    bounds, order = code_search_tables(name, scaled.device)
     return order[torch.bucketize(scaled, bounds, out_int32=True)]
 
 
 def _blockwise_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled values in [-1, 1], fp32 absmax per block) for a flat fp32 tensor."""
+    """(scaled values in [-1, 1], fp32 absmax per block) for a flat fp32 tensor. An all-zero
+    block keeps absmax 0, as bitsandbytes' CUDA quantizer stores it (its values scale to 0)."""
     n = flat.numel()
     rem = n % blocksize
     full = n - rem
@@ -101,9 +119,9 @@ def _blockwise_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, 
     absmax = blocks.abs().amax(dim=1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
     if rem:
-        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        tail_max = flat[full:].abs().max()
         absmax = torch.cat([absmax, tail_max.view(1)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max.clamp(min=1e-38), -1, 1)])
     return scaled, absmax
 
 
@@ -114,13 +132,46 @@ def _dequantize_blockwise(values: torch.Tensor, absmax: torch.Tensor, blocksize:
     return values * absmax[idx]
 
 
-def _quantize_4bit_torch(w: torch.Tensor, code: torch.Tensor, blocksize: int):
+def _quantize_4bit_torch(w: torch.Tensor, quant_type: str, blocksize: int):
     """(packed uint8 [(n + 1) // 2, 1], absmax fp32 [n_blocks]), vectorized torch."""
     scaled, absmax = _blockwise_scale(w.detach().reshape(-1).float(), blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    idx = _nearest_codes(scaled, code).to(torch.uint8)
+    idx = _nearest_codes(scaled, quant_type).to(torch.uint8)
     return ((idx[0::2] << 4) | idx[1::2]).unsqueeze(1), absmax
+
+
+def _quantize_nested_torch(absmax: torch.Tensor, offset: torch.Tensor | None = None):
+    """bitsandbytes' double quantization of fp32 absmax [nblocks]: (codes uint8 [nblocks], absmax2
+    fp32 [ceil(nblocks / 256)], offset fp32 scalar, absmax.mean() unless given)."""
+    offset = absmax.mean() if offset is None else offset
+    scaled2, absmax2 = _blockwise_scale(absmax - offset, NESTED_BLOCKSIZE)
+    return _nearest_codes(scaled2, "dynamic").to(torch.uint8), absmax2, offset
+
+
+def _quantize_parts(w: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool, use_triton: bool):
+    """(packed, absmax, (codes, absmax2, offset) or None) of a float [out, in] weight, by the
+    Triton kernels (``use_triton``; they also refuse NaN / Inf) or by vectorized torch."""
+    if not use_triton:
+        packed, absmax = _quantize_4bit_torch(w, quant_type, blocksize)
+        return packed, absmax, _quantize_nested_torch(absmax) if double_quant else None
+    from ..triton import quantize as kernels
+    packed, absmax, nonfinite = kernels.quantize_4bit(w.contiguous(), quant_type, blocksize)
+    nested = kernels.quantize_nested(absmax) if double_quant else None
+    if nonfinite.item():
+        raise ValueError(_NONFINITE.format(name="weight"))
+    return packed, absmax, nested
+
+
+_DYNAMIC_ON: dict = {}
+
+
+def _dynamic_map_on(device) -> torch.Tensor:
+    """dynamic_map_signed() on ``device``, one cached copy per device (no host copy per weight)."""
+    key = str(torch.device(device))
+    if key not in _DYNAMIC_ON:
+        _DYNAMIC_ON[key] = dynamic_map_signed().to(device)
+    return _DYNAMIC_ON[key]
 
 
 def dequantize_parts(packed, absmax, code, absmax2, code2, offset, blocksize, shape, dtype) -> torch.Tensor:
@@ -149,15 +200,20 @@ def decode_flat_parts(packed, absmax, code, absmax2, code2, offset, blocksize, s
     return (code[nibble.long()] * scale).to(dtype)
 
 
-def _check_float_matrix(w: torch.Tensor, name: str):
+_NONFINITE = ("{name} contains NaN or Inf; quantizing needs finite values (they would corrupt their "
+              "block's scale)")
+
+
+def _check_float_matrix(w: torch.Tensor, name: str, finite: bool = True):
+    """A float [out, in] tensor holding data; ``finite``: and no NaN / Inf (a full pass and a
+    host synchronization; the Triton quantizer counts them in its own pass instead)."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     if w.dim() != 2:
         raise ValueError(f"{name} must be 2-D [out, in], got shape {list(w.shape)}")
     check_materialized(w, name, "quantizing a weight")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"{name} contains NaN or Inf; quantizing needs finite values (they would corrupt their "
-                         "block's scale)")
+    if finite and not torch.isfinite(w).all():
+        raise ValueError(_NONFINITE.format(name=name))
 
 
 class Bnb4bitWeight:
@@ -204,21 +260,18 @@ class Bnb4bitWeight:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_float(cls, w: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
-        """Quantize a float [out, in] weight. Vectorized torch: runs on any device."""
-        _check_float_matrix(w, "weight")
+        """Quantize a float [out, in] weight: on a GPU two Triton launches and torch's mean of
+        the absmax, the only host synchronization the final check for NaN / Inf; elsewhere
+        vectorized torch. The two give the same bytes (tests)."""
+        _check_float_matrix(w, "weight", finite=not w.is_cuda)
         if blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-        if w.is_cuda:  # one Triton pass; byte-identical to the torch path below (tests)
-            from ..triton.quantize import quantize_4bit
-            packed, absmax = quantize_4bit(w.detach().contiguous(), code_table(cls.quant_type, w.device), blocksize)
-        else:
-            packed, absmax = _quantize_4bit_torch(w, code_table(cls.quant_type, w.device), blocksize)
-        if not double_quant:
+        packed, absmax, nested = _quantize_parts(w.detach(), cls.quant_type, blocksize, double_quant,
+                                                 use_triton=w.is_cuda)
+        if nested is None:
             return cls(packed, absmax, w.shape, w.dtype, blocksize)
-        offset = absmax.mean()
-        code2 = dynamic_map_signed().to(w.device, copy=True)  # each weight its own: the cached map stays intact
-        scaled2, absmax2 = _blockwise_scale(absmax - offset, NESTED_BLOCKSIZE)
-        q = _nearest_codes(scaled2, code2).to(torch.uint8)
+        q, absmax2, offset = nested
+        code2 = _dynamic_map_on(w.device).clone()  # each weight its own: the cached map stays intact
         return cls(packed, q, w.shape, w.dtype, blocksize, offset=offset, absmax2=absmax2, code2=code2)
 
     @property

@@ -246,11 +246,13 @@ def _quant_scenarios(dtype, quick):
         yield f"4-bit matmul {N}x{K} blocksize={bs} nested={nested}", run
     if dtype == torch.float32:  # the quantizer reads float weights of any dtype; one set of blocksizes
         return
-    from .quantize import quantize_4bit
+    from .quantize import quantize_4bit, quantize_nested
     for bs in (64, 128, 256):
         def run(bs=bs):
-            quantize_4bit(torch.randn(64, 256).to(dtype), torch.linspace(-1, 1, 16), bs)
+            quantize_4bit(torch.randn(64, 256).to(dtype), "nf4", bs)
         yield f"quantize blocksize={bs}", run
+    if dtype == torch.bfloat16:  # the nested quantizer reads fp32 absmax only
+        yield "quantize nested", lambda: quantize_nested(torch.rand(1000), torch.zeros(()))
 
 
 def _sparse_scenarios(dtype, quick):
