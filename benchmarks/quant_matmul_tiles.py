@@ -25,6 +25,7 @@ ALIGNED = [  # BM, BN, NB (forward: quantization blocks per step), warps; small 
     (16, 16, 1, 4), (16, 16, 4, 4), (16, 32, 2, 4), (16, 32, 4, 4), (16, 64, 1, 4), (16, 64, 4, 4),
     (16, 128, 1, 4), (32, 64, 2, 4), (64, 64, 1, 4), (64, 128, 1, 8),
 ]
+SPLITK = qm.SPLITK_CANDIDATES  # BM, BN, NB, warps, programs per SM (forward only)
 CHUNKS = [1 << 20, 1 << 22, 1 << 24]  # weights decoded per window (chunked path)
 DECODES = [(16, 1, 4), (16, 4, 4), (32, 2, 4), (32, 4, 8), (64, 1, 4), (64, 2, 8)]  # BR, NB, warps
 
@@ -44,7 +45,7 @@ def main():
     rows = []
     ms = [int(m) for m in args.ms.split(",")]
     cases = ([("fused", cfg) for cfg in FUSED] + [("fused_aligned", cfg) for cfg in ALIGNED]
-             + [("chunked", ch) for ch in CHUNKS])
+             + [("splitk", cfg) for cfg in SPLITK] + [("chunked", ch) for ch in CHUNKS])
     prog = Progress(len(ms) * 2 * len(cases), "tiles")
     deq_out = torch.empty_like(w)
     decoders = []
@@ -65,10 +66,10 @@ def main():
             deq = time_ms(lambda: (a @ q.dequantize()) if transpose else a @ q.dequantize().T, dev)
             for path, cfg in cases:
                 prog.step(f"M={M} T={transpose} {path} {cfg}")
-                if path.startswith("fused") and M > 1024:
+                if (path.startswith("fused") or path == "splitk") and M > 1024 or path == "splitk" and transpose:
                     continue
                 qm.CHUNK_ELEMENTS = cfg if path == "chunked" else qm.CHUNK_ELEMENTS
-                tiles = cfg if path.startswith("fused") else None
+                tiles = None if path == "chunked" else cfg
                 run = lambda: qm.matmul_4bit(a, *q.parts(), transpose=transpose, tiles=tiles, path=path)  # noqa: E731
                 try:
                     err = (run().float() - ref.float()).abs().max().item()

@@ -46,7 +46,9 @@ def test_quant_matmul_tiles_runs_and_every_path_is_right(tmp_path):
     data, _ = _run("quant_matmul_tiles.py", "--nk", "40x128", "--ms", "5", tmp_path=tmp_path)
     sweep = _module("quant_matmul_tiles.py")
     assert len(data["decoders"]) == len(sweep.DECODES) and all(d["exact"] for d in data["decoders"])
-    assert len(data["rows"]) == 2 * (len(sweep.FUSED) + len(sweep.ALIGNED) + len(sweep.CHUNKS))  # both directions
+    # both directions; the split-K forward has no backward
+    assert len(data["rows"]) == 2 * (len(sweep.FUSED) + len(sweep.ALIGNED) + len(sweep.CHUNKS)) + len(sweep.SPLITK)
+    assert {row["path"] for row in data["rows"]} == {"fused", "fused_aligned", "splitk", "chunked"}
     for row in data["rows"]:  # fp32 against the float product of the decoded weight
         assert row["ms"] is not None and row["max_err"] < 1e-4, row
 

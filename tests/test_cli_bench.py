@@ -40,18 +40,20 @@ def test_bench_ops_write_json_and_plot(op, extra, tmp_path, capsys):
         assert "saved for bwd MiB" in results_table.case_rows_table(out)
 
 
-def test_bench_qlora_decode_has_the_aligned_candidates(tmp_path, monkeypatch):
+def test_bench_qlora_decode_has_the_decode_candidates(tmp_path, monkeypatch):
     # the decode run (--forward-only) carries the 4-bit decode candidates beside the default path
     from peft_kernels.triton import quant_matmul
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(quant_matmul, "DECODE_CANDIDATES", quant_matmul.DECODE_CANDIDATES[:2])  # interpreted: slow
+    monkeypatch.setattr(quant_matmul, "SPLITK_CANDIDATES", quant_matmul.SPLITK_CANDIDATES[:1])
     out = tmp_path / "decode.json"
     assert main(["bench", "--op", "qlora", "--forward-only", "--reps", "1", "--shapes", "16x128x128",
                  "--out", str(out)]) == 0
     cases = {r["case"] for r in json.loads(out.read_text())["results"]}
-    labels = {"peft_kernels matmul_4bit fused_aligned " + "x".join(map(str, t)) + " (frozen NF4)"
-              for t in quant_matmul.DECODE_CANDIDATES}
-    assert len(labels) == 2 and labels | {"peft_kernels quant_linear (frozen NF4)", "floor"} <= cases
+    labels = {f"peft_kernels matmul_4bit {path} " + "x".join(map(str, t)) + " (frozen NF4)"
+              for path, tiles in (("fused_aligned", quant_matmul.DECODE_CANDIDATES),
+                                  ("splitk", quant_matmul.SPLITK_CANDIDATES)) for t in tiles}
+    assert len(labels) == 3 and labels | {"peft_kernels quant_linear (frozen NF4)", "floor"} <= cases
 
 
 def test_bench_model_on_cpu(tmp_path):

@@ -8,7 +8,7 @@ import peft_kernels
 from peft_kernels.nn import QLoRALinear
 from peft_kernels.quant import FP4Weight, Int4Weight, Int8Weight, NF4Weight
 from peft_kernels.reference.lora import dropped
-from peft_kernels.triton import quant_matmul as qm
+from peft_kernels.triton import lora, quant_matmul as qm
 from peft_kernels.triton.quant_matmul import matmul_4bit
 
 from helpers import FLOOR, assert_close_to_oracle, make_inputs, rel_err
@@ -187,6 +187,44 @@ def test_matmul_4bit_fused_aligned(transpose, nested, epilogue, nb, kernel_devic
     with pytest.raises(ValueError, match="fused_aligned"):
         q2 = NF4Weight.from_float(torch.randn(8, 40, device=kernel_device), blocksize=64)
         qm.matmul_4bit(torch.randn(3, 40, device=kernel_device), *q2.parts(), path="fused_aligned")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("K,nb,per_sm,splits", [(192, 1, 8, 3), (192, 1, 4, 2), (192, 2, 8, 2), (448, 2, 4, 2),
+                                                (448, 1, 1, 1), (448, 4, 64, 2), (192, 4, 8, 1)])
+def test_matmul_4bit_splitk(nested, K, nb, per_sm, splits, kernel_device, monkeypatch):
+    """The split-K forward: partial tiles on every side (M = 37, N = 45), the reduction split into
+    `splits` ranges (uneven ones, a partial last step when 2 blocks a step meet 3 or 7 blocks a
+    row), the epilogue (c and bias) written once per tile by the last program; one range is the
+    fused_aligned product bit for bit."""
+    monkeypatch.setattr(lora, "_OVERRIDE", {"sms": 4})
+    N, M = 45, 37
+    q = NF4Weight.from_float(torch.randn(N, K, device=kernel_device) * 0.1, blocksize=64, double_quant=nested)
+    a = torch.randn(M, K, device=kernel_device)
+    c, bias = torch.randn(M, N, device=kernel_device), torch.randn(N, device=kernel_device)
+    tiles = (16, 16, nb, 4, per_sm)
+    assert qm.splitk_plan(M, N, K, 64, tiles, 4)[3] == splits
+    w64 = q.dequantize(torch.float64)
+    ref = a.double() @ w64.T + c.double() + bias.double()
+    out = qm.matmul_4bit(a, *q.parts(), c=c.clone(), bias=bias, path="splitk", tiles=tiles)
+    assert rel_err(out, ref) <= FLOOR[torch.float32]
+    plain = qm.matmul_4bit(a, *q.parts(), path="splitk", tiles=tiles)
+    assert rel_err(plain, a.double() @ w64.T) <= FLOOR[torch.float32]
+    if splits == 1:
+        aligned = qm.matmul_4bit(a, *q.parts(), c=c.clone(), bias=bias, path="fused_aligned", tiles=(16, 16, nb, 4))
+        assert torch.equal(out, aligned)
+    # x = I (fp32, one nonzero product per sum; the other ranges add exact zeros): the decoded weight
+    eye = torch.eye(K, device=kernel_device)
+    assert torch.equal(qm.matmul_4bit(eye, *q.parts(), path="splitk", tiles=tiles), q.dequantize().T)
+
+
+def test_matmul_4bit_splitk_refuses_what_it_cannot_do(kernel_device):
+    q = NF4Weight.from_float(torch.randn(8, 96, device=kernel_device), blocksize=64)
+    with pytest.raises(ValueError, match="splitk"):
+        qm.matmul_4bit(torch.randn(3, 96, device=kernel_device), *q.parts(), path="splitk")
+    q = NF4Weight.from_float(torch.randn(8, 128, device=kernel_device), blocksize=64)
+    with pytest.raises(ValueError, match="splitk"):
+        qm.matmul_4bit(torch.randn(3, 8, device=kernel_device), *q.parts(), transpose=True, path="splitk")
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -505,6 +543,7 @@ def test_wide_weights_index_in_int64(nested, kernel_device, monkeypatch):
         outs = [qm.matmul_4bit(a, *q.parts(), path="fused", tiles=(16, 16, 16, 4, 1)),
                 qm.matmul_4bit(a_t, *q.parts(), transpose=True, path="fused", tiles=(16, 16, 16, 4, 1)),
                 qm.matmul_4bit(a, *q.parts(), path="fused_aligned", tiles=(16, 16, 2, 4)),
+                qm.matmul_4bit(a, *q.parts(), path="splitk", tiles=(16, 16, 1, 4, 8)),
                 qm.matmul_4bit(a_t, *q.parts(), transpose=True, path="fused_aligned", tiles=(16, 16, 1, 4)),
                 qm.matmul_4bit(a, *q.parts(), path="chunked")]
         for c0, cols in ((64, 128), (11, 50)):  # the block-aligned and the any-shape decoder

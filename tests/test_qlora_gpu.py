@@ -4,7 +4,7 @@ import torch
 
 import peft_kernels
 from peft_kernels.quant import FP4Weight, NF4Weight
-from peft_kernels.triton.quant_matmul import DECODE_CANDIDATES
+from peft_kernels.triton.quant_matmul import DECODE_CANDIDATES, SPLITK_CANDIDATES
 
 from helpers import FLOOR, assert_close_to_oracle, make_inputs, rel_err
 
@@ -84,6 +84,30 @@ def test_matmul_4bit_paths_match_cublas_on_dequantized(path, tiles, transpose, M
     out = matmul_4bit(a, *q.parts(), transpose=transpose, path=path, tiles=tiles).double()
     err, eager_err = (out - ref).norm() / ref.norm(), (eager - ref).norm() / ref.norm()
     assert err <= 2 * eager_err + 1e-6
+
+
+@pytest.mark.parametrize("tiles", SPLITK_CANDIDATES)
+@pytest.mark.parametrize("M,N", [(1, 4096), (16, 4096), (16, 14336), (64, 4096)])
+def test_matmul_4bit_splitk_on_the_gpu(tiles, M, N):
+    """The split-K forward on real concurrency (its partial tiles and arrival counters): against
+    cuBLAS on the dequantized weight, with the epilogue, the same bits on every run (the last
+    program sums the partials in split order), and exact on x = I in fp32."""
+    from peft_kernels.triton.quant_matmul import matmul_4bit, splitk_plan
+    q = NF4Weight.from_float(torch.randn(N, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
+    w = q.dequantize().double()
+    a = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    c, bias = torch.randn(M, N, device="cuda", dtype=torch.bfloat16), torch.randn(N, device="cuda",
+                                                                                   dtype=torch.bfloat16)
+    ref = a.double() @ w.T + c.double() + bias.double()
+    eager = (a @ q.dequantize().T + c + bias).double()
+    outs = [matmul_4bit(a, *q.parts(), c=c.clone(), bias=bias, path="splitk", tiles=tiles) for _ in range(5)]
+    err, eager_err = (outs[0].double() - ref).norm() / ref.norm(), (eager - ref).norm() / ref.norm()
+    assert err <= 2 * eager_err + 1e-6
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert splitk_plan(M, N, 4096, 64, tiles, torch.cuda.get_device_properties(0).multi_processor_count)[3] > 1
+    q32 = NF4Weight.from_float(torch.randn(N, 512, device="cuda") * 0.02)
+    eye = torch.eye(512, device="cuda")
+    assert torch.equal(matmul_4bit(eye, *q32.parts(), path="splitk", tiles=tiles), q32.dequantize().T)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05])

@@ -104,10 +104,11 @@ def cases(M, K, N, device, dtype, forward_only=False):
     if forward_only and backends.unavailable_reason("triton", x.device) is None:
         # The decode candidates of the 4-bit matmul beside the default path (kernel level), so one
         # run shows which one meets the decode goal (triton/quant_matmul.py, ALIGNED_TILES).
-        from ..triton.quant_matmul import DECODE_CANDIDATES, matmul_4bit
-        for tiles in DECODE_CANDIDATES:
-            label = "peft_kernels matmul_4bit fused_aligned " + "x".join(map(str, tiles)) + " (frozen NF4)"
-            out[label] = lambda tiles=tiles: matmul_4bit(x, *q.parts(), path="fused_aligned", tiles=tiles)
+        from ..triton.quant_matmul import DECODE_CANDIDATES, SPLITK_CANDIDATES, matmul_4bit
+        for path, candidates in (("fused_aligned", DECODE_CANDIDATES), ("splitk", SPLITK_CANDIDATES)):
+            for tiles in candidates:
+                label = f"peft_kernels matmul_4bit {path} " + "x".join(map(str, tiles)) + " (frozen NF4)"
+                out[label] = lambda tiles=tiles, path=path: matmul_4bit(x, *q.parts(), path=path, tiles=tiles)
     for quant in ("int8", "int4"):
         layer = _int_layer(w, a, b, quant)
         out[f"peft_kernels {quant.upper()} QLoRALinear p=0.05"] = step(lambda layer=layer: layer(x),

@@ -238,6 +238,9 @@ def _quant_scenarios(dtype, quick):
                 if path == "fused_aligned" and M == 16:  # the decode candidates swept on a GPU
                     for tiles in Q.DECODE_CANDIDATES:
                         Q.matmul_4bit(x, *parts, bs, (N, K), path=path, tiles=tiles)
+                    for tiles in Q.SPLITK_CANDIDATES:  # the split-K forward, with and without epilogue
+                        Q.matmul_4bit(x, *parts, bs, (N, K), path="splitk", tiles=tiles)
+                    Q.matmul_4bit(x, *parts, bs, (N, K), bias=bias, c=_meta(M, N, dtype=dtype), path="splitk")
                 Q.matmul_4bit(x, *parts, bs, (N, K), bias=bias, c=_meta(M, N, dtype=dtype), path=path)
                 Q.matmul_4bit(dy, *parts, bs, (N, K), transpose=True, c=_meta(M, K, dtype=dtype), path=path)
             for tiles in (None, (32, 4, 8), (64, 2, 8)):  # the aligned decoder, default and swept

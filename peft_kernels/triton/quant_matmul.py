@@ -220,6 +220,56 @@ def _matmul_4bit_aligned_kernel(
                 stride_op, HAS_C, HAS_BIAS)
 
 
+@triton.jit
+def _matmul_4bit_splitk_kernel(
+    a_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, c_ptr, bias_ptr, out_ptr,
+    part_ptr, count_ptr, M, P, Q, K_w, Q_PER, SPLIT, stride_am, stride_aq, stride_cm, stride_cp, stride_om,
+    stride_op, BLOCKSIZE: tl.constexpr, WIDE: tl.constexpr, NESTED: tl.constexpr, HAS_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
+):
+    """The aligned forward (out = a @ W^T, K_w % BLOCKSIZE == 0) with its reduction split over
+    SPLIT programs per output tile, each taking Q_PER columns of a (a multiple of NB blocks). At
+    decode sizes the unsplit grid has fewer programs than the GPU has SMs and each walks all of K:
+    the time is the latency of its steps. Each program stores its fp32 partial tile and counts
+    itself in at the tile's counter; the last to arrive adds the SPLIT partials in split order
+    (deterministic: no float atomics) and writes the tile. One launch beside the counters' memset."""
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = pid_p * BN + tl.arange(0, BN)  # output columns = rows of W
+    col_ok = cols < P
+    ci = cols.to(tl.int64) if WIDE else cols
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    blocks = tl.arange(0, NB) * BLOCKSIZE
+    q_lo = pid_k * Q_PER
+    for q0 in range(q_lo, tl.minimum(q_lo + Q_PER, Q), BLOCKSIZE * NB):
+        start = tl.reshape(ci[:, None] * K_w + (q0 + blocks)[None, :], (BN * NB,))
+        ok = tl.reshape(col_ok[:, None] & ((q0 + blocks) < Q)[None, :], (BN * NB,))
+        w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
+                               start, ok, BN * NB, BLOCKSIZE, NESTED)
+        w = tl.reshape(w, (BN, NB * BLOCKSIZE))
+        qs = q0 + tl.arange(0, NB * BLOCKSIZE)
+        a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq,
+                    mask=row_ok[:, None] & (qs < Q)[None, :], other=0.0)
+        acc = _mm(a, tl.trans(w.to(a.dtype)), acc, IEEE)
+    tile = pid_m * tl.num_programs(1) + pid_p
+    n_tiles = tl.num_programs(0) * tl.num_programs(1)
+    in_tile = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    tl.store(part_ptr + (pid_k * n_tiles + tile).to(tl.int64) * (BM * BN) + in_tile, acc)
+    # acq_rel at GPU scope: the partial stored above is visible to whichever program counts last,
+    # and that program sees every other partial.
+    if tl.atomic_add(count_ptr + tile, 1) == SPLIT - 1:
+        total = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, SPLIT):  # split order: the same sum whichever program arrives last
+            total += tl.load(part_ptr + (k * n_tiles + tile).to(tl.int64) * (BM * BN) + in_tile,
+                             cache_modifier=".cg")
+        _store_tile(total, c_ptr, bias_ptr, out_ptr, rows64, cols, row_ok, col_ok, stride_cm, stride_cp,
+                    stride_om, stride_op, HAS_C, HAS_BIAS)
+
+
 # BM, BN, NB (forward: quantization blocks per reduction step, capped at 256 weights a step),
 # num_warps. (16, 64, 4, 4) was the fastest decode candidate on an H100 (qlora_decode_h100.json,
 # M = 16, graphed: 0.081 ms at 4096->4096 and 0.158 at 4096->14336, against 0.132 / 0.201 for the
@@ -230,6 +280,12 @@ ALIGNED_MAX_M = 16
 # and compiled by compile_check. Measured: BN 16/32 (more programs) lost to BN = 64 at NB = 4; wider
 # BN and more warps are next.
 DECODE_CANDIDATES = [(16, 64, 4, 4), (16, 64, 4, 8), (16, 128, 2, 8), (16, 128, 4, 8), (16, 32, 4, 8)]
+# path="splitk" (BM, BN, NB, num_warps, programs per SM): the aligned forward with its reduction
+# split until the grid holds that many programs per SM (_matmul_4bit_splitk_kernel). Not yet run
+# on a GPU: it is timed beside fused_aligned by `bench --op qlora --forward-only` and becomes the
+# decode default only if it wins there.
+SPLITK_TILES = (16, 64, 4, 4, 4)
+SPLITK_CANDIDATES = [(16, 64, 4, 4, 4), (16, 64, 4, 4, 8), (16, 64, 2, 4, 4), (16, 32, 4, 4, 4), (16, 128, 2, 8, 2)]
 
 
 @triton.jit
@@ -307,13 +363,51 @@ def _chunked_matmul_4bit(a, parts, blocksize, shape, out, accumulate, bias, tran
     return windowed_matmul(a, decode, shape, step, out, transpose, accumulate, bias)
 
 
+def splitk_plan(M, N, K, blocksize, tiles, sms):
+    """(grid, NB, Q_PER, SPLIT) of the split-K forward: NB blocks a step (at most 256 weights), and
+    the fewest splits that give the grid ``programs per SM`` * sms programs, each split a whole
+    number of steps."""
+    bm, bn, nb, _, per_sm = tiles
+    nb = max(1, min(nb, 256 // blocksize))
+    step = nb * blocksize
+    steps = cdiv(K, step)
+    output_tiles = cdiv(M, bm) * cdiv(N, bn)
+    want = min(steps, max(1, cdiv(per_sm * sms, output_tiles)))
+    q_per = cdiv(steps, want) * step
+    split = cdiv(K, q_per)
+    return (cdiv(M, bm), cdiv(N, bn), split), nb, q_per, split
+
+
+def _matmul_4bit_splitk(a, parts, blocksize, shape, c, bias, out, tiles):
+    packed, absmax, code, absmax2, code2, offset = parts
+    N, K = shape
+    M = a.shape[0]
+    bm, bn, _, warps, _ = tiles
+    grid, nb, q_per, split = splitk_plan(M, N, K, blocksize, tiles, lora._sm_count(a.device))
+    n_tiles = grid[0] * grid[1]
+    part = torch.empty(split * n_tiles * bm * bn, dtype=torch.float32, device=a.device)
+    count = torch.zeros(n_tiles, dtype=torch.int32, device=a.device)
+    nested = absmax2 is not None
+    launch(
+        _matmul_4bit_splitk_kernel, grid,
+        a, packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
+        offset if nested else code, c if c is not None else out, bias if bias is not None else out, out, part, count,
+        M, N, K, K, q_per, split, a.stride(0), a.stride(1),
+        (c if c is not None else out).stride(0), (c if c is not None else out).stride(1), out.stride(0), out.stride(1),
+        BLOCKSIZE=blocksize, WIDE=N * K >= WIDE_FROM, NESTED=nested, HAS_C=c is not None, HAS_BIAS=bias is not None,
+        IEEE=a.dtype == torch.float32, BM=bm, BN=bn, NB=nb, num_warps=warps, enable_fp_fusion=False,
+    )
+    return out
+
+
 def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shape, c=None, bias=None,
                 transpose=False, tiles=None, path=None):
     """a [M, K] @ W^T -> [M, N] (transpose=False) or a [M, N] @ W -> [M, K] (transpose=True), plus
     c (same shape as the result; the result is written into c when given) and bias (one value
     per result column). W [N, K] = ``shape`` is described by the bitsandbytes 4-bit parts
     (peft_kernels.quant.bnb4bit). ``path``: "fused_aligned" (whole quantization blocks decoded in
-    registers; the default for the forward at M <= ALIGNED_MAX_M when K % blocksize == 0), "fused"
+    registers; the default for the forward at M <= ALIGNED_MAX_M when K % blocksize == 0), "splitk"
+    (the same with the reduction split over programs; forward, aligned K; not a default yet), "fused"
     (per-element decode; other M <= FUSED_MAX_M), "chunked" (windows decoded for cuBLAS; larger M).
     ``path`` and ``tiles`` are for tests and benchmarks."""
     N, K = shape
@@ -350,6 +444,12 @@ def matmul_4bit(a, packed, absmax, code, absmax2, code2, offset, blocksize, shap
             enable_fp_fusion=False,
         )
         return out
+    if path == "splitk":
+        if transpose or K % blocksize:
+            raise ValueError("matmul_4bit: path 'splitk' is the forward (transpose=False) with in_features % "
+                             f"blocksize == 0, got transpose={transpose}, {K} % {blocksize}")
+        return _matmul_4bit_splitk(a, (packed, absmax, code, absmax2, code2, offset), blocksize, shape, c, bias,
+                                   out, tiles or SPLITK_TILES)
     if path == "chunked":
         parts = (packed, absmax, code, absmax2, code2, offset)
         return _chunked_matmul_4bit(a, parts, blocksize, shape, out, c is not None, bias, transpose)
