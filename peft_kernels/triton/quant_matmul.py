@@ -259,9 +259,11 @@ def _matmul_4bit_splitk_kernel(
     n_tiles = tl.num_programs(0) * tl.num_programs(1)
     in_tile = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
     tl.store(part_ptr + (pid_k * n_tiles + tile).to(tl.int64) * (BM * BN) + in_tile, acc)
-    # acq_rel at GPU scope: the partial stored above is visible to whichever program counts last,
-    # and that program sees every other partial.
-    if tl.atomic_add(count_ptr + tile, 1) == SPLIT - 1:
+    # The barrier: every thread's part of the tile is stored before the one thread that performs a
+    # scalar atomic counts the program in; acq_rel at GPU scope then makes the partial visible to
+    # whichever program counts last, and that program sees every other partial (read from L2).
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
         total = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, SPLIT):  # split order: the same sum whichever program arrives last
             total += tl.load(part_ptr + (k * n_tiles + tile).to(tl.int64) * (BM * BN) + in_tile,
