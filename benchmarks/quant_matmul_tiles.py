@@ -1,6 +1,8 @@
 """Tile sweep for the Triton 4-bit matmul (triton/quant_matmul.py) on the running GPU.
 
-For each shape and direction (forward x@W^T, backward dY@W) it times every tile configuration
+For each shape and direction (forward x@W^T, backward dY@W) it times every tile configuration,
+launched eagerly (``ms``: the host's launch overhead included, which hides a short kernel's device
+time) and replayed from a CUDA graph (``graphed_ms``: device time),
 against cuBLAS on the already-dequantized bf16 weight (the speed of light for this product) and
 against bnb-style dequantize-then-matmul, and writes the table as JSON. It first times the
 block-aligned window decoder alone (the chunked path's cost above cuBLAS) for each DECODES
@@ -14,7 +16,8 @@ import argparse
 
 import torch
 
-from peft_kernels.bench.harness import Progress, add_device_argument, device_and_dtype, environment, time_ms, write_json
+from peft_kernels.bench.harness import (Progress, add_device_argument, device_and_dtype, environment, time_ms,
+                                        time_ms_graphed, write_json)
 from peft_kernels.quant import NF4Weight
 from peft_kernels.triton import quant_matmul as qm
 
@@ -52,9 +55,10 @@ def main():
     for cfg in DECODES:  # bytes moved: the packed weight and absmax in, bf16 out
         qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out, tiles=cfg)
         exact = torch.equal(deq_out, w)
-        t = time_ms(lambda cfg=cfg: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out, tiles=cfg), dev)
-        gbs = (N * K // 2 + N * K // 64 + N * K * 2) / t / 1e6
-        decoders.append(dict(config=cfg, ms=t, exact=exact, gb_per_s=gbs))
+        decode = lambda cfg=cfg: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out, tiles=cfg)  # noqa: E731
+        t, tg = time_ms(decode, dev), time_ms_graphed(decode, dev)
+        gbs = (N * K // 2 + N * K // 64 + N * K * 2) / (tg or t) / 1e6
+        decoders.append(dict(config=cfg, ms=t, graphed_ms=tg, exact=exact, gb_per_s=gbs))
         print(decoders[-1], flush=True)
     deq_ms = time_ms(lambda: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out), dev)
     print({f"dequantize_{N}x{K}_triton_ms": deq_ms}, flush=True)
@@ -63,6 +67,7 @@ def main():
             a = torch.randn(M, N if transpose else K, device=dev, dtype=dtype)
             ref = a @ w if transpose else a @ w.T
             cublas = time_ms(lambda: a @ w if transpose else a @ w.T, dev)
+            cublas_g = time_ms_graphed(lambda: a @ w if transpose else a @ w.T, dev)
             deq = time_ms(lambda: (a @ q.dequantize()) if transpose else a @ q.dequantize().T, dev)
             for path, cfg in cases:
                 prog.step(f"M={M} T={transpose} {path} {cfg}")
@@ -73,12 +78,13 @@ def main():
                 run = lambda: qm.matmul_4bit(a, *q.parts(), transpose=transpose, tiles=tiles, path=path)  # noqa: E731
                 try:
                     err = (run().float() - ref.float()).abs().max().item()
-                    t = time_ms(run, dev)
+                    t, tg = time_ms(run, dev), time_ms_graphed(run, dev)
                 except Exception as e:  # out of shared memory etc.: recorded, not hidden
-                    t, err = None, repr(e)[:120]
-                rows.append(dict(M=M, N=N, K=K, transpose=transpose, path=path, config=cfg, ms=t, max_err=err,
-                                 cublas_bf16_ms=cublas, dequant_matmul_ms=deq,
-                                 ratio_to_cublas=(t / cublas) if t else None))
+                    t, tg, err = None, None, repr(e)[:120]
+                rows.append(dict(M=M, N=N, K=K, transpose=transpose, path=path, config=cfg, ms=t, graphed_ms=tg,
+                                 max_err=err, cublas_bf16_ms=cublas, cublas_bf16_graphed_ms=cublas_g,
+                                 dequant_matmul_ms=deq, ratio_to_cublas=(t / cublas) if t else None,
+                                 graphed_ratio_to_cublas=(tg / cublas_g) if tg and cublas_g else None))
                 print(rows[-1], flush=True)
     if args.out:
         write_json(args.out, {"env": environment(dev), f"dequantize_{N}x{K}_ms": deq_ms, "decoders": decoders,
