@@ -32,6 +32,8 @@ def test_bench_ops_write_json_and_plot(op, extra, tmp_path, capsys):
             assert {"bitsandbytes Linear4bit (frozen NF4)", "HF PEFT QLoRA (bnb), fp32 adapters p=0.05"} <= cases
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "floor" in capsys.readouterr().out
+    markdown = out.with_suffix(".md").read_text()  # the table beside the JSON, one row a case
+    assert "M x K -> N" in markdown.splitlines()[2] and markdown.count("\n| ") == len(data["results"]) + 1
     assert all(r["saved_mib"] is not None for r in data["results"] if "compile" not in r["case"])
     if op != "lora":  # README tables (results_table.py) render these JSONs with the new column
         spec = importlib.util.spec_from_file_location("results_table", ROOT / "benchmarks" / "results_table.py")
@@ -62,6 +64,7 @@ def test_bench_model_on_cpu(tmp_path):
     assert main(["bench", "--op", "model", "--reps", "1", "--layers", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert rows[0]["case"] == "all weights frozen (floor)" and rows[0]["ratio"] == 1.0
+    assert out.with_suffix(".md").read_text().count("\n| ") == len(rows) + 1
     cases = {r["case"]: r for r in rows}
     assert {"HF PEFT dora p=0.05", "peft_kernels (patched PEFT) dora p=0.05"} <= set(cases)
     if "HF PEFT shira p=0" in cases:  # PEFT's SHiRA keeps a whole cloned weight per layer for backward

@@ -418,15 +418,24 @@ def plot(payload: dict, path: str):
     plt.close(fig)
 
 
+def write_report(out: str | Path, payload: dict, title: str, table: str):
+    """The JSON at ``out`` and, beside it (same name, .md), the markdown table under a title line."""
+    write_json(out, payload)
+    markdown = Path(out).with_suffix(".md")
+    markdown.write_text(f"{title}\n\n{table}\n")
+    print(f"wrote {out} and {markdown}")
+
+
 def report(payload: dict, out: str | None, plot_path: str | None = None):
-    """Print the device line and the results table; write the JSON when ``out`` is given and a PNG
-    chart when ``plot_path`` is."""
+    """Print the device line and the results table; write the JSON (and the table as markdown
+    beside it) when ``out`` is given, and a PNG chart when ``plot_path`` is."""
     env = payload["env"]
-    print(f"\n{env['device']} — torch {env['torch']}, triton {env['triton']}")
-    print(results_table(payload))
+    title = f"{env['device']} — torch {env['torch']}, triton {env['triton']}"
+    table = results_table(payload)
+    print(f"\n{title}")
+    print(table)
     if out:
-        write_json(out, payload)
-        print(f"wrote {out}")
+        write_report(out, payload, f"**{payload.get('benchmark', 'benchmark')}** — {title}", table)
     if plot_path:
         plot(payload, plot_path)
         print(f"wrote {plot_path}")

@@ -179,15 +179,16 @@ def main(argv=None) -> int:
         methods.append(("shira", 0.0))
     methods.append(("lora+tokens", 0.0))
     payload = run(cfg, device, torch.bfloat16 if gpu else torch.float32, args.reps or (10 if gpu else 2), methods)
-    print(f"\n{payload['env']['device']} — torch {payload['env']['torch']}")
-    print(harness.markdown_table(["case", "step ms", "/ floor", "graphed / floor", "host issue ms", "peak GiB",
-                                  "saved for bwd MiB"],
-                                 [[r["case"], r["ms"], f"{r['ratio']:.2f}x",
-                                   None if r["graphed_ratio"] is None else f"{r['graphed_ratio']:.2f}x",
-                                   r["host_issue_ms"],
-                                   None if r["peak_gib"] is None else round(r["peak_gib"], 2), r["saved_mib"]]
-                                  for r in payload["results"]]))
+    title = f"{payload['env']['device']} — torch {payload['env']['torch']}"
+    table = harness.markdown_table(["case", "step ms", "/ floor", "graphed / floor", "host issue ms", "peak GiB",
+                                    "saved for bwd MiB"],
+                                   [[r["case"], r["ms"], f"{r['ratio']:.2f}x",
+                                     None if r["graphed_ratio"] is None else f"{r['graphed_ratio']:.2f}x",
+                                     r["host_issue_ms"],
+                                     None if r["peak_gib"] is None else round(r["peak_gib"], 2), r["saved_mib"]]
+                                    for r in payload["results"]])
+    print(f"\n{title}")
+    print(table)
     if args.out:
-        harness.write_json(args.out, payload)
-        print(f"wrote {args.out}")
+        harness.write_report(args.out, payload, f"**whole-model training step** — {title}", table)
     return 0
