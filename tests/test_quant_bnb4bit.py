@@ -162,7 +162,9 @@ def test_bad_inputs():
 def test_triton_quantize_is_byte_identical_to_torch_path(quant_type, blocksize, shape, double_quant, kernel_device):
     from peft_kernels.quant.bnb4bit import _quantize_parts
 
-    w = torch.randn(*shape) * 0.05
+    # fp32 weights, and 16-bit ones where the product of the parametrization allows (widened exactly)
+    dtype = (torch.float32, torch.float16, torch.bfloat16)[(blocksize + sum(shape)) % 3]
+    w = (torch.randn(*shape) * 0.05).to(dtype)
     w.view(-1)[:3] = 0.0  # zeros and (for small shapes) an all-zero or partial block
     w.view(-1)[-2:] = -0.0  # FP4 has both zeros: the sign nibble of exact zeros must follow the torch path
     ref_packed, ref_absmax, ref_nested = _quantize_parts(w, quant_type, blocksize, double_quant, use_triton=False)
