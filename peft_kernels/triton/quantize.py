@@ -42,8 +42,9 @@ def _quantize_4bit_kernel(w_ptr, bounds_ptr, order_ptr, packed_ptr, absmax_ptr, 
     flat = blocks.to(tl.int64)[:, None] * BS + tl.arange(0, BS)[None, :]
     ok = flat < n
     w = tl.load(w_ptr + flat, mask=ok, other=0.0).to(tl.float32)
-    bad = (w != w) | (tl.abs(w) == float("inf"))
-    tl.atomic_add(nonfinite_ptr, tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0))
+    bad = tl.sum(tl.sum(((w != w) | (tl.abs(w) == float("inf"))).to(tl.int32), axis=1), axis=0)
+    # Masked: thousands of programs adding zeros to one address would serialize at the L2.
+    tl.atomic_add(nonfinite_ptr, bad, mask=bad > 0)
     scaled, amax = _scale_blocks(w, blocks, n, BS, NB)
     idx = tl.zeros((NB, BS), dtype=tl.int32)
     for t in tl.static_range(15):
