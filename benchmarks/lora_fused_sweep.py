@@ -1,7 +1,7 @@
 """Tile sweep of the single-launch small-M LoRA kernels (triton/lora.py) on the running GPU,
 kernel level (no autograd), eager-launched and graphed:
   forward   _lora_fused_fwd_kernel against F.linear (the frozen floor) and the three-launch path
-            (down, up, cuBLAS addmm_), over (BN, BK, stages);
+            (down, up, cuBLAS addmm_), over (BN, BK, stages, K splits);
   backward  _lora_fused_bwd_kernel against dY @ W (the frozen floor) and the dy / dx kernels +
             cuBLAS addmm_ path, over (BN = the reduction step, BK = dX columns per program, stages).
 Its output decides FUSED_FWD_MAX_M / FUSED_BWD_MAX_M and the default tiles of _fused_fwd_tiles /
@@ -33,7 +33,7 @@ def _sweep(rows, meta, cases, reference, fused, configs, override_keys, dev):
     ratios are to the first case (the floor)."""
     want = reference()
     for cfg in configs:
-        name = "fused " + " ".join(f"{k}={v}" for k, v in zip(("bn", "bk", "stages"), cfg))
+        name = "fused " + " ".join(f"{k}={v}" for k, v in zip(("bn", "bk", "stages", "split"), cfg))
         override = dict(zip(override_keys, cfg))
         run = lambda override=override: fused(override)  # noqa: E731
         try:
@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--passes", default="fwd,bwd")
     ap.add_argument("--bn", default="16,32,64", help="forward: W rows per program")
     ap.add_argument("--bk", default="64,128,256", help="forward: reduction step")
+    ap.add_argument("--split", default="1,2,4,8", help="forward: K split this many ways (1: one program "
+                    "walks all of K)")
     ap.add_argument("--stages", default="3",
                     help="pipeline stages (the launch policy lowers them where shared memory is short)")
     ap.add_argument("--bwd-bn", default="32,64,128", help="backward: reduction step over N")
@@ -73,7 +75,7 @@ def main():
     passes = args.passes.split(",")
     r, p, s = 16, 0.05, 2.0
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
-    fwd_configs = list(itertools.product(ints(args.bn), ints(args.bk), ints(args.stages)))
+    fwd_configs = list(itertools.product(ints(args.bn), ints(args.bk), ints(args.stages), ints(args.split)))
     bwd_configs = list(itertools.product(ints(args.bwd_bn), ints(args.bwd_bk), ints(args.stages)))
     ms_list = ints(args.ms)
     rows = []
@@ -97,7 +99,7 @@ def main():
                    {"floor F.linear": lambda: F.linear(x, w),
                     "three launches": lambda: tl_lora.lora_forward(x, w, a, b, None, s, p, seed)},
                    lambda: tl_lora.lora_forward(x, w, a, b, None, s, p, seed), fused_fwd, fwd_configs,
-                   ("fused_bn", "fused_bk", "fused_stages"), dev)
+                   ("fused_bn", "fused_bk", "fused_stages", "fused_split"), dev)
         if "bwd" in passes:
             def fused_bwd(override):
                 with tl_lora.launch_override(**override):

@@ -56,9 +56,9 @@ def test_quant_matmul_tiles_runs_and_every_path_is_right(tmp_path):
 def test_lora_fused_sweep_runs(tmp_path):
     # the script itself asserts that every fused configuration matches the unfused path
     data, _ = _run("lora_fused_sweep.py", "--shapes", "48x40", "--ms", "3", "--bn", "16,32", "--bk", "16",
-                   "--stages", "2", "--bwd-bn", "16", "--bwd-bk", "16,32", tmp_path=tmp_path)
+                   "--stages", "2", "--split", "1,2", "--bwd-bn", "16", "--bwd-bk", "16,32", tmp_path=tmp_path)
     cases = {(r["direction"], r["case"]) for r in data["rows"]}
-    assert {("fwd", "fused bn=16 bk=16 stages=2"), ("fwd", "fused bn=32 bk=16 stages=2"),
+    assert {("fwd", "fused bn=16 bk=16 stages=2 split=1"), ("fwd", "fused bn=32 bk=16 stages=2 split=2"),
             ("bwd", "fused bn=16 bk=16 stages=2"), ("bwd", "fused bn=16 bk=32 stages=2"),
             ("bwd", "dy/dx kernels + cuBLAS")} <= cases, cases
     assert all(r.get("ms") is not None for r in data["rows"]), [r for r in data["rows"] if "error" in r]

@@ -71,15 +71,35 @@ def test_triton_split_and_unsplit_reductions(sms, kernel_device):
                                                ((5, 40), 37, 23, 5, 0.1, True),  # 200 rows: BM = 256, 8 warps
                                                ((9,), 16, 16, 1, 0.5, False)])  # K, N exactly one tile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_single_launch_forward(lead, k, n, r, p, bias, dtype, kernel_device):
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_triton_single_launch_forward(lead, k, n, r, p, bias, dtype, split, kernel_device):
     """The small-M forward in one launch (x@W^T, u and the up-projection in one kernel), with
     16-wide tiles so N spans several programs (only the first writes u) and K several partial
-    iterations; its u feeds the usual backward kernels."""
+    iterations; its u feeds the usual backward kernels. split > 1: K reduced in that many ranges
+    (uneven ones for K = 37 and 71; K = 16 has one range), the last program of each tile summing
+    the partials of x@W^T and u."""
     from unittest import mock
-    with triton_lora.launch_override(fused_max_m=256, fused_bn=16, fused_bk=16), \
+    with triton_lora.launch_override(fused_max_m=256, fused_bn=16, fused_bk=16, fused_split=split), \
             mock.patch.object(triton_lora, "fused_forward", wraps=triton_lora.fused_forward) as fused:
         _check("triton", kernel_device, dtype, lead, k, n, r, bias=bias, p=p)
     assert fused.call_count >= 1
+
+
+def test_triton_single_launch_forward_split_is_deterministic_and_close_to_unsplit(kernel_device):
+    """Split K: the same bits on every call, and (fp32) within rounding of the one-range result."""
+    torch.manual_seed(0)
+    x, w = torch.randn(9, 100, device=kernel_device), torch.randn(23, 100, device=kernel_device)
+    a, b, bias = (torch.randn(5, 100, device=kernel_device), torch.randn(23, 5, device=kernel_device),
+                  torch.randn(23, device=kernel_device))
+    seed = torch.tensor([7], dtype=torch.int64, device=kernel_device)
+    outs = {}
+    for split in (1, 4):
+        with triton_lora.launch_override(fused_bn=16, fused_bk=16, fused_split=split):
+            runs = [triton_lora.fused_forward(x, w, a, b, bias, 1.5, 0.2, seed) for _ in range(2)]
+        assert all(torch.equal(r0, r1) for r0, r1 in zip(*runs))
+        outs[split] = runs[0]
+    for one, four in zip(outs[1], outs[4]):
+        assert torch.allclose(one, four, rtol=1e-5, atol=1e-5) and not torch.equal(one, torch.zeros_like(one))
 
 
 @pytest.mark.parametrize("lead,k,n,r,p,bias", [((1,), 37, 53, 5, 0.3, True),   # 3 programs, 4 dB chunks (wraps)

@@ -16,7 +16,9 @@ Small M (decode, short sequences; opt-in until timed on a GPU, see FUSED_FWD_MAX
 forward in one launch, _lora_fused_fwd_kernel, a GEMV-like kernel that streams W once and carries
 the LoRA terms in its main loop: y = x @ W.T + bias + s * (dropout(x) @ A.T) @ B.T. Every program
 recomputes u from the same x tiles (A is r/BN the size of its W slice and stays in L2), so no
-second launch or workspace is needed; program 0 along N writes u for backward.
+second launch or workspace is needed; program 0 along N writes u for backward. Optionally
+(launch_override(fused_split=S), a candidate for lora_fused_sweep.py) K is split S ways, the last
+program of each output tile summing the partials: more programs, each walking a part of K.
 
 The dropout mask is regenerated from (seed, row, col) by triton.rng in both passes: neither the
 mask nor dropout(x) is ever stored; only u (M x r, fp32) is saved for backward. Reductions that
@@ -148,37 +150,11 @@ def _lora_up_kernel(
 
 
 @triton.jit
-def _lora_fused_fwd_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, seed_ptr,
-    M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    scaling, threshold, inv_keep,
-    HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_ok = cols < N
-    cols64 = cols.to(tl.int64)
-    ranks = tl.arange(0, BR)
-    rank_ok = ranks < R
-    key = _dropout_row_keys(seed_ptr, rows, HAS_DROPOUT)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    u = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_ptr + cols64[None, :] * stride_wn + ks[:, None] * stride_wk,
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mm(x, w_t, acc, IEEE)
-        u = _down_tile(x, u, a_ptr, ks, k_ok, ranks, rank_ok, stride_ar, stride_ak, key, threshold, HAS_DROPOUT, IEEE)
+def _fused_fwd_epilogue(acc, u, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, rows64, row_ok, cols, col_ok, cols64, ranks,
+                        rank_ok, R, stride_bn, stride_br, stride_ym, stride_yn, scaling, inv_keep,
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """y = acc + s * u @ B.T + bias for one output tile (u scaled by 1/(1-p)); the tile at
+    pid_n == 0 also writes u for backward."""
     u = u * inv_keep
     if pid_n == 0:
         tl.store(u_ptr + rows64[:, None] * R + ranks[None, :], u, mask=row_ok[:, None] & rank_ok[None, :])
@@ -190,6 +166,72 @@ def _lora_fused_fwd_kernel(
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _lora_fused_fwd_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, u_ptr, seed_ptr, part_ptr, part_u_ptr, count_ptr,
+    M, N, K, R, K_PER, SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    scaling, threshold, inv_keep,
+    HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, SPLITK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    """Program (pid_n, pid_m, pid_k) reduces columns [pid_k * K_PER, +K_PER) of x (all of K when
+    not SPLITK). SPLITK: each program stores its fp32 partials of x @ W.T and of u, counts itself
+    in at its output tile's counter, and the last to arrive sums the SPLIT partials in split
+    order (deterministic) and runs the epilogue: more programs than N / BN, each walking a part
+    of K, and u's share of A read once per tile and split rather than once per tile."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    cols64 = cols.to(tl.int64)
+    ranks = tl.arange(0, BR)
+    rank_ok = ranks < R
+    key = _dropout_row_keys(seed_ptr, rows, HAS_DROPOUT)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    u = tl.zeros((BM, BR), dtype=tl.float32)
+    k_lo = pid_k * K_PER
+    for k0 in range(k_lo, tl.minimum(k_lo + K_PER, K), BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(w_ptr + cols64[None, :] * stride_wn + ks[:, None] * stride_wk,
+                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mm(x, w_t, acc, IEEE)
+        u = _down_tile(x, u, a_ptr, ks, k_ok, ranks, rank_ok, stride_ar, stride_ak, key, threshold, HAS_DROPOUT, IEEE)
+    if SPLITK:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        n_tiles = tl.num_programs(0) * tl.num_programs(1)
+        in_acc = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        in_u = tl.arange(0, BM)[:, None] * BR + ranks[None, :]
+        slot = (pid_k * n_tiles + tile).to(tl.int64)
+        tl.store(part_ptr + slot * (BM * BN) + in_acc, acc)
+        tl.store(part_u_ptr + slot * (BM * BR) + in_u, u)
+        # Every thread's share stored before the one thread of the scalar atomic counts the
+        # program in; acq_rel at GPU scope publishes it to the program that counts last.
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            u = tl.zeros((BM, BR), dtype=tl.float32)
+            for k in range(0, SPLIT):  # split order: the same sums whichever program arrives last
+                slot = (k * n_tiles + tile).to(tl.int64)
+                acc += tl.load(part_ptr + slot * (BM * BN) + in_acc, cache_modifier=".cg")
+                u += tl.load(part_u_ptr + slot * (BM * BR) + in_u, cache_modifier=".cg")
+            _fused_fwd_epilogue(acc, u, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, rows64, row_ok, cols, col_ok, cols64,
+                                ranks, rank_ok, R, stride_bn, stride_br, stride_ym, stride_yn, scaling, inv_keep,
+                                HAS_BIAS, IEEE, BM, BN)
+    else:
+        _fused_fwd_epilogue(acc, u, b_ptr, bias_ptr, y_ptr, u_ptr, pid_n, rows64, row_ok, cols, col_ok, cols64,
+                            ranks, rank_ok, R, stride_bn, stride_br, stride_ym, stride_yn, scaling, inv_keep,
+                            HAS_BIAS, IEEE, BM, BN)
 
 
 @triton.jit
@@ -574,21 +616,34 @@ def delta_backward(grad_y, x, lora_A, lora_B, u, scaling, dropout_p, seed, need_
 
 def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     """lora_forward in one launch for small M (<= FUSED_LIMIT rows): same contract,
-    (y [M, N] in x.dtype, u [M, r] fp32)."""
+    (y [M, N] in x.dtype, u [M, r] fp32). With launch_override(fused_split=S) the reduction over
+    K is split S ways (beside a memset of the tiles' arrival counters)."""
     M, K = x.shape
     N, R = lora_B.shape
     BR = _padded_rank(R)
     bm, bn, bk, stages, warps = _fused_fwd_tiles(M, N, BR, _sm_count(x.device))
+    steps = cdiv(K, bk)
+    k_per = cdiv(steps, min(max(1, _OVERRIDE.get("fused_split", 1)), steps)) * bk
+    split = cdiv(K, k_per)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    grid = (cdiv(N, bn), cdiv(M, bm), split)
+    if split > 1:
+        n_tiles = grid[0] * grid[1]
+        part = torch.empty(split * n_tiles * bm * bn, dtype=torch.float32, device=x.device)
+        part_u = torch.empty(split * n_tiles * bm * BR, dtype=torch.float32, device=x.device)
+        count = torch.zeros(n_tiles, dtype=torch.int32, device=x.device)
+    else:
+        part = part_u = count = u
     launch(
-        _lora_fused_fwd_kernel, (cdiv(N, bn), cdiv(M, bm)),
+        _lora_fused_fwd_kernel, grid,
         x, weight, lora_A, lora_B, bias if bias is not None else y, y, u, seed if seed is not None else x,
-        M, N, K, R,
+        part, part_u, count,
+        M, N, K, R, k_per, split,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         scaling, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        HAS_DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, SPLITK=split > 1,
         BM=bm, BN=bn, BK=bk, BR=BR, num_warps=warps, num_stages=stages,
     )
     return y, u
