@@ -54,7 +54,9 @@ case "$part" in
     build
     step 200 python3 benchmarks/bench_lora.py --out "$OUT/lora_$gpu.json"
     step 150 python3 benchmarks/bench_lora_backends.py --out "$OUT/lora_backends_$gpu.json"
-    step 150 python3 benchmarks/lora_fused_sweep.py --out "$OUT/lora_fused_$gpu.json"
+    # the forward's K splits at decode sizes (the full tile sweep: lora_fused_h100.json of 2026-11-24)
+    step 150 python3 benchmarks/lora_fused_sweep.py --passes fwd --ms 1,16,64 --bn 16,64 --bk 128 --split 1,2,4,8 \
+      --out "$OUT/lora_fused_$gpu.json"
     # host issue time vs back-to-back time per piece: which of host and device limits small M
     step 45 python3 benchmarks/lora_host_pieces.py \
       >"$OUT/lora_host_$gpu.txt"

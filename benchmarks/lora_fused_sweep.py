@@ -112,12 +112,13 @@ def main():
                    ("fused_bwd_bn", "fused_bwd_bk", "fused_bwd_stages"), dev)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        if args.out:  # after every shape: a run cut short by its time limit keeps what it measured
+            write_json(args.out, {"env": environment(dev), "config": dict(dtype=str(dtype), r=r, dropout=p),
+                                  "rows": rows})
     print(markdown_table(["M", "K->N", "pass", "case", "ms", "/ floor", "graphed / floor"],
                          [[q["M"], f"{q['K']}->{q['N']}", q["direction"], q["case"], q.get("ms"),
                            f"{q['ratio']:.2f}x" if "ratio" in q else q.get("error"),
                            None if q.get("graphed_ratio") is None else f"{q['graphed_ratio']:.2f}x"] for q in rows]))
-    if args.out:
-        write_json(args.out, {"env": environment(dev), "config": dict(dtype=str(dtype), r=r, dropout=p), "rows": rows})
 
 
 if __name__ == "__main__":

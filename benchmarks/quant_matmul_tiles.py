@@ -86,9 +86,9 @@ def main():
                                  dequant_matmul_ms=deq, ratio_to_cublas=(t / cublas) if t else None,
                                  graphed_ratio_to_cublas=(tg / cublas_g) if tg and cublas_g else None))
                 print(rows[-1], flush=True)
-    if args.out:
-        write_json(args.out, {"env": environment(dev), f"dequantize_{N}x{K}_ms": deq_ms, "decoders": decoders,
-                              "rows": rows})
+        if args.out:  # after every M: a run cut short by its time limit keeps what it measured
+            write_json(args.out, {"env": environment(dev), f"dequantize_{N}x{K}_ms": deq_ms, "decoders": decoders,
+                                  "rows": rows})
 
 
 if __name__ == "__main__":
