@@ -41,6 +41,7 @@ from ..reference import lora as reference
 from ..reference.rng import keep_threshold
 from .launch import cdiv, launch, next_power_of_2
 from .rng import keep_mask, row_keys
+from .splitk import last_to_arrive
 
 MAX_RANK = 256
 
@@ -215,10 +216,7 @@ def _lora_fused_fwd_kernel(
         slot = (pid_k * n_tiles + tile).to(tl.int64)
         tl.store(part_ptr + slot * (BM * BN) + in_acc, acc)
         tl.store(part_u_ptr + slot * (BM * BR) + in_u, u)
-        # Every thread's share stored before the one thread of the scalar atomic counts the
-        # program in; acq_rel at GPU scope publishes it to the program that counts last.
-        tl.debug_barrier()
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+        if last_to_arrive(count_ptr, tile, SPLIT):
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             u = tl.zeros((BM, BR), dtype=tl.float32)
             for k in range(0, SPLIT):  # split order: the same sums whichever program arrives last

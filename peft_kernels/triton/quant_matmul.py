@@ -22,6 +22,7 @@ from ..reference.windowed import windowed_matmul
 from . import dora, lora
 from .launch import cdiv, launch
 from .lora import _mm
+from .splitk import last_to_arrive
 
 
 @triton.jit
@@ -167,6 +168,28 @@ def _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr,
 
 
 @triton.jit
+def _aligned_forward_steps(acc, a_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
+                           rows64, row_ok, ci, col_ok, q_lo, q_hi, Q, K_w, stride_am, stride_aq,
+                           BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr,
+                           NB: tl.constexpr):
+    """acc + a[rows, q_lo:q_hi] @ W[ci, q_lo:q_hi]^T, NB quantization blocks of W's rows a step
+    (q_lo a multiple of NB * BLOCKSIZE; blocks past Q are masked, their a columns are zero too)."""
+    blocks = tl.arange(0, NB) * BLOCKSIZE
+    for q0 in range(q_lo, q_hi, BLOCKSIZE * NB):
+        # BN * NB block rows: row i of W's NB blocks at q0, in order
+        start = tl.reshape(ci[:, None] * K_w + (q0 + blocks)[None, :], (BN * NB,))
+        ok = tl.reshape(col_ok[:, None] & ((q0 + blocks) < Q)[None, :], (BN * NB,))
+        w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
+                               start, ok, BN * NB, BLOCKSIZE, NESTED)
+        w = tl.reshape(w, (BN, NB * BLOCKSIZE))
+        qs = q0 + tl.arange(0, NB * BLOCKSIZE)
+        a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq,
+                    mask=row_ok[:, None] & (qs < Q)[None, :], other=0.0)
+        acc = _mm(a, tl.trans(w.to(a.dtype)), acc, IEEE)
+    return acc
+
+
+@triton.jit
 def _matmul_4bit_aligned_kernel(
     a_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr, c_ptr, bias_ptr, out_ptr,
     M, P, Q, K_w, stride_am, stride_aq, stride_cm, stride_cp, stride_om, stride_op,
@@ -199,22 +222,10 @@ def _matmul_4bit_aligned_kernel(
             acc = _mm(a, w.to(a.dtype), acc, IEEE)
     else:
         cols = pid_p * BN + tl.arange(0, BN)  # output columns = rows of W
-        c_ok_w = cols < P
         ci = cols.to(tl.int64) if WIDE else cols
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        blocks = tl.arange(0, NB) * BLOCKSIZE
-        for q0 in range(0, Q, BLOCKSIZE * NB):
-            # BN * NB block rows: row i of W's NB blocks at q0, in order (blocks past Q are
-            # masked: their a columns are zero too)
-            start = tl.reshape(ci[:, None] * K_w + (q0 + blocks)[None, :], (BN * NB,))
-            ok = tl.reshape(c_ok_w[:, None] & ((q0 + blocks) < Q)[None, :], (BN * NB,))
-            w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
-                                   start, ok, BN * NB, BLOCKSIZE, NESTED)
-            w = tl.reshape(w, (BN, NB * BLOCKSIZE))
-            qs = q0 + tl.arange(0, NB * BLOCKSIZE)
-            a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq,
-                        mask=row_ok[:, None] & (qs < Q)[None, :], other=0.0)
-            acc = _mm(a, tl.trans(w.to(a.dtype)), acc, IEEE)
+        acc = _aligned_forward_steps(tl.zeros((BM, BN), dtype=tl.float32), a_ptr, packed_ptr, absmax_ptr,
+                                     absmax2_ptr, code_ptr, code2_ptr, offset_ptr, rows64, row_ok, ci, cols < P, 0,
+                                     Q, Q, K_w, stride_am, stride_aq, BLOCKSIZE, NESTED, IEEE, BN, NB)
     col_ok = cols < P
     _store_tile(acc, c_ptr, bias_ptr, out_ptr, rows64, cols, row_ok, col_ok, stride_cm, stride_cp, stride_om,
                 stride_op, HAS_C, HAS_BIAS)
@@ -242,28 +253,16 @@ def _matmul_4bit_splitk_kernel(
     cols = pid_p * BN + tl.arange(0, BN)  # output columns = rows of W
     col_ok = cols < P
     ci = cols.to(tl.int64) if WIDE else cols
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    blocks = tl.arange(0, NB) * BLOCKSIZE
     q_lo = pid_k * Q_PER
-    for q0 in range(q_lo, tl.minimum(q_lo + Q_PER, Q), BLOCKSIZE * NB):
-        start = tl.reshape(ci[:, None] * K_w + (q0 + blocks)[None, :], (BN * NB,))
-        ok = tl.reshape(col_ok[:, None] & ((q0 + blocks) < Q)[None, :], (BN * NB,))
-        w = _decode_block_rows(packed_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, offset_ptr,
-                               start, ok, BN * NB, BLOCKSIZE, NESTED)
-        w = tl.reshape(w, (BN, NB * BLOCKSIZE))
-        qs = q0 + tl.arange(0, NB * BLOCKSIZE)
-        a = tl.load(a_ptr + rows64[:, None] * stride_am + qs[None, :] * stride_aq,
-                    mask=row_ok[:, None] & (qs < Q)[None, :], other=0.0)
-        acc = _mm(a, tl.trans(w.to(a.dtype)), acc, IEEE)
+    acc = _aligned_forward_steps(tl.zeros((BM, BN), dtype=tl.float32), a_ptr, packed_ptr, absmax_ptr, absmax2_ptr,
+                                 code_ptr, code2_ptr, offset_ptr, rows64, row_ok, ci, col_ok, q_lo,
+                                 tl.minimum(q_lo + Q_PER, Q), Q, K_w, stride_am, stride_aq, BLOCKSIZE, NESTED, IEEE,
+                                 BN, NB)
     tile = pid_m * tl.num_programs(1) + pid_p
     n_tiles = tl.num_programs(0) * tl.num_programs(1)
     in_tile = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
     tl.store(part_ptr + (pid_k * n_tiles + tile).to(tl.int64) * (BM * BN) + in_tile, acc)
-    # The barrier: every thread's part of the tile is stored before the one thread that performs a
-    # scalar atomic counts the program in; acq_rel at GPU scope then makes the partial visible to
-    # whichever program counts last, and that program sees every other partial (read from L2).
-    tl.debug_barrier()
-    if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+    if last_to_arrive(count_ptr, tile, SPLIT):
         total = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, SPLIT):  # split order: the same sum whichever program arrives last
             total += tl.load(part_ptr + (k * n_tiles + tile).to(tl.int64) * (BM * BN) + in_tile,
