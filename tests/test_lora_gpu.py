@@ -47,6 +47,27 @@ def test_single_launch_kernels_match_oracle(M, K, N, r, dtype, p):
         assert_close_to_oracle(fn, [x, w, a, b, bias], 2.0, p, 42, grad_out)
 
 
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (16, 4096, 14336, 16),
+                                     (64, 4095, 4097, 13), (16, 14336, 4096, 64)])
+@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_single_launch_forward_split_k(M, K, N, r, split, p):
+    """The single-launch forward with K split (partials, arrival counters, the last program's
+    sums) on real concurrency: against the float64 oracle (gradients through the usual backward),
+    and the same bits on every run."""
+    from peft_kernels.triton import lora as triton_lora
+    x, w, a, b, bias = make_inputs((M,), K, N, r, torch.bfloat16, "cuda", bias=True)
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    grad_out = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    fn = lambda *t: peft_kernels.lora_linear(*t, scaling=2.0, dropout_p=p, seed=42, backend="triton")  # noqa: E731
+    with triton_lora.launch_override(fused_max_m=256, fused_bn=64, fused_split=split):
+        assert_close_to_oracle(fn, [x, w, a, b, bias], 2.0, p, 42, grad_out)
+        with torch.no_grad():
+            runs = [fn(x, w, a, b, bias) for _ in range(5)]
+    assert all(torch.equal(run, runs[0]) for run in runs)
+
+
 def test_fp32_uses_exact_products():
     x, w, a, b, bias = make_inputs((300,), 1000, 700, 16, torch.float32, "cuda")
     for t in (x, a, b):
