@@ -58,10 +58,16 @@ def code_table(quant_type: str, device=None) -> torch.Tensor:
     CUDA-graph capture (it did: the QLoRA steps could not be graphed)."""
     if quant_type not in _CODES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    key = (quant_type, str(torch.device(device) if device is not None else "cpu"))
+    return _table_on(quant_type, device)
+
+
+def _table_on(name: str, device=None) -> torch.Tensor:
+    """Code table ``name`` ("nf4", "fp4" or "dynamic", bnb's signed 8-bit map) on ``device``, one
+    cached copy per device (no host copy per call)."""
+    key = (name, str(torch.device(device) if device is not None else "cpu"))
     table = _CODES_ON.get(key)
     if table is None:
-        table = _CODES_ON[key] = _CODES[quant_type].to(device)
+        table = _CODES_ON[key] = (dynamic_map_signed() if name == "dynamic" else _CODES[name]).to(device)
     return table
 
 
@@ -95,7 +101,7 @@ def code_search_tables(name: str, device=None) -> tuple[torch.Tensor, torch.Tens
     key = (name, str(torch.device(device) if device is not None else "cpu"))
     tables = _SEARCH_ON.get(key)
     if tables is None:
-        code = dynamic_map_signed() if name == "dynamic" else code_table(name)
+        code = _table_on(name)
         order = torch.argsort(code, stable=True)
         ordered = code[order]
         tables = _SEARCH_ON[key] = (((ordered[:-1] + ordered[1:]) / 2).to(device),
@@ -161,17 +167,6 @@ def _quantize_parts(w: torch.Tensor, quant_type: str, blocksize: int, double_qua
     if nonfinite.item():
         raise ValueError(_NONFINITE.format(name="weight"))
     return packed, absmax, nested
-
-
-_DYNAMIC_ON: dict = {}
-
-
-def _dynamic_map_on(device) -> torch.Tensor:
-    """dynamic_map_signed() on ``device``, one cached copy per device (no host copy per weight)."""
-    key = str(torch.device(device))
-    if key not in _DYNAMIC_ON:
-        _DYNAMIC_ON[key] = dynamic_map_signed().to(device)
-    return _DYNAMIC_ON[key]
 
 
 def dequantize_parts(packed, absmax, code, absmax2, code2, offset, blocksize, shape, dtype) -> torch.Tensor:
@@ -271,7 +266,7 @@ class Bnb4bitWeight:
         if nested is None:
             return cls(packed, absmax, w.shape, w.dtype, blocksize)
         q, absmax2, offset = nested
-        code2 = _dynamic_map_on(w.device).clone()  # each weight its own: the cached map stays intact
+        code2 = _table_on("dynamic", w.device).clone()  # each weight its own: the cached map stays intact
         return cls(packed, q, w.shape, w.dtype, blocksize, offset=offset, absmax2=absmax2, code2=code2)
 
     @property

@@ -41,7 +41,7 @@ from ..reference import lora as reference
 from ..reference.rng import keep_threshold
 from .launch import cdiv, launch, next_power_of_2
 from .rng import keep_mask, row_keys
-from .splitk import last_to_arrive
+from .splitk import last_to_arrive, split_ranges
 
 MAX_RANK = 256
 
@@ -620,9 +620,7 @@ def fused_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     N, R = lora_B.shape
     BR = _padded_rank(R)
     bm, bn, bk, stages, warps = _fused_fwd_tiles(M, N, BR, _sm_count(x.device))
-    steps = cdiv(K, bk)
-    k_per = cdiv(steps, min(max(1, _OVERRIDE.get("fused_split", 1)), steps)) * bk
-    split = cdiv(K, k_per)
+    k_per, split = split_ranges(K, bk, _OVERRIDE.get("fused_split", 1))
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
     grid = (cdiv(N, bn), cdiv(M, bm), split)

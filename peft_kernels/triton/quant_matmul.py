@@ -22,7 +22,7 @@ from ..reference.windowed import windowed_matmul
 from . import dora, lora
 from .launch import cdiv, launch
 from .lora import _mm
-from .splitk import last_to_arrive
+from .splitk import last_to_arrive, split_ranges
 
 
 @triton.jit
@@ -370,16 +370,12 @@ def splitk_plan(M, N, K, blocksize, tiles, sms):
     number of steps."""
     bm, bn, nb, _, per_sm = tiles
     nb = max(1, min(nb, 256 // blocksize))
-    step = nb * blocksize
-    steps = cdiv(K, step)
-    output_tiles = cdiv(M, bm) * cdiv(N, bn)
-    want = min(steps, max(1, cdiv(per_sm * sms, output_tiles)))
-    q_per = cdiv(steps, want) * step
-    split = cdiv(K, q_per)
+    q_per, split = split_ranges(K, nb * blocksize, cdiv(per_sm * sms, cdiv(M, bm) * cdiv(N, bn)))
     return (cdiv(M, bm), cdiv(N, bn), split), nb, q_per, split
 
 
 def _matmul_4bit_splitk(a, parts, blocksize, shape, c, bias, out, tiles):
+    """out (+)= a @ W^T by the split-K kernel; ``out`` is ``c`` itself when an epilogue input is given."""
     packed, absmax, code, absmax2, code2, offset = parts
     N, K = shape
     M = a.shape[0]
@@ -392,9 +388,8 @@ def _matmul_4bit_splitk(a, parts, blocksize, shape, c, bias, out, tiles):
     launch(
         _matmul_4bit_splitk_kernel, grid,
         a, packed, absmax, absmax2 if nested else absmax, code, code2 if nested else code,
-        offset if nested else code, c if c is not None else out, bias if bias is not None else out, out, part, count,
-        M, N, K, K, q_per, split, a.stride(0), a.stride(1),
-        (c if c is not None else out).stride(0), (c if c is not None else out).stride(1), out.stride(0), out.stride(1),
+        offset if nested else code, out, bias if bias is not None else out, out, part, count,  # out is c when given
+        M, N, K, K, q_per, split, a.stride(0), a.stride(1), out.stride(0), out.stride(1), out.stride(0), out.stride(1),
         BLOCKSIZE=blocksize, WIDE=N * K >= WIDE_FROM, NESTED=nested, HAS_C=c is not None, HAS_BIAS=bias is not None,
         IEEE=a.dtype == torch.float32, BM=bm, BN=bn, NB=nb, num_warps=warps, enable_fp_fusion=False,
     )

@@ -6,6 +6,16 @@ the tile."""
 import triton
 import triton.language as tl
 
+from .launch import cdiv
+
+
+def split_ranges(total: int, step: int, want: int) -> tuple[int, int]:
+    """(columns per range, number of ranges): ``total`` reduction columns cut into at most
+    ``want`` ranges (at least one) of whole ``step``-column steps."""
+    steps = cdiv(total, step)
+    per = cdiv(steps, min(max(1, want), steps)) * step
+    return per, cdiv(total, per)
+
 
 @triton.jit
 def last_to_arrive(count_ptr, tile, SPLIT):
