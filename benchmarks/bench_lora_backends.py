@@ -2,7 +2,9 @@
 only, bf16, r=16, p=0.05, over M; the JSON backs backend="auto"'s rule (backends.py). For
 M <= FUSED_LIMIT (256) it adds "triton fused-fwd" and "triton fused fwd+bwd": the Triton backend with its
 single-launch forward (and backward) turned on (triton/lora.py, FUSED_FWD_MAX_M / FUSED_BWD_MAX_M,
-off by default until these rows say they win).
+off by default until these rows say they win). For M <= 64 with the extension built it adds "cuda small-M
+fwd": the CUDA backend with its single-kernel forward on (cuda_backend/lora.py SMALL_M_MAX_M, off by
+default until this row says it wins; the backward is the cuda backend's usual one).
 
     python benchmarks/bench_lora_backends.py --out benchmarks/results/lora_backends_h100.json
     TRITON_INTERPRET=1 python benchmarks/bench_lora_backends.py --device cpu --kn 64x48 --ms 5  # smoke run, fp32
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels
+from peft_kernels.cuda_backend import lora as cuda_lora
 from peft_kernels.triton import lora as triton_lora
 from peft_kernels.bench.harness import Progress, add_device_argument, device_and_dtype, environment, fwd_bwd_step, \
     markdown_table, time_ms, time_ms_graphed, write_json
@@ -24,6 +27,17 @@ def _under(override, step):
     def run():
         with triton_lora.launch_override(**override):
             return step()
+    return run
+
+
+def _with_small_m(step):
+    """step() with the CUDA backend's single-kernel forward on for every M it takes."""
+    def run():
+        saved, cuda_lora.SMALL_M_MAX_M = cuda_lora.SMALL_M_MAX_M, cuda_lora.SMALL_M_LIMIT
+        try:
+            return step()
+        finally:
+            cuda_lora.SMALL_M_MAX_M = saved
     return run
 
 
@@ -64,6 +78,9 @@ def main():
                 for name, override in (("triton fused-fwd", fused_fwd), ("triton fused fwd+bwd", fused_both)):
                     cases[name] = _under(override, fwd_bwd_step(lambda: peft_kernels.lora_linear(
                         x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="triton"), [x, a, b], dy, fo))
+            if M <= cuda_lora.SMALL_M_LIMIT and "cuda" in cases:
+                cases["cuda small-M fwd"] = _with_small_m(fwd_bwd_step(lambda: peft_kernels.lora_linear(
+                    x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="cuda"), [x, a, b], dy, fo))
             times = {k: time_ms(f, dev) for k, f in cases.items()}
             graphed = {k: time_ms_graphed(f, dev) for k, f in cases.items()}
             for k in cases:

@@ -4,6 +4,7 @@
 // the Python-defined peft_kernels::lora_fwd / lora_bwd (minus the backend argument); the Python
 // backend module peft_kernels/cuda_ext/lora.py routes backend="cuda" to them.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -94,6 +95,48 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
   return {y, u};
 }
 
+// The same op in one kernel for few tokens (lora_small_m.cuh); the Python backend calls it where
+// its rule applies (peft_kernels/cuda_backend/lora.py), and it refuses anything else.
+std::tuple<at::Tensor, at::Tensor> lora_fwd_small_m(const at::Tensor& x, const at::Tensor& weight,
+                                                    const at::Tensor& A, const at::Tensor& B,
+                                                    const std::optional<at::Tensor>& bias, double scaling,
+                                                    double dropout_p, const std::optional<at::Tensor>& seed) {
+  check_common(x, weight, A, B, dropout_p);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  const char* op = "peft_kernels cuda backend lora_fwd_small_m: ";
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "fp16 / bf16 only, got ",
+              x.scalar_type());
+  TORCH_CHECK(M >= 1 && M <= kSmallMMaxM, op, "1 <= M <= ", kSmallMMaxM, " tokens, got ", M);
+  TORCH_CHECK(N >= 1, op, "out_features must be >= 1");
+  TORCH_CHECK(r <= kSmallMMaxRank, op, "rank <= ", kSmallMMaxRank, ", got ", r);
+  TORCH_CHECK(K >= 8 && K % 8 == 0, op, "in_features must be a positive multiple of 8, got ", K);
+  for (const at::Tensor* t : {&x, &weight, &A})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, "x, weight and lora_A must be 16-byte aligned");
+  if (bias.has_value()) {
+    check(*bias, "bias", x, 1);
+    check_same_dtype(*bias, "bias", x);
+    TORCH_CHECK(bias->size(0) == N, "peft_kernels cuda backend: bias must be [", N, "], got ", bias->sizes());
+  }
+  const int64_t* sp = seed_ptr(seed, dropout_p, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const SmallMPlan plan = plan_lora_small_m(M, K, N);
+  auto f32 = x.options().dtype(at::kFloat);
+  auto u = at::empty({M, r}, f32);
+  auto y = at::empty({M, N}, x.options());
+  auto part = at::empty({plan.splits * M * N}, f32);
+  auto upart = at::empty({plan.producers * M * r}, f32);
+  auto counters = at::empty({plan.groups + 2}, x.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(counters.data_ptr(), 0, counters.numel() * sizeof(int), stream));
+  const SmallMArgs args{x.data_ptr(), weight.data_ptr(), A.data_ptr(), B.data_ptr(),
+                        bias.has_value() ? bias->data_ptr() : nullptr, sp, y.data_ptr(), u.data_ptr<float>(),
+                        part.data_ptr<float>(), upart.data_ptr<float>(), counters.data_ptr<int>(), M, K, N, r,
+                        static_cast<float>(scaling), dropout_p};
+  launch_lora_small_m_fwd(args, plan, dtype_of(x), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, u};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                                         const at::Tensor& weight, const at::Tensor& A,
                                                         const at::Tensor& B, const at::Tensor& u, double scaling,
@@ -144,11 +187,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& grad_y
 TORCH_LIBRARY(peft_kernels_cuda, m) {
   m.def("lora_fwd(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling, "
         "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def("lora_fwd_small_m(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling, "
+        "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def("lora_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
         "float dropout_p, Tensor? seed, bool need_dx) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(peft_kernels_cuda, CUDA, m) {
   m.impl("lora_fwd", &peft_kernels::lora_fwd);
+  m.impl("lora_fwd_small_m", &peft_kernels::lora_fwd_small_m);
   m.impl("lora_bwd", &peft_kernels::lora_bwd);
 }

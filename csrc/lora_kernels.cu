@@ -7,10 +7,15 @@
 
 #include <cmath>
 
+#include "dropout_mask.cuh"
 #include "lora_kernels.h"
 
 namespace peft_kernels {
 namespace {
+
+using mask::keep;
+using mask::keep_threshold;
+using mask::row_key;
 
 constexpr int kThreads = 256;
 constexpr int kJ = 8;  // rank columns per block in the reductions
@@ -22,34 +27,6 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// lowbias32 and the per-row key, as reference/rng.py.
-__device__ __forceinline__ uint32_t mix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x7FEB352Du;
-  h ^= h >> 15;
-  h *= 0x846CA68Bu;
-  h ^= h >> 16;
-  return h;
-}
-
-__device__ __forceinline__ uint32_t row_key(int64_t seed, uint32_t m) {
-  const uint32_t k0 = mix32(static_cast<uint32_t>(seed & 0xFFFFFFFFLL) ^ 0x9E3779B9u);
-  const uint32_t k1 = mix32(static_cast<uint32_t>((seed >> 32) & 0xFFFFFFFFLL) ^ 0x85EBCA6Bu);
-  return mix32(mix32(m + k0) ^ k1);
-}
-
-__device__ __forceinline__ bool keep(uint32_t key, uint32_t k, uint32_t threshold) {
-  return (mix32(k + key) >> 1) >= threshold;
-}
-
-// reference/rng.py keep_threshold: min(round(p * 2^31), 2^31 - 1) with Python's round (half to
-// even, which nearbyint does in the default rounding mode), from the double p: a float p would
-// move the threshold (0.05f * 2^31 rounds to 107374184, 0.05 to 107374182) and the mask with it.
-uint32_t keep_threshold(double p) {
-  const double r = std::nearbyint(p * 2147483648.0);
-  return r > 2147483647.0 ? 2147483647u : static_cast<uint32_t>(r);
-}
 
 int sm_count() {
   int dev = 0, sms = 0;

@@ -26,4 +26,27 @@ void launch_lora_weight_grad(const void* src, const float* w, const int64_t* see
 void launch_lora_dx(const float* v, const void* A, const int64_t* seed, void* D, int64_t M, int64_t K,
                     int64_t r, float s, double p, DType dt, cudaStream_t stream);
 
+
+// The single-kernel forward for M <= kSmallMMaxM tokens (lora_small_m.cuh): fp16 / bf16, r <=
+// kSmallMMaxRank, K % 8 == 0, x / W / A 16-byte aligned. y [M, N] = x W^T + bias + s u B^T and
+// u [M, r] fp32 = dropout(x) A^T, in one launch; part [splits * M * N] and upart [producers * M * r]
+// fp32 are scratch, counters [groups + 2] int32 must be zero.
+constexpr int64_t kSmallMMaxM = 64;
+constexpr int64_t kSmallMMaxRank = 64;
+struct SmallMPlan {
+  int groups, splits, producers, tiles;
+};
+struct SmallMArgs {
+  const void *x, *w, *a, *b, *bias;
+  const int64_t* seed;
+  void* y;
+  float *u, *part, *upart;
+  int* counters;
+  int64_t M, K, N, r;
+  float s;
+  double dropout_p;
+};
+SmallMPlan plan_lora_small_m(int64_t M, int64_t K, int64_t N);
+void launch_lora_small_m_fwd(const SmallMArgs& args, const SmallMPlan& plan, DType dt, cudaStream_t stream);
+
 }  // namespace peft_kernels

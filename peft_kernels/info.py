@@ -68,9 +68,11 @@ def integrations() -> dict:
 
 
 def triton_paths() -> dict:
-    """The size rules inside the Triton backend (each set from a committed benchmark; 0 = off until
-    timed), so which kernels run for a given M is inspectable. Empty without triton."""
+    """The size rules inside the Triton backend and the CUDA backend's single-kernel forward (each
+    set from a committed benchmark; 0 = off until timed), so which kernels run for a given M is
+    inspectable. Empty without triton."""
     try:
+        from .cuda_backend import lora as cuda_lora
         from .triton import dora, launch, lora, quant_matmul, sparse
     except Exception:
         return {}
@@ -84,4 +86,6 @@ def triton_paths() -> dict:
         "4-bit matmul fused in registers: M <=": quant_matmul.FUSED_MAX_M,
         "4-bit matmul chunked window (weights)": quant_matmul.CHUNK_ELEMENTS,
         "sparse dDelta gather_t below density": sparse.GATHER_MAX_DENSITY,
+        "cuda backend: lora single-kernel forward (fp16/bf16, r <= 64, in % 8 == 0): M <=":
+            cuda_lora.SMALL_M_MAX_M,
     }

@@ -70,3 +70,33 @@ def test_bad_inputs_raise_before_launch():
     with pytest.raises(RuntimeError, match="x is"):
         ops.lora_fwd(x, w.float(), a, b, None, 1.0, 0.0, None)
     torch.cuda.synchronize()  # nothing was launched on bad input, so nothing faulted
+
+
+SMALL_M_SHAPES = [(16, 4096, 4096, 16), (1, 4096, 14336, 16), (37, 4104, 1000, 64), (64, 1032, 4097, 5)]
+
+
+@pytest.mark.parametrize("M,K,N,r", SMALL_M_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_small_m_forward(monkeypatch, M, K, N, r, dtype, p):
+    """The single-kernel forward for few tokens (csrc/lora_small_m.cuh; in CI it runs only in the CPU
+    emulator): the float64 oracle on outputs and gradients, u equal to the three-launch path's to
+    fp32 rounding, and identical bits across runs with real concurrency between the blocks."""
+    from peft_kernels.cuda_backend import lora as cuda_lora
+
+    monkeypatch.setattr(cuda_lora, "SMALL_M_MAX_M", 64)
+    x, w, a, b, bias = make_inputs((M,), K, N, r, dtype, "cuda", bias=True)
+    assert cuda_lora.small_m_reason(x, w, a) is None  # the kernel under test runs
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    grad_out = torch.randn(M, N, device="cuda").to(dtype)
+    fn = lambda *t: peft_kernels.lora_linear(*t, scaling=2.0, dropout_p=p, seed=7, backend="cuda")  # noqa: E731
+    assert_close_to_oracle(fn, [x, w, a, b, bias], 2.0, p, 7, grad_out)
+    seed = torch.tensor([7], dtype=torch.int64, device="cuda") if p else None
+    ops = torch.ops.peft_kernels_cuda
+    args = (x.detach(), w, a.detach(), b.detach(), bias, 2.0, p, seed)
+    runs = [ops.lora_fwd_small_m(*args) for _ in range(3)]
+    _, u3 = ops.lora_fwd(*args)
+    for y, u in runs[1:]:
+        assert torch.equal(y, runs[0][0]) and torch.equal(u, runs[0][1])
+    torch.testing.assert_close(runs[0][1], u3, rtol=1e-4, atol=1e-4)

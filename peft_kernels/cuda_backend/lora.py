@@ -20,11 +20,39 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+# The single-kernel forward for few tokens (csrc/lora_small_m.cuh: tensor cores, split K, the LoRA
+# terms in the same launch) runs for M <= SMALL_M_MAX_M where it applies (small_m_reason). 0 = off:
+# it has run only in the CPU emulator (tests/test_cuda_small_m_emulated.py) and compiled for sm_80 /
+# sm_90; it becomes the default once a GPU benchmark (bench_lora_backends.py, row "cuda small-M
+# fwd") shows it beating the three-launch path. At most 64 (the kernel's limit).
+SMALL_M_MAX_M = 0
+SMALL_M_LIMIT = 64  # the kernel's largest M (csrc/lora_kernels.h kSmallMMaxM)
+SMALL_M_MAX_RANK = 64
+
+
+def small_m_reason(x, weight, lora_A, max_m=None) -> str | None:
+    """None when the single-kernel forward takes these (contiguous) inputs, else why not."""
+    max_m = min(SMALL_M_MAX_M if max_m is None else max_m, SMALL_M_LIMIT)
+    M, K = x.shape
+    if not 1 <= M <= max_m:
+        return f"M = {M} outside 1..{max_m} (SMALL_M_MAX_M)"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"{x.dtype}: fp16 / bf16 only (tensor cores)"
+    if lora_A.shape[0] > SMALL_M_MAX_RANK:
+        return f"rank {lora_A.shape[0]} > {SMALL_M_MAX_RANK}"
+    if K == 0 or K % 8 or weight.shape[0] == 0:
+        return f"in_features {K} not a positive multiple of 8, or no out_features"
+    if any(t.data_ptr() % 16 for t in (x, weight, lora_A)):
+        return "x, weight or lora_A not 16-byte aligned"
+    return None
+
+
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     """x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], bias [N] | None, seed int64 [1] |
     None. Returns (y [M, N] in x.dtype, u [M, r] fp32)."""
-    y, u = _ops().lora_fwd(_c(x), _c(weight), _c(lora_A), _c(lora_B), _c(bias), float(scaling), float(dropout_p),
-                           seed)
+    x, weight, lora_A = _c(x), _c(weight), _c(lora_A)
+    fwd = _ops().lora_fwd_small_m if small_m_reason(x, weight, lora_A) is None else _ops().lora_fwd
+    y, u = fwd(x, weight, lora_A, _c(lora_B), _c(bias), float(scaling), float(dropout_p), seed)
     return y, u
 
 

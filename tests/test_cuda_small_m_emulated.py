@@ -1,0 +1,152 @@
+"""The CUDA C++ single-kernel LoRA forward for few tokens (csrc/lora_small_m.cuh) on the CPU tier:
+the kernel source, unchanged, built with g++ against the CPU emulator of tests/cuda_emu/emu.h
+(every thread a host thread, mma.sync m16n8k16 from the PTX ISA's fragment layout), run on odd
+shapes against the float64 reference. What this cannot check — the real tensor cores, memory
+ordering between SMs, speed — is the GPU tier's (tests/test_lora_cuda_gpu.py)."""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from peft_kernels.reference import lora as ref
+
+from helpers import FLOOR, rel_err
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(HERE, "cuda_emu", f) for f in ("emu.h", "lora_small_m_emu.cpp")] + [
+    os.path.join(HERE, "..", "csrc", f) for f in ("lora_small_m.cuh", "device_compat.cuh", "dropout_mask.cuh")]
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the CUDA emulator")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in SOURCES)).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"peft_kernels_emu_small_m_{digest}.so")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}"
+        subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
+                        "-Wno-unknown-pragmas", "-o", tmp, SOURCES[1]], check=True, capture_output=True)
+        os.replace(tmp, path)
+    so = ctypes.CDLL(path)
+    so.emu_lora_small_m_fwd.restype = ctypes.c_int
+    return so
+
+
+def run(lib, x, w, a, b, bias, seed, s, p, *, sms=2, splits=0, producers=0):
+    """(y, u, blocks launched, counters after the launch) from the emulated kernel."""
+    M, K = x.shape
+    N, r = w.shape[0], a.shape[0]
+    y = torch.full((M, N), float("nan"), dtype=x.dtype)
+    u = torch.full((M, r), float("nan"))
+    counters = (ctypes.c_int * 4096)()
+
+    def ptr(t):
+        return None if t is None else ctypes.c_void_p(t.data_ptr())
+    blocks = lib.emu_lora_small_m_fwd(
+        ctypes.c_int(0 if x.dtype == torch.float16 else 1), ptr(x), ptr(w), ptr(a), ptr(b), ptr(bias), ptr(seed),
+        ptr(y), ptr(u), ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(N), ctypes.c_int64(r),
+        ctypes.c_float(s), ctypes.c_double(p), ctypes.c_int(sms), ctypes.c_int(splits), ctypes.c_int(producers),
+        counters)
+    return y, u, blocks, list(counters[:4096])
+
+
+def inputs(M, K, N, r, dtype, bias=True):
+    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N * 7 + r)
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype)  # noqa: E731
+    return (rand(M, K), rand(N, K, scale=K ** -0.5), rand(r, K, scale=K ** -0.5), rand(N, r, scale=r ** -0.5),
+            rand(N) if bias else None)
+
+
+def check(y, u, x, w, a, b, bias, s, p, seed):
+    """y within 2x the error of the reference in x's dtype (or the dtype floor) of the float64
+    result; u (fp32 accumulation of exact 16-bit products) within 1e-5."""
+    seed_int = None if seed is None else seed
+    wide = [None if t is None else t.double() for t in (x, w, a, b, bias)]
+    y64, u64 = ref.lora_forward(*wide, s, p, seed_int)
+    y_e, _ = ref.lora_forward(x, w, a, b, bias, s, p, seed_int)
+    assert rel_err(u, u64) <= 1e-5
+    assert rel_err(y, y64) <= max(2 * rel_err(y_e, y64), FLOOR[x.dtype]), (rel_err(y, y64), rel_err(y_e, y64))
+
+
+CASES = [  # M, K, N, r, p, bias, splits, producers
+    (1, 8, 1, 1, 0.0, False, 0, 0),        # one of everything
+    (5, 40, 24, 4, 0.0, True, 3, 2),       # more splits than steps: empty K ranges still arrive
+    (16, 264, 70, 16, 0.1, True, 3, 3),    # a partial last 32-step, N not a multiple of 8
+    (17, 104, 65, 9, 0.2, False, 2, 1),    # two m16 tiles, one row in the second
+    (33, 128, 130, 33, 0.3, True, 1, 2),   # four m16 tiles, three row groups, rank tiles past r
+    (64, 520, 64, 64, 0.0, True, 4, 2),    # the largest M and rank
+    (7, 1032, 40, 16, 0.05, True, 0, 0),   # the plan's own splits and producers
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N,r,p,has_bias,splits,producers", CASES)
+def test_emulated_kernel_matches_reference(lib, dtype, M, K, N, r, p, has_bias, splits, producers):
+    x, w, a, b, bias = inputs(M, K, N, r, dtype, has_bias)
+    seed = torch.tensor([0x1234_5678_9ABC], dtype=torch.int64) if p else None
+    y, u, blocks, counters = run(lib, x, w, a, b, bias, seed, 1.5, p, splits=splits, producers=producers)
+    assert blocks > 0
+    check(y, u, x, w, a, b, bias, 1.5, p, None if seed is None else int(seed))
+
+
+def test_counters_count_every_block_and_the_flag(lib):
+    """Every main block arrives once at its group's counter, every producer once at theirs, and
+    the last producer raises the u-ready flag: the protocol the last arrivals rely on."""
+    M, K, N, r = 9, 200, 150, 8  # 3 row groups, 7 steps
+    x, w, a, b, bias = inputs(M, K, N, r, torch.float16)
+    _, _, blocks, counters = run(lib, x, w, a, b, bias, None, 1.0, 0.0, splits=3, producers=2)
+    assert blocks == 2 + 3 * 3
+    assert counters[:6] == [3, 3, 3, 2, 1, 0]
+
+
+def test_deterministic_and_dropout_follows_the_seed(lib):
+    M, K, N, r = 16, 256, 72, 16
+    x, w, a, b, bias = inputs(M, K, N, r, torch.bfloat16)
+    s1, s2 = torch.tensor([11], dtype=torch.int64), torch.tensor([12], dtype=torch.int64)
+    y1, u1, *_ = run(lib, x, w, a, b, bias, s1, 2.0, 0.25, splits=4, producers=2)
+    y1b, u1b, *_ = run(lib, x, w, a, b, bias, s1, 2.0, 0.25, splits=4, producers=2)
+    y2, u2, *_ = run(lib, x, w, a, b, bias, s2, 2.0, 0.25, splits=4, producers=2)
+    assert torch.equal(y1, y1b) and torch.equal(u1, u1b)  # fixed summation order
+    assert not torch.equal(u1, u2)  # another seed, another mask
+    # u is dropout(x) A^T with the reference's mask, p = 0.25 of x dropped
+    keep = ref.keep_mask(x, 0.25, 11)
+    assert abs(keep.float().mean().item() - 0.75) < 0.03
+    torch.testing.assert_close(u1, (ref.masked(x, keep).double() @ a.double().T).float() / 0.75, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,K,N,sms", [(16, 4096, 4096, 132), (1, 4096, 14336, 132), (64, 14336, 4096, 108),
+                                       (3, 40, 24, 132)])
+def test_plan_fills_the_gpu_and_stays_in_range(lib, M, K, N, sms):
+    out = (ctypes.c_int * 4)()
+    lib.emu_lora_small_m_plan(ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(N), ctypes.c_int(sms), out)
+    groups, splits, producers, tiles = list(out)
+    steps = -(-K // 32)
+    assert groups == -(-N // 64) and tiles == (1 if M <= 16 else 2 if M <= 32 else 4)
+    assert 1 <= splits <= max(1, steps // 4) and 1 <= producers <= 16
+    if steps >= 4 * 4 * sms // groups:  # enough K to split: about four blocks per SM
+        assert groups * splits >= 4 * sms - groups
+
+
+def test_rule_says_why_the_kernel_does_not_apply():
+    """cuda_backend.lora.small_m_reason: the single-kernel forward runs only where it is correct
+    and on (SMALL_M_MAX_M; 0 = off until timed on a GPU), else the three-launch path does, and the
+    reason is readable."""
+    from peft_kernels.cuda_backend import lora as cuda_lora
+
+    x, w, a = torch.randn(16, 64).half(), torch.randn(40, 64).half(), torch.randn(8, 64).half()
+    assert "SMALL_M_MAX_M" in cuda_lora.small_m_reason(x, w, a)  # off by default
+    assert cuda_lora.small_m_reason(x, w, a, max_m=64) is None
+    assert "outside" in cuda_lora.small_m_reason(torch.randn(65, 64).half(), w, a, max_m=1000)  # kernel limit
+    assert "fp16 / bf16" in cuda_lora.small_m_reason(x.float(), w.float(), a.float(), max_m=64)
+    assert "rank" in cuda_lora.small_m_reason(x, w, torch.randn(65, 64).half(), max_m=64)
+    x60 = torch.randn(16, 60).half()
+    assert "multiple of 8" in cuda_lora.small_m_reason(x60, torch.randn(40, 60).half(), torch.randn(8, 60).half(),
+                                                       max_m=64)
+    shifted = torch.randn(16 * 64 + 1).half()[1:].view(16, 64)  # 2 bytes past a 16-byte boundary
+    assert "aligned" in cuda_lora.small_m_reason(shifted, w, a, max_m=64)
