@@ -66,6 +66,7 @@ case "$part" in
     step 90 python3 benchmarks/launch_overhead.py --out "$OUT/launch_overhead_$gpu.json"
     ;;
   quant)
+    build  # the decode rows include the CUDA C++ single-kernel forward ("cuda small-M")
     step 200 python3 benchmarks/bench_qlora.py --out "$OUT/qlora_$gpu.json"
     step 60 python3 benchmarks/bench_qlora.py --forward-only --out "$OUT/qlora_decode_$gpu.json"
     step 200 python3 benchmarks/quant_matmul_tiles.py --out "$OUT/quant_matmul_tiles_$gpu.json"

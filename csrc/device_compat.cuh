@@ -80,6 +80,10 @@ PK_DEVICE void store_release(int* p, int v) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 PK_DEVICE void backoff() { __nanosleep(64); }
+// One rounding each, never contracted into an FMA: the 4-bit decode must round as the reference.
+PK_DEVICE float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+PK_DEVICE float add_rn(float a, float b) { return __fadd_rn(a, b); }
+PK_DEVICE uint8_t load_u8(const uint8_t* p) { return __ldg(p); }
 #else
 using namespace ::peft_kernels_emu;  // f16, bf16, u32x4, to_f, from_f, ... (tests/cuda_emu/emu.h)
 #endif

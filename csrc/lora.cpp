@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "lora_kernels.h"
@@ -120,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_small_m(const at::Tensor& x, const a
   const int64_t* sp = seed_ptr(seed, dropout_p, x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const SmallMPlan plan = plan_lora_small_m(M, K, N);
+  const SmallMPlan plan = plan_lora_small_m(M, K, N, r, false);
   auto f32 = x.options().dtype(at::kFloat);
   auto u = at::empty({M, r}, f32);
   auto y = at::empty({M, N}, x.options());
@@ -131,7 +132,85 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_small_m(const at::Tensor& x, const a
   const SmallMArgs args{x.data_ptr(), weight.data_ptr(), A.data_ptr(), B.data_ptr(),
                         bias.has_value() ? bias->data_ptr() : nullptr, sp, y.data_ptr(), u.data_ptr<float>(),
                         part.data_ptr<float>(), upart.data_ptr<float>(), counters.data_ptr<int>(), M, K, N, r,
-                        static_cast<float>(scaling), dropout_p};
+                        static_cast<float>(scaling), dropout_p, nullptr, nullptr, nullptr, nullptr, nullptr,
+                        nullptr, 0};
+  launch_lora_small_m_fwd(args, plan, dtype_of(x), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, u};
+}
+
+// The same kernel over a frozen bitsandbytes 4-bit weight (decoded in registers): qweight =
+// [packed, absmax, code] or [packed, absmax (uint8), code, absmax2, code2, offset], shape = [N, K].
+// lora_A [0, K] / lora_B [N, 0] (r = 0): the frozen layer alone (quant_linear).
+std::tuple<at::Tensor, at::Tensor> qlora_fwd_small_m(const at::Tensor& x, at::TensorList qweight, int64_t blocksize,
+                                                     at::IntArrayRef shape, const at::Tensor& A, const at::Tensor& B,
+                                                     const std::optional<at::Tensor>& bias, double scaling,
+                                                     double dropout_p, const std::optional<at::Tensor>& seed) {
+  const char* op = "peft_kernels cuda backend qlora_fwd_small_m: ";
+  check(x, "x", x, 2);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "fp16 / bf16 only, got ",
+              x.scalar_type());
+  TORCH_CHECK(shape.size() == 2, op, "shape must be [out, in]");
+  const int64_t M = x.size(0), K = x.size(1), N = shape[0], r = A.size(0);
+  TORCH_CHECK(shape[1] == K, op, "x has ", K, " features, the weight ", shape[1]);
+  TORCH_CHECK(M >= 1 && M <= kSmallMMaxM, op, "1 <= M <= ", kSmallMMaxM, " tokens, got ", M);
+  TORCH_CHECK(N >= 1, op, "out_features must be >= 1");
+  TORCH_CHECK(blocksize >= 32 && (blocksize & (blocksize - 1)) == 0 && K % blocksize == 0, op,
+              "blocksize must be a power of two >= 32 dividing in_features, got ", blocksize, " for ", K);
+  TORCH_CHECK(qweight.size() == 3 || qweight.size() == 6, op, "qweight must hold 3 or 6 tensors");
+  const bool nested = qweight.size() == 6;
+  const at::Tensor &packed = qweight[0], &absmax = qweight[1], &code = qweight[2];
+  const int64_t blocks = N * K / blocksize;
+  for (const at::Tensor* t : {&packed, &absmax, &code}) check(*t, "qweight part", x, t->dim());
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.numel() == N * K / 2, op, "packed must be uint8 [",
+              N * K / 2, "]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              op, "x and the packed weight must be 16-byte aligned");
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 16, op, "code must be fp32 [16]");
+  TORCH_CHECK(absmax.numel() == blocks && absmax.scalar_type() == (nested ? at::kByte : at::kFloat), op,
+              "absmax must be ", nested ? "uint8" : "fp32", " [", blocks, "]");
+  if (nested) {
+    for (int i = 3; i < 6; ++i) check(qweight[i], "qweight part", x, qweight[i].dim());
+    TORCH_CHECK(qweight[3].scalar_type() == at::kFloat && qweight[3].numel() == (blocks + 255) / 256, op,
+                "absmax2 must be fp32 [", (blocks + 255) / 256, "]");
+    TORCH_CHECK(qweight[4].scalar_type() == at::kFloat && qweight[4].numel() == 256, op, "code2 must be fp32 [256]");
+    TORCH_CHECK(qweight[5].scalar_type() == at::kFloat && qweight[5].numel() == 1, op, "offset must be fp32 [1]");
+  }
+  if (r > 0) {
+    check(A, "lora_A", x, 2);
+    check(B, "lora_B", x, 2);
+    check_same_dtype(A, "lora_A", x);
+    check_same_dtype(B, "lora_B", x);
+    TORCH_CHECK(A.size(1) == K && B.size(0) == N && B.size(1) == r && r <= kSmallMMaxRank, op,
+                "lora_A must be [r <= ", kSmallMMaxRank, ", ", K, "] and lora_B [", N, ", r], got ", A.sizes(), ", ",
+                B.sizes());
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(A.data_ptr()) % 16 == 0, op, "lora_A must be 16-byte aligned");
+  }
+  if (bias.has_value()) {
+    check(*bias, "bias", x, 1);
+    check_same_dtype(*bias, "bias", x);
+    TORCH_CHECK(bias->size(0) == N, "peft_kernels cuda backend: bias must be [", N, "], got ", bias->sizes());
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, "dropout_p must be in [0, 1), got ", dropout_p);
+  const int64_t* sp = r > 0 ? seed_ptr(seed, dropout_p, x) : nullptr;
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const SmallMPlan plan = plan_lora_small_m(M, K, N, r, true);
+  auto f32 = x.options().dtype(at::kFloat);
+  auto u = at::empty({M, r}, f32);
+  auto y = at::empty({M, N}, x.options());
+  auto part = at::empty({plan.splits * M * N}, f32);
+  auto upart = at::empty({std::max<int64_t>(plan.producers * M * r, 1)}, f32);
+  auto counters = at::empty({plan.groups + 2}, x.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(counters.data_ptr(), 0, counters.numel() * sizeof(int), stream));
+  SmallMArgs args{x.data_ptr(), nullptr, r > 0 ? A.data_ptr() : nullptr, r > 0 ? B.data_ptr() : nullptr,
+                  bias.has_value() ? bias->data_ptr() : nullptr, sp, y.data_ptr(), u.data_ptr<float>(),
+                  part.data_ptr<float>(), upart.data_ptr<float>(), counters.data_ptr<int>(), M, K, N, r,
+                  static_cast<float>(scaling), dropout_p, packed.data_ptr<uint8_t>(), absmax.data_ptr(),
+                  nested ? qweight[3].data_ptr<float>() : nullptr, code.data_ptr<float>(),
+                  nested ? qweight[4].data_ptr<float>() : nullptr, nested ? qweight[5].data_ptr<float>() : nullptr,
+                  blocksize};
   launch_lora_small_m_fwd(args, plan, dtype_of(x), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, u};
@@ -189,6 +268,8 @@ TORCH_LIBRARY(peft_kernels_cuda, m) {
         "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def("lora_fwd_small_m(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, float scaling, "
         "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def("qlora_fwd_small_m(Tensor x, Tensor[] qweight, int blocksize, int[] shape, Tensor lora_A, Tensor lora_B, "
+        "Tensor? bias, float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def("lora_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
         "float dropout_p, Tensor? seed, bool need_dx) -> (Tensor, Tensor, Tensor)");
 }
@@ -196,5 +277,6 @@ TORCH_LIBRARY(peft_kernels_cuda, m) {
 TORCH_LIBRARY_IMPL(peft_kernels_cuda, CUDA, m) {
   m.impl("lora_fwd", &peft_kernels::lora_fwd);
   m.impl("lora_fwd_small_m", &peft_kernels::lora_fwd_small_m);
+  m.impl("qlora_fwd_small_m", &peft_kernels::qlora_fwd_small_m);
   m.impl("lora_bwd", &peft_kernels::lora_bwd);
 }

@@ -36,6 +36,9 @@ constexpr int64_t kSmallMMaxRank = 64;
 struct SmallMPlan {
   int groups, splits, producers, tiles;
 };
+// With `packed` set, W is a bitsandbytes 4-bit weight instead of `w` (lora_small_m.cuh, Params):
+// absmax fp32, or uint8 with absmax2 / code2 / offset; code [16]; blocksize >= 32, K % blocksize == 0.
+// r = 0: no adapter (a, b unused), the frozen layer alone.
 struct SmallMArgs {
   const void *x, *w, *a, *b, *bias;
   const int64_t* seed;
@@ -45,8 +48,12 @@ struct SmallMArgs {
   int64_t M, K, N, r;
   float s;
   double dropout_p;
+  const uint8_t* packed;
+  const void* absmax;
+  const float *absmax2, *code, *code2, *offset;
+  int64_t blocksize;
 };
-SmallMPlan plan_lora_small_m(int64_t M, int64_t K, int64_t N);
+SmallMPlan plan_lora_small_m(int64_t M, int64_t K, int64_t N, int64_t r, bool quant);
 void launch_lora_small_m_fwd(const SmallMArgs& args, const SmallMPlan& plan, DType dt, cudaStream_t stream);
 
 }  // namespace peft_kernels

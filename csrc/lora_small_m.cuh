@@ -11,7 +11,12 @@
 //   - the last main block of a row group to arrive (a counter) sums the partials in split order,
 //     waits for u (a flag the last producer releases), adds s * u B^T + bias and writes y once.
 // Deterministic: every sum runs in a fixed order. Needs K % 8 == 0 and 16-byte aligned x, W, A
-// (one 16-byte load feeds two k16 steps); fp16 / bf16; r <= 64.
+// (one 16-byte load feeds two k16 steps); fp16 / bf16; r <= 64 (r = 0: no adapter, no producers).
+//
+// The same kernel over a frozen 4-bit weight (bitsandbytes NF4 / FP4, kQuant): the main blocks
+// decode W in registers (never in memory) from 16-byte loads of packed codes, 32 consecutive
+// weights per lane, one scale per lane and quantization block (blocksize >= 32, K % blocksize
+// == 0), fp32 code * scale rounded once to x's dtype as the reference dequantize does.
 //
 // Fragments: lane (g = lane / 4, t = lane % 4) loads x[g][k + 8t .. k + 8t + 8) and
 // W[n + g][k + 8t .. k + 8t + 8) for a 32-wide step of K. The reduction order within a step is
@@ -34,6 +39,8 @@ constexpr int kStep = 32;                           // K per 16-byte load
 constexpr int kUnroll = 4;                          // steps in flight per warp
 constexpr int kMaxRank = 64;
 constexpr int kMaxTiles = 4;                        // m16 tiles: M <= 64
+constexpr int kQuantStep = 128;                     // K per 16-byte load of packed 4-bit codes
+constexpr int kQuantUnroll = 2;
 
 struct Params {
   const void* x;     // [M, K]
@@ -47,6 +54,16 @@ struct Params {
   float* part;       // [splits, M, N] workspace
   float* upart;      // [producers, M, r] workspace
   int* counters;     // [groups + 2] zeroed: per group arrivals, producer arrivals, u ready
+  // kQuant: W [N, K] as bitsandbytes 4-bit parts (w unused): packed codes [N * K / 2] (even element
+  // in the high nibble), absmax fp32 [N * K / blocksize], or uint8 with absmax2 fp32, code2 fp32
+  // [256] and offset fp32 [1] (double quantization: scale = code2[q] * absmax2[b / 256] + offset)
+  const uint8_t* packed;
+  const void* absmax;
+  const float* absmax2;
+  const float* code;
+  const float* code2;
+  const float* offset;
+  int blocksize_log2;
   int64_t M, K, N, r;
   int groups, splits, producers;
   float s, inv_keep;
@@ -60,17 +77,43 @@ struct Plan {
   int blocks() const { return producers + groups * splits; }
 };
 
-inline Plan plan(int64_t M, int64_t K, int64_t N, int sms) {
+inline Plan plan(int64_t M, int64_t K, int64_t N, int64_t r, int sms, bool quant) {
   Plan p{};
   p.tiles = M <= 16 ? 1 : M <= 32 ? 2 : 4;
-  p.steps = (K + kStep - 1) / kStep;
+  const int step = quant ? kQuantStep : kStep, unroll = quant ? kQuantUnroll : kUnroll;
+  p.steps = (K + step - 1) / step;
   p.groups = static_cast<int>((N + kGroupRows - 1) / kGroupRows);
-  // about four resident blocks per SM streaming W, each with >= kUnroll steps of K
+  // about four resident blocks per SM streaming W, each with >= `unroll` steps of K
   int64_t splits = (4 * static_cast<int64_t>(sms) + p.groups - 1) / p.groups;
-  const int64_t most = p.steps / kUnroll > 0 ? p.steps / kUnroll : 1;
+  const int64_t most = p.steps / unroll > 0 ? p.steps / unroll : 1;
   p.splits = static_cast<int>(splits < 1 ? 1 : splits > most ? most : splits);
-  int64_t producers = p.steps / 16;  // >= 512 of K each: they are done long before the main blocks
-  p.producers = static_cast<int>(producers < 1 ? 1 : producers > 16 ? 16 : producers);
+  int64_t producers = (K + kStep - 1) / kStep / 16;  // >= 512 of K each: done long before the main blocks
+  p.producers = r == 0 ? 0 : static_cast<int>(producers < 1 ? 1 : producers > 16 ? 16 : producers);
+  return p;
+}
+
+inline int log2_exact(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+// Params from the launch's arguments and plan (host and emulator alike); packed = null: dense W.
+inline Params make_params(const void* x, const void* w, const void* a, const void* b, const void* bias,
+                          const int64_t* seed, void* y, float* u, float* part, float* upart, int* counters, int64_t M,
+                          int64_t K, int64_t N, int64_t r, float s, double dropout_p, const uint8_t* packed,
+                          const void* absmax, const float* absmax2, const float* code, const float* code2,
+                          const float* offset, int64_t blocksize, const Plan& plan) {
+  Params p{};
+  p.x = x; p.w = w; p.a = a; p.b = b; p.bias = bias; p.seed = seed; p.y = y; p.u = u; p.part = part;
+  p.upart = upart; p.counters = counters;
+  p.packed = packed; p.absmax = absmax; p.absmax2 = absmax2; p.code = code; p.code2 = code2; p.offset = offset;
+  p.blocksize_log2 = packed ? log2_exact(blocksize) : 0;
+  p.M = M; p.K = K; p.N = N; p.r = r;
+  p.groups = plan.groups; p.splits = plan.splits; p.producers = plan.producers;
+  p.s = s;
+  p.inv_keep = static_cast<float>(dropout_p > 0 ? 1.0 / (1.0 - dropout_p) : 1.0);
+  p.threshold = mask::keep_threshold(dropout_p);
   return p;
 }
 
@@ -195,15 +238,10 @@ PK_DEVICE void produce_u(const Params& p, int i, float* red /* [kWarps][MT * 16]
   }
 }
 
-// Main block (group, split): the partial x W^T of 64 rows of W over one range of K; the group's
-// last block to arrive writes y for those rows.
+// The dense main loop: acc += x W^T over the 32-steps [lo, hi) for the warp's 16 rows of W at n0.
 template <typename T, int MT>
-PK_DEVICE void main_block(const Params& p, int group, int split, float* us /* [MT * 16][kMaxRank] */, int* flag) {
-  const int tid = static_cast<int>(dev::thread_index()), warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t n0 = static_cast<int64_t>(group) * kGroupRows + warp * kWarpTiles * 8;
-  int64_t lo, hi;
-  split_range((p.K + kStep - 1) / kStep, p.splits, split, lo, hi);
-  float acc[MT][kWarpTiles][4] = {};
+PK_DEVICE void dense_steps(float (&acc)[MT][kWarpTiles][4], const Params& p, int64_t n0, int64_t lo, int64_t hi,
+                           int g, int t) {
   for (int64_t s0 = lo; s0 < hi; s0 += kUnroll) {
     dev::u32x4 wv[kUnroll][kWarpTiles];
 #pragma unroll
@@ -219,6 +257,81 @@ PK_DEVICE void main_block(const Params& p, int group, int split, float* us /* [M
       mma_step<T, MT, kWarpTiles>(acc, xv, wv[u]);
     }
   }
+}
+
+// The scale of the quantization block holding flat weight index f.
+PK_DEVICE float block_scale(const Params& p, int64_t f, const float* code2) {
+  const int64_t b = f >> p.blocksize_log2;
+  if (p.absmax2 == nullptr) return static_cast<const float*>(p.absmax)[b];
+  const uint8_t q = dev::load_u8(static_cast<const uint8_t*>(p.absmax) + b);
+  return dev::add_rn(dev::mul_rn(code2[q], p.absmax2[b >> 8]), *p.offset);
+}
+
+// Two decoded weights, packed as the mma operand's k pair: byte (hi nibble: the even element).
+template <typename T>
+PK_DEVICE uint32_t decode_pair(uint32_t byte, float scale, const float* code) {
+  const T lo = dev::from_f<T>(dev::mul_rn(code[(byte >> 4) & 0xF], scale));
+  const T hi = dev::from_f<T>(dev::mul_rn(code[byte & 0xF], scale));
+  uint16_t a, b;
+  static_assert(sizeof(T) == 2, "16-bit activations");
+  __builtin_memcpy(&a, &lo, 2);
+  __builtin_memcpy(&b, &hi, 2);
+  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+}
+
+// The 4-bit main loop: lane (g, t) of a 128-step at k holds the 32 weights k + 32t .. k + 32t + 31
+// of its rows, 16 bytes of codes. mma h (0..7) of the step takes the lane's weights 4h .. 4h + 3 as
+// its k pairs (2t, 2t + 1) and (2t + 8, 2t + 9); x's fragments follow the same permutation.
+template <typename T, int MT>
+PK_DEVICE void quant_steps(float (&acc)[MT][kWarpTiles][4], const Params& p, int64_t n0, int64_t lo, int64_t hi,
+                           int g, int t, const float* code, const float* code2) {
+  for (int64_t s0 = lo; s0 < hi; s0 += kQuantUnroll) {
+    dev::u32x4 qv[kQuantUnroll][kWarpTiles];
+    float scale[kQuantUnroll][kWarpTiles];
+#pragma unroll
+    for (int u = 0; u < kQuantUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < kWarpTiles; ++j) {
+        const int64_t row = n0 + j * 8 + g, k = (s0 + u) * kQuantStep + 32 * t;
+        const bool ok = s0 + u < hi && row < p.N && k < p.K;
+        const int64_t f = row * p.K + k;
+        qv[u][j] = ok ? dev::load_stream16(p.packed + f / 2) : zero16();
+        scale[u][j] = ok ? block_scale(p, f, code2) : 0.f;
+      }
+#pragma unroll
+    for (int u = 0; u < kQuantUnroll; ++u) {
+      if (s0 + u >= hi) break;
+      const int64_t k = (s0 + u) * kQuantStep + 32 * t;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {  // 8 weights of each row = two mma k-steps per 16-byte x load
+        dev::u32x4 xv[MT][2], wv[kWarpTiles];
+        load_x<MT>(xv, p, g, k + 8 * q, nullptr);
+#pragma unroll
+        for (int j = 0; j < kWarpTiles; ++j) {
+          const uint32_t bytes = dev::word(qv[u][j], q);  // weights k + 8q .. k + 8q + 7
+          wv[j] = dev::u32x4{decode_pair<T>(bytes & 0xFF, scale[u][j], code),
+                             decode_pair<T>((bytes >> 8) & 0xFF, scale[u][j], code),
+                             decode_pair<T>((bytes >> 16) & 0xFF, scale[u][j], code),
+                             decode_pair<T>(bytes >> 24, scale[u][j], code)};
+        }
+        mma_step<T, MT, kWarpTiles>(acc, xv, wv);
+      }
+    }
+  }
+}
+
+// Main block (group, split): the partial x W^T of 64 rows of W over one range of K; the group's
+// last block to arrive writes y for those rows.
+template <typename T, int MT, bool kQuant>
+PK_DEVICE void main_block(const Params& p, int group, int split, float* us /* [MT * 16][kMaxRank] */,
+                          const float* code, const float* code2, int* flag) {
+  const int tid = static_cast<int>(dev::thread_index()), warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t n0 = static_cast<int64_t>(group) * kGroupRows + warp * kWarpTiles * 8;
+  int64_t lo, hi;
+  split_range((p.K + (kQuant ? kQuantStep : kStep) - 1) / (kQuant ? kQuantStep : kStep), p.splits, split, lo, hi);
+  float acc[MT][kWarpTiles][4] = {};
+  if (kQuant) quant_steps<T, MT>(acc, p, n0, lo, hi, g, t, code, code2);
+  else dense_steps<T, MT>(acc, p, n0, lo, hi, g, t);
   float* part = p.part + static_cast<int64_t>(split) * p.M * p.N;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -234,7 +347,8 @@ PK_DEVICE void main_block(const Params& p, int group, int split, float* us /* [M
     flag[0] = dev::arrive(&p.counters[group]) == p.splits - 1;
     if (flag[0]) {
       dev::acquire_fence();  // the other splits' partials
-      while (dev::load_acquire(&p.counters[p.groups + 1]) == 0) dev::backoff();  // u (producers run first)
+      if (p.r > 0)  // u (producers run first)
+        while (dev::load_acquire(&p.counters[p.groups + 1]) == 0) dev::backoff();
     }
   }
   dev::block_sync();
@@ -257,7 +371,7 @@ PK_DEVICE void main_block(const Params& p, int group, int split, float* us /* [M
   }
 }
 
-template <typename T, int MT>
+template <typename T, int MT, bool kQuant>
 #ifdef __CUDACC__
 __global__ void __launch_bounds__(kThreads) lora_small_m_fwd_kernel(const Params p) {
 #else
@@ -266,14 +380,24 @@ void lora_small_m_fwd_kernel(const Params p) {
   // one shared buffer serves either role: producers reduce warps' sums in it, main blocks hold u
   __shared__ float smem[kWarps * kMaxTiles * 16 * 16 > kMaxTiles * 16 * kMaxRank ? kWarps * kMaxTiles * 16 * 16
                                                                                  : kMaxTiles * 16 * kMaxRank];
+  // the 4-bit code and the nested scales' map: 16 entries in 16 banks, so any lookup pattern is
+  // free of bank conflicts
+  __shared__ float code[16], code2[256];
   __shared__ int flag[1];
   const int b = static_cast<int>(dev::block_index());
   if (b < p.producers) {
     produce_u<T, MT>(p, b, smem, flag);
-  } else {
-    const int i = b - p.producers;
-    main_block<T, MT>(p, i / p.splits, i % p.splits, smem, flag);
+    return;
   }
+  if (kQuant) {
+    const int tid = static_cast<int>(dev::thread_index());
+    if (tid < 16) code[tid] = p.code[tid];
+    if (p.absmax2 != nullptr)
+      for (int i = tid; i < 256; i += kThreads) code2[i] = p.code2[i];
+    dev::block_sync();
+  }
+  const int i = b - p.producers;
+  main_block<T, MT, kQuant>(p, i / p.splits, i % p.splits, smem, code, code2, flag);
 }
 
 }  // namespace small_m

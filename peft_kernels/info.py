@@ -73,6 +73,7 @@ def triton_paths() -> dict:
     inspectable. Empty without triton."""
     try:
         from .cuda_backend import lora as cuda_lora
+        from .cuda_backend import quant as cuda_quant
         from .triton import dora, launch, lora, quant_matmul, sparse
     except Exception:
         return {}
@@ -88,4 +89,6 @@ def triton_paths() -> dict:
         "sparse dDelta gather_t below density": sparse.GATHER_MAX_DENSITY,
         "cuda backend: lora single-kernel forward (fp16/bf16, r <= 64, in % 8 == 0): M <=":
             cuda_lora.SMALL_M_MAX_M,
+        "cuda backend: 4-bit quant_linear / qlora single-kernel forward (in % blocksize == 0): M <=":
+            cuda_quant.SMALL_M_MAX_M,
     }

@@ -38,22 +38,28 @@ def lib():
     return so
 
 
-def run(lib, x, w, a, b, bias, seed, s, p, *, sms=2, splits=0, producers=0):
-    """(y, u, blocks launched, counters after the launch) from the emulated kernel."""
+def run(lib, x, w, a, b, bias, seed, s, p, *, qweight=None, sms=2, splits=0, producers=0):
+    """(y, u, blocks launched, counters after the launch) from the emulated kernel. ``w``: the
+    dense weight, or with ``qweight`` (an NF4Weight / FP4Weight) None. ``a`` None: no adapter."""
     M, K = x.shape
-    N, r = w.shape[0], a.shape[0]
+    N = w.shape[0] if qweight is None else qweight.shape[0]
+    r = 0 if a is None else a.shape[0]
     y = torch.full((M, N), float("nan"), dtype=x.dtype)
-    u = torch.full((M, r), float("nan"))
+    u = torch.full((M, max(r, 1)), float("nan"))
     counters = (ctypes.c_int * 4096)()
+    packed, absmax, code, absmax2, code2, offset, blocksize, _ = (qweight.parts() if qweight is not None
+                                                                  else (None,) * 6 + (0, None))
+    offset = None if offset is None else offset.reshape(1).contiguous()
 
     def ptr(t):
         return None if t is None else ctypes.c_void_p(t.data_ptr())
     blocks = lib.emu_lora_small_m_fwd(
         ctypes.c_int(0 if x.dtype == torch.float16 else 1), ptr(x), ptr(w), ptr(a), ptr(b), ptr(bias), ptr(seed),
         ptr(y), ptr(u), ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(N), ctypes.c_int64(r),
-        ctypes.c_float(s), ctypes.c_double(p), ctypes.c_int(sms), ctypes.c_int(splits), ctypes.c_int(producers),
+        ctypes.c_float(s), ctypes.c_double(p), ptr(packed), ptr(absmax), ptr(absmax2), ptr(code), ptr(code2),
+        ptr(offset), ctypes.c_int64(blocksize), ctypes.c_int(sms), ctypes.c_int(splits), ctypes.c_int(producers),
         counters)
-    return y, u, blocks, list(counters[:4096])
+    return y, u[:, :r], blocks, list(counters[:4096])
 
 
 def inputs(M, K, N, r, dtype, bias=True):
@@ -63,14 +69,19 @@ def inputs(M, K, N, r, dtype, bias=True):
             rand(N) if bias else None)
 
 
-def check(y, u, x, w, a, b, bias, s, p, seed):
+def check(y, u, x, w, a, b, bias, s, p, seed, w_exact=None):
     """y within 2x the error of the reference in x's dtype (or the dtype floor) of the float64
-    result; u (fp32 accumulation of exact 16-bit products) within 1e-5."""
-    seed_int = None if seed is None else seed
-    wide = [None if t is None else t.double() for t in (x, w, a, b, bias)]
-    y64, u64 = ref.lora_forward(*wide, s, p, seed_int)
-    y_e, _ = ref.lora_forward(x, w, a, b, bias, s, p, seed_int)
-    assert rel_err(u, u64) <= 1e-5
+    result; u (fp32 accumulation of exact 16-bit products) within 1e-5. ``w_exact``: the weight
+    the float64 result uses (a 4-bit weight's fp32 decode; ``w`` is then that decode in x's dtype,
+    which is what the kernel and the reference multiply)."""
+    wide = [None if t is None else t.double() for t in (x, w if w_exact is None else w_exact, a, b, bias)]
+    if a is None:  # the frozen layer alone
+        y64 = torch.nn.functional.linear(*wide[:2], wide[4])
+        y_e = torch.nn.functional.linear(x, w, bias)
+    else:
+        y64, u64 = ref.lora_forward(*wide, s, p, seed)
+        y_e, _ = ref.lora_forward(x, w, a, b, bias, s, p, seed)
+        assert rel_err(u, u64) <= 1e-5
     assert rel_err(y, y64) <= max(2 * rel_err(y_e, y64), FLOOR[x.dtype]), (rel_err(y, y64), rel_err(y_e, y64))
 
 
@@ -93,6 +104,35 @@ def test_emulated_kernel_matches_reference(lib, dtype, M, K, N, r, p, has_bias, 
     y, u, blocks, counters = run(lib, x, w, a, b, bias, seed, 1.5, p, splits=splits, producers=producers)
     assert blocks > 0
     check(y, u, x, w, a, b, bias, 1.5, p, None if seed is None else int(seed))
+
+
+QUANT_CASES = [  # M, K, N, r, quant_type, blocksize, double_quant, p, splits
+    (1, 128, 24, 0, "nf4", 64, True, 0.0, 0),       # the frozen layer alone, decode
+    (16, 384, 70, 16, "nf4", 64, True, 0.1, 2),     # a half 128-step at the end (K % 128 = 0 is not needed)
+    (5, 256, 130, 8, "fp4", 128, False, 0.0, 3),    # FP4, plain fp32 absmax, three row groups
+    (33, 512, 40, 5, "nf4", 256, True, 0.2, 1),     # blocksize 256, four m16 tiles
+    (9, 96, 33, 0, "fp4", 32, True, 0.0, 4),        # blocksize 32, more splits than steps
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N,r,quant_type,blocksize,double_quant,p,splits", QUANT_CASES)
+def test_emulated_4bit_kernel_matches_reference(lib, dtype, M, K, N, r, quant_type, blocksize, double_quant, p,
+                                                splits):
+    """The same kernel over bitsandbytes 4-bit weights: W decoded in registers, compared with the
+    float64 product of the exact (fp32) decode; the reference in x's dtype multiplies the decode
+    rounded to x's dtype, as the kernel does."""
+    from peft_kernels.quant import FP4Weight, NF4Weight
+
+    x, w, a, b, bias = inputs(M, K, N, max(r, 1), dtype)
+    kind = NF4Weight if quant_type == "nf4" else FP4Weight
+    q = kind.from_float(w.float(), blocksize=blocksize, double_quant=double_quant)
+    if r == 0:
+        a = b = None
+    seed = torch.tensor([99], dtype=torch.int64) if p else None
+    y, u, blocks, _ = run(lib, x, None, a, b, bias, seed, 0.5, p, qweight=q, splits=splits)
+    assert blocks > 0
+    check(y, u, x, q.dequantize(dtype), a, b, bias, 0.5, p, 99 if p else None, w_exact=q.dequantize(torch.float32))
 
 
 def test_counters_count_every_block_and_the_flag(lib):
@@ -124,7 +164,8 @@ def test_deterministic_and_dropout_follows_the_seed(lib):
                                        (3, 40, 24, 132)])
 def test_plan_fills_the_gpu_and_stays_in_range(lib, M, K, N, sms):
     out = (ctypes.c_int * 4)()
-    lib.emu_lora_small_m_plan(ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(N), ctypes.c_int(sms), out)
+    lib.emu_lora_small_m_plan(ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(N), ctypes.c_int64(16),
+                              ctypes.c_int(sms), ctypes.c_int(0), out)
     groups, splits, producers, tiles = list(out)
     steps = -(-K // 32)
     assert groups == -(-N // 64) and tiles == (1 if M <= 16 else 2 if M <= 32 else 4)
@@ -150,3 +191,29 @@ def test_rule_says_why_the_kernel_does_not_apply():
                                                        max_m=64)
     shifted = torch.randn(16 * 64 + 1).half()[1:].view(16, 64)  # 2 bytes past a 16-byte boundary
     assert "aligned" in cuda_lora.small_m_reason(shifted, w, a, max_m=64)
+
+
+def test_4bit_rule_and_backend_errors():
+    """cuda_backend.quant.small_m_reason says why the 4-bit single-kernel forward does not apply;
+    backend="cuda" for the 4-bit ops is a clear error off a GPU; INT8/INT4 weights have no cuda
+    implementation."""
+    import peft_kernels
+    from peft_kernels import backends
+    from peft_kernels.cuda_backend import quant as cuda_quant
+    from peft_kernels.quant import NF4Weight
+
+    q = NF4Weight.from_float(torch.randn(40, 128))
+    parts = q.parts()
+    x = torch.randn(16, 128).half()
+    assert "SMALL_M_MAX_M" in cuda_quant.small_m_reason(x, parts[:6], 64, (40, 128))
+    assert cuda_quant.small_m_reason(x, parts[:6], 64, (40, 128), max_m=64) is None
+    assert "blocksize" in cuda_quant.small_m_reason(x, parts[:6], 256, (40, 128), max_m=64)
+    assert "fp16 / bf16" in cuda_quant.small_m_reason(x.float(), parts[:6], 64, (40, 128), max_m=64)
+    assert "rank" in cuda_quant.small_m_reason(x, parts[:6], 64, (40, 128), torch.randn(65, 128).half(), max_m=64)
+    with pytest.raises(RuntimeError, match="backend 'cuda' unavailable"):
+        peft_kernels.quant_linear(x.float(), q, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' unavailable"):
+        peft_kernels.qlora_linear(x.float(), q, torch.randn(4, 128), torch.zeros(40, 4), backend="cuda")
+    with pytest.raises(RuntimeError, match="no 'cuda' implementation"):
+        backends.implementation("quant_linear_int", "cuda")
+    assert backends.implementation("qlora_linear", "cuda") is cuda_quant

@@ -186,3 +186,42 @@ def test_merge_and_unload_on_cuda_bf16(kind):
     peft_kernels.merge_and_unload(model)
     assert all(type(m) in (torch.nn.Linear, torch.nn.Tanh) for m in model)
     assert rel_err(model(x), before) <= 2 * FLOOR[torch.bfloat16]
+
+
+CUDA_SMALL_M_SHAPES = [(16, 4096, 4096, 16, 64), (1, 4096, 14336, 16, 64), (37, 4096, 1000, 64, 128),
+                       (64, 1088, 4097, 5, 64), (9, 768, 96, 8, 256)]
+
+
+@pytest.mark.parametrize("M,K,N,r,blocksize", CUDA_SMALL_M_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt,nested", [("nf4", True), ("fp4", False)])
+def test_cuda_small_m_4bit_forward(monkeypatch, M, K, N, r, blocksize, dtype, fmt, nested):
+    """The CUDA C++ single-kernel forward over a 4-bit weight (csrc/lora_small_m.cuh, kQuant; in
+    CI it runs only in the CPU emulator): qlora_linear and quant_linear against the oracle on the
+    dequantized weight (gradients through the Triton backward), identical bits across runs."""
+    from peft_kernels import cuda
+    from peft_kernels.cuda_backend import quant as cuda_quant
+
+    if cuda.load() is None:
+        pytest.skip(f"CUDA extension not built: {cuda.reason()}")
+    monkeypatch.setattr(cuda_quant, "SMALL_M_MAX_M", 64)
+    x, w, a, b, bias = make_inputs((M,), K, N, r, dtype, "cuda")
+    q = (NF4Weight if fmt == "nf4" else FP4Weight).from_float(w, blocksize=blocksize, double_quant=nested)
+    assert cuda_quant.small_m_reason(x, q.parts()[:6], blocksize, (N, K), a) is None  # the kernel under test runs
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    fn = lambda x, w, a, b, bias: peft_kernels.qlora_linear(  # noqa: E731
+        x, q, a, b, bias, scaling=2.0, dropout_p=0.05, seed=3, backend="cuda")
+    grad = torch.randn(M, N, device="cuda").to(dtype)
+    assert_close_to_oracle(fn, [x, q.dequantize(), a, b, bias], 2.0, 0.05, 3, grad)
+    assert peft_kernels.backends.last_used("qlora_linear") == "cuda"
+    xd = x.detach()
+    frozen = [peft_kernels.quant_linear(xd, q, bias, backend="cuda") for _ in range(3)]
+    w64 = q.dequantize(torch.float64)
+    ref = torch.nn.functional.linear(xd.double(), w64, bias.double())
+    eager = torch.nn.functional.linear(xd, q.dequantize(), bias)
+    assert rel_err(frozen[0], ref) <= max(2 * rel_err(eager, ref), FLOOR[dtype])
+    assert all(torch.equal(f, frozen[0]) for f in frozen[1:])
+    runs = [peft_kernels.qlora_linear(xd, q, a.detach(), b.detach(), bias, scaling=2.0, dropout_p=0.05,
+                                      seed=3, backend="cuda") for _ in range(3)]
+    assert all(torch.equal(y, runs[0]) for y in runs[1:])

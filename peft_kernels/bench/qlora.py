@@ -7,7 +7,8 @@ NF4Tensor (linear_nf4) plus the same eager LoRA, as torchtune runs QLoRA; peft_k
 qlora_linear; peft_kernels quant_linear (the frozen NF4 layer alone); and QLoRALinear over INT8
 (LLM.int8 layout) and INT4 (groups of 64) bases — qlora_linear's adapter kernels, the base by
 windows of decoded weight on cuBLAS. ``--forward-only`` times forwards only (the decode case: NF4 at M=16
-against bf16 F.linear), with the block-aligned 4-bit matmul's decode candidates beside the default path.
+against bf16 F.linear), with the block-aligned 4-bit matmul's decode candidates beside the default path and,
+where the extension is built, the CUDA C++ single-kernel forward ("cuda small-M" rows).
 """
 from __future__ import annotations
 
@@ -109,6 +110,23 @@ def cases(M, K, N, device, dtype, forward_only=False):
             for tiles in candidates:
                 label = f"peft_kernels matmul_4bit {path} " + "x".join(map(str, tiles)) + " (frozen NF4)"
                 out[label] = lambda tiles=tiles, path=path: matmul_4bit(x, *q.parts(), path=path, tiles=tiles)
+    if forward_only and M <= 64 and backends.unavailable_reason("cuda", x.device) is None:
+        # The CUDA C++ single-kernel forward (csrc/lora_small_m.cuh; off by default until these
+        # rows show it winning: cuda_backend/quant.py SMALL_M_MAX_M)
+        from ..cuda_backend import quant as cuda_quant
+
+        def small_m(fn):
+            def run():
+                saved, cuda_quant.SMALL_M_MAX_M = cuda_quant.SMALL_M_MAX_M, cuda_quant.SMALL_M_LIMIT
+                try:
+                    return fn()
+                finally:
+                    cuda_quant.SMALL_M_MAX_M = saved
+            return run
+        out["peft_kernels qlora cuda small-M p=0.05"] = small_m(
+            lambda: qlora_linear(x, q, a, b, scaling=s, dropout_p=P, backend="cuda"))
+        out["peft_kernels quant_linear cuda small-M (frozen NF4)"] = small_m(
+            lambda: quant_linear(x, q, backend="cuda"))
     for quant in ("int8", "int4"):
         layer = _int_layer(w, a, b, quant)
         out[f"peft_kernels {quant.upper()} QLoRALinear p=0.05"] = step(lambda layer=layer: layer(x),

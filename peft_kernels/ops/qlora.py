@@ -21,6 +21,8 @@ from .quant_linear import check_qweight, join_parts, route
 OP = "qlora_linear"
 backends.register(OP, "torch", "peft_kernels.reference.quant")
 backends.register(OP, "triton", "peft_kernels.triton.quant_matmul")
+# cuda: the forward for few tokens in one CUDA C++ kernel, the rest on the Triton kernels
+backends.register(OP, "cuda", "peft_kernels.cuda_backend.quant")
 OP_INT = "qlora_linear_int"  # over INT8 / INT4 bases
 backends.register(OP_INT, "torch", "peft_kernels.reference.intq")
 backends.register(OP_INT, "triton", "peft_kernels.triton.intq_lora")
@@ -103,7 +105,7 @@ def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, 
     ops = torch.ops.peft_kernels
     backend, fwd, bwd, meta = route(qweight, backend, x.device, (OP, ops.qlora_fwd, ops.qlora_bwd),
                                     (OP_INT, ops.intq_lora_fwd, ops.intq_lora_bwd))
-    if backend == "triton":
+    if backend in ("triton", "cuda"):  # cuda runs the Triton kernels beside its own
         _checks.check_triton(OP, x, r)
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     y = _QLoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, _checks.contiguous_bias(bias), seed_t,

@@ -19,6 +19,8 @@ from . import _checks
 OP = "quant_linear"
 backends.register(OP, "torch", "peft_kernels.reference.quant")
 backends.register(OP, "triton", "peft_kernels.triton.quant_matmul")
+# cuda: the forward for few tokens in one CUDA C++ kernel, the rest on the Triton kernels
+backends.register(OP, "cuda", "peft_kernels.cuda_backend.quant")
 # INT8 / INT4: windowed decode + BLAS (peft_kernels/reference/intq.py) is the only backend so far.
 OP_INT = "quant_linear_int"
 backends.register(OP_INT, "torch", "peft_kernels.reference.intq")
@@ -111,8 +113,10 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
 
     Shapes: x [..., in] (fp16/bf16/fp32), qweight an NF4Weight/FP4Weight/Int8Weight/Int4Weight of
     shape [out, in], bias [out] or None; returns [..., out] in x.dtype. Gradients: x and bias
-    (the quantized weight is frozen). backend: "auto" (triton on CUDA, torch on CPU), "triton" or
-    "torch"; INT8/INT4 have the torch backend only (windowed decode + BLAS, cuBLAS on a GPU).
+    (the quantized weight is frozen). backend: "auto" (triton on CUDA, torch on CPU), "triton",
+    "cuda" (NF4/FP4: the forward for few tokens in one CUDA C++ kernel where
+    cuda_backend.quant.SMALL_M_MAX_M allows, everything else on the Triton kernels) or "torch";
+    INT8/INT4 have the torch backend only (windowed decode + BLAS, cuBLAS on a GPU).
     """
     autocast = _checks.autocast_dtype(x)
     if autocast is not None:  # F.linear's rule (see _checks.autocast_dtype)
@@ -124,7 +128,7 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
     ops = torch.ops.peft_kernels
     backend, fwd, bwd, meta = route(qweight, backend, x.device, (OP, ops.quant_linear_fwd, ops.quant_linear_bwd),
                                     (OP_INT, ops.intq_linear_fwd, ops.intq_linear_bwd))
-    if backend == "triton":
+    if backend in ("triton", "cuda"):  # cuda runs the Triton kernels beside its own
         _checks.check_triton(OP, x)
     y = _QuantLinearFunction.apply(x.reshape(-1, in_features), _checks.contiguous_bias(bias), fwd, bwd, meta,
                                    backend)

@@ -103,6 +103,9 @@ inline void acquire_fence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline int load_acquire(const int* p) { return std::atomic_ref<const int>(*p).load(std::memory_order_acquire); }
 inline void store_release(int* p, int v) { std::atomic_ref<int>(*p).store(v, std::memory_order_release); }
 inline void backoff() { std::this_thread::yield(); }
+inline float mul_rn(float a, float b) { volatile float r = a * b; return r; }  // no FMA contraction
+inline float add_rn(float a, float b) { volatile float r = a + b; return r; }
+inline uint8_t load_u8(const uint8_t* p) { return *p; }
 
 // kernel() for every thread of `blocks` blocks of `threads` threads, block after block.
 inline void launch(int blocks, int threads, const std::function<void()>& kernel) {
