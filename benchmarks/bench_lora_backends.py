@@ -3,8 +3,9 @@ only, bf16, r=16, p=0.05, over M; the JSON backs backend="auto"'s rule (backends
 M <= FUSED_LIMIT (256) it adds "triton fused-fwd" and "triton fused fwd+bwd": the Triton backend with its
 single-launch forward (and backward) turned on (triton/lora.py, FUSED_FWD_MAX_M / FUSED_BWD_MAX_M,
 off by default until these rows say they win). For M <= 64 with the extension built it adds "cuda small-M
-fwd": the CUDA backend with its single-kernel forward on (cuda_backend/lora.py SMALL_M_MAX_M, off by
-default until this row says it wins; the backward is the cuda backend's usual one).
+fwd" (the CUDA backend with its single-kernel forward on, the usual backward) and "cuda small-M fwd+bwd"
+(both single kernels on): cuda_backend/lora.py SMALL_M_MAX_M / SMALL_M_BWD_MAX_M, off by default until
+these rows say they win.
 
     python benchmarks/bench_lora_backends.py --out benchmarks/results/lora_backends_h100.json
     TRITON_INTERPRET=1 python benchmarks/bench_lora_backends.py --device cpu --kn 64x48 --ms 5  # smoke run, fp32
@@ -30,14 +31,19 @@ def _under(override, step):
     return run
 
 
-def _with_small_m(step):
-    """step() with the CUDA backend's single-kernel forward on for every M it takes."""
+def _with_small_m(step, backward=False):
+    """step() with the CUDA backend's single-kernel forward (and backward) on for every M it takes."""
+    names = ("SMALL_M_MAX_M", "SMALL_M_BWD_MAX_M") if backward else ("SMALL_M_MAX_M",)
+
     def run():
-        saved, cuda_lora.SMALL_M_MAX_M = cuda_lora.SMALL_M_MAX_M, cuda_lora.SMALL_M_LIMIT
+        saved = {n: getattr(cuda_lora, n) for n in names}
+        for n in names:
+            setattr(cuda_lora, n, cuda_lora.SMALL_M_LIMIT)
         try:
             return step()
         finally:
-            cuda_lora.SMALL_M_MAX_M = saved
+            for n, v in saved.items():
+                setattr(cuda_lora, n, v)
     return run
 
 
@@ -79,8 +85,11 @@ def main():
                     cases[name] = _under(override, fwd_bwd_step(lambda: peft_kernels.lora_linear(
                         x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="triton"), [x, a, b], dy, fo))
             if M <= cuda_lora.SMALL_M_LIMIT and "cuda" in cases:
-                cases["cuda small-M fwd"] = _with_small_m(fwd_bwd_step(lambda: peft_kernels.lora_linear(
-                    x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="cuda"), [x, a, b], dy, fo))
+                for name, both in (("cuda small-M fwd", False), ("cuda small-M fwd+bwd", True)):
+                    if both and fo:
+                        continue
+                    cases[name] = _with_small_m(fwd_bwd_step(lambda: peft_kernels.lora_linear(
+                        x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="cuda"), [x, a, b], dy, fo), both)
             times = {k: time_ms(f, dev) for k, f in cases.items()}
             graphed = {k: time_ms_graphed(f, dev) for k, f in cases.items()}
             for k in cases:

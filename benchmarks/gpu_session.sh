@@ -42,7 +42,12 @@ case "$part" in
     # CUBLAS_WORKSPACE_CONFIG: cuBLAS's deterministic mode, for tests/test_determinism.py's GPU test
     # -n 8 (pytest-xdist is on the GPU machine): the Triton compiles run in parallel; 152 tests in
     # about 80 s on 2026-11-24 instead of minutes
-    CUBLAS_WORKSPACE_CONFIG=:4096:8 step 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 -rfE tests
+    # the CUDA C++ single-kernel forwards first, alone: their first GPU run (a fault there must not
+    # take the rest of the tier with it)
+    step 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -k small_m tests/test_lora_cuda_gpu.py \
+      tests/test_qlora_gpu.py
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 step 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 -rfE \
+      -k "not small_m" tests
     if command -v compute-sanitizer >/dev/null; then
       step 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
         tests/test_lora_cuda_gpu.py -k "oracle and 37"

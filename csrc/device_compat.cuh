@@ -31,6 +31,18 @@ template <typename T> PK_DEVICE T from_f(float v);
 template <> PK_DEVICE f16 from_f<f16>(float v) { return __float2half_rn(v); }
 template <> PK_DEVICE bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
 
+// Two values rounded to T and packed as an mma operand's k pair (a in the low half): one
+// cvt.rn.{bf16x2,f16x2}.f32 instead of two conversions and a permute.
+template <typename T> PK_DEVICE uint32_t pack2(float a, float b);
+template <> PK_DEVICE uint32_t pack2<f16>(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <> PK_DEVICE uint32_t pack2<bf16>(float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
 PK_DEVICE unsigned thread_index() { return threadIdx.x; }
 PK_DEVICE unsigned block_index() { return blockIdx.x; }
 PK_DEVICE void block_sync() { __syncthreads(); }
@@ -80,6 +92,8 @@ PK_DEVICE void store_release(int* p, int v) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 PK_DEVICE void backoff() { __nanosleep(64); }
+// A wait that cannot end is a bug: stop the kernel with an error rather than hang the process.
+PK_DEVICE void fail() { __trap(); }
 // One rounding each, never contracted into an FMA: the 4-bit decode must round as the reference.
 PK_DEVICE float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 PK_DEVICE float add_rn(float a, float b) { return __fadd_rn(a, b); }

@@ -216,6 +216,52 @@ std::tuple<at::Tensor, at::Tensor> qlora_fwd_small_m(const at::Tensor& x, at::Te
   return {y, u};
 }
 
+// The backward for few tokens in one kernel (lora_small_m_bwd.cuh); same contract as lora_bwd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd_small_m(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                const at::Tensor& weight, const at::Tensor& A,
+                                                                const at::Tensor& B, const at::Tensor& u,
+                                                                double scaling, double dropout_p,
+                                                                const std::optional<at::Tensor>& seed, bool need_dx) {
+  check_common(x, weight, A, B, dropout_p);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  const char* op = "peft_kernels cuda backend lora_bwd_small_m: ";
+  check(grad_y, "grad_y", x, 2);
+  check_same_dtype(grad_y, "grad_y", x);
+  TORCH_CHECK(grad_y.size(0) == M && grad_y.size(1) == N, op, "grad_y must be [", M, ", ", N, "], got ",
+              grad_y.sizes());
+  check(u, "u", x, 2);
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.size(0) == M && u.size(1) == r, op, "u must be fp32 [", M, ", ", r,
+              "]");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "fp16 / bf16 only, got ",
+              x.scalar_type());
+  TORCH_CHECK(M >= 1 && M <= kSmallMMaxM, op, "1 <= M <= ", kSmallMMaxM, " tokens, got ", M);
+  TORCH_CHECK(r <= kSmallMMaxRank, op, "rank <= ", kSmallMMaxRank, ", got ", r);
+  TORCH_CHECK(K >= 8 && K % 8 == 0 && N >= 8 && N % 8 == 0, op,
+              "in_features and out_features must be positive multiples of 8, got ", K, " and ", N);
+  for (const at::Tensor* t : {&grad_y, &weight})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, "grad_y and weight must be 16-byte aligned");
+  const int64_t* sp = seed_ptr(seed, dropout_p, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const SmallMPlan plan = plan_lora_small_m_bwd(M, K, N, need_dx);
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dx = need_dx ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
+  auto da = at::empty({r, K}, x.options());
+  auto db = at::empty({N, r}, x.options());
+  auto part = at::empty({need_dx ? plan.splits * M * K : 1}, f32);
+  auto vpart = at::empty({plan.producers * M * r}, f32);
+  auto v = at::empty({M * r}, f32);
+  auto counters = at::empty({plan.groups + 2}, x.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(counters.data_ptr(), 0, counters.numel() * sizeof(int), stream));
+  const SmallMBwdArgs args{grad_y.data_ptr(), x.data_ptr(), weight.data_ptr(), A.data_ptr(), B.data_ptr(),
+                           u.data_ptr<float>(), sp, need_dx ? dx.data_ptr() : nullptr, da.data_ptr(), db.data_ptr(),
+                           part.data_ptr<float>(), vpart.data_ptr<float>(), v.data_ptr<float>(),
+                           counters.data_ptr<int>(), M, K, N, r, static_cast<float>(scaling), dropout_p};
+  launch_lora_small_m_bwd(args, plan, dtype_of(x), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dx, da, db};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& grad_y, const at::Tensor& x,
                                                         const at::Tensor& weight, const at::Tensor& A,
                                                         const at::Tensor& B, const at::Tensor& u, double scaling,
@@ -270,6 +316,8 @@ TORCH_LIBRARY(peft_kernels_cuda, m) {
         "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   m.def("qlora_fwd_small_m(Tensor x, Tensor[] qweight, int blocksize, int[] shape, Tensor lora_A, Tensor lora_B, "
         "Tensor? bias, float scaling, float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
+  m.def("lora_bwd_small_m(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, "
+        "float scaling, float dropout_p, Tensor? seed, bool need_dx) -> (Tensor, Tensor, Tensor)");
   m.def("lora_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor u, float scaling, "
         "float dropout_p, Tensor? seed, bool need_dx) -> (Tensor, Tensor, Tensor)");
 }
@@ -278,5 +326,6 @@ TORCH_LIBRARY_IMPL(peft_kernels_cuda, CUDA, m) {
   m.impl("lora_fwd", &peft_kernels::lora_fwd);
   m.impl("lora_fwd_small_m", &peft_kernels::lora_fwd_small_m);
   m.impl("qlora_fwd_small_m", &peft_kernels::qlora_fwd_small_m);
+  m.impl("lora_bwd_small_m", &peft_kernels::lora_bwd_small_m);
   m.impl("lora_bwd", &peft_kernels::lora_bwd);
 }

@@ -54,6 +54,24 @@ struct SmallMArgs {
   int64_t blocksize;
 };
 SmallMPlan plan_lora_small_m(int64_t M, int64_t K, int64_t N, int64_t r, bool quant);
+
+// The single-kernel backward for M <= kSmallMMaxM tokens (lora_small_m_bwd.cuh): fp16 / bf16,
+// r <= kSmallMMaxRank, K % 8 == 0, N % 8 == 0, dY / W 16-byte aligned. dx [M, K] (null: not
+// needed), da [r, K], db [N, r] in x's dtype; part [splits * M * K], vpart [producers * M * r],
+// v [M * r] fp32 are scratch, counters [groups + 2] int32 must be zero.
+struct SmallMBwdArgs {
+  const void *dy, *x, *w, *a, *b;
+  const float* u;
+  const int64_t* seed;
+  void *dx, *da, *db;
+  float *part, *vpart, *v;
+  int* counters;
+  int64_t M, K, N, r;
+  float s;
+  double dropout_p;
+};
+SmallMPlan plan_lora_small_m_bwd(int64_t M, int64_t K, int64_t N, bool need_dx);
+void launch_lora_small_m_bwd(const SmallMBwdArgs& args, const SmallMPlan& plan, DType dt, cudaStream_t stream);
 void launch_lora_small_m_fwd(const SmallMArgs& args, const SmallMPlan& plan, DType dt, cudaStream_t stream);
 
 }  // namespace peft_kernels

@@ -270,13 +270,7 @@ PK_DEVICE float block_scale(const Params& p, int64_t f, const float* code2) {
 // Two decoded weights, packed as the mma operand's k pair: byte (hi nibble: the even element).
 template <typename T>
 PK_DEVICE uint32_t decode_pair(uint32_t byte, float scale, const float* code) {
-  const T lo = dev::from_f<T>(dev::mul_rn(code[(byte >> 4) & 0xF], scale));
-  const T hi = dev::from_f<T>(dev::mul_rn(code[byte & 0xF], scale));
-  uint16_t a, b;
-  static_assert(sizeof(T) == 2, "16-bit activations");
-  __builtin_memcpy(&a, &lo, 2);
-  __builtin_memcpy(&b, &hi, 2);
-  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+  return dev::pack2<T>(dev::mul_rn(code[(byte >> 4) & 0xF], scale), dev::mul_rn(code[byte & 0xF], scale));
 }
 
 // The 4-bit main loop: lane (g, t) of a 128-step at k holds the 32 weights k + 32t .. k + 32t + 31
@@ -347,8 +341,12 @@ PK_DEVICE void main_block(const Params& p, int group, int split, float* us /* [M
     flag[0] = dev::arrive(&p.counters[group]) == p.splits - 1;
     if (flag[0]) {
       dev::acquire_fence();  // the other splits' partials
-      if (p.r > 0)  // u (producers run first)
-        while (dev::load_acquire(&p.counters[p.groups + 1]) == 0) dev::backoff();
+      // u: the producers have the lowest block indices, so they were scheduled first and never
+      // wait themselves; a wait of seconds (2^24 backoffs) is a bug, and traps instead of hanging
+      for (int spins = 0; p.r > 0 && dev::load_acquire(&p.counters[p.groups + 1]) == 0; ++spins) {
+        if (spins == 1 << 24) dev::fail();
+        dev::backoff();
+      }
     }
   }
   dev::block_sync();

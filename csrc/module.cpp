@@ -4,5 +4,5 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "peft_kernels CUDA C++ kernels; ops under torch.ops.peft_kernels_cuda";
-  m.attr("ops") = pybind11::make_tuple("lora_fwd", "lora_fwd_small_m", "qlora_fwd_small_m", "lora_bwd");
+  m.attr("ops") = pybind11::make_tuple("lora_fwd", "lora_fwd_small_m", "qlora_fwd_small_m", "lora_bwd", "lora_bwd_small_m");
 }

@@ -89,6 +89,8 @@ def triton_paths() -> dict:
         "sparse dDelta gather_t below density": sparse.GATHER_MAX_DENSITY,
         "cuda backend: lora single-kernel forward (fp16/bf16, r <= 64, in % 8 == 0): M <=":
             cuda_lora.SMALL_M_MAX_M,
+        "cuda backend: lora single-kernel backward (fp16/bf16, r <= 64, in, out % 8 == 0): M <=":
+            cuda_lora.SMALL_M_BWD_MAX_M,
         "cuda backend: 4-bit quant_linear / qlora single-kernel forward (in % blocksize == 0): M <=":
             cuda_quant.SMALL_M_MAX_M,
     }

@@ -29,7 +29,7 @@ def test_extension_registers_the_lora_ops():
     # lora_fwd_small_m: the forward for few tokens in one kernel, lora_fwd's schema
     # qlora_fwd_small_m: the same over a 4-bit weight, qlora_fwd's schema
     python_op = {"lora_fwd": "lora_fwd", "lora_fwd_small_m": "lora_fwd", "qlora_fwd_small_m": "qlora_fwd",
-                 "lora_bwd": "lora_bwd"}
+                 "lora_bwd": "lora_bwd", "lora_bwd_small_m": "lora_bwd"}
     assert set(mod.ops) == set(python_op)
     for name in mod.ops:
         compiled = getattr(torch.ops.peft_kernels_cuda, name).default._schema

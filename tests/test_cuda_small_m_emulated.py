@@ -1,4 +1,5 @@
-"""The CUDA C++ single-kernel LoRA forward for few tokens (csrc/lora_small_m.cuh) on the CPU tier:
+"""The CUDA C++ single-kernel LoRA forward and backward for few tokens (csrc/lora_small_m.cuh,
+lora_small_m_bwd.cuh) on the CPU tier:
 the kernel source, unchanged, built with g++ against the CPU emulator of tests/cuda_emu/emu.h
 (every thread a host thread, mma.sync m16n8k16 from the PTX ISA's fragment layout), run on odd
 shapes against the float64 reference. What this cannot check — the real tensor cores, memory
@@ -18,8 +19,10 @@ from peft_kernels.reference import lora as ref
 from helpers import FLOOR, rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, "cuda_emu", f) for f in ("emu.h", "lora_small_m_emu.cpp")] + [
-    os.path.join(HERE, "..", "csrc", f) for f in ("lora_small_m.cuh", "device_compat.cuh", "dropout_mask.cuh")]
+UNITS = [os.path.join(HERE, "cuda_emu", f) for f in ("lora_small_m_emu.cpp", "lora_small_m_bwd_emu.cpp")]
+SOURCES = UNITS + [os.path.join(HERE, "cuda_emu", "emu.h")] + [
+    os.path.join(HERE, "..", "csrc", f)
+    for f in ("lora_small_m.cuh", "lora_small_m_bwd.cuh", "device_compat.cuh", "dropout_mask.cuh")]
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the CUDA emulator")
 
@@ -31,7 +34,7 @@ def lib():
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}"
         subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
-                        "-Wno-unknown-pragmas", "-o", tmp, SOURCES[1]], check=True, capture_output=True)
+                        "-Wno-unknown-pragmas", "-o", tmp, *UNITS], check=True, capture_output=True)
         os.replace(tmp, path)
     so = ctypes.CDLL(path)
     so.emu_lora_small_m_fwd.restype = ctypes.c_int
@@ -217,3 +220,69 @@ def test_4bit_rule_and_backend_errors():
     with pytest.raises(RuntimeError, match="no 'cuda' implementation"):
         backends.implementation("quant_linear_int", "cuda")
     assert backends.implementation("qlora_linear", "cuda") is cuda_quant
+
+
+def run_bwd(lib, dy, x, w, a, b, u, seed, s, p, *, need_dx=True, sms=2, splits=0, producers=0):
+    """(dx or None, dA, dB, blocks launched, counters) from the emulated backward kernel."""
+    M, K = x.shape
+    N, r = w.shape[0], a.shape[0]
+    dx = torch.full((M, K), float("nan"), dtype=x.dtype) if need_dx else None
+    da = torch.full((r, K), float("nan"), dtype=x.dtype)
+    db = torch.full((N, r), float("nan"), dtype=x.dtype)
+    counters = (ctypes.c_int * 4096)()
+
+    def ptr(t):
+        return None if t is None else ctypes.c_void_p(t.data_ptr())
+    blocks = lib.emu_lora_small_m_bwd(
+        ctypes.c_int(0 if x.dtype == torch.float16 else 1), ptr(dy), ptr(x), ptr(w), ptr(a), ptr(b), ptr(u), ptr(seed),
+        ptr(dx), ptr(da), ptr(db), ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(N), ctypes.c_int64(r),
+        ctypes.c_float(s), ctypes.c_double(p), ctypes.c_int(sms), ctypes.c_int(splits), ctypes.c_int(producers),
+        counters)
+    return dx, da, db, blocks, list(counters[:4096])
+
+
+BWD_CASES = [  # M, K, N, r, p, splits, producers
+    (1, 8, 8, 1, 0.0, 0, 0),           # one of everything
+    (5, 40, 24, 4, 0.0, 2, 2),         # more splits than 32-row steps of W: empty ranges still arrive
+    (16, 264, 72, 16, 0.1, 3, 3),      # partial 64-column group and partial 32-row step
+    (33, 128, 136, 9, 0.3, 1, 1),      # four m16 tiles, rank tiles past r
+    (64, 520, 64, 64, 0.0, 2, 1),      # the largest M and rank
+    (7, 1032, 1040, 16, 0.05, 0, 0),   # the plan's own splits and producers
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N,r,p,splits,producers", BWD_CASES)
+def test_emulated_backward_matches_reference(lib, dtype, M, K, N, r, p, splits, producers):
+    """dX, dA and dB against the float64 reference backward (the same u, the reference's mask):
+    each within 2x the error of the reference in x's dtype (or the dtype floor); without dX the
+    same dA and dB bits."""
+    x, w, a, b, _ = inputs(M, K, N, r, dtype, bias=False)
+    dy = inputs(M, N, 8, 1, dtype, bias=False)[0]
+    seed_int = 4321 if p else None
+    seed = torch.tensor([4321], dtype=torch.int64) if p else None
+    wide = [t.double() for t in (x, w, a, b)]
+    u = ref.lora_forward(*wide, None, 1.5, p, seed_int)[1].float()
+    dx, da, db, blocks, _ = run_bwd(lib, dy, x, w, a, b, u, seed, 1.5, p, splits=splits, producers=producers)
+    assert blocks > 0
+    want = ref.lora_backward(dy.double(), *wide, u.double(), 1.5, p, seed_int, True)
+    eager = ref.lora_backward(dy, x, w, a, b, u, 1.5, p, seed_int, True)
+    for name, got, e, w64 in zip(("dx", "dA", "dB"), (dx, da, db), eager, want):
+        assert rel_err(got, w64) <= max(2 * rel_err(e, w64), FLOOR[dtype]), (name, rel_err(got, w64), rel_err(e, w64))
+    no_dx, da2, db2, *_ = run_bwd(lib, dy, x, w, a, b, u, seed, 1.5, p, need_dx=False, producers=producers or 0)
+    assert no_dx is None
+    if producers:  # v summed over the same producer ranges: identical bits
+        assert torch.equal(da2, da) and torch.equal(db2, db)
+
+
+def test_backward_rule_says_why():
+    from peft_kernels.cuda_backend import lora as cuda_lora
+
+    dy, w, a = torch.randn(16, 40).half(), torch.randn(40, 64).half(), torch.randn(8, 64).half()
+    assert "SMALL_M_BWD_MAX_M" in cuda_lora.small_m_bwd_reason(dy, w, a)  # off by default
+    assert cuda_lora.small_m_bwd_reason(dy, w, a, max_m=64) is None
+    assert "multiples of 8" in cuda_lora.small_m_bwd_reason(torch.randn(16, 42).half(), torch.randn(42, 64).half(), a,
+                                                            max_m=64)
+    assert "fp16 / bf16" in cuda_lora.small_m_bwd_reason(dy.float(), w.float(), a.float(), max_m=64)
+    shifted = torch.randn(16 * 40 + 1).half()[1:].view(16, 40)
+    assert "aligned" in cuda_lora.small_m_bwd_reason(shifted, w, a, max_m=64)

@@ -100,3 +100,31 @@ def test_small_m_forward(monkeypatch, M, K, N, r, dtype, p):
     for y, u in runs[1:]:
         assert torch.equal(y, runs[0][0]) and torch.equal(u, runs[0][1])
     torch.testing.assert_close(runs[0][1], u3, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("M,K,N,r", [(16, 4096, 4096, 16), (1, 14336, 4096, 16), (37, 4104, 1000, 64),
+                                     (64, 1032, 4104, 5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_small_m_backward(monkeypatch, M, K, N, r, dtype, p):
+    """The single-kernel backward for few tokens (csrc/lora_small_m_bwd.cuh; in CI only in the CPU
+    emulator), with the single-kernel forward: the float64 oracle on outputs and every gradient,
+    identical bits across runs with real concurrency between the blocks."""
+    from peft_kernels.cuda_backend import lora as cuda_lora
+
+    monkeypatch.setattr(cuda_lora, "SMALL_M_MAX_M", 64)
+    monkeypatch.setattr(cuda_lora, "SMALL_M_BWD_MAX_M", 64)
+    x, w, a, b, bias = make_inputs((M,), K, N, r, dtype, "cuda", bias=True)
+    grad_out = torch.randn(M, N, device="cuda").to(dtype)
+    assert cuda_lora.small_m_bwd_reason(grad_out, w, a) is None  # the kernel under test runs
+    for t in (x, a, b):
+        t.requires_grad_(True)
+    fn = lambda *t: peft_kernels.lora_linear(*t, scaling=2.0, dropout_p=p, seed=7, backend="cuda")  # noqa: E731
+    assert_close_to_oracle(fn, [x, w, a, b, bias], 2.0, p, 7, grad_out)
+    seed = torch.tensor([7], dtype=torch.int64, device="cuda") if p else None
+    ops = torch.ops.peft_kernels_cuda
+    _, u = ops.lora_fwd_small_m(x.detach(), w, a.detach(), b.detach(), bias, 2.0, p, seed)
+    args = (grad_out, x.detach(), w, a.detach(), b.detach(), u, 2.0, p, seed, True)
+    runs = [ops.lora_bwd_small_m(*args) for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(g, h) for g, h in zip(other, runs[0]))

@@ -20,12 +20,14 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
-# The single-kernel forward for few tokens (csrc/lora_small_m.cuh: tensor cores, split K, the LoRA
-# terms in the same launch) runs for M <= SMALL_M_MAX_M where it applies (small_m_reason). 0 = off:
-# it has run only in the CPU emulator (tests/test_cuda_small_m_emulated.py) and compiled for sm_80 /
-# sm_90; it becomes the default once a GPU benchmark (bench_lora_backends.py, row "cuda small-M
-# fwd") shows it beating the three-launch path. At most 64 (the kernel's limit).
+# The single-kernel forward and backward for few tokens (csrc/lora_small_m.cuh, lora_small_m_bwd.cuh:
+# tensor cores, split K, the LoRA terms in the same launch) run for M <= SMALL_M_MAX_M /
+# SMALL_M_BWD_MAX_M where they apply (small_m_reason). 0 = off: they have run only in the CPU
+# emulator (tests/test_cuda_small_m_emulated.py) and compiled for sm_80 / sm_90; each becomes the
+# default once a GPU benchmark (bench_lora_backends.py, rows "cuda small-M fwd" / "cuda small-M
+# fwd+bwd") shows it beating the cuBLAS-based path. At most 64 (the kernels' limit).
 SMALL_M_MAX_M = 0
+SMALL_M_BWD_MAX_M = 0
 SMALL_M_LIMIT = 64  # the kernel's largest M (csrc/lora_kernels.h kSmallMMaxM)
 SMALL_M_MAX_RANK = 64
 
@@ -56,8 +58,27 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
     return y, u
 
 
+def small_m_bwd_reason(grad_y, weight, lora_A, max_m=None) -> str | None:
+    """None when the single-kernel backward takes these (contiguous) inputs, else why not."""
+    max_m = min(SMALL_M_BWD_MAX_M if max_m is None else max_m, SMALL_M_LIMIT)
+    (M, N), K = grad_y.shape, weight.shape[1]
+    if not 1 <= M <= max_m:
+        return f"M = {M} outside 1..{max_m} (SMALL_M_BWD_MAX_M)"
+    if grad_y.dtype not in (torch.float16, torch.bfloat16):
+        return f"{grad_y.dtype}: fp16 / bf16 only (tensor cores)"
+    if lora_A.shape[0] > SMALL_M_MAX_RANK:
+        return f"rank {lora_A.shape[0]} > {SMALL_M_MAX_RANK}"
+    if K == 0 or K % 8 or N == 0 or N % 8:
+        return f"in_features {K} / out_features {N} not positive multiples of 8"
+    if any(t.data_ptr() % 16 for t in (grad_y, weight)):
+        return "grad_y or weight not 16-byte aligned"
+    return None
+
+
 def lora_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx):
     """Returns (dx [M, K] or an empty tensor, d lora_A [r, K], d lora_B [N, r])."""
-    dx, ga, gb = _ops().lora_bwd(_c(grad_y), _c(x), _c(weight), _c(lora_A), _c(lora_B), _c(u), float(scaling),
-                                 float(dropout_p), seed, bool(need_dx))
+    grad_y, weight = _c(grad_y), _c(weight)
+    bwd = _ops().lora_bwd_small_m if small_m_bwd_reason(grad_y, weight, lora_A) is None else _ops().lora_bwd
+    dx, ga, gb = bwd(grad_y, _c(x), weight, _c(lora_A), _c(lora_B), _c(u), float(scaling), float(dropout_p), seed,
+                     bool(need_dx))
     return dx, ga, gb

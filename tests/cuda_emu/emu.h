@@ -9,6 +9,7 @@
 #define PEFT_KERNELS_CUDA_EMULATOR 1
 
 #include <atomic>
+#include <cstdlib>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -47,6 +48,10 @@ template <> inline f16 from_f<f16>(float v) {
   f16 out;
   std::memcpy(&out.bits, &h, 2);
   return out;
+}
+
+template <typename T> inline uint32_t pack2(float a, float b) {
+  return static_cast<uint32_t>(from_f<T>(a).bits) | (static_cast<uint32_t>(from_f<T>(b).bits) << 16);
 }
 
 struct Warp {
@@ -103,6 +108,7 @@ inline void acquire_fence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline int load_acquire(const int* p) { return std::atomic_ref<const int>(*p).load(std::memory_order_acquire); }
 inline void store_release(int* p, int v) { std::atomic_ref<int>(*p).store(v, std::memory_order_release); }
 inline void backoff() { std::this_thread::yield(); }
+[[noreturn]] inline void fail() { std::abort(); }
 inline float mul_rn(float a, float b) { volatile float r = a * b; return r; }  // no FMA contraction
 inline float add_rn(float a, float b) { volatile float r = a + b; return r; }
 inline uint8_t load_u8(const uint8_t* p) { return *p; }
