@@ -69,16 +69,45 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(p >= 0.0 && p < 1.0, "peft_kernels cuda backend: dropout_p must be in [0, 1), got ", p);
 }
 
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N) {
+  if (!bias.has_value()) return;
+  check(*bias, "bias", x, 1);
+  check_same_dtype(*bias, "bias", x);
+  TORCH_CHECK(bias->size(0) == N, "peft_kernels cuda backend: bias must be [", N, "], got ", bias->sizes());
+}
+
+// The single-kernel ops' arrival counters, zeroed on the stream (a memset node under graph capture).
+at::Tensor zeroed_counters(int64_t n, const at::Tensor& x, cudaStream_t stream) {
+  auto counters = at::empty({n}, x.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(counters.data_ptr(), 0, n * sizeof(int), stream));
+  return counters;
+}
+
+// Outputs and scratch of the single-kernel forwards (lora_small_m.cuh).
+struct SmallMBuffers {
+  at::Tensor y, u, part, upart, counters;
+};
+SmallMBuffers small_m_buffers(const SmallMPlan& plan, const at::Tensor& x, int64_t M, int64_t N, int64_t r,
+                              cudaStream_t stream) {
+  auto f32 = x.options().dtype(at::kFloat);
+  return {at::empty({M, N}, x.options()), at::empty({M, r}, f32), at::empty({plan.splits * M * N}, f32),
+          at::empty({std::max<int64_t>(plan.producers * M * r, 1)}, f32), zeroed_counters(plan.groups + 2, x, stream)};
+}
+
+// Checks shared by the single-kernel ops: 16-bit x, 1 <= M <= kSmallMMaxM, r <= kSmallMMaxRank.
+void check_small_m(const char* op, const at::Tensor& x, int64_t M, int64_t r) {
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "fp16 / bf16 only, got ",
+              x.scalar_type());
+  TORCH_CHECK(M >= 1 && M <= kSmallMMaxM, op, "1 <= M <= ", kSmallMMaxM, " tokens, got ", M);
+  TORCH_CHECK(r <= kSmallMMaxRank, op, "rank <= ", kSmallMMaxRank, ", got ", r);
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& A,
                                             const at::Tensor& B, const std::optional<at::Tensor>& bias,
                                             double scaling, double dropout_p, const std::optional<at::Tensor>& seed) {
   check_common(x, weight, A, B, dropout_p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
-  if (bias.has_value()) {
-    check(*bias, "bias", x, 1);
-    check_same_dtype(*bias, "bias", x);
-    TORCH_CHECK(bias->size(0) == N, "peft_kernels cuda backend: bias must be [", N, "], got ", bias->sizes());
-  }
+  check_bias(bias, x, N);
   const int64_t* sp = seed_ptr(seed, dropout_p, x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -105,38 +134,25 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_small_m(const at::Tensor& x, const a
   check_common(x, weight, A, B, dropout_p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
   const char* op = "peft_kernels cuda backend lora_fwd_small_m: ";
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "fp16 / bf16 only, got ",
-              x.scalar_type());
-  TORCH_CHECK(M >= 1 && M <= kSmallMMaxM, op, "1 <= M <= ", kSmallMMaxM, " tokens, got ", M);
+  check_small_m(op, x, M, r);
   TORCH_CHECK(N >= 1, op, "out_features must be >= 1");
-  TORCH_CHECK(r <= kSmallMMaxRank, op, "rank <= ", kSmallMMaxRank, ", got ", r);
   TORCH_CHECK(K >= 8 && K % 8 == 0, op, "in_features must be a positive multiple of 8, got ", K);
   for (const at::Tensor* t : {&x, &weight, &A})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, "x, weight and lora_A must be 16-byte aligned");
-  if (bias.has_value()) {
-    check(*bias, "bias", x, 1);
-    check_same_dtype(*bias, "bias", x);
-    TORCH_CHECK(bias->size(0) == N, "peft_kernels cuda backend: bias must be [", N, "], got ", bias->sizes());
-  }
+  check_bias(bias, x, N);
   const int64_t* sp = seed_ptr(seed, dropout_p, x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const SmallMPlan plan = plan_lora_small_m(M, K, N, r, false);
-  auto f32 = x.options().dtype(at::kFloat);
-  auto u = at::empty({M, r}, f32);
-  auto y = at::empty({M, N}, x.options());
-  auto part = at::empty({plan.splits * M * N}, f32);
-  auto upart = at::empty({plan.producers * M * r}, f32);
-  auto counters = at::empty({plan.groups + 2}, x.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(counters.data_ptr(), 0, counters.numel() * sizeof(int), stream));
+  SmallMBuffers o = small_m_buffers(plan, x, M, N, r, stream);
   const SmallMArgs args{x.data_ptr(), weight.data_ptr(), A.data_ptr(), B.data_ptr(),
-                        bias.has_value() ? bias->data_ptr() : nullptr, sp, y.data_ptr(), u.data_ptr<float>(),
-                        part.data_ptr<float>(), upart.data_ptr<float>(), counters.data_ptr<int>(), M, K, N, r,
+                        bias.has_value() ? bias->data_ptr() : nullptr, sp, o.y.data_ptr(), o.u.data_ptr<float>(),
+                        o.part.data_ptr<float>(), o.upart.data_ptr<float>(), o.counters.data_ptr<int>(), M, K, N, r,
                         static_cast<float>(scaling), dropout_p, nullptr, nullptr, nullptr, nullptr, nullptr,
                         nullptr, 0};
   launch_lora_small_m_fwd(args, plan, dtype_of(x), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, u};
+  return {o.y, o.u};
 }
 
 // The same kernel over a frozen bitsandbytes 4-bit weight (decoded in registers): qweight =
@@ -148,12 +164,10 @@ std::tuple<at::Tensor, at::Tensor> qlora_fwd_small_m(const at::Tensor& x, at::Te
                                                      double dropout_p, const std::optional<at::Tensor>& seed) {
   const char* op = "peft_kernels cuda backend qlora_fwd_small_m: ";
   check(x, "x", x, 2);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "fp16 / bf16 only, got ",
-              x.scalar_type());
   TORCH_CHECK(shape.size() == 2, op, "shape must be [out, in]");
   const int64_t M = x.size(0), K = x.size(1), N = shape[0], r = A.size(0);
+  check_small_m(op, x, M, r);
   TORCH_CHECK(shape[1] == K, op, "x has ", K, " features, the weight ", shape[1]);
-  TORCH_CHECK(M >= 1 && M <= kSmallMMaxM, op, "1 <= M <= ", kSmallMMaxM, " tokens, got ", M);
   TORCH_CHECK(N >= 1, op, "out_features must be >= 1");
   TORCH_CHECK(blocksize >= 32 && (blocksize & (blocksize - 1)) == 0 && K % blocksize == 0, op,
               "blocksize must be a power of two >= 32 dividing in_features, got ", blocksize, " for ", K);
@@ -182,38 +196,27 @@ std::tuple<at::Tensor, at::Tensor> qlora_fwd_small_m(const at::Tensor& x, at::Te
     check(B, "lora_B", x, 2);
     check_same_dtype(A, "lora_A", x);
     check_same_dtype(B, "lora_B", x);
-    TORCH_CHECK(A.size(1) == K && B.size(0) == N && B.size(1) == r && r <= kSmallMMaxRank, op,
-                "lora_A must be [r <= ", kSmallMMaxRank, ", ", K, "] and lora_B [", N, ", r], got ", A.sizes(), ", ",
-                B.sizes());
+    TORCH_CHECK(A.size(1) == K && B.size(0) == N && B.size(1) == r, op, "lora_A must be [r, ", K, "] and lora_B [",
+                N, ", r], got ", A.sizes(), ", ", B.sizes());
     TORCH_CHECK(reinterpret_cast<uintptr_t>(A.data_ptr()) % 16 == 0, op, "lora_A must be 16-byte aligned");
   }
-  if (bias.has_value()) {
-    check(*bias, "bias", x, 1);
-    check_same_dtype(*bias, "bias", x);
-    TORCH_CHECK(bias->size(0) == N, "peft_kernels cuda backend: bias must be [", N, "], got ", bias->sizes());
-  }
+  check_bias(bias, x, N);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, "dropout_p must be in [0, 1), got ", dropout_p);
   const int64_t* sp = r > 0 ? seed_ptr(seed, dropout_p, x) : nullptr;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const SmallMPlan plan = plan_lora_small_m(M, K, N, r, true);
-  auto f32 = x.options().dtype(at::kFloat);
-  auto u = at::empty({M, r}, f32);
-  auto y = at::empty({M, N}, x.options());
-  auto part = at::empty({plan.splits * M * N}, f32);
-  auto upart = at::empty({std::max<int64_t>(plan.producers * M * r, 1)}, f32);
-  auto counters = at::empty({plan.groups + 2}, x.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(counters.data_ptr(), 0, counters.numel() * sizeof(int), stream));
+  SmallMBuffers o = small_m_buffers(plan, x, M, N, r, stream);
   SmallMArgs args{x.data_ptr(), nullptr, r > 0 ? A.data_ptr() : nullptr, r > 0 ? B.data_ptr() : nullptr,
-                  bias.has_value() ? bias->data_ptr() : nullptr, sp, y.data_ptr(), u.data_ptr<float>(),
-                  part.data_ptr<float>(), upart.data_ptr<float>(), counters.data_ptr<int>(), M, K, N, r,
+                  bias.has_value() ? bias->data_ptr() : nullptr, sp, o.y.data_ptr(), o.u.data_ptr<float>(),
+                  o.part.data_ptr<float>(), o.upart.data_ptr<float>(), o.counters.data_ptr<int>(), M, K, N, r,
                   static_cast<float>(scaling), dropout_p, packed.data_ptr<uint8_t>(), absmax.data_ptr(),
                   nested ? qweight[3].data_ptr<float>() : nullptr, code.data_ptr<float>(),
                   nested ? qweight[4].data_ptr<float>() : nullptr, nested ? qweight[5].data_ptr<float>() : nullptr,
                   blocksize};
   launch_lora_small_m_fwd(args, plan, dtype_of(x), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, u};
+  return {o.y, o.u};
 }
 
 // The backward for few tokens in one kernel (lora_small_m_bwd.cuh); same contract as lora_bwd.
@@ -232,10 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd_small_m(const at::Tensor
   check(u, "u", x, 2);
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.size(0) == M && u.size(1) == r, op, "u must be fp32 [", M, ", ", r,
               "]");
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, "fp16 / bf16 only, got ",
-              x.scalar_type());
-  TORCH_CHECK(M >= 1 && M <= kSmallMMaxM, op, "1 <= M <= ", kSmallMMaxM, " tokens, got ", M);
-  TORCH_CHECK(r <= kSmallMMaxRank, op, "rank <= ", kSmallMMaxRank, ", got ", r);
+  check_small_m(op, x, M, r);
   TORCH_CHECK(K >= 8 && K % 8 == 0 && N >= 8 && N % 8 == 0, op,
               "in_features and out_features must be positive multiples of 8, got ", K, " and ", N);
   for (const at::Tensor* t : {&grad_y, &weight})
@@ -251,8 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd_small_m(const at::Tensor
   auto part = at::empty({need_dx ? plan.splits * M * K : 1}, f32);
   auto vpart = at::empty({plan.producers * M * r}, f32);
   auto v = at::empty({M * r}, f32);
-  auto counters = at::empty({plan.groups + 2}, x.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(counters.data_ptr(), 0, counters.numel() * sizeof(int), stream));
+  auto counters = zeroed_counters(plan.groups + 2, x, stream);
   const SmallMBwdArgs args{grad_y.data_ptr(), x.data_ptr(), weight.data_ptr(), A.data_ptr(), B.data_ptr(),
                            u.data_ptr<float>(), sp, need_dx ? dx.data_ptr() : nullptr, da.data_ptr(), db.data_ptr(),
                            part.data_ptr<float>(), vpart.data_ptr<float>(), v.data_ptr<float>(),

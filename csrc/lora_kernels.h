@@ -9,6 +9,9 @@ namespace peft_kernels {
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
+// Multiprocessors of the current device (launch plans size their grids by it).
+int sm_count();
+
 // u [M, r] fp32 = dropout(x) [M, K] @ A^T, A [r, K]; seed: device int64 [1] or null (p = 0).
 void launch_lora_down(const void* x, const void* A, const int64_t* seed, float* u, int64_t M, int64_t K,
                       int64_t r, double p, DType dt, cudaStream_t stream);

@@ -7,17 +7,8 @@
 
 namespace peft_kernels {
 
-namespace {
-int multiprocessors() {
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  return sms > 0 ? sms : 1;
-}
-}  // namespace
-
 SmallMPlan plan_lora_small_m(int64_t M, int64_t K, int64_t N, int64_t r, bool quant) {
-  const small_m::Plan p = small_m::plan(M, K, N, r, multiprocessors(), quant);
+  const small_m::Plan p = small_m::plan(M, K, N, r, sm_count(), quant);
   return {p.groups, p.splits, p.producers, p.tiles};
 }
 

@@ -126,6 +126,16 @@ PK_DEVICE void split_range(int64_t total, int n, int i, int64_t& lo, int64_t& hi
 
 PK_DEVICE dev::u32x4 zero16() { return dev::u32x4{0u, 0u, 0u, 0u}; }
 
+// Wait (one thread) until producer blocks release `flag`. They have the lowest block indices, so
+// they were scheduled first and never wait themselves; a wait of seconds (2^24 backoffs) is a bug,
+// and traps instead of hanging the process.
+PK_DEVICE void wait_released(const int* flag) {
+  for (int spins = 0; dev::load_acquire(flag) == 0; ++spins) {
+    if (spins == 1 << 24) dev::fail();
+    dev::backoff();
+  }
+}
+
 // The 8 elements of a 16-bit row at k (a multiple of 8), zero past K or for rows out of range.
 template <bool kStream>
 PK_DEVICE dev::u32x4 load_row8(const void* base, int64_t row, int64_t rows, int64_t K, int64_t k) {
@@ -164,6 +174,18 @@ PK_DEVICE void mma_step(float (&acc)[MT][NT][4], const dev::u32x4 (&xv)[MT][2], 
   }
 }
 
+// f(row, col, value) for every accumulator element lane (g, t) holds in an [MT x NT] grid of
+// m16n8 tiles (rows g, g + 8 and columns 2t, 2t + 1 of each, PTX ISA fragment layout).
+template <int MT, int NT, typename F>
+PK_DEVICE void for_each_acc(const float (&acc)[MT][NT][4], int g, int t, F&& f) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(mt * 16 + g + (e >= 2 ? 8 : 0), j * 8 + 2 * t + (e & 1), acc[mt][j][e]);
+}
+
 // The x fragments of one step (rows g and g + 8 of each m16 tile), dropout applied when `key`s given.
 template <int MT>
 PK_DEVICE void load_x(dev::u32x4 (&xv)[MT][2], const Params& p, int g, int64_t k, const uint32_t* keys) {
@@ -200,15 +222,7 @@ PK_DEVICE void produce_u(const Params& p, int i, float* red /* [kWarps][MT * 16]
       mma_step<T, MT, 2>(acc, xv, av);
     }
     // warps' partial sums -> red, then summed in warp order (deterministic)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = mt * 16 + g + (e >= 2 ? 8 : 0), col = j * 8 + 2 * t + (e & 1);
-          red[(warp * MT * 16 + row) * 16 + col] = acc[mt][j][e];
-        }
+    for_each_acc(acc, g, t, [&](int row, int col, float v) { red[(warp * MT * 16 + row) * 16 + col] = v; });
     dev::block_sync();
     for (int idx = tid; idx < MT * 16 * 16; idx += kThreads) {
       const int64_t m = idx / 16, j = rt0 * 8 + idx % 16;
@@ -327,26 +341,15 @@ PK_DEVICE void main_block(const Params& p, int group, int split, float* us /* [M
   if (kQuant) quant_steps<T, MT>(acc, p, n0, lo, hi, g, t, code, code2);
   else dense_steps<T, MT>(acc, p, n0, lo, hi, g, t);
   float* part = p.part + static_cast<int64_t>(split) * p.M * p.N;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int j = 0; j < kWarpTiles; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t m = mt * 16 + g + (e >= 2 ? 8 : 0), n = n0 + j * 8 + 2 * t + (e & 1);
-        if (m < p.M && n < p.N) part[m * p.N + n] = acc[mt][j][e];
-      }
+  for_each_acc(acc, g, t, [&](int m, int col, float v) {
+    if (m < p.M && n0 + col < p.N) part[m * p.N + n0 + col] = v;
+  });
   dev::block_sync();
   if (tid == 0) {
     flag[0] = dev::arrive(&p.counters[group]) == p.splits - 1;
     if (flag[0]) {
       dev::acquire_fence();  // the other splits' partials
-      // u: the producers have the lowest block indices, so they were scheduled first and never
-      // wait themselves; a wait of seconds (2^24 backoffs) is a bug, and traps instead of hanging
-      for (int spins = 0; p.r > 0 && dev::load_acquire(&p.counters[p.groups + 1]) == 0; ++spins) {
-        if (spins == 1 << 24) dev::fail();
-        dev::backoff();
-      }
+      if (p.r > 0) wait_released(&p.counters[p.groups + 1]);  // u
     }
   }
   dev::block_sync();

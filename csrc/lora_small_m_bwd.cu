@@ -5,17 +5,8 @@
 
 namespace peft_kernels {
 
-namespace {
-int multiprocessors() {
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  return sms > 0 ? sms : 1;
-}
-}  // namespace
-
 SmallMPlan plan_lora_small_m_bwd(int64_t M, int64_t K, int64_t N, bool need_dx) {
-  const small_m_bwd::Plan p = small_m_bwd::plan(M, K, N, multiprocessors(), need_dx);
+  const small_m_bwd::Plan p = small_m_bwd::plan(M, K, N, sm_count(), need_dx);
   return {p.groups, p.splits, p.producers, p.tiles};
 }
 

@@ -195,25 +195,17 @@ PK_DEVICE void main_block(const Params& p, int group, int split, uint16_t* ws, f
       dev::block_sync();  // the tile is read before the next stage overwrites it
     }
     float* part = p.part + static_cast<int64_t>(split) * p.M * p.K;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t m = mt * 16 + g + (e >= 2 ? 8 : 0), k = c0 + warp * 16 + j * 8 + 2 * t + (e & 1);
-          if (m < p.M && k < p.K) part[m * p.K + k] = acc[mt][j][e];
-        }
+    const int64_t k0 = c0 + warp * 16;
+    small_m::for_each_acc(acc, g, t, [&](int m, int col, float v) {
+      if (m < p.M && k0 + col < p.K) part[m * p.K + k0 + col] = v;
+    });
   }
   dev::block_sync();
   if (tid == 0) {
     flag[0] = dev::arrive(&p.counters[group]) == p.splits - 1;
     if (flag[0]) {
       dev::acquire_fence();
-      for (int spins = 0; dev::load_acquire(&p.counters[p.groups + 1]) == 0; ++spins) {  // v (see lora_small_m.cuh)
-        if (spins == 1 << 24) dev::fail();
-        dev::backoff();
-      }
+      small_m::wait_released(&p.counters[p.groups + 1]);  // v
     }
   }
   dev::block_sync();

@@ -32,16 +32,25 @@ SMALL_M_LIMIT = 64  # the kernel's largest M (csrc/lora_kernels.h kSmallMMaxM)
 SMALL_M_MAX_RANK = 64
 
 
+def common_reason(M, dtype, rank, max_m, knob) -> str | None:
+    """What every single-kernel path needs: 1 <= M <= max_m (its size rule ``knob``, capped at the
+    kernels' limit), 16-bit activations, r <= SMALL_M_MAX_RANK; None when met."""
+    max_m = min(max_m, SMALL_M_LIMIT)
+    if not 1 <= M <= max_m:
+        return f"M = {M} outside 1..{max_m} ({knob})"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{dtype}: fp16 / bf16 only (tensor cores)"
+    if rank > SMALL_M_MAX_RANK:
+        return f"rank {rank} > {SMALL_M_MAX_RANK}"
+    return None
+
+
 def small_m_reason(x, weight, lora_A, max_m=None) -> str | None:
     """None when the single-kernel forward takes these (contiguous) inputs, else why not."""
-    max_m = min(SMALL_M_MAX_M if max_m is None else max_m, SMALL_M_LIMIT)
     M, K = x.shape
-    if not 1 <= M <= max_m:
-        return f"M = {M} outside 1..{max_m} (SMALL_M_MAX_M)"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"{x.dtype}: fp16 / bf16 only (tensor cores)"
-    if lora_A.shape[0] > SMALL_M_MAX_RANK:
-        return f"rank {lora_A.shape[0]} > {SMALL_M_MAX_RANK}"
+    why = common_reason(M, x.dtype, lora_A.shape[0], SMALL_M_MAX_M if max_m is None else max_m, "SMALL_M_MAX_M")
+    if why is not None:
+        return why
     if K == 0 or K % 8 or weight.shape[0] == 0:
         return f"in_features {K} not a positive multiple of 8, or no out_features"
     if any(t.data_ptr() % 16 for t in (x, weight, lora_A)):
@@ -60,14 +69,11 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
 
 def small_m_bwd_reason(grad_y, weight, lora_A, max_m=None) -> str | None:
     """None when the single-kernel backward takes these (contiguous) inputs, else why not."""
-    max_m = min(SMALL_M_BWD_MAX_M if max_m is None else max_m, SMALL_M_LIMIT)
     (M, N), K = grad_y.shape, weight.shape[1]
-    if not 1 <= M <= max_m:
-        return f"M = {M} outside 1..{max_m} (SMALL_M_BWD_MAX_M)"
-    if grad_y.dtype not in (torch.float16, torch.bfloat16):
-        return f"{grad_y.dtype}: fp16 / bf16 only (tensor cores)"
-    if lora_A.shape[0] > SMALL_M_MAX_RANK:
-        return f"rank {lora_A.shape[0]} > {SMALL_M_MAX_RANK}"
+    why = common_reason(M, grad_y.dtype, lora_A.shape[0], SMALL_M_BWD_MAX_M if max_m is None else max_m,
+                        "SMALL_M_BWD_MAX_M")
+    if why is not None:
+        return why
     if K == 0 or K % 8 or N == 0 or N % 8:
         return f"in_features {K} / out_features {N} not positive multiples of 8"
     if any(t.data_ptr() % 16 for t in (grad_y, weight)):

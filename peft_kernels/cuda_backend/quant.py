@@ -6,7 +6,6 @@ needs triton as well. Signatures mirror peft_kernels.triton.quant_matmul.
 """
 from __future__ import annotations
 
-import torch
 
 from . import lora as cuda_lora
 
@@ -25,14 +24,11 @@ def _triton():
 
 def small_m_reason(x, qweight, blocksize, shape, lora_A=None, max_m=None) -> str | None:
     """None when the single-kernel forward takes these (contiguous) inputs, else why not."""
-    max_m = min(SMALL_M_MAX_M if max_m is None else max_m, SMALL_M_LIMIT)
     M, K = x.shape
-    if not 1 <= M <= max_m:
-        return f"M = {M} outside 1..{max_m} (SMALL_M_MAX_M)"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"{x.dtype}: fp16 / bf16 only (tensor cores)"
-    if lora_A is not None and lora_A.shape[0] > cuda_lora.SMALL_M_MAX_RANK:
-        return f"rank {lora_A.shape[0]} > {cuda_lora.SMALL_M_MAX_RANK}"
+    why = cuda_lora.common_reason(M, x.dtype, 0 if lora_A is None else lora_A.shape[0],
+                                  SMALL_M_MAX_M if max_m is None else max_m, "SMALL_M_MAX_M")
+    if why is not None:
+        return why
     if blocksize < 32 or K % blocksize or shape[0] == 0:
         return f"in_features {K} not a multiple of the blocksize {blocksize} (>= 32), or no out_features"
     if any(t.data_ptr() % 16 for t in (x, qweight[0]) + (() if lora_A is None else (lora_A,))):
