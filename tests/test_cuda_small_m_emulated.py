@@ -286,3 +286,20 @@ def test_backward_rule_says_why():
     assert "fp16 / bf16" in cuda_lora.small_m_bwd_reason(dy.float(), w.float(), a.float(), max_m=64)
     shifted = torch.randn(16 * 40 + 1).half()[1:].view(16, 40)
     assert "aligned" in cuda_lora.small_m_bwd_reason(shifted, w, a, max_m=64)
+
+
+def test_memcheck_under_address_sanitizer(tmp_path):
+    """The kernels' index arithmetic never leaves their buffers: tests/cuda_emu/memcheck_driver.cpp
+    runs every kernel (dense and 4-bit forward, backward with and without dX) on odd shapes with
+    each buffer its own exact-size allocation, built with AddressSanitizer and UBSan — the CPU
+    tier's compute-sanitizer memcheck. (Changing a bound in load_row8 from >= to > makes it fail.)"""
+    exe = tmp_path / "memcheck"
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+                            "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-o", str(exe),
+                            os.path.join(HERE, "cuda_emu", "memcheck_driver.cpp")], capture_output=True, text=True)
+    if build.returncode and "asan" in build.stderr.lower() and "cannot find" in build.stderr.lower():
+        pytest.skip(f"no AddressSanitizer runtime for g++: {build.stderr.strip()[-200:]}")
+    assert build.returncode == 0, build.stderr[-2000:]
+    run_ = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+    assert run_.returncode == 0 and run_.stdout.strip() == "ok", (run_.stdout[-500:], run_.stderr[-3000:])
