@@ -1,4 +1,6 @@
-"""lora_fwd / lora_bwd on the CUDA C++ extension (csrc/lora.cpp, csrc/lora_kernels.cu).
+"""lora_fwd / lora_bwd on the CUDA C++ extension (csrc/lora.cpp): cuBLAS for the big products and
+the kernels of csrc/lora_kernels.cu for the LoRA work, or, for few tokens where the size rules
+below allow, one tensor-core kernel each way (csrc/lora_small_m.cuh, csrc/lora_small_m_bwd.cuh).
 
 Same signatures as peft_kernels.triton.lora; the extension validates every tensor again with
 TORCH_CHECK before launching anything.
