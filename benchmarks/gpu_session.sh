@@ -44,9 +44,10 @@ case "$part" in
     # about 80 s on 2026-11-24 instead of minutes
     # the CUDA C++ single-kernel forwards first, alone: their first GPU run (a fault there must not
     # take the rest of the tier with it)
-    step 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -k small_m tests/test_lora_cuda_gpu.py \
+    # (limits: build ~30 s + 90 + 330 + 120 stays inside one 10-minute device call)
+    step 90 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -k small_m tests/test_lora_cuda_gpu.py \
       tests/test_qlora_gpu.py
-    CUBLAS_WORKSPACE_CONFIG=:4096:8 step 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 -rfE \
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 step 330 python3 -m pytest -q -m gpu -p no:cacheprovider -n 8 -rfE \
       -k "not small_m" tests
     if command -v compute-sanitizer >/dev/null; then
       step 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
