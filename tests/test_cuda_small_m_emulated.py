@@ -303,3 +303,21 @@ def test_memcheck_under_address_sanitizer(tmp_path):
     run_ = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
     assert run_.returncode == 0 and run_.stdout.strip() == "ok", (run_.stdout[-500:], run_.stderr[-3000:])
+
+
+def test_4bit_cuda_backend_needs_triton_too(monkeypatch):
+    """The 4-bit ops' cuda backend delegates all but its small-M forward to the Triton kernels: with
+    the extension usable and triton not, the call says so before anything runs."""
+    import peft_kernels
+    from peft_kernels import backends
+    from peft_kernels.quant import NF4Weight
+
+    real = backends.unavailable_reason
+    monkeypatch.setattr(backends, "unavailable_reason",
+                        lambda b, d: None if b == "cuda" else "no triton here" if b == "triton" else real(b, d))
+    q = NF4Weight.from_float(torch.randn(40, 128))
+    x = torch.randn(4, 128)
+    with pytest.raises(RuntimeError, match="runs the Triton kernels beside its own, and triton is unavailable: no triton"):
+        peft_kernels.quant_linear(x, q, backend="cuda")
+    with pytest.raises(RuntimeError, match="runs the Triton kernels beside its own"):
+        peft_kernels.qlora_linear(x, q, torch.randn(4, 128), torch.zeros(40, 4), backend="cuda")

@@ -172,6 +172,18 @@ def check_triton(op: str, x, r: int | None = None, max_rank: int = TRITON_MAX_RA
         fail(op, f"the triton backend supports r <= {max_rank}, got r={r}")
 
 
+def check_cuda_with_triton(op: str, x, r: int | None = None):
+    """The 4-bit ops' cuda backend runs the Triton kernels beside its own (cuda_backend/quant.py):
+    both must be usable."""
+    from .. import backends
+
+    why = backends.unavailable_reason("triton", x.device)
+    if why is not None:
+        raise RuntimeError(f"peft_kernels.{op}: backend 'cuda' runs the Triton kernels beside its own, and triton "
+                           f"is unavailable: {why}")
+    check_triton(op, x, r)
+
+
 def check_cuda(op: str, x):
     if x.dtype not in KERNEL_DTYPES:
         fail(op, f"the cuda backend takes fp16/bf16/fp32, got {x.dtype}")

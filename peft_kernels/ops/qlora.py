@@ -105,8 +105,10 @@ def qlora_linear(x: torch.Tensor, qweight: Bnb4bitWeight, lora_A: torch.Tensor, 
     ops = torch.ops.peft_kernels
     backend, fwd, bwd, meta = route(qweight, backend, x.device, (OP, ops.qlora_fwd, ops.qlora_bwd),
                                     (OP_INT, ops.intq_lora_fwd, ops.intq_lora_bwd))
-    if backend in ("triton", "cuda"):  # cuda runs the Triton kernels beside its own
+    if backend == "triton":
         _checks.check_triton(OP, x, r)
+    elif backend == "cuda":
+        _checks.check_cuda_with_triton(OP, x, r)
     p, seed_t, lora_A, lora_B = _checks.adapter_call_args(OP, x, lora_A, lora_B, dropout_p, training, seed)
     y = _QLoRAFunction.apply(x.reshape(-1, in_features), lora_A, lora_B, _checks.contiguous_bias(bias), seed_t,
                              fwd, bwd, meta, float(scaling), p, backend)

@@ -128,8 +128,10 @@ def quant_linear(x: torch.Tensor, qweight: Bnb4bitWeight, bias: torch.Tensor | N
     ops = torch.ops.peft_kernels
     backend, fwd, bwd, meta = route(qweight, backend, x.device, (OP, ops.quant_linear_fwd, ops.quant_linear_bwd),
                                     (OP_INT, ops.intq_linear_fwd, ops.intq_linear_bwd))
-    if backend in ("triton", "cuda"):  # cuda runs the Triton kernels beside its own
+    if backend == "triton":
         _checks.check_triton(OP, x)
+    elif backend == "cuda":
+        _checks.check_cuda_with_triton(OP, x)
     y = _QuantLinearFunction.apply(x.reshape(-1, in_features), _checks.contiguous_bias(bias), fwd, bwd, meta,
                                    backend)
     return _checks.unflatten_rows(y, x)
