@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import peft_kernels
-from peft_kernels.cuda_backend import lora as cuda_lora
+from peft_kernels.cuda_backend import lora as cuda_lora, small_m_on
 from peft_kernels.triton import lora as triton_lora
 from peft_kernels.bench.harness import Progress, add_device_argument, device_and_dtype, environment, fwd_bwd_step, \
     markdown_table, time_ms, time_ms_graphed, write_json
@@ -33,17 +33,9 @@ def _under(override, step):
 
 def _with_small_m(step, backward=False):
     """step() with the CUDA backend's single-kernel forward (and backward) on for every M it takes."""
-    names = ("SMALL_M_MAX_M", "SMALL_M_BWD_MAX_M") if backward else ("SMALL_M_MAX_M",)
-
     def run():
-        saved = {n: getattr(cuda_lora, n) for n in names}
-        for n in names:
-            setattr(cuda_lora, n, cuda_lora.SMALL_M_LIMIT)
-        try:
+        with small_m_on(lora_forward=True, lora_backward=backward):
             return step()
-        finally:
-            for n, v in saved.items():
-                setattr(cuda_lora, n, v)
     return run
 
 

@@ -76,6 +76,18 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int6
   TORCH_CHECK(bias->size(0) == N, "peft_kernels cuda backend: bias must be [", N, "], got ", bias->sizes());
 }
 
+// grad_y [M, N] in x's dtype and the forward's u [M, r] fp32, for both backward ops.
+void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& u, const at::Tensor& x, int64_t M, int64_t N,
+                           int64_t r) {
+  check(grad_y, "grad_y", x, 2);
+  check_same_dtype(grad_y, "grad_y", x);
+  TORCH_CHECK(grad_y.size(0) == M && grad_y.size(1) == N, "peft_kernels cuda backend: grad_y must be [", M, ", ",
+              N, "], got ", grad_y.sizes());
+  check(u, "u", x, 2);
+  TORCH_CHECK(u.scalar_type() == at::kFloat && u.size(0) == M && u.size(1) == r,
+              "peft_kernels cuda backend: u must be fp32 [", M, ", ", r, "]");
+}
+
 // The single-kernel ops' arrival counters, zeroed on the stream (a memset node under graph capture).
 at::Tensor zeroed_counters(int64_t n, const at::Tensor& x, cudaStream_t stream) {
   auto counters = at::empty({n}, x.options().dtype(at::kInt));
@@ -228,13 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd_small_m(const at::Tensor
   check_common(x, weight, A, B, dropout_p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
   const char* op = "peft_kernels cuda backend lora_bwd_small_m: ";
-  check(grad_y, "grad_y", x, 2);
-  check_same_dtype(grad_y, "grad_y", x);
-  TORCH_CHECK(grad_y.size(0) == M && grad_y.size(1) == N, op, "grad_y must be [", M, ", ", N, "], got ",
-              grad_y.sizes());
-  check(u, "u", x, 2);
-  TORCH_CHECK(u.scalar_type() == at::kFloat && u.size(0) == M && u.size(1) == r, op, "u must be fp32 [", M, ", ", r,
-              "]");
+  check_backward_inputs(grad_y, u, x, M, N, r);
   check_small_m(op, x, M, r);
   TORCH_CHECK(K >= 8 && K % 8 == 0 && N >= 8 && N % 8 == 0, op,
               "in_features and out_features must be positive multiples of 8, got ", K, " and ", N);
@@ -268,13 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_bwd(const at::Tensor& grad_y
                                                         bool need_dx) {
   check_common(x, weight, A, B, dropout_p);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
-  check(grad_y, "grad_y", x, 2);
-  check_same_dtype(grad_y, "grad_y", x);
-  TORCH_CHECK(grad_y.size(0) == M && grad_y.size(1) == N, "peft_kernels cuda backend: grad_y must be [", M, ", ",
-              N, "], got ", grad_y.sizes());
-  check(u, "u", x, 2);
-  TORCH_CHECK(u.scalar_type() == at::kFloat && u.size(0) == M && u.size(1) == r,
-              "peft_kernels cuda backend: u must be fp32 [", M, ", ", r, "]");
+  check_backward_inputs(grad_y, u, x, M, N, r);
   const int64_t* sp = seed_ptr(seed, dropout_p, x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -29,7 +29,6 @@ void launch_lora_weight_grad(const void* src, const float* w, const int64_t* see
 void launch_lora_dx(const float* v, const void* A, const int64_t* seed, void* D, int64_t M, int64_t K,
                     int64_t r, float s, double p, DType dt, cudaStream_t stream);
 
-
 // The single-kernel forward for M <= kSmallMMaxM tokens (lora_small_m.cuh): fp16 / bf16, r <=
 // kSmallMMaxRank, K % 8 == 0, x / W / A 16-byte aligned. y [M, N] = x W^T + bias + s u B^T and
 // u [M, r] fp32 = dropout(x) A^T, in one launch; part [splits * M * N] and upart [producers * M * r]
@@ -57,6 +56,7 @@ struct SmallMArgs {
   int64_t blocksize;
 };
 SmallMPlan plan_lora_small_m(int64_t M, int64_t K, int64_t N, int64_t r, bool quant);
+void launch_lora_small_m_fwd(const SmallMArgs& args, const SmallMPlan& plan, DType dt, cudaStream_t stream);
 
 // The single-kernel backward for M <= kSmallMMaxM tokens (lora_small_m_bwd.cuh): fp16 / bf16,
 // r <= kSmallMMaxRank, K % 8 == 0, N % 8 == 0, dY / W 16-byte aligned. dx [M, K] (null: not
@@ -75,6 +75,5 @@ struct SmallMBwdArgs {
 };
 SmallMPlan plan_lora_small_m_bwd(int64_t M, int64_t K, int64_t N, bool need_dx);
 void launch_lora_small_m_bwd(const SmallMBwdArgs& args, const SmallMPlan& plan, DType dt, cudaStream_t stream);
-void launch_lora_small_m_fwd(const SmallMArgs& args, const SmallMPlan& plan, DType dt, cudaStream_t stream);
 
 }  // namespace peft_kernels

@@ -136,6 +136,39 @@ PK_DEVICE void wait_released(const int* flag) {
   }
 }
 
+// Called by every thread of a block after its stores: thread 0 counts the block in at `counter`
+// (those stores visible to whoever sees the new count). True, in every thread, for the last of
+// `count` blocks to arrive, which has also waited for `ready` to be released (when not null).
+PK_DEVICE bool last_to_arrive(int* counter, int count, const int* ready, int* flag) {
+  dev::block_sync();
+  if (dev::thread_index() == 0) {
+    flag[0] = dev::arrive(counter) == count - 1;
+    if (flag[0]) {
+      dev::acquire_fence();  // the other blocks' stores, before the barrier passes them on
+      if (ready != nullptr) wait_released(ready);
+    }
+  }
+  dev::block_sync();
+  return flag[0];
+}
+
+// The last producer: out[i] = scale * the sum of parts[q * size + i] over the producers q, in
+// order (deterministic), then `ready` released for the blocks waiting on out.
+PK_DEVICE void sum_parts_and_release(const float* parts, int producers, int64_t size, float scale, float* out,
+                                     int* ready) {
+  const int tid = static_cast<int>(dev::thread_index());
+  for (int64_t idx = tid; idx < size; idx += kThreads) {
+    float v = 0.f;
+    for (int q = 0; q < producers; ++q) v += dev::load_l2(&parts[q * size + idx]);
+    out[idx] = v * scale;
+  }
+  dev::block_sync();
+  if (tid == 0) {
+    dev::acquire_fence();  // out's stores before the flag (a fence, then the release store)
+    dev::store_release(ready, 1);
+  }
+}
+
 // The 8 elements of a 16-bit row at k (a multiple of 8), zero past K or for rows out of range.
 template <bool kStream>
 PK_DEVICE dev::u32x4 load_row8(const void* base, int64_t row, int64_t rows, int64_t K, int64_t k) {
@@ -234,22 +267,8 @@ PK_DEVICE void produce_u(const Params& p, int i, float* red /* [kWarps][MT * 16]
     }
     dev::block_sync();
   }
-  if (tid == 0) {
-    flag[0] = dev::arrive(&p.counters[p.groups]) == p.producers - 1;
-    if (flag[0]) dev::acquire_fence();  // the other producers' parts, before the barrier passes them on
-  }
-  dev::block_sync();
-  if (!flag[0]) return;
-  for (int64_t idx = tid; idx < p.M * p.r; idx += kThreads) {
-    float v = 0.f;
-    for (int q = 0; q < p.producers; ++q) v += dev::load_l2(&p.upart[q * p.M * p.r + idx]);
-    p.u[idx] = v * p.inv_keep;
-  }
-  dev::block_sync();
-  if (tid == 0) {
-    dev::acquire_fence();  // u's stores before the flag (a fence, then the release store)
-    dev::store_release(&p.counters[p.groups + 1], 1);
-  }
+  if (last_to_arrive(&p.counters[p.groups], p.producers, nullptr, flag))
+    sum_parts_and_release(p.upart, p.producers, p.M * p.r, p.inv_keep, p.u, &p.counters[p.groups + 1]);
 }
 
 // The dense main loop: acc += x W^T over the 32-steps [lo, hi) for the warp's 16 rows of W at n0.
@@ -344,16 +363,8 @@ PK_DEVICE void main_block(const Params& p, int group, int split, float* us /* [M
   for_each_acc(acc, g, t, [&](int m, int col, float v) {
     if (m < p.M && n0 + col < p.N) part[m * p.N + n0 + col] = v;
   });
-  dev::block_sync();
-  if (tid == 0) {
-    flag[0] = dev::arrive(&p.counters[group]) == p.splits - 1;
-    if (flag[0]) {
-      dev::acquire_fence();  // the other splits' partials
-      if (p.r > 0) wait_released(&p.counters[p.groups + 1]);  // u
-    }
-  }
-  dev::block_sync();
-  if (!flag[0]) return;
+  // the group's last split sums the partials, once u is ready
+  if (!last_to_arrive(&p.counters[group], p.splits, p.r > 0 ? &p.counters[p.groups + 1] : nullptr, flag)) return;
   for (int64_t idx = tid; idx < p.M * p.r; idx += kThreads) us[idx / p.r * kMaxRank + idx % p.r] = dev::load_l2(&p.u[idx]);
   dev::block_sync();
   const T* B = static_cast<const T*>(p.b);

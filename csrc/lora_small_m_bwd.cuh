@@ -107,23 +107,8 @@ PK_DEVICE void produce(const Params& p, int i, int* flag) {
     for (int64_t m = 0; m < p.M; ++m) acc += dev::to_f(dy[m * p.N + n]) * p.u[m * p.r + j];
     static_cast<T*>(p.db)[n * p.r + j] = dev::from_f<T>(p.s * acc);
   }
-  dev::block_sync();
-  if (tid == 0) {
-    flag[0] = dev::arrive(&p.counters[p.groups]) == p.producers - 1;
-    if (flag[0]) dev::acquire_fence();
-  }
-  dev::block_sync();
-  if (!flag[0]) return;
-  for (int64_t idx = tid; idx < p.M * p.r; idx += kThreads) {
-    float acc = 0.f;
-    for (int q = 0; q < p.producers; ++q) acc += dev::load_l2(&p.vpart[q * p.M * p.r + idx]);
-    p.v[idx] = acc;
-  }
-  dev::block_sync();
-  if (tid == 0) {
-    dev::acquire_fence();
-    dev::store_release(&p.counters[p.groups + 1], 1);
-  }
+  if (small_m::last_to_arrive(&p.counters[p.groups], p.producers, nullptr, flag))
+    small_m::sum_parts_and_release(p.vpart, p.producers, p.M * p.r, 1.f, p.v, &p.counters[p.groups + 1]);
 }
 
 // The 16-byte vectors of W a thread stages for tiles [step0, step0 + kStages) of column group c0.
@@ -200,16 +185,8 @@ PK_DEVICE void main_block(const Params& p, int group, int split, uint16_t* ws, f
       if (m < p.M && k0 + col < p.K) part[m * p.K + k0 + col] = v;
     });
   }
-  dev::block_sync();
-  if (tid == 0) {
-    flag[0] = dev::arrive(&p.counters[group]) == p.splits - 1;
-    if (flag[0]) {
-      dev::acquire_fence();
-      small_m::wait_released(&p.counters[p.groups + 1]);  // v
-    }
-  }
-  dev::block_sync();
-  if (!flag[0]) return;
+  // the group's last split writes the columns, once v is ready
+  if (!small_m::last_to_arrive(&p.counters[group], p.splits, &p.counters[p.groups + 1], flag)) return;
   // v, and the dropout mask of this block's columns, once
   for (int64_t idx = tid; idx < p.M * p.r; idx += kThreads) vs[idx / p.r * kMaxRank + idx % p.r] = dev::load_l2(&p.v[idx]);
   for (int64_t idx = tid; idx < p.M * kCols; idx += kThreads) {

@@ -321,3 +321,13 @@ def test_4bit_cuda_backend_needs_triton_too(monkeypatch):
         peft_kernels.quant_linear(x, q, backend="cuda")
     with pytest.raises(RuntimeError, match="runs the Triton kernels beside its own"):
         peft_kernels.qlora_linear(x, q, torch.randn(4, 128), torch.zeros(40, 4), backend="cuda")
+
+
+def test_small_m_on_sets_and_restores_the_chosen_rules():
+    from peft_kernels.cuda_backend import lora as cuda_lora, quant as cuda_quant, small_m_on
+
+    before = (cuda_lora.SMALL_M_MAX_M, cuda_lora.SMALL_M_BWD_MAX_M, cuda_quant.SMALL_M_MAX_M)
+    with small_m_on(lora_forward=True, quant_forward=True):
+        assert cuda_lora.SMALL_M_MAX_M == cuda_quant.SMALL_M_MAX_M == cuda_lora.SMALL_M_LIMIT
+        assert cuda_lora.SMALL_M_BWD_MAX_M == before[1]  # not chosen: untouched
+    assert (cuda_lora.SMALL_M_MAX_M, cuda_lora.SMALL_M_BWD_MAX_M, cuda_quant.SMALL_M_MAX_M) == before

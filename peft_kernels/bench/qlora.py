@@ -113,15 +113,12 @@ def cases(M, K, N, device, dtype, forward_only=False):
     if forward_only and M <= 64 and backends.unavailable_reason("cuda", x.device) is None:
         # The CUDA C++ single-kernel forward (csrc/lora_small_m.cuh; off by default until these
         # rows show it winning: cuda_backend/quant.py SMALL_M_MAX_M)
-        from ..cuda_backend import quant as cuda_quant
+        from ..cuda_backend import small_m_on
 
         def small_m(fn):
             def run():
-                saved, cuda_quant.SMALL_M_MAX_M = cuda_quant.SMALL_M_MAX_M, cuda_quant.SMALL_M_LIMIT
-                try:
+                with small_m_on(quant_forward=True):
                     return fn()
-                finally:
-                    cuda_quant.SMALL_M_MAX_M = saved
             return run
         out["peft_kernels qlora cuda small-M p=0.05"] = small_m(
             lambda: qlora_linear(x, q, a, b, scaling=s, dropout_p=P, backend="cuda"))

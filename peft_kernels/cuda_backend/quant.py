@@ -6,7 +6,6 @@ needs triton as well. Signatures mirror peft_kernels.triton.quant_matmul.
 """
 from __future__ import annotations
 
-
 from . import lora as cuda_lora
 
 # The single-kernel forward runs for M <= SMALL_M_MAX_M where small_m_reason allows it. 0 = off:
