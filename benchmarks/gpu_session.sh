@@ -2,6 +2,9 @@
 # The GPU work of a session, in parts that each fit one device call (10 minutes; the GPU machine
 # starts bare, so each part builds what it needs). Run from the repository root on the GPU machine:
 #
+#     bash benchmarks/gpu_session.sh first     # with 15 minutes of device time (the present budget: one
+#                                              # call after the machine's start), the prepared-but-unmeasured
+#                                              # single-kernel paths only: their tests, then their rows
 #     bash benchmarks/gpu_session.sh check     # build the extension, GPU tests, compute-sanitizer
 #     bash benchmarks/gpu_session.sh lora      # LoRA: vs HF PEFT, backends side by side, fused-forward sweep,
 #                                              # host time per piece
@@ -12,7 +15,7 @@
 # <bench>_<gpu>.json for benchmarks/results/, and a log per part. bitsandbytes / torchao wheels in
 # .whl/ (carried) are installed first when present; the benchmarks skip their rows otherwise.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|lora|quant|rest}
+part=${1:?usage: gpu_session.sh first|check|lora|quant|rest}
 OUT=${OUT:-/tmp/peft_kernels_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -37,6 +40,18 @@ step() {  # step SECONDS CMD...: one bounded step; a hang or crash is logged, th
 }
 
 case "$part" in
+  first)
+    # (limits: build ~30 s + 150 + 150 + 120 = about 8 minutes, inside one call with the start's margin)
+    build
+    # the single-kernel CUDA paths against the oracle, and the direct-op bad inputs (open crash bug;
+    # the test runs them in a child process and reports the signal and backtrace)
+    step 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -k "small_m or bad_inputs" \
+      tests/test_lora_cuda_gpu.py tests/test_qlora_gpu.py
+    # LoRA at M = 16 / 64: "cuda small-M fwd" (#3's ≤ 1.15x forward goal) and "cuda small-M fwd+bwd"
+    step 150 python3 benchmarks/bench_lora_backends.py --ms 16,64 --out "$OUT/lora_backends_small_m_$gpu.json"
+    # the frozen 4-bit decode (#4's ≤ 0.5x F.linear goal): "cuda small-M" beside the Triton paths
+    step 120 python3 benchmarks/bench_qlora.py --forward-only --out "$OUT/qlora_decode_$gpu.json"
+    ;;
   check)
     build
     # CUBLAS_WORKSPACE_CONFIG: cuBLAS's deterministic mode, for tests/test_determinism.py's GPU test
@@ -85,7 +100,7 @@ case "$part" in
     step 250 python3 benchmarks/bench_model.py --out "$OUT/model_$gpu.json"
     ;;
   *)
-    echo "unknown part $part: expected check, lora, quant or rest" >&2
+    echo "unknown part $part: expected first, check, lora, quant or rest" >&2
     exit 2
     ;;
 esac
