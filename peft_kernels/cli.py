@@ -36,9 +36,9 @@ def _info(argv) -> int:
         print("torch.use_deterministic_algorithms is on: split reductions sum per-split slices (no atomics); "
               "auto skips the cuda backend")
     if data["triton_paths"]:
-        print("kernel size rules and opt-in kernels (0 / off = not used until timed on a GPU): "
-              + ", ".join(f"{k} {('on' if v else 'off') if isinstance(v, bool) else v}"
-                          for k, v in data["triton_paths"].items()))
+        print("kernel size rules and opt-in kernels (0 / off = not used until timed on a GPU):")
+        for k, v in data["triton_paths"].items():
+            print(f"  {k} {('on' if v else 'off') if isinstance(v, bool) else v}")
     for dev, entry in data["devices"].items():
         print(f"\n{dev}: {entry['name']}")
         for backend, status in entry["backends"].items():

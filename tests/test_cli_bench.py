@@ -125,6 +125,11 @@ def test_info_prints_a_table_or_json(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert f"peft_kernels {peft_kernels.__version__}" in out and "\ncpu: " in out
+    # one kernel rule a line (they were one comma-joined line of eleven)
+    from peft_kernels.info import triton_paths
+
+    lines = out.splitlines()
+    assert all(any(line.startswith(f"  {rule} ") for line in lines) for rule in triton_paths())
     assert main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["torch"] == torch.__version__ and data["devices"]["cpu"]["backends"]["torch"] == "available"
