@@ -25,9 +25,11 @@ using f16 = __half;
 using bf16 = __nv_bfloat16;
 using u32x4 = uint4;
 
+PK_DEVICE float to_f(float v) { return v; }
 PK_DEVICE float to_f(f16 v) { return __half2float(v); }
 PK_DEVICE float to_f(bf16 v) { return __bfloat162float(v); }
 template <typename T> PK_DEVICE T from_f(float v);
+template <> PK_DEVICE float from_f<float>(float v) { return v; }
 template <> PK_DEVICE f16 from_f<f16>(float v) { return __float2half_rn(v); }
 template <> PK_DEVICE bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
 
@@ -45,7 +47,15 @@ template <> PK_DEVICE uint32_t pack2<bf16>(float a, float b) {
 
 PK_DEVICE unsigned thread_index() { return threadIdx.x; }
 PK_DEVICE unsigned block_index() { return blockIdx.x; }
+PK_DEVICE unsigned block_index_y() { return blockIdx.y; }
+PK_DEVICE unsigned block_index_z() { return blockIdx.z; }
 PK_DEVICE void block_sync() { __syncthreads(); }
+// The sum over the warp's 32 lanes, in every lane (a butterfly: v + lane ^ 16's, then ^ 8, ...).
+PK_DEVICE float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+PK_DEVICE void atomic_add(float* p, float v) { atomicAdd(p, v); }
 
 // 16 bytes of a frozen operand read once: streamed past L1 (it would only evict what is reused).
 PK_DEVICE u32x4 load_stream16(const void* p) {

@@ -1,4 +1,12 @@
-"""Shared test helpers: fresh random inputs, an autograd float64 oracle, the error metric."""
+"""Shared test helpers: fresh random inputs, an autograd float64 oracle, the error metric, the
+CUDA kernels' CPU-emulator builds."""
+import ctypes
+import glob
+import hashlib
+import os
+import subprocess
+import tempfile
+
 import torch
 
 from peft_kernels.reference.rng import dropout_keep_mask
@@ -121,3 +129,23 @@ def gloo_spawn(worker, args, nprocs: int = 2, timeout: float = 300.0):
             for proc in ctx.processes:
                 proc.kill()
             pytest.fail(f"the gloo workers did not finish within {timeout:.0f} s")
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def emulated_cuda_library(*units: str) -> ctypes.CDLL:
+    """CUDA kernel sources built with g++ against the CPU emulator (tests/cuda_emu/emu.h): the
+    units (files in tests/cuda_emu) as one shared library, cached in the temp folder by a digest of
+    them, emu.h and every csrc/*.cuh header they may include."""
+    paths = [os.path.join(_HERE, "cuda_emu", u) for u in units]
+    sources = paths + [os.path.join(_HERE, "cuda_emu", "emu.h")] + sorted(
+        glob.glob(os.path.join(_HERE, "..", "csrc", "*.cuh")))
+    digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources)).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"peft_kernels_emu_{digest}.so")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}"
+        subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
+                        "-Wno-unknown-pragmas", "-o", tmp, *paths], check=True, capture_output=True)
+        os.replace(tmp, path)
+    return ctypes.CDLL(path)

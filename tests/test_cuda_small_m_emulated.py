@@ -5,38 +5,25 @@ the kernel source, unchanged, built with g++ against the CPU emulator of tests/c
 shapes against the float64 reference. What this cannot check — the real tensor cores, memory
 ordering between SMs, speed — is the GPU tier's (tests/test_lora_cuda_gpu.py)."""
 import ctypes
-import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 
 import pytest
 import torch
 
 from peft_kernels.reference import lora as ref
 
-from helpers import FLOOR, rel_err
+from helpers import FLOOR, emulated_cuda_library, rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-UNITS = [os.path.join(HERE, "cuda_emu", f) for f in ("lora_small_m_emu.cpp", "lora_small_m_bwd_emu.cpp")]
-SOURCES = UNITS + [os.path.join(HERE, "cuda_emu", "emu.h")] + [
-    os.path.join(HERE, "..", "csrc", f)
-    for f in ("lora_small_m.cuh", "lora_small_m_bwd.cuh", "device_compat.cuh", "dropout_mask.cuh")]
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the CUDA emulator")
 
 
 @pytest.fixture(scope="module")
 def lib():
-    digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in SOURCES)).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"peft_kernels_emu_small_m_{digest}.so")
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}"
-        subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Werror",
-                        "-Wno-unknown-pragmas", "-o", tmp, *UNITS], check=True, capture_output=True)
-        os.replace(tmp, path)
-    so = ctypes.CDLL(path)
+    so = emulated_cuda_library("lora_small_m_emu.cpp", "lora_small_m_bwd_emu.cpp")
     so.emu_lora_small_m_fwd.restype = ctypes.c_int
     return so
 
@@ -290,7 +277,8 @@ def test_backward_rule_says_why():
 
 def test_memcheck_under_address_sanitizer(tmp_path):
     """The kernels' index arithmetic never leaves their buffers: tests/cuda_emu/memcheck_driver.cpp
-    runs every kernel (dense and 4-bit forward, backward with and without dX) on odd shapes with
+    runs every kernel (dense and 4-bit forward, backward with and without dX, and the LoRA pieces
+    around cuBLAS of csrc/lora_kernels.cuh) on odd shapes with
     each buffer its own exact-size allocation, built with AddressSanitizer and UBSan — the CPU
     tier's compute-sanitizer memcheck. (Changing a bound in load_row8 from >= to > makes it fail.)"""
     exe = tmp_path / "memcheck"

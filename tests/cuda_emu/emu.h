@@ -1,10 +1,11 @@
 // A CPU emulator for the CUDA kernels written against csrc/device_compat.cuh: every thread of a
 // block is a host thread (std::thread), blocks run one after another (so `__shared__` arrays can
 // be function statics, and a block that waits only on lower-indexed blocks never deadlocks),
-// __syncthreads is a barrier of the block's threads and mma.sync m16n8k16 is computed from the 32
-// lanes' fragments exchanged at a barrier of the warp, with the fragment layout of the PTX ISA.
+// __syncthreads is a barrier of the block's threads, mma.sync m16n8k16 is computed from the 32
+// lanes' fragments exchanged at a barrier of the warp, with the fragment layout of the PTX ISA,
+// a warp sum is __shfl_xor_sync's butterfly in the GPU's order, and fp32 atomics are std::atomic_ref.
 // A lane that skips a warp-wide mma deadlocks the emulator as it would hang or corrupt the GPU.
-// Test infrastructure only (tests/test_cuda_small_m_emulated.py builds it with g++).
+// Test infrastructure only (tests/helpers.py emulated_cuda_library builds it with g++).
 #pragma once
 #define PEFT_KERNELS_CUDA_EMULATOR 1
 
@@ -30,6 +31,7 @@ struct u32x4 { uint32_t x, y, z, w; };
 inline float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
 inline uint32_t float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
 
+inline float to_f(float v) { return v; }
 inline float to_f(bf16 v) { return bits_to_float(static_cast<uint32_t>(v.bits) << 16); }
 inline float to_f(f16 v) {
   _Float16 h;
@@ -37,6 +39,7 @@ inline float to_f(f16 v) {
   return static_cast<float>(h);
 }
 template <typename T> T from_f(float v);
+template <> inline float from_f<float>(float v) { return v; }
 template <> inline bf16 from_f<bf16>(float v) {  // round to nearest even, NaN kept quiet
   uint32_t b = float_to_bits(v);
   if ((b & 0x7FFFFFFFu) > 0x7F800000u) return bf16{static_cast<uint16_t>((b >> 16) | 0x40u)};
@@ -57,18 +60,41 @@ template <typename T> inline uint32_t pack2(float a, float b) {
 struct Warp {
   std::barrier<> bar{32};
   uint32_t a[32][4], b[32][2];
+  float f[32];
 };
 struct Block {
   explicit Block(int threads) : bar(threads), warps(threads / 32) {}
   std::barrier<> bar;
   std::vector<Warp> warps;
 };
-inline thread_local unsigned t_thread = 0, t_block = 0;
+inline thread_local unsigned t_thread = 0, t_block = 0, t_block_y = 0, t_block_z = 0;
 inline thread_local Block* t_ctx = nullptr;
 
 inline unsigned thread_index() { return t_thread; }
 inline unsigned block_index() { return t_block; }
+inline unsigned block_index_y() { return t_block_y; }
+inline unsigned block_index_z() { return t_block_z; }
 inline void block_sync() { t_ctx->bar.arrive_and_wait(); }
+
+// __shfl_xor_sync's butterfly: at each step o = 16, 8, ..., 1 every lane adds lane ^ o's value to
+// its own, in the GPU's order. One exchange of the 32 values, then each lane replays the butterfly
+// (a barrier per step cost most of the emulator's time in block reductions).
+inline float warp_sum(float v) {
+  Warp& w = t_ctx->warps[t_thread / 32];
+  const unsigned lane = t_thread % 32;
+  w.f[lane] = v;
+  w.bar.arrive_and_wait();
+  float vals[32];
+  std::memcpy(vals, w.f, sizeof(vals));
+  w.bar.arrive_and_wait();  // nobody stages the next values before every lane has read these
+  for (unsigned o = 16; o > 0; o >>= 1) {
+    float next[32];
+    for (unsigned l = 0; l < 32; ++l) next[l] = vals[l] + vals[l ^ o];
+    std::memcpy(vals, next, sizeof(vals));
+  }
+  return vals[lane];
+}
+inline void atomic_add(float* p, float v) { std::atomic_ref<float>(*p).fetch_add(v, std::memory_order_relaxed); }
 
 inline u32x4 load16(const void* p) { u32x4 v; std::memcpy(&v, p, 16); return v; }
 inline u32x4 load_stream16(const void* p) { return load16(p); }
@@ -113,21 +139,34 @@ inline float mul_rn(float a, float b) { volatile float r = a * b; return r; }  /
 inline float add_rn(float a, float b) { volatile float r = a + b; return r; }
 inline uint8_t load_u8(const uint8_t* p) { return *p; }
 
-// kernel() for every thread of `blocks` blocks of `threads` threads, block after block.
+// kernel() for every thread of a (gx, gy, gz) grid of blocks of `threads` threads, block after
+// block (x fastest). One host thread per CUDA thread for the whole launch (spawning them per block
+// cost most of the emulator's time): each runs its part of every block in turn, and the next block
+// starts only when every thread has left the last one (so `__shared__` statics are never shared
+// between two live blocks).
+inline void launch(unsigned gx, unsigned gy, unsigned gz, int threads, const std::function<void()>& kernel) {
+  Block ctx(threads);
+  std::barrier<> next_block(threads);
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (int i = 0; i < threads; ++i)
+    pool.emplace_back([&, i] {
+      t_thread = static_cast<unsigned>(i);
+      t_ctx = &ctx;
+      for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+          for (unsigned x = 0; x < gx; ++x) {
+            t_block = x;
+            t_block_y = y;
+            t_block_z = z;
+            kernel();
+            next_block.arrive_and_wait();
+          }
+    });
+  for (auto& th : pool) th.join();
+}
 inline void launch(int blocks, int threads, const std::function<void()>& kernel) {
-  for (int b = 0; b < blocks; ++b) {
-    Block ctx(threads);
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int i = 0; i < threads; ++i)
-      pool.emplace_back([&, i, b] {
-        t_thread = static_cast<unsigned>(i);
-        t_block = static_cast<unsigned>(b);
-        t_ctx = &ctx;
-        kernel();
-      });
-    for (auto& th : pool) th.join();
-  }
+  launch(static_cast<unsigned>(blocks), 1, 1, threads, kernel);
 }
 
 }  // namespace peft_kernels_emu

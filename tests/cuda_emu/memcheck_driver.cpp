@@ -1,4 +1,5 @@
-// A memcheck of the small-M kernels' index arithmetic: the kernels run in the CPU emulator on
+// A memcheck of the CUDA kernels' index arithmetic (the small-M kernels and the LoRA pieces around
+// cuBLAS): the kernels run in the CPU emulator on
 // buffers of exactly their documented sizes (each its own heap allocation), built with
 // AddressSanitizer / UBSan by tests/test_cuda_small_m_emulated.py, so any read or write outside
 // x, W, the packed weight, absmax, A, B, bias, u, the outputs or the workspaces aborts with a
@@ -9,11 +10,13 @@
 
 #include "emu.h"
 
+#include "../../csrc/lora_kernels.cuh"
 #include "../../csrc/lora_small_m.cuh"
 #include "../../csrc/lora_small_m_bwd.cuh"
 
 namespace sm = peft_kernels::small_m;
 namespace smb = peft_kernels::small_m_bwd;
+namespace lp = peft_kernels::lora_pieces;
 using T = peft_kernels_emu::bf16;
 
 static std::mt19937 rng(0);
@@ -71,6 +74,40 @@ static void backward(int64_t M, int64_t K, int64_t N, int64_t r, bool need_dx, i
   peft_kernels_emu::launch(plan.blocks(), smb::kThreads, [&] { smb::lora_small_m_bwd_kernel<T, MT>(p); });
 }
 
+// The five LoRA pieces of csrc/lora_kernels.cu with their launch plans, forward and backward,
+// weight gradients split in token slices for `sms` multiprocessors.
+static void pieces(int64_t M, int64_t K, int64_t N, int64_t r, int sms) {
+  auto x = rand16(M * K), a = rand16(r * K), b = rand16(N * r), bias = rand16(N), dy = rand16(M * N);
+  const int64_t seed = 11;
+  const float keep = lp::inv_keep(0.1);
+  const uint32_t threshold = peft_kernels::mask::keep_threshold(0.1);
+  std::vector<float> u(M * r), v(M * r), grad_b(N * r), grad_a_t(K * r);
+  std::vector<T> c(M * N), d(M * K);
+  auto run = [](const lp::Plan& plan, auto body) {
+    std::vector<float> smem(plan.smem_floats);  // exactly the dynamic shared memory asked for
+    peft_kernels_emu::launch(plan.gx, plan.gy, plan.gz, lp::kThreads, [&] { body(smem.data()); });
+  };
+  run(lp::row_reduce_plan(M, r), [&](float*) {
+    lp::row_reduce_body<T>(x.data(), a.data(), &seed, u.data(), K, r, K, 1, keep, threshold);
+  });
+  run(lp::row_map_plan(M, N, r), [&](float* s) { lp::up_body<T>(u.data(), b.data(), bias.data(), c.data(), N, r, 1.f, s); });
+  run(lp::row_reduce_plan(M, r), [&](float*) {
+    lp::row_reduce_body<T>(dy.data(), b.data(), nullptr, v.data(), N, r, 1, r, 1.f, 0u);
+  });
+  for (const bool dA : {false, true}) {
+    int64_t rows_per_slice = 0;
+    const int64_t cols = dA ? K : N;
+    const lp::Plan plan = lp::weight_grad_plan(M, cols, r, sms, rows_per_slice);
+    run(plan, [&](float*) {
+      lp::weight_grad_body<T>(dA ? x.data() : dy.data(), dA ? v.data() : u.data(), dA ? &seed : nullptr,
+                              dA ? grad_a_t.data() : grad_b.data(), M, cols, r, rows_per_slice, 1.f, keep, threshold);
+    });
+  }
+  run(lp::row_map_plan(M, K, r), [&](float* s) {
+    lp::dx_body<T>(v.data(), a.data(), &seed, d.data(), K, r, 1.f, keep, threshold, s);
+  });
+}
+
 int main() {
   forward<1, false>(3, 40, 13, 5, false, 0, 3);    // N not a multiple of 8, K not of 32
   forward<4, false>(49, 72, 70, 64, false, 0, 2);
@@ -79,6 +116,8 @@ int main() {
   backward<1>(3, 40, 24, 5, true, 3);              // a partial 64-column group, empty splits
   backward<4>(50, 136, 72, 64, true, 2);
   backward<2>(20, 72, 8, 7, false, 1);
+  pieces(3, 300, 260, 17, 1);                      // K, N past a block of 256 threads, a partial rank block
+  pieces(7, 40, 9, 1, 64);                          // a token slice per row
   std::puts("ok");
   return 0;
 }
