@@ -59,6 +59,15 @@ PK_DEVICE float block_sum(float v, float* smem) {
   return total;
 }
 
+// This thread's column in a row_map_plan / weight_grad_plan grid (threads run along the columns).
+PK_DEVICE int64_t column() { return static_cast<int64_t>(dev::block_index()) * kThreads + dev::thread_index(); }
+
+// Row m of an [M, r] fp32 matrix (u or v) into shared memory, every thread helping, then a barrier.
+PK_DEVICE void stage_row(const float* __restrict__ src, int64_t m, int64_t r, float* row) {
+  for (int64_t j = dev::thread_index(); j < r; j += kThreads) row[j] = src[m * r + j];
+  dev::block_sync();
+}
+
 // out[m, j0..j0+kJ) = sum_k drop(src[m, k]) * w[j * stride_j + k * stride_k]   (row_reduce_plan)
 // down: src = x, w = A [r, K] (stride_j = K, stride_k = 1), dropout on;
 // dY pass: src = dY, w = B [N, r] read as B^T (stride_j = 1, stride_k = r), no dropout.
@@ -90,9 +99,8 @@ template <typename T>
 PK_DEVICE void up_body(const float* __restrict__ u, const T* __restrict__ B, const T* __restrict__ bias,
                        T* __restrict__ C, int64_t N, int64_t r, float s, float* urow) {
   const int64_t m = dev::block_index_y();
-  for (int64_t j = dev::thread_index(); j < r; j += kThreads) urow[j] = u[m * r + j];
-  dev::block_sync();
-  const int64_t n = static_cast<int64_t>(dev::block_index()) * kThreads + dev::thread_index();
+  stage_row(u, m, r, urow);
+  const int64_t n = column();
   if (n >= N) return;
   float acc = 0.f;
   for (int64_t j = 0; j < r; ++j) acc += urow[j] * dev::to_f(B[n * r + j]);
@@ -106,7 +114,7 @@ template <typename T>
 PK_DEVICE void weight_grad_body(const T* __restrict__ src, const float* __restrict__ w,
                                 const int64_t* __restrict__ seed, float* __restrict__ acc_out, int64_t M, int64_t cols,
                                 int64_t r, int64_t rows_per_slice, float s, float inv_keep, uint32_t threshold) {
-  const int64_t c = static_cast<int64_t>(dev::block_index()) * kThreads + dev::thread_index();
+  const int64_t c = column();
   const int64_t j0 = static_cast<int64_t>(dev::block_index_y()) * kJ;
   const int64_t m_lo = static_cast<int64_t>(dev::block_index_z()) * rows_per_slice;
   const int64_t m_hi = m_lo + rows_per_slice < M ? m_lo + rows_per_slice : M;
@@ -131,9 +139,8 @@ template <typename T>
 PK_DEVICE void dx_body(const float* __restrict__ v, const T* __restrict__ A, const int64_t* __restrict__ seed,
                        T* __restrict__ D, int64_t K, int64_t r, float s, float inv_keep, uint32_t threshold, float* vrow) {
   const int64_t m = dev::block_index_y();
-  for (int64_t j = dev::thread_index(); j < r; j += kThreads) vrow[j] = v[m * r + j];
-  dev::block_sync();
-  const int64_t k = static_cast<int64_t>(dev::block_index()) * kThreads + dev::thread_index();
+  stage_row(v, m, r, vrow);
+  const int64_t k = column();
   if (k >= K) return;
   float acc = 0.f;
   for (int64_t j = 0; j < r; ++j) acc += vrow[j] * dev::to_f(A[j * K + k]);

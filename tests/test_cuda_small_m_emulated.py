@@ -282,9 +282,10 @@ def test_memcheck_under_address_sanitizer(tmp_path):
     each buffer its own exact-size allocation, built with AddressSanitizer and UBSan — the CPU
     tier's compute-sanitizer memcheck. (Changing a bound in load_row8 from >= to > makes it fail.)"""
     exe = tmp_path / "memcheck"
+    units = [os.path.join(HERE, "cuda_emu", f) for f in ("memcheck_driver.cpp", "lora_kernels_emu.cpp")]
     build = subprocess.run(["g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-                            "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-o", str(exe),
-                            os.path.join(HERE, "cuda_emu", "memcheck_driver.cpp")], capture_output=True, text=True)
+                            "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-o", str(exe), *units],
+                           capture_output=True, text=True)
     if build.returncode and "asan" in build.stderr.lower() and "cannot find" in build.stderr.lower():
         pytest.skip(f"no AddressSanitizer runtime for g++: {build.stderr.strip()[-200:]}")
     assert build.returncode == 0, build.stderr[-2000:]

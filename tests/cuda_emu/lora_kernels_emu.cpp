@@ -1,7 +1,7 @@
 // csrc/lora_kernels.cuh (the CUDA backend's LoRA pieces around cuBLAS) built for the CPU emulator
-// (emu.h): C entry points over host pointers that launch each body with its plan, as the
-// launchers of csrc/lora_kernels.cu do, called with ctypes by tests/test_cuda_lora_kernels_emulated.py.
-// dtype: 0 fp32, 1 fp16, 2 bf16 (lora_kernels.h's DType).
+// (emu.h): the C entry points of lora_kernels_emu.h.
+#include "lora_kernels_emu.h"
+
 #include "emu.h"
 
 #include "../../csrc/lora_kernels.cuh"
@@ -16,10 +16,11 @@ static void by_dtype(int dtype, F&& f) {
   else f(peft_kernels_emu::bf16{});
 }
 
-// body(dynamic shared memory) for every thread of the plan's grid.
+// body(dynamic shared memory) for every thread of the plan's grid. The shared memory is exactly the
+// plan's (its own allocation: the memcheck driver runs these entries under AddressSanitizer).
 template <typename F>
 static void run(const lp::Plan& plan, F&& body) {
-  std::vector<float> smem(static_cast<size_t>(plan.smem_floats > 0 ? plan.smem_floats : 1));
+  std::vector<float> smem(static_cast<size_t>(plan.smem_floats));
   peft_kernels_emu::launch(plan.gx, plan.gy, plan.gz, lp::kThreads, [&] { body(smem.data()); });
 }
 
@@ -53,7 +54,6 @@ extern "C" void emu_lora_dy(int dtype, const void* dy, const void* B, float* v, 
   });
 }
 
-// Returns the number of token slices launched (the plan for `sms` multiprocessors).
 extern "C" int emu_lora_weight_grad(int dtype, const void* src, const float* w, const int64_t* seed, float* acc,
                                     int64_t M, int64_t cols, int64_t r, float s, double p, int sms) {
   int64_t rows_per_slice = 0;

@@ -9,14 +9,13 @@
 #include <random>
 
 #include "emu.h"
+#include "lora_kernels_emu.h"
 
-#include "../../csrc/lora_kernels.cuh"
 #include "../../csrc/lora_small_m.cuh"
 #include "../../csrc/lora_small_m_bwd.cuh"
 
 namespace sm = peft_kernels::small_m;
 namespace smb = peft_kernels::small_m_bwd;
-namespace lp = peft_kernels::lora_pieces;
 using T = peft_kernels_emu::bf16;
 
 static std::mt19937 rng(0);
@@ -74,38 +73,21 @@ static void backward(int64_t M, int64_t K, int64_t N, int64_t r, bool need_dx, i
   peft_kernels_emu::launch(plan.blocks(), smb::kThreads, [&] { smb::lora_small_m_bwd_kernel<T, MT>(p); });
 }
 
-// The five LoRA pieces of csrc/lora_kernels.cu with their launch plans, forward and backward,
-// weight gradients split in token slices for `sms` multiprocessors.
+// The five LoRA pieces of csrc/lora_kernels.cu through lora_kernels_emu.cpp's entries (each body
+// with its launch plan and exactly its dynamic shared memory), forward and backward, the weight
+// gradients split in token slices for `sms` multiprocessors.
 static void pieces(int64_t M, int64_t K, int64_t N, int64_t r, int sms) {
   auto x = rand16(M * K), a = rand16(r * K), b = rand16(N * r), bias = rand16(N), dy = rand16(M * N);
   const int64_t seed = 11;
-  const float keep = lp::inv_keep(0.1);
-  const uint32_t threshold = peft_kernels::mask::keep_threshold(0.1);
+  const int bf = 2;  // lora_kernels.h DType::BF16, T here
   std::vector<float> u(M * r), v(M * r), grad_b(N * r), grad_a_t(K * r);
   std::vector<T> c(M * N), d(M * K);
-  auto run = [](const lp::Plan& plan, auto body) {
-    std::vector<float> smem(plan.smem_floats);  // exactly the dynamic shared memory asked for
-    peft_kernels_emu::launch(plan.gx, plan.gy, plan.gz, lp::kThreads, [&] { body(smem.data()); });
-  };
-  run(lp::row_reduce_plan(M, r), [&](float*) {
-    lp::row_reduce_body<T>(x.data(), a.data(), &seed, u.data(), K, r, K, 1, keep, threshold);
-  });
-  run(lp::row_map_plan(M, N, r), [&](float* s) { lp::up_body<T>(u.data(), b.data(), bias.data(), c.data(), N, r, 1.f, s); });
-  run(lp::row_reduce_plan(M, r), [&](float*) {
-    lp::row_reduce_body<T>(dy.data(), b.data(), nullptr, v.data(), N, r, 1, r, 1.f, 0u);
-  });
-  for (const bool dA : {false, true}) {
-    int64_t rows_per_slice = 0;
-    const int64_t cols = dA ? K : N;
-    const lp::Plan plan = lp::weight_grad_plan(M, cols, r, sms, rows_per_slice);
-    run(plan, [&](float*) {
-      lp::weight_grad_body<T>(dA ? x.data() : dy.data(), dA ? v.data() : u.data(), dA ? &seed : nullptr,
-                              dA ? grad_a_t.data() : grad_b.data(), M, cols, r, rows_per_slice, 1.f, keep, threshold);
-    });
-  }
-  run(lp::row_map_plan(M, K, r), [&](float* s) {
-    lp::dx_body<T>(v.data(), a.data(), &seed, d.data(), K, r, 1.f, keep, threshold, s);
-  });
+  emu_lora_down(bf, x.data(), a.data(), &seed, u.data(), M, K, r, 0.1);
+  emu_lora_up(bf, u.data(), b.data(), bias.data(), c.data(), M, N, r, 1.f);
+  emu_lora_dy(bf, dy.data(), b.data(), v.data(), M, N, r);
+  emu_lora_weight_grad(bf, dy.data(), u.data(), nullptr, grad_b.data(), M, N, r, 1.f, 0.0, sms);
+  emu_lora_weight_grad(bf, x.data(), v.data(), &seed, grad_a_t.data(), M, K, r, 1.f, 0.1, sms);
+  emu_lora_dx(bf, v.data(), a.data(), &seed, d.data(), M, K, r, 1.f, 0.1);
 }
 
 int main() {
