@@ -9,7 +9,7 @@ that exact specialization to a cubin with Triton's own compiler and ptxas for sm
 reports each kernel's shared memory against the architecture's per-block limit, and its registers
 and spills as read from the cubin. Nothing runs.
 
-    python -m peft_kernels.triton.compile_check [--arch 80,90] [--quick]
+    python -m peft_kernels.triton.compile_check [--arch 80,90] [--quick] [--dtypes bfloat16,float16,float32]
 
 Exit status 1 if any launch fails to compile, or does not fit the target's shared memory even
 after peft_kernels.triton.launch has lowered its pipeline stages (which the check replays).
@@ -35,6 +35,7 @@ import torch
 # compute capabilities table (8.0: 163 KB, 9.0: 227 KB).
 SHARED_LIMIT = {80: 166912, 90: 232448}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DTYPE_NAMES = {str(dt).replace("torch.", ""): dt for dt in DTYPES}
 
 
 @dataclasses.dataclass
@@ -155,25 +156,35 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, dtype=dtype, device=META)
 
 
+def _sweeps(dtype, quick) -> bool:
+    """Whether to compile the configurations only a GPU sweep or a size rule picks (fused-kernel
+    sizes, decode and split-K candidates, decoder tiles). --quick keeps them for bf16, the dtype
+    trained on a GPU; fp16 / fp32 compile the default configurations at the smallest and largest
+    sizes, which hold the shared-memory extremes."""
+    return not quick or dtype == torch.bfloat16
+
+
 def _lora_scenarios(dtype, quick):
     from . import lora as L
     K = N = 4096
     cases = itertools.product((16, 64, 256), (0.0, 0.05), (8192, 16))
-    if quick:  # r=16 as trained; r=256 (the largest tiles) with dropout, in a 16- and a 32-bit dtype
+    if quick:  # r=16 as trained; r=256 (the largest tiles) with dropout in bf16 (in fp32 it compiles for
+        # minutes: ptxas on 255-register kernels; the full check has it)
         cases = [(16, p, M) for p in (0.0, 0.05) for M in (8192, 16)]
-        cases += [(256, 0.05, M) for M in (8192, 16)] if dtype != torch.float16 else []
+        cases += [(256, 0.05, M) for M in (8192, 16)] if dtype == torch.bfloat16 else []
+    sizes = (1, 16, 64, L.FUSED_LIMIT) if _sweeps(dtype, quick) else (1, L.FUSED_LIMIT)
     for r, p, M in cases:
         x, w = _meta(M, K, dtype=dtype), _meta(N, K, dtype=dtype)
         a, b, bias = _meta(r, K, dtype=dtype), _meta(N, r, dtype=dtype), _meta(N, dtype=dtype)
         seed = _meta(1, dtype=torch.int64)
 
-        def run(x=x, w=w, a=a, b=b, bias=bias, seed=seed, p=p):
+        def run(x=x, w=w, a=a, b=b, bias=bias, seed=seed, p=p, sizes=sizes):
             with L.launch_override(sms=132):
                 y, u = L.lora_forward(x, w, a, b, bias, 2.0, p, seed)
                 L.lora_backward(y, x, w, a, b, u, 2.0, p, seed, True)
                 L.lora_backward(y, x, w, a, b, u, 2.0, p, seed, False)
                 if x.shape[0] <= L.FUSED_LIMIT:
-                    for m in (1, 16, 64, L.FUSED_LIMIT):
+                    for m in sizes:
                         xm, ym = x[:1].expand(m, -1).contiguous(), y[:1].expand(m, -1).contiguous()
                         with L.launch_override(fused_max_m=L.FUSED_LIMIT, fused_bwd_max_m=L.FUSED_LIMIT):
                             L.lora_forward(xm, w, a, b, bias, 2.0, p, seed)
@@ -233,20 +244,20 @@ def _quant_scenarios(dtype, quick):
     for (N, K), bs, nested in itertools.product(shapes, (64,) if quick else (64, 128, 256), (True, False)):
         parts = _meta_4bit_parts(N, K, bs, nested)
 
-        def run(parts=parts, N=N, K=K, bs=bs):
+        def run(parts=parts, N=N, K=K, bs=bs, sweeps=_sweeps(dtype, quick)):
             for M, path in ((16, None), (8192, None), (16, "fused_aligned"), (1024, "fused_aligned")):
                 x, dy = _meta(M, K, dtype=dtype), _meta(M, N, dtype=dtype)
                 bias = _meta(N, dtype=dtype)
                 Q.matmul_4bit(x, *parts, bs, (N, K), path=path)
-                if path == "fused_aligned" and M == 16:  # the decode candidates swept on a GPU
-                    for tiles in Q.DECODE_CANDIDATES:
-                        Q.matmul_4bit(x, *parts, bs, (N, K), path=path, tiles=tiles)
-                    for tiles in Q.SPLITK_CANDIDATES:  # the split-K forward, with and without epilogue
-                        Q.matmul_4bit(x, *parts, bs, (N, K), path="splitk", tiles=tiles)
+                if path == "fused_aligned" and M == 16:  # the split-K forward with its epilogue
                     Q.matmul_4bit(x, *parts, bs, (N, K), bias=bias, c=_meta(M, N, dtype=dtype), path="splitk")
+                    for tiles in Q.DECODE_CANDIDATES if sweeps else ():  # the decode candidates swept on a GPU
+                        Q.matmul_4bit(x, *parts, bs, (N, K), path=path, tiles=tiles)
+                    for tiles in Q.SPLITK_CANDIDATES if sweeps else ():  # split-K without epilogue
+                        Q.matmul_4bit(x, *parts, bs, (N, K), path="splitk", tiles=tiles)
                 Q.matmul_4bit(x, *parts, bs, (N, K), bias=bias, c=_meta(M, N, dtype=dtype), path=path)
                 Q.matmul_4bit(dy, *parts, bs, (N, K), transpose=True, c=_meta(M, K, dtype=dtype), path=path)
-            for tiles in (None, (32, 4, 8), (64, 2, 8)):  # the aligned decoder, default and swept
+            for tiles in (None, (32, 4, 8), (64, 2, 8)) if sweeps else (None,):  # the aligned decoder, default and swept
                 Q.dequantize_window(*parts, bs, (N, K), 0, 64, 0, K, _meta(64, K, dtype=dtype), tiles=tiles)
             Q.dequantize_window(*parts, bs, (N, K), 0, 64, 1, K - 1, _meta(64, K - 1, dtype=dtype))  # any window
         yield f"4-bit matmul {N}x{K} blocksize={bs} nested={nested}", run
@@ -346,11 +357,12 @@ def kernels_in_package() -> set[str]:
             if isinstance(obj, JITFunction) and name.endswith("_kernel")}
 
 
-def check(arch: int, quick: bool = False, progress: bool = True, only: str | None = None) -> list[Launch]:
+def check(arch: int, quick: bool = False, progress: bool = True, only: str | None = None,
+          dtypes=DTYPES) -> list[Launch]:
     record: list[Launch] = []
     scenario = ["-", "-"]
     thunks = [(name, str(dt).replace("torch.", ""), fn)
-              for dt in DTYPES for make in SCENARIOS for name, fn in make(dt, quick)
+              for dt in dtypes for make in SCENARIOS for name, fn in make(dt, quick)
               if only is None or only in f"{name} [{str(dt).replace('torch.', '')}]"]
     with compile_only(arch, record, scenario):
         for i, (name, dtype, fn) in enumerate(thunks):
@@ -373,13 +385,21 @@ def main(argv=None) -> int:
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (80, 90)")
     ap.add_argument("--quick", action="store_true",
-                    help="ranks 16 and 256 only, one blocksize, one sparse block shape")
+                    help="ranks 16 and 256 (bf16) only, one blocksize, one sparse block shape; the swept "
+                         "configurations in bf16 only")
+    ap.add_argument("--dtypes", default="bfloat16,float16,float32",
+                    help="comma-separated dtypes of the scenarios (default: all three)")
     ap.add_argument("--only", default=None, help="scenarios whose name contains this text (e.g. 'lora M=16')")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check compiles for a GPU: run it without TRITON_INTERPRET", file=sys.stderr)
         return 2
     from ..bench.harness import markdown_table
+    try:
+        dtypes = tuple(DTYPE_NAMES[d.strip()] for d in args.dtypes.split(","))
+    except KeyError as exc:
+        print(f"unknown dtype {exc.args[0]!r}: expected some of {', '.join(DTYPE_NAMES)}", file=sys.stderr)
+        return 2
     failed = False
     expected = kernels_in_package()
     for arch in (int(a) for a in args.arch.split(",")):
@@ -387,7 +407,7 @@ def main(argv=None) -> int:
             print(f"unknown arch {arch}: expected one of {sorted(SHARED_LIMIT)}", file=sys.stderr)
             return 2
         t0 = time.perf_counter()
-        record = check(arch, args.quick, only=args.only)
+        record = check(arch, args.quick, only=args.only, dtypes=dtypes)
         if not record:
             print(f"no scenario matches --only {args.only!r}", file=sys.stderr)
             return 2
@@ -413,8 +433,10 @@ def main(argv=None) -> int:
             print("spilling registers (local bytes per thread):")
             for name, kernel, local in spills:
                 print(f"  {kernel} {local} B — {name}")
-        # with --only a subset runs: kernels outside it are not missing
-        missing = expected - {e.kernel for e in record if not e.error} if args.only is None else set()
+        # with --only, or without bf16 (the one dtype every scenario has), a subset runs: kernels outside
+        # it are not missing
+        complete = args.only is None and torch.bfloat16 in dtypes
+        missing = expected - {e.kernel for e in record if not e.error} if complete else set()
         if missing:
             print(f"never compiled: {', '.join(sorted(missing))}")
         failed |= bool(missing) or any(v["errors"] for v in summary.values())
