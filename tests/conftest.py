@@ -20,6 +20,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+_BACKGROUND: list = []  # test modules whose subprocess work runs beside the session's other tests
+
+
+def pytest_collection_finish(session):
+    """A test module with slow CPU-bound subprocess work (test_triton_compile.py: compiling every
+    kernel) defines start_in_background / stop_background; it starts as soon as collection has
+    selected one of its tests, and so runs beside the single-threaded interpreter tests."""
+    if session.config.option.collectonly:
+        return
+    selected: dict = {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "start_in_background"):
+            selected.setdefault(module, []).append(item.originalname)
+    for module, names in selected.items():
+        _BACKGROUND.append(module)
+        module.start_in_background(names)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for module in _BACKGROUND:
+        module.stop_background()
+    _BACKGROUND.clear()
+
+
 @pytest.fixture
 def kernel_device():
     """Where the triton backend runs in this tier: CUDA if present, else CPU (interpreted)."""
