@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import peft_kernels
 from peft_kernels.cuda_backend import lora as cuda_lora, small_m_on
 from peft_kernels.triton import lora as triton_lora
-from peft_kernels.bench.harness import Progress, add_device_argument, device_and_dtype, environment, fwd_bwd_step, \
-    markdown_table, time_ms, time_ms_graphed, write_json
+from peft_kernels.bench.harness import Progress, add_device_argument, add_reps_argument, device_and_dtype, environment, \
+    fwd_bwd_step, markdown_table, time_ms, time_ms_graphed, write_json
 
 
 def _under(override, step):
@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--ms", default="16,64,256,1024,8192")
     ap.add_argument("--kn", default="4096x4096", help="in x out features")
     add_device_argument(ap)
+    add_reps_argument(ap)
     args = ap.parse_args()
     dev, dtype = device_and_dtype(args.device)
     K, N = (int(v) for v in args.kn.split("x"))
@@ -82,8 +83,8 @@ def main():
                         continue
                     cases[name] = _with_small_m(fwd_bwd_step(lambda: peft_kernels.lora_linear(
                         x, w, a, b, scaling=s, dropout_p=p, seed=3, backend="cuda"), [x, a, b], dy, fo), both)
-            times = {k: time_ms(f, dev) for k, f in cases.items()}
-            graphed = {k: time_ms_graphed(f, dev) for k, f in cases.items()}
+            times = {k: time_ms(f, dev, reps=args.reps) for k, f in cases.items()}
+            graphed = {k: time_ms_graphed(f, dev, reps=args.reps) for k, f in cases.items()}
             for k in cases:
                 rows.append(dict(M=M, K=K, N=N, mode=mode, case=k, ms=times[k], ratio=times[k] / times["floor"],
                                  graphed_ms=graphed[k],

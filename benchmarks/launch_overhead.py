@@ -77,9 +77,9 @@ def main(argv=None):
         for fast in (False, True) if gpu else (False,):
             policy.FAST_LAUNCH = fast
             rows.append({"case": name, "fast_launch": fast, "rel_diff_to_triton_path": err,
-                         "host_us": harness.host_us(fn, n=args.reps, warmup=10),
-                         "loop_us": harness.loop_us(fn, n=args.reps),
-                         "eager_ms": harness.time_ms(fn, dev, warmup=3, reps=25)})
+                         "host_us": harness.host_us(fn, n=args.reps, warmup=10 if gpu else 1),
+                         "loop_us": harness.loop_us(fn, n=args.reps, warmup=30 if gpu else 1),
+                         "eager_ms": harness.time_ms(fn, dev, warmup=3 if gpu else 1, reps=25 if gpu else args.reps)})
     policy.FAST_LAUNCH = False
     print()
     print(harness.markdown_table(

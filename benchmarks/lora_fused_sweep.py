@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_kernels.bench.harness import Progress, add_device_argument, device_and_dtype, environment, markdown_table, \
-    time_ms, time_ms_graphed, write_json
+    add_reps_argument, time_ms, time_ms_graphed, write_json
 from peft_kernels.triton import lora as tl_lora
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -28,7 +28,7 @@ def _rel(got, want) -> float:
     return max(((g.float() - w.float()).norm() / w.float().norm()).item() for g, w in zip(got, want))
 
 
-def _sweep(rows, meta, cases, reference, fused, configs, override_keys, dev):
+def _sweep(rows, meta, cases, reference, fused, configs, override_keys, dev, reps):
     """Check each fused configuration against the unfused path's outputs, then time every case;
     ratios are to the first case (the floor)."""
     want = reference()
@@ -47,7 +47,7 @@ def _sweep(rows, meta, cases, reference, fused, configs, override_keys, dev):
         cases[name] = run
     floor = floor_g = None
     for name, fn in cases.items():
-        t, g = time_ms(fn, dev), time_ms_graphed(fn, dev)
+        t, g = time_ms(fn, dev, reps=reps), time_ms_graphed(fn, dev, reps=reps)
         if floor is None:
             floor, floor_g = t, g
         rows.append(dict(meta, case=name, ms=t, ratio=t / floor, graphed_ms=g,
@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--bwd-bk", default="16,32,64", help="backward: dX columns per program")
     ap.add_argument("--shapes", default=None, help="comma-separated KxN list")
     add_device_argument(ap)
+    add_reps_argument(ap)
     args = ap.parse_args()
     dev, dtype = device_and_dtype(args.device)
     shapes = [tuple(int(v) for v in kn.split("x")) for kn in args.shapes.split(",")] if args.shapes else SHAPES
@@ -99,7 +100,7 @@ def main():
                    {"floor F.linear": lambda: F.linear(x, w),
                     "three launches": lambda: tl_lora.lora_forward(x, w, a, b, None, s, p, seed)},
                    lambda: tl_lora.lora_forward(x, w, a, b, None, s, p, seed), fused_fwd, fwd_configs,
-                   ("fused_bn", "fused_bk", "fused_stages", "fused_split"), dev)
+                   ("fused_bn", "fused_bk", "fused_stages", "fused_split"), dev, args.reps)
         if "bwd" in passes:
             def fused_bwd(override):
                 with tl_lora.launch_override(**override):
@@ -109,7 +110,7 @@ def main():
                    {"floor dY @ W": lambda: torch.mm(dy, w),
                     "dy/dx kernels + cuBLAS": lambda: tl_lora.lora_backward(dy, x, w, a, b, u, s, p, seed, True)},
                    lambda: tl_lora.lora_backward(dy, x, w, a, b, u, s, p, seed, True), fused_bwd, bwd_configs,
-                   ("fused_bwd_bn", "fused_bwd_bk", "fused_bwd_stages"), dev)
+                   ("fused_bwd_bn", "fused_bwd_bk", "fused_bwd_stages"), dev, args.reps)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         if args.out:  # after every shape: a run cut short by its time limit keeps what it measured

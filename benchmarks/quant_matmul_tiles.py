@@ -16,8 +16,8 @@ import argparse
 
 import torch
 
-from peft_kernels.bench.harness import (Progress, add_device_argument, device_and_dtype, environment, time_ms,
-                                        time_ms_graphed, write_json)
+from peft_kernels.bench.harness import (Progress, add_device_argument, add_reps_argument, device_and_dtype, environment,
+                                        time_ms, time_ms_graphed, write_json)
 from peft_kernels.quant import NF4Weight
 from peft_kernels.triton import quant_matmul as qm
 
@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--ms", default="16,256,1024,8192")
     ap.add_argument("--nk", default="4096x4096", help="the weight's out x in")
     add_device_argument(ap)
+    add_reps_argument(ap)
     args = ap.parse_args()
     dev, dtype = device_and_dtype(args.device)
     torch.manual_seed(0)
@@ -56,19 +57,19 @@ def main():
         qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out, tiles=cfg)
         exact = torch.equal(deq_out, w)
         decode = lambda cfg=cfg: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out, tiles=cfg)  # noqa: E731
-        t, tg = time_ms(decode, dev), time_ms_graphed(decode, dev)
+        t, tg = time_ms(decode, dev, reps=args.reps), time_ms_graphed(decode, dev, reps=args.reps)
         gbs = (N * K // 2 + N * K // 64 + N * K * 2) / (tg or t) / 1e6
         decoders.append(dict(config=cfg, ms=t, graphed_ms=tg, exact=exact, gb_per_s=gbs))
         print(decoders[-1], flush=True)
-    deq_ms = time_ms(lambda: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out), dev)
+    deq_ms = time_ms(lambda: qm.dequantize_window(*q.parts(), 0, N, 0, K, deq_out), dev, reps=args.reps)
     print({f"dequantize_{N}x{K}_triton_ms": deq_ms}, flush=True)
     for M in ms:
         for transpose in (False, True):
             a = torch.randn(M, N if transpose else K, device=dev, dtype=dtype)
             ref = a @ w if transpose else a @ w.T
-            cublas = time_ms(lambda: a @ w if transpose else a @ w.T, dev)
-            cublas_g = time_ms_graphed(lambda: a @ w if transpose else a @ w.T, dev)
-            deq = time_ms(lambda: (a @ q.dequantize()) if transpose else a @ q.dequantize().T, dev)
+            cublas = time_ms(lambda: a @ w if transpose else a @ w.T, dev, reps=args.reps)
+            cublas_g = time_ms_graphed(lambda: a @ w if transpose else a @ w.T, dev, reps=args.reps)
+            deq = time_ms(lambda: (a @ q.dequantize()) if transpose else a @ q.dequantize().T, dev, reps=args.reps)
             for path, cfg in cases:
                 prog.step(f"M={M} T={transpose} {path} {cfg}")
                 if (path.startswith("fused") or path == "splitk") and M > 1024 or path == "splitk" and transpose:
@@ -78,7 +79,7 @@ def main():
                 run = lambda: qm.matmul_4bit(a, *q.parts(), transpose=transpose, tiles=tiles, path=path)  # noqa: E731
                 try:
                     err = (run().float() - ref.float()).abs().max().item()
-                    t, tg = time_ms(run, dev), time_ms_graphed(run, dev)
+                    t, tg = time_ms(run, dev, reps=args.reps), time_ms_graphed(run, dev, reps=args.reps)
                 except Exception as e:  # out of shared memory etc.: recorded, not hidden
                     t, tg, err = None, None, repr(e)[:120]
                 rows.append(dict(M=M, N=N, K=K, transpose=transpose, path=path, config=cfg, ms=t, graphed_ms=tg,

@@ -34,7 +34,7 @@ def _module(script):
 
 
 def test_bench_lora_backends_runs(tmp_path):
-    data, stdout = _run("bench_lora_backends.py", "--kn", "40x24", "--ms", "5", tmp_path=tmp_path)
+    data, stdout = _run("bench_lora_backends.py", "--kn", "40x24", "--ms", "5", "--reps", "1", tmp_path=tmp_path)
     assert "backend cuda skipped" in stdout  # said, not silently dropped
     cases = {(r["mode"], r["case"]) for r in data["rows"]}
     for mode in ("fwd+bwd", "forward"):
@@ -43,7 +43,7 @@ def test_bench_lora_backends_runs(tmp_path):
 
 
 def test_quant_matmul_tiles_runs_and_every_path_is_right(tmp_path):
-    data, _ = _run("quant_matmul_tiles.py", "--nk", "40x128", "--ms", "5", tmp_path=tmp_path)
+    data, _ = _run("quant_matmul_tiles.py", "--nk", "40x128", "--ms", "5", "--reps", "1", tmp_path=tmp_path)
     sweep = _module("quant_matmul_tiles.py")
     assert len(data["decoders"]) == len(sweep.DECODES) and all(d["exact"] for d in data["decoders"])
     # both directions; the split-K forward has no backward
@@ -56,7 +56,7 @@ def test_quant_matmul_tiles_runs_and_every_path_is_right(tmp_path):
 def test_lora_fused_sweep_runs(tmp_path):
     # the script itself asserts that every fused configuration matches the unfused path
     data, _ = _run("lora_fused_sweep.py", "--shapes", "48x40", "--ms", "3", "--bn", "16,32", "--bk", "16",
-                   "--stages", "2", "--split", "1,2", "--bwd-bn", "16", "--bwd-bk", "16,32", tmp_path=tmp_path)
+                   "--stages", "2", "--split", "1,2", "--bwd-bn", "16", "--bwd-bk", "16,32", "--reps", "1", tmp_path=tmp_path)
     cases = {(r["direction"], r["case"]) for r in data["rows"]}
     assert {("fwd", "fused bn=16 bk=16 stages=2 split=1"), ("fwd", "fused bn=32 bk=16 stages=2 split=2"),
             ("bwd", "fused bn=16 bk=16 stages=2"), ("bwd", "fused bn=16 bk=32 stages=2"),

@@ -213,9 +213,11 @@ def test_matmul_4bit_splitk(nested, K, nb, per_sm, splits, kernel_device, monkey
     if splits == 1:
         aligned = qm.matmul_4bit(a, *q.parts(), c=c.clone(), bias=bias, path="fused_aligned", tiles=(16, 16, nb, 4))
         assert torch.equal(out, aligned)
-    # x = I (fp32, one nonzero product per sum; the other ranges add exact zeros): the decoded weight
-    eye = torch.eye(K, device=kernel_device)
-    assert torch.equal(qm.matmul_4bit(eye, *q.parts(), path="splitk", tiles=tiles), q.dequantize().T)
+    # x = rows of I (fp32, one nonzero product per sum; the other ranges add exact zeros): the decoded
+    # weight's columns, about 40 of them spread over every block and split range (and the last)
+    cols = torch.cat([torch.arange(0, K, K // 37), torch.tensor([K - 1])]).to(kernel_device)
+    eye = torch.eye(K, device=kernel_device)[cols]
+    assert torch.equal(qm.matmul_4bit(eye, *q.parts(), path="splitk", tiles=tiles), q.dequantize().T[cols])
 
 
 def test_matmul_4bit_splitk_refuses_what_it_cannot_do(kernel_device):

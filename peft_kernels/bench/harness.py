@@ -46,9 +46,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, warmup: int = 5, reps: int = 25) -> float:
-    """Median milliseconds of fn() over ``reps`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
+def time_ms(fn, device: torch.device, warmup: int | None = None, reps: int = 25) -> float:
+    """Median milliseconds of fn() over ``reps`` runs after ``warmup`` runs (default min(5, reps))."""
+    for _ in range(min(5, reps) if warmup is None else warmup):
         fn()
     _sync(device)
     times = []
@@ -72,6 +72,12 @@ def add_device_argument(parser) -> None:
     """--device for the GPU sweep scripts; cpu is their smoke run (tests/test_benchmark_scripts.py)."""
     parser.add_argument("--device", default="cuda", help="cpu runs the Triton kernels interpreted "
                         "(TRITON_INTERPRET=1): a smoke run of the script, not a measurement")
+
+
+def add_reps_argument(parser, default: int = 25) -> None:
+    """--reps for the GPU sweep scripts: timed runs per case; their CPU smoke run takes 1."""
+    parser.add_argument("--reps", type=positive_int, default=default,
+                        help=f"timed runs per case, after min(5, reps) warm-up runs (default {default})")
 
 
 def device_and_dtype(name: str) -> tuple[torch.device, torch.dtype]:
@@ -98,11 +104,11 @@ def host_us(fn, n: int = 300, warmup: int = 30) -> float:
     return statistics.median(times) * 1e6
 
 
-def loop_us(fn, n: int = 300) -> float:
+def loop_us(fn, n: int = 300, warmup: int = 30) -> float:
     """Microseconds per call of ``n`` back-to-back fn() calls, the device left to run
     asynchronously: the step time when host and device overlap, i.e. about max(host_us, device
     time). Above host_us, the device is what limits."""
-    for _ in range(30):
+    for _ in range(warmup):
         fn()
     _sync_all()
     t0 = time.perf_counter()
