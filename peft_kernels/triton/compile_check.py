@@ -35,7 +35,13 @@ import torch
 # compute capabilities table (8.0: 163 KB, 9.0: 227 KB).
 SHARED_LIMIT = {80: 166912, 90: 232448}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-DTYPE_NAMES = {str(dt).replace("torch.", ""): dt for dt in DTYPES}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+DTYPE_NAMES = {_dtype_name(dt): dt for dt in DTYPES}  # --dtypes' names
 
 
 @dataclasses.dataclass
@@ -361,9 +367,9 @@ def check(arch: int, quick: bool = False, progress: bool = True, only: str | Non
           dtypes=DTYPES) -> list[Launch]:
     record: list[Launch] = []
     scenario = ["-", "-"]
-    thunks = [(name, str(dt).replace("torch.", ""), fn)
+    thunks = [(name, _dtype_name(dt), fn)
               for dt in dtypes for make in SCENARIOS for name, fn in make(dt, quick)
-              if only is None or only in f"{name} [{str(dt).replace('torch.', '')}]"]
+              if only is None or only in f"{name} [{_dtype_name(dt)}]"]
     with compile_only(arch, record, scenario):
         for i, (name, dtype, fn) in enumerate(thunks):
             scenario[:] = [name, dtype]
