@@ -147,11 +147,49 @@ def test_states_peft_keeps():
     assert not torch.allclose(plain, merged, atol=1e-3)
 
 
-def test_unsupported_layers_are_reported():
-    model = _peft_model(targets=("q_proj", "o_proj"), lora_bias=True)
+@pytest.mark.parametrize("train", [True, False])
+def test_lora_bias_runs_fused_and_matches_unpatched(train):
+    """PEFT's lora_bias=True (a bias on lora_B, scaled with the branch) is folded into the fused op's
+    bias: outputs and every gradient, lora_B's bias included, equal PEFT's; over a bias-free base
+    too (PEFT warns and adds the term alone)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's warning for v_proj, which has no bias
+        model = _peft_model(dropout=0.0 if train else 0.2, targets=("q_proj", "v_proj", "o_proj"), lora_bias=True)
+    for name, p in model.named_parameters():
+        if "lora_B" in name and name.endswith("bias"):
+            nn.init.normal_(p, std=0.5)
+    model.train(train)
+    x = torch.randn(3, 7, 24)
+    reference = _run(model, x)
     report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 6 and not report.skipped
+    grads = _assert_runs_as(model, x, reference)
+    assert sum(n.endswith("lora_B.default.bias") for n in grads) == 6
+
+
+def test_unsupported_layers_are_reported():
+    """PEFT layers without a fused op — LoRA over an embedding, and tuner types peft_kernels does not
+    compute (LoHa here) — are listed with why and keep PEFT's forward."""
+    class EmbNet(Net):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 24)
+
+        def forward(self, ids):
+            return super().forward(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(EmbNet(), peft.LoraConfig(r=4, target_modules=["emb", "q_proj"]))
+    report = peft_kernels.patch_peft_model(model)
+    assert len(report.patched) == 2 and list(report.skipped) == ["base_model.model.emb"]
+    assert "is not a LoRA Linear" in report.skipped["base_model.model.emb"]
+    loha = peft.get_peft_model(Net(), peft.LoHaConfig(r=4, target_modules=["q_proj", "up"]))
+    x = torch.randn(2, 24)
+    before = loha(x)
+    report = peft_kernels.patch_peft_model(loha)
     assert not report.patched and len(report.skipped) == 4
-    assert all("lora_bias=True" in why for why in report.skipped.values())
+    assert all("no fused op for this PEFT layer type" in why for why in report.skipped.values())
+    assert torch.equal(loha(x), before)
 
 
 def test_mica_adapters_run_fused_and_load_with_lora_B_frozen(tmp_path):
@@ -170,6 +208,152 @@ def test_mica_adapters_run_fused_and_load_with_lora_B_frozen(tmp_path):
     layers = [m for m in ours.modules() if isinstance(m, peft_kernels.nn.LoRALinear)]
     assert len(layers) == 6 and all(m.lora_A.requires_grad and not m.lora_B.requires_grad for m in layers)
     assert torch.allclose(ours.eval()(x), model.eval()(x), atol=1e-5)
+
+
+def _adalora_model(dropout=0.0, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    cfg = peft.AdaLoraConfig(init_r=6, target_r=2, total_step=8, tinit=1, tfinal=2, deltaT=1, lora_alpha=8,
+                             lora_dropout=dropout, target_modules=["q_proj", "v_proj", "up"], **kw)
+    model = peft.get_peft_model(Net().to(dtype), cfg)
+    for name, p in model.named_parameters():
+        if "lora_E" in name:
+            nn.init.normal_(p, std=0.5)  # PEFT starts E at zero: the branch would compute nothing
+    return model
+
+
+def _vera_model(dropout=0.0, dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "up", "down"], vera_dropout=dropout)
+    model = peft.get_peft_model(Net().to(dtype), cfg)
+    for name, p in model.named_parameters():
+        if "vera_lambda_b" in name:
+            nn.init.normal_(p, std=0.5)  # PEFT starts lambda_b at zero
+    return model
+
+
+@pytest.mark.parametrize("family", ["adalora", "vera"])
+@pytest.mark.parametrize("train", [True, False])
+def test_adalora_and_vera_run_fused_and_match_unpatched(family, train):
+    """AdaLoRA's SVDLinear and VeRA's Linear are LoRA with other factors (A ⊙ E / ranknum; λ_d ⊙ A_s and
+    λ_b ⊙ B_s of the shared frozen matrices): patched, each runs one lora_linear, and outputs and every
+    gradient (lora_A / lora_E / lora_B; λ_d / λ_b) equal PEFT's, with some of AdaLoRA's singular
+    values masked to zero as its rank allocator does; dropout (eval) is the identity."""
+    from unittest import mock
+
+    from peft_kernels.integrations import peft as integration
+
+    model = (_adalora_model if family == "adalora" else _vera_model)(dropout=0.0 if train else 0.3, dtype=torch.float64)
+    if family == "adalora":
+        with torch.no_grad():
+            model.base_model.model.layers[0].q_proj.lora_E["default"][[1, 4]] = 0.0
+    model.train(train)
+    x = torch.randn(3, 7, 24, dtype=torch.float64)
+    y0, gx0, g0 = _run(model, x)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == (6 if family == "adalora" else 8) and not report.skipped, str(report)
+    with mock.patch.object(integration, "lora_linear", wraps=integration.lora_linear) as op:
+        y1, gx1, g1 = _run(patched, x)
+    assert op.call_count == len(report.patched)
+    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+    assert g0.keys() == g1.keys() and len(g0) == (24 if family == "adalora" else 16)  # AdaLoRA: ranknum gets one too
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    assert len(peft_kernels.unpatch_peft_model(patched)) == len(report.patched)
+    assert torch.equal(patched(x), model(x))
+
+
+@pytest.mark.parametrize("family", ["adalora", "vera"])
+def test_adalora_and_vera_dropout_runs_fused_and_follows_manual_seed(family):
+    model = (_adalora_model if family == "adalora" else _vera_model)(dropout=0.3).train()
+    plain = copy.deepcopy(model).eval()
+    peft_kernels.patch_peft_model(model)
+    x = torch.randn(4, 24)
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    torch.manual_seed(2)
+    assert torch.equal(a, b) and not torch.equal(a, model(x)) and not torch.equal(a, plain(x))
+
+
+@pytest.mark.parametrize("family", ["adalora", "vera"])
+def test_adalora_and_vera_keep_peft_dtypes_over_a_bf16_base(family):
+    """fp32 adapters (get_peft_model's autocast_adapter_dtype) over a bf16 model, plain and under bf16
+    autocast: bf16 outputs equal PEFT's to bf16 rounding, gradients back in fp32."""
+    model = (_adalora_model if family == "adalora" else _vera_model)(dtype=torch.bfloat16).train()
+    patched = copy.deepcopy(model)
+    assert not peft_kernels.patch_peft_model(patched).skipped
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    for cast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            y0, y1 = model(x.float() if cast else x), patched(x.float() if cast else x)
+        assert y1.dtype == y0.dtype == torch.bfloat16
+        assert torch.allclose(y1.float(), y0.float(), rtol=1e-2, atol=1e-2)
+    y1.float().square().sum().backward()
+    trained = [p for p in patched.parameters() if p.requires_grad and p.grad is not None]
+    assert trained and all(p.grad.dtype == p.dtype == torch.float32 for p in trained)
+
+
+def test_adalora_rank_allocation_trains_patched_as_unpatched():
+    """AdaLoRA's training loop, patched: its rank allocator reads the gradients the fused op gives
+    lora_A / lora_E / lora_B and masks singular values; three steps of SGD with update_and_allocate
+    leave every parameter, the masked E entries included, as unpatched PEFT leaves them (float64)."""
+    models = [_adalora_model(dtype=torch.float64) for _ in range(2)]
+    assert len(peft_kernels.patch_peft_model(models[1]).patched) == 6
+    x = torch.randn(4, 5, 24, dtype=torch.float64)
+    for model in models:
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for step in range(4):
+            model(x).square().mean().backward()
+            opt.step()
+            model.base_model.update_and_allocate(step)
+            opt.zero_grad()
+    zeros = [int((p == 0).sum()) for n, p in models[1].named_parameters() if "lora_E" in n]
+    assert sum(zeros) > 0  # the allocator masked some singular values
+    for (n, p0), (_, p1) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.allclose(p1, p0, rtol=1e-9, atol=1e-12), n
+
+
+def test_adalora_and_vera_checks_and_fallbacks():
+    """A VeRA adapter whose shared matrices do not chain with its vectors, or an AdaLoRA adapter of
+    rank 0, is left to PEFT with why; a dropout module changed after patching runs PEFT's forward
+    with a warning; AdaLoRA over a base of its own forward fuses the branch alone."""
+    vera = _vera_model()
+    layer = vera.base_model.model.layers[0].q_proj
+    layer.vera_lambda_d["default"] = nn.Parameter(torch.randn(5))
+    report = peft_kernels.patch_peft_model(vera)
+    assert list(report.skipped) == ["base_model.model.layers.0.q_proj"] and len(report.patched) == 7
+    assert "shapes do not chain" in report.skipped["base_model.model.layers.0.q_proj"]
+
+    ada = _adalora_model()
+    layer = ada.base_model.model.layers[1].up
+    for part in ("lora_A", "lora_E", "lora_B"):
+        old = getattr(layer, part)["default"]
+        getattr(layer, part)["default"] = nn.Parameter(old[:0] if part != "lora_B" else old[:, :0])
+    report = peft_kernels.patch_peft_model(ada)
+    assert "rank 0" in report.skipped["base_model.model.layers.1.up"] and len(report.patched) == 5
+
+    ada = _adalora_model()
+    peft_kernels.patch_peft_model(ada)
+    x = torch.randn(2, 24)
+    ada.base_model.model.layers[0].q_proj.lora_dropout["default"] = nn.AlphaDropout(0.1)
+    with pytest.warns(UserWarning, match="AlphaDropout"):
+        ada.eval()(x)
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(OwnForwardLinear(24, 40), nn.Tanh(), nn.Linear(40, 6))
+    cfg = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=8, lora_alpha=8, target_modules=["0", "2"])
+    model = peft.get_peft_model(holder, cfg)
+    for name, p in model.named_parameters():
+        if "lora_E" in name:
+            nn.init.normal_(p, std=0.5)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert report.branch_only == {"base_model.model.0": "OwnForwardLinear"} and len(report.patched) == 2
+    xr = torch.randn(3, 24)
+    _assert_runs_as(patched, xr, _run(model, xr))
 
 
 def test_lora_variants_that_compute_something_else_are_left_to_peft(tmp_path):
@@ -653,10 +837,15 @@ class Bnb4bitNet(nn.Module):
         return self.out(torch.tanh(self.q_proj(x)))
 
 
-def test_patched_qlora_over_bnb_linear4bit_matches_unpatched():
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_patched_qlora_over_bnb_linear4bit_matches_unpatched(lora_bias):
     torch.manual_seed(0)
-    model = peft.get_peft_model(Bnb4bitNet(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    nn.init.normal_(model.base_model.model.q_proj.lora_B["default"].weight, std=0.1)
+    model = peft.get_peft_model(Bnb4bitNet(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                              lora_bias=lora_bias))
+    up = model.base_model.model.q_proj.lora_B["default"]
+    nn.init.normal_(up.weight, std=0.1)
+    if lora_bias:
+        nn.init.normal_(up.bias, std=0.5)
     model.train()
     x = torch.randn(5, IN_4BIT)
     y0, gx0, g0 = _run(model, x)
@@ -668,6 +857,25 @@ def test_patched_qlora_over_bnb_linear4bit_matches_unpatched():
     assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
     for n in g0:
         assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
+
+
+@pytest.mark.parametrize("family", ["adalora", "vera"])
+def test_patched_adalora_and_vera_over_bnb_linear4bit_run_qlora_linear(family):
+    """AdaLoRA / VeRA over a bitsandbytes Linear4bit base: qlora_linear over bnb's bytes with the
+    family's factors; outputs and every gradient equal unpatched PEFT's."""
+    torch.manual_seed(0)
+    cfg = (peft.AdaLoraConfig(init_r=4, target_r=2, total_step=5, target_modules=["q_proj"]) if family == "adalora"
+           else peft.VeraConfig(r=8, target_modules=["q_proj"]))
+    model = peft.get_peft_model(Bnb4bitNet(), cfg)
+    for name, p in model.named_parameters():
+        if "lora_E" in name or "lambda_b" in name:
+            nn.init.normal_(p, std=0.5)
+    x = torch.randn(5, IN_4BIT)
+    reference = _run(model, x)
+    assert peft_kernels.patch_peft_model(model).patched == ["base_model.model.q_proj"]
+    backends._LAST_USED.clear()
+    _assert_runs_as(model, x, reference)
+    assert backends.last_used("qlora_linear") == "torch"
 
 
 def _repack_for_bnb_cpu(layer):
@@ -771,9 +979,9 @@ def test_deep_copies_and_saved_models_of_a_patched_model_use_their_own_weights(t
 
 
 def test_adapters_changed_after_patching_run_peft_forward():
-    """An adapter changed after patch_peft_model (a bias put on lora_B, another dropout module)
-    must not be computed as plain LoRA (the bias was ignored, the dropout taken as p = 0): the
-    layer runs PEFT's forward for it, with a warning, and equals unpatched PEFT."""
+    """An adapter changed after patch_peft_model is computed as it is now: a bias put on lora_B
+    joins the fused op's bias; another dropout module must not be taken as p = 0: the layer runs
+    PEFT's forward for it, with a warning. Both equal unpatched PEFT."""
     class HalfDropout(nn.Module):
         def forward(self, x):
             return x * 0.5
@@ -783,12 +991,17 @@ def test_adapters_changed_after_patching_run_peft_forward():
     layer = model.base_model.model.layers[0].q_proj
     reference = copy.deepcopy(model)
     peft_kernels.unpatch_peft_model(reference)
+    x = torch.randn(4, 24)
     for m in (model, reference):
         target = m.base_model.model.layers[0].q_proj
         target.lora_B["default"].bias = nn.Parameter(torch.linspace(-1, 1, target.out_features))
-        target.lora_dropout["default"] = HalfDropout()
-    x = torch.randn(4, 24)
-    with pytest.warns(UserWarning, match="runs PEFT's unfused forward: adapter 'default' has lora_bias=True"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = model(x)
+    assert torch.allclose(y, reference(x), atol=1e-6) and not layer.forward.unfused
+    for m in (model, reference):
+        m.base_model.model.layers[0].q_proj.lora_dropout["default"] = HalfDropout()
+    with pytest.warns(UserWarning, match="runs PEFT's unfused forward: adapter 'default' uses dropout HalfDropout"):
         y = model(x)
     assert torch.allclose(y, reference(x), atol=1e-6)
     assert layer.forward.unfused == {"default"}
@@ -998,7 +1211,7 @@ class OwnForwardLinear(nn.Linear):
         return super().forward(x) * 1.5
 
 
-def _branch_model(kind, dropout=0.0, use_dora=False, adapter_dtype=None, dtype=torch.float32):
+def _branch_model(kind, dropout=0.0, use_dora=False, adapter_dtype=None, dtype=torch.float32, lora_bias=False):
     torch.manual_seed(0)
     if kind == "bnb 8-bit":
         bnb = pytest.importorskip("bitsandbytes")
@@ -1010,11 +1223,12 @@ def _branch_model(kind, dropout=0.0, use_dora=False, adapter_dtype=None, dtype=t
     holder = holder.to("cpu") if kind == "bnb 8-bit" else holder.to(dtype)  # bnb quantizes on the move
     holder.is_loaded_in_8bit = kind == "bnb 8-bit"  # what transformers sets: PEFT then uses its bnb class
     model = peft.get_peft_model(holder, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                        target_modules=["0", "2"], use_dora=use_dora),
+                                                        target_modules=["0", "2"], use_dora=use_dora,
+                                                        lora_bias=lora_bias),
                                 autocast_adapter_dtype=adapter_dtype is not None)
     for n, p in model.named_parameters():
         if "lora_B" in n:
-            nn.init.normal_(p, std=0.3)
+            nn.init.normal_(p, std=0.3)  # lora_bias' biases too
     return model
 
 
@@ -1124,17 +1338,19 @@ def test_hooks_on_base_layers_keep_running():
         peft_kernels.apply_lora(gpt2_like, ["0"], r=2)
 
 
-@pytest.mark.parametrize("kind", ["bnb 8-bit", "own forward"])
-def test_lora_over_other_bases_runs_the_fused_branch(kind):
+@pytest.mark.parametrize("kind,lora_bias", [("bnb 8-bit", False), ("own forward", False), ("bnb 8-bit", True),
+                                            ("own forward", True)])
+def test_lora_over_other_bases_runs_the_fused_branch(kind, lora_bias):
     """PEFT's LoRA over a base peft_kernels cannot compute itself — bitsandbytes' LLM.int8
     Linear8bitLt (PEFT's bnb class), a Linear subclass with its own forward (PEFT's Linear class) —
-    is patched: the base runs its own forward, the LoRA branch runs lora_delta; outputs and every
-    gradient equal PEFT's; dropout follows torch.manual_seed; unpatch restores."""
+    is patched: the base runs its own forward, the LoRA branch runs lora_delta (plus lora_B's bias,
+    scaled, with lora_bias=True); outputs and every gradient equal PEFT's; dropout follows
+    torch.manual_seed; unpatch restores."""
     from unittest import mock
 
     from peft_kernels.integrations import peft as integration
 
-    model = _branch_model(kind)
+    model = _branch_model(kind, lora_bias=lora_bias)
     patched = copy.deepcopy(model)
     report = peft_kernels.patch_peft_model(patched)
     assert len(report.patched) == 2 and not report.skipped
@@ -1146,11 +1362,11 @@ def test_lora_over_other_bases_runs_the_fused_branch(kind):
     assert branch.call_count == 1
     y0, gx0, g0 = _run(model, x)
     assert torch.allclose(y1, y0, atol=1e-5) and torch.allclose(gx1, gx0, atol=1e-5)
-    assert g0.keys() == g1.keys() and len(g0) == 4
+    assert g0.keys() == g1.keys() and len(g0) == (6 if lora_bias else 4)
     for n in g0:
         assert torch.allclose(g1[n], g0[n], rtol=1e-4, atol=1e-5), n
 
-    noisy = _branch_model(kind, dropout=0.3)
+    noisy = _branch_model(kind, dropout=0.3, lora_bias=lora_bias)
     peft_kernels.patch_peft_model(noisy)
     torch.manual_seed(1)
     a = noisy(x)

@@ -3,7 +3,9 @@
 whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
 their [in, out] weight; over any other base — bitsandbytes' 8-bit Linear8bitLt, a layer type
 peft_kernels does not know — the base runs its own forward and the LoRA branch alone is fused,
-lora_delta), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
+lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear and
+VeRA Linear layers through the same ops (LoRA with other factors, formed each call: _AdaLoRAFamily,
+_VeRAFamily), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
 values at k fixed positions of W) through sparse_delta_linear — PEFT's own SHiRA forward clones
 the whole weight every step and its backward forms the dense [out, in] weight gradient to keep k
 entries of it; its trainable-tokens layers (trained rows of the embedding, and of a head tied to
@@ -21,6 +23,7 @@ as PEFT does), with a warning once per layer so it is never silent.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import warnings
 
 import torch
@@ -73,15 +76,15 @@ def _whole_layer_base(base) -> bool:
     return isinstance(base, nn.Linear) and needs_branch(base) is None
 
 
-def _static_reason(layer) -> str | None:
-    """Why this PEFT LoRA layer over a whole-layer base cannot be fused (None if it can)."""
+def _static_reason(layer, family) -> str | None:
+    """Why this PEFT layer (of ``family``) over a whole-layer base cannot be fused (None if it can)."""
     base = layer.get_base_layer()
     conv1d = is_conv1d(base)
-    if bool(getattr(layer, "fan_in_fan_out", False)) != conv1d:  # PEFT sets it from the base type
+    if bool(getattr(layer, "fan_in_fan_out", conv1d)) != conv1d:  # PEFT sets it from the base type
         return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} does not match the base layer "
                 f"{type(base).__name__}'s weight layout")
-    for name in layer.lora_A:
-        reason = _adapter_reason(layer, name)
+    for name in getattr(layer, family.attr):
+        reason = family.reason(layer, name)
         if reason is not None:
             return reason
     return None
@@ -105,12 +108,19 @@ def _adapter_reason(layer, name: str) -> str | None:
         return (f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (supported: DoRA, and MiCA, "
                 "which computes plain LoRA)")
     down, up, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if down.bias is not None or up.bias is not None:
-        return f"adapter {name!r} has lora_bias=True"
+    if down.bias is not None:
+        return f"adapter {name!r}'s lora_A has a bias"
+    if up.bias is not None and _is_dora(layer, name):  # PEFT's config refuses it; set by hand, not fused
+        return f"adapter {name!r} is DoRA with a bias on lora_B (lora_bias=True)"
     hooked = [part for part, module in (("lora_A", down), ("lora_B", up), ("lora_dropout", dropout))
               if has_module_hooks(module)]
     if hooked:  # e.g. Opacus' per-sample gradients: its hooks run in those modules' own forward only
         return f"adapter {name!r} has hooks on its {' / '.join(hooked)} modules"
+    return _dropout_reason(name, dropout)
+
+
+def _dropout_reason(name: str, dropout) -> str | None:
+    """The fused ops regenerate nn.Dropout's kind of mask (from a seed); other dropout modules are PEFT's."""
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         return f"adapter {name!r} uses dropout {type(dropout).__name__}"
     return None
@@ -171,12 +181,112 @@ class _PatchedForward:
         return self.original(x, *args, **kwargs)
 
 
-def _lora_op_kwargs(layer, name: str) -> dict:
-    """The fused LoRA ops' scaling / dropout_p / training for adapter ``name`` of a PEFT layer
-    (its dropout is nn.Dropout or nn.Identity: _adapter_reason lets no other through)."""
-    dropout = layer.lora_dropout[name]
-    return {"scaling": float(layer.scaling[name]), "dropout_p": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+def _op_kwargs(layer, dropout, scaling) -> dict:
+    """The fused LoRA ops' scaling / dropout_p / training for a PEFT layer's adapter with this dropout
+    module (nn.Dropout or nn.Identity: _dropout_reason lets no other through) and scaling."""
+    return {"scaling": float(scaling), "dropout_p": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             "training": layer.training}
+
+
+class _Factors(typing.NamedTuple):
+    """One adapter of a PEFT layer as the LoRA ops take it: y = base(x) + bias_extra + scaling ·
+    dropout(x) A^T B^T (dropout / training in ``op_kwargs``)."""
+
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    bias_extra: torch.Tensor | None  # [out], added to the base's bias (PEFT's lora_bias), or None
+    op_kwargs: dict
+    cast_dtype: torch.dtype  # PEFT's _cast_input_dtype target for x on the branch path
+
+
+class _LoRAFamily:
+    """PEFT's LoRA Linear (lora.layer.Linear and its bnb 4-/8-bit classes): lora_A / lora_B are
+    nn.Linear modules; lora_bias=True puts a bias on lora_B, which PEFT scales with the branch."""
+
+    kind = "LoRA"
+    attr = "lora_A"  # the layer's dict of adapters, by name
+
+    @staticmethod
+    def reason(layer, name: str) -> str | None:
+        return _adapter_reason(layer, name)
+
+    @staticmethod
+    def factors(layer, name: str) -> _Factors:
+        up = layer.lora_B[name]
+        kw = _op_kwargs(layer, layer.lora_dropout[name], layer.scaling[name])
+        extra = None if up.bias is None else up.bias * kw["scaling"]
+        return _Factors(layer.lora_A[name].weight, up.weight, extra, kw, layer.lora_A[name].weight.dtype)
+
+    @staticmethod
+    def magnitude(layer, name: str) -> torch.Tensor | None:
+        """DoRA's magnitude vector [out], or None for plain LoRA."""
+        return layer.lora_magnitude_vector[name].weight if _is_dora(layer, name) else None
+
+
+class _AdaLoRAFamily:
+    """PEFT's AdaLoRA SVDLinear: y = base(x) + (dropout(x) (A ⊙ E)^T B^T) · scaling / (ranknum + 1e-5),
+    A [r, in], E [r, 1] (the singular values the rank allocator masks), B [out, r] Parameters. As LoRA
+    factors: A' = A ⊙ E / (ranknum + 1e-5), formed on the device each call ([r, in]: no host sync on
+    ranknum); autograd takes A''s gradient back to A and E."""
+
+    kind = "AdaLoRA"
+    attr = "lora_A"
+
+    @staticmethod
+    def reason(layer, name: str) -> str | None:
+        A, E, B = layer.lora_A[name], layer.lora_E[name], layer.lora_B[name]
+        if A.dim() != 2 or A.shape[0] == 0 or tuple(E.shape) != (A.shape[0], 1) or B.dim() != 2 \
+                or B.shape[1] != A.shape[0]:
+            return (f"adapter {name!r} has rank 0 or lora_A {tuple(A.shape)} / lora_E {tuple(E.shape)} / "
+                    f"lora_B {tuple(B.shape)} that do not chain")
+        return _dropout_reason(name, layer.lora_dropout[name])
+
+    @staticmethod
+    def factors(layer, name: str) -> _Factors:
+        A = layer.lora_A[name]
+        rank_scale = (layer.ranknum[name] + 1e-5).to(A.dtype)  # PEFT's divisor, computed as PEFT does
+        kw = _op_kwargs(layer, layer.lora_dropout[name], layer.scaling[name])
+        return _Factors(A * layer.lora_E[name] / rank_scale, layer.lora_B[name], None, kw, A.dtype)
+
+    @staticmethod
+    def magnitude(layer, name: str) -> None:
+        return None
+
+
+class _VeRAFamily:
+    """PEFT's VeRA Linear: y = base(x) + λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T), with A_s / B_s the
+    [r, in] / [out, r] slices of the model's shared frozen random matrices and λ_d [r], λ_b [out] the
+    trained vectors. As LoRA factors: A' = λ_d[:, None] ⊙ A_s, B' = λ_b[:, None] ⊙ B_s (formed each
+    call; autograd takes their gradients back to λ_d and λ_b)."""
+
+    kind = "VeRA"
+    attr = "vera_lambda_d"
+
+    @staticmethod
+    def reason(layer, name: str) -> str | None:
+        d, b = layer.vera_lambda_d[name], layer.vera_lambda_b[name]
+        try:
+            A, B = layer.vera_A[name], layer.vera_B[name]
+        except KeyError:
+            return f"adapter {name!r} has no vera_A / vera_B"
+        r = d.numel()
+        if d.dim() != 1 or r == 0 or tuple(b.shape) != (layer.out_features,) or A.dim() != 2 or A.shape[0] != r \
+                or A.shape[1] < layer.in_features or B.dim() != 2 or B.shape[1] != r or B.shape[0] < layer.out_features:
+            return (f"adapter {name!r}'s shapes do not chain: lambda_d {tuple(d.shape)}, lambda_b {tuple(b.shape)}, "
+                    f"vera_A {tuple(A.shape)}, vera_B {tuple(B.shape)}")
+        return _dropout_reason(name, layer.vera_dropout[name])
+
+    @staticmethod
+    def factors(layer, name: str) -> _Factors:
+        d, b = layer.vera_lambda_d[name], layer.vera_lambda_b[name]
+        A = layer.vera_A[name][:, :layer.in_features].to(d.device)
+        B = layer.vera_B[name][:layer.out_features, :].to(d.device)
+        kw = _op_kwargs(layer, layer.vera_dropout[name], 1.0)
+        return _Factors(d[:, None] * A, b[:, None] * B, None, kw, d.dtype)
+
+    @staticmethod
+    def magnitude(layer, name: str) -> None:
+        return None
 
 
 def _zero3_partitioned(base) -> str | None:
@@ -194,52 +304,64 @@ def _hooked(module) -> str | None:
     return None
 
 
-def _call_reason(layer, name: str, base) -> str | None:
-    """_adapter_reason, hooks put on the base since patching, and a bnb 4-bit base that bnb
-    itself repacked since patching."""
-    reason = _adapter_reason(layer, name) or _hooked(base)
-    if reason is None and bnb_cpu_repacked(getattr(base, "weight", None)):
-        reason = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
-    return reason
+def _whole_reason(family, layer, name: str, base) -> str | None:
+    """Why adapter ``name`` of this layer cannot be fused with its whole-layer base now: the family's
+    adapter reason, hooks put on the base since patching, and a bnb 4-bit base that bnb itself
+    repacked since patching."""
+    why = family.reason(layer, name) or _hooked(base)
+    if why is None and bnb_cpu_repacked(getattr(base, "weight", None)):
+        why = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
+    return why
 
 
 class _FusedForward(_PatchedForward):
-    """A patched LoRA Linear: lora_linear / dora_linear / qlora_linear."""
+    """A patched PEFT layer over a whole-layer base: one lora_linear / dora_linear / qlora_linear call
+    for the base product and the adapter of ``family`` (_LoRAFamily, _AdaLoRAFamily, _VeRAFamily)."""
 
-    kind = "LoRA"
-
-    def __init__(self, layer, original):
+    def __init__(self, layer, original, family):
         super().__init__(layer, original)
+        self.family, self.kind = family, family.kind
         self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen base, once per weight tensor and version (DoRA)
 
+    def reason(self, layer, name: str, base) -> str | None:  # a method, not a closure: torch.save pickles it
+        return _whole_reason(self.family, layer, name, base)
+
     def __call__(self, x, *args, **kwargs):
-        name, out, base = self._adapter_to_fuse(self.layer.lora_A, _call_reason, x, args, kwargs)
+        name, out, base = self._adapter_to_fuse(getattr(self.layer, self.family.attr), self.reason, x, args, kwargs)
         if name is None:
             return out
         layer = self.layer
-        op_kwargs = _lora_op_kwargs(layer, name)
+        f = self.family.factors(layer, name)
+        magnitude = self.family.magnitude(layer, name)
         fmt = bnb_linear4bit_class(base)
         if fmt is not None:  # bnb computes in its compute_dtype and returns x's dtype
             dtype = base.compute_dtype or x.dtype
-            bias = base.bias.to(dtype) if base.bias is not None else None
+            bias = _add_bias(base.bias.to(dtype) if base.bias is not None else None, f.bias_extra, dtype)
             q = fmt.from_bnb(base.weight)
-            args4 = (x.to(dtype), q, layer.lora_A[name].weight, layer.lora_B[name].weight)
-            if _is_dora(layer, name):  # DoRA over the 4-bit base (QDoRA)
+            args4 = (x.to(dtype), q, f.A, f.B)
+            if magnitude is not None:  # DoRA over the 4-bit base (QDoRA)
                 sq = cached_weight_row_sq(self.row_sq, base.weight, q, x)
-                y = dora_linear(*args4, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=sq,
-                                **op_kwargs)
+                y = dora_linear(*args4, magnitude, bias, weight_row_sq=sq, **f.op_kwargs)
             else:
-                y = qlora_linear(*args4, bias, **op_kwargs)
+                y = qlora_linear(*args4, bias, **f.op_kwargs)
             return y.to(x.dtype)
         x, weight, bias = self._in_op_dtype(x, base.weight.t() if is_conv1d(base) else base.weight, base.bias)
         if x.dtype != weight.dtype:
             return self._dtype_mismatch(x, base.weight, args, kwargs)
-        op_args = (x, weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
-        if _is_dora(layer, name):
+        bias = _add_bias(bias, f.bias_extra, x.dtype)
+        op_args = (x, weight, f.A, f.B)
+        if magnitude is not None:
             row_sq = cached_weight_row_sq(self.row_sq, base.weight, weight, x)
-            return dora_linear(*op_args, layer.lora_magnitude_vector[name].weight, bias, weight_row_sq=row_sq,
-                               **op_kwargs)
-        return lora_linear(*op_args, bias, **op_kwargs)
+            return dora_linear(*op_args, magnitude, bias, weight_row_sq=row_sq, **f.op_kwargs)
+        return lora_linear(*op_args, bias, **f.op_kwargs)
+
+
+def _add_bias(bias, extra, dtype):
+    """The op's bias: the base's (or None) plus PEFT's lora_bias term (or None), in ``dtype``."""
+    if extra is None:
+        return bias
+    extra = extra.to(dtype)
+    return extra if bias is None else bias + extra
 
 
 def _shira_reason(layer, name: str | None = None, base=None) -> str | None:
@@ -372,46 +494,47 @@ class _TokensForward(_PatchedForward):
                                    shape_or_block=(1, dim))
 
 
-def _branch_reason(layer, name: str | None = None, base=None) -> str | None:
-    """Why the LoRA branch of this layer (or of its adapter ``name``) cannot be fused beside a base
-    that runs its own forward (None if it can)."""
-    for n in ([name] if name is not None else list(layer.lora_A)):
-        reason = _adapter_reason(layer, n)
-        if reason is None and _is_dora(layer, n):
-            reason = (f"adapter {n!r} is DoRA, which needs the base weight; the "
-                      f"{type(layer.get_base_layer()).__name__} base computes its own product")
-        if reason is not None:
-            return reason
+def _branch_reason(family, layer, name: str | None = None, base=None) -> str | None:
+    """Why the adapter branch of this layer (or of its adapter ``name``) cannot be fused beside a
+    base that runs its own forward (None if it can)."""
+    for n in ([name] if name is not None else list(getattr(layer, family.attr))):
+        why = family.reason(layer, n)
+        if why is None and family.magnitude(layer, n) is not None:
+            why = (f"adapter {n!r} is DoRA, which needs the base weight; the "
+                   f"{type(layer.get_base_layer()).__name__} base computes its own product")
+        if why is not None:
+            return why
     return None
 
 
 class _BranchForward(_PatchedForward):
-    """A patched LoRA layer over a base computed by its own forward (bitsandbytes' Linear8bitLt with
-    its LLM.int8 product, or a layer type peft_kernels does not know): result = base(x) + the LoRA
+    """A patched PEFT layer over a base computed by its own forward (bitsandbytes' Linear8bitLt with
+    its LLM.int8 product, or a layer type peft_kernels does not know): result = base(x) + the adapter
     branch through lora_delta, with PEFT's casts — x to the adapter's dtype, then the sum back to
-    the base output's dtype (PEFT's bnb 8-bit class: only outside autocast, the branch cast before
-    the sum)."""
+    the base output's dtype (PEFT's LoRA bnb 8-bit class: only outside autocast, the branch cast
+    before the sum)."""
 
-    kind = "LoRA"
-
-    def __init__(self, layer, original, bnb_8bit: bool):
+    def __init__(self, layer, original, family, bnb_8bit: bool):
         super().__init__(layer, original)
-        self.bnb_8bit = bnb_8bit
+        self.family, self.kind, self.bnb_8bit = family, family.kind, bnb_8bit
+
+    def reason(self, layer, name: str, base) -> str | None:
+        return _branch_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
-        name, out, _ = self._adapter_to_fuse(self.layer.lora_A, _branch_reason, x, args, kwargs)
+        name, out, _ = self._adapter_to_fuse(getattr(self.layer, self.family.attr), self.reason, x, args, kwargs)
         if name is None:
             return out
         layer = self.layer
         result = layer.base_layer(x)
-        lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        kw = _lora_op_kwargs(layer, name)
+        f = self.family.factors(layer, name)
+        convert = not (self.bnb_8bit and torch.is_autocast_enabled())  # peft.tuners.lora.bnb.Linear8bitLt's own test
+        branch = lora_delta(layer._cast_input_dtype(x, f.cast_dtype) if convert else x, f.A, f.B, **f.op_kwargs)
+        if f.bias_extra is not None:  # lora_B's bias, scaled with the branch
+            branch = branch + f.bias_extra.to(branch.dtype)
         if self.bnb_8bit:  # peft.tuners.lora.bnb.Linear8bitLt.forward
-            convert = not torch.is_autocast_enabled()  # PEFT's own test (CUDA autocast)
-            branch = lora_delta(layer._cast_input_dtype(x, lora_A.dtype) if convert else x, lora_A, lora_B, **kw)
             return result + (branch.to(result.dtype) if convert else branch)
-        branch = lora_delta(layer._cast_input_dtype(x, lora_A.dtype), lora_A, lora_B, **kw)  # lora.layer.Linear
-        return (result + branch).to(result.dtype)
+        return (result + branch).to(result.dtype)  # lora.layer.Linear, AdaLoRA's SVDLinear, VeRA's Linear
 
 
 def _patched(module) -> _PatchedForward | None:
@@ -419,35 +542,59 @@ def _patched(module) -> _PatchedForward | None:
     return forward if isinstance(forward, _PatchedForward) else None
 
 
+def _patch_layer(report: PatchReport, name: str, module, family, bnb_8bit: bool = False) -> None:
+    """Patch one PEFT layer of ``family`` (whole-layer base: _FusedForward; any other: _BranchForward),
+    or record why it is left alone."""
+    base = module.get_base_layer()
+    whole = _whole_layer_base(base) and not bnb_8bit
+    if _patched(module) is None:
+        reason = _static_reason(module, family) if whole else _branch_reason(family, module)
+        if reason is not None:
+            report.skipped[name] = reason
+            return
+        module.forward = (_FusedForward(module, module.forward, family) if whole
+                          else _BranchForward(module, module.forward, family, bnb_8bit))
+    report.patched.append(name)
+    if isinstance(_patched(module), _BranchForward):
+        report.branch_only[name] = type(base).__name__ + _why_branch(base)
+
+
+def _optional_class(module_name: str, class_name: str):
+    """A PEFT class that older or leaner PEFT installs may lack (bnb-dependent ones), or None."""
+    import importlib
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return None
+
+
 def patch_peft_model(model: nn.Module) -> PatchReport:
-    """Route every HF PEFT LoRA Linear of ``model`` (a PeftModel or any module containing PEFT
-    LoRA layers) through peft_kernels' fused op, every SHiRA Linear through sparse_delta_linear,
-    and every trainable-tokens layer (trainable_token_indices) through sparse_delta_embedding /
-    sparse_delta_linear, in place. Returns a PatchReport."""
+    """Route the HF PEFT layers of ``model`` (a PeftModel or any module containing PEFT layers)
+    through peft_kernels' fused ops, in place: every LoRA Linear (DoRA, lora_bias, bnb 4-/8-bit
+    bases included), AdaLoRA SVDLinear and VeRA Linear through lora_linear (their adapters are LoRA
+    factors formed each call), every SHiRA Linear through sparse_delta_linear, and every
+    trainable-tokens layer (trainable_token_indices) through sparse_delta_embedding /
+    sparse_delta_linear. Any other PEFT tuner layer is left to PEFT and listed, with why, in the
+    returned PatchReport."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    lora_linear_types = [PeftLoraLinear]
-    try:  # PEFT's own class for LoRA over a bnb Linear4bit (present when bnb 4-bit is usable)
-        from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
-        lora_linear_types.append(PeftLoraLinear4bit)
-    except ImportError:
-        pass
-    try:  # and over a bnb Linear8bitLt (a model loaded in 8 bits): its LoRA branch is fused
-        from peft.tuners.lora.bnb import Linear8bitLt as PeftLoraLinear8bit
+    # PEFT's own classes for LoRA over a bnb Linear4bit / Linear8bitLt (present when bnb is usable);
+    # over the 8-bit base the LoRA branch alone is fused
+    lora_linear_types = [t for t in (PeftLoraLinear, _optional_class("peft.tuners.lora.bnb", "Linear4bit"))
+                         if t is not None]
+    PeftLoraLinear8bit = _optional_class("peft.tuners.lora.bnb", "Linear8bitLt")
+    if PeftLoraLinear8bit is not None:
         lora_linear_types.append(PeftLoraLinear8bit)
-    except ImportError:
-        PeftLoraLinear8bit = None
-
-    try:  # PEFT's SHiRA (peft >= 0.17)
-        from peft.tuners.shira.layer import Linear as PeftShiraLinear
-        from peft.tuners.shira.layer import ShiraLayer
-    except ImportError:
-        PeftShiraLinear = ShiraLayer = None
-    try:  # PEFT's trainable tokens (LoraConfig's trainable_token_indices; peft >= 0.15)
-        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-    except ImportError:
-        TrainableTokensLayer = None
+    # exact classes: their bnb / conv subclasses compute differently and stay PEFT's
+    factored = {t: family for t, family in ((_optional_class("peft.tuners.adalora.layer", "SVDLinear"), _AdaLoRAFamily),
+                                            (_optional_class("peft.tuners.vera.layer", "Linear"), _VeRAFamily))
+                if t is not None}
+    PeftShiraLinear = _optional_class("peft.tuners.shira.layer", "Linear")  # peft >= 0.17
+    ShiraLayer = _optional_class("peft.tuners.shira.layer", "ShiraLayer")
+    # LoraConfig's trainable_token_indices (peft >= 0.15)
+    TrainableTokensLayer = _optional_class("peft.tuners.trainable_tokens.layer", "TrainableTokensLayer")
 
     report = PatchReport()
     for name, module in model.named_modules():
@@ -470,24 +617,16 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
                 module.forward = _ShiraForward(module, module.forward)
                 report.patched.append(name)
             continue
-        if not isinstance(module, LoraLayer):
-            continue
-        if not isinstance(module, tuple(lora_linear_types)):
+        if type(module) in factored:
+            _patch_layer(report, name, module, factored[type(module)])
+        elif isinstance(module, tuple(lora_linear_types)):
+            bnb_8bit = PeftLoraLinear8bit is not None and isinstance(module, PeftLoraLinear8bit)
+            _patch_layer(report, name, module, _LoRAFamily, bnb_8bit)
+        elif isinstance(module, LoraLayer):
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a LoRA Linear"
-            continue
-        base = module.get_base_layer()
-        bnb_8bit = PeftLoraLinear8bit is not None and isinstance(module, PeftLoraLinear8bit)
-        whole = _whole_layer_base(base) and not bnb_8bit
-        if _patched(module) is None:
-            reason = _static_reason(module) if whole else _branch_reason(module)
-            if reason is not None:
-                report.skipped[name] = reason
-                continue
-            module.forward = (_FusedForward(module, module.forward) if whole
-                              else _BranchForward(module, module.forward, bnb_8bit))
-        report.patched.append(name)
-        if isinstance(_patched(module), _BranchForward):
-            report.branch_only[name] = type(base).__name__ + _why_branch(base)
+        elif isinstance(module, BaseTunerLayer):  # LoHa, LoKr, IA3, OFT, ...: PEFT's forward as it is
+            report.skipped[name] = (f"{type(module).__module__}.{type(module).__name__}: peft_kernels has no "
+                                    "fused op for this PEFT layer type")
     return report
 
 
