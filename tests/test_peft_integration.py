@@ -121,6 +121,92 @@ def test_patched_matches_unpatched_on_random_configurations(seed):
             assert torch.allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12), name
 
 
+def _two_adapters(model, cfg):
+    """``model`` with a second adapter "other" (``cfg``) and both active, as
+    ``base_model.set_adapter([...])`` makes them; its lora_B not zero."""
+    model.add_adapter("other", cfg)
+    model.base_model.set_adapter(["default", "other"])
+    for name, p in model.named_parameters():
+        if "lora_B.other" in name or "vera_lambda_b.other" in name:
+            nn.init.normal_(p, std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind", ["lora", "lora over own forward", "vera"])
+def test_several_active_adapters_run_fused_and_match_unpatched(kind, train):
+    """PEFT sums the branches of several active adapters. Without active dropout (training at p = 0,
+    or eval) they are one product of joined factors — one lora_linear per layer (lora_delta beside a
+    base of its own forward) — and outputs and every gradient of both adapters equal PEFT's."""
+    from unittest import mock
+
+    from peft_kernels.integrations import peft as integration
+
+    p = 0.0 if train else 0.3
+    if kind == "vera":
+        model = _vera_model(dropout=p, dtype=torch.float64)
+        model = _two_adapters(model, peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "up", "down"],
+                                                     vera_dropout=p))
+        op, calls = "lora_linear", 8
+    elif kind == "lora":
+        model = _peft_model(dropout=p).double()
+        model = _two_adapters(model, peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=p, lora_bias=True,
+                                                     target_modules=["q_proj", "v_proj", "up"]))
+        op, calls = "lora_linear", 6
+    else:
+        model = _branch_model("own forward", dropout=p, dtype=torch.float64)
+        model = _two_adapters(model, peft.LoraConfig(r=3, lora_alpha=3, lora_dropout=p, target_modules=["0", "2"]))
+        op, calls = "lora_delta", 1  # the OwnForwardLinear layer, both adapters joined; "2" runs lora_linear
+    model.train(train)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    y0, gx0, g0 = _run(model, x)
+    assert all(any(f".{a}." in n + "." for n in g0) for a in ("default", "other"))
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert not report.skipped
+    with mock.patch.object(integration, op, wraps=getattr(integration, op)) as fused, \
+            mock.patch.object(integration, "lora_delta", wraps=integration.lora_delta) as delta:
+        y1, gx1, g1 = _run(patched, x)
+    assert fused.call_count == calls and (op == "lora_delta" or delta.call_count == 0)
+    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+
+
+def test_several_active_adapters_keep_one_dropout_mask_each():
+    """With dropout in training each active adapter keeps a mask of its own, as PEFT draws one per
+    adapter: the first rides in lora_linear, the other is a lora_delta beside it (seeded from torch's
+    generator, so torch.manual_seed repeats the step); DoRA among several active adapters runs
+    PEFT's forward."""
+    from unittest import mock
+
+    from peft_kernels.integrations import peft as integration
+
+    model = _two_adapters(_peft_model(dropout=0.3), peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.3,
+                                                                    target_modules=["q_proj", "v_proj", "up"])).train()
+    peft_kernels.patch_peft_model(model)
+    x = torch.randn(4, 24)
+    with mock.patch.object(integration, "lora_linear", wraps=integration.lora_linear) as fused, \
+            mock.patch.object(integration, "lora_delta", wraps=integration.lora_delta) as delta:
+        torch.manual_seed(1)
+        a = model(x)
+    assert fused.call_count == delta.call_count == 6
+    assert all(call.kwargs["dropout_p"] == 0.3 for call in fused.call_args_list + delta.call_args_list)
+    torch.manual_seed(1)
+    b = model(x)
+    torch.manual_seed(2)
+    assert torch.equal(a, b) and not torch.equal(a, model(x))
+
+    dora = _two_adapters(_peft_model(use_dora=True).double(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    xd = torch.randn(3, 24, dtype=torch.float64)
+    reference = _run(dora, xd)
+    assert not peft_kernels.patch_peft_model(dora).skipped
+    with mock.patch.object(integration, "dora_linear", wraps=integration.dora_linear) as fused:
+        _assert_runs_as(dora, xd, reference)
+    assert fused.call_count == 4  # v_proj and up: one active DoRA adapter each; q_proj: PEFT's forward
+
+
 def test_dropout_runs_fused_and_follows_manual_seed():
     model = _peft_model(dropout=0.3).train()
     peft_kernels.patch_peft_model(model)
@@ -256,7 +342,9 @@ def test_adalora_and_vera_run_fused_and_match_unpatched(family, train):
         y1, gx1, g1 = _run(patched, x)
     assert op.call_count == len(report.patched)
     assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-    assert g0.keys() == g1.keys() and len(g0) == (24 if family == "adalora" else 16)  # AdaLoRA: ranknum gets one too
+    parts = ("lora_A", "lora_E", "lora_B") if family == "adalora" else ("vera_lambda_d", "vera_lambda_b")
+    assert g0.keys() == g1.keys()  # (PEFT < 0.22 gives AdaLoRA's ranknum a gradient too, and so do we there)
+    assert sum(n.endswith(f"{part}.default") for n in g0 for part in parts) == (18 if family == "adalora" else 16)
     for n in g0:
         assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
     assert len(peft_kernels.unpatch_peft_model(patched)) == len(report.patched)

@@ -14,7 +14,9 @@ it) likewise, through sparse_delta_embedding and sparse_delta_linear.
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` (a method bound
 to the layer, so a copy.deepcopy of the model is patched too and computes with its own weights)
 that calls the fused op and keeps PEFT's own forward for the states it does not fuse (adapters disabled, merged,
-mixed-adapter batches, several active adapters) — those are PEFT semantics, not slow paths.
+mixed-adapter batches, several active adapters with a DoRA one among them) — those are PEFT semantics, not
+slow paths. Several active adapters (PEFT sums their branches) are one product of joined factors without
+active dropout, else one fused op plus a lora_delta per further adapter, each with its own mask (_join).
 Under torch.autocast the fused op runs in the autocast dtype, as F.linear would. An x whose dtype
 differs from the base weight's outside autocast runs PEFT's forward (which raises or handles it
 as PEFT does), with a warning once per layer so it is never silent.
@@ -140,22 +142,24 @@ class _PatchedForward:
         self.warned = False
         self.unfused: set = set()  # adapters found unfusable at call time (warned once each)
 
-    def _adapter_to_fuse(self, adapters, reason, x, args, kwargs):
-        """(the one active adapter to fuse, None, the base layer), or (None, PEFT's own output, None)
-        for the states PEFT's forward keeps — adapters disabled or merged, extra arguments
-        (mixed-adapter batches), no or several active adapters — and for an adapter
-        ``reason(layer, name, base)`` finds unfusable now (warned once). ``adapters``: the layer's
-        adapter dict (lora_A, shira_weight). The base layer is looked up once per call: PEFT's
-        get_base_layer probes attributes with hasattr, µs each, and every step calls this per layer."""
+    def _adapter_to_fuse(self, adapters, reason, x, args, kwargs, several: bool = False):
+        """(the one active adapter to fuse — with ``several``, the list of the active ones —, None,
+        the base layer), or (None, PEFT's own output, None) for the states PEFT's forward keeps —
+        adapters disabled or merged, extra arguments (mixed-adapter batches), no active adapter, or
+        several without ``several`` — and for an adapter ``reason(layer, name, base)`` finds
+        unfusable now (warned once). ``adapters``: the layer's adapter dict (lora_A, shira_weight).
+        The base layer is looked up once per call: PEFT's get_base_layer probes attributes with
+        hasattr, µs each, and every step calls this per layer."""
         layer = self.layer
         active = [a for a in layer.active_adapters if a in adapters]
-        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1:
+        if args or kwargs or layer.disable_adapters or layer.merged or not active or (len(active) > 1 and not several):
             return None, self.original(x, *args, **kwargs), None
         base = layer.get_base_layer()
-        why = _zero3_partitioned(base) or reason(layer, active[0], base)
-        if why is not None:  # changed since patching: PEFT's forward, said once
-            return None, self._unfused(active[0], why, x, args, kwargs), None
-        return active[0], None, base
+        for name in active:
+            why = _zero3_partitioned(base) or reason(layer, name, base)
+            if why is not None:  # changed since patching: PEFT's forward, said once
+                return None, self._unfused(name, why, x, args, kwargs), None
+        return (active if several else active[0]), None, base
 
     def _unfused(self, name: str, reason: str, x, args, kwargs):
         """PEFT's forward for an adapter that cannot be fused right now, said once per adapter."""
@@ -289,6 +293,32 @@ class _VeRAFamily:
         return None
 
 
+def _join(factors: list[_Factors]) -> tuple[_Factors, list[_Factors]]:
+    """Several active adapters (PEFT sums their branches) as (the factors of one fused op call, the
+    adapters left for lora_delta calls beside it). Without active dropout the branches are one
+    product: A = [A_1; A_2; ...], B = [s_1 B_1 | s_2 B_2 | ...], scaling 1 (up to the largest rank
+    one kernel takes). With dropout each adapter keeps its own mask, as PEFT draws one per adapter:
+    the first rides in the fused op, each other one is a lora_delta. The lora_bias terms all join
+    the op's bias."""
+    extras = [f.bias_extra for f in factors if f.bias_extra is not None]
+    bias_extra = sum(extras[1:], extras[0]) if extras else None
+    first = factors[0]
+    quiet = all(f.op_kwargs["dropout_p"] == 0.0 or not f.op_kwargs["training"] for f in factors)
+    if len(factors) == 1 or not quiet or sum(f.A.shape[0] for f in factors) > _checks.TRITON_MAX_RANK:
+        rest = [f._replace(bias_extra=None) for f in factors[1:]]
+        return first._replace(bias_extra=bias_extra), rest
+    A = torch.cat([f.A for f in factors])
+    B = torch.cat([f.B * f.op_kwargs["scaling"] for f in factors], dim=1)
+    return _Factors(A, B, bias_extra, dict(first.op_kwargs, scaling=1.0, dropout_p=0.0), first.cast_dtype), []
+
+
+def _plus_branches(y, x, rest: list[_Factors]):
+    """y + the branches of the adapters _join left out of the fused op, each through lora_delta."""
+    for f in rest:
+        y = y + lora_delta(x, f.A, f.B, **f.op_kwargs)
+    return y
+
+
 def _zero3_partitioned(base) -> str | None:
     """DeepSpeed ZeRO-3 marks the parameters it partitions (``ds_id``) and gathers each module's own
     ones in that module's forward hooks: the fused ops, which read the base (layer ``base``) and
@@ -327,33 +357,35 @@ class _FusedForward(_PatchedForward):
         return _whole_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
-        name, out, base = self._adapter_to_fuse(getattr(self.layer, self.family.attr), self.reason, x, args, kwargs)
-        if name is None:
+        names, out, base = self._adapter_to_fuse(getattr(self.layer, self.family.attr), self.reason, x, args, kwargs,
+                                                 several=True)
+        if names is None:
             return out
-        layer = self.layer
-        f = self.family.factors(layer, name)
-        magnitude = self.family.magnitude(layer, name)
+        layer, family = self.layer, self.family
+        magnitude = family.magnitude(layer, names[0])
+        if len(names) > 1 and any(family.magnitude(layer, n) is not None for n in names):
+            return self.original(x, *args, **kwargs)  # several active adapters, DoRA among them: PEFT's
+        f, rest = _join([family.factors(layer, n) for n in names])
         fmt = bnb_linear4bit_class(base)
         if fmt is not None:  # bnb computes in its compute_dtype and returns x's dtype
             dtype = base.compute_dtype or x.dtype
             bias = _add_bias(base.bias.to(dtype) if base.bias is not None else None, f.bias_extra, dtype)
             q = fmt.from_bnb(base.weight)
-            args4 = (x.to(dtype), q, f.A, f.B)
+            xq = x.to(dtype)
             if magnitude is not None:  # DoRA over the 4-bit base (QDoRA)
                 sq = cached_weight_row_sq(self.row_sq, base.weight, q, x)
-                y = dora_linear(*args4, magnitude, bias, weight_row_sq=sq, **f.op_kwargs)
+                y = dora_linear(xq, q, f.A, f.B, magnitude, bias, weight_row_sq=sq, **f.op_kwargs)
             else:
-                y = qlora_linear(*args4, bias, **f.op_kwargs)
+                y = _plus_branches(qlora_linear(xq, q, f.A, f.B, bias, **f.op_kwargs), xq, rest)
             return y.to(x.dtype)
         x, weight, bias = self._in_op_dtype(x, base.weight.t() if is_conv1d(base) else base.weight, base.bias)
         if x.dtype != weight.dtype:
             return self._dtype_mismatch(x, base.weight, args, kwargs)
         bias = _add_bias(bias, f.bias_extra, x.dtype)
-        op_args = (x, weight, f.A, f.B)
         if magnitude is not None:
             row_sq = cached_weight_row_sq(self.row_sq, base.weight, weight, x)
-            return dora_linear(*op_args, magnitude, bias, weight_row_sq=row_sq, **f.op_kwargs)
-        return lora_linear(*op_args, bias, **f.op_kwargs)
+            return dora_linear(x, weight, f.A, f.B, magnitude, bias, weight_row_sq=row_sq, **f.op_kwargs)
+        return _plus_branches(lora_linear(x, weight, f.A, f.B, bias, **f.op_kwargs), x, rest)
 
 
 def _add_bias(bias, extra, dtype):
@@ -522,14 +554,18 @@ class _BranchForward(_PatchedForward):
         return _branch_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
-        name, out, _ = self._adapter_to_fuse(getattr(self.layer, self.family.attr), self.reason, x, args, kwargs)
-        if name is None:
+        names, out, _ = self._adapter_to_fuse(getattr(self.layer, self.family.attr), self.reason, x, args, kwargs,
+                                              several=True)
+        if names is None:
             return out
         layer = self.layer
         result = layer.base_layer(x)
-        f = self.family.factors(layer, name)
+        f, rest = _join([self.family.factors(layer, n) for n in names])
         convert = not (self.bnb_8bit and torch.is_autocast_enabled())  # peft.tuners.lora.bnb.Linear8bitLt's own test
-        branch = lora_delta(layer._cast_input_dtype(x, f.cast_dtype) if convert else x, f.A, f.B, **f.op_kwargs)
+        branch = None
+        for g in [f] + rest:
+            term = lora_delta(layer._cast_input_dtype(x, g.cast_dtype) if convert else x, g.A, g.B, **g.op_kwargs)
+            branch = term if branch is None else branch + term
         if f.bias_extra is not None:  # lora_B's bias, scaled with the branch
             branch = branch + f.bias_extra.to(branch.dtype)
         if self.bnb_8bit:  # peft.tuners.lora.bnb.Linear8bitLt.forward
