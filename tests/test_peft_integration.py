@@ -189,14 +189,10 @@ def test_several_active_adapters_keep_one_dropout_mask_each():
     x = torch.randn(4, 24)
     with mock.patch.object(integration, "lora_linear", wraps=integration.lora_linear) as fused, \
             mock.patch.object(integration, "lora_delta", wraps=integration.lora_delta) as delta:
-        torch.manual_seed(1)
-        a = model(x)
+        model(x)
     assert fused.call_count == delta.call_count == 6
     assert all(call.kwargs["dropout_p"] == 0.3 for call in fused.call_args_list + delta.call_args_list)
-    torch.manual_seed(1)
-    b = model(x)
-    torch.manual_seed(2)
-    assert torch.equal(a, b) and not torch.equal(a, model(x))
+    _assert_dropout_follows_manual_seed(model, x)
 
     dora = _two_adapters(_peft_model(use_dora=True).double(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     xd = torch.randn(3, 24, dtype=torch.float64)
@@ -207,17 +203,25 @@ def test_several_active_adapters_keep_one_dropout_mask_each():
     assert fused.call_count == 4  # v_proj and up: one active DoRA adapter each; q_proj: PEFT's forward
 
 
-def test_dropout_runs_fused_and_follows_manual_seed():
-    model = _peft_model(dropout=0.3).train()
-    peft_kernels.patch_peft_model(model)
-    x = torch.randn(4, 24)
+def _assert_dropout_follows_manual_seed(model, x):
+    """``model`` (training, dropout > 0) repeats its output under the same torch.manual_seed and
+    changes under another; returns the first output."""
     torch.manual_seed(1)
     a = model(x)
     torch.manual_seed(1)
     b = model(x)
     torch.manual_seed(2)
-    c = model(x)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, b) and not torch.equal(a, model(x))
+    return a
+
+
+@pytest.mark.parametrize("family", ["lora", "adalora", "vera"])
+def test_dropout_runs_fused_and_follows_manual_seed(family):
+    model = {"lora": _peft_model, "adalora": _adalora_model, "vera": _vera_model}[family](dropout=0.3).train()
+    plain = copy.deepcopy(model).eval()
+    peft_kernels.patch_peft_model(model)
+    x = torch.randn(4, 24)
+    assert not torch.equal(_assert_dropout_follows_manual_seed(model, x), plain(x))
 
 
 def test_states_peft_keeps():
@@ -349,20 +353,6 @@ def test_adalora_and_vera_run_fused_and_match_unpatched(family, train):
         assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
     assert len(peft_kernels.unpatch_peft_model(patched)) == len(report.patched)
     assert torch.equal(patched(x), model(x))
-
-
-@pytest.mark.parametrize("family", ["adalora", "vera"])
-def test_adalora_and_vera_dropout_runs_fused_and_follows_manual_seed(family):
-    model = (_adalora_model if family == "adalora" else _vera_model)(dropout=0.3).train()
-    plain = copy.deepcopy(model).eval()
-    peft_kernels.patch_peft_model(model)
-    x = torch.randn(4, 24)
-    torch.manual_seed(1)
-    a = model(x)
-    torch.manual_seed(1)
-    b = model(x)
-    torch.manual_seed(2)
-    assert torch.equal(a, b) and not torch.equal(a, model(x)) and not torch.equal(a, plain(x))
 
 
 @pytest.mark.parametrize("family", ["adalora", "vera"])
