@@ -485,6 +485,28 @@ def test_patched_dora_on_the_triton_backend_with_the_one_launch_norm_matches_unp
     assert len(calls) == 6 and peft_kernels.backends.last_used("dora_linear") == "triton"
 
 
+@pytest.mark.parametrize("kind", ["adalora", "vera", "two lora adapters"])
+def test_factored_layers_on_the_triton_backend_match_unpatched(kind, monkeypatch, kernel_device):
+    """AdaLoRA, VeRA and two joined LoRA adapters (lora_bias on one) on the triton backend (interpreted
+    here): the factors formed each call go through the kernels, and outputs and every gradient equal
+    PEFT's (fp32)."""
+    if kind == "adalora":
+        model = _adalora_model()
+    elif kind == "vera":
+        model = _vera_model()
+    else:
+        model = _two_adapters(_peft_model(), peft.LoraConfig(r=3, lora_alpha=3, lora_bias=True,
+                                                             target_modules=["q_proj", "up"]))
+    model = model.to(kernel_device)
+    x = torch.randn(3, 5, 24, device=kernel_device)
+    reference = _run(model, x)
+    assert not peft_kernels.patch_peft_model(model).skipped
+    monkeypatch.setenv("PEFT_KERNELS_BACKEND", "triton")
+    backends._LAST_USED.clear()
+    _assert_runs_as(model, x, reference)
+    assert peft_kernels.backends.last_used("lora_linear") == "triton"
+
+
 def test_patched_dora_reads_the_frozen_row_norms_once_per_weight_version(monkeypatch):
     """A patched DoRA layer computes ‖W_i‖² of its frozen base once, not every step; changed in
     place (another checkpoint copied in), the base's norms are recomputed and the outputs and
