@@ -9,6 +9,7 @@ part of it that our code controls.
 """
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -33,7 +34,7 @@ def cases(device, M=16, K=128, N=128, r=16):
     q = NF4Weight.from_float(w)
     index = torch.arange(0, (N // 4) * (K // 4), 16, dtype=torch.int32, device=device)
     values = rand(index.numel(), 4, 4, grad=True)
-    return {
+    ops = {
         "lora_linear": lambda: peft_kernels.lora_linear(x, w, a, b, scaling=2.0, dropout_p=0.05, backend="triton"),
         "dora_linear": lambda: peft_kernels.dora_linear(x, w, a, b, m, scaling=2.0, dropout_p=0.05,
                                                         backend="triton"),
@@ -43,7 +44,25 @@ def cases(device, M=16, K=128, N=128, r=16):
                                                                 backend="triton"),
         "sparse_delta_linear (4x4 blocks)": lambda: peft_kernels.sparse_delta_linear(
             x, w, values, index, shape_or_block=(4, 4), backend="triton"),
-    }, torch.ones(M, N, device=device)
+    }
+    layer = _patched_peft_layer(K, N, r, device)
+    if layer is not None:  # the same product through a patched HF PEFT LoRA layer (its Python around the op)
+        ops["patched PEFT LoRA layer (lora_linear)"] = lambda: layer(x)
+    return ops, torch.ones(M, N, device=device)
+
+
+def _patched_peft_layer(K, N, r, device):
+    """One HF PEFT LoRA Linear (r, alpha 2r, dropout 0.05), patched, in training mode; None without
+    peft. Its op runs on the triton backend (PEFT_KERNELS_BACKEND, set by main)."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(K, N)),
+                                peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=["0"]))
+    if not peft_kernels.patch_peft_model(model).patched:
+        raise RuntimeError("host_stubbed: patch_peft_model left the PEFT layer alone")
+    return model.to(device).train().base_model.model[0]
 
 
 def per_call_us(fn, grad, reps):
@@ -66,6 +85,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for module in MODULES:
         module.launch = lambda *a, **k: None
+    os.environ["PEFT_KERNELS_BACKEND"] = "triton"  # the patched layer's backend="auto" (the others name it)
     ops, grad = cases(args.device)
     rows = [[name, per_call_us(fn, grad, args.reps)] for name, fn in ops.items()]
     print(f"host us per fwd+bwd, Triton launches stubbed ({args.device}, M=16, 128->128, r=16)")

@@ -102,7 +102,7 @@ def test_host_stubbed_runs(tmp_path):
     data, stdout = _run("host_stubbed.py", "--reps", "5", tmp_path=tmp_path)
     assert data["launches"] == "stubbed" and "host us per fwd+bwd" in stdout
     assert [r["op"].split()[0] for r in data["rows"]] == ["lora_linear", "dora_linear", "dora_linear", "qlora_linear",
-                                                          "sparse_delta_linear"]
+                                                          "sparse_delta_linear", "patched"]
     assert all(r["host_us"] > 0 for r in data["rows"])
 
 

@@ -41,7 +41,7 @@ from ..ops.lora_delta import lora_delta
 from ..ops.qlora import qlora_linear
 from ..ops.sparse_delta import sparse_delta_linear
 from ..ops.sparse_embedding import sparse_delta_embedding
-from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class
+from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class, is_bnb_linear4bit
 from ..sparse import layout
 from ..tensor_cache import TensorCache
 
@@ -60,6 +60,22 @@ class PatchReport:
                                           if name in self.branch_only else "") for name in self.patched]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
+
+
+_MISSING = object()
+
+
+def _attr(module: nn.Module, name: str):
+    """``module.<name>`` for a registered parameter, submodule or buffer without nn.Module.__getattr__'s
+    Python fallback (about 0.5 µs a read; a patched layer reads a dozen per call, and host time is
+    what limits a patched model's step — benchmarks/NOTES.md); anything else (a property, a
+    parametrized weight) through getattr."""
+    d = module.__dict__
+    for registry in ("_parameters", "_modules", "_buffers"):
+        value = d[registry].get(name, _MISSING)
+        if value is not _MISSING:
+            return value
+    return getattr(module, name)
 
 
 def _whole_layer_base(base) -> bool:
@@ -85,7 +101,7 @@ def _static_reason(layer, family) -> str | None:
     if bool(getattr(layer, "fan_in_fan_out", conv1d)) != conv1d:  # PEFT sets it from the base type
         return (f"fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} does not match the base layer "
                 f"{type(base).__name__}'s weight layout")
-    for name in getattr(layer, family.attr):
+    for name in _attr(layer, family.attr):
         reason = family.reason(layer, name)
         if reason is not None:
             return reason
@@ -109,10 +125,10 @@ def _adapter_reason(layer, name: str) -> str | None:
     if variant is not None and type(variant).__name__ not in _FUSED_VARIANTS:
         return (f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (supported: DoRA, and MiCA, "
                 "which computes plain LoRA)")
-    down, up, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-    if down.bias is not None:
+    down, up, dropout = _attr(layer, "lora_A")[name], _attr(layer, "lora_B")[name], _attr(layer, "lora_dropout")[name]
+    if _attr(down, "bias") is not None:
         return f"adapter {name!r}'s lora_A has a bias"
-    if up.bias is not None and _is_dora(layer, name):  # PEFT's config refuses it; set by hand, not fused
+    if _attr(up, "bias") is not None and _is_dora(layer, name):  # PEFT's config refuses it; set by hand, not fused
         return f"adapter {name!r} is DoRA with a bias on lora_B (lora_bias=True)"
     hooked = [part for part, module in (("lora_A", down), ("lora_B", up), ("lora_dropout", dropout))
               if has_module_hooks(module)]
@@ -141,6 +157,17 @@ class _PatchedForward:
         self.original_was_instance_attribute = "forward" in layer.__dict__  # e.g. an accelerate hook
         self.warned = False
         self.unfused: set = set()  # adapters found unfusable at call time (warned once each)
+        self.base_cache = (None, None)  # (layer.base_layer, what get_base_layer() found under it)
+
+    def _base_layer(self):
+        """layer.get_base_layer(), looked up again only when layer.base_layer is another module:
+        PEFT's get_base_layer probes ``hasattr(m, "base_layer")`` down the chain, µs per call."""
+        outer = self.layer.__dict__["_modules"].get("base_layer")
+        cached_outer, base = self.base_cache
+        if outer is None or outer is not cached_outer:
+            base = self.layer.get_base_layer()
+            self.base_cache = (outer, base)
+        return base
 
     def _adapter_to_fuse(self, adapters, reason, x, args, kwargs, several: bool = False):
         """(the one active adapter to fuse — with ``several``, the list of the active ones —, None,
@@ -154,7 +181,7 @@ class _PatchedForward:
         active = [a for a in layer.active_adapters if a in adapters]
         if args or kwargs or layer.disable_adapters or layer.merged or not active or (len(active) > 1 and not several):
             return None, self.original(x, *args, **kwargs), None
-        base = layer.get_base_layer()
+        base = self._base_layer()
         for name in active:
             why = _zero3_partitioned(base) or reason(layer, name, base)
             if why is not None:  # changed since patching: PEFT's forward, said once
@@ -216,15 +243,15 @@ class _LoRAFamily:
 
     @staticmethod
     def factors(layer, name: str) -> _Factors:
-        up = layer.lora_B[name]
-        kw = _op_kwargs(layer, layer.lora_dropout[name], layer.scaling[name])
-        extra = None if up.bias is None else up.bias * kw["scaling"]
-        return _Factors(layer.lora_A[name].weight, up.weight, extra, kw, layer.lora_A[name].weight.dtype)
+        A, up = _attr(_attr(layer, "lora_A")[name], "weight"), _attr(layer, "lora_B")[name]
+        kw = _op_kwargs(layer, _attr(layer, "lora_dropout")[name], layer.scaling[name])
+        bias = _attr(up, "bias")
+        return _Factors(A, _attr(up, "weight"), None if bias is None else bias * kw["scaling"], kw, A.dtype)
 
     @staticmethod
     def magnitude(layer, name: str) -> torch.Tensor | None:
         """DoRA's magnitude vector [out], or None for plain LoRA."""
-        return layer.lora_magnitude_vector[name].weight if _is_dora(layer, name) else None
+        return _attr(_attr(layer, "lora_magnitude_vector")[name], "weight") if _is_dora(layer, name) else None
 
 
 class _AdaLoRAFamily:
@@ -247,10 +274,10 @@ class _AdaLoRAFamily:
 
     @staticmethod
     def factors(layer, name: str) -> _Factors:
-        A = layer.lora_A[name]
-        rank_scale = (layer.ranknum[name] + 1e-5).to(A.dtype)  # PEFT's divisor, computed as PEFT does
-        kw = _op_kwargs(layer, layer.lora_dropout[name], layer.scaling[name])
-        return _Factors(A * layer.lora_E[name] / rank_scale, layer.lora_B[name], None, kw, A.dtype)
+        A = _attr(layer, "lora_A")[name]
+        rank_scale = (_attr(layer, "ranknum")[name] + 1e-5).to(A.dtype)  # PEFT's divisor, computed as PEFT does
+        kw = _op_kwargs(layer, _attr(layer, "lora_dropout")[name], layer.scaling[name])
+        return _Factors(A * _attr(layer, "lora_E")[name] / rank_scale, _attr(layer, "lora_B")[name], None, kw, A.dtype)
 
     @staticmethod
     def magnitude(layer, name: str) -> None:
@@ -282,10 +309,10 @@ class _VeRAFamily:
 
     @staticmethod
     def factors(layer, name: str) -> _Factors:
-        d, b = layer.vera_lambda_d[name], layer.vera_lambda_b[name]
-        A = layer.vera_A[name][:, :layer.in_features].to(d.device)
-        B = layer.vera_B[name][:layer.out_features, :].to(d.device)
-        kw = _op_kwargs(layer, layer.vera_dropout[name], 1.0)
+        d, b = _attr(layer, "vera_lambda_d")[name], _attr(layer, "vera_lambda_b")[name]
+        A = _attr(layer, "vera_A")[name][:, :layer.in_features].to(d.device)
+        B = _attr(layer, "vera_B")[name][:layer.out_features, :].to(d.device)
+        kw = _op_kwargs(layer, _attr(layer, "vera_dropout")[name], 1.0)
         return _Factors(d[:, None] * A, b[:, None] * B, None, kw, d.dtype)
 
     @staticmethod
@@ -300,11 +327,13 @@ def _join(factors: list[_Factors]) -> tuple[_Factors, list[_Factors]]:
     one kernel takes). With dropout each adapter keeps its own mask, as PEFT draws one per adapter:
     the first rides in the fused op, each other one is a lora_delta. The lora_bias terms all join
     the op's bias."""
+    if len(factors) == 1:
+        return factors[0], []
     extras = [f.bias_extra for f in factors if f.bias_extra is not None]
     bias_extra = sum(extras[1:], extras[0]) if extras else None
     first = factors[0]
     quiet = all(f.op_kwargs["dropout_p"] == 0.0 or not f.op_kwargs["training"] for f in factors)
-    if len(factors) == 1 or not quiet or sum(f.A.shape[0] for f in factors) > _checks.TRITON_MAX_RANK:
+    if not quiet or sum(f.A.shape[0] for f in factors) > _checks.TRITON_MAX_RANK:
         rest = [f._replace(bias_extra=None) for f in factors[1:]]
         return first._replace(bias_extra=bias_extra), rest
     A = torch.cat([f.A for f in factors])
@@ -323,7 +352,10 @@ def _zero3_partitioned(base) -> str | None:
     """DeepSpeed ZeRO-3 marks the parameters it partitions (``ds_id``) and gathers each module's own
     ones in that module's forward hooks: the fused ops, which read the base (layer ``base``) and
     adapter weights directly, would find them empty."""
-    if getattr(getattr(base, "weight", None), "ds_id", None) is not None:
+    weight = base.__dict__["_parameters"].get("weight")
+    if weight is None:
+        weight = getattr(base, "weight", None)
+    if getattr(weight, "ds_id", None) is not None:
         return "DeepSpeed ZeRO-3 partitions its parameters (each module's forward hooks gather its own)"
     return None
 
@@ -339,7 +371,7 @@ def _whole_reason(family, layer, name: str, base) -> str | None:
     adapter reason, hooks put on the base since patching, and a bnb 4-bit base that bnb itself
     repacked since patching."""
     why = family.reason(layer, name) or _hooked(base)
-    if why is None and bnb_cpu_repacked(getattr(base, "weight", None)):
+    if why is None and is_bnb_linear4bit(base) and bnb_cpu_repacked(base.weight):
         why = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
     return why
 
@@ -357,7 +389,7 @@ class _FusedForward(_PatchedForward):
         return _whole_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
-        names, out, base = self._adapter_to_fuse(getattr(self.layer, self.family.attr), self.reason, x, args, kwargs,
+        names, out, base = self._adapter_to_fuse(_attr(self.layer, self.family.attr), self.reason, x, args, kwargs,
                                                  several=True)
         if names is None:
             return out
@@ -378,12 +410,13 @@ class _FusedForward(_PatchedForward):
             else:
                 y = _plus_branches(qlora_linear(xq, q, f.A, f.B, bias, **f.op_kwargs), xq, rest)
             return y.to(x.dtype)
-        x, weight, bias = self._in_op_dtype(x, base.weight.t() if is_conv1d(base) else base.weight, base.bias)
+        stored = _attr(base, "weight")
+        x, weight, bias = self._in_op_dtype(x, stored.t() if is_conv1d(base) else stored, _attr(base, "bias"))
         if x.dtype != weight.dtype:
-            return self._dtype_mismatch(x, base.weight, args, kwargs)
+            return self._dtype_mismatch(x, stored, args, kwargs)
         bias = _add_bias(bias, f.bias_extra, x.dtype)
         if magnitude is not None:
-            row_sq = cached_weight_row_sq(self.row_sq, base.weight, weight, x)
+            row_sq = cached_weight_row_sq(self.row_sq, stored, weight, x)
             return dora_linear(x, weight, f.A, f.B, magnitude, bias, weight_row_sq=row_sq, **f.op_kwargs)
         return _plus_branches(lora_linear(x, weight, f.A, f.B, bias, **f.op_kwargs), x, rest)
 
@@ -529,7 +562,7 @@ class _TokensForward(_PatchedForward):
 def _branch_reason(family, layer, name: str | None = None, base=None) -> str | None:
     """Why the adapter branch of this layer (or of its adapter ``name``) cannot be fused beside a
     base that runs its own forward (None if it can)."""
-    for n in ([name] if name is not None else list(getattr(layer, family.attr))):
+    for n in ([name] if name is not None else list(_attr(layer, family.attr))):
         why = family.reason(layer, n)
         if why is None and family.magnitude(layer, n) is not None:
             why = (f"adapter {n!r} is DoRA, which needs the base weight; the "
@@ -554,7 +587,7 @@ class _BranchForward(_PatchedForward):
         return _branch_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
-        names, out, _ = self._adapter_to_fuse(getattr(self.layer, self.family.attr), self.reason, x, args, kwargs,
+        names, out, _ = self._adapter_to_fuse(_attr(self.layer, self.family.attr), self.reason, x, args, kwargs,
                                               several=True)
         if names is None:
             return out
