@@ -301,6 +301,28 @@ def _ours_as_peft(ours, theirs, use_dora):
                     m.magnitude.copy_(layer.lora_magnitude_vector["default"].weight)
 
 
+@pytest.mark.parametrize("family", ["adalora", "vera"])
+def test_patched_adalora_and_vera_on_gpt2_conv1d_layers_match_peft(family):
+    """PEFT's AdaLoRA / VeRA over GPT-2's Conv1D projections ([in, out] weights), patched: the fused op
+    computes with the weight's transpose; logits and every gradient equal PEFT's (float64)."""
+    import copy
+    cfg = (peft.AdaLoraConfig(init_r=4, target_r=2, total_step=5, target_modules=GPT2_TARGETS, fan_in_fan_out=True)
+           if family == "adalora" else peft.VeraConfig(r=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    model = peft.get_peft_model(_gpt2().double(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_E" in n or "vera_lambda_b" in n:  # PEFT starts them at zero
+                p.normal_(std=0.5)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == (8 if family == "adalora" else 4) and not report.skipped
+    ids = _ids(2, 9)
+    (logits0, grads0), (logits1, grads1) = _lm_step(model, ids), _lm_step(patched, ids)
+    assert torch.allclose(logits1, logits0, rtol=1e-10, atol=1e-12) and grads0.keys() == grads1.keys()
+    for n in grads0:
+        assert torch.allclose(grads1[n], grads0[n], rtol=1e-10, atol=1e-12), n
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_apply_lora_on_gpt2_conv1d_layers_matches_peft(use_dora, tmp_path):
     """apply_lora on GPT-2's Conv1D projections ([in, out] weights, PEFT's fan_in_fan_out): the
