@@ -203,6 +203,61 @@ def test_several_active_adapters_keep_one_dropout_mask_each():
     assert fused.call_count == 4  # v_proj and up: one active DoRA adapter each; q_proj: PEFT's forward
 
 
+def _three_adapters():
+    """_peft_model (float64, eval) with adapters "b" (r=2, lora_bias, on q_proj / up) and "c" (r=5, on
+    q_proj / v_proj) beside "default" (r=4, on q_proj / v_proj / up); every lora_B non-zero."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's lora_bias warning for bias-free bases
+        model = _peft_model().double()
+        model.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=6, lora_bias=True, target_modules=["q_proj", "up"]))
+        model.add_adapter("c", peft.LoraConfig(r=5, lora_alpha=5, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.3)
+        if "lora_" in name:
+            p.requires_grad_(True)  # PEFT trains the active adapter only; here every adapter's gradient counts
+    return model.eval()
+
+
+def test_mixed_adapter_batches_run_as_two_products_and_match_peft():
+    """PEFT's mixed-adapter batches (inference: adapter_names, one per sample, "__base__" for none):
+    patched, every layer computes them as two products of the joined factors, whatever the number of
+    adapters, instead of PEFT's copy-out / copy-back per adapter; outputs and every gradient equal
+    PEFT's, for layers that hold only some of the named adapters too; PEFT's own argument errors
+    stay."""
+    from unittest import mock
+
+    model = _three_adapters()
+    x = torch.randn(5, 7, 24, dtype=torch.float64)
+    names = ["b", "__base__", "default", "c", "b"]
+    reference = _run_mixed(model, x, names)
+    patched = copy.deepcopy(model)
+    assert len(peft_kernels.patch_peft_model(patched).patched) == 6
+    peft_linear = type(patched.base_model.model.layers[0].q_proj)
+    with mock.patch.object(peft_linear, "_mixed_batch_forward", side_effect=AssertionError("PEFT's path ran")):
+        y1, gx1, g1 = _run_mixed(patched, x, names)
+        base_only = patched(x, adapter_names=["__base__"] * 5)
+    y0, gx0, g0 = reference
+    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+    assert g0.keys() == g1.keys() and any("lora_B.b.bias" in n for n in g0)
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    with patched.disable_adapter():
+        assert torch.allclose(base_only, patched(x), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        patched(x, adapter_names=["b"])
+    with pytest.raises(ValueError, match="training mode"):
+        patched.train()(x, adapter_names=names)
+
+
+def _run_mixed(model, x, names):
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    y = model(xi, adapter_names=names)
+    y.square().sum().backward()
+    return y.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _assert_dropout_follows_manual_seed(model, x):
     """``model`` (training, dropout > 0) repeats its output under the same torch.manual_seed and
     changes under another; returns the first output."""

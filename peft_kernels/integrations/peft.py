@@ -14,9 +14,10 @@ it) likewise, through sparse_delta_embedding and sparse_delta_linear.
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` (a method bound
 to the layer, so a copy.deepcopy of the model is patched too and computes with its own weights)
 that calls the fused op and keeps PEFT's own forward for the states it does not fuse (adapters disabled, merged,
-mixed-adapter batches, several active adapters with a DoRA one among them) — those are PEFT semantics, not
-slow paths. Several active adapters (PEFT sums their branches) are one product of joined factors without
-active dropout, else one fused op plus a lora_delta per further adapter, each with its own mask (_join).
+several active adapters with a DoRA one among them) — those are PEFT semantics, not slow paths.
+Several active adapters (PEFT sums their branches) are one product of joined factors without
+active dropout, else one fused op plus a lora_delta per further adapter, each with its own mask (_join);
+mixed-adapter batches (adapter_names) two products of the joined factors (_mixed_batch).
 Under torch.autocast the fused op runs in the autocast dtype, as F.linear would. An x whose dtype
 differs from the base weight's outside autocast runs PEFT's forward (which raises or handles it
 as PEFT does), with a warning once per layer so it is never silent.
@@ -348,6 +349,52 @@ def _plus_branches(y, x, rest: list[_Factors]):
     return y
 
 
+def _mixed_batch(forward, x, names):
+    """PEFT's mixed-adapter batch (inference: ``adapter_names``, one adapter name per sample of x's
+    first dimension, "__base__" for none) as two products for all samples whatever the number of
+    adapters: u = x [A_1; A_2; ...]^T, each sample's u kept on its adapter's columns only, then
+    u [s_1 B_1 | s_2 B_2 | ...]^T (plus each sample's lora_bias term) added to the base layer's own
+    output. PEFT copies each adapter's sub-batch out and its result back (about five launches per
+    adapter). None where PEFT's forward must run it: another layer family, an adapter that cannot be
+    fused, or dropout active."""
+    layer = forward.layer
+    if forward.family is not _LoRAFamily or layer.disable_adapters:
+        return None
+    layer._check_forward_args(x, adapter_names=names)  # PEFT's own errors: lengths, merged, DoRA
+    lora_A = _attr(layer, "lora_A")
+    used = [n for n in dict.fromkeys(names) if n != "__base__" and n in lora_A]
+    if any(_LoRAFamily.reason(layer, n) is not None or _LoRAFamily.magnitude(layer, n) is not None for n in used):
+        return None
+    base_out = layer.base_layer(x)
+    if not used:
+        return base_out
+    factors = [_LoRAFamily.factors(layer, n) for n in used]
+    if any(f.op_kwargs["dropout_p"] > 0.0 and f.op_kwargs["training"] for f in factors):
+        return None
+    owner = [used.index(n) if n in used else -1 for n in names]  # each sample's adapter (-1: none)
+    column_owner = [i for i, f in enumerate(factors) for _ in range(f.A.shape[0])]
+    # [samples, sum of ranks]: 1 on the sample's adapter's columns; built on the host (one copy, no sync)
+    keep = torch.tensor([[float(o == c) for c in column_owner] for o in owner], device=x.device)
+    A = torch.cat([f.A for f in factors])
+    B = torch.cat([f.B * f.op_kwargs["scaling"] for f in factors], dim=1)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # broadcast over each sample's tokens
+    u = torch.nn.functional.linear(x.to(A.dtype), A) * keep.to(A.dtype).view(shape)
+    branch = torch.nn.functional.linear(u, B)
+    extras = [f.bias_extra for f in factors]
+    if any(e is not None for e in extras):  # lora_bias: each sample gets its adapter's
+        stack = torch.stack([e if e is not None else torch.zeros_like(B[:, 0]) for e in extras]).to(branch.dtype)
+        onehot = torch.tensor([[float(o == a) for a in range(len(used))] for o in owner], device=x.device)
+        branch = branch + (onehot.to(branch.dtype) @ stack).view(shape)
+    return base_out + branch.to(base_out.dtype)
+
+
+def _mixed_names(args, kwargs):
+    """The adapter_names of a mixed-adapter batch call (PEFT injects them as the only keyword), or None."""
+    if args or len(kwargs) != 1:
+        return None
+    return kwargs.get("adapter_names")
+
+
 def _zero3_partitioned(base) -> str | None:
     """DeepSpeed ZeRO-3 marks the parameters it partitions (``ds_id``) and gathers each module's own
     ones in that module's forward hooks: the fused ops, which read the base (layer ``base``) and
@@ -389,6 +436,9 @@ class _FusedForward(_PatchedForward):
         return _whole_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
+        mixed = _mixed_names(args, kwargs)
+        if mixed is not None and (out := _mixed_batch(self, x, mixed)) is not None:
+            return out
         names, out, base = self._adapter_to_fuse(_attr(self.layer, self.family.attr), self.reason, x, args, kwargs,
                                                  several=True)
         if names is None:
@@ -587,6 +637,9 @@ class _BranchForward(_PatchedForward):
         return _branch_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
+        mixed = _mixed_names(args, kwargs)
+        if mixed is not None and (out := _mixed_batch(self, x, mixed)) is not None:
+            return out
         names, out, _ = self._adapter_to_fuse(_attr(self.layer, self.family.attr), self.reason, x, args, kwargs,
                                               several=True)
         if names is None:
