@@ -423,7 +423,21 @@ def _whole_reason(family, layer, name: str, base) -> str | None:
     return why
 
 
-class _FusedForward(_PatchedForward):
+class _FamilyForward(_PatchedForward):
+    """A patched layer of a LoRA-like family (``family``: _LoRAFamily, _AdaLoRAFamily, _VeRAFamily)."""
+
+    family = _LoRAFamily
+
+    def _active(self, x, args, kwargs):
+        """_adapter_to_fuse over the family's adapters, several active ones allowed; a mixed-adapter
+        batch is computed here already (its output comes back as the second item)."""
+        mixed = _mixed_names(args, kwargs)
+        if mixed is not None and (out := _mixed_batch(self, x, mixed)) is not None:
+            return None, out, None
+        return self._adapter_to_fuse(_attr(self.layer, self.family.attr), self.reason, x, args, kwargs, several=True)
+
+
+class _FusedForward(_FamilyForward):
     """A patched PEFT layer over a whole-layer base: one lora_linear / dora_linear / qlora_linear call
     for the base product and the adapter of ``family`` (_LoRAFamily, _AdaLoRAFamily, _VeRAFamily)."""
 
@@ -436,11 +450,7 @@ class _FusedForward(_PatchedForward):
         return _whole_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
-        mixed = _mixed_names(args, kwargs)
-        if mixed is not None and (out := _mixed_batch(self, x, mixed)) is not None:
-            return out
-        names, out, base = self._adapter_to_fuse(_attr(self.layer, self.family.attr), self.reason, x, args, kwargs,
-                                                 several=True)
+        names, out, base = self._active(x, args, kwargs)
         if names is None:
             return out
         layer, family = self.layer, self.family
@@ -622,7 +632,7 @@ def _branch_reason(family, layer, name: str | None = None, base=None) -> str | N
     return None
 
 
-class _BranchForward(_PatchedForward):
+class _BranchForward(_FamilyForward):
     """A patched PEFT layer over a base computed by its own forward (bitsandbytes' Linear8bitLt with
     its LLM.int8 product, or a layer type peft_kernels does not know): result = base(x) + the adapter
     branch through lora_delta, with PEFT's casts — x to the adapter's dtype, then the sum back to
@@ -637,11 +647,7 @@ class _BranchForward(_PatchedForward):
         return _branch_reason(self.family, layer, name, base)
 
     def __call__(self, x, *args, **kwargs):
-        mixed = _mixed_names(args, kwargs)
-        if mixed is not None and (out := _mixed_batch(self, x, mixed)) is not None:
-            return out
-        names, out, _ = self._adapter_to_fuse(_attr(self.layer, self.family.attr), self.reason, x, args, kwargs,
-                                              several=True)
+        names, out, _ = self._active(x, args, kwargs)
         if names is None:
             return out
         layer = self.layer
