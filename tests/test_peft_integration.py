@@ -248,6 +248,11 @@ def test_mixed_adapter_batches_run_as_two_products_and_match_peft():
         patched(x, adapter_names=["b"])
     with pytest.raises(ValueError, match="training mode"):
         patched.train()(x, adapter_names=names)
+    noisy = _peft_model(dropout=0.3).train()  # a layer called with dropout active: PEFT's path
+    peft_kernels.patch_peft_model(noisy)
+    with mock.patch.object(peft_linear, "_mixed_batch_forward", return_value="PEFT's") as peft_path:
+        assert noisy.base_model.model.layers[0].q_proj(torch.randn(2, 24), adapter_names=["default"] * 2) == "PEFT's"
+    assert peft_path.call_count == 1
 
 
 def _run_mixed(model, x, names):

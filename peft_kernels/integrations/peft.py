@@ -363,14 +363,15 @@ def _mixed_batch(forward, x, names):
     layer._check_forward_args(x, adapter_names=names)  # PEFT's own errors: lengths, merged, DoRA
     lora_A = _attr(layer, "lora_A")
     used = [n for n in dict.fromkeys(names) if n != "__base__" and n in lora_A]
-    if any(_LoRAFamily.reason(layer, n) is not None or _LoRAFamily.magnitude(layer, n) is not None for n in used):
+    if _zero3_partitioned(forward._base_layer()) is not None or any(
+            _LoRAFamily.reason(layer, n) is not None or _LoRAFamily.magnitude(layer, n) is not None for n in used):
+        return None
+    factors = [_LoRAFamily.factors(layer, n) for n in used]
+    if any(f.op_kwargs["dropout_p"] > 0.0 and f.op_kwargs["training"] for f in factors):
         return None
     base_out = layer.base_layer(x)
     if not used:
         return base_out
-    factors = [_LoRAFamily.factors(layer, n) for n in used]
-    if any(f.op_kwargs["dropout_p"] > 0.0 and f.op_kwargs["training"] for f in factors):
-        return None
     owner = [used.index(n) if n in used else -1 for n in names]  # each sample's adapter (-1: none)
     column_owner = [i for i, f in enumerate(factors) for _ in range(f.A.shape[0])]
     # [samples, sum of ranks]: 1 on the sample's adapter's columns; built on the host (one copy, no sync)
