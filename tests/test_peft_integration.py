@@ -360,11 +360,12 @@ def test_mica_adapters_run_fused_and_load_with_lora_B_frozen(tmp_path):
     assert torch.allclose(ours.eval()(x), model.eval()(x), atol=1e-5)
 
 
-def _adalora_model(dropout=0.0, dtype=torch.float32, **kw):
+def _adalora_model(dropout=0.0, dtype=torch.float32, net=None, targets=("q_proj", "v_proj", "up")):
+    """AdaLoRA (init_r 6, lora_alpha 8) on ``net`` (default Net()), E drawn non-zero."""
     torch.manual_seed(0)
     cfg = peft.AdaLoraConfig(init_r=6, target_r=2, total_step=8, tinit=1, tfinal=2, deltaT=1, lora_alpha=8,
-                             lora_dropout=dropout, target_modules=["q_proj", "v_proj", "up"], **kw)
-    model = peft.get_peft_model(Net().to(dtype), cfg)
+                             lora_dropout=dropout, target_modules=list(targets))
+    model = peft.get_peft_model((net or Net()).to(dtype), cfg)
     for name, p in model.named_parameters():
         if "lora_E" in name:
             nn.init.normal_(p, std=0.5)  # PEFT starts E at zero: the branch would compute nothing
@@ -480,13 +481,8 @@ def test_adalora_and_vera_checks_and_fallbacks():
     with pytest.warns(UserWarning, match="AlphaDropout"):
         ada.eval()(x)
 
-    torch.manual_seed(0)
-    holder = nn.Sequential(OwnForwardLinear(24, 40), nn.Tanh(), nn.Linear(40, 6))
-    cfg = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=8, lora_alpha=8, target_modules=["0", "2"])
-    model = peft.get_peft_model(holder, cfg)
-    for name, p in model.named_parameters():
-        if "lora_E" in name:
-            nn.init.normal_(p, std=0.5)
+    model = _adalora_model(net=nn.Sequential(OwnForwardLinear(24, 40), nn.Tanh(), nn.Linear(40, 6)),
+                           targets=["0", "2"])
     patched = copy.deepcopy(model)
     report = peft_kernels.patch_peft_model(patched)
     assert report.branch_only == {"base_model.model.0": "OwnForwardLinear"} and len(report.patched) == 2

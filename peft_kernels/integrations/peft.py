@@ -26,6 +26,7 @@ as PEFT does), with a warning once per layer so it is never silent.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 import warnings
 
@@ -333,13 +334,23 @@ def _join(factors: list[_Factors]) -> tuple[_Factors, list[_Factors]]:
     extras = [f.bias_extra for f in factors if f.bias_extra is not None]
     bias_extra = sum(extras[1:], extras[0]) if extras else None
     first = factors[0]
-    quiet = all(f.op_kwargs["dropout_p"] == 0.0 or not f.op_kwargs["training"] for f in factors)
-    if not quiet or sum(f.A.shape[0] for f in factors) > _checks.TRITON_MAX_RANK:
+    if any(map(_drops, factors)) or sum(f.A.shape[0] for f in factors) > _checks.TRITON_MAX_RANK:
         rest = [f._replace(bias_extra=None) for f in factors[1:]]
         return first._replace(bias_extra=bias_extra), rest
-    A = torch.cat([f.A for f in factors])
-    B = torch.cat([f.B * f.op_kwargs["scaling"] for f in factors], dim=1)
+    A, B = _joined(factors)
     return _Factors(A, B, bias_extra, dict(first.op_kwargs, scaling=1.0, dropout_p=0.0), first.cast_dtype), []
+
+
+def _drops(f: _Factors) -> bool:
+    """Whether this adapter's dropout is active in this call."""
+    return f.op_kwargs["dropout_p"] > 0.0 and f.op_kwargs["training"]
+
+
+def _joined(factors: list[_Factors]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapters' branches as one pair of factors, scaling folded in: (A = [A_1; A_2; ...] [sum of
+    ranks, in], B = [s_1 B_1 | s_2 B_2 | ...] [out, sum of ranks])."""
+    return (torch.cat([f.A for f in factors]),
+            torch.cat([f.B * f.op_kwargs["scaling"] for f in factors], dim=1))
 
 
 def _plus_branches(y, x, rest: list[_Factors]):
@@ -367,7 +378,7 @@ def _mixed_batch(forward, x, names):
             _LoRAFamily.reason(layer, n) is not None or _LoRAFamily.magnitude(layer, n) is not None for n in used):
         return None
     factors = [_LoRAFamily.factors(layer, n) for n in used]
-    if any(f.op_kwargs["dropout_p"] > 0.0 and f.op_kwargs["training"] for f in factors):
+    if any(map(_drops, factors)):
         return None
     base_out = layer.base_layer(x)
     if not used:
@@ -376,8 +387,7 @@ def _mixed_batch(forward, x, names):
     column_owner = [i for i, f in enumerate(factors) for _ in range(f.A.shape[0])]
     # [samples, sum of ranks]: 1 on the sample's adapter's columns; built on the host (one copy, no sync)
     keep = torch.tensor([[float(o == c) for c in column_owner] for o in owner], device=x.device)
-    A = torch.cat([f.A for f in factors])
-    B = torch.cat([f.B * f.op_kwargs["scaling"] for f in factors], dim=1)
+    A, B = _joined(factors)
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # broadcast over each sample's tokens
     u = torch.nn.functional.linear(x.to(A.dtype), A) * keep.to(A.dtype).view(shape)
     branch = torch.nn.functional.linear(u, B)
@@ -427,7 +437,9 @@ def _whole_reason(family, layer, name: str, base) -> str | None:
 class _FamilyForward(_PatchedForward):
     """A patched layer of a LoRA-like family (``family``: _LoRAFamily, _AdaLoRAFamily, _VeRAFamily)."""
 
-    family = _LoRAFamily
+    def __init__(self, layer, original, family):
+        super().__init__(layer, original)
+        self.family, self.kind = family, family.kind
 
     def _active(self, x, args, kwargs):
         """_adapter_to_fuse over the family's adapters, several active ones allowed; a mixed-adapter
@@ -443,8 +455,7 @@ class _FusedForward(_FamilyForward):
     for the base product and the adapter of ``family`` (_LoRAFamily, _AdaLoRAFamily, _VeRAFamily)."""
 
     def __init__(self, layer, original, family):
-        super().__init__(layer, original)
-        self.family, self.kind = family, family.kind
+        super().__init__(layer, original, family)
         self.row_sq = TensorCache(1)  # ‖W_i‖² of the frozen base, once per weight tensor and version (DoRA)
 
     def reason(self, layer, name: str, base) -> str | None:  # a method, not a closure: torch.save pickles it
@@ -641,8 +652,8 @@ class _BranchForward(_FamilyForward):
     before the sum)."""
 
     def __init__(self, layer, original, family, bnb_8bit: bool):
-        super().__init__(layer, original)
-        self.family, self.kind, self.bnb_8bit = family, family.kind, bnb_8bit
+        super().__init__(layer, original, family)
+        self.bnb_8bit = bnb_8bit
 
     def reason(self, layer, name: str, base) -> str | None:
         return _branch_reason(self.family, layer, name, base)
@@ -690,7 +701,6 @@ def _patch_layer(report: PatchReport, name: str, module, family, bnb_8bit: bool 
 
 def _optional_class(module_name: str, class_name: str):
     """A PEFT class that older or leaner PEFT installs may lack (bnb-dependent ones), or None."""
-    import importlib
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
@@ -711,11 +721,9 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
 
     # PEFT's own classes for LoRA over a bnb Linear4bit / Linear8bitLt (present when bnb is usable);
     # over the 8-bit base the LoRA branch alone is fused
-    lora_linear_types = [t for t in (PeftLoraLinear, _optional_class("peft.tuners.lora.bnb", "Linear4bit"))
-                         if t is not None]
     PeftLoraLinear8bit = _optional_class("peft.tuners.lora.bnb", "Linear8bitLt")
-    if PeftLoraLinear8bit is not None:
-        lora_linear_types.append(PeftLoraLinear8bit)
+    lora_linear_types = tuple(t for t in (PeftLoraLinear, _optional_class("peft.tuners.lora.bnb", "Linear4bit"),
+                                          PeftLoraLinear8bit) if t is not None)
     # exact classes: their bnb / conv subclasses compute differently and stay PEFT's
     factored = {t: family for t, family in ((_optional_class("peft.tuners.adalora.layer", "SVDLinear"), _AdaLoRAFamily),
                                             (_optional_class("peft.tuners.vera.layer", "Linear"), _VeRAFamily))
@@ -748,7 +756,7 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
             continue
         if type(module) in factored:
             _patch_layer(report, name, module, factored[type(module)])
-        elif isinstance(module, tuple(lora_linear_types)):
+        elif isinstance(module, lora_linear_types):
             bnb_8bit = PeftLoraLinear8bit is not None and isinstance(module, PeftLoraLinear8bit)
             _patch_layer(report, name, module, _LoRAFamily, bnb_8bit)
         elif isinstance(module, LoraLayer):
