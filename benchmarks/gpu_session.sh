@@ -10,12 +10,14 @@
 #                                              # host time per piece
 #     bash benchmarks/gpu_session.sh quant     # QLoRA fwd+bwd and decode, 4-bit matmul tiles, NF4 vs bnb
 #     bash benchmarks/gpu_session.sh rest      # DoRA, sparse, whole model
+#     bash benchmarks/gpu_session.sh peft      # HF PEFT's tuner layers (LoRA, AdaLoRA, VeRA, LoHa, SHiRA)
+#                                              # unpatched and patched, and their GPU test
 #
 # Everything lands in $OUT (at most 8 files come back from the device tool): JSON named
 # <bench>_<gpu>.json for benchmarks/results/, and a log per part. bitsandbytes / torchao wheels in
 # .whl/ (carried) are installed first when present; the benchmarks skip their rows otherwise.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|check|lora|quant|rest}
+part=${1:?usage: gpu_session.sh first|check|lora|quant|rest|peft}
 OUT=${OUT:-/tmp/peft_kernels_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -99,8 +101,14 @@ case "$part" in
     step 150 python3 benchmarks/bench_sparse.py --out "$OUT/sparse_$gpu.json"
     step 250 python3 benchmarks/bench_model.py --out "$OUT/model_$gpu.json"
     ;;
+  peft)
+    # (limits: build ~30 s + 120 + 300: the Triton compiles for ranks 64 (LoHa r=8) and 256 (VeRA) are new)
+    build
+    step 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -k patched_peft tests/test_lora_gpu.py
+    step 300 python3 benchmarks/bench_tuners.py --out "$OUT/tuners_$gpu.json"
+    ;;
   *)
-    echo "unknown part $part: expected first, check, lora, quant or rest" >&2
+    echo "unknown part $part: expected first, check, lora, quant, rest or peft" >&2
     exit 2
     ;;
 esac

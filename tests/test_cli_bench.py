@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("op,extra", [("lora", ["--shapes", "48x64x40", "--no-compile"]),
                                       ("qlora", ["--shapes", "48x128x128"]),  # torchao NF4 needs in·out % 16384 == 0
                                       ("dora", ["--shapes", "48x64x40", "--no-compile"]),
-                                      ("sparse", ["--shapes", "48x64x40"])])
+                                      ("sparse", ["--shapes", "48x64x40"]),
+                                      ("tuners", ["--shapes", "16x64x48", "--tuners", "loha,vera"])])
 def test_bench_ops_write_json_and_plot(op, extra, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, png = tmp_path / f"{op}.json", tmp_path / f"{op}.png"
@@ -69,6 +70,23 @@ def test_bench_model_on_cpu(tmp_path):
     assert {"HF PEFT dora p=0.05", "peft_kernels (patched PEFT) dora p=0.05"} <= set(cases)
     if "HF PEFT shira p=0" in cases:  # PEFT's SHiRA keeps a whole cloned weight per layer for backward
         assert cases["peft_kernels (patched PEFT) shira p=0"]["saved_mib"] < cases["HF PEFT shira p=0"]["saved_mib"]
+
+
+def test_bench_tuners_on_cpu(tmp_path):
+    """--op tuners: the floor, then each PEFT tuner layer unpatched and patched (the patch leaves none
+    of them to PEFT); patched LoHa keeps far less for backward than PEFT's LoHa, which keeps its dense
+    [out, in] delta; a bad --tuners list is a usage error."""
+    pytest.importorskip("peft")
+    out = tmp_path / "tuners.json"
+    assert main(["bench", "--op", "tuners", "--reps", "1", "--shapes", "16x256x256", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "PEFT tuner layers fwd+bwd"
+    cases = {r["case"]: r for r in data["results"]}
+    expected = {"floor"} | {f"{who} {t}" for t in ("lora", "adalora", "vera", "loha") for who in ("HF PEFT", "patched")}
+    assert expected <= set(cases), set(cases)
+    assert cases["patched loha"]["saved_mib"] < cases["HF PEFT loha"]["saved_mib"] / 1.5
+    with pytest.raises(SystemExit):
+        main(["bench", "--op", "tuners", "--tuners", "lora,lokr"])
 
 
 def test_host_timers_measure_the_call_in_microseconds():

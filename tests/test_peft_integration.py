@@ -127,13 +127,13 @@ def _two_adapters(model, cfg):
     model.add_adapter("other", cfg)
     model.base_model.set_adapter(["default", "other"])
     for name, p in model.named_parameters():
-        if "lora_B.other" in name or "vera_lambda_b.other" in name:
+        if "lora_B.other" in name or "vera_lambda_b.other" in name or "hada_w2_b.other" in name:
             nn.init.normal_(p, std=0.3)
     return model
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("kind", ["lora", "lora over own forward", "vera"])
+@pytest.mark.parametrize("kind", ["lora", "lora over own forward", "vera", "loha"])
 def test_several_active_adapters_run_fused_and_match_unpatched(kind, train):
     """PEFT sums the branches of several active adapters. Without active dropout (training at p = 0,
     or eval) they are one product of joined factors — one lora_linear per layer (lora_delta beside a
@@ -148,6 +148,9 @@ def test_several_active_adapters_run_fused_and_match_unpatched(kind, train):
         model = _two_adapters(model, peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "up", "down"],
                                                      vera_dropout=p))
         op, calls = "lora_linear", 8
+    elif kind == "loha":  # ranks 3² + 2² = 13 joined
+        model = _two_adapters(_loha_model(), peft.LoHaConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj", "up"]))
+        op, calls = "lora_linear", 6
     elif kind == "lora":
         model = _peft_model(dropout=p).double()
         model = _two_adapters(model, peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=p, lora_bias=True,
@@ -319,7 +322,7 @@ def test_lora_bias_runs_fused_and_matches_unpatched(train):
 
 def test_unsupported_layers_are_reported():
     """PEFT layers without a fused op — LoRA over an embedding, and tuner types peft_kernels does not
-    compute (LoHa here) — are listed with why and keep PEFT's forward."""
+    compute (LoKr here) — are listed with why and keep PEFT's forward."""
     class EmbNet(Net):
         def __init__(self):
             super().__init__()
@@ -333,13 +336,13 @@ def test_unsupported_layers_are_reported():
     report = peft_kernels.patch_peft_model(model)
     assert len(report.patched) == 2 and list(report.skipped) == ["base_model.model.emb"]
     assert "is not a LoRA Linear" in report.skipped["base_model.model.emb"]
-    loha = peft.get_peft_model(Net(), peft.LoHaConfig(r=4, target_modules=["q_proj", "up"]))
+    lokr = peft.get_peft_model(Net(), peft.LoKrConfig(r=4, target_modules=["q_proj", "up"], init_weights=False))
     x = torch.randn(2, 24)
-    before = loha(x)
-    report = peft_kernels.patch_peft_model(loha)
+    before = lokr(x)
+    report = peft_kernels.patch_peft_model(lokr)
     assert not report.patched and len(report.skipped) == 4
     assert all("no fused op for this PEFT layer type" in why for why in report.skipped.values())
-    assert torch.equal(loha(x), before)
+    assert torch.equal(lokr(x), before)
 
 
 def test_mica_adapters_run_fused_and_load_with_lora_B_frozen(tmp_path):
@@ -490,6 +493,114 @@ def test_adalora_and_vera_checks_and_fallbacks():
     _assert_runs_as(patched, xr, _run(model, xr))
 
 
+def _loha_model(r=3, rank_dropout=0.0, module_dropout=0.0, dtype=torch.float64, net=None,
+                targets=("q_proj", "v_proj", "up")):
+    """LoHa (alpha 5: a scaling that float32 rounds) on ``net`` (default Net()), every factor drawn
+    non-zero (init_weights=False)."""
+    torch.manual_seed(0)
+    cfg = peft.LoHaConfig(r=r, alpha=5, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                          target_modules=list(targets), init_weights=False)
+    return peft.get_peft_model((net or Net()).to(dtype), cfg)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_loha_runs_fused_as_lora_of_rank_r_squared_and_matches_unpatched(train):
+    """PEFT's LoHa forms Δ = s (W1a W1b) ⊙ (W2a W2b) [out, in] every call and multiplies by it; patched,
+    the Hadamard product runs as one lora_linear of rank r² (Khatri-Rao factors), and outputs and the
+    gradients of all four factors equal PEFT's (float64)."""
+    from unittest import mock
+
+    from peft_kernels.integrations import peft as integration
+
+    model = _loha_model().train(train)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    y0, gx0, g0 = _run(model, x)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == 6 and not report.skipped, str(report)
+    with mock.patch.object(integration, "lora_linear", wraps=integration.lora_linear) as op, \
+            mock.patch.object(type(patched.base_model.model.layers[0].q_proj), "get_delta_weight",
+                              side_effect=AssertionError("PEFT's dense delta was formed")):
+        y1, gx1, g1 = _run(patched, x)
+    assert op.call_count == 6 and all(call.args[2].shape[0] == 9 for call in op.call_args_list)  # rank r² = 9
+    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+    assert g0.keys() == g1.keys() and sum(".hada_" in n for n in g0) == 24
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    assert len(peft_kernels.unpatch_peft_model(patched)) == 6
+    assert torch.equal(patched(x), model(x))
+
+
+def test_loha_rank_and_module_dropout_draw_as_peft_does():
+    """LoHa's module dropout (an adapter skipped for the step) and rank dropout (rows of Δ masked,
+    scaled by the mask's mean) are drawn from torch's CPU generator; patched, they are drawn in
+    PEFT's order, so a seeded training step equals unpatched PEFT's — output, every gradient, and the
+    generator's state after it — whichever adapters a seed skips."""
+    model = _loha_model(rank_dropout=0.3, module_dropout=0.4).train()
+    patched = copy.deepcopy(model)
+    peft_kernels.patch_peft_model(patched)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    trained = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        y0, gx0, g0 = _run(model, x)
+        after0 = torch.rand(3)
+        torch.manual_seed(seed)
+        y1, gx1, g1 = _run(patched, x)
+        assert torch.equal(torch.rand(3), after0), seed
+        assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+        assert g0.keys() == g1.keys(), seed
+        for n in g0:
+            assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), (seed, n)
+        trained.add(len(g0))
+    assert len(trained) > 1  # some seeds skipped some adapters, others not
+    torch.manual_seed(0)
+    plain = copy.deepcopy(patched).eval()(x)
+    assert not torch.allclose(_run(patched, x)[0], plain)  # the masks act in training
+
+
+def test_loha_layers_the_fused_op_cannot_take_are_left_to_peft():
+    """LoHa of rank 17 (r² = 289 LoRA columns, above what one kernel takes) and LoHa over a Conv2d
+    are left to PEFT with why; LoHa over a base of its own forward fuses the branch alone (lora_delta),
+    and a bf16 model's fp32 adapters keep PEFT's dtypes: under autocast LoHa returns x's dtype."""
+    report = peft_kernels.patch_peft_model(_loha_model(r=17))
+    assert not report.patched and len(report.skipped) == 6
+    assert all("r² = 289" in why for why in report.skipped.values())
+
+    conv = peft.get_peft_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)),
+                               peft.LoHaConfig(r=2, target_modules=["0", "2"], init_weights=False))
+    xc = torch.randn(2, 3, 6, 6)
+    reference = _run(conv, xc)
+    report = peft_kernels.patch_peft_model(conv)
+    assert report.patched == ["base_model.model.2"] and "no fused op" in report.skipped["base_model.model.0"]
+    _assert_runs_as(conv, xc, reference)
+
+    model = _loha_model(net=nn.Sequential(OwnForwardLinear(24, 40), nn.Tanh(), nn.Linear(40, 6)), targets=["0", "2"])
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert report.branch_only == {"base_model.model.0": "OwnForwardLinear"} and len(report.patched) == 2
+    xr = torch.randn(3, 24, dtype=torch.float64)
+    _assert_runs_as(patched, xr, _run(model, xr))
+
+    torch.manual_seed(0)
+    bf16 = peft.get_peft_model(Net().to(torch.bfloat16), peft.LoHaConfig(r=3, target_modules=["q_proj", "up"],
+                                                                         init_weights=False)).train()
+    patched = copy.deepcopy(bf16)
+    assert not peft_kernels.patch_peft_model(patched).skipped
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    for cast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            xi = x.float() if cast else x
+            q0, q1 = bf16.base_model.model.layers[0].q_proj(xi), patched.base_model.model.layers[0].q_proj(xi)
+            y0, y1 = bf16(xi), patched(xi)
+        assert q1.dtype == q0.dtype == xi.dtype and y1.dtype == y0.dtype == torch.bfloat16
+        assert torch.allclose(q1.float(), q0.float(), rtol=2e-2, atol=2e-2)
+        assert torch.allclose(y1.float(), y0.float(), rtol=2e-2, atol=2e-2)
+    y1.float().square().sum().backward()
+    trained = [p for p in patched.parameters() if p.requires_grad and p.grad is not None]
+    assert len(trained) == 16 and all(p.grad.dtype == p.dtype == torch.float32 for p in trained)
+
+
 def test_lora_variants_that_compute_something_else_are_left_to_peft(tmp_path):
     """aLoRA (activated LoRA: the adapter acts only after its invocation tokens) is not plain LoRA:
     patch_peft_model leaves its layers to PEFT, and load_adapter refuses its adapter rather than
@@ -541,13 +652,15 @@ def test_patched_dora_on_the_triton_backend_with_the_one_launch_norm_matches_unp
     assert len(calls) == 6 and peft_kernels.backends.last_used("dora_linear") == "triton"
 
 
-@pytest.mark.parametrize("kind", ["adalora", "vera", "two lora adapters"])
+@pytest.mark.parametrize("kind", ["adalora", "vera", "loha", "two lora adapters"])
 def test_factored_layers_on_the_triton_backend_match_unpatched(kind, monkeypatch, kernel_device):
-    """AdaLoRA, VeRA and two joined LoRA adapters (lora_bias on one) on the triton backend (interpreted
-    here): the factors formed each call go through the kernels, and outputs and every gradient equal
-    PEFT's (fp32)."""
+    """AdaLoRA, VeRA, LoHa and two joined LoRA adapters (lora_bias on one) on the triton backend
+    (interpreted here): the factors formed each call go through the kernels, and outputs and every
+    gradient equal PEFT's (fp32)."""
     if kind == "adalora":
         model = _adalora_model()
+    elif kind == "loha":
+        model = _loha_model(dtype=torch.float32)
     elif kind == "vera":
         model = _vera_model()
     else:

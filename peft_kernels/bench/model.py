@@ -2,8 +2,9 @@
 adapters r=16 on q, k, v, o, gate, up, down; sdpa attention; loss + backward. Cases: every weight
 frozen (the floor), HF PEFT LoRA (p = 0 and 0.05), DoRA (p = 0.05), QLoRA over bitsandbytes NF4
 (when bnb runs here), SHiRA r=16 (k = 16·(in + out) trained entries per weight, LoRA r=16's
-parameter count; when peft has it) and LoRA with 16 trainable tokens (trainable_token_indices: 16
-rows of the untied embedding table trained, ids of the batch), each unpatched and patched by
+parameter count; when peft has it), LoRA with 16 trainable tokens (trainable_token_indices: 16
+rows of the untied embedding table trained, ids of the batch) and LoHa r=8 (PEFT's default rank;
+patched, its Hadamard product runs as LoRA of rank 64), each unpatched and patched by
 peft_kernels.patch_peft_model (on a GPU, patched DoRA once more with triton's one-launch row norm
 switched on: opt-in until timed). The input embeddings require grad in every case, so backward runs
 through all layers even in the floor; the trainable-tokens case feeds ids instead (its embedding's
@@ -67,6 +68,8 @@ def _adapted(base, method, p, patched, dtype, token_ids=None):
         model = _to_bnb_nf4(model, dtype)
     if method == "shira":
         cfg = peft.ShiraConfig(r=16, target_modules=TARGETS, random_seed=0)
+    elif method == "loha":  # r=8: PEFT's default; the Hadamard product is LoRA of rank 64 patched
+        cfg = peft.LoHaConfig(r=8, alpha=16, target_modules=TARGETS, init_weights=False)
     else:
         cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=TARGETS, use_dora=method == "dora",
                               trainable_token_indices=token_ids if method == "lora+tokens" else None)
@@ -178,6 +181,7 @@ def main(argv=None) -> int:
     if _has_shira():
         methods.append(("shira", 0.0))
     methods.append(("lora+tokens", 0.0))
+    methods.append(("loha", 0.0))
     payload = run(cfg, device, torch.bfloat16 if gpu else torch.float32, args.reps or (10 if gpu else 2), methods)
     title = f"{payload['env']['device']} — torch {payload['env']['torch']}"
     table = harness.markdown_table(["case", "step ms", "/ floor", "graphed / floor", "host issue ms", "peak GiB",

@@ -3,9 +3,9 @@
 whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
 their [in, out] weight; over any other base — bitsandbytes' 8-bit Linear8bitLt, a layer type
 peft_kernels does not know — the base runs its own forward and the LoRA branch alone is fused,
-lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear and
-VeRA Linear layers through the same ops (LoRA with other factors, formed each call: _AdaLoRAFamily,
-_VeRAFamily), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
+lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear, VeRA Linear and
+LoHa Linear layers through the same ops (LoRA with other factors, formed each call: _AdaLoRAFamily,
+_VeRAFamily, _LoHaFamily — LoHa's Hadamard product as LoRA of rank r²), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
 values at k fixed positions of W) through sparse_delta_linear — PEFT's own SHiRA forward clones
 the whole weight every step and its backward forms the dense [out, in] weight gradient to keep k
 entries of it; its trainable-tokens layers (trained rows of the embedding, and of a head tied to
@@ -26,6 +26,7 @@ as PEFT does), with a warning once per layer so it is never silent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import typing
 import warnings
@@ -255,6 +256,11 @@ class _LoRAFamily:
         """DoRA's magnitude vector [out], or None for plain LoRA."""
         return _attr(_attr(layer, "lora_magnitude_vector")[name], "weight") if _is_dora(layer, name) else None
 
+    @staticmethod
+    def output(y, x):
+        """The patched forward's result as PEFT returns it: in the base output's dtype, which the ops' is."""
+        return y
+
 
 class _AdaLoRAFamily:
     """PEFT's AdaLoRA SVDLinear: y = base(x) + (dropout(x) (A ⊙ E)^T B^T) · scaling / (ranknum + 1e-5),
@@ -284,6 +290,8 @@ class _AdaLoRAFamily:
     @staticmethod
     def magnitude(layer, name: str) -> None:
         return None
+
+    output = _LoRAFamily.output
 
 
 class _VeRAFamily:
@@ -320,6 +328,82 @@ class _VeRAFamily:
     @staticmethod
     def magnitude(layer, name: str) -> None:
         return None
+
+    output = _LoRAFamily.output
+
+
+class _LoHaFamily:
+    """PEFT's LoHa Linear: y = base(x) + x Δ^T with Δ = s · (W1a W1b) ⊙ (W2a W2b), W1a / W2a [out, r],
+    W1b / W2b [r, in]. PEFT forms the dense [out, in] Δ every call and multiplies by it: a full
+    extra GEMM forward, two backward, and Δ's gradient through the Hadamard product. A Hadamard
+    product of two rank-r products has rank r², with Khatri-Rao factors:
+    Δ[o, i] = Σ_{p,q} W1a[o,p] W2a[o,q] · W1b[p,i] W2b[q,i], so B' [out, r²] holds the rows of
+    W1a ⊗ W2a and A' [r², in] the columns of W1b ⊙ W2b — LoRA of rank r² (r ≤ 16: r² ≤ 256, what one
+    kernel takes), formed each call; autograd takes their gradients back to the four matrices.
+    PEFT's rank dropout (rows of Δ masked, scaled by the mask's mean) scales the rows of B'; its
+    module dropout skips the adapter for the call (factors None). Both draw from torch's CPU
+    generator in PEFT's order, so a seeded step repeats PEFT's."""
+
+    kind = "LoHa"
+    attr = "hada_w1_a"
+
+    @staticmethod
+    def reason(layer, name: str) -> str | None:
+        if name in layer.hada_t1:
+            return f"adapter {name!r} uses LoHa's CP decomposition (hada_t1: a convolution's)"
+        try:
+            w1a, w1b, w2a, w2b = (getattr(layer, part)[name] for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        except KeyError:
+            return f"adapter {name!r} lacks one of hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b"
+        r, out, inp = w1a.shape[-1], layer.out_features, layer.in_features
+        if any(w.dim() != 2 for w in (w1a, w1b, w2a, w2b)) or r == 0 or tuple(w2a.shape) != (out, r) \
+                or tuple(w1a.shape) != (out, r) or tuple(w1b.shape) != (r, inp) or tuple(w2b.shape) != (r, inp):
+            return (f"adapter {name!r}'s shapes do not chain with the [{out}, {inp}] weight: hada_w1_a "
+                    f"{tuple(w1a.shape)}, hada_w1_b {tuple(w1b.shape)}, hada_w2_a {tuple(w2a.shape)}, hada_w2_b {tuple(w2b.shape)}")
+        if r * r > _checks.TRITON_MAX_RANK:
+            return (f"adapter {name!r} has rank {r}: its Hadamard product is LoRA of rank r² = {r * r}, above the "
+                    f"{_checks.TRITON_MAX_RANK} one fused kernel takes (r <= 16)")
+        return None
+
+    @staticmethod
+    def factors(layer, name: str) -> _Factors | None:
+        """The adapter's LoRA factors for this call, or None when its module dropout skips it (PEFT
+        draws torch.rand(1) for every adapter in training, skipped or not)."""
+        if layer.training and not bool(torch.rand(1) > layer.module_dropout[name]):
+            return None
+        w1a, w1b = _attr(layer, "hada_w1_a")[name], _attr(layer, "hada_w1_b")[name]
+        w2a, w2b = _attr(layer, "hada_w2_a")[name], _attr(layer, "hada_w2_b")[name]
+        r = w1b.shape[0]
+        A = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, -1)
+        B = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r)
+        p = layer.rank_dropout[name]
+        if layer.training and p:  # LoHaLayer.get_delta_weight's mask, drawn and normalized as PEFT does
+            drop = (torch.rand(B.shape[0]) > p).to(B.dtype)
+            drop /= drop.mean()
+            B = B * drop.to(B.device)[:, None]
+        # PEFT multiplies Δ by torch.tensor(scaling): the scaling rounded to the default dtype
+        scaling = _in_default_dtype(float(layer.scaling[name]), torch.get_default_dtype())
+        return _Factors(A, B, None, {"scaling": scaling, "dropout_p": 0.0, "training": layer.training}, w1a.dtype)
+
+    @staticmethod
+    def magnitude(layer, name: str) -> None:
+        return None
+
+    @staticmethod
+    def output(y, x):
+        """LycorisLayer.forward returns x's dtype (under autocast too, where the base's is the autocast one)."""
+        return y.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _in_default_dtype(value: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(value, dtype=dtype))
+
+
+def _call_factors(family, layer, names: list[str]) -> list[_Factors]:
+    """The factors of the active adapters ``names`` for this call, in PEFT's order (LoHa draws its
+    module and rank dropout per adapter, in turn), less those a module dropout skips."""
+    return [f for f in (family.factors(layer, n) for n in names) if f is not None]
 
 
 def _join(factors: list[_Factors]) -> tuple[_Factors, list[_Factors]]:
@@ -435,7 +519,8 @@ def _whole_reason(family, layer, name: str, base) -> str | None:
 
 
 class _FamilyForward(_PatchedForward):
-    """A patched layer of a LoRA-like family (``family``: _LoRAFamily, _AdaLoRAFamily, _VeRAFamily)."""
+    """A patched layer of a LoRA-like family (``family``: _LoRAFamily, _AdaLoRAFamily, _VeRAFamily,
+    _LoHaFamily)."""
 
     def __init__(self, layer, original, family):
         super().__init__(layer, original)
@@ -452,7 +537,7 @@ class _FamilyForward(_PatchedForward):
 
 class _FusedForward(_FamilyForward):
     """A patched PEFT layer over a whole-layer base: one lora_linear / dora_linear / qlora_linear call
-    for the base product and the adapter of ``family`` (_LoRAFamily, _AdaLoRAFamily, _VeRAFamily)."""
+    for the base product and the adapters of ``family``."""
 
     def __init__(self, layer, original, family):
         super().__init__(layer, original, family)
@@ -469,8 +554,18 @@ class _FusedForward(_FamilyForward):
         magnitude = family.magnitude(layer, names[0])
         if len(names) > 1 and any(family.magnitude(layer, n) is not None for n in names):
             return self.original(x, *args, **kwargs)  # several active adapters, DoRA among them: PEFT's
-        f, rest = _join([family.factors(layer, n) for n in names])
         fmt = bnb_linear4bit_class(base)
+        xo = x
+        if fmt is None:
+            stored = _attr(base, "weight")
+            x, weight, bias = self._in_op_dtype(x, stored.t() if is_conv1d(base) else stored, _attr(base, "bias"))
+            if x.dtype != weight.dtype:
+                return self._dtype_mismatch(x, stored, args, kwargs)
+        # after every check that hands the call to PEFT's forward: LoHa's factors draw its dropouts
+        factors = _call_factors(family, layer, names)
+        if not factors:  # every active adapter skipped for this call (LoHa's module dropout)
+            return family.output(layer.base_layer(xo), xo)
+        f, rest = _join(factors)
         if fmt is not None:  # bnb computes in its compute_dtype and returns x's dtype
             dtype = base.compute_dtype or x.dtype
             bias = _add_bias(base.bias.to(dtype) if base.bias is not None else None, f.bias_extra, dtype)
@@ -482,15 +577,11 @@ class _FusedForward(_FamilyForward):
             else:
                 y = _plus_branches(qlora_linear(xq, q, f.A, f.B, bias, **f.op_kwargs), xq, rest)
             return y.to(x.dtype)
-        stored = _attr(base, "weight")
-        x, weight, bias = self._in_op_dtype(x, stored.t() if is_conv1d(base) else stored, _attr(base, "bias"))
-        if x.dtype != weight.dtype:
-            return self._dtype_mismatch(x, stored, args, kwargs)
         bias = _add_bias(bias, f.bias_extra, x.dtype)
         if magnitude is not None:
             row_sq = cached_weight_row_sq(self.row_sq, stored, weight, x)
             return dora_linear(x, weight, f.A, f.B, magnitude, bias, weight_row_sq=row_sq, **f.op_kwargs)
-        return _plus_branches(lora_linear(x, weight, f.A, f.B, bias, **f.op_kwargs), x, rest)
+        return family.output(_plus_branches(lora_linear(x, weight, f.A, f.B, bias, **f.op_kwargs), x, rest), xo)
 
 
 def _add_bias(bias, extra, dtype):
@@ -664,7 +755,10 @@ class _BranchForward(_FamilyForward):
             return out
         layer = self.layer
         result = layer.base_layer(x)
-        f, rest = _join([self.family.factors(layer, n) for n in names])
+        factors = _call_factors(self.family, layer, names)
+        if not factors:  # every active adapter skipped for this call (LoHa's module dropout)
+            return self.family.output(result, x)
+        f, rest = _join(factors)
         convert = not (self.bnb_8bit and torch.is_autocast_enabled())  # peft.tuners.lora.bnb.Linear8bitLt's own test
         branch = None
         for g in [f] + rest:
@@ -674,7 +768,7 @@ class _BranchForward(_FamilyForward):
             branch = branch + f.bias_extra.to(branch.dtype)
         if self.bnb_8bit:  # peft.tuners.lora.bnb.Linear8bitLt.forward
             return result + (branch.to(result.dtype) if convert else branch)
-        return (result + branch).to(result.dtype)  # lora.layer.Linear, AdaLoRA's SVDLinear, VeRA's Linear
+        return self.family.output((result + branch).to(result.dtype), x)  # lora.layer.Linear, SVDLinear, VeRA, LoHa
 
 
 def _patched(module) -> _PatchedForward | None:
@@ -710,8 +804,8 @@ def _optional_class(module_name: str, class_name: str):
 def patch_peft_model(model: nn.Module) -> PatchReport:
     """Route the HF PEFT layers of ``model`` (a PeftModel or any module containing PEFT layers)
     through peft_kernels' fused ops, in place: every LoRA Linear (DoRA, lora_bias, bnb 4-/8-bit
-    bases included), AdaLoRA SVDLinear and VeRA Linear through lora_linear (their adapters are LoRA
-    factors formed each call), every SHiRA Linear through sparse_delta_linear, and every
+    bases included), AdaLoRA SVDLinear, VeRA Linear and LoHa Linear (r <= 16) through lora_linear
+    (their adapters are LoRA factors formed each call), every SHiRA Linear through sparse_delta_linear, and every
     trainable-tokens layer (trainable_token_indices) through sparse_delta_embedding /
     sparse_delta_linear. Any other PEFT tuner layer is left to PEFT and listed, with why, in the
     returned PatchReport."""
@@ -726,7 +820,8 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
                                           PeftLoraLinear8bit) if t is not None)
     # exact classes: their bnb / conv subclasses compute differently and stay PEFT's
     factored = {t: family for t, family in ((_optional_class("peft.tuners.adalora.layer", "SVDLinear"), _AdaLoRAFamily),
-                                            (_optional_class("peft.tuners.vera.layer", "Linear"), _VeRAFamily))
+                                            (_optional_class("peft.tuners.vera.layer", "Linear"), _VeRAFamily),
+                                            (_optional_class("peft.tuners.loha.layer", "Linear"), _LoHaFamily))
                 if t is not None}
     PeftShiraLinear = _optional_class("peft.tuners.shira.layer", "Linear")  # peft >= 0.17
     ShiraLayer = _optional_class("peft.tuners.shira.layer", "ShiraLayer")
@@ -761,7 +856,7 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
             _patch_layer(report, name, module, _LoRAFamily, bnb_8bit)
         elif isinstance(module, LoraLayer):
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a LoRA Linear"
-        elif isinstance(module, BaseTunerLayer):  # LoHa, LoKr, IA3, OFT, ...: PEFT's forward as it is
+        elif isinstance(module, BaseTunerLayer):  # LoKr, IA3, OFT, LoHa over a conv, ...: PEFT's forward as it is
             report.skipped[name] = (f"{type(module).__module__}.{type(module).__name__}: peft_kernels has no "
                                     "fused op for this PEFT layer type")
     return report

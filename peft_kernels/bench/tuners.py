@@ -1,0 +1,121 @@
+"""HF PEFT's tuner layers fwd+bwd, unpatched and patched by patch_peft_model, against the frozen floor.
+
+One frozen nn.Linear (weight [N, K]) under each PEFT tuner the patch computes: LoRA r=16 (dropout
+0.05), AdaLoRA init_r=16 (dropout 0.05), VeRA r=256 (its shared frozen matrices; dropout 0.05),
+LoHa r=8 (patched: its Hadamard product as LoRA of rank 64) and SHiRA r=16 (k = 16·(K + N) trained
+entries, LoRA r=16's parameter count). Each runs "HF PEFT <tuner>" (PEFT's own forward) and
+"patched <tuner>" (the same layer after patch_peft_model). Adapters in the base dtype, every one
+drawn non-zero (no zero-initialized factor: both products do real work). The floor is
+F.linear(x, W) with x requiring grad (forward and dX).
+
+    python benchmarks/bench_tuners.py --out benchmarks/results/tuners_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from . import harness
+from .lora import CPU_SHAPES, GPU_SHAPES
+
+TUNERS = ("lora", "adalora", "vera", "loha", "shira")
+
+
+def _config(peft, tuner: str):
+    target = ["proj"]
+    if tuner == "lora":
+        return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=target)
+    if tuner == "adalora":  # total_step: PEFT requires it; the allocator does not run in a layer benchmark
+        return peft.AdaLoraConfig(init_r=16, target_r=8, total_step=1000, lora_alpha=32, lora_dropout=0.05,
+                                  target_modules=target)
+    if tuner == "vera":
+        return peft.VeraConfig(r=256, vera_dropout=0.05, target_modules=target)
+    if tuner == "loha":
+        return peft.LoHaConfig(r=8, alpha=16, target_modules=target, init_weights=False)
+    if tuner == "shira":
+        return peft.ShiraConfig(r=16, target_modules=target, random_seed=0)
+    raise ValueError(f"unknown tuner {tuner!r}; choose from {', '.join(TUNERS)}")
+
+
+# PEFT starts these at zero (the adapter computes nothing until trained): drawn here instead
+_ZERO_AT_INIT = ("lora_B", "lora_E", "vera_lambda_b", "shira_weight")
+
+
+def tuner_layer(w: torch.Tensor, tuner: str):
+    """PEFT's ``tuner`` layer around a frozen bias-free nn.Linear holding ``w`` [N, K], adapters in
+    w's dtype, or None when this PEFT lacks the tuner (or peft is not installed)."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    if tuner == "shira" and not hasattr(peft, "ShiraConfig"):  # peft >= 0.17
+        return None
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            self.proj.weight.data.copy_(w)
+
+    generator = torch.Generator(device=w.device).manual_seed(1)
+    model = peft.get_peft_model(Holder(), _config(peft, tuner), autocast_adapter_dtype=False)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.to(w.dtype)
+            if any(part in name for part in _ZERO_AT_INIT):
+                p.data.normal_(0.0, 1e-2, generator=generator)
+    return model.base_model.model.proj
+
+
+def cases(M, K, N, device, dtype, tuners=TUNERS):
+    """{name: fwd+bwd callable} for one shape: the floor, then each tuner unpatched and patched."""
+    from .. import patch_peft_model
+
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+
+    def step(forward, params):
+        return harness.fwd_bwd_step(forward, params, dy)
+
+    out = {"floor": step(lambda: F.linear(x, w), [x])}
+    for tuner in tuners:
+        layer = tuner_layer(w, tuner)
+        if layer is None:
+            print(f"\n  ({tuner} skipped: this peft lacks it)", file=sys.stderr)
+            continue
+        patched = copy.deepcopy(layer)
+        report = patch_peft_model(patched)
+        if report.skipped:  # recorded, not hidden: the "patched" row would be PEFT's forward
+            print(f"\n  (patched {tuner} left to PEFT: {next(iter(report.skipped.values()))})", file=sys.stderr)
+        for label, module in ((f"HF PEFT {tuner}", layer), (f"patched {tuner}", patched)):
+            params = [x] + [p for p in module.parameters() if p.requires_grad]
+            out[label] = step(lambda module=module: module(x), params)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_tuners", description=__doc__.splitlines()[0])
+    ap.add_argument("--tuners", default=",".join(TUNERS),
+                    help=f"comma-separated subset of {','.join(TUNERS)} (default: all)")
+    args = harness.add_bench_args(ap).parse_args(argv)
+    tuners = [t.strip() for t in args.tuners.split(",") if t.strip()]
+    unknown = [t for t in tuners if t not in TUNERS]
+    if unknown or not tuners:
+        ap.error(f"--tuners: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(TUNERS)}")
+    if importlib.util.find_spec("peft") is None:
+        ap.error("the tuners benchmark compares against HF PEFT: pip install peft")
+    device, shapes, dtype, reps = harness.bench_setup(args, GPU_SHAPES, CPU_SHAPES)
+    payload = harness.run_shapes("tuners", shapes, lambda M, K, N: cases(M, K, N, device, dtype, tuners),
+                                 device, reps)
+    payload["benchmark"] = "PEFT tuner layers fwd+bwd"
+    payload["config"].update(dtype=str(dtype), tuners=tuners,
+                             ranks={"lora": 16, "adalora": 16, "vera": 256, "loha": 8, "shira": 16})
+    harness.report(payload, args.out, args.plot)
+    return 0
