@@ -2,8 +2,8 @@
 
 One frozen nn.Linear (weight [N, K]) under each PEFT tuner the patch computes: LoRA r=16 (dropout
 0.05), AdaLoRA init_r=16 (dropout 0.05), VeRA r=256 (its shared frozen matrices; dropout 0.05),
-LoHa r=8 (patched: its Hadamard product as LoRA of rank 64) and SHiRA r=16 (k = 16·(K + N) trained
-entries, LoRA r=16's parameter count). Each runs "HF PEFT <tuner>" (PEFT's own forward) and
+LoHa r=8 (patched: its Hadamard product as LoRA of rank 64), VB-LoRA r=16 (a bank of 256 vectors,
+top-2; dropout 0.05) and SHiRA r=16 (k = 16·(K + N) trained entries, LoRA r=16's parameter count). Each runs "HF PEFT <tuner>" (PEFT's own forward) and
 "patched <tuner>" (the same layer after patch_peft_model). Adapters in the base dtype, every one
 drawn non-zero (no zero-initialized factor: both products do real work). The floor is
 F.linear(x, W) with x requiring grad (forward and dX).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import math
 import sys
 
 import torch
@@ -23,10 +24,10 @@ import torch.nn.functional as F
 from . import harness
 from .lora import CPU_SHAPES, GPU_SHAPES
 
-TUNERS = ("lora", "adalora", "vera", "loha", "shira")
+TUNERS = ("lora", "adalora", "vera", "loha", "vblora", "shira")
 
 
-def _config(peft, tuner: str):
+def _config(peft, tuner: str, shape):
     target = ["proj"]
     if tuner == "lora":
         return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=target)
@@ -37,6 +38,9 @@ def _config(peft, tuner: str):
         return peft.VeraConfig(r=256, vera_dropout=0.05, target_modules=target)
     if tuner == "loha":
         return peft.LoHaConfig(r=8, alpha=16, target_modules=target, init_weights=False)
+    if tuner == "vblora":  # the bank's vectors tile both dimensions
+        return peft.VBLoRAConfig(r=16, num_vectors=256, vector_length=math.gcd(*shape, 256), topk=2,
+                                 vblora_dropout=0.05, target_modules=target)
     if tuner == "shira":
         return peft.ShiraConfig(r=16, target_modules=target, random_seed=0)
     raise ValueError(f"unknown tuner {tuner!r}; choose from {', '.join(TUNERS)}")
@@ -63,7 +67,7 @@ def tuner_layer(w: torch.Tensor, tuner: str):
             self.proj.weight.data.copy_(w)
 
     generator = torch.Generator(device=w.device).manual_seed(1)
-    model = peft.get_peft_model(Holder(), _config(peft, tuner), autocast_adapter_dtype=False)
+    model = peft.get_peft_model(Holder(), _config(peft, tuner, w.shape), autocast_adapter_dtype=False)
     for name, p in model.named_parameters():
         if p.requires_grad:
             p.data = p.data.to(w.dtype)
@@ -116,6 +120,6 @@ def main(argv=None) -> int:
                                  device, reps)
     payload["benchmark"] = "PEFT tuner layers fwd+bwd"
     payload["config"].update(dtype=str(dtype), tuners=tuners,
-                             ranks={"lora": 16, "adalora": 16, "vera": 256, "loha": 8, "shira": 16})
+                             ranks={"lora": 16, "adalora": 16, "vera": 256, "loha": 8, "vblora": 16, "shira": 16})
     harness.report(payload, args.out, args.plot)
     return 0

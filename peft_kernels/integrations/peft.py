@@ -3,9 +3,10 @@
 whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
 their [in, out] weight; over any other base — bitsandbytes' 8-bit Linear8bitLt, a layer type
 peft_kernels does not know — the base runs its own forward and the LoRA branch alone is fused,
-lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear, VeRA Linear and
-LoHa Linear layers through the same ops (LoRA with other factors, formed each call: _AdaLoRAFamily,
-_VeRAFamily, _LoHaFamily — LoHa's Hadamard product as LoRA of rank r²), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
+lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear, VeRA, LoHa, VB-LoRA
+and UniLoRA Linear layers through the same ops (LoRA with other factors, formed each call:
+_AdaLoRAFamily, _VeRAFamily, _LoHaFamily — LoHa's Hadamard product as LoRA of rank r² —,
+_OwnFactorsFamily), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
 values at k fixed positions of W) through sparse_delta_linear — PEFT's own SHiRA forward clones
 the whole weight every step and its backward forms the dense [out, in] weight gradient to keep k
 entries of it; its trainable-tokens layers (trained rows of the embedding, and of a head tied to
@@ -291,7 +292,7 @@ class _AdaLoRAFamily:
     def magnitude(layer, name: str) -> None:
         return None
 
-    output = _LoRAFamily.output
+    output = staticmethod(_LoRAFamily.output)
 
 
 class _VeRAFamily:
@@ -329,7 +330,7 @@ class _VeRAFamily:
     def magnitude(layer, name: str) -> None:
         return None
 
-    output = _LoRAFamily.output
+    output = staticmethod(_LoRAFamily.output)
 
 
 class _LoHaFamily:
@@ -393,6 +394,35 @@ class _LoHaFamily:
     def output(y, x):
         """LycorisLayer.forward returns x's dtype (under autocast too, where the base's is the autocast one)."""
         return y.to(x.dtype)
+
+
+class _OwnFactorsFamily:
+    """PEFT tuners whose forward is LoRA's over factors the layer forms itself: result +
+    F.linear(F.linear(dropout(x), A), B) with A [r, in], B [out, r] = layer._get_lora_matrices(name)
+    — VB-LoRA (each row a top-k softmax mixture of a shared vector bank) and UniLoRA (entries of one
+    shared trained vector, scaled). PEFT's own method forms them each call (its factors exactly;
+    autograd takes their gradients back to the bank / vector); scaling 1. One instance per tuner:
+    its adapter dict, dropout dict and the tensor whose dtype x is cast to."""
+
+    def __init__(self, kind: str, attr: str, dropout_attr: str, dtype_attr: str):
+        self.kind, self.attr, self.dropout_attr, self.dtype_attr = kind, attr, dropout_attr, dtype_attr
+
+    def reason(self, layer, name: str) -> str | None:
+        r = layer.r.get(name)
+        if not isinstance(r, int) or not 0 < r <= _checks.TRITON_MAX_RANK:
+            return f"adapter {name!r} has rank {r} (the fused ops take 1 to {_checks.TRITON_MAX_RANK})"
+        return _dropout_reason(name, getattr(layer, self.dropout_attr)[name])
+
+    def factors(self, layer, name: str) -> _Factors:
+        A, B = layer._get_lora_matrices(name)
+        kw = _op_kwargs(layer, _attr(layer, self.dropout_attr)[name], 1.0)
+        return _Factors(A, B, None, kw, _attr(layer, self.dtype_attr)[name].dtype)
+
+    @staticmethod
+    def magnitude(layer, name: str) -> None:
+        return None
+
+    output = staticmethod(_LoHaFamily.output)  # their forward ends in result.to(x's dtype) too
 
 
 @functools.lru_cache(maxsize=64)
@@ -520,7 +550,7 @@ def _whole_reason(family, layer, name: str, base) -> str | None:
 
 class _FamilyForward(_PatchedForward):
     """A patched layer of a LoRA-like family (``family``: _LoRAFamily, _AdaLoRAFamily, _VeRAFamily,
-    _LoHaFamily)."""
+    _LoHaFamily, an _OwnFactorsFamily)."""
 
     def __init__(self, layer, original, family):
         super().__init__(layer, original)
@@ -804,8 +834,8 @@ def _optional_class(module_name: str, class_name: str):
 def patch_peft_model(model: nn.Module) -> PatchReport:
     """Route the HF PEFT layers of ``model`` (a PeftModel or any module containing PEFT layers)
     through peft_kernels' fused ops, in place: every LoRA Linear (DoRA, lora_bias, bnb 4-/8-bit
-    bases included), AdaLoRA SVDLinear, VeRA Linear and LoHa Linear (r <= 16) through lora_linear
-    (their adapters are LoRA factors formed each call), every SHiRA Linear through sparse_delta_linear, and every
+    bases included), AdaLoRA SVDLinear and the VeRA, LoHa (r <= 16), VB-LoRA and UniLoRA Linear
+    layers through lora_linear (their adapters are LoRA factors formed each call), every SHiRA Linear through sparse_delta_linear, and every
     trainable-tokens layer (trainable_token_indices) through sparse_delta_embedding /
     sparse_delta_linear. Any other PEFT tuner layer is left to PEFT and listed, with why, in the
     returned PatchReport."""
@@ -821,7 +851,11 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     # exact classes: their bnb / conv subclasses compute differently and stay PEFT's
     factored = {t: family for t, family in ((_optional_class("peft.tuners.adalora.layer", "SVDLinear"), _AdaLoRAFamily),
                                             (_optional_class("peft.tuners.vera.layer", "Linear"), _VeRAFamily),
-                                            (_optional_class("peft.tuners.loha.layer", "Linear"), _LoHaFamily))
+                                            (_optional_class("peft.tuners.loha.layer", "Linear"), _LoHaFamily),
+                                            (_optional_class("peft.tuners.vblora.layer", "Linear"),
+                                             _OwnFactorsFamily("VB-LoRA", "vblora_logits_A", "vblora_dropout", "vblora_vector_bank")),
+                                            (_optional_class("peft.tuners.unilora.layer", "Linear"),
+                                             _OwnFactorsFamily("UniLoRA", "unilora_indices_A", "unilora_dropout", "unilora_theta_d")))
                 if t is not None}
     PeftShiraLinear = _optional_class("peft.tuners.shira.layer", "Linear")  # peft >= 0.17
     ShiraLayer = _optional_class("peft.tuners.shira.layer", "ShiraLayer")
