@@ -278,11 +278,11 @@ def _assert_dropout_follows_manual_seed(model, x):
     return a
 
 
-@pytest.mark.parametrize("family", ["lora", "adalora", "vera", "vblora", "unilora"])
+@pytest.mark.parametrize("family", ["lora", "adalora", "vera", "vblora", "unilora", "delora"])
 def test_dropout_runs_fused_and_follows_manual_seed(family):
-    model = {"lora": _peft_model, "adalora": _adalora_model, "vera": _vera_model,
-             "vblora": lambda dropout: _own_factors_model("vblora", dropout, torch.float32),
-             "unilora": lambda dropout: _own_factors_model("unilora", dropout, torch.float32)}[family](dropout=0.3).train()
+    formed = {kind: (lambda dropout, kind=kind: _formed_factors_model(kind, dropout, torch.float32))
+              for kind in ("vblora", "unilora", "delora")}
+    model = {"lora": _peft_model, "adalora": _adalora_model, "vera": _vera_model, **formed}[family](dropout=0.3).train()
     plain = copy.deepcopy(model).eval()
     peft_kernels.patch_peft_model(model)
     x = torch.randn(4, 24)
@@ -603,32 +603,40 @@ def test_loha_layers_the_fused_op_cannot_take_are_left_to_peft():
     assert len(trained) == 16 and all(p.grad.dtype == p.dtype == torch.float32 for p in trained)
 
 
-def _own_factors_model(kind, dropout=0.0, dtype=torch.float64):
-    """VB-LoRA (r 4, a bank of 16 vectors of length 8, top-2) or UniLoRA (r 4, one shared vector of
-    64 entries) on Net()'s q_proj / v_proj / up; every factor non-zero."""
+def _formed_factors_model(kind, dropout=0.0, dtype=torch.float64):
+    """VB-LoRA (r 4, a bank of 16 vectors of length 8, top-2), UniLoRA (r 4, one shared vector of 64
+    entries) or DeLoRA (r 4, lambda 7) on Net()'s q_proj / v_proj / up; every factor non-zero."""
     torch.manual_seed(0)
     targets = ["q_proj", "v_proj", "up"]
     if kind == "vblora":
         cfg = peft.VBLoRAConfig(r=4, num_vectors=16, vector_length=8, topk=2, vblora_dropout=dropout,
                                 target_modules=targets)
-    else:
+    elif kind == "unilora":
         cfg = peft.UniLoraConfig(r=4, theta_d_length=64, unilora_dropout=dropout, target_modules=targets,
                                  init_weights=False)
-    return peft.get_peft_model(Net().to(dtype), cfg)
+    else:
+        cfg = peft.DeloraConfig(r=4, delora_lambda=7, module_dropout=dropout, target_modules=targets)
+    model = peft.get_peft_model(Net().to(dtype), cfg)
+    for name, p in model.named_parameters():
+        if "delora_B" in name:
+            nn.init.normal_(p, std=0.3)  # PEFT starts DeLoRA's B at zero
+    return model
 
 
-@pytest.mark.parametrize("kind", ["vblora", "unilora"])
+@pytest.mark.parametrize("kind", ["vblora", "unilora", "delora"])
 @pytest.mark.parametrize("train", [True, False])
-def test_vblora_and_unilora_run_fused_over_their_own_factors(kind, train):
-    """VB-LoRA and UniLoRA compute LoRA's formula over factors the layer forms itself (top-k mixtures of
-    a shared vector bank; scaled entries of one shared vector): patched, PEFT's own _get_lora_matrices
-    forms them and one lora_linear runs per layer; outputs and the gradients of the shared bank /
-    vector (and VB-LoRA's logits) equal PEFT's (float64; eval with dropout: the identity)."""
+def test_vblora_unilora_and_delora_run_fused_over_their_formed_factors(kind, train):
+    """VB-LoRA, UniLoRA and DeLoRA compute LoRA's formula over factors formed each call (top-k mixtures
+    of a shared vector bank; scaled entries of one shared vector — both by PEFT's own
+    _get_lora_matrices —; DeLoRA's A scaled by the base's column norms and per row by λ / (r ‖A_i‖
+    ‖B_:i‖)): patched, one lora_linear runs per layer, and outputs and every gradient (the shared bank /
+    vector, VB-LoRA's logits, DeLoRA's A, B and λ through the norms) equal PEFT's (float64; eval with
+    dropout: the identity)."""
     from unittest import mock
 
     from peft_kernels.integrations import peft as integration
 
-    model = _own_factors_model(kind, dropout=0.0 if train else 0.3).train(train)
+    model = _formed_factors_model(kind, dropout=0.0 if train else 0.3).train(train)
     x = torch.randn(3, 5, 24, dtype=torch.float64)
     y0, gx0, g0 = _run(model, x)
     patched = copy.deepcopy(model)
@@ -638,7 +646,8 @@ def test_vblora_and_unilora_run_fused_over_their_own_factors(kind, train):
         y1, gx1, g1 = _run(patched, x)
     assert op.call_count == 6
     assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-    assert g0.keys() == g1.keys() and len(g0) == (13 if kind == "vblora" else 1)  # 6 x 2 logits + the bank; one vector
+    # VB-LoRA: 6 x 2 logits + the bank; UniLoRA: one vector; DeLoRA: 6 x (A, B, λ)
+    assert g0.keys() == g1.keys() and len(g0) == {"vblora": 13, "unilora": 1, "delora": 18}[kind]
     for n in g0:
         assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
     assert len(peft_kernels.unpatch_peft_model(patched)) == 6
@@ -695,17 +704,17 @@ def test_patched_dora_on_the_triton_backend_with_the_one_launch_norm_matches_unp
     assert len(calls) == 6 and peft_kernels.backends.last_used("dora_linear") == "triton"
 
 
-@pytest.mark.parametrize("kind", ["adalora", "vera", "loha", "vblora", "two lora adapters"])
+@pytest.mark.parametrize("kind", ["adalora", "vera", "loha", "vblora", "delora", "two lora adapters"])
 def test_factored_layers_on_the_triton_backend_match_unpatched(kind, monkeypatch, kernel_device):
-    """AdaLoRA, VeRA, LoHa and two joined LoRA adapters (lora_bias on one) on the triton backend
-    (interpreted here): the factors formed each call go through the kernels, and outputs and every
+    """AdaLoRA, VeRA, LoHa, VB-LoRA, DeLoRA and two joined LoRA adapters (lora_bias on one) on the
+    triton backend (interpreted here): the factors formed each call go through the kernels, and outputs and every
     gradient equal PEFT's (fp32)."""
     if kind == "adalora":
         model = _adalora_model()
     elif kind == "loha":
         model = _loha_model(dtype=torch.float32)
-    elif kind == "vblora":
-        model = _own_factors_model("vblora", dtype=torch.float32)
+    elif kind in ("vblora", "delora"):
+        model = _formed_factors_model(kind, dtype=torch.float32)
     elif kind == "vera":
         model = _vera_model()
     else:

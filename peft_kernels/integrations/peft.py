@@ -3,10 +3,10 @@
 whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
 their [in, out] weight; over any other base — bitsandbytes' 8-bit Linear8bitLt, a layer type
 peft_kernels does not know — the base runs its own forward and the LoRA branch alone is fused,
-lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear, VeRA, LoHa, VB-LoRA
-and UniLoRA Linear layers through the same ops (LoRA with other factors, formed each call:
+lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear, VeRA, LoHa, DeLoRA,
+VB-LoRA and UniLoRA Linear layers through the same ops (LoRA with other factors, formed each call:
 _AdaLoRAFamily, _VeRAFamily, _LoHaFamily — LoHa's Hadamard product as LoRA of rank r² —,
-_OwnFactorsFamily), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
+_DeLoRAFamily, _OwnFactorsFamily), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
 values at k fixed positions of W) through sparse_delta_linear — PEFT's own SHiRA forward clones
 the whole weight every step and its backward forms the dense [out, in] weight gradient to keep k
 entries of it; its trainable-tokens layers (trained rows of the embedding, and of a head tied to
@@ -396,6 +396,45 @@ class _LoHaFamily:
         return y.to(x.dtype)
 
 
+class _DeLoRAFamily:
+    """PEFT's DeLoRA Linear: y = base(x) + B diag(λ / (r ‖A_i‖ ‖B_:i‖)) A diag(w) dropout(x), w [in] the
+    frozen base's column norms (a buffer), the factor norms clamped at 1e-4 and not detached. As LoRA
+    factors: A' = (A ⊙ w) scaled per row by λ / (r ‖A_i‖ ‖B_:i‖), B' = B (the column scaling commutes
+    with the dropout mask); autograd takes A''s gradient back through the norms to A, B and λ."""
+
+    kind = "DeLoRA"
+    attr = "delora_A"
+
+    @staticmethod
+    def reason(layer, name: str) -> str | None:
+        A, B, lam = layer.delora_A[name], layer.delora_B[name], layer.delora_lambda[name]
+        w = layer.delora_w_norm[name] if name in layer.delora_w_norm else None
+        r = A.shape[0] if A.dim() == 2 else 0
+        if A.dim() != 2 or not 0 < r <= _checks.TRITON_MAX_RANK or tuple(B.shape) != (layer.out_features, r) \
+                or A.shape[1] != layer.in_features or lam.numel() != 1 or w is None or tuple(w.shape) != (A.shape[1],):
+            return (f"adapter {name!r} has rank outside 1..{_checks.TRITON_MAX_RANK} or shapes that do not chain: "
+                    f"delora_A {tuple(A.shape)}, delora_B {tuple(B.shape)}, lambda {tuple(lam.shape)}, "
+                    f"w_norm {None if w is None else tuple(w.shape)}")
+        return _dropout_reason(name, layer.delora_dropout[name])
+
+    @staticmethod
+    def factors(layer, name: str) -> _Factors:
+        A, B = _attr(layer, "delora_A")[name], _attr(layer, "delora_B")[name]
+        # DeloraLayer.forward's scaling, computed as PEFT does
+        an = torch.clamp(A.norm(dim=1), min=1e-4)
+        bn = torch.clamp(B.norm(dim=0), min=1e-4)
+        scale = (_attr(layer, "delora_lambda")[name] / layer.r[name]) / (an * bn)
+        A = (A * _attr(layer, "delora_w_norm")[name]) * scale[:, None]
+        kw = _op_kwargs(layer, _attr(layer, "delora_dropout")[name], 1.0)
+        return _Factors(A, B, None, kw, A.dtype)
+
+    @staticmethod
+    def magnitude(layer, name: str) -> None:
+        return None
+
+    output = staticmethod(_LoHaFamily.output)  # DeloraLayer.forward ends in result.to(x's dtype) too
+
+
 class _OwnFactorsFamily:
     """PEFT tuners whose forward is LoRA's over factors the layer forms itself: result +
     F.linear(F.linear(dropout(x), A), B) with A [r, in], B [out, r] = layer._get_lora_matrices(name)
@@ -550,7 +589,7 @@ def _whole_reason(family, layer, name: str, base) -> str | None:
 
 class _FamilyForward(_PatchedForward):
     """A patched layer of a LoRA-like family (``family``: _LoRAFamily, _AdaLoRAFamily, _VeRAFamily,
-    _LoHaFamily, an _OwnFactorsFamily)."""
+    _LoHaFamily, _DeLoRAFamily, an _OwnFactorsFamily)."""
 
     def __init__(self, layer, original, family):
         super().__init__(layer, original)
@@ -834,8 +873,8 @@ def _optional_class(module_name: str, class_name: str):
 def patch_peft_model(model: nn.Module) -> PatchReport:
     """Route the HF PEFT layers of ``model`` (a PeftModel or any module containing PEFT layers)
     through peft_kernels' fused ops, in place: every LoRA Linear (DoRA, lora_bias, bnb 4-/8-bit
-    bases included), AdaLoRA SVDLinear and the VeRA, LoHa (r <= 16), VB-LoRA and UniLoRA Linear
-    layers through lora_linear (their adapters are LoRA factors formed each call), every SHiRA Linear through sparse_delta_linear, and every
+    bases included), AdaLoRA SVDLinear and the VeRA, LoHa (r <= 16), DeLoRA, VB-LoRA and UniLoRA
+    Linear layers through lora_linear (their adapters are LoRA factors formed each call), every SHiRA Linear through sparse_delta_linear, and every
     trainable-tokens layer (trainable_token_indices) through sparse_delta_embedding /
     sparse_delta_linear. Any other PEFT tuner layer is left to PEFT and listed, with why, in the
     returned PatchReport."""
@@ -852,6 +891,7 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     factored = {t: family for t, family in ((_optional_class("peft.tuners.adalora.layer", "SVDLinear"), _AdaLoRAFamily),
                                             (_optional_class("peft.tuners.vera.layer", "Linear"), _VeRAFamily),
                                             (_optional_class("peft.tuners.loha.layer", "Linear"), _LoHaFamily),
+                                            (_optional_class("peft.tuners.delora.layer", "DeloraLinear"), _DeLoRAFamily),
                                             (_optional_class("peft.tuners.vblora.layer", "Linear"),
                                              _OwnFactorsFamily("VB-LoRA", "vblora_logits_A", "vblora_dropout", "vblora_vector_bank")),
                                             (_optional_class("peft.tuners.unilora.layer", "Linear"),
