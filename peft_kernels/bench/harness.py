@@ -263,6 +263,21 @@ def fwd_bwd_step(forward, params, grad_out, forward_only: bool = False):
     return run
 
 
+def frozen_layer_inputs(M: int, K: int, N: int, device, dtype):
+    """One shape's seeded inputs for a fwd+bwd benchmark of a frozen layer: (x [M, K] requiring grad,
+    the frozen weight w [N, K], step(forward, params) — fwd_bwd_step against a fixed random dY
+    [M, N] —, {"floor": the step of F.linear(x, w)}: the case every ratio is taken against)."""
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+
+    def step(forward, params):
+        return fwd_bwd_step(forward, params, dy)
+
+    return x, w, step, {"floor": step(lambda: torch.nn.functional.linear(x, w), [x])}
+
+
 def run_shapes(label: str, shapes, make_cases, device: torch.device, reps: int) -> dict:
     """Time every case of every shape. make_cases(M, K, N) -> {name: fwd+bwd callable}, one named
     "floor" first (the frozen-layer baseline every ratio is taken against)."""

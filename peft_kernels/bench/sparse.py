@@ -26,15 +26,7 @@ CPU_SHAPES = [(64, 256, 192)]
 def cases(M, K, N, device, dtype):
     from ..triton import sparse as tri
 
-    torch.manual_seed(0)
-    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-    w = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
-    dy = torch.randn(M, N, device=device, dtype=dtype)
-
-    def step(forward, params):
-        return harness.fwd_bwd_step(forward, params, dy)
-
-    out = {"floor": step(lambda: F.linear(x, w), [x])}
+    x, w, step, out = harness.frozen_layer_inputs(M, K, N, device, dtype)
     wp = nn.Parameter(w.clone())
     mask = (torch.rand(N, K, device=device) < 0.01).to(dtype)
     wp.register_hook(lambda g: g * mask)

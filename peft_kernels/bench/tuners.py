@@ -19,7 +19,6 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from . import harness
 from .lora import CPU_SHAPES, GPU_SHAPES
@@ -80,15 +79,7 @@ def cases(M, K, N, device, dtype, tuners=TUNERS):
     """{name: fwd+bwd callable} for one shape: the floor, then each tuner unpatched and patched."""
     from .. import patch_peft_model
 
-    torch.manual_seed(0)
-    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-    w = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
-    dy = torch.randn(M, N, device=device, dtype=dtype)
-
-    def step(forward, params):
-        return harness.fwd_bwd_step(forward, params, dy)
-
-    out = {"floor": step(lambda: F.linear(x, w), [x])}
+    x, w, step, out = harness.frozen_layer_inputs(M, K, N, device, dtype)
     for tuner in tuners:
         layer = tuner_layer(w, tuner)
         if layer is None:
