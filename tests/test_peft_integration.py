@@ -561,6 +561,22 @@ def test_loha_rank_and_module_dropout_draw_as_peft_does():
     assert not torch.allclose(_run(patched, x)[0], plain)  # the masks act in training
 
 
+def test_loha_scaling_is_rounded_to_float32_as_torch_tensor_rounds_it():
+    """PEFT multiplies LoHa's Δ by torch.tensor(scaling), a float32: the patch rounds the scaling the
+    same way in plain Python (no host tensor per call; torch.compile folds it) — every value, ties to
+    even, float32's overflow and subnormals included."""
+    from peft_kernels.integrations.peft import _as_float32
+
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(20000, generator=g, dtype=torch.float64) * torch.exp(torch.randn(20000, generator=g,
+                                                                                           dtype=torch.float64) * 20))
+    f32 = torch.tensor([1.0, 1.5, 1.75], dtype=torch.float32)
+    ties = (f32.double() + torch.nextafter(f32, torch.tensor(2.0)).double()) / 2  # halfway between floats
+    extremes = torch.tensor([5 / 3, 3.4028235e38, 3.40282357e38, -1e300, 2.0**-130, -(2.0**-149), 0.0], dtype=torch.float64)
+    for v in torch.cat([values, ties, extremes]).tolist():
+        assert _as_float32(v) == torch.tensor(v, dtype=torch.float32).item() or v != v, v
+
+
 def test_loha_layers_the_fused_op_cannot_take_are_left_to_peft():
     """LoHa of rank 17 (r² = 289 LoRA columns, above what one kernel takes) and LoHa over a Conv2d
     are left to PEFT with why; LoHa over a base of its own forward fuses the branch alone (lora_delta),

@@ -27,8 +27,8 @@ as PEFT does), with a warning once per layer so it is never silent.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
+import math
 import typing
 import warnings
 
@@ -383,7 +383,9 @@ class _LoHaFamily:
             drop /= drop.mean()
             B = B * drop.to(B.device)[:, None]
         # PEFT multiplies Δ by torch.tensor(scaling): the scaling rounded to the default dtype
-        scaling = _in_default_dtype(float(layer.scaling[name]), torch.get_default_dtype())
+        scaling = float(layer.scaling[name])
+        if torch.get_default_dtype() == torch.float32:
+            scaling = _as_float32(scaling)
         return _Factors(A, B, None, {"scaling": scaling, "dropout_p": 0.0, "training": layer.training}, w1a.dtype)
 
     @staticmethod
@@ -464,9 +466,14 @@ class _OwnFactorsFamily:
     output = staticmethod(_LoHaFamily.output)  # their forward ends in result.to(x's dtype) too
 
 
-@functools.lru_cache(maxsize=64)
-def _in_default_dtype(value: float, dtype: torch.dtype) -> float:
-    return float(torch.tensor(value, dtype=dtype))
+def _as_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32, ties to even (what torch.tensor(value) holds), in
+    plain Python arithmetic: no tensor on the host per call, and torch.compile folds it."""
+    if value == 0.0 or not math.isfinite(value) or abs(value) < 2.0**-126:  # zero, inf/nan, subnormal
+        return float(torch.tensor(value, dtype=torch.float32))
+    mantissa, exponent = math.frexp(value)  # |mantissa| in [0.5, 1): 24 significant bits below
+    rounded = math.ldexp(round(mantissa * 2**24) / 2**24, exponent)
+    return rounded if abs(rounded) < 2.0**128 else math.copysign(math.inf, value)  # float32 overflows
 
 
 def _call_factors(family, layer, names: list[str]) -> list[_Factors]:
