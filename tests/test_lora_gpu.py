@@ -152,7 +152,7 @@ def test_fast_relaunch_of_the_4bit_products_is_bit_exact(monkeypatch):
     assert policy._COMPILED
 
 
-@pytest.mark.parametrize("tuner", ["lora", "adalora", "vera", "loha", "vblora"])
+@pytest.mark.parametrize("tuner", ["lora", "adalora", "vera", "loha", "delora", "vblora"])
 def test_patched_peft_tuners_bf16_on_cuda(tuner):
     """A PEFT tuner layer at a real size (1024 tokens, 4096 -> 4096; VeRA r = 256 and LoHa r = 8,
     i.e. rank 64, reach the kernels' larger rank tiles), patched (the compiled kernels, bf16) against

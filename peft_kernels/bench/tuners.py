@@ -2,8 +2,8 @@
 
 One frozen nn.Linear (weight [N, K]) under each PEFT tuner the patch computes: LoRA r=16 (dropout
 0.05), AdaLoRA init_r=16 (dropout 0.05), VeRA r=256 (its shared frozen matrices; dropout 0.05),
-LoHa r=8 (patched: its Hadamard product as LoRA of rank 64), VB-LoRA r=16 (a bank of 256 vectors,
-top-2; dropout 0.05) and SHiRA r=16 (k = 16·(K + N) trained entries, LoRA r=16's parameter count). Each runs "HF PEFT <tuner>" (PEFT's own forward) and
+LoHa r=8 (patched: its Hadamard product as LoRA of rank 64), DeLoRA r=16 (dropout 0.05), VB-LoRA
+r=16 (a bank of 256 vectors, top-2; dropout 0.05) and SHiRA r=16 (k = 16·(K + N) trained entries, LoRA r=16's parameter count). Each runs "HF PEFT <tuner>" (PEFT's own forward) and
 "patched <tuner>" (the same layer after patch_peft_model). Adapters in the base dtype, every one
 drawn non-zero (no zero-initialized factor: both products do real work). The floor is
 F.linear(x, W) with x requiring grad (forward and dX).
@@ -23,7 +23,7 @@ import torch
 from . import harness
 from .lora import CPU_SHAPES, GPU_SHAPES
 
-TUNERS = ("lora", "adalora", "vera", "loha", "vblora", "shira")
+TUNERS = ("lora", "adalora", "vera", "loha", "delora", "vblora", "shira")
 
 
 def _config(peft, tuner: str, shape):
@@ -37,6 +37,8 @@ def _config(peft, tuner: str, shape):
         return peft.VeraConfig(r=256, vera_dropout=0.05, target_modules=target)
     if tuner == "loha":
         return peft.LoHaConfig(r=8, alpha=16, target_modules=target, init_weights=False)
+    if tuner == "delora":
+        return peft.DeloraConfig(r=16, delora_lambda=15, module_dropout=0.05, target_modules=target)
     if tuner == "vblora":  # the bank's vectors tile both dimensions
         return peft.VBLoRAConfig(r=16, num_vectors=256, vector_length=math.gcd(*shape, 256), topk=2,
                                  vblora_dropout=0.05, target_modules=target)
@@ -46,7 +48,7 @@ def _config(peft, tuner: str, shape):
 
 
 # PEFT starts these at zero (the adapter computes nothing until trained): drawn here instead
-_ZERO_AT_INIT = ("lora_B", "lora_E", "vera_lambda_b", "shira_weight")
+_ZERO_AT_INIT = ("lora_B", "lora_E", "vera_lambda_b", "delora_B", "shira_weight")
 
 
 def tuner_layer(w: torch.Tensor, tuner: str):
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
                                  device, reps)
     payload["benchmark"] = "PEFT tuner layers fwd+bwd"
     payload["config"].update(dtype=str(dtype), tuners=tuners,
-                             ranks={"lora": 16, "adalora": 16, "vera": 256, "loha": 8, "vblora": 16, "shira": 16})
+                             ranks={"lora": 16, "adalora": 16, "vera": 256, "loha": 8, "delora": 16, "vblora": 16,
+                                    "shira": 16})
     harness.report(payload, args.out, args.plot)
     return 0
