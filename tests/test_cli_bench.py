@@ -82,7 +82,8 @@ def test_bench_tuners_on_cpu(tmp_path):
     data = json.loads(out.read_text())
     assert data["benchmark"] == "PEFT tuner layers fwd+bwd"
     cases = {r["case"]: r for r in data["results"]}
-    expected = {"floor"} | {f"{who} {t}" for t in ("lora", "adalora", "vera", "loha", "delora", "vblora") for who in ("HF PEFT", "patched")}
+    expected = {"floor"} | {f"{who} {t}" for t in ("lora", "adalora", "vera", "loha", "delora", "vblora")
+                            for who in ("HF PEFT", "patched")}
     assert expected <= set(cases), set(cases)
     assert cases["patched loha"]["saved_mib"] < cases["HF PEFT loha"]["saved_mib"] / 1.5
     with pytest.raises(SystemExit):

@@ -184,4 +184,5 @@ def test_patched_peft_tuners_bf16_on_cuda(tuner):
     for i, (k, e, r) in enumerate(zip(ours, eager, ref)):
         assert k is not None and k.dtype == e.dtype and k.shape == e.shape, i
         err_k, err_e = rel_err(k, r), rel_err(e, r)
-        assert err_k <= max(2 * err_e, FLOOR[torch.bfloat16]), f"{tuner} [{i}]: patched {err_k:.3e}, PEFT bf16 {err_e:.3e}"
+        assert err_k <= max(2 * err_e, FLOOR[torch.bfloat16]), \
+            f"{tuner} [{i}]: patched {err_k:.3e}, PEFT bf16 {err_e:.3e}"

@@ -572,7 +572,8 @@ def test_loha_scaling_is_rounded_to_float32_as_torch_tensor_rounds_it():
                                                                                            dtype=torch.float64) * 20))
     f32 = torch.tensor([1.0, 1.5, 1.75], dtype=torch.float32)
     ties = (f32.double() + torch.nextafter(f32, torch.tensor(2.0)).double()) / 2  # halfway between floats
-    extremes = torch.tensor([5 / 3, 3.4028235e38, 3.40282357e38, -1e300, 2.0**-130, -(2.0**-149), 0.0], dtype=torch.float64)
+    extremes = torch.tensor([5 / 3, 3.4028235e38, 3.40282357e38, -1e300, 2.0**-130, -(2.0**-149), 0.0],
+                            dtype=torch.float64)
     for v in torch.cat([values, ties, extremes]).tolist():
         assert _as_float32(v) == torch.tensor(v, dtype=torch.float32).item() or v != v, v
 
@@ -1215,6 +1216,47 @@ def test_patched_adalora_and_vera_over_bnb_linear4bit_run_qlora_linear(family):
     backends._LAST_USED.clear()
     _assert_runs_as(model, x, reference)
     assert backends.last_used("qlora_linear") == "torch"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_patched_adalora_over_a_model_loaded_in_4_or_8_bits(bits):
+    """AdaLoRA over a model loaded in 4 / 8 bits (transformers sets is_loaded_in_4bit / _8bit) gets
+    PEFT's bnb classes, SVDLinear4bit / SVDLinear8bitLt — once reported as "not a LoRA Linear" and left
+    to PEFT. Patched: over the 4-bit base qlora_linear reads bnb's bytes (A' = A ⊙ E / ranknum);
+    beside the 8-bit base's LLM.int8 product the branch runs lora_delta; outputs and every gradient
+    equal PEFT's, with some singular values masked as the rank allocator does."""
+    from unittest import mock
+
+    from peft_kernels.integrations import peft as integration
+
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    if bits == 4:
+        net = Bnb4bitNet()
+        net.is_loaded_in_4bit = True
+        x = torch.randn(5, IN_4BIT)
+    else:
+        first = bnb.nn.Linear8bitLt(24, 40, has_fp16_weights=False, threshold=6.0)
+        first.load_state_dict(nn.Linear(24, 40).state_dict())
+        net = nn.Sequential(first, nn.Tanh(), nn.Linear(40, 6)).to("cpu")  # bnb quantizes on the move
+        net.is_loaded_in_8bit = True
+        x = torch.randn(3, 5, 24)
+    target = "q_proj" if bits == 4 else "0"
+    model = peft.get_peft_model(net, peft.AdaLoraConfig(init_r=4, target_r=2, total_step=5, lora_alpha=8,
+                                                        target_modules=[target]))
+    layer = model.base_model.model.get_submodule(target)
+    assert type(layer).__name__ == ("SVDLinear4bit" if bits == 4 else "SVDLinear8bitLt")
+    with torch.no_grad():
+        layer.lora_E["default"].normal_(0.0, 0.5)
+        layer.lora_E["default"][1] = 0.0
+    reference = _run(model, x)
+    report = peft_kernels.patch_peft_model(model)
+    assert report.patched == [f"base_model.model.{target}"] and not report.skipped, str(report)
+    assert bool(report.branch_only) == (bits == 8)
+    op = "qlora_linear" if bits == 4 else "lora_delta"
+    with mock.patch.object(integration, op, wraps=getattr(integration, op)) as fused:
+        grads = _assert_runs_as(model, x, reference)
+    assert fused.call_count == 1 and {n.rsplit(".", 2)[-2] for n in grads} >= {"lora_A", "lora_E", "lora_B"}
 
 
 def _repack_for_bnb_cpu(layer):

@@ -293,7 +293,8 @@ def run_shapes(label: str, shapes, make_cases, device: torch.device, reps: int) 
             # torch.compile cases: not graphed, and saved-tensor hooks would change what they compile
             compiled = "compile" in name
             saved = saved_mib(fn.forward) if hasattr(fn, "forward") and not compiled else None
-            graphed = time_ms_graphed(fn, device, reps) if not compiled else None
+            # a case that syncs with the device inside its step cannot be captured (graphable = False)
+            graphed = time_ms_graphed(fn, device, reps) if not compiled and getattr(fn, "graphable", True) else None
             if name == "floor":
                 floor, floor_g = ms, graphed
             results.append({"M": M, "K": K, "N": N, "case": name, "ms": ms, "ratio": ms / floor,

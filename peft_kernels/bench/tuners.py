@@ -3,8 +3,9 @@
 One frozen nn.Linear (weight [N, K]) under each PEFT tuner the patch computes: LoRA r=16 (dropout
 0.05), AdaLoRA init_r=16 (dropout 0.05), VeRA r=256 (its shared frozen matrices; dropout 0.05),
 LoHa r=8 (patched: its Hadamard product as LoRA of rank 64), DeLoRA r=16 (dropout 0.05), VB-LoRA
-r=16 (a bank of 256 vectors, top-2; dropout 0.05) and SHiRA r=16 (k = 16·(K + N) trained entries, LoRA r=16's parameter count). Each runs "HF PEFT <tuner>" (PEFT's own forward) and
-"patched <tuner>" (the same layer after patch_peft_model). Adapters in the base dtype, every one
+r=16 (a bank of 256 vectors, top-2; dropout 0.05) and SHiRA r=16 (k = 16·(K + N) trained entries,
+LoRA r=16's parameter count). Each runs "HF PEFT <tuner>" (PEFT's own forward) and "patched
+<tuner>" (the same layer after patch_peft_model). Adapters in the base dtype, every one
 drawn non-zero (no zero-initialized factor: both products do real work). The floor is
 F.linear(x, W) with x requiring grad (forward and dX).
 
@@ -94,6 +95,9 @@ def cases(M, K, N, device, dtype, tuners=TUNERS):
         for label, module in ((f"HF PEFT {tuner}", layer), (f"patched {tuner}", patched)):
             params = [x] + [p for p in module.parameters() if p.requires_grad]
             out[label] = step(lambda module=module: module(x), params)
+            # PEFT's VB-LoRA checks its logits for inf on the device in training (a sync; both rows
+            # call it): not capturable in a CUDA graph
+            out[label].graphable = tuner != "vblora"
     return out
 
 

@@ -3,14 +3,15 @@
 whose packed bytes are read as they are; GPT-2-style Conv1D bases through a transposed view of
 their [in, out] weight; over any other base — bitsandbytes' 8-bit Linear8bitLt, a layer type
 peft_kernels does not know — the base runs its own forward and the LoRA branch alone is fused,
-lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear, VeRA, LoHa, DeLoRA,
-VB-LoRA and UniLoRA Linear layers through the same ops (LoRA with other factors, formed each call:
-_AdaLoRAFamily, _VeRAFamily, _LoHaFamily — LoHa's Hadamard product as LoRA of rank r² —,
-_DeLoRAFamily, _OwnFactorsFamily), and its SHiRA Linear layers (PEFT's sparse high-rank adapter: trained
-values at k fixed positions of W) through sparse_delta_linear — PEFT's own SHiRA forward clones
-the whole weight every step and its backward forms the dense [out, in] weight gradient to keep k
-entries of it; its trainable-tokens layers (trained rows of the embedding, and of a head tied to
-it) likewise, through sparse_delta_embedding and sparse_delta_linear.
+lora_delta; lora_B's bias, PEFT's lora_bias, joins the op's bias), its AdaLoRA SVDLinear and its
+VeRA, LoHa, DeLoRA, VB-LoRA and UniLoRA Linear layers through the same ops (LoRA with other
+factors, formed each call: _AdaLoRAFamily, _VeRAFamily, _LoHaFamily — LoHa's Hadamard product as
+LoRA of rank r² —, _DeLoRAFamily, _OwnFactorsFamily), and its SHiRA Linear layers (PEFT's sparse
+high-rank adapter: trained values at k fixed positions of W) through sparse_delta_linear — PEFT's
+own SHiRA forward clones the whole weight every step and its backward forms the dense [out, in]
+weight gradient to keep k entries of it; its trainable-tokens layers (trained rows of the
+embedding, and of a head tied to it) likewise, through sparse_delta_embedding and
+sparse_delta_linear.
 
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` (a method bound
 to the layer, so a copy.deepcopy of the model is patched too and computes with its own weights)
@@ -353,14 +354,16 @@ class _LoHaFamily:
         if name in layer.hada_t1:
             return f"adapter {name!r} uses LoHa's CP decomposition (hada_t1: a convolution's)"
         try:
-            w1a, w1b, w2a, w2b = (getattr(layer, part)[name] for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+            w1a, w1b, w2a, w2b = (getattr(layer, part)[name]
+                                  for part in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
         except KeyError:
             return f"adapter {name!r} lacks one of hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b"
         r, out, inp = w1a.shape[-1], layer.out_features, layer.in_features
         if any(w.dim() != 2 for w in (w1a, w1b, w2a, w2b)) or r == 0 or tuple(w2a.shape) != (out, r) \
                 or tuple(w1a.shape) != (out, r) or tuple(w1b.shape) != (r, inp) or tuple(w2b.shape) != (r, inp):
             return (f"adapter {name!r}'s shapes do not chain with the [{out}, {inp}] weight: hada_w1_a "
-                    f"{tuple(w1a.shape)}, hada_w1_b {tuple(w1b.shape)}, hada_w2_a {tuple(w2a.shape)}, hada_w2_b {tuple(w2b.shape)}")
+                    f"{tuple(w1a.shape)}, hada_w1_b {tuple(w1b.shape)}, hada_w2_a {tuple(w2a.shape)}, "
+                    f"hada_w2_b {tuple(w2b.shape)}")
         if r * r > _checks.TRITON_MAX_RANK:
             return (f"adapter {name!r} has rank {r}: its Hadamard product is LoRA of rank r² = {r * r}, above the "
                     f"{_checks.TRITON_MAX_RANK} one fused kernel takes (r <= 16)")
@@ -881,10 +884,10 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     """Route the HF PEFT layers of ``model`` (a PeftModel or any module containing PEFT layers)
     through peft_kernels' fused ops, in place: every LoRA Linear (DoRA, lora_bias, bnb 4-/8-bit
     bases included), AdaLoRA SVDLinear and the VeRA, LoHa (r <= 16), DeLoRA, VB-LoRA and UniLoRA
-    Linear layers through lora_linear (their adapters are LoRA factors formed each call), every SHiRA Linear through sparse_delta_linear, and every
-    trainable-tokens layer (trainable_token_indices) through sparse_delta_embedding /
-    sparse_delta_linear. Any other PEFT tuner layer is left to PEFT and listed, with why, in the
-    returned PatchReport."""
+    Linear layers through lora_linear (their adapters are LoRA factors formed each call), every
+    SHiRA Linear through sparse_delta_linear, and every trainable-tokens layer
+    (trainable_token_indices) through sparse_delta_embedding / sparse_delta_linear. Any other PEFT
+    tuner layer is left to PEFT and listed, with why, in the returned PatchReport."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -894,15 +897,22 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     PeftLoraLinear8bit = _optional_class("peft.tuners.lora.bnb", "Linear8bitLt")
     lora_linear_types = tuple(t for t in (PeftLoraLinear, _optional_class("peft.tuners.lora.bnb", "Linear4bit"),
                                           PeftLoraLinear8bit) if t is not None)
+    # AdaLoRA over a model loaded in 4 / 8 bits (transformers' is_loaded_in_*bit): PEFT's bnb classes,
+    # the 4-bit one through qlora_linear over bnb's bytes, beside the 8-bit one's LLM.int8 product the branch
+    AdaLoraLinear8bit = _optional_class("peft.tuners.adalora.bnb", "SVDLinear8bitLt")
     # exact classes: their bnb / conv subclasses compute differently and stay PEFT's
     factored = {t: family for t, family in ((_optional_class("peft.tuners.adalora.layer", "SVDLinear"), _AdaLoRAFamily),
+                                            (_optional_class("peft.tuners.adalora.bnb", "SVDLinear4bit"), _AdaLoRAFamily),
+                                            (AdaLoraLinear8bit, _AdaLoRAFamily),
                                             (_optional_class("peft.tuners.vera.layer", "Linear"), _VeRAFamily),
                                             (_optional_class("peft.tuners.loha.layer", "Linear"), _LoHaFamily),
                                             (_optional_class("peft.tuners.delora.layer", "DeloraLinear"), _DeLoRAFamily),
                                             (_optional_class("peft.tuners.vblora.layer", "Linear"),
-                                             _OwnFactorsFamily("VB-LoRA", "vblora_logits_A", "vblora_dropout", "vblora_vector_bank")),
+                                             _OwnFactorsFamily("VB-LoRA", "vblora_logits_A", "vblora_dropout",
+                                                               "vblora_vector_bank")),
                                             (_optional_class("peft.tuners.unilora.layer", "Linear"),
-                                             _OwnFactorsFamily("UniLoRA", "unilora_indices_A", "unilora_dropout", "unilora_theta_d")))
+                                             _OwnFactorsFamily("UniLoRA", "unilora_indices_A", "unilora_dropout",
+                                                               "unilora_theta_d")))
                 if t is not None}
     PeftShiraLinear = _optional_class("peft.tuners.shira.layer", "Linear")  # peft >= 0.17
     ShiraLayer = _optional_class("peft.tuners.shira.layer", "ShiraLayer")
@@ -931,7 +941,7 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
                 report.patched.append(name)
             continue
         if type(module) in factored:
-            _patch_layer(report, name, module, factored[type(module)])
+            _patch_layer(report, name, module, factored[type(module)], bnb_8bit=type(module) is AdaLoraLinear8bit)
         elif isinstance(module, lora_linear_types):
             bnb_8bit = PeftLoraLinear8bit is not None and isinstance(module, PeftLoraLinear8bit)
             _patch_layer(report, name, module, _LoRAFamily, bnb_8bit)
