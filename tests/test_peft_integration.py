@@ -670,6 +670,31 @@ def test_vblora_unilora_and_delora_run_fused_over_their_formed_factors(kind, tra
     assert len(peft_kernels.unpatch_peft_model(patched)) == 6
 
 
+@pytest.mark.parametrize("kind", ["loha", "delora", "vblora", "unilora"])
+def test_formed_factor_tuners_keep_peft_states_and_save_patched(kind):
+    """The new families patched: disabled adapters and merged weights run PEFT's forward (merged equals
+    fused); torch.save / torch.load of the patched model gives a model that is still patched and
+    computes the same."""
+    import io
+
+    model = (_loha_model() if kind == "loha" else _formed_factors_model(kind)).eval()
+    assert not peft_kernels.patch_peft_model(model).skipped
+    x = torch.randn(2, 24, dtype=torch.float64)
+    fused = model(x)
+    with model.disable_adapter():
+        plain = model(x)
+    model.merge_adapter()
+    merged = model(x)
+    model.unmerge_adapter()
+    assert torch.allclose(merged, fused, rtol=1e-10, atol=1e-12) and not torch.allclose(plain, fused, atol=1e-6)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.base_model.model.layers[0].q_proj.__dict__.get("forward")).__name__ == "_FusedForward"
+    assert torch.equal(loaded(x), model(x))  # (after unmerge the base weight is W + Δ - Δ: not fused's W)
+
+
 def test_lora_variants_that_compute_something_else_are_left_to_peft(tmp_path):
     """aLoRA (activated LoRA: the adapter acts only after its invocation tokens) is not plain LoRA:
     patch_peft_model leaves its layers to PEFT, and load_adapter refuses its adapter rather than
