@@ -323,6 +323,45 @@ def test_patched_adalora_and_vera_on_gpt2_conv1d_layers_match_peft(family):
         assert torch.allclose(grads1[n], grads0[n], rtol=1e-10, atol=1e-12), n
 
 
+@pytest.mark.parametrize("family", ["loha", "delora", "vblora", "vblora on gpt2"])
+def test_patched_formed_factor_tuners_on_llama_and_gpt2_match_peft(family):
+    """LoHa (rank and module dropout on, seeded), DeLoRA and VB-LoRA on all seven projections of a
+    LlamaConfig model, and VB-LoRA over GPT-2's Conv1D projections (fan_in_fan_out): patched, each
+    layer is one fused LoRA op over the formed factors; a seeded training step's logits and every
+    gradient equal PEFT's (float64), with gradient checkpointing on."""
+    import copy
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if family == "loha":
+        cfg = peft.LoHaConfig(r=3, alpha=6, rank_dropout=0.2, module_dropout=0.3, target_modules=targets,
+                              init_weights=False)
+    elif family == "delora":
+        cfg = peft.DeloraConfig(r=4, delora_lambda=9, module_dropout=0.0, target_modules=targets)
+    else:
+        cfg = peft.VBLoRAConfig(r=4, num_vectors=12, vector_length=8, topk=2, target_modules=targets,
+                                fan_in_fan_out=family.endswith("gpt2"))
+        if family.endswith("gpt2"):
+            cfg.target_modules = GPT2_TARGETS
+    base = _gpt2() if family.endswith("gpt2") else _llama()
+    model = peft.get_peft_model(base.double(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "delora_B" in n:  # PEFT starts it at zero
+                p.normal_(std=0.3)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == (8 if family.endswith("gpt2") else 14) and not report.skipped, str(report)
+    ids = _ids(2, 9)
+    torch.manual_seed(3)
+    logits0, grads0 = _lm_step(model, ids)
+    torch.manual_seed(3)
+    logits1, grads1 = _lm_step(patched, ids)
+    assert torch.allclose(logits1, logits0, rtol=1e-10, atol=1e-12) and grads0.keys() == grads1.keys() and grads0
+    for n in grads0:
+        assert torch.allclose(grads1[n], grads0[n], rtol=1e-10, atol=1e-12), n
+
+
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_apply_lora_on_gpt2_conv1d_layers_matches_peft(use_dora, tmp_path):
     """apply_lora on GPT-2's Conv1D projections ([in, out] weights, PEFT's fan_in_fan_out): the
