@@ -121,6 +121,54 @@ def test_patched_matches_unpatched_on_random_configurations(seed):
             assert torch.allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12), name
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_patched_factored_tuners_match_unpatched_on_random_configurations(seed):
+    """Random configurations of the tuners patched as LoRA with formed factors — AdaLoRA, VeRA, LoHa
+    (its rank and module dropout on: seeded, they repeat PEFT's draws), DeLoRA, VB-LoRA, UniLoRA —
+    over odd widths down to 1, random ranks and targets, float64, train (a seeded step) and eval:
+    outputs and every gradient equal unpatched PEFT's."""
+    import random
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tuner = ["adalora", "vera", "loha", "delora", "vblora", "unilora"][seed % 6]
+    unit = rng.choice([1, 2, 4]) if tuner == "vblora" else 1  # VB-LoRA's vectors tile both widths
+    d, h = unit * rng.randint(1, 12), unit * rng.randint(1, 12)
+    net = nn.Sequential(nn.Linear(d, h, bias=rng.random() < 0.5), nn.Tanh(), nn.Linear(h, h), nn.ReLU(),
+                        nn.Linear(h, 3 * unit)).double()
+    targets = rng.sample(["0", "2", "4"], rng.randint(1, 3))
+    r = rng.choice([1, 2, 5])
+    cfg = {"adalora": lambda: peft.AdaLoraConfig(init_r=r + 1, target_r=1, total_step=10, lora_alpha=rng.choice([1, 8]),
+                                                 target_modules=targets),
+           "vera": lambda: peft.VeraConfig(r=rng.choice([1, 4, 16]), target_modules=targets),
+           "loha": lambda: peft.LoHaConfig(r=rng.choice([1, 2, 5, 16]), alpha=rng.choice([1, 3, 16]),
+                                           rank_dropout=rng.choice([0.0, 0.3]), module_dropout=rng.choice([0.0, 0.4]),
+                                           target_modules=targets, init_weights=False),
+           "delora": lambda: peft.DeloraConfig(r=r, delora_lambda=rng.choice([1, 15]), target_modules=targets),
+           "vblora": lambda: peft.VBLoRAConfig(r=r, num_vectors=rng.choice([4, 9]), vector_length=unit,
+                                               topk=rng.choice([1, 2]), target_modules=targets),
+           "unilora": lambda: peft.UniLoraConfig(r=r, theta_d_length=rng.choice([7, 64]), target_modules=targets,
+                                                 init_weights=False)}[tuner]()
+    model = peft.get_peft_model(net, cfg)
+    for name, p in model.named_parameters():
+        if any(part in name for part in ("lora_E", "vera_lambda_b", "delora_B")):  # PEFT starts these at zero
+            nn.init.normal_(p, std=0.5)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == len(targets) and not report.skipped, (tuner, str(report))
+    x = torch.randn(rng.randint(1, 5), 3, d, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        patched.train(train)
+        torch.manual_seed(seed)
+        y0, gx0, g0 = _run(model, x)
+        torch.manual_seed(seed)
+        y1, gx1, g1 = _run(patched, x)
+        assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+        assert g0.keys() == g1.keys(), tuner
+        for name in g0:
+            assert torch.allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12), (tuner, name)
+
+
 def _two_adapters(model, cfg):
     """``model`` with a second adapter "other" (``cfg``) and both active, as
     ``base_model.set_adapter([...])`` makes them; its lora_B not zero."""
