@@ -235,7 +235,26 @@ class _Factors(typing.NamedTuple):
     cast_dtype: torch.dtype  # PEFT's _cast_input_dtype target for x on the branch path
 
 
-class _LoRAFamily:
+class _Family:
+    """What a LoRA-like family of PEFT layers tells the patched forward: ``kind`` (its name, in
+    warnings), ``attr`` (the layer's dict of adapters, by name), ``reason(layer, name)`` (why an
+    adapter cannot be fused, or None), ``factors(layer, name)`` (its _Factors for this call, or None
+    when the adapter sits this call out); and, defaulted here, ``magnitude`` (DoRA's, else None) and
+    ``output`` (the result in the dtype PEFT's forward returns: the base output's, the ops' too, unless
+    ``out_in_x_dtype``: forwards that end in result.to(x's dtype))."""
+
+    out_in_x_dtype = False
+
+    @staticmethod
+    def magnitude(layer, name: str) -> torch.Tensor | None:
+        return None
+
+    @classmethod
+    def output(cls, y, x):
+        return y.to(x.dtype) if cls.out_in_x_dtype else y
+
+
+class _LoRAFamily(_Family):
     """PEFT's LoRA Linear (lora.layer.Linear and its bnb 4-/8-bit classes): lora_A / lora_B are
     nn.Linear modules; lora_bias=True puts a bias on lora_B, which PEFT scales with the branch."""
 
@@ -258,13 +277,8 @@ class _LoRAFamily:
         """DoRA's magnitude vector [out], or None for plain LoRA."""
         return _attr(_attr(layer, "lora_magnitude_vector")[name], "weight") if _is_dora(layer, name) else None
 
-    @staticmethod
-    def output(y, x):
-        """The patched forward's result as PEFT returns it: in the base output's dtype, which the ops' is."""
-        return y
 
-
-class _AdaLoRAFamily:
+class _AdaLoRAFamily(_Family):
     """PEFT's AdaLoRA SVDLinear: y = base(x) + (dropout(x) (A ⊙ E)^T B^T) · scaling / (ranknum + 1e-5),
     A [r, in], E [r, 1] (the singular values the rank allocator masks), B [out, r] Parameters. As LoRA
     factors: A' = A ⊙ E / (ranknum + 1e-5), formed on the device each call ([r, in]: no host sync on
@@ -289,14 +303,8 @@ class _AdaLoRAFamily:
         kw = _op_kwargs(layer, _attr(layer, "lora_dropout")[name], layer.scaling[name])
         return _Factors(A * _attr(layer, "lora_E")[name] / rank_scale, _attr(layer, "lora_B")[name], None, kw, A.dtype)
 
-    @staticmethod
-    def magnitude(layer, name: str) -> None:
-        return None
 
-    output = staticmethod(_LoRAFamily.output)
-
-
-class _VeRAFamily:
+class _VeRAFamily(_Family):
     """PEFT's VeRA Linear: y = base(x) + λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T), with A_s / B_s the
     [r, in] / [out, r] slices of the model's shared frozen random matrices and λ_d [r], λ_b [out] the
     trained vectors. As LoRA factors: A' = λ_d[:, None] ⊙ A_s, B' = λ_b[:, None] ⊙ B_s (formed each
@@ -327,14 +335,8 @@ class _VeRAFamily:
         kw = _op_kwargs(layer, _attr(layer, "vera_dropout")[name], 1.0)
         return _Factors(d[:, None] * A, b[:, None] * B, None, kw, d.dtype)
 
-    @staticmethod
-    def magnitude(layer, name: str) -> None:
-        return None
 
-    output = staticmethod(_LoRAFamily.output)
-
-
-class _LoHaFamily:
+class _LoHaFamily(_Family):
     """PEFT's LoHa Linear: y = base(x) + x Δ^T with Δ = s · (W1a W1b) ⊙ (W2a W2b), W1a / W2a [out, r],
     W1b / W2b [r, in]. PEFT forms the dense [out, in] Δ every call and multiplies by it: a full
     extra GEMM forward, two backward, and Δ's gradient through the Hadamard product. A Hadamard
@@ -348,6 +350,7 @@ class _LoHaFamily:
 
     kind = "LoHa"
     attr = "hada_w1_a"
+    out_in_x_dtype = True  # LycorisLayer.forward ends in result.to(x's dtype), under autocast too
 
     @staticmethod
     def reason(layer, name: str) -> str | None:
@@ -391,17 +394,8 @@ class _LoHaFamily:
             scaling = _as_float32(scaling)
         return _Factors(A, B, None, {"scaling": scaling, "dropout_p": 0.0, "training": layer.training}, w1a.dtype)
 
-    @staticmethod
-    def magnitude(layer, name: str) -> None:
-        return None
 
-    @staticmethod
-    def output(y, x):
-        """LycorisLayer.forward returns x's dtype (under autocast too, where the base's is the autocast one)."""
-        return y.to(x.dtype)
-
-
-class _DeLoRAFamily:
+class _DeLoRAFamily(_Family):
     """PEFT's DeLoRA Linear: y = base(x) + B diag(λ / (r ‖A_i‖ ‖B_:i‖)) A diag(w) dropout(x), w [in] the
     frozen base's column norms (a buffer), the factor norms clamped at 1e-4 and not detached. As LoRA
     factors: A' = (A ⊙ w) scaled per row by λ / (r ‖A_i‖ ‖B_:i‖), B' = B (the column scaling commutes
@@ -409,6 +403,7 @@ class _DeLoRAFamily:
 
     kind = "DeLoRA"
     attr = "delora_A"
+    out_in_x_dtype = True  # DeloraLayer.forward ends in result.to(x's dtype)
 
     @staticmethod
     def reason(layer, name: str) -> str | None:
@@ -433,20 +428,16 @@ class _DeLoRAFamily:
         kw = _op_kwargs(layer, _attr(layer, "delora_dropout")[name], 1.0)
         return _Factors(A, B, None, kw, A.dtype)
 
-    @staticmethod
-    def magnitude(layer, name: str) -> None:
-        return None
 
-    output = staticmethod(_LoHaFamily.output)  # DeloraLayer.forward ends in result.to(x's dtype) too
-
-
-class _OwnFactorsFamily:
+class _OwnFactorsFamily(_Family):
     """PEFT tuners whose forward is LoRA's over factors the layer forms itself: result +
     F.linear(F.linear(dropout(x), A), B) with A [r, in], B [out, r] = layer._get_lora_matrices(name)
     — VB-LoRA (each row a top-k softmax mixture of a shared vector bank) and UniLoRA (entries of one
     shared trained vector, scaled). PEFT's own method forms them each call (its factors exactly;
     autograd takes their gradients back to the bank / vector); scaling 1. One instance per tuner:
     its adapter dict, dropout dict and the tensor whose dtype x is cast to."""
+
+    out_in_x_dtype = True  # their forward ends in result.to(x's dtype)
 
     def __init__(self, kind: str, attr: str, dropout_attr: str, dtype_attr: str):
         self.kind, self.attr, self.dropout_attr, self.dtype_attr = kind, attr, dropout_attr, dtype_attr
@@ -461,12 +452,6 @@ class _OwnFactorsFamily:
         A, B = layer._get_lora_matrices(name)
         kw = _op_kwargs(layer, _attr(layer, self.dropout_attr)[name], 1.0)
         return _Factors(A, B, None, kw, _attr(layer, self.dtype_attr)[name].dtype)
-
-    @staticmethod
-    def magnitude(layer, name: str) -> None:
-        return None
-
-    output = staticmethod(_LoHaFamily.output)  # their forward ends in result.to(x's dtype) too
 
 
 def _as_float32(value: float) -> float:
@@ -598,8 +583,7 @@ def _whole_reason(family, layer, name: str, base) -> str | None:
 
 
 class _FamilyForward(_PatchedForward):
-    """A patched layer of a LoRA-like family (``family``: _LoRAFamily, _AdaLoRAFamily, _VeRAFamily,
-    _LoHaFamily, _DeLoRAFamily, an _OwnFactorsFamily)."""
+    """A patched layer of a LoRA-like family (``family``: a _Family)."""
 
     def __init__(self, layer, original, family):
         super().__init__(layer, original)
@@ -900,6 +884,8 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     # AdaLoRA over a model loaded in 4 / 8 bits (transformers' is_loaded_in_*bit): PEFT's bnb classes,
     # the 4-bit one through qlora_linear over bnb's bytes, beside the 8-bit one's LLM.int8 product the branch
     AdaLoraLinear8bit = _optional_class("peft.tuners.adalora.bnb", "SVDLinear8bitLt")
+    # PEFT's classes over a bnb Linear8bitLt: PEFT's 8-bit casts around the fused branch (_BranchForward)
+    eight_bit = tuple(t for t in (PeftLoraLinear8bit, AdaLoraLinear8bit) if t is not None)
     # exact classes: their bnb / conv subclasses compute differently and stay PEFT's
     factored = {t: family for t, family in ((_optional_class("peft.tuners.adalora.layer", "SVDLinear"), _AdaLoRAFamily),
                                             (_optional_class("peft.tuners.adalora.bnb", "SVDLinear4bit"), _AdaLoRAFamily),
@@ -940,11 +926,9 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
                 module.forward = _ShiraForward(module, module.forward)
                 report.patched.append(name)
             continue
-        if type(module) in factored:
-            _patch_layer(report, name, module, factored[type(module)], bnb_8bit=type(module) is AdaLoraLinear8bit)
-        elif isinstance(module, lora_linear_types):
-            bnb_8bit = PeftLoraLinear8bit is not None and isinstance(module, PeftLoraLinear8bit)
-            _patch_layer(report, name, module, _LoRAFamily, bnb_8bit)
+        if type(module) in factored or isinstance(module, lora_linear_types):
+            _patch_layer(report, name, module, factored.get(type(module), _LoRAFamily),
+                         bnb_8bit=isinstance(module, eight_bit))
         elif isinstance(module, LoraLayer):
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a LoRA Linear"
         elif isinstance(module, BaseTunerLayer):  # LoKr, IA3, OFT, LoHa over a conv, ...: PEFT's forward as it is
