@@ -69,6 +69,17 @@ def _assert_runs_as(model, x, reference):
     return g1
 
 
+def _assert_same_run(result, reference, label=""):
+    """Two _run results, float64 (patched and PEFT's): output, input gradient and every parameter
+    gradient equal to rounding, the same parameters given one; returns the gradients (by name)."""
+    (y1, gx1, g1), (y0, gx0, g0) = result, reference
+    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12), label
+    assert g0.keys() == g1.keys(), label
+    for n in g0:
+        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), (label, n)
+    return g1
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_patched_matches_unpatched(train):
     model = _peft_model(dropout=0.0 if train else 0.2)
@@ -114,11 +125,8 @@ def test_patched_matches_unpatched_on_random_configurations(seed):
     for train in (True, False):
         model.train(train)
         patched.train(train)
-        (y0, gx0, g0), (y1, gx1, g1) = _run(model, x), _run(patched, x)
-        assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-        assert g0.keys() == g1.keys()
-        for name in g0:
-            assert torch.allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12), name
+        reference = _run(model, x)
+        _assert_same_run(_run(patched, x), reference)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -160,13 +168,9 @@ def test_patched_factored_tuners_match_unpatched_on_random_configurations(seed):
         model.train(train)
         patched.train(train)
         torch.manual_seed(seed)
-        y0, gx0, g0 = _run(model, x)
+        reference = _run(model, x)
         torch.manual_seed(seed)
-        y1, gx1, g1 = _run(patched, x)
-        assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-        assert g0.keys() == g1.keys(), tuner
-        for name in g0:
-            assert torch.allclose(g1[name], g0[name], rtol=1e-10, atol=1e-12), (tuner, name)
+        _assert_same_run(_run(patched, x), reference, tuner)
 
 
 def _two_adapters(model, cfg):
@@ -210,19 +214,16 @@ def test_several_active_adapters_run_fused_and_match_unpatched(kind, train):
         op, calls = "lora_delta", 1  # the OwnForwardLinear layer, both adapters joined; "2" runs lora_linear
     model.train(train)
     x = torch.randn(3, 5, 24, dtype=torch.float64)
-    y0, gx0, g0 = _run(model, x)
-    assert all(any(f".{a}." in n + "." for n in g0) for a in ("default", "other"))
+    reference = _run(model, x)
+    assert all(any(f".{a}." in n + "." for n in reference[2]) for a in ("default", "other"))
     patched = copy.deepcopy(model)
     report = peft_kernels.patch_peft_model(patched)
     assert not report.skipped
     with mock.patch.object(integration, op, wraps=getattr(integration, op)) as fused, \
             mock.patch.object(integration, "lora_delta", wraps=integration.lora_delta) as delta:
-        y1, gx1, g1 = _run(patched, x)
+        result = _run(patched, x)
     assert fused.call_count == calls and (op == "lora_delta" or delta.call_count == 0)
-    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-    assert g0.keys() == g1.keys()
-    for n in g0:
-        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    _assert_same_run(result, reference)
 
 
 def test_several_active_adapters_keep_one_dropout_mask_each():
@@ -286,13 +287,9 @@ def test_mixed_adapter_batches_run_as_two_products_and_match_peft():
     assert len(peft_kernels.patch_peft_model(patched).patched) == 6
     peft_linear = type(patched.base_model.model.layers[0].q_proj)
     with mock.patch.object(peft_linear, "_mixed_batch_forward", side_effect=AssertionError("PEFT's path ran")):
-        y1, gx1, g1 = _run_mixed(patched, x, names)
+        result = _run_mixed(patched, x, names)
         base_only = patched(x, adapter_names=["__base__"] * 5)
-    y0, gx0, g0 = reference
-    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-    assert g0.keys() == g1.keys() and any("lora_B.b.bias" in n for n in g0)
-    for n in g0:
-        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    assert any("lora_B.b.bias" in n for n in _assert_same_run(result, reference))
     with patched.disable_adapter():
         assert torch.allclose(base_only, patched(x), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="Length of `adapter_names`"):
@@ -452,19 +449,17 @@ def test_adalora_and_vera_run_fused_and_match_unpatched(family, train):
             model.base_model.model.layers[0].q_proj.lora_E["default"][[1, 4]] = 0.0
     model.train(train)
     x = torch.randn(3, 7, 24, dtype=torch.float64)
-    y0, gx0, g0 = _run(model, x)
+    reference = _run(model, x)
     patched = copy.deepcopy(model)
     report = peft_kernels.patch_peft_model(patched)
     assert len(report.patched) == (6 if family == "adalora" else 8) and not report.skipped, str(report)
     with mock.patch.object(integration, "lora_linear", wraps=integration.lora_linear) as op:
-        y1, gx1, g1 = _run(patched, x)
+        result = _run(patched, x)
     assert op.call_count == len(report.patched)
-    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
+    # the same gradients by name (PEFT < 0.22 gives AdaLoRA's ranknum a gradient too, and so do we there)
+    grads = _assert_same_run(result, reference)
     parts = ("lora_A", "lora_E", "lora_B") if family == "adalora" else ("vera_lambda_d", "vera_lambda_b")
-    assert g0.keys() == g1.keys()  # (PEFT < 0.22 gives AdaLoRA's ranknum a gradient too, and so do we there)
-    assert sum(n.endswith(f"{part}.default") for n in g0 for part in parts) == (18 if family == "adalora" else 16)
-    for n in g0:
-        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    assert sum(n.endswith(f"{part}.default") for n in grads for part in parts) == (18 if family == "adalora" else 16)
     assert len(peft_kernels.unpatch_peft_model(patched)) == len(report.patched)
     assert torch.equal(patched(x), model(x))
 
@@ -564,19 +559,16 @@ def test_loha_runs_fused_as_lora_of_rank_r_squared_and_matches_unpatched(train):
 
     model = _loha_model().train(train)
     x = torch.randn(3, 5, 24, dtype=torch.float64)
-    y0, gx0, g0 = _run(model, x)
+    reference = _run(model, x)
     patched = copy.deepcopy(model)
     report = peft_kernels.patch_peft_model(patched)
     assert len(report.patched) == 6 and not report.skipped, str(report)
     with mock.patch.object(integration, "lora_linear", wraps=integration.lora_linear) as op, \
             mock.patch.object(type(patched.base_model.model.layers[0].q_proj), "get_delta_weight",
                               side_effect=AssertionError("PEFT's dense delta was formed")):
-        y1, gx1, g1 = _run(patched, x)
+        result = _run(patched, x)
     assert op.call_count == 6 and all(call.args[2].shape[0] == 9 for call in op.call_args_list)  # rank r² = 9
-    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-    assert g0.keys() == g1.keys() and sum(".hada_" in n for n in g0) == 24
-    for n in g0:
-        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    assert sum(".hada_" in n for n in _assert_same_run(result, reference)) == 24
     assert len(peft_kernels.unpatch_peft_model(patched)) == 6
     assert torch.equal(patched(x), model(x))
 
@@ -593,16 +585,12 @@ def test_loha_rank_and_module_dropout_draw_as_peft_does():
     trained = set()
     for seed in range(6):
         torch.manual_seed(seed)
-        y0, gx0, g0 = _run(model, x)
+        reference = _run(model, x)
         after0 = torch.rand(3)
         torch.manual_seed(seed)
-        y1, gx1, g1 = _run(patched, x)
+        result = _run(patched, x)
         assert torch.equal(torch.rand(3), after0), seed
-        assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-        assert g0.keys() == g1.keys(), seed
-        for n in g0:
-            assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), (seed, n)
-        trained.add(len(g0))
+        trained.add(len(_assert_same_run(result, reference, seed)))
     assert len(trained) > 1  # some seeds skipped some adapters, others not
     torch.manual_seed(0)
     plain = copy.deepcopy(patched).eval()(x)
@@ -703,18 +691,15 @@ def test_vblora_unilora_and_delora_run_fused_over_their_formed_factors(kind, tra
 
     model = _formed_factors_model(kind, dropout=0.0 if train else 0.3).train(train)
     x = torch.randn(3, 5, 24, dtype=torch.float64)
-    y0, gx0, g0 = _run(model, x)
+    reference = _run(model, x)
     patched = copy.deepcopy(model)
     report = peft_kernels.patch_peft_model(patched)
     assert len(report.patched) == 6 and not report.skipped, str(report)
     with mock.patch.object(integration, "lora_linear", wraps=integration.lora_linear) as op:
-        y1, gx1, g1 = _run(patched, x)
+        result = _run(patched, x)
     assert op.call_count == 6
-    assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
     # VB-LoRA: 6 x 2 logits + the bank; UniLoRA: one vector; DeLoRA: 6 x (A, B, λ)
-    assert g0.keys() == g1.keys() and len(g0) == {"vblora": 13, "unilora": 1, "delora": 18}[kind]
-    for n in g0:
-        assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+    assert len(_assert_same_run(result, reference)) == {"vblora": 13, "unilora": 1, "delora": 18}[kind]
     assert len(peft_kernels.unpatch_peft_model(patched)) == 6
 
 
@@ -1503,13 +1488,9 @@ def test_patched_shira_matches_unpatched(seed, r, scale):
         model.train(train)
         patched.train(train)
         with mock.patch.object(integration, "sparse_delta_linear", wraps=integration.sparse_delta_linear) as op:
-            y1, gx1, g1 = _run(patched, x)
+            result = _run(patched, x)
         assert op.call_count == 6
-        y0, gx0, g0 = _run(model, x)
-        assert torch.allclose(y1, y0, rtol=1e-10, atol=1e-12) and torch.allclose(gx1, gx0, rtol=1e-10, atol=1e-12)
-        assert g0.keys() == g1.keys() and len(g0) == 7  # six shira_weight, one bias
-        for n in g0:
-            assert torch.allclose(g1[n], g0[n], rtol=1e-10, atol=1e-12), n
+        assert len(_assert_same_run(result, _run(model, x))) == 7  # six shira_weight, one bias
     assert all(torch.equal(p, weights[n]) for n, p in patched.named_parameters() if n in weights)
 
 
