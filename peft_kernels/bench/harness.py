@@ -278,6 +278,24 @@ def frozen_layer_inputs(M: int, K: int, N: int, device, dtype):
     return x, w, step, {"floor": step(lambda: torch.nn.functional.linear(x, w), [x])}
 
 
+def peft_layer(cfg, w: torch.Tensor | None = None, base: torch.nn.Module | None = None):
+    """HF PEFT's layer for ``cfg`` (target_modules=["proj"]) around one frozen layer: ``base`` (e.g. a
+    bitsandbytes Linear4bit) when given, else a bias-free nn.Linear holding ``w`` [N, K]; adapters
+    as PEFT makes them (autocast_adapter_dtype=False: in the base's dtype)."""
+    import peft
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            if base is not None:
+                self.proj = base
+            else:
+                self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+                self.proj.weight.data.copy_(w)
+
+    return peft.get_peft_model(Holder(), cfg, autocast_adapter_dtype=False).base_model.model.proj
+
+
 def run_shapes(label: str, shapes, make_cases, device: torch.device, reps: int) -> dict:
     """Time every case of every shape. make_cases(M, K, N) -> {name: fwd+bwd callable}, one named
     "floor" first (the frozen-layer baseline every ratio is taken against)."""

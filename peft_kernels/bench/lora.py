@@ -34,19 +34,8 @@ def _peft_layer(w, r, alpha, p, base=None, use_dora=False, adapter_dtype=None):
         import peft
     except ImportError:
         return None
-
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            if base is not None:
-                self.proj = base
-            else:
-                self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-                self.proj.weight.data.copy_(w)
-
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"], use_dora=use_dora)
-    model = peft.get_peft_model(Holder(), cfg, autocast_adapter_dtype=False)
-    layer = model.base_model.model.proj
+    layer = harness.peft_layer(cfg, w, base)
     torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)  # a trained adapter, not zeros
     dtype = adapter_dtype or (w.dtype if w is not None else torch.bfloat16)
     for module in (layer.lora_A["default"], layer.lora_B["default"]):

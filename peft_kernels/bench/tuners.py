@@ -62,20 +62,14 @@ def tuner_layer(w: torch.Tensor, tuner: str):
     if tuner == "shira" and not hasattr(peft, "ShiraConfig"):  # peft >= 0.17
         return None
 
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-            self.proj.weight.data.copy_(w)
-
     generator = torch.Generator(device=w.device).manual_seed(1)
-    model = peft.get_peft_model(Holder(), _config(peft, tuner, w.shape), autocast_adapter_dtype=False)
-    for name, p in model.named_parameters():
+    layer = harness.peft_layer(_config(peft, tuner, w.shape), w)
+    for name, p in layer.named_parameters():
         if p.requires_grad:
             p.data = p.data.to(w.dtype)
             if any(part in name for part in _ZERO_AT_INIT):
                 p.data.normal_(0.0, 1e-2, generator=generator)
-    return model.base_model.model.proj
+    return layer
 
 
 def cases(M, K, N, device, dtype, tuners=TUNERS):
