@@ -10,7 +10,7 @@
 #                                              # host time per piece
 #     bash benchmarks/gpu_session.sh quant     # QLoRA fwd+bwd and decode, 4-bit matmul tiles, NF4 vs bnb
 #     bash benchmarks/gpu_session.sh rest      # DoRA, sparse, whole model
-#     bash benchmarks/gpu_session.sh peft      # HF PEFT's tuner layers (LoRA, AdaLoRA, VeRA, LoHa, DeLoRA, VB-LoRA, SHiRA)
+#     bash benchmarks/gpu_session.sh peft      # HF PEFT's tuner layers (LoRA, AdaLoRA, VeRA, LoHa, DeLoRA, VB-LoRA, SHiRA, LoKr)
 #                                              # unpatched and patched, and their GPU test
 #
 # Everything lands in $OUT (at most 8 files come back from the device tool): JSON named

@@ -74,20 +74,21 @@ def test_bench_model_on_cpu(tmp_path):
 
 def test_bench_tuners_on_cpu(tmp_path):
     """--op tuners: the floor, then each PEFT tuner layer unpatched and patched (the patch leaves none
-    of them to PEFT); patched LoHa keeps far less for backward than PEFT's LoHa, which keeps its dense
-    [out, in] delta; a bad --tuners list is a usage error."""
+    of them to PEFT); patched LoHa and LoKr keep far less for backward than PEFT's, which keeps its
+    dense [out, in] delta; a bad --tuners list is a usage error."""
     pytest.importorskip("peft")
     out = tmp_path / "tuners.json"
     assert main(["bench", "--op", "tuners", "--reps", "1", "--shapes", "16x256x256", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["benchmark"] == "PEFT tuner layers fwd+bwd"
     cases = {r["case"]: r for r in data["results"]}
-    expected = {"floor"} | {f"{who} {t}" for t in ("lora", "adalora", "vera", "loha", "delora", "vblora")
+    expected = {"floor"} | {f"{who} {t}" for t in ("lora", "adalora", "vera", "loha", "delora", "vblora", "lokr")
                             for who in ("HF PEFT", "patched")}
     assert expected <= set(cases), set(cases)
-    assert cases["patched loha"]["saved_mib"] < cases["HF PEFT loha"]["saved_mib"] / 1.5
+    for tuner in ("loha", "lokr"):
+        assert cases[f"patched {tuner}"]["saved_mib"] < cases[f"HF PEFT {tuner}"]["saved_mib"] / 1.5, tuner
     with pytest.raises(SystemExit):
-        main(["bench", "--op", "tuners", "--tuners", "lora,lokr"])
+        main(["bench", "--op", "tuners", "--tuners", "lora,ia3"])
 
 
 def test_host_timers_measure_the_call_in_microseconds():

@@ -152,10 +152,11 @@ def test_fast_relaunch_of_the_4bit_products_is_bit_exact(monkeypatch):
     assert policy._COMPILED
 
 
-@pytest.mark.parametrize("tuner", ["lora", "adalora", "vera", "loha", "delora", "vblora"])
+@pytest.mark.parametrize("tuner", ["lora", "adalora", "vera", "loha", "delora", "vblora", "lokr"])
 def test_patched_peft_tuners_bf16_on_cuda(tuner):
     """A PEFT tuner layer at a real size (1024 tokens, 4096 -> 4096; VeRA r = 256 and LoHa r = 8,
-    i.e. rank 64, reach the kernels' larger rank tiles), patched (the compiled kernels, bf16) against
+    i.e. rank 64, reach the kernels' larger rank tiles; LoKr r = 8, the products of its 64 x 64
+    Kronecker factors in cuBLAS), patched (the compiled kernels, bf16) against
     the same unpatched layer in float64: output, dX and every adapter gradient within 2x the error of
     unpatched PEFT in bf16 (the flash-attention idiom). Eval mode: no dropout mask to match."""
     import copy
@@ -173,7 +174,7 @@ def test_patched_peft_tuners_bf16_on_cuda(tuner):
     dy = torch.randn(1024, 4096, device="cuda").to(torch.bfloat16)
 
     def run(layer, dtype):
-        xi = x.to(dtype).requires_grad_()
+        xi = x.detach().to(dtype).requires_grad_()  # a leaf of its own: x.to(bf16) is x itself
         layer.zero_grad(set_to_none=True)
         y = layer(xi)
         y.backward(dy.to(dtype))

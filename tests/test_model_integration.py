@@ -323,16 +323,20 @@ def test_patched_adalora_and_vera_on_gpt2_conv1d_layers_match_peft(family):
         assert torch.allclose(grads1[n], grads0[n], rtol=1e-10, atol=1e-12), n
 
 
-@pytest.mark.parametrize("family", ["loha", "delora", "vblora", "vblora on gpt2"])
+@pytest.mark.parametrize("family", ["loha", "delora", "vblora", "vblora on gpt2", "lokr"])
 def test_patched_formed_factor_tuners_on_llama_and_gpt2_match_peft(family):
     """LoHa (rank and module dropout on, seeded), DeLoRA and VB-LoRA on all seven projections of a
-    LlamaConfig model, and VB-LoRA over GPT-2's Conv1D projections (fan_in_fan_out): patched, each
-    layer is one fused LoRA op over the formed factors; a seeded training step's logits and every
-    gradient equal PEFT's (float64), with gradient checkpointing on."""
+    LlamaConfig model, VB-LoRA over GPT-2's Conv1D projections (fan_in_fan_out) — patched, each layer
+    is one fused LoRA op over the formed factors —, and LoKr (rank and module dropout on; products of
+    its Kronecker factors): a seeded training step's logits and every gradient equal PEFT's (float64),
+    with gradient checkpointing on."""
     import copy
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if family == "loha":
         cfg = peft.LoHaConfig(r=3, alpha=6, rank_dropout=0.2, module_dropout=0.3, target_modules=targets,
+                              init_weights=False)
+    elif family == "lokr":
+        cfg = peft.LoKrConfig(r=2, alpha=3, rank_dropout=0.2, module_dropout=0.3, target_modules=targets,
                               init_weights=False)
     elif family == "delora":
         cfg = peft.DeloraConfig(r=4, delora_lambda=9, module_dropout=0.0, target_modules=targets)

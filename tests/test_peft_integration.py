@@ -129,16 +129,17 @@ def test_patched_matches_unpatched_on_random_configurations(seed):
         _assert_same_run(_run(patched, x), reference)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(14))
 def test_patched_factored_tuners_match_unpatched_on_random_configurations(seed):
     """Random configurations of the tuners patched as LoRA with formed factors — AdaLoRA, VeRA, LoHa
     (its rank and module dropout on: seeded, they repeat PEFT's draws), DeLoRA, VB-LoRA, UniLoRA —
-    over odd widths down to 1, random ranks and targets, float64, train (a seeded step) and eval:
-    outputs and every gradient equal unpatched PEFT's."""
+    and of LoKr (Kronecker products of its factors; rank and module dropout likewise), over odd
+    widths down to 1 (prime widths: a Kronecker factor of width 1), random ranks and targets,
+    float64, train (a seeded step) and eval: outputs and every gradient equal unpatched PEFT's."""
     import random
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    tuner = ["adalora", "vera", "loha", "delora", "vblora", "unilora"][seed % 6]
+    tuner = ["adalora", "vera", "loha", "delora", "vblora", "unilora", "lokr"][seed % 7]
     unit = rng.choice([1, 2, 4]) if tuner == "vblora" else 1  # VB-LoRA's vectors tile both widths
     d, h = unit * rng.randint(1, 12), unit * rng.randint(1, 12)
     net = nn.Sequential(nn.Linear(d, h, bias=rng.random() < 0.5), nn.Tanh(), nn.Linear(h, h), nn.ReLU(),
@@ -155,7 +156,11 @@ def test_patched_factored_tuners_match_unpatched_on_random_configurations(seed):
            "vblora": lambda: peft.VBLoRAConfig(r=r, num_vectors=rng.choice([4, 9]), vector_length=unit,
                                                topk=rng.choice([1, 2]), target_modules=targets),
            "unilora": lambda: peft.UniLoraConfig(r=r, theta_d_length=rng.choice([7, 64]), target_modules=targets,
-                                                 init_weights=False)}[tuner]()
+                                                 init_weights=False),
+           "lokr": lambda: peft.LoKrConfig(r=r, alpha=rng.choice([1, 3, 16]), decompose_both=rng.random() < 0.5,
+                                           decompose_factor=rng.choice([-1, 2, 3]),
+                                           rank_dropout=rng.choice([0.0, 0.3]), module_dropout=rng.choice([0.0, 0.4]),
+                                           target_modules=targets, init_weights=False)}[tuner]()
     model = peft.get_peft_model(net, cfg)
     for name, p in model.named_parameters():
         if any(part in name for part in ("lora_E", "vera_lambda_b", "delora_B")):  # PEFT starts these at zero
@@ -369,7 +374,7 @@ def test_lora_bias_runs_fused_and_matches_unpatched(train):
 
 def test_unsupported_layers_are_reported():
     """PEFT layers without a fused op — LoRA over an embedding, and tuner types peft_kernels does not
-    compute (LoKr here) — are listed with why and keep PEFT's forward."""
+    compute (IA3 here) — are listed with why and keep PEFT's forward."""
     class EmbNet(Net):
         def __init__(self):
             super().__init__()
@@ -383,13 +388,14 @@ def test_unsupported_layers_are_reported():
     report = peft_kernels.patch_peft_model(model)
     assert len(report.patched) == 2 and list(report.skipped) == ["base_model.model.emb"]
     assert "is not a LoRA Linear" in report.skipped["base_model.model.emb"]
-    lokr = peft.get_peft_model(Net(), peft.LoKrConfig(r=4, target_modules=["q_proj", "up"], init_weights=False))
+    ia3 = peft.get_peft_model(Net(), peft.IA3Config(target_modules=["q_proj", "up"], feedforward_modules=["up"],
+                                                    init_ia3_weights=False))
     x = torch.randn(2, 24)
-    before = lokr(x)
-    report = peft_kernels.patch_peft_model(lokr)
+    before = ia3(x)
+    report = peft_kernels.patch_peft_model(ia3)
     assert not report.patched and len(report.skipped) == 4
     assert all("no fused op for this PEFT layer type" in why for why in report.skipped.values())
-    assert torch.equal(lokr(x), before)
+    assert torch.equal(ia3(x), before)
 
 
 def test_mica_adapters_run_fused_and_load_with_lora_B_frozen(tmp_path):
@@ -656,6 +662,143 @@ def test_loha_layers_the_fused_op_cannot_take_are_left_to_peft():
     assert len(trained) == 16 and all(p.grad.dtype == p.dtype == torch.float32 for p in trained)
 
 
+def _lokr_model(rank_dropout=0.0, module_dropout=0.0, dtype=torch.float64, net=None,
+                targets=("q_proj", "v_proj", "up"), **kw):
+    """LoKr (r 2 unless given, alpha 5) on ``net`` (default Net()), every factor drawn non-zero
+    (init_weights=False). On Net's 24 -> 24 / 24 -> 40 layers: W1 [4, 4] / [5, 4] full, W2 of rank r."""
+    torch.manual_seed(0)
+    kw.setdefault("r", 2)
+    cfg = peft.LoKrConfig(alpha=5, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                          target_modules=list(targets), init_weights=False, **kw)
+    return peft.get_peft_model((net or Net()).to(dtype), cfg)
+
+
+# (W1 full, W2 of rank 2), (both full), (both of rank 2), (W1 [4, 4] by decompose_factor, W2 of rank 1)
+_LOKR_SHAPES = [{}, {"r": 8}, {"decompose_both": True}, {"r": 1, "decompose_factor": 4}]
+
+
+@pytest.mark.parametrize("config", _LOKR_SHAPES, ids=["w2-low-rank", "both-full", "both-low-rank", "factor-4"])
+@pytest.mark.parametrize("train", [True, False])
+def test_lokr_runs_as_kronecker_products_and_matches_unpatched(config, train):
+    """PEFT's LoKr forms Δ = s · kron(W1, W2) [out, in] every call and multiplies by it; patched, no
+    Kronecker product is formed (each token's x as a [c, d] grid X: W1 X W2ᵀ), and outputs and the
+    gradients of every factor equal PEFT's (float64), over every way LoKr stores W1 and W2."""
+    from unittest import mock
+
+    model = _lokr_model(targets=("q_proj", "v_proj", "up", "down"), **config).train(train)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    reference = _run(model, x)
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert len(report.patched) == 8 and not report.skipped, str(report)
+    assert "patched  base_model.model.layers.0.q_proj" in str(report)
+    with mock.patch.object(type(patched.base_model.model.layers[0].q_proj), "get_delta_weight",
+                           side_effect=AssertionError("PEFT's dense delta was formed")), \
+            mock.patch.object(torch, "kron", side_effect=AssertionError("a Kronecker product was formed")):
+        result = _run(patched, x)
+    grads = _assert_same_run(result, reference)
+    stored = {n.split(".lokr_")[1].split(".")[0] for n, p in patched.named_parameters() if ".lokr_" in n}
+    assert grads.keys() == {n for n, p in patched.named_parameters() if ".lokr_" in n} and stored == {
+        0: {"w1", "w2_a", "w2_b"}, 1: {"w1", "w2"}, 2: {"w1", "w1_a", "w1_b", "w2_a", "w2_b"},
+        3: {"w1", "w2_a", "w2_b"}}[_LOKR_SHAPES.index(config)]  # decompose_both leaves the 4 x 4 W1s whole
+    assert len(peft_kernels.unpatch_peft_model(patched)) == 8
+    assert torch.equal(patched(x), model(x))
+
+
+def test_kron_products_equal_the_dense_kronecker_product_in_every_order():
+    """_kron_products (W1 X W2ᵀ per token) against x kron(W1, W2)ᵀ formed densely, float64, over random
+    factor shapes (widths 1 to 7, W2 full or of rank 1 to 3): the low-rank chain, and a full W2 in
+    either order (forced, and the cheaper one by default), agree with the dense product."""
+    import random
+
+    from peft_kernels.integrations import peft as integration
+
+    rng = random.Random(0)
+    for _ in range(60):
+        a, b, c, d = (rng.randint(1, 7) for _ in range(4))
+        w1 = torch.randn(a, c, dtype=torch.float64)
+        r = rng.randint(1, 3)
+        w2 = (torch.randn(b, d, dtype=torch.float64),) if rng.random() < 0.6 else \
+            (torch.randn(b, r, dtype=torch.float64), torch.randn(r, d, dtype=torch.float64))
+        x = torch.randn(rng.randint(1, 4), c * d, dtype=torch.float64)
+        dense = w2[0] if len(w2) == 1 else w2[0] @ w2[1]
+        for order in (None, True, False):
+            got = integration._kron_products(x.reshape(-1, c, d), w1, w2, order).reshape(x.shape[0], a * b)
+            assert torch.allclose(got, x @ torch.kron(w1, dense).t(), rtol=1e-12, atol=1e-12), (a, b, c, d, order)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_lokr_rank_and_module_dropout_draw_as_peft_does(scale):
+    """LoKr's module dropout (an adapter skipped for the step) and rank dropout (rows of Δ masked, by
+    rank_dropout_scale divided by the mask's mean in float32) draw from torch's CPU generator;
+    patched, in PEFT's order, so a seeded training step equals unpatched PEFT's — output, every
+    gradient and the generator's state after it — whichever adapters a seed skips."""
+    model = _lokr_model(rank_dropout=0.3, module_dropout=0.4, rank_dropout_scale=scale).train()
+    patched = copy.deepcopy(model)
+    peft_kernels.patch_peft_model(patched)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    trained = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        reference = _run(model, x)
+        after0 = torch.rand(3)
+        torch.manual_seed(seed)
+        result = _run(patched, x)
+        assert torch.equal(torch.rand(3), after0), seed
+        trained.add(len(_assert_same_run(result, reference, seed)))
+    assert len(trained) > 1  # some seeds skipped some adapters, others not
+    torch.manual_seed(0)
+    plain = copy.deepcopy(patched).eval()(x)
+    assert not torch.allclose(_run(patched, x)[0], plain)  # the masks act in training
+
+
+def test_lokr_layers_kept_by_peft_and_its_dtypes():
+    """LoKr over a Conv2d and LoKr whose factors do not make the base's [out, in] weight are left to
+    PEFT with why; over a base of its own forward the products run beside it; two active adapters are
+    summed as PEFT sums them; a bf16 model's fp32 adapters keep PEFT's dtypes (x cast to the adapter's,
+    the result back to x's), with and without autocast."""
+    conv = peft.get_peft_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)),
+                               peft.LoKrConfig(r=2, target_modules=["0", "2"], init_weights=False))
+    xc = torch.randn(2, 3, 6, 6)
+    reference = _run(conv, xc)
+    report = peft_kernels.patch_peft_model(conv)
+    assert report.patched == ["base_model.model.2"] and "no fused op" in report.skipped["base_model.model.0"]
+    _assert_runs_as(conv, xc, reference)
+
+    broken = _lokr_model()
+    broken.base_model.model.layers[0].up.lokr_w1["default"] = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    report = peft_kernels.patch_peft_model(broken)
+    assert len(report.patched) == 5 and "do not make a Kronecker product of the [40, 24] weight" in \
+        report.skipped["base_model.model.layers.0.up"]
+
+    model = _lokr_model(net=nn.Sequential(OwnForwardLinear(24, 40), nn.Tanh(), nn.Linear(40, 6)), targets=["0", "2"])
+    model.add_adapter("other", peft.LoKrConfig(r=3, alpha=2, target_modules=["0", "2"], init_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    patched = copy.deepcopy(model)
+    assert len(peft_kernels.patch_peft_model(patched).patched) == 2
+    xr = torch.randn(3, 24, dtype=torch.float64)
+    assert len(_assert_same_run(_run(patched, xr), _run(model, xr))) == 12  # 2 layers x 2 adapters x 3 parts
+
+    torch.manual_seed(0)
+    bf16 = peft.get_peft_model(Net().to(torch.bfloat16), peft.LoKrConfig(r=2, target_modules=["q_proj", "up"],
+                                                                         init_weights=False)).train()
+    assert all(p.dtype == torch.float32 for n, p in bf16.named_parameters() if "lokr" in n)
+    patched = copy.deepcopy(bf16)
+    assert not peft_kernels.patch_peft_model(patched).skipped
+    x = torch.randn(4, 24, dtype=torch.bfloat16)
+    for cast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            xi = x.float() if cast else x
+            q0, q1 = bf16.base_model.model.layers[0].q_proj(xi), patched.base_model.model.layers[0].q_proj(xi)
+            y0, y1 = bf16(xi), patched(xi)
+        assert q1.dtype == q0.dtype == xi.dtype and y1.dtype == y0.dtype == torch.bfloat16
+        assert torch.allclose(q1.float(), q0.float(), rtol=2e-2, atol=2e-2)
+        assert torch.allclose(y1.float(), y0.float(), rtol=2e-2, atol=2e-2)
+    y1.float().square().sum().backward()
+    trained = [p for p in patched.parameters() if p.requires_grad and p.grad is not None]
+    assert len(trained) == 12 and all(p.grad.dtype == p.dtype == torch.float32 for p in trained)
+
+
 def _formed_factors_model(kind, dropout=0.0, dtype=torch.float64):
     """VB-LoRA (r 4, a bank of 16 vectors of length 8, top-2), UniLoRA (r 4, one shared vector of 64
     entries) or DeLoRA (r 4, lambda 7) on Net()'s q_proj / v_proj / up; every factor non-zero."""
@@ -703,14 +846,14 @@ def test_vblora_unilora_and_delora_run_fused_over_their_formed_factors(kind, tra
     assert len(peft_kernels.unpatch_peft_model(patched)) == 6
 
 
-@pytest.mark.parametrize("kind", ["loha", "delora", "vblora", "unilora"])
+@pytest.mark.parametrize("kind", ["loha", "delora", "vblora", "unilora", "lokr"])
 def test_formed_factor_tuners_keep_peft_states_and_save_patched(kind):
     """The new families patched: disabled adapters and merged weights run PEFT's forward (merged equals
     fused); torch.save / torch.load of the patched model gives a model that is still patched and
     computes the same."""
     import io
 
-    model = (_loha_model() if kind == "loha" else _formed_factors_model(kind)).eval()
+    model = {"loha": _loha_model, "lokr": _lokr_model}.get(kind, lambda: _formed_factors_model(kind))().eval()
     assert not peft_kernels.patch_peft_model(model).skipped
     x = torch.randn(2, 24, dtype=torch.float64)
     fused = model(x)
@@ -724,7 +867,8 @@ def test_formed_factor_tuners_keep_peft_states_and_save_patched(kind):
     torch.save(model, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded.base_model.model.layers[0].q_proj.__dict__.get("forward")).__name__ == "_FusedForward"
+    assert type(loaded.base_model.model.layers[0].q_proj.__dict__.get("forward")).__name__ == (
+        "_LoKrForward" if kind == "lokr" else "_FusedForward")
     assert torch.equal(loaded(x), model(x))  # (after unmerge the base weight is W + Δ - Δ: not fused's W)
 
 

@@ -3,8 +3,9 @@
 One frozen nn.Linear (weight [N, K]) under each PEFT tuner the patch computes: LoRA r=16 (dropout
 0.05), AdaLoRA init_r=16 (dropout 0.05), VeRA r=256 (its shared frozen matrices; dropout 0.05),
 LoHa r=8 (patched: its Hadamard product as LoRA of rank 64), DeLoRA r=16 (dropout 0.05), VB-LoRA
-r=16 (a bank of 256 vectors, top-2; dropout 0.05) and SHiRA r=16 (k = 16·(K + N) trained entries,
-LoRA r=16's parameter count). Each runs "HF PEFT <tuner>" (PEFT's own forward) and "patched
+r=16 (a bank of 256 vectors, top-2; dropout 0.05), SHiRA r=16 (k = 16·(K + N) trained entries,
+LoRA r=16's parameter count) and LoKr r=8 (PEFT's defaults: W1 full, W2 of rank 8; patched, products
+of the Kronecker factors, not the dense Δ; not a kernel of ours, plain torch GEMMs). Each runs "HF PEFT <tuner>" (PEFT's own forward) and "patched
 <tuner>" (the same layer after patch_peft_model). Adapters in the base dtype, every one
 drawn non-zero (no zero-initialized factor: both products do real work). The floor is
 F.linear(x, W) with x requiring grad (forward and dX).
@@ -24,7 +25,7 @@ import torch
 from . import harness
 from .lora import CPU_SHAPES, GPU_SHAPES
 
-TUNERS = ("lora", "adalora", "vera", "loha", "delora", "vblora", "shira")
+TUNERS = ("lora", "adalora", "vera", "loha", "delora", "vblora", "shira", "lokr")
 
 
 def _config(peft, tuner: str, shape):
@@ -45,6 +46,8 @@ def _config(peft, tuner: str, shape):
                                  vblora_dropout=0.05, target_modules=target)
     if tuner == "shira":
         return peft.ShiraConfig(r=16, target_modules=target, random_seed=0)
+    if tuner == "lokr":
+        return peft.LoKrConfig(r=8, alpha=16, target_modules=target, init_weights=False)
     raise ValueError(f"unknown tuner {tuner!r}; choose from {', '.join(TUNERS)}")
 
 
@@ -112,6 +115,6 @@ def main(argv=None) -> int:
     payload["benchmark"] = "PEFT tuner layers fwd+bwd"
     payload["config"].update(dtype=str(dtype), tuners=tuners,
                              ranks={"lora": 16, "adalora": 16, "vera": 256, "loha": 8, "delora": 16, "vblora": 16,
-                                    "shira": 16})
+                                    "shira": 16, "lokr": 8})
     harness.report(payload, args.out, args.plot)
     return 0

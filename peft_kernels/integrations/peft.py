@@ -11,7 +11,8 @@ high-rank adapter: trained values at k fixed positions of W) through sparse_delt
 own SHiRA forward clones the whole weight every step and its backward forms the dense [out, in]
 weight gradient to keep k entries of it; its trainable-tokens layers (trained rows of the
 embedding, and of a head tied to it) likewise, through sparse_delta_embedding and
-sparse_delta_linear.
+sparse_delta_linear; its LoKr Linear layers as products of their Kronecker factors beside the
+base's own forward (plain torch GEMMs, _kron_delta) where PEFT forms and multiplies the dense Δ.
 
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` (a method bound
 to the layer, so a copy.deepcopy of the model is patched too and computes with its own weights)
@@ -834,6 +835,110 @@ class _BranchForward(_FamilyForward):
         return self.family.output((result + branch).to(result.dtype), x)  # lora.layer.Linear, SVDLinear, VeRA, LoHa
 
 
+def _lokr_parts(layer, name: str):
+    """Adapter ``name`` of a PEFT LoKr Linear as (W1 [a, c], W2 parts): W1 = lokr_w1, or lokr_w1_a @
+    lokr_w1_b formed as PEFT forms it (a tiny [a, c]); W2 parts = (lokr_w2 [b, d],) or (lokr_w2_a [b, r],
+    lokr_w2_b [r, d]), kept apart (W2's rank r is what makes the products cheap). Δ = s · kron(W1, W2),
+    out = a·b, in = c·d."""
+    w1s = _attr(layer, "lokr_w1")
+    w1 = w1s[name] if name in w1s else _attr(layer, "lokr_w1_a")[name] @ _attr(layer, "lokr_w1_b")[name]
+    w2s = _attr(layer, "lokr_w2")
+    return w1, ((w2s[name],) if name in w2s else (_attr(layer, "lokr_w2_a")[name], _attr(layer, "lokr_w2_b")[name]))
+
+
+def _lokr_reason(layer, name: str | None = None, base=None) -> str | None:
+    """Why this PEFT LoKr Linear (or its adapter ``name``) cannot run as Kronecker-structured products
+    (None if it can). Checked at patch time and at every call (``base``: the layer's base, if looked up)."""
+    base = base if base is not None else layer.get_base_layer()
+    out, inp = layer.out_features, layer.in_features
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (out, inp):
+        # PEFT's own forward reshapes Δ to the base weight's shape (a packed 4-bit weight fails there)
+        return f"its base's weight is not a [{out}, {inp}] tensor (PEFT reshapes Δ to it)"
+    for n in ([name] if name is not None else sorted(layer._available_adapters)):
+        if n in layer.lokr_t2:
+            return f"adapter {n!r} uses LoKr's CP decomposition (lokr_t2: a convolution's)"
+        try:
+            parts = [layer.lokr_w1[n]] if n in layer.lokr_w1 else [layer.lokr_w1_a[n], layer.lokr_w1_b[n]]
+            parts += [layer.lokr_w2[n]] if n in layer.lokr_w2 else [layer.lokr_w2_a[n], layer.lokr_w2_b[n]]
+        except KeyError:
+            return f"adapter {n!r} lacks one of lokr_w1(_a/_b) / lokr_w2(_a/_b)"
+        w1 = parts[:1] if n in layer.lokr_w1 else parts[:2]
+        w2 = parts[len(w1):]
+        if any(p.dim() != 2 for p in parts) or len({p.dtype for p in parts}) != 1 \
+                or (len(w1) == 2 and w1[0].shape[1] != w1[1].shape[0]) \
+                or (len(w2) == 2 and w2[0].shape[1] != w2[1].shape[0]) \
+                or w1[0].shape[0] * w2[0].shape[0] != out or w1[-1].shape[1] * w2[-1].shape[1] != inp:
+            return (f"adapter {n!r}'s LoKr matrices differ in dtype or do not make a Kronecker product of the "
+                    f"[{out}, {inp}] weight: " + " / ".join(f"{tuple(p.shape)} {p.dtype}" for p in parts))
+    return None
+
+
+def _kron_products(x3, w1, w2, w2_first: bool | None = None):
+    """W1 X W2ᵀ for every grid X of x3 [N, c, d] -> [N, a, b]; W1 [a, c], w2 = (W2 [b, d],) or
+    (W2a [b, r], W2b [r, d]). With W2 of rank r: ((X W2bᵀ) then W1, then W2aᵀ), r·(c·d + a·c + a·b)
+    multiply-adds per token; with a full W2, X W2ᵀ first or W1 X first (``w2_first``), by default
+    whichever costs fewer."""
+    def w1_times(z):  # W1 Z over z's middle axis: one GEMM over all tokens (a 2-D @ 3-D matmul is a bmm)
+        return torch.einsum("ac,ncj->naj", w1, z)
+
+    if len(w2) == 2:
+        w2a, w2b = w2
+        return w1_times(x3 @ w2b.t()) @ w2a.t()
+    (w2,) = w2
+    (a, c), (b, d) = w1.shape, w2.shape
+    if w2_first if w2_first is not None else c * b * (d + a) <= a * d * (c + b):
+        return w1_times(x3 @ w2.t())
+    return w1_times(x3) @ w2.t()
+
+
+def _kron_delta(layer, name: str, x):
+    """Adapter ``name``'s LoKr branch x Δᵀ, Δ = s · kron(W1, W2) [out, in] (rows masked by PEFT's rank
+    dropout in training), without forming Δ: with in = c·d, each token's x is a [c, d] grid X and
+    x kron(W1, W2)ᵀ is W1 X W2ᵀ read row-major, out = a·b. x cast as PEFT casts it (to the adapter's
+    dtype); the result in that dtype."""
+    w1, w2 = _lokr_parts(layer, name)
+    x = layer._cast_input_dtype(x, w1.dtype)
+    c, d = w1.shape[1], w2[-1].shape[1]
+    y = _kron_products(x.reshape(-1, c, d), w1 * layer.scaling[name], w2)  # s on the tiny W1, as PEFT's mul_(s)
+    y = y.reshape(*x.shape[:-1], -1)
+    p = layer.rank_dropout[name]
+    if layer.training and p:  # LoKrLayer.get_delta_weight's row mask, drawn and normalized as PEFT does
+        drop = (torch.rand(y.shape[-1]) > p).float()
+        if layer.rank_dropout_scale[name]:
+            drop /= drop.mean()
+        y = y * drop.to(device=y.device, dtype=y.dtype)
+    return y
+
+
+class _LoKrForward(_PatchedForward):
+    """A patched PEFT LoKr Linear: y = base(x) + Σ_adapters x Δᵀ, Δ = s · kron(W1, W2). PEFT forms the
+    dense [out, in] Δ every call and multiplies by it — a full extra GEMM forward, two backward (dX
+    through Δ, and dΔ = dYᵀX) and Δ's gradient back through the Kronecker product, all [out, in]-sized.
+    Here the base runs its own forward and each adapter's branch is W1 X W2ᵀ per token (_kron_delta:
+    plain torch products, batched GEMMs of the factors' sizes, no [out, in] tensor; with LoKr's
+    default r = 8 on a 4096-square layer, 24·8·4096 multiply-adds per token where PEFT does 4096²).
+    Module dropout (an adapter skipped for the call) and rank dropout draw from torch's CPU generator
+    in PEFT's order, so a seeded step repeats PEFT's."""
+
+    kind = "LoKr"
+
+    def reason(self, layer, name: str, base) -> str | None:  # a method, not a closure: torch.save pickles it
+        return _lokr_reason(layer, name, base)  # the base runs its own forward: hooks on it run
+
+    def __call__(self, x, *args, **kwargs):
+        layer = self.layer
+        names, out, _ = self._adapter_to_fuse(layer._available_adapters, self.reason, x, args, kwargs, several=True)
+        if names is None:
+            return out
+        result = layer.base_layer(x)
+        for name in names:  # LycorisLayer.forward's loop
+            if layer.training and not bool(torch.rand(1) > layer.module_dropout[name]):
+                continue
+            result = result + _kron_delta(layer, name, x)
+        return result.to(x.dtype)
+
+
 def _patched(module) -> _PatchedForward | None:
     forward = module.__dict__.get("forward")
     return forward if isinstance(forward, _PatchedForward) else None
@@ -869,9 +974,11 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     through peft_kernels' fused ops, in place: every LoRA Linear (DoRA, lora_bias, bnb 4-/8-bit
     bases included), AdaLoRA SVDLinear and the VeRA, LoHa (r <= 16), DeLoRA, VB-LoRA and UniLoRA
     Linear layers through lora_linear (their adapters are LoRA factors formed each call), every
-    SHiRA Linear through sparse_delta_linear, and every trainable-tokens layer
-    (trainable_token_indices) through sparse_delta_embedding / sparse_delta_linear. Any other PEFT
-    tuner layer is left to PEFT and listed, with why, in the returned PatchReport."""
+    SHiRA Linear through sparse_delta_linear, every trainable-tokens layer
+    (trainable_token_indices) through sparse_delta_embedding / sparse_delta_linear, and every LoKr
+    Linear's Kronecker product as products of its factors beside the base's own forward (no dense
+    [out, in] Δ). Any other PEFT tuner layer is left to PEFT and listed, with why, in the returned
+    PatchReport."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -904,9 +1011,18 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     ShiraLayer = _optional_class("peft.tuners.shira.layer", "ShiraLayer")
     # LoraConfig's trainable_token_indices (peft >= 0.15)
     TrainableTokensLayer = _optional_class("peft.tuners.trainable_tokens.layer", "TrainableTokensLayer")
+    LoKrLinear = _optional_class("peft.tuners.lokr.layer", "Linear")  # exact class: LoKr over a conv stays PEFT's
 
     report = PatchReport()
     for name, module in model.named_modules():
+        if LoKrLinear is not None and type(module) is LoKrLinear:
+            if _patched(module) is None:
+                if (reason := _lokr_reason(module)) is not None:
+                    report.skipped[name] = reason
+                    continue
+                module.forward = _LoKrForward(module, module.forward)
+            report.patched.append(name)
+            continue
         if TrainableTokensLayer is not None and isinstance(module, TrainableTokensLayer):
             if _patched(module) is None:
                 if (reason := _tokens_reason(module)) is not None:
@@ -931,7 +1047,7 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
                          bnb_8bit=isinstance(module, eight_bit))
         elif isinstance(module, LoraLayer):
             report.skipped[name] = f"{type(module).__module__}.{type(module).__name__} is not a LoRA Linear"
-        elif isinstance(module, BaseTunerLayer):  # LoKr, IA3, OFT, LoHa over a conv, ...: PEFT's forward as it is
+        elif isinstance(module, BaseTunerLayer):  # IA3, OFT, LoHa / LoKr over a conv, ...: PEFT's forward as it is
             report.skipped[name] = (f"{type(module).__module__}.{type(module).__name__}: peft_kernels has no "
                                     "fused op for this PEFT layer type")
     return report
