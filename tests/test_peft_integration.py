@@ -441,10 +441,11 @@ def _vera_model(dropout=0.0, dtype=torch.float32):
 @pytest.mark.parametrize("family", ["adalora", "vera"])
 @pytest.mark.parametrize("train", [True, False])
 def test_adalora_and_vera_run_fused_and_match_unpatched(family, train):
-    """AdaLoRA's SVDLinear and VeRA's Linear are LoRA with other factors (A ⊙ E / ranknum; λ_d ⊙ A_s and
-    λ_b ⊙ B_s of the shared frozen matrices): patched, each runs one lora_linear, and outputs and every
-    gradient (lora_A / lora_E / lora_B; λ_d / λ_b) equal PEFT's, with some of AdaLoRA's singular
-    values masked to zero as its rank allocator does; dropout (eval) is the identity."""
+    """AdaLoRA's SVDLinear and VeRA's Linear are LoRA with other factors (A ⊙ E / ranknum; A_s and
+    diag(λ_b) B_s diag(λ_d) of the shared frozen matrices, A_s passed frozen so that the op skips its
+    gradient): patched, each runs one lora_linear, and outputs and every gradient (lora_A / lora_E /
+    lora_B; λ_d / λ_b) equal PEFT's, with some of AdaLoRA's singular values masked to zero as its
+    rank allocator does; dropout (eval) is the identity."""
     from unittest import mock
 
     from peft_kernels.integrations import peft as integration
@@ -462,6 +463,7 @@ def test_adalora_and_vera_run_fused_and_match_unpatched(family, train):
     with mock.patch.object(integration, "lora_linear", wraps=integration.lora_linear) as op:
         result = _run(patched, x)
     assert op.call_count == len(report.patched)
+    assert all(call.args[2].requires_grad == (family == "adalora") for call in op.call_args_list)
     # the same gradients by name (PEFT < 0.22 gives AdaLoRA's ranknum a gradient too, and so do we there)
     grads = _assert_same_run(result, reference)
     parts = ("lora_A", "lora_E", "lora_B") if family == "adalora" else ("vera_lambda_d", "vera_lambda_b")

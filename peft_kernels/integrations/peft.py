@@ -308,8 +308,10 @@ class _AdaLoRAFamily(_Family):
 class _VeRAFamily(_Family):
     """PEFT's VeRA Linear: y = base(x) + λ_b ⊙ ((λ_d ⊙ (dropout(x) A_s^T)) B_s^T), with A_s / B_s the
     [r, in] / [out, r] slices of the model's shared frozen random matrices and λ_d [r], λ_b [out] the
-    trained vectors. As LoRA factors: A' = λ_d[:, None] ⊙ A_s, B' = λ_b[:, None] ⊙ B_s (formed each
-    call; autograd takes their gradients back to λ_d and λ_b)."""
+    trained vectors. As LoRA factors: A' = A_s itself and B' = diag(λ_b) B_s diag(λ_d), both vectors
+    folded into B' (formed each call, [out, r]; autograd takes its gradient back to λ_d and λ_b). A'
+    frozen, the op skips dA' (a GEMM of M·r·in that λ_d ⊙ A_s would cost), and B_s ⊙ (λ_b ⊗ λ_d) keeps
+    no [out, r] intermediate for backward besides B' (B_s needs no gradient)."""
 
     kind = "VeRA"
     attr = "vera_lambda_d"
@@ -334,7 +336,7 @@ class _VeRAFamily(_Family):
         A = _attr(layer, "vera_A")[name][:, :layer.in_features].to(d.device)
         B = _attr(layer, "vera_B")[name][:layer.out_features, :].to(d.device)
         kw = _op_kwargs(layer, _attr(layer, "vera_dropout")[name], 1.0)
-        return _Factors(d[:, None] * A, b[:, None] * B, None, kw, d.dtype)
+        return _Factors(A, B * (b[:, None] * d[None, :]), None, kw, d.dtype)
 
 
 class _LoHaFamily(_Family):
