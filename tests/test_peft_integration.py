@@ -769,9 +769,11 @@ def test_lokr_layers_kept_by_peft_and_its_dtypes():
 
     broken = _lokr_model()
     broken.base_model.model.layers[0].up.lokr_w1["default"] = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    del broken.base_model.model.layers[1].v_proj.lokr_w2_b["default"]
     report = peft_kernels.patch_peft_model(broken)
-    assert len(report.patched) == 5 and "do not make a Kronecker product of the [40, 24] weight" in \
+    assert len(report.patched) == 4 and "do not make a Kronecker product of the [40, 24] weight" in \
         report.skipped["base_model.model.layers.0.up"]
+    assert "lacks one of" in report.skipped["base_model.model.layers.1.v_proj"]
 
     model = _lokr_model(net=nn.Sequential(OwnForwardLinear(24, 40), nn.Tanh(), nn.Linear(40, 6)), targets=["0", "2"])
     model.add_adapter("other", peft.LoKrConfig(r=3, alpha=2, target_modules=["0", "2"], init_weights=False))

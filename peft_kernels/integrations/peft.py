@@ -837,15 +837,44 @@ class _BranchForward(_FamilyForward):
         return self.family.output((result + branch).to(result.dtype), x)  # lora.layer.Linear, SVDLinear, VeRA, LoHa
 
 
-def _lokr_parts(layer, name: str):
-    """Adapter ``name`` of a PEFT LoKr Linear as (W1 [a, c], W2 parts): W1 = lokr_w1, or lokr_w1_a @
-    lokr_w1_b formed as PEFT forms it (a tiny [a, c]); W2 parts = (lokr_w2 [b, d],) or (lokr_w2_a [b, r],
-    lokr_w2_b [r, d]), kept apart (W2's rank r is what makes the products cheap). Δ = s · kron(W1, W2),
-    out = a·b, in = c·d."""
-    w1s = _attr(layer, "lokr_w1")
-    w1 = w1s[name] if name in w1s else _attr(layer, "lokr_w1_a")[name] @ _attr(layer, "lokr_w1_b")[name]
-    w2s = _attr(layer, "lokr_w2")
-    return w1, ((w2s[name],) if name in w2s else (_attr(layer, "lokr_w2_a")[name], _attr(layer, "lokr_w2_b")[name]))
+_LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def _lokr_stored(layer, name: str) -> dict:
+    """{part: Parameter} of the LoKr matrices adapter ``name`` stores (``_LOKR_PARTS``), read from the
+    ParameterDicts' registries: this runs at every call, where PEFT's _available_adapters builds a set
+    of seven dicts' keys and each ParameterDict read goes through nn.Module.__getattr__."""
+    found = {}
+    for part in _LOKR_PARTS:
+        p = _attr(layer, part).__dict__["_parameters"].get(name)
+        if p is not None:
+            found[part] = p
+    return found
+
+
+class _LoKrAdapters:
+    """Membership in a LoKr layer's adapters (what PEFT's _available_adapters holds), for
+    _adapter_to_fuse's ``name in adapters``."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __contains__(self, name) -> bool:
+        return any(name in _attr(self.layer, part).__dict__["_parameters"] for part in _LOKR_PARTS)
+
+
+def _lokr_factors(stored: dict):
+    """(W1 [a, c], W2 parts) of one adapter's stored matrices (_lokr_stored): W1 = lokr_w1, or lokr_w1_a
+    @ lokr_w1_b formed as PEFT forms it (a tiny [a, c]); W2 parts = (lokr_w2 [b, d],) or (lokr_w2_a
+    [b, r], lokr_w2_b [r, d]), kept apart (W2's rank r is what makes the products cheap). Δ = s ·
+    kron(W1, W2), out = a·b, in = c·d."""
+    w1 = stored.get("lokr_w1")
+    if w1 is None:
+        w1 = stored["lokr_w1_a"] @ stored["lokr_w1_b"]
+    w2 = stored.get("lokr_w2")
+    return w1, ((w2,) if w2 is not None else (stored["lokr_w2_a"], stored["lokr_w2_b"]))
 
 
 def _lokr_reason(layer, name: str | None = None, base=None) -> str | None:
@@ -858,16 +887,15 @@ def _lokr_reason(layer, name: str | None = None, base=None) -> str | None:
         # PEFT's own forward reshapes Δ to the base weight's shape (a packed 4-bit weight fails there)
         return f"its base's weight is not a [{out}, {inp}] tensor (PEFT reshapes Δ to it)"
     for n in ([name] if name is not None else sorted(layer._available_adapters)):
-        if n in layer.lokr_t2:
+        stored = _lokr_stored(layer, n)
+        if "lokr_t2" in stored:
             return f"adapter {n!r} uses LoKr's CP decomposition (lokr_t2: a convolution's)"
-        try:
-            parts = [layer.lokr_w1[n]] if n in layer.lokr_w1 else [layer.lokr_w1_a[n], layer.lokr_w1_b[n]]
-            parts += [layer.lokr_w2[n]] if n in layer.lokr_w2 else [layer.lokr_w2_a[n], layer.lokr_w2_b[n]]
-        except KeyError:
+        w1 = [stored[k] for k in (("lokr_w1",) if "lokr_w1" in stored else ("lokr_w1_a", "lokr_w1_b")) if k in stored]
+        w2 = [stored[k] for k in (("lokr_w2",) if "lokr_w2" in stored else ("lokr_w2_a", "lokr_w2_b")) if k in stored]
+        parts = w1 + w2
+        if len(w1) != 2 - ("lokr_w1" in stored) or len(w2) != 2 - ("lokr_w2" in stored):
             return f"adapter {n!r} lacks one of lokr_w1(_a/_b) / lokr_w2(_a/_b)"
-        w1 = parts[:1] if n in layer.lokr_w1 else parts[:2]
-        w2 = parts[len(w1):]
-        if any(p.dim() != 2 for p in parts) or len({p.dtype for p in parts}) != 1 \
+        if any(p.dim() != 2 for p in parts) or any(p.dtype != parts[0].dtype for p in parts) \
                 or (len(w1) == 2 and w1[0].shape[1] != w1[1].shape[0]) \
                 or (len(w2) == 2 and w2[0].shape[1] != w2[1].shape[0]) \
                 or w1[0].shape[0] * w2[0].shape[0] != out or w1[-1].shape[1] * w2[-1].shape[1] != inp:
@@ -899,7 +927,7 @@ def _kron_delta(layer, name: str, x):
     dropout in training), without forming Δ: with in = c·d, each token's x is a [c, d] grid X and
     x kron(W1, W2)ᵀ is W1 X W2ᵀ read row-major, out = a·b. x cast as PEFT casts it (to the adapter's
     dtype); the result in that dtype."""
-    w1, w2 = _lokr_parts(layer, name)
+    w1, w2 = _lokr_factors(_lokr_stored(layer, name))
     x = layer._cast_input_dtype(x, w1.dtype)
     c, d = w1.shape[1], w2[-1].shape[1]
     y = _kron_products(x.reshape(-1, c, d), w1 * layer.scaling[name], w2)  # s on the tiny W1, as PEFT's mul_(s)
@@ -930,7 +958,7 @@ class _LoKrForward(_PatchedForward):
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
-        names, out, _ = self._adapter_to_fuse(layer._available_adapters, self.reason, x, args, kwargs, several=True)
+        names, out, _ = self._adapter_to_fuse(_LoKrAdapters(layer), self.reason, x, args, kwargs, several=True)
         if names is None:
             return out
         result = layer.base_layer(x)
