@@ -581,12 +581,17 @@ def test_loha_runs_fused_as_lora_of_rank_r_squared_and_matches_unpatched(train):
     assert torch.equal(patched(x), model(x))
 
 
-def test_loha_rank_and_module_dropout_draw_as_peft_does():
-    """LoHa's module dropout (an adapter skipped for the step) and rank dropout (rows of Δ masked,
-    scaled by the mask's mean) are drawn from torch's CPU generator; patched, they are drawn in
-    PEFT's order, so a seeded training step equals unpatched PEFT's — output, every gradient, and the
-    generator's state after it — whichever adapters a seed skips."""
-    model = _loha_model(rank_dropout=0.3, module_dropout=0.4).train()
+@pytest.mark.parametrize("kind", ["loha", "lokr", "lokr without rank_dropout_scale"])
+def test_loha_and_lokr_rank_and_module_dropout_draw_as_peft_does(kind):
+    """LoHa's and LoKr's module dropout (an adapter skipped for the step) and rank dropout (rows of Δ
+    masked, scaled by the mask's mean — LoKr's in float32, and only with rank_dropout_scale) are drawn
+    from torch's CPU generator; patched, they are drawn in PEFT's order, so a seeded training step
+    equals unpatched PEFT's — output, every gradient, and the generator's state after it — whichever
+    adapters a seed skips."""
+    if kind == "loha":
+        model = _loha_model(rank_dropout=0.3, module_dropout=0.4).train()
+    else:
+        model = _lokr_model(rank_dropout=0.3, module_dropout=0.4, rank_dropout_scale=kind == "lokr").train()
     patched = copy.deepcopy(model)
     peft_kernels.patch_peft_model(patched)
     x = torch.randn(2, 5, 24, dtype=torch.float64)
@@ -622,32 +627,23 @@ def test_loha_scaling_is_rounded_to_float32_as_torch_tensor_rounds_it():
         assert _as_float32(v) == torch.tensor(v, dtype=torch.float32).item() or v != v, v
 
 
-def test_loha_layers_the_fused_op_cannot_take_are_left_to_peft():
-    """LoHa of rank 17 (r² = 289 LoRA columns, above what one kernel takes) and LoHa over a Conv2d
-    are left to PEFT with why; LoHa over a base of its own forward fuses the branch alone (lora_delta),
-    and a bf16 model's fp32 adapters keep PEFT's dtypes: under autocast LoHa returns x's dtype."""
-    report = peft_kernels.patch_peft_model(_loha_model(r=17))
-    assert not report.patched and len(report.skipped) == 6
-    assert all("r² = 289" in why for why in report.skipped.values())
-
-    conv = peft.get_peft_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)),
-                               peft.LoHaConfig(r=2, target_modules=["0", "2"], init_weights=False))
+def _assert_conv_left_to_peft(cfg):
+    """A Conv2d and a Linear under PEFT's ``cfg``: patched, the Linear is computed by the patch, the
+    convolution left to PEFT with why, and the model computes as unpatched."""
+    conv = peft.get_peft_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)), cfg)
     xc = torch.randn(2, 3, 6, 6)
     reference = _run(conv, xc)
     report = peft_kernels.patch_peft_model(conv)
     assert report.patched == ["base_model.model.2"] and "no fused op" in report.skipped["base_model.model.0"]
     _assert_runs_as(conv, xc, reference)
 
-    model = _loha_model(net=nn.Sequential(OwnForwardLinear(24, 40), nn.Tanh(), nn.Linear(40, 6)), targets=["0", "2"])
-    patched = copy.deepcopy(model)
-    report = peft_kernels.patch_peft_model(patched)
-    assert report.branch_only == {"base_model.model.0": "OwnForwardLinear"} and len(report.patched) == 2
-    xr = torch.randn(3, 24, dtype=torch.float64)
-    _assert_runs_as(patched, xr, _run(model, xr))
 
+def _assert_bf16_model_keeps_peft_dtypes(cfg, trained: int):
+    """A bf16 Net under PEFT's ``cfg`` (adapters in fp32, PEFT's autocast_adapter_dtype), patched: with
+    and without autocast, a layer returns x's dtype and the model bf16 as PEFT's do, values agree to
+    bf16 rounding, and the ``trained`` adapter parameters get fp32 gradients."""
     torch.manual_seed(0)
-    bf16 = peft.get_peft_model(Net().to(torch.bfloat16), peft.LoHaConfig(r=3, target_modules=["q_proj", "up"],
-                                                                         init_weights=False)).train()
+    bf16 = peft.get_peft_model(Net().to(torch.bfloat16), cfg).train()
     patched = copy.deepcopy(bf16)
     assert not peft_kernels.patch_peft_model(patched).skipped
     x = torch.randn(4, 24, dtype=torch.bfloat16)
@@ -660,8 +656,29 @@ def test_loha_layers_the_fused_op_cannot_take_are_left_to_peft():
         assert torch.allclose(q1.float(), q0.float(), rtol=2e-2, atol=2e-2)
         assert torch.allclose(y1.float(), y0.float(), rtol=2e-2, atol=2e-2)
     y1.float().square().sum().backward()
-    trained = [p for p in patched.parameters() if p.requires_grad and p.grad is not None]
-    assert len(trained) == 16 and all(p.grad.dtype == p.dtype == torch.float32 for p in trained)
+    params = [p for p in patched.parameters() if p.requires_grad and p.grad is not None]
+    assert len(params) == trained and all(p.grad.dtype == p.dtype == torch.float32 for p in params)
+
+
+def test_loha_layers_the_fused_op_cannot_take_are_left_to_peft():
+    """LoHa of rank 17 (r² = 289 LoRA columns, above what one kernel takes) and LoHa over a Conv2d
+    are left to PEFT with why; LoHa over a base of its own forward fuses the branch alone (lora_delta),
+    and a bf16 model's fp32 adapters keep PEFT's dtypes: under autocast LoHa returns x's dtype."""
+    report = peft_kernels.patch_peft_model(_loha_model(r=17))
+    assert not report.patched and len(report.skipped) == 6
+    assert all("r² = 289" in why for why in report.skipped.values())
+
+    _assert_conv_left_to_peft(peft.LoHaConfig(r=2, target_modules=["0", "2"], init_weights=False))
+
+    model = _loha_model(net=nn.Sequential(OwnForwardLinear(24, 40), nn.Tanh(), nn.Linear(40, 6)), targets=["0", "2"])
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert report.branch_only == {"base_model.model.0": "OwnForwardLinear"} and len(report.patched) == 2
+    xr = torch.randn(3, 24, dtype=torch.float64)
+    _assert_runs_as(patched, xr, _run(model, xr))
+
+    _assert_bf16_model_keeps_peft_dtypes(peft.LoHaConfig(r=3, target_modules=["q_proj", "up"], init_weights=False),
+                                         trained=16)
 
 
 def _lokr_model(rank_dropout=0.0, module_dropout=0.0, dtype=torch.float64, net=None,
@@ -729,43 +746,12 @@ def test_kron_products_equal_the_dense_kronecker_product_in_every_order():
             assert torch.allclose(got, x @ torch.kron(w1, dense).t(), rtol=1e-12, atol=1e-12), (a, b, c, d, order)
 
 
-@pytest.mark.parametrize("scale", [True, False])
-def test_lokr_rank_and_module_dropout_draw_as_peft_does(scale):
-    """LoKr's module dropout (an adapter skipped for the step) and rank dropout (rows of Δ masked, by
-    rank_dropout_scale divided by the mask's mean in float32) draw from torch's CPU generator;
-    patched, in PEFT's order, so a seeded training step equals unpatched PEFT's — output, every
-    gradient and the generator's state after it — whichever adapters a seed skips."""
-    model = _lokr_model(rank_dropout=0.3, module_dropout=0.4, rank_dropout_scale=scale).train()
-    patched = copy.deepcopy(model)
-    peft_kernels.patch_peft_model(patched)
-    x = torch.randn(2, 5, 24, dtype=torch.float64)
-    trained = set()
-    for seed in range(6):
-        torch.manual_seed(seed)
-        reference = _run(model, x)
-        after0 = torch.rand(3)
-        torch.manual_seed(seed)
-        result = _run(patched, x)
-        assert torch.equal(torch.rand(3), after0), seed
-        trained.add(len(_assert_same_run(result, reference, seed)))
-    assert len(trained) > 1  # some seeds skipped some adapters, others not
-    torch.manual_seed(0)
-    plain = copy.deepcopy(patched).eval()(x)
-    assert not torch.allclose(_run(patched, x)[0], plain)  # the masks act in training
-
-
 def test_lokr_layers_kept_by_peft_and_its_dtypes():
     """LoKr over a Conv2d and LoKr whose factors do not make the base's [out, in] weight are left to
     PEFT with why; over a base of its own forward the products run beside it; two active adapters are
     summed as PEFT sums them; a bf16 model's fp32 adapters keep PEFT's dtypes (x cast to the adapter's,
     the result back to x's), with and without autocast."""
-    conv = peft.get_peft_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)),
-                               peft.LoKrConfig(r=2, target_modules=["0", "2"], init_weights=False))
-    xc = torch.randn(2, 3, 6, 6)
-    reference = _run(conv, xc)
-    report = peft_kernels.patch_peft_model(conv)
-    assert report.patched == ["base_model.model.2"] and "no fused op" in report.skipped["base_model.model.0"]
-    _assert_runs_as(conv, xc, reference)
+    _assert_conv_left_to_peft(peft.LoKrConfig(r=2, target_modules=["0", "2"], init_weights=False))
 
     broken = _lokr_model()
     broken.base_model.model.layers[0].up.lokr_w1["default"] = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
@@ -783,24 +769,8 @@ def test_lokr_layers_kept_by_peft_and_its_dtypes():
     xr = torch.randn(3, 24, dtype=torch.float64)
     assert len(_assert_same_run(_run(patched, xr), _run(model, xr))) == 12  # 2 layers x 2 adapters x 3 parts
 
-    torch.manual_seed(0)
-    bf16 = peft.get_peft_model(Net().to(torch.bfloat16), peft.LoKrConfig(r=2, target_modules=["q_proj", "up"],
-                                                                         init_weights=False)).train()
-    assert all(p.dtype == torch.float32 for n, p in bf16.named_parameters() if "lokr" in n)
-    patched = copy.deepcopy(bf16)
-    assert not peft_kernels.patch_peft_model(patched).skipped
-    x = torch.randn(4, 24, dtype=torch.bfloat16)
-    for cast in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
-            xi = x.float() if cast else x
-            q0, q1 = bf16.base_model.model.layers[0].q_proj(xi), patched.base_model.model.layers[0].q_proj(xi)
-            y0, y1 = bf16(xi), patched(xi)
-        assert q1.dtype == q0.dtype == xi.dtype and y1.dtype == y0.dtype == torch.bfloat16
-        assert torch.allclose(q1.float(), q0.float(), rtol=2e-2, atol=2e-2)
-        assert torch.allclose(y1.float(), y0.float(), rtol=2e-2, atol=2e-2)
-    y1.float().square().sum().backward()
-    trained = [p for p in patched.parameters() if p.requires_grad and p.grad is not None]
-    assert len(trained) == 12 and all(p.grad.dtype == p.dtype == torch.float32 for p in trained)
+    _assert_bf16_model_keeps_peft_dtypes(peft.LoKrConfig(r=2, target_modules=["q_proj", "up"], init_weights=False),
+                                         trained=12)
 
 
 def _formed_factors_model(kind, dropout=0.0, dtype=torch.float64):

@@ -991,6 +991,17 @@ def _patch_layer(report: PatchReport, name: str, module, family, bnb_8bit: bool 
         report.branch_only[name] = type(base).__name__ + _why_branch(base)
 
 
+def _patch_own_forward(report: PatchReport, name: str, module, reason, forward_class) -> None:
+    """Patch one PEFT layer with a forward of its own kind (``forward_class``: _LoKrForward,
+    _TokensForward), or record why it is left alone (``reason(module)``)."""
+    if _patched(module) is None:
+        if (why := reason(module)) is not None:
+            report.skipped[name] = why
+            return
+        module.forward = forward_class(module, module.forward)
+    report.patched.append(name)
+
+
 def _optional_class(module_name: str, class_name: str):
     """A PEFT class that older or leaner PEFT installs may lack (bnb-dependent ones), or None."""
     try:
@@ -1046,20 +1057,10 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     report = PatchReport()
     for name, module in model.named_modules():
         if LoKrLinear is not None and type(module) is LoKrLinear:
-            if _patched(module) is None:
-                if (reason := _lokr_reason(module)) is not None:
-                    report.skipped[name] = reason
-                    continue
-                module.forward = _LoKrForward(module, module.forward)
-            report.patched.append(name)
+            _patch_own_forward(report, name, module, _lokr_reason, _LoKrForward)
             continue
         if TrainableTokensLayer is not None and isinstance(module, TrainableTokensLayer):
-            if _patched(module) is None:
-                if (reason := _tokens_reason(module)) is not None:
-                    report.skipped[name] = reason
-                    continue
-                module.forward = _TokensForward(module, module.forward)
-            report.patched.append(name)
+            _patch_own_forward(report, name, module, _tokens_reason, _TokensForward)
             continue
         if ShiraLayer is not None and isinstance(module, ShiraLayer):
             if _patched(module) is not None:
