@@ -30,8 +30,10 @@ from .sparse import mask_gradients_
 
 
 def patch_peft_model(model):
-    """Route an HF PEFT model's LoRA Linear layers through the fused op, in place; returns a
-    PatchReport (see peft_kernels.integrations.peft)."""
+    """Route an HF PEFT model's layers through peft_kernels' ops in place — LoRA / DoRA / QLoRA
+    Linear, AdaLoRA, VeRA, LoHa, LoKr, DeLoRA, VB-LoRA, UniLoRA, SHiRA, trainable tokens (the list:
+    peft_kernels.integrations.peft.COMPUTED_LAYERS, or ``peft-kernels info``); returns a PatchReport
+    of what was patched and what was left to PEFT, with why."""
     from .integrations.peft import patch_peft_model as patch
 
     return patch(model)

@@ -33,6 +33,9 @@ def _info(argv) -> int:
     print(f"CUDA extension: {data['cuda_extension']}")
     print("with: " + "  ".join(f"{k} {v or 'not installed'}" for k, v in data["integrations"].items()))
     print(f"auto rules on a GPU (backend, max M): {json.dumps(data['auto_rules'])}")
+    print("patch_peft_model computes these HF PEFT layers (every other one keeps PEFT's forward, listed in its report):")
+    for layer, how in data["patch_peft_model"].items():
+        print(f"  {layer}: {how}")
     if data["deterministic"]:
         print("torch.use_deterministic_algorithms is on: split reductions sum per-split slices (no atomics); "
               "auto skips the cuda backend")

@@ -32,6 +32,7 @@ def info() -> dict:
         "auto_rules": {op: [list(rule) for rule in rules] for op, rules in backends.AUTO_RULES.items()},
         "triton_paths": triton_paths(),
         "integrations": integrations(),
+        "patch_peft_model": patched_peft_layers(),
         "devices": {},
     }
     for dev in devices:
@@ -65,6 +66,13 @@ def integrations() -> dict:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def patched_peft_layers() -> dict:
+    """The HF PEFT layers patch_peft_model computes, and how (integrations.peft.COMPUTED_LAYERS)."""
+    from .integrations.peft import COMPUTED_LAYERS
+
+    return dict(COMPUTED_LAYERS)
 
 
 def triton_paths() -> dict:

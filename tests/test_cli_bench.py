@@ -150,6 +150,8 @@ def test_info_prints_a_table_or_json(capsys):
 
     lines = out.splitlines()
     assert all(any(line.startswith(f"  {rule} ") for line in lines) for rule in triton_paths())
+    assert "  LoKr Linear: products of its Kronecker factors" in out  # the PEFT layers patch_peft_model computes
     assert main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["torch"] == torch.__version__ and data["devices"]["cpu"]["backends"]["torch"] == "available"
+    assert data["patch_peft_model"]["SHiRA Linear"] == "sparse_delta_linear"

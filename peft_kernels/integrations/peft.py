@@ -51,6 +51,19 @@ from ..quant.bnb4bit import bnb_cpu_repacked, bnb_linear4bit_class, is_bnb_linea
 from ..sparse import layout
 from ..tensor_cache import TensorCache
 
+# What patch_peft_model computes (shown by peft-kernels info): HF PEFT layer -> how. Every other
+# PEFT layer keeps PEFT's forward and is listed, with why, in the PatchReport.
+COMPUTED_LAYERS = {
+    "LoRA Linear (DoRA, MiCA, lora_bias) over nn.Linear, Conv1D, bnb 4-bit": "lora_linear / dora_linear / qlora_linear",
+    "LoRA Linear over bnb 8-bit, torchao and unknown bases": "lora_delta beside the base's own forward",
+    "AdaLoRA SVDLinear (and its bnb 4- / 8-bit classes)": "the same ops, A' = A ⊙ E / ranknum",
+    "VeRA, LoHa (r <= 16), DeLoRA, VB-LoRA, UniLoRA Linear": "lora_linear over factors formed each call",
+    "LoKr Linear": "products of its Kronecker factors beside the base's forward (torch GEMMs, no dense Δ)",
+    "SHiRA Linear": "sparse_delta_linear",
+    "trainable tokens (trainable_token_indices)": "sparse_delta_embedding / sparse_delta_linear",
+}
+
+
 @dataclasses.dataclass
 class PatchReport:
     """What ``patch_peft_model`` did: patched layer names, and the layers left alone with why."""
@@ -1110,4 +1123,4 @@ def unpatch_peft_model(model: nn.Module) -> list[str]:
     return restored
 
 
-__all__ = ["PatchReport", "patch_peft_model", "unpatch_peft_model"]
+__all__ = ["COMPUTED_LAYERS", "PatchReport", "patch_peft_model", "unpatch_peft_model"]
