@@ -773,6 +773,23 @@ def test_lokr_layers_kept_by_peft_and_its_dtypes():
                                          trained=12)
 
 
+@pytest.mark.parametrize("kind", ["lora", "vera", "loha", "lokr", "delora"])
+def test_patched_tuners_take_any_leading_shape(kind):
+    """x with no tokens, no batch dimension, three batch dimensions, or non-contiguous: patched,
+    outputs and every gradient equal PEFT's (float64; LoHa's and LoKr's rank dropout on, seeded)."""
+    model = {"lora": lambda: _peft_model().double(), "vera": lambda: _vera_model(dtype=torch.float64),
+             "loha": lambda: _loha_model(rank_dropout=0.2), "lokr": lambda: _lokr_model(rank_dropout=0.2),
+             "delora": lambda: _formed_factors_model("delora")}[kind]().train()
+    patched = copy.deepcopy(model)
+    assert not peft_kernels.patch_peft_model(patched).skipped
+    for x in (torch.randn(0, 24, dtype=torch.float64), torch.randn(24, dtype=torch.float64),
+              torch.randn(2, 3, 4, 24, dtype=torch.float64), torch.randn(24, 6, dtype=torch.float64).t()):
+        torch.manual_seed(1)
+        reference = _run(model, x)
+        torch.manual_seed(1)
+        _assert_same_run(_run(patched, x), reference, tuple(x.shape))
+
+
 def _formed_factors_model(kind, dropout=0.0, dtype=torch.float64):
     """VB-LoRA (r 4, a bank of 16 vectors of length 8, top-2), UniLoRA (r 4, one shared vector of 64
     entries) or DeLoRA (r 4, lambda 7) on Net()'s q_proj / v_proj / up; every factor non-zero."""

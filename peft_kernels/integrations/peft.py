@@ -944,7 +944,7 @@ def _kron_delta(layer, name: str, x):
     x = layer._cast_input_dtype(x, w1.dtype)
     c, d = w1.shape[1], w2[-1].shape[1]
     y = _kron_products(x.reshape(-1, c, d), w1 * layer.scaling[name], w2)  # s on the tiny W1, as PEFT's mul_(s)
-    y = y.reshape(*x.shape[:-1], -1)
+    y = y.reshape(*x.shape[:-1], w1.shape[0] * w2[0].shape[0])  # out = a·b (explicit: x may have no tokens)
     p = layer.rank_dropout[name]
     if layer.training and p:  # LoKrLayer.get_delta_weight's row mask, drawn and normalized as PEFT does
         drop = (torch.rand(y.shape[-1]) > p).float()
