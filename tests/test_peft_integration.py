@@ -790,6 +790,65 @@ def test_patched_tuners_take_any_leading_shape(kind):
         _assert_same_run(_run(patched, x), reference, tuple(x.shape))
 
 
+def _mixed_config(kind, targets=("q_proj", "up")):
+    targets = list(targets)
+    # LoRA's dropout mask comes from the op's own seed, not PEFT's draws: p = 0 for step parity here
+    return {"lora": peft.LoraConfig(r=2, lora_alpha=3, target_modules=targets, init_lora_weights=False),
+            "dora": peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False, use_dora=True),
+            "loha": peft.LoHaConfig(r=2, rank_dropout=0.2, target_modules=targets, init_weights=False),
+            "lokr": peft.LoKrConfig(r=2, module_dropout=0.3, target_modules=targets, init_weights=False)}[kind]
+
+
+@pytest.mark.parametrize("kinds", [("lora", "loha"), ("loha", "lora"), ("lokr", "loha"), ("loha", "lokr"),
+                                   ("lora", "loha", "lokr"), ("loha", "dora")], ids="+".join)
+def test_mixed_models_nested_layers_each_add_their_own_adapter(kinds):
+    """PEFT's mixed models (PeftMixedModel) nest one adapter type's layer in another's: the outer
+    layer's base is the inner PEFT layer, whose output it adds to. Patched, a layer over another
+    PEFT layer runs it (its base_layer) and adds its own branch — it must not compute the innermost
+    nn.Linear itself, which would drop the inner adapter —, a nested DoRA layer (it needs the base
+    weight) stays PEFT's, and a seeded training step (LoHa's rank and LoKr's module dropout on) equals
+    PEFT's (float64)."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net().double(), _mixed_config(kinds[0]), adapter_name="first", mixed=True)
+    for i, kind in enumerate(kinds[1:]):
+        model.add_adapter(f"then{i}", _mixed_config(kind))
+    model.set_adapter(["first"] + [f"then{i}" for i in range(len(kinds) - 1)])
+    model.train()
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    layers = 4 * len(kinds)  # q_proj and up of both blocks, one PEFT layer per adapter type
+    if kinds[-1] == "dora":
+        assert len(report.patched) == layers - 4 and all("DoRA" in why for why in report.skipped.values())
+    else:
+        assert len(report.patched) == layers and not report.skipped, str(report)
+    nested = [n for n, why in report.branch_only.items() if "a mixed model's nesting" in why]
+    assert len(nested) == 4 * sum(kind in ("lora", "loha") for kind in kinds[1:])  # LoKr always runs its base
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        reference = _run(model, x)
+        torch.manual_seed(seed)
+        _assert_same_run(_run(patched, x), reference, seed)
+
+
+def test_a_peft_layer_nested_under_a_patched_one_after_patching_runs_peft_forward():
+    """A patched LoRA layer whose base_layer becomes another PEFT layer after patching (the nesting a
+    mixed model makes) must not compute the innermost nn.Linear itself: at call time it runs PEFT's
+    forward, said once in a warning, and computes what unpatched PEFT computes."""
+    model = _peft_model(targets=["q_proj"]).double()
+    patched = copy.deepcopy(model)
+    peft_kernels.patch_peft_model(patched)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    layers = [m.base_model.model.layers[0].q_proj for m in (model, patched)]
+    for layer in layers:  # the same LoHa layer (weights drawn from seed 0) around each one's own base
+        torch.manual_seed(0)
+        layer.base_layer = peft.get_peft_model(nn.Sequential(layer.base_layer), peft.LoHaConfig(
+            r=2, target_modules=["0"], init_weights=False)).base_model.model[0]
+    with pytest.warns(UserWarning, match="another PEFT layer .*loha.*mixed model"):
+        result = _run(patched, x)
+    assert len(_assert_same_run(result, _run(model, x))) == 4 + 4  # two q_proj LoRA pairs, the LoHa four
+
+
 def _formed_factors_model(kind, dropout=0.0, dtype=torch.float64):
     """VB-LoRA (r 4, a bank of 16 vectors of length 8, top-2), UniLoRA (r 4, one shared vector of 64
     entries) or DeLoRA (r 4, lambda 7) on Net()'s q_proj / v_proj / up; every factor non-zero."""

@@ -588,11 +588,23 @@ def _hooked(module) -> str | None:
     return None
 
 
+def _nested(layer, base) -> str | None:
+    """Why a forward that computes the innermost base (``base``, what get_base_layer() finds) itself
+    cannot serve this layer: its base_layer is another PEFT layer in between (PEFT's mixed models,
+    PeftMixedModel, nest one adapter type's layer in another's), whose output this layer must add to
+    — computing the innermost base would drop that layer's adapter. None if not nested."""
+    outer = layer.__dict__["_modules"].get("base_layer")
+    if outer is not None and outer is not base:
+        return (f"its base layer is another PEFT layer ({type(outer).__module__}.{type(outer).__name__}: a mixed "
+                "model's nesting), whose output it adds to")
+    return None
+
+
 def _whole_reason(family, layer, name: str, base) -> str | None:
     """Why adapter ``name`` of this layer cannot be fused with its whole-layer base now: the family's
-    adapter reason, hooks put on the base since patching, and a bnb 4-bit base that bnb itself
-    repacked since patching."""
-    why = family.reason(layer, name) or _hooked(base)
+    adapter reason, another PEFT layer nested in between, hooks put on the base since patching, and a
+    bnb 4-bit base that bnb itself repacked since patching."""
+    why = family.reason(layer, name) or _nested(layer, base) or _hooked(base)
     if why is None and is_bnb_linear4bit(base) and bnb_cpu_repacked(base.weight):
         why = "bitsandbytes repacked its 4-bit weight for its own CPU kernel (an eval forward without grad)"
     return why
@@ -677,8 +689,8 @@ def _shira_reason(layer, name: str | None = None, base=None) -> str | None:
     base = base if base is not None else layer.get_base_layer()
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
-    why = _hooked(base) or ("its base layer's forward is replaced on the instance (accelerate's hooks)"
-                            if "forward" in vars(base) else None)
+    why = _nested(layer, base) or _hooked(base) or (
+        "its base layer's forward is replaced on the instance (accelerate's hooks)" if "forward" in vars(base) else None)
     if why is not None:
         return why
     if getattr(layer, "fan_in_fan_out", False):
@@ -740,6 +752,8 @@ def _tokens_reason(layer, name: str | None = None, base=None) -> str | None:
     base = base if base is not None else layer.get_base_layer()
     if not isinstance(base, (nn.Embedding, nn.Linear)):  # PEFT's own forward refuses other types
         return f"base layer is {type(base).__name__}, neither nn.Embedding nor nn.Linear"
+    if (why := _nested(layer, base)) is not None:
+        return why
     why = unsupported_lookup(base) if isinstance(base, nn.Embedding) else (
         None if _checks.plain_tensor(base.weight) else f"its weight is a {type(base.weight).__name__} (a tensor subclass)")
     if why is not None:
@@ -991,7 +1005,8 @@ def _patch_layer(report: PatchReport, name: str, module, family, bnb_8bit: bool 
     """Patch one PEFT layer of ``family`` (whole-layer base: _FusedForward; any other: _BranchForward),
     or record why it is left alone."""
     base = module.get_base_layer()
-    whole = _whole_layer_base(base) and not bnb_8bit
+    nested = _nested(module, base)  # another PEFT layer in between: its output is this layer's base output
+    whole = _whole_layer_base(base) and not bnb_8bit and nested is None
     if _patched(module) is None:
         reason = _static_reason(module, family) if whole else _branch_reason(family, module)
         if reason is not None:
@@ -1001,7 +1016,7 @@ def _patch_layer(report: PatchReport, name: str, module, family, bnb_8bit: bool 
                           else _BranchForward(module, module.forward, family, bnb_8bit))
     report.patched.append(name)
     if isinstance(_patched(module), _BranchForward):
-        report.branch_only[name] = type(base).__name__ + _why_branch(base)
+        report.branch_only[name] = nested or type(base).__name__ + _why_branch(base)
 
 
 def _patch_own_forward(report: PatchReport, name: str, module, reason, forward_class) -> None:
