@@ -831,6 +831,52 @@ def test_mixed_models_nested_layers_each_add_their_own_adapter(kinds):
         _assert_same_run(_run(patched, x), reference, seed)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_patched_mixed_models_match_unpatched_on_random_configurations(seed):
+    """Random PeftMixedModels: one to three adapters of random types (LoRA, DoRA, LoHa, LoKr, AdaLoRA)
+    nested in random order over random targets of a net with odd widths, a random set active, LoHa's
+    and LoKr's module dropout on: a seeded training step and an eval step equal PEFT's (float64)."""
+    import random
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    d, h = rng.randint(1, 12), rng.randint(1, 12)
+    net = nn.Sequential(nn.Linear(d, h, bias=rng.random() < 0.5), nn.Tanh(), nn.Linear(h, h), nn.ReLU(),
+                        nn.Linear(h, 3)).double()
+
+    def config(kind):
+        targets, r, alpha = rng.sample(["0", "2", "4"], rng.randint(1, 3)), rng.choice([1, 2, 3]), rng.choice([1, 3])
+        if kind in ("lora", "dora"):
+            return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
+                                   use_dora=kind == "dora")
+        if kind == "adalora":
+            return peft.AdaLoraConfig(init_r=r + 1, target_r=1, total_step=10, target_modules=targets,
+                                      init_lora_weights=False)
+        cls = peft.LoHaConfig if kind == "loha" else peft.LoKrConfig
+        return cls(r=r, alpha=alpha, module_dropout=rng.choice([0.0, 0.3]), target_modules=targets, init_weights=False)
+
+    kinds = [rng.choice(["lora", "dora", "loha", "lokr", "adalora"]) for _ in range(rng.randint(1, 3))]
+    model = peft.get_peft_model(net, config(kinds[0]), adapter_name="a0", mixed=True)
+    for i, kind in enumerate(kinds[1:], 1):
+        model.add_adapter(f"a{i}", config(kind))
+    model.set_adapter(rng.sample([f"a{i}" for i in range(len(kinds))], rng.randint(1, len(kinds))))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:
+                p.normal_(std=0.5)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    patched = copy.deepcopy(model)
+    peft_kernels.patch_peft_model(patched)
+    x = torch.randn(rng.randint(1, 4), d, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        patched.train(train)
+        torch.manual_seed(seed)
+        reference = _run(model, x)
+        torch.manual_seed(seed)
+        _assert_same_run(_run(patched, x), reference, (kinds, train))
+
+
 def test_a_peft_layer_nested_under_a_patched_one_after_patching_runs_peft_forward():
     """A patched LoRA layer whose base_layer becomes another PEFT layer after patching (the nesting a
     mixed model makes) must not compute the innermost nn.Linear itself: at call time it runs PEFT's
