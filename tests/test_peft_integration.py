@@ -80,6 +80,18 @@ def _assert_same_run(result, reference, label=""):
     return g1
 
 
+def _assert_train_and_eval_steps_match(model, patched, x, seed, label):
+    """A training step and an eval step of ``patched`` equal ``model``'s (_assert_same_run), each from
+    torch.manual_seed(seed) so that PEFT's own random draws repeat."""
+    for train in (True, False):
+        model.train(train)
+        patched.train(train)
+        torch.manual_seed(seed)
+        reference = _run(model, x)
+        torch.manual_seed(seed)
+        _assert_same_run(_run(patched, x), reference, (label, train))
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_patched_matches_unpatched(train):
     model = _peft_model(dropout=0.0 if train else 0.2)
@@ -168,14 +180,8 @@ def test_patched_factored_tuners_match_unpatched_on_random_configurations(seed):
     patched = copy.deepcopy(model)
     report = peft_kernels.patch_peft_model(patched)
     assert len(report.patched) == len(targets) and not report.skipped, (tuner, str(report))
-    x = torch.randn(rng.randint(1, 5), 3, d, dtype=torch.float64)
-    for train in (True, False):
-        model.train(train)
-        patched.train(train)
-        torch.manual_seed(seed)
-        reference = _run(model, x)
-        torch.manual_seed(seed)
-        _assert_same_run(_run(patched, x), reference, tuner)
+    _assert_train_and_eval_steps_match(model, patched, torch.randn(rng.randint(1, 5), 3, d, dtype=torch.float64),
+                                       seed, tuner)
 
 
 def _two_adapters(model, cfg):
@@ -867,14 +873,8 @@ def test_patched_mixed_models_match_unpatched_on_random_configurations(seed):
                 p.mul_(1 + 0.3 * torch.rand_like(p))
     patched = copy.deepcopy(model)
     peft_kernels.patch_peft_model(patched)
-    x = torch.randn(rng.randint(1, 4), d, dtype=torch.float64)
-    for train in (True, False):
-        model.train(train)
-        patched.train(train)
-        torch.manual_seed(seed)
-        reference = _run(model, x)
-        torch.manual_seed(seed)
-        _assert_same_run(_run(patched, x), reference, (kinds, train))
+    _assert_train_and_eval_steps_match(model, patched, torch.randn(rng.randint(1, 4), d, dtype=torch.float64), seed,
+                                       kinds)
 
 
 def test_a_peft_layer_nested_under_a_patched_one_after_patching_runs_peft_forward():
