@@ -4,11 +4,12 @@ One frozen nn.Linear (weight [N, K]) under each PEFT tuner the patch computes: L
 0.05), AdaLoRA init_r=16 (dropout 0.05), VeRA r=256 (its shared frozen matrices; dropout 0.05),
 LoHa r=8 (patched: its Hadamard product as LoRA of rank 64), DeLoRA r=16 (dropout 0.05), VB-LoRA
 r=16 (a bank of 256 vectors, top-2; dropout 0.05), SHiRA r=16 (k = 16·(K + N) trained entries,
-LoRA r=16's parameter count) and LoKr r=8 (PEFT's defaults: W1 full, W2 of rank 8; patched, products
-of the Kronecker factors, not the dense Δ; not a kernel of ours, plain torch GEMMs). Each runs "HF PEFT <tuner>" (PEFT's own forward) and "patched
-<tuner>" (the same layer after patch_peft_model). Adapters in the base dtype, every one
-drawn non-zero (no zero-initialized factor: both products do real work). The floor is
-F.linear(x, W) with x requiring grad (forward and dX).
+LoRA r=16's parameter count) and LoKr r=8 (PEFT's defaults: W1 whole, W2 of rank 8; patched,
+products of the Kronecker factors instead of the dense Δ — plain torch GEMMs, not a kernel of
+ours). Each runs "HF PEFT <tuner>" (PEFT's own forward) and "patched <tuner>" (the same layer after
+patch_peft_model). Adapters in the base dtype, every one drawn non-zero (no zero-initialized
+factor: both products do real work). The floor is F.linear(x, W) with x requiring grad (forward
+and dX).
 
     python benchmarks/bench_tuners.py --out benchmarks/results/tuners_h100.json
 """
