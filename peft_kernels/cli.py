@@ -33,7 +33,7 @@ def _info(argv) -> int:
     print(f"CUDA extension: {data['cuda_extension']}")
     print("with: " + "  ".join(f"{k} {v or 'not installed'}" for k, v in data["integrations"].items()))
     print(f"auto rules on a GPU (backend, max M): {json.dumps(data['auto_rules'])}")
-    print("patch_peft_model computes these HF PEFT layers (every other one keeps PEFT's forward, listed in its report):")
+    print("patch_peft_model computes these HF PEFT layers (any other keeps PEFT's forward, listed in its report):")
     for layer, how in data["patch_peft_model"].items():
         print(f"  {layer}: {how}")
     if data["deterministic"]:

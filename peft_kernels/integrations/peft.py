@@ -689,8 +689,9 @@ def _shira_reason(layer, name: str | None = None, base=None) -> str | None:
     base = base if base is not None else layer.get_base_layer()
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
+    replaced = "forward" in vars(base)
     why = _nested(layer, base) or _hooked(base) or (
-        "its base layer's forward is replaced on the instance (accelerate's hooks)" if "forward" in vars(base) else None)
+        "its base layer's forward is replaced on the instance (accelerate's hooks)" if replaced else None)
     if why is not None:
         return why
     if getattr(layer, "fan_in_fan_out", False):
