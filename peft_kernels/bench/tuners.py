@@ -27,28 +27,30 @@ from . import harness
 from .lora import CPU_SHAPES, GPU_SHAPES
 
 TUNERS = ("lora", "adalora", "vera", "loha", "delora", "vblora", "shira", "lokr")
+# each tuner's rank (AdaLoRA's init_r), in its config and in the JSON
+RANKS = {"lora": 16, "adalora": 16, "vera": 256, "loha": 8, "delora": 16, "vblora": 16, "shira": 16, "lokr": 8}
 
 
 def _config(peft, tuner: str, shape):
-    target = ["proj"]
+    target, r = ["proj"], RANKS.get(tuner)
     if tuner == "lora":
-        return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=target)
+        return peft.LoraConfig(r=r, lora_alpha=32, lora_dropout=0.05, target_modules=target)
     if tuner == "adalora":  # total_step: PEFT requires it; the allocator does not run in a layer benchmark
-        return peft.AdaLoraConfig(init_r=16, target_r=8, total_step=1000, lora_alpha=32, lora_dropout=0.05,
+        return peft.AdaLoraConfig(init_r=r, target_r=8, total_step=1000, lora_alpha=32, lora_dropout=0.05,
                                   target_modules=target)
     if tuner == "vera":
-        return peft.VeraConfig(r=256, vera_dropout=0.05, target_modules=target)
+        return peft.VeraConfig(r=r, vera_dropout=0.05, target_modules=target)
     if tuner == "loha":
-        return peft.LoHaConfig(r=8, alpha=16, target_modules=target, init_weights=False)
+        return peft.LoHaConfig(r=r, alpha=16, target_modules=target, init_weights=False)
     if tuner == "delora":
-        return peft.DeloraConfig(r=16, delora_lambda=15, module_dropout=0.05, target_modules=target)
+        return peft.DeloraConfig(r=r, delora_lambda=15, module_dropout=0.05, target_modules=target)
     if tuner == "vblora":  # the bank's vectors tile both dimensions
-        return peft.VBLoRAConfig(r=16, num_vectors=256, vector_length=math.gcd(*shape, 256), topk=2,
+        return peft.VBLoRAConfig(r=r, num_vectors=256, vector_length=math.gcd(*shape, 256), topk=2,
                                  vblora_dropout=0.05, target_modules=target)
     if tuner == "shira":
-        return peft.ShiraConfig(r=16, target_modules=target, random_seed=0)
+        return peft.ShiraConfig(r=r, target_modules=target, random_seed=0)
     if tuner == "lokr":
-        return peft.LoKrConfig(r=8, alpha=16, target_modules=target, init_weights=False)
+        return peft.LoKrConfig(r=r, alpha=16, target_modules=target, init_weights=False)
     raise ValueError(f"unknown tuner {tuner!r}; choose from {', '.join(TUNERS)}")
 
 
@@ -115,7 +117,6 @@ def main(argv=None) -> int:
                                  device, reps)
     payload["benchmark"] = "PEFT tuner layers fwd+bwd"
     payload["config"].update(dtype=str(dtype), tuners=tuners,
-                             ranks={"lora": 16, "adalora": 16, "vera": 256, "loha": 8, "delora": 16, "vblora": 16,
-                                    "shira": 16, "lokr": 8})
+                             ranks=dict(RANKS))
     harness.report(payload, args.out, args.plot)
     return 0

@@ -392,7 +392,7 @@ class _LoHaFamily(_Family):
     def factors(layer, name: str) -> _Factors | None:
         """The adapter's LoRA factors for this call, or None when its module dropout skips it (PEFT
         draws torch.rand(1) for every adapter in training, skipped or not)."""
-        if layer.training and not bool(torch.rand(1) > layer.module_dropout[name]):
+        if _module_dropout_skips(layer, name):
             return None
         w1a, w1b = _attr(layer, "hada_w1_a")[name], _attr(layer, "hada_w1_b")[name]
         w2a, w2b = _attr(layer, "hada_w2_a")[name], _attr(layer, "hada_w2_b")[name]
@@ -400,10 +400,8 @@ class _LoHaFamily(_Family):
         A = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, -1)
         B = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r)
         p = layer.rank_dropout[name]
-        if layer.training and p:  # LoHaLayer.get_delta_weight's mask, drawn and normalized as PEFT does
-            drop = (torch.rand(B.shape[0]) > p).to(B.dtype)
-            drop /= drop.mean()
-            B = B * drop.to(B.device)[:, None]
+        if layer.training and p:  # LoHaLayer.get_delta_weight's mask: in Δ's dtype, always normalized
+            B = B * _rank_dropout_rows(B.shape[0], p, B.dtype, scale=True).to(B.device)[:, None]
         # PEFT multiplies Δ by torch.tensor(scaling): the scaling rounded to the default dtype
         scaling = float(layer.scaling[name])
         if torch.get_default_dtype() == torch.float32:
@@ -468,6 +466,22 @@ class _OwnFactorsFamily(_Family):
         A, B = layer._get_lora_matrices(name)
         kw = _op_kwargs(layer, _attr(layer, self.dropout_attr)[name], 1.0)
         return _Factors(A, B, None, kw, _attr(layer, self.dtype_attr)[name].dtype)
+
+
+def _module_dropout_skips(layer, name: str) -> bool:
+    """LycorisLayer.forward's module dropout (LoHa, LoKr): in training, torch.rand(1) is drawn for every
+    adapter, skipped or not, and the adapter sits this call out unless the draw exceeds module_dropout."""
+    return layer.training and not bool(torch.rand(1) > layer.module_dropout[name])
+
+
+def _rank_dropout_rows(n: int, p: float, dtype: torch.dtype, scale: bool) -> torch.Tensor:
+    """PEFT's LyCORIS rank dropout over Δ's n rows, drawn from torch's CPU generator as PEFT draws it:
+    1.0 where torch.rand(n) > p, in ``dtype`` (LoHa: Δ's; LoKr: float32), divided by its mean (in that
+    dtype) when ``scale``. On the CPU: the caller moves it."""
+    drop = (torch.rand(n) > p).to(dtype)
+    if scale:
+        drop /= drop.mean()
+    return drop
 
 
 def _as_float32(value: float) -> float:
@@ -893,16 +907,22 @@ class _LoKrAdapters:
         return any(name in _attr(self.layer, part).__dict__["_parameters"] for part in _LOKR_PARTS)
 
 
+def _lokr_parts(stored: dict) -> tuple[list, list]:
+    """(W1's matrices, W2's) among one adapter's stored ones (_lokr_stored): [lokr_w1] or [lokr_w1_a,
+    lokr_w1_b], likewise for W2; None in place of one that is missing."""
+    def pick(whole, a, b):
+        return [stored[whole]] if whole in stored else [stored.get(a), stored.get(b)]
+
+    return pick("lokr_w1", "lokr_w1_a", "lokr_w1_b"), pick("lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
 def _lokr_factors(stored: dict):
     """(W1 [a, c], W2 parts) of one adapter's stored matrices (_lokr_stored): W1 = lokr_w1, or lokr_w1_a
     @ lokr_w1_b formed as PEFT forms it (a tiny [a, c]); W2 parts = (lokr_w2 [b, d],) or (lokr_w2_a
     [b, r], lokr_w2_b [r, d]), kept apart (W2's rank r is what makes the products cheap). Δ = s ·
     kron(W1, W2), out = a·b, in = c·d."""
-    w1 = stored.get("lokr_w1")
-    if w1 is None:
-        w1 = stored["lokr_w1_a"] @ stored["lokr_w1_b"]
-    w2 = stored.get("lokr_w2")
-    return w1, ((w2,) if w2 is not None else (stored["lokr_w2_a"], stored["lokr_w2_b"]))
+    w1, w2 = _lokr_parts(stored)
+    return (w1[0] if len(w1) == 1 else w1[0] @ w1[1]), tuple(w2)
 
 
 def _lokr_reason(layer, name: str | None = None, base=None) -> str | None:
@@ -918,10 +938,9 @@ def _lokr_reason(layer, name: str | None = None, base=None) -> str | None:
         stored = _lokr_stored(layer, n)
         if "lokr_t2" in stored:
             return f"adapter {n!r} uses LoKr's CP decomposition (lokr_t2: a convolution's)"
-        w1 = [stored[k] for k in (("lokr_w1",) if "lokr_w1" in stored else ("lokr_w1_a", "lokr_w1_b")) if k in stored]
-        w2 = [stored[k] for k in (("lokr_w2",) if "lokr_w2" in stored else ("lokr_w2_a", "lokr_w2_b")) if k in stored]
+        w1, w2 = _lokr_parts(stored)
         parts = w1 + w2
-        if len(w1) != 2 - ("lokr_w1" in stored) or len(w2) != 2 - ("lokr_w2" in stored):
+        if any(p is None for p in parts):
             return f"adapter {n!r} lacks one of lokr_w1(_a/_b) / lokr_w2(_a/_b)"
         if any(p.dim() != 2 for p in parts) or any(p.dtype != parts[0].dtype for p in parts) \
                 or (len(w1) == 2 and w1[0].shape[1] != w1[1].shape[0]) \
@@ -961,10 +980,8 @@ def _kron_delta(layer, name: str, x):
     y = _kron_products(x.reshape(-1, c, d), w1 * layer.scaling[name], w2)  # s on the tiny W1, as PEFT's mul_(s)
     y = y.reshape(*x.shape[:-1], w1.shape[0] * w2[0].shape[0])  # out = a·b (explicit: x may have no tokens)
     p = layer.rank_dropout[name]
-    if layer.training and p:  # LoKrLayer.get_delta_weight's row mask, drawn and normalized as PEFT does
-        drop = (torch.rand(y.shape[-1]) > p).float()
-        if layer.rank_dropout_scale[name]:
-            drop /= drop.mean()
+    if layer.training and p:  # LoKrLayer.get_delta_weight's row mask: float32, normalized if rank_dropout_scale
+        drop = _rank_dropout_rows(y.shape[-1], p, torch.float32, scale=layer.rank_dropout_scale[name])
         y = y * drop.to(device=y.device, dtype=y.dtype)
     return y
 
@@ -991,7 +1008,7 @@ class _LoKrForward(_PatchedForward):
             return out
         result = layer.base_layer(x)
         for name in names:  # LycorisLayer.forward's loop
-            if layer.training and not bool(torch.rand(1) > layer.module_dropout[name]):
+            if _module_dropout_skips(layer, name):
                 continue
             result = result + _kron_delta(layer, name, x)
         return result.to(x.dtype)
