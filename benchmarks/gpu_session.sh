@@ -12,12 +12,14 @@
 #     bash benchmarks/gpu_session.sh rest      # DoRA, sparse, whole model
 #     bash benchmarks/gpu_session.sh peft      # HF PEFT's tuner layers (LoRA, AdaLoRA, VeRA, LoHa, DeLoRA, VB-LoRA, SHiRA, LoKr)
 #                                              # unpatched and patched, and their GPU test
+#     bash benchmarks/gpu_session.sh experts   # PEFT's LoRA on MoE experts' weights (target_parameters), unpatched
+#                                              # and patched (torch grouped GEMMs; no build needed), and its GPU test
 #
 # Everything lands in $OUT (at most 8 files come back from the device tool): JSON named
 # <bench>_<gpu>.json for benchmarks/results/, and a log per part. bitsandbytes / torchao wheels in
 # .whl/ (carried) are installed first when present; the benchmarks skip their rows otherwise.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|check|lora|quant|rest|peft}
+part=${1:?usage: gpu_session.sh first|check|lora|quant|rest|peft|experts}
 OUT=${OUT:-/tmp/peft_kernels_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -107,8 +109,12 @@ case "$part" in
     step 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE -k patched_peft tests/test_lora_gpu.py
     step 380 python3 benchmarks/bench_tuners.py --out "$OUT/tuners_$gpu.json"
     ;;
+  experts)
+    step 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_peft_experts.py
+    step 300 python3 benchmarks/bench_experts.py --out "$OUT/experts_$gpu.json"
+    ;;
   *)
-    echo "unknown part $part: expected first, check, lora, quant, rest or peft" >&2
+    echo "unknown part $part: expected first, check, lora, quant, rest, peft or experts" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,6 @@
 """Regenerate README.md's results section from benchmarks/results/*.json (the LoRA, QLoRA, DoRA and
-sparse fwd+bwd benchmarks, PEFT's tuner layers patched and not, the LoRA backends side by side, the
-whole-model step).
+sparse fwd+bwd benchmarks, PEFT's tuner layers patched and not, PEFT's LoRA on MoE experts patched and
+not, the LoRA backends side by side, the whole-model step).
 
     python benchmarks/results_table.py            # rewrite the block between the README markers
     python benchmarks/results_table.py --print    # print it only
@@ -67,6 +67,9 @@ def case_rows_table(path: Path) -> str:
         lines.append(f"| {_shape(r)} | {r['case']} | {r['ms']:.3f} | {r['ratio']:.2f}× | {g} | {mem} |{kept}")
     caption = (f"`{_rel(path)}` ({data['benchmark']}): {env['device']}, torch {env['torch']}, "
                f"triton {env['triton']}; {cfg['dtype']}; {cfg['timing']}, {env['date']}.")
+    if "routing" in cfg:  # the experts benchmark: M tokens x K hidden -> N intermediate, E experts, top-k each
+        caption += " M×K→N: tokens × hidden → each expert's intermediate width; " + ", ".join(
+            f"{kn}: {r['experts']} experts, top {r['top_k']}" for kn, r in cfg["routing"].items()) + f"; r={cfg['rank']}."
     if env.get("device_type") == "cpu":
         caption += (" CPU figures: the torch reference backend (the CPU path and the tests' oracle), not the GPU "
                     "kernels; what carries over is what a formula saves, not a kernel's speed.")
@@ -125,7 +128,7 @@ def block() -> str:
         if kind == "lora_linear fwd+bwd":
             tables.append(lora_table(p))
         elif kind in ("qlora_linear fwd+bwd", "dora_linear fwd+bwd", "sparse_delta_linear fwd+bwd",
-                      "PEFT tuner layers fwd+bwd"):
+                      "PEFT tuner layers fwd+bwd", "LoRA on MoE experts (target_parameters) fwd+bwd"):
             tables.append(case_rows_table(p))
         elif kind == "whole-model step":
             tables.append(model_table(p))

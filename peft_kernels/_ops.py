@@ -257,3 +257,21 @@ def _sparse_embedding_fwd_fake(ids, weight, values, index, backend):
 def _sparse_embedding_bwd_fake(grad_y, ids, index, num_rows, padding_idx, backend):
     dtype = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
     return grad_y.new_empty((index.shape[0],), dtype=dtype)
+
+
+# Rows of x sorted by expert, each times its expert's matrix (peft_kernels/ops/expert_matmul.py):
+# x [S, k], w [E, k, n], ends [E] int32 -> y [S, n]; backward dX [S, k] and dW [E, k, n], each only if asked.
+LIB.define("expert_mm_fwd(Tensor x, Tensor w, Tensor ends) -> Tensor")
+LIB.define("expert_mm_bwd(Tensor grad_y, Tensor x, Tensor w, Tensor ends, bool need_dx, bool need_dw) "
+           "-> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("peft_kernels::expert_mm_fwd")
+def _expert_mm_fwd_fake(x, w, ends):
+    return x.new_empty((x.shape[0], w.shape[2]))
+
+
+@torch.library.register_fake("peft_kernels::expert_mm_bwd")
+def _expert_mm_bwd_fake(grad_y, x, w, ends, need_dx, need_dw):
+    dx = grad_y.new_empty((grad_y.shape[0], w.shape[1])) if need_dx else grad_y.new_empty(0)
+    return dx, (w.new_empty(w.shape) if need_dw else w.new_empty(0))

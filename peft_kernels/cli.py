@@ -1,10 +1,11 @@
 """The `peft-kernels` command.
 
     peft-kernels info [--json]   versions, devices, which backends run here and why others do not
-    peft-kernels bench [--op lora|qlora|dora|sparse|model|tuners] [...]
+    peft-kernels bench [--op lora|qlora|dora|sparse|model|tuners|experts] [...]
                                  fwd+bwd benchmarks as ratios to the frozen floor (default: LoRA);
                                  --op model: the whole-model step; --op tuners: HF PEFT's tuner
-                                 layers unpatched and patched; --help for each one's options
+                                 layers unpatched and patched; --op experts: PEFT's LoRA on MoE
+                                 experts' weights, unpatched and patched; --help for each one's options
     peft-kernels demo [...]      fine-tune a small LLaMA-shaped model: lora | qlora | dora | sparse,
                                  --compare-peft
 """
@@ -72,10 +73,10 @@ def main(argv=None) -> int:
         # Run the Triton kernels interpreted too (must be chosen before triton is imported).
         os.environ.setdefault("TRITON_INTERPRET", "1")
     ops = argparse.ArgumentParser(add_help=False)
-    ops.add_argument("--op", choices=["lora", "qlora", "dora", "sparse", "model", "tuners"], default="lora")
+    ops.add_argument("--op", choices=["lora", "qlora", "dora", "sparse", "model", "tuners", "experts"], default="lora")
     chosen, rest = ops.parse_known_args(argv[1:])
     if "-h" in rest or "--help" in rest:
-        print(f"peft-kernels bench --op {{lora,qlora,dora,sparse,model,tuners}} (this is --op {chosen.op}):\n")
+        print(f"peft-kernels bench --op {{lora,qlora,dora,sparse,model,tuners,experts}} (this is --op {chosen.op}):\n")
     import importlib
 
     return importlib.import_module(f".bench.{chosen.op}", __package__).main(rest)

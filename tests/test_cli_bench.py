@@ -91,6 +91,24 @@ def test_bench_tuners_on_cpu(tmp_path):
         main(["bench", "--op", "tuners", "--tuners", "lora,ia3"])
 
 
+def test_bench_experts_on_cpu(tmp_path):
+    """--op experts: the frozen MoE experts, PEFT's LoRA on their weights (target_parameters) and the
+    same patched, which keeps less than half of PEFT's for backward (no [E, out, in] stacks); E and
+    top-k from the options, recorded in the JSON; top-k above E is a usage error."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers.integrations.moe")
+    out = tmp_path / "experts.json"
+    assert main(["bench", "--op", "experts", "--reps", "1", "--shapes", "24x64x48", "--experts", "6",
+                 "--top-k", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["routing"] == {"64->48": {"experts": 6, "top_k": 2}}
+    cases = {r["case"]: r for r in data["results"]}
+    assert set(cases) == {"floor", "HF PEFT experts", "patched experts"}
+    assert cases["patched experts"]["saved_mib"] < cases["HF PEFT experts"]["saved_mib"] / 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--op", "experts", "--experts", "2", "--top-k", "3"])
+
+
 def test_host_timers_measure_the_call_in_microseconds():
     # host_us: one call's issue time; loop_us: back-to-back calls. A 2 ms call must read as
     # about 2000 us in both (the units and the per-call division are what this guards).

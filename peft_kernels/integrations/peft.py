@@ -12,7 +12,10 @@ own SHiRA forward clones the whole weight every step and its backward forms the 
 weight gradient to keep k entries of it; its trainable-tokens layers (trained rows of the
 embedding, and of a head tied to it) likewise, through sparse_delta_embedding and
 sparse_delta_linear; its LoKr Linear layers as products of their Kronecker factors beside the
-base's own forward (plain torch GEMMs, _kron_delta) where PEFT forms and multiplies the dense Δ.
+base's own forward (plain torch GEMMs, _kron_delta) where PEFT forms and multiplies the dense Δ; and
+its LoRA on MoE experts' 3-D weights (target_parameters: ParamWrapper chains around a transformers
+experts module) as grouped products of the frozen experts plus each expert's rank-r factors, where
+PEFT forms W + s·B_e A_e for every expert each call (peft_experts.py).
 
 Per instance, no class swap: a patched layer gets an instance-level ``forward`` (a method bound
 to the layer, so a copy.deepcopy of the model is patched too and computes with its own weights)
@@ -59,6 +62,8 @@ COMPUTED_LAYERS = {
     "AdaLoRA SVDLinear (and its bnb 4- / 8-bit classes)": "the same ops, A' = A ⊙ E / ranknum",
     "VeRA, LoHa (r <= 16), DeLoRA, VB-LoRA, UniLoRA Linear": "lora_linear over factors formed each call",
     "LoKr Linear": "products of its Kronecker factors beside the base's forward (torch GEMMs, no dense Δ)",
+    "LoRA on MoE experts' weights (target_parameters, transformers experts modules)":
+        "grouped products of the frozen experts and each expert's factors (torch grouped GEMMs, no W + BA stack)",
     "SHiRA Linear": "sparse_delta_linear",
     "trainable tokens (trainable_token_indices)": "sparse_delta_embedding / sparse_delta_linear",
 }
@@ -1048,6 +1053,26 @@ def _patch_own_forward(report: PatchReport, name: str, module, reason, forward_c
     report.patched.append(name)
 
 
+def _patch_experts_chain(report: PatchReport, name: str, module, chained: dict) -> None:
+    """Patch the outermost ParamWrapper of a chain (PEFT's LoRA on an MoE experts module's 3-D weights,
+    target_parameters) with peft_experts.ExpertsForward, or record why not; its inner wrappers,
+    met later in named_modules, share the outcome (``chained``: id(inner wrapper) -> its reason)."""
+    from .peft_experts import ExpertsForward, chain, experts_reason
+
+    if id(module) in chained:
+        why = chained.pop(id(module))
+    else:
+        why = None if _patched(module) is not None else experts_reason(module)
+        if why is None and _patched(module) is None:
+            module.forward = ExpertsForward(module, module.forward)
+        for inner in chain(module)[0][1:]:
+            chained[id(inner)] = why
+    if why is None:
+        report.patched.append(name)
+    else:
+        report.skipped[name] = why
+
+
 def _optional_class(module_name: str, class_name: str):
     """A PEFT class that older or leaner PEFT installs may lack (bnb-dependent ones), or None."""
     try:
@@ -1064,7 +1089,9 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     SHiRA Linear through sparse_delta_linear, every trainable-tokens layer
     (trainable_token_indices) through sparse_delta_embedding / sparse_delta_linear, and every LoKr
     Linear's Kronecker product as products of its factors beside the base's own forward (no dense
-    [out, in] Δ). Any other PEFT tuner layer is left to PEFT and listed, with why, in the returned
+    [out, in] Δ), and every chain of ParamWrappers (LoRA on target_parameters) around a transformers
+    MoE experts module as grouped products without PEFT's [E, out, in] W + B A stacks (the chain's
+    inner wrappers are reported with it). Any other PEFT tuner layer is left to PEFT and listed, with why, in the returned
     PatchReport."""
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
@@ -1099,9 +1126,14 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
     # LoraConfig's trainable_token_indices (peft >= 0.15)
     TrainableTokensLayer = _optional_class("peft.tuners.trainable_tokens.layer", "TrainableTokensLayer")
     LoKrLinear = _optional_class("peft.tuners.lokr.layer", "Linear")  # exact class: LoKr over a conv stays PEFT's
+    ParamWrapper = _optional_class("peft.tuners.lora.layer", "ParamWrapper")  # target_parameters, peft >= 0.17
 
     report = PatchReport()
+    chained: dict = {}  # ParamWrappers inside a chain met already: the chain's reason (None: patched)
     for name, module in model.named_modules():
+        if ParamWrapper is not None and isinstance(module, ParamWrapper):
+            _patch_experts_chain(report, name, module, chained)
+            continue
         if LoKrLinear is not None and type(module) is LoKrLinear:
             _patch_own_forward(report, name, module, _lokr_reason, _LoKrForward)
             continue
