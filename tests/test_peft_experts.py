@@ -103,6 +103,7 @@ def test_moe_models_match_peft_float64(kind, implementation, monkeypatch):
     report = peft_kernels.patch_peft_model(patched)
     experts = [n for n in report.patched if n.endswith("mlp.experts")]
     assert len(experts) == 2 and not report.skipped
+    assert peft_kernels.patch_peft_model(patched).patched == report.patched, "patching again changes nothing"
     assert all(n + ".base_layer" in report.patched for n in experts), "the inner wrapper is part of the chain"
     ids = torch.randint(0, 64, (2, 9))
     ref = _step(model, ids)
@@ -368,6 +369,17 @@ def test_report_leaves_other_param_wrappers_to_peft():
     assert model(x).shape == (3, 6)
 
 
+def test_one_transposed_expert_stays_peft():
+    """gpt-oss with a single expert ([1, in, out] weights): PEFT treats a one-expert weight as a 2-D
+    Linear's and adds B A [out, in] to [1, in, out] — an error unless in == out, transposed if equal.
+    Left to PEFT, with why, rather than computing something PEFT does not."""
+    model = _moe_model("gpt_oss", experts=1, top_k=1, inter=16, hidden=32)
+    report = peft_kernels.patch_peft_model(model)
+    assert all(n.endswith("q_proj") for n in report.patched)
+    assert len(report.skipped) == 4 and all("one expert in the [E, in, out] layout" in why
+                                            for why in report.skipped.values())
+
+
 def test_training_steps_match_peft_with_checkpointing(monkeypatch):
     """Three AdamW steps of a Qwen3-MoE model with gradient checkpointing: every trained parameter
     equals PEFT's after them."""
@@ -442,3 +454,36 @@ def test_patched_experts_bf16_on_cuda():
     for i, (k, e, r) in enumerate(zip(ours, eager, ref)):
         err_k, err_e = rel_err(k, r), rel_err(e, r)
         assert err_k <= max(2 * err_e, FLOOR[torch.bfloat16]), f"[{i}] patched {err_k:.3e}, PEFT bf16 {err_e:.3e}"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_moe_configs_match_peft(seed, monkeypatch):
+    """Random models (kind, experts implementation, expert count down to 1, top-k, widths down to 1,
+    which weights are targeted) under one to three adapters of random rank / alpha / rsLoRA with a
+    random active set: logits and every gradient equal PEFT's in float64."""
+    import random
+
+    rnd = random.Random(seed)
+    kind = rnd.choice(sorted(_MODELS))
+    experts = rnd.randint(2 if kind == "gpt_oss" else 1, 7)  # one transposed expert: PEFT's own (above)
+    targets = rnd.choice([BOTH[:1], BOTH[1:], BOTH])
+    model = _moe_model(kind, rnd.choice(["eager", "batched_mm"]), targets=targets, experts=experts,
+                       top_k=rnd.randint(1, experts), hidden=rnd.choice([16, 24]), inter=rnd.randint(1, 20))
+    for i in range(rnd.randint(0, 2)):
+        model.add_adapter(f"extra{i}", peft.LoraConfig(r=rnd.randint(1, 6), lora_alpha=rnd.randint(1, 9),
+                                                       use_rslora=rnd.random() < 0.5, target_modules=["v_proj"],
+                                                       target_parameters=targets, init_lora_weights=False))
+    names = list(model.peft_config)
+    model.base_model.set_adapter(rnd.sample(names, rnd.randint(1, len(names))))
+    for p in model.parameters():
+        p.data = p.data.double()
+    patched = copy.deepcopy(model)
+    report = peft_kernels.patch_peft_model(patched)
+    assert not report.skipped
+    ids = torch.randint(0, 64, (rnd.randint(1, 3), rnd.randint(2, 9)))  # >= 2 tokens: q_proj's gradient is not 0
+    ref = _step(model, ids)
+    _no_peft_expert_stack(monkeypatch)
+    got = _step(patched, ids)
+    assert rel_err(got[0], ref[0]) <= 1e-12 and got[1].keys() == ref[1].keys()
+    for n in ref[1]:
+        assert rel_err(got[1][n], ref[1][n]) <= 1e-11, n

@@ -56,15 +56,21 @@ def experts_reason(outer) -> str | None:
     must have transformers' experts interface (the ``use_experts_implementation`` decorator's flags,
     3-D projection weights), and every wrapper must target one of its projections."""
     wrappers, experts = chain(outer)
-    kind = f"{type(experts).__module__}.{type(experts).__name__}"
+
+    def kind():  # formatted on failure only: this runs at every call
+        return f"{type(experts).__module__}.{type(experts).__name__}"
+
     if any(not hasattr(experts, flag) for flag in _INTERFACE) or not callable(getattr(experts, "_apply_gate", None)):
-        return f"{kind} is not a transformers experts module (use_experts_implementation's interface)"
+        return f"{kind()} is not a transformers experts module (use_experts_implementation's interface)"
     if "forward" in vars(experts) or _hooked(experts):
-        return f"{kind}: " + (_hooked(experts) or "its forward is replaced on the instance")
+        return f"{kind()}: " + (_hooked(experts) or "its forward is replaced on the instance")
     names = _projections(experts)
     weights = [experts._parameters.get(n) for n in names]
     if any(w is None or w.dim() != 3 for w in weights) or weights[0].shape[0] != weights[1].shape[0]:
-        return f"{kind} lacks 3-D {names[0]} / {names[1]} weights of one expert count"
+        return f"{kind()} lacks 3-D {names[0]} / {names[1]} weights of one expert count"
+    if experts.is_transposed and weights[1].shape[0] == 1:
+        return (f"{kind()} holds one expert in the [E, in, out] layout: PEFT adds its LoRA delta there as a "
+                "Linear's [out, in] (an error unless in == out, transposed if equal); its forward is kept as it is")
     targeted = [w.parameter_name for w in wrappers]
     if len(set(targeted)) != len(targeted) or any(n not in names for n in targeted):
         return f"LoRA targets {targeted}; computed here: the projections {list(names)}"
