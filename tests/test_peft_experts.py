@@ -279,6 +279,27 @@ def test_grouped_and_looped_products_low_precision(dtype, aligned, monkeypatch):
         assert err_k <= max(2 * err_e, FLOOR[dtype]), f"[{i}] patched {err_k:.3e}, PEFT {err_e:.3e}"
 
 
+def test_fp32_adapters_over_bf16_experts():
+    """get_peft_model's default keeps the adapters in fp32 over a bf16 model: PEFT casts the factors to
+    the weight's dtype for its stack, the patch for its products; gradients come back in fp32, within
+    2x PEFT's error against the float64 oracle."""
+    chain = _experts_chain({}, dtype=torch.bfloat16, hidden=32, inner=24)
+    for name, p in chain.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    oracle = copy.deepcopy(chain).double()
+    patched = copy.deepcopy(chain)
+    peft_kernels.patch_peft_model(patched)
+    x = torch.randn(21, 32, dtype=torch.float64)
+    index, weights = _routing(21, 6, 3, torch.float64)
+    ref = _chain_step(oracle, x, index, weights)
+    eager = _chain_step(chain, x.to(torch.bfloat16), index, weights.to(torch.bfloat16))
+    ours = _chain_step(patched, x.to(torch.bfloat16), index, weights.to(torch.bfloat16))
+    assert [t.dtype for t in ours] == [t.dtype for t in eager] == [torch.bfloat16] * 2 + [torch.float32] * 4
+    for i, (k, e, r) in enumerate(zip(ours, eager, ref)):
+        assert rel_err(k, r) <= max(2 * rel_err(e, r), FLOOR[torch.bfloat16]), i
+
+
 def test_patched_chain_compiles_fullgraph():
     """torch.compile(fullgraph=True) of a patched chain in bf16 (grouped_mm, rank 3 padded): output,
     dX and every adapter gradient within 2x PEFT's bf16 error against the float64 oracle."""

@@ -123,8 +123,9 @@ def experts_with_lora(experts, hidden_states, top_k_index, top_k_weights, loras:
     if getattr(experts, "has_post_expert_norm", False):
         y = experts.post_expert_norm(y)
     y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+    # back to (token, k) order by a gather, which keeps only its index for backward
     back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return y[back].view(tokens, top_k, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)  # a gather: saves its index only
+    return y[back].view(tokens, top_k, y.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
 
 def _factors(wrapper, name: str, experts: int):
