@@ -13,7 +13,8 @@
 #     bash benchmarks/gpu_session.sh peft      # HF PEFT's tuner layers (LoRA, AdaLoRA, VeRA, LoHa, DeLoRA, VB-LoRA, SHiRA, LoKr)
 #                                              # unpatched and patched, and their GPU test
 #     bash benchmarks/gpu_session.sh experts   # PEFT's LoRA on MoE experts' weights (target_parameters), unpatched
-#                                              # and patched (torch grouped GEMMs; no build needed), and its GPU test
+#                                              # and patched (torch grouped GEMMs; no build needed): its GPU test, one
+#                                              # layer, and a Qwen3-MoE-shaped whole-model step (bench_model.py --moe)
 #
 # Everything lands in $OUT (at most 8 files come back from the device tool): JSON named
 # <bench>_<gpu>.json for benchmarks/results/, and a log per part. bitsandbytes / torchao wheels in
@@ -110,8 +111,9 @@ case "$part" in
     step 380 python3 benchmarks/bench_tuners.py --out "$OUT/tuners_$gpu.json"
     ;;
   experts)
-    step 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_peft_experts.py
-    step 300 python3 benchmarks/bench_experts.py --out "$OUT/experts_$gpu.json"
+    step 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests/test_peft_experts.py
+    step 240 python3 benchmarks/bench_experts.py --out "$OUT/experts_$gpu.json"
+    step 200 python3 benchmarks/bench_model.py --moe --out "$OUT/model_moe_$gpu.json"
     ;;
   *)
     echo "unknown part $part: expected first, check, lora, quant, rest, peft or experts" >&2

@@ -64,6 +64,27 @@ def test_lora_fused_sweep_runs(tmp_path):
     assert all(r.get("ms") is not None for r in data["rows"]), [r for r in data["rows"] if "error" in r]
 
 
+def test_bench_model_moe_runs(tmp_path):
+    """--moe: the Qwen3-MoE-shaped model (tiny on CPU) with LoRA on attention and the experts'
+    weights: floor, HF PEFT and patched (the experts' chains patched, none left to PEFT); the README
+    table renders it."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers.integrations.moe")
+    out = tmp_path / "model_moe.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--device", "cpu", "--moe",
+                           "--layers", "1", "--reps", "1", "--out", str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "left unpatched" not in proc.stderr
+    data = json.loads(out.read_text())
+    assert [r["case"] for r in data["results"]] == ["all weights frozen (floor)", "HF PEFT moe-lora p=0",
+                                                     "peft_kernels (patched PEFT) moe-lora p=0"]
+    assert data["config"]["num_experts"] == 8 and "mlp.experts.down_proj" in data["config"]["targets"]
+    assert all(r["saved_mib"] > 0 for r in data["results"])
+    assert "moe-lora" in _module("results_table.py").model_table(out)
+
+
 def test_bench_model_runs_and_renders_in_the_readme_table(tmp_path):
     """The whole-model benchmark on CPU (tiny LLaMA, one layer): every case runs, each reports what
     autograd keeps for backward, and results_table.py renders its JSON (as it will the GPU one)."""

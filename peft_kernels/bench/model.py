@@ -13,7 +13,13 @@ Memory: the peak (CUDA) and, on any device, what autograd keeps for backward (ha
 On a GPU each step is also replayed from one CUDA graph (its device time without the host's
 launches: how far the host is the limit) and its host issue time is recorded.
 
+With --moe: a Qwen3-30B-A3B-shaped MoE decoder instead (4 layers of 128 experts, 2048 -> 768, top 8;
+batch 2 x 2048), LoRA r=16 on q, k, v, o and, through PEFT's target_parameters, on every layer's
+experts' gate_up_proj and down_proj; cases: the floor, HF PEFT and patched (PEFT forbids dropout
+on target_parameters: p = 0).
+
     python benchmarks/bench_model.py --out benchmarks/results/model_h100.json
+    python benchmarks/bench_model.py --moe --out benchmarks/results/model_moe_h100.json
 """
 from __future__ import annotations
 
@@ -32,15 +38,27 @@ GPU_CFG = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num
                num_attention_heads=32, num_key_value_heads=8, batch=2, seq=2048)
 CPU_CFG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, batch=2, seq=32)
+# --moe: a Qwen3-30B-A3B-shaped decoder (the MoE case of #7's whole-model step)
+MOE_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MOE_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+GPU_MOE_CFG = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                   num_experts=128, num_experts_per_tok=8, num_hidden_layers=4, num_attention_heads=32,
+                   num_key_value_heads=4, head_dim=128, batch=2, seq=2048)
+CPU_MOE_CFG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_experts=8,
+                   num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, batch=2, seq=32)
 
 
 def _base(cfg, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The frozen decoder: LLaMA-shaped, or Qwen3-MoE-shaped when cfg names experts (--moe)."""
+    import transformers
 
     torch.manual_seed(0)
     model_cfg = {k: v for k, v in cfg.items() if k not in ("batch", "seq")}
-    model = LlamaForCausalLM(LlamaConfig(**model_cfg, max_position_embeddings=max(4096, cfg["seq"]),
-                                         attn_implementation="sdpa")).to(device=device, dtype=dtype)
+    config_class, model_class = ((transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM) if "num_experts" in cfg
+                                 else (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    model = model_class(config_class(**model_cfg, max_position_embeddings=max(4096, cfg["seq"]),
+                                     attn_implementation="sdpa")).to(device=device, dtype=dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -70,6 +88,8 @@ def _adapted(base, method, p, patched, dtype, token_ids=None):
         cfg = peft.ShiraConfig(r=16, target_modules=TARGETS, random_seed=0)
     elif method == "loha":  # r=8: PEFT's default; the Hadamard product is LoRA of rank 64 patched
         cfg = peft.LoHaConfig(r=8, alpha=16, target_modules=TARGETS, init_weights=False)
+    elif method == "moe-lora":  # the MoE model: attention and every layer's experts (target_parameters)
+        cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=MOE_ATTENTION, target_parameters=MOE_EXPERTS)
     else:
         cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=TARGETS, use_dora=method == "dora",
                               trainable_token_indices=token_ids if method == "lora+tokens" else None)
@@ -155,8 +175,9 @@ def run(cfg, device, dtype, reps, methods):
                      "graphed_ratio": graphed / floor_graphed if graphed and floor_graphed else None})
         if model is not base:
             del model
+    targets = MOE_ATTENTION + MOE_EXPERTS if "num_experts" in cfg else TARGETS
     return {"env": harness.environment(device), "benchmark": "whole-model step",
-            "config": {**cfg, "dtype": str(dtype), "r": 16, "alpha": 32, "targets": TARGETS, "reps": reps,
+            "config": {**cfg, "dtype": str(dtype), "r": 16, "alpha": 32, "targets": targets, "reps": reps,
                        "timing": "median of reps, CUDA events" if device.type == "cuda" else "median wall clock (CPU)",
                        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
             "results": rows}
@@ -168,20 +189,26 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=harness.positive_int, default=None, help="decoder layers (default: 4 on a GPU)")
     ap.add_argument("--reps", type=harness.positive_int, default=None, help="timed steps (median)")
     ap.add_argument("--no-qlora", action="store_true", help="skip the QLoRA (NF4) case")
+    ap.add_argument("--moe", action="store_true",
+                    help="a Qwen3-MoE-shaped model, LoRA on attention and on its experts' weights (target_parameters)")
     ap.add_argument("--out", default=None, help="write the JSON here")
     args = ap.parse_args(argv)
     device = args.device
     gpu = device.type == "cuda"
-    cfg = dict(GPU_CFG if gpu else CPU_CFG)
+    cfg = dict((GPU_MOE_CFG if gpu else CPU_MOE_CFG) if args.moe else (GPU_CFG if gpu else CPU_CFG))
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
     if not gpu:
-        print("No CUDA device: a tiny LLaMA-shaped model on CPU (fp32); these are CPU figures.", file=sys.stderr)
-    methods = [("lora", 0.0), ("lora", 0.05), ("dora", 0.05)] + ([] if args.no_qlora or not gpu else [("qlora", 0.05)])
-    if _has_shira():
-        methods.append(("shira", 0.0))
-    methods.append(("lora+tokens", 0.0))
-    methods.append(("loha", 0.0))
+        print(f"No CUDA device: a tiny {'Qwen3-MoE' if args.moe else 'LLaMA'}-shaped model on CPU (fp32); these are "
+              "CPU figures.", file=sys.stderr)
+    if args.moe:
+        methods = [("moe-lora", 0.0)]
+    else:
+        methods = [("lora", 0.0), ("lora", 0.05), ("dora", 0.05)] + ([] if args.no_qlora or not gpu else [("qlora", 0.05)])
+        if _has_shira():
+            methods.append(("shira", 0.0))
+        methods.append(("lora+tokens", 0.0))
+        methods.append(("loha", 0.0))
     payload = run(cfg, device, torch.bfloat16 if gpu else torch.float32, args.reps or (10 if gpu else 2), methods)
     title = f"{payload['env']['device']} — torch {payload['env']['torch']}"
     table = harness.markdown_table(["case", "step ms", "/ floor", "graphed / floor", "host issue ms", "peak GiB",
