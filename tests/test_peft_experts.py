@@ -195,7 +195,8 @@ def _chain_step(chain, x, index, weights, seed=4):
     xi = x.detach().clone().requires_grad_()
     y = chain(xi, index, weights)
     y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y.dtype))
-    return [y.detach(), xi.grad] + [p.grad for p in chain.parameters() if p.requires_grad]
+    # by name: PEFT's forward re-registers the weight it parametrized, which reorders chain.parameters()
+    return [y.detach(), xi.grad] + [p.grad for _, p in sorted(chain.named_parameters()) if p.requires_grad]
 
 
 @pytest.mark.parametrize("flags", [dict(has_gate=False, is_transposed=True), dict(has_post_expert_norm=True),
@@ -213,6 +214,22 @@ def test_experts_interface_flags_float64(flags, monkeypatch):
     _no_peft_expert_stack(monkeypatch)
     got = _chain_step(patched, x, index, weights)
     assert len(got) == len(ref) == 6
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert rel_err(a, b) <= 1e-12, i
+
+
+def test_trainable_expert_weights_too():
+    """Expert weights left trainable (LoRA beside full fine-tuning of the experts): their gradients,
+    biases' and the adapters' equal PEFT's (whose dW' flows to W and to A, B)."""
+    chain = _experts_chain(dict(has_bias=True))
+    for name, p in chain.named_parameters():
+        p.requires_grad_(True)
+    patched = copy.deepcopy(chain)
+    peft_kernels.patch_peft_model(patched)
+    x = torch.randn(11, 20, dtype=torch.float64)
+    index, weights = _routing(11, 6, 2, torch.float64)
+    ref, got = _chain_step(chain, x, index, weights), _chain_step(patched, x, index, weights)
+    assert len(got) == len(ref) == 10
     for i, (a, b) in enumerate(zip(got, ref)):
         assert rel_err(a, b) <= 1e-12, i
 
@@ -465,7 +482,7 @@ def test_patched_experts_bf16_on_cuda():
         xi = x.to(dtype).requires_grad_()
         y = module(xi, index, weights.to(dtype))
         y.backward(dy.to(dtype))
-        return [y.detach(), xi.grad] + [p.grad for p in module.parameters() if p.requires_grad]
+        return [y.detach(), xi.grad] + [p.grad for _, p in sorted(module.named_parameters()) if p.requires_grad]
 
     ref, eager = run(oracle, torch.float64), run(chain, torch.bfloat16)
     with warnings.catch_warnings():
