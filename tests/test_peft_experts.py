@@ -427,7 +427,10 @@ def test_training_steps_match_peft_with_checkpointing(monkeypatch):
     ids = torch.randint(0, 64, (2, 8))
     params = {}
     for m in (model, patched):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.train()
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(3):
@@ -526,3 +529,74 @@ def test_random_moe_configs_match_peft(seed, monkeypatch):
     assert rel_err(got[0], ref[0]) <= 1e-12 and got[1].keys() == ref[1].keys()
     for n in ref[1]:
         assert rel_err(got[1][n], ref[1][n]) <= 1e-11, n
+
+
+def test_trainer_trains_a_patched_moe_model(tmp_path, monkeypatch):
+    """transformers.Trainer on a patched Qwen3-MoE model: the loss is finite and falls, the experts'
+    adapters move, and the patched experts computed every step (PEFT's expert stack never formed)."""
+    from peft_kernels.integrations import peft_experts
+
+    model = _moe_model("qwen3_moe", dtype=torch.float32)
+    assert sum(n.endswith("experts") for n in peft_kernels.patch_peft_model(model).patched) == 2
+    calls = []
+    real = peft_experts.experts_with_lora
+    monkeypatch.setattr(peft_experts, "experts_with_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _no_peft_expert_stack(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    sequences = torch.randint(0, 64, (4, 10), generator=g)  # four sequences, each seen four times: learnable
+    data = [{"input_ids": sequences[i % 4], "labels": sequences[i % 4]} for i in range(16)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
+                                          learning_rate=3e-2, report_to=[], save_strategy="no", logging_steps=1,
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert len(calls) == 5 * 2, "two patched experts layers, five steps"
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach())]
+    assert any("experts" in n and "lora_A" in n for n in moved) and any("experts" in n and "lora_B" in n for n in moved)
+
+
+def _ddp_steps(rank=0, world=1):
+    """Three AdamW steps of a patched experts chain, this rank on its half of each batch (DDP when world > 1)."""
+    chain = _experts_chain(dict(has_bias=True), dtype=torch.float32, hidden=16, inner=8, experts=4)
+    peft_kernels.patch_peft_model(chain)
+    net = nn.parallel.DistributedDataParallel(chain) if world > 1 else chain
+    opt = torch.optim.AdamW([p for p in chain.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(12, 16, generator=g)
+        index, weights = _routing(12, 4, 2, torch.float32, seed=int(torch.randint(0, 99, (1,), generator=g)))
+        target = torch.randn(12, 16, generator=g)
+        rows = slice(rank * 12 // world, (rank + 1) * 12 // world)
+        loss = (net(x[rows], index[rows], weights[rows]) - target[rows]).square().sum() / 12 * world
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in chain.named_parameters() if p.requires_grad}
+
+
+def _ddp_worker(rank, world, init_file, out_file):
+    from helpers import gloo_gather_exit, gloo_init
+
+    gloo_init(rank, world, init_file)
+    gloo_gather_exit(_ddp_steps(rank, world), out_file)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_ddp_trains_patched_experts_like_one_process(tmp_path):
+    """DistributedDataParallel over a patched experts chain (two gloo CPU processes, half the batch
+    each): every rank's adapters after three AdamW steps equal one process's on the whole batch."""
+    from helpers import gloo_spawn
+
+    gloo_spawn(_ddp_worker, (2, str(tmp_path / "init"), str(tmp_path / "out.pt")))
+    single = _ddp_steps()
+    start = {n: p for n, p in _experts_chain(dict(has_bias=True), dtype=torch.float32, hidden=16, inner=8,
+                                             experts=4).named_parameters() if p.requires_grad}
+    assert any(not torch.equal(single[n], start[n].float()) for n in single), "it trained"
+    for rank in torch.load(tmp_path / "out.pt"):
+        assert rank.keys() == single.keys()
+        for n in single:
+            assert torch.allclose(rank[n], single[n], rtol=1e-5, atol=1e-6), n
