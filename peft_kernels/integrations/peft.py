@@ -1062,8 +1062,8 @@ def _patch_experts_chain(report: PatchReport, name: str, module, chained: dict) 
     if id(module) in chained:
         why = chained.pop(id(module))
     else:
-        why = None if _patched(module) is not None else experts_reason(module)
-        if why is None and _patched(module) is None:
+        why = None
+        if _patched(module) is None and (why := experts_reason(module)) is None:
             module.forward = ExpertsForward(module, module.forward)
         for inner in chain(module)[0][1:]:
             chained[id(inner)] = why

@@ -55,7 +55,11 @@ def experts_reason(outer) -> str | None:
     """Why the ParamWrapper chain under ``outer`` cannot be computed here (None if it can): its module
     must have transformers' experts interface (the ``use_experts_implementation`` decorator's flags,
     3-D projection weights), and every wrapper must target one of its projections."""
-    wrappers, experts = chain(outer)
+    return _chain_reason(*chain(outer))
+
+
+def _chain_reason(wrappers: list, experts) -> str | None:
+    """experts_reason for a chain already walked (chain(outer)): ExpertsForward checks it at every call."""
 
     def kind():  # formatted on failure only: this runs at every call
         return f"{type(experts).__module__}.{type(experts).__name__}"
@@ -179,7 +183,7 @@ class ExpertsForward(_PatchedForward):
         routing = self._routing(experts, x, args, kwargs)
         if routing is None or x.dim() != 2 or any(w.disable_adapters or w.merged for w in wrappers):
             return self.original(x, *args, **kwargs)
-        why = experts_reason(self.layer) or _call_reason(experts)
+        why = _chain_reason(wrappers, experts) or _call_reason(experts)
         if why is not None:
             return self._unfused("experts", why, x, args, kwargs)
         count = experts._parameters["down_proj"].shape[0]

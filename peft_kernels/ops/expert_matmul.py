@@ -52,10 +52,17 @@ def _loop(x, w, ends, what: str):
     return [e - s for s, e in zip([0] + ends[:-1], ends)]
 
 
+def _grouped_mm_takes(a, b) -> bool:
+    """Whether grouped_mm computes a @ b (grouped) here: its dtype (grouped_mm_dtype), one dtype for
+    both, the output's rows (b's last dim) and both operands 16-byte aligned (_aligned)."""
+    size = a.element_size()
+    return (grouped_mm_dtype(a) and a.dtype == b.dtype and b.shape[-1] * size % 16 == 0
+            and _aligned(size, a, b))
+
+
 def _product(x, w, ends):
     """x [S, k] sorted by expert, w [E, k, n] -> [S, n]."""
-    if grouped_mm_dtype(x) and x.dtype == w.dtype and w.shape[-1] * x.element_size() % 16 == 0 and _aligned(
-            x.element_size(), x, w):
+    if _grouped_mm_takes(x, w):
         return F.grouped_mm(x, w, offs=ends)
     sizes = _loop(x, w, ends, f"[{w.shape[1]} x {w.shape[2]}]")
     return torch.cat([p @ w[e] for e, p in enumerate(torch.split(x, sizes))])
@@ -64,8 +71,7 @@ def _product(x, w, ends):
 def _weight_grad(x, grad_y, ends):
     """dW [E, k, n] = x_eᵀ dY_e per expert (zeros for an expert without rows)."""
     xt = x.t()
-    if grouped_mm_dtype(x) and x.dtype == grad_y.dtype and grad_y.shape[-1] * x.element_size() % 16 == 0 and _aligned(
-            x.element_size(), xt, grad_y):
+    if _grouped_mm_takes(xt, grad_y):
         return F.grouped_mm(xt, grad_y, offs=ends)
     sizes = _loop(x, grad_y, ends, f"weight gradient [{x.shape[1]} x {grad_y.shape[1]}]")
     return torch.stack([a.t() @ b for a, b in zip(torch.split(x, sizes), torch.split(grad_y, sizes))])
